@@ -1,0 +1,96 @@
+"""Runtime switches for trilora's dispatch.
+
+Every switch has an environment variable so that a benchmark or a test can flip it for a
+whole process, and :func:`override` for a scoped change.
+
+``backend``
+    ``"auto"`` (default) runs Triton kernels on CUDA tensors and the torch reference on
+    everything else. ``"triton"`` forces the kernels, which on CPU tensors only works under
+    the Triton interpreter (``TRITON_INTERPRET=1``); the tests use it to run whole ops and
+    their autograd through the kernels. ``"torch"`` forces the reference everywhere.
+    Environment: ``TRILORA_BACKEND``.
+
+``fused_max_tokens``
+    The fused dequantize-in-the-K-loop kernels serve calls with at most this many tokens
+    (rows of ``x``); larger calls dequantize the weight into a scratch buffer and call the
+    library matmul (cuBLAS). The crossover comes from a bytes/FLOPs model at H100 rates
+    (3.0 TB/s, 790 bf16 TFLOP/s) for a 4096 x 4096 projection:
+
+    * scratch path: the dequantize pass moves 8 MB packed + 32 MB bf16 written + 32 MB read
+      back by the GEMM, about 24 us, plus a cuBLAS GEMM at ~85 % of peak;
+    * fused path: no extra traffic, but the dequantized tile is produced in registers and
+      must round-trip through shared memory before ``tl.dot``, which forgoes the TMA/wgmma
+      pipeline; we budget it at ~60 % of peak.
+
+    At M = 512 the GEMM is 17 GFLOP (22 us at peak): fused ~36 us against scratch ~50 us.
+    At M = 4096 it is 137 GFLOP: fused ~290 us against scratch ~228 us. The two cross near
+    M = 1500-2000, hence 2048. This is an analytical choice that still awaits a GPU
+    measurement (``trilora bench --level kernels`` reports both paths).
+    Environment: ``TRILORA_FUSED_MAX_TOKENS``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+import torch
+
+_BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass
+class Config:
+    backend: str = "auto"
+    fused_max_tokens: int = 2048
+
+    def validate(self) -> None:
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"trilora backend must be one of {_BACKENDS}, got {self.backend!r}")
+        if self.fused_max_tokens < 0:
+            raise ValueError(f"fused_max_tokens must be >= 0, got {self.fused_max_tokens}")
+
+
+def _from_env() -> Config:
+    cfg = Config(
+        backend=os.environ.get("TRILORA_BACKEND", "auto"),
+        fused_max_tokens=int(os.environ.get("TRILORA_FUSED_MAX_TOKENS", "2048")),
+    )
+    cfg.validate()
+    return cfg
+
+
+config = _from_env()
+
+
+@contextlib.contextmanager
+def override(**changes: object) -> Iterator[Config]:
+    """Temporarily change fields of the global :data:`config`.
+
+    >>> with override(backend="torch"):
+    ...     ...
+    """
+    names = {f.name for f in fields(Config)}
+    unknown = set(changes) - names
+    if unknown:
+        raise ValueError(f"unknown trilora config field(s) {sorted(unknown)}; known: {sorted(names)}")
+    saved = {k: getattr(config, k) for k in changes}
+    try:
+        for k, v in changes.items():
+            setattr(config, k, v)
+        config.validate()
+        yield config
+    finally:
+        for k, v in saved.items():
+            setattr(config, k, v)
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether an op on ``t`` should run the Triton kernels rather than the torch reference."""
+    if config.backend == "triton":
+        return True
+    if config.backend == "torch":
+        return False
+    return t.is_cuda

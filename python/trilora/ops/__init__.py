@@ -1,0 +1,6 @@
+"""trilora's ops: torch.library custom ops with autograd, a torch reference path and fake
+(meta) implementations. See ``docs/architecture.md``."""
+
+from trilora.ops.quantize import dequantize_4bit, quantize_4bit
+
+__all__ = ["dequantize_4bit", "quantize_4bit"]

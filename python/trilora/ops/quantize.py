@@ -1,0 +1,237 @@
+"""4-bit blockwise quantize / dequantize as torch.library custom ops.
+
+``trilora::quantize_4bit`` and ``trilora::dequantize_4bit`` follow the bitsandbytes
+format byte for byte (see ``docs/architecture.md``). Each has a torch reference
+implementation (CPU tensors, and the reference the tests compare the kernels with), a
+Triton implementation (``trilora.kernels.quantize``) chosen by :func:`trilora.config.use_triton`,
+and a fake implementation for FakeTensorMode, the meta device and ``torch.compile``.
+
+The 8-bit blockwise quantizer used for double quantization lives here too; it is small
+(one value per 4-bit block) and runs as plain torch ops on any device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from trilora.config import use_triton
+
+NESTED_BLOCKSIZE = 256
+"""Blocksize bitsandbytes uses for the 8-bit quantization of the absmax (double quant)."""
+
+_LUT_SIZE = 65536
+
+
+def _flat_blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int]:
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    nblocks = -(-n // blocksize)
+    return F.pad(flat, (0, nblocks * blocksize - n)).view(nblocks, blocksize), n
+
+
+def quantize_4bit_reference(
+    x: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of the bitsandbytes 4-bit quantizer.
+
+    Args:
+        x: any shape, fp32/fp16/bf16.
+        code: fp32 ``[16]`` code table in bit order (NF4 or FP4).
+        blocksize: elements per absmax block.
+
+    Returns:
+        ``(packed, absmax)``: uint8 ``[(n+1)//2]`` (first element in the high nibble) and
+        fp32 ``[ceil(n / blocksize)]``.
+    """
+    blocks, n = _flat_blocks(x, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    # bitsandbytes scales whole blocks by a reciprocal but divides the trailing partial
+    # block, and stores that block's absmax clamped; both differences are reproduced so
+    # the bytes match for every element count.
+    full = n // blocksize
+    scaled = torch.clamp(blocks[:full] * (1.0 / absmax[:full].clamp(min=1e-38)).unsqueeze(1), -1, 1)
+    scaled = scaled.reshape(-1)
+    if full < blocks.shape[0]:
+        tail_absmax = absmax[full:].clamp(min=1e-38)
+        tail = torch.clamp(blocks[full, : n - full * blocksize] / tail_absmax, -1, 1)
+        scaled = torch.cat([scaled, tail])
+        absmax = torch.cat([absmax[:full], tail_absmax])
+    if n % 2:
+        scaled = F.pad(scaled, (0, 1))
+    order = torch.argsort(code)
+    sorted_code = code[order]
+    bounds = (sorted_code[:-1] + sorted_code[1:]) / 2
+    q = order[torch.bucketize(scaled, bounds)].to(torch.uint8)
+    packed = (q[0::2] << 4) | q[1::2]
+    return packed, absmax
+
+
+def dequantize_4bit_reference(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    shape: list[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Torch reference of the bitsandbytes 4-bit dequantizer (see :func:`dequantize_4bit`)."""
+    n = 1
+    for s in shape:
+        n *= s
+    scale = dequantize_absmax(absmax, nested_absmax, nested_code, offset)
+    packed = packed.reshape(-1).view(torch.uint8)
+    nibbles = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n]
+    values = code[nibbles.long()]
+    nblocks = scale.numel()
+    values = F.pad(values, (0, nblocks * blocksize - n)).view(nblocks, blocksize) * scale[:, None]
+    return values.reshape(-1)[:n].reshape(shape).to(dtype)
+
+
+def dequantize_absmax(
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+) -> torch.Tensor:
+    """The fp32 per-block scales: ``absmax`` itself, or its double-quantized form decoded
+    as ``nested_code[q] * nested_absmax[i // 256] + offset`` (product, then sum, in fp32)."""
+    if nested_absmax is None:
+        return absmax.float()
+    values = nested_code[absmax.long()]
+    nblocks = values.numel()
+    groups = nested_absmax.numel()
+    values = F.pad(values, (0, groups * NESTED_BLOCKSIZE - nblocks)).view(groups, NESTED_BLOCKSIZE)
+    return (values * nested_absmax[:, None]).reshape(-1)[:nblocks] + offset.reshape(())
+
+
+@functools.lru_cache(maxsize=8)
+def _nested_lut(code_bytes: bytes, device: str) -> torch.Tensor:
+    code = torch.frombuffer(bytearray(code_bytes), dtype=torch.float32)
+    grid = (torch.arange(_LUT_SIZE, dtype=torch.float32) / (_LUT_SIZE - 1)) * 2 - 1
+    bounds = (code[:-1] + code[1:]) / 2
+    return torch.bucketize(grid, bounds).to(torch.uint8).to(device)
+
+
+def quantize_blockwise_8bit(
+    x: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' 8-bit blockwise quantizer, as its CPU backend computes it.
+
+    bitsandbytes rounds a normalized value to the code through a 65,536-entry table over
+    [-1, 1] (``idx = trunc((v + 1) / 2 * 65535 + 0.5)``) instead of an exact nearest
+    search; values within ~1e-5 of a midpoint can land on the farther code. We use the
+    same table so double-quantized scales match byte for byte.
+
+    Args:
+        x: fp32 ``[n]``.
+        code: fp32 ``[256]`` sorted dynamic map.
+
+    Returns:
+        ``(q, absmax)``: uint8 ``[n]`` and fp32 ``[ceil(n / blocksize)]``.
+    """
+    blocks, n = _flat_blocks(x, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    normed = (blocks / absmax[:, None]).reshape(-1)[:n].clamp(-1, 1)
+    # An all-zero block normalizes to 0/0; bitsandbytes maps that NaN to the first code.
+    normed = torch.nan_to_num(normed, nan=-1.0)
+    idx = (((normed + 1.0) * 0.5) * (_LUT_SIZE - 1) + 0.5).to(torch.int64)
+    lut = _nested_lut(code.detach().cpu().float().numpy().tobytes(), str(x.device))
+    return lut[idx], absmax
+
+
+@functools.lru_cache(maxsize=1)
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (256 sorted fp32 values), used as
+    ``nested_quant_map``. Built with the same fp32 arithmetic as bitsandbytes so the table
+    is bit-identical."""
+    data: list[float] = []
+    max_exponent_bits, non_sign_bits = 7, 7
+    for i in range(max_exponent_bits):
+        items = 2 ** (i + non_sign_bits - max_exponent_bits) + 1
+        bounds = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        scale = 10 ** (-(max_exponent_bits - 1) + i)
+        data += (scale * means).tolist()
+        data += (-scale * means).tolist()
+    data += [0.0, 1.0]
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# custom ops
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("trilora::quantize_4bit", mutates_args=())
+def quantize_4bit(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` (any shape, fp32/fp16/bf16) to packed 4-bit codes.
+
+    Returns ``(packed uint8 [(n+1)//2], absmax fp32 [ceil(n/blocksize)])``.
+    """
+    if use_triton(x):
+        from trilora.kernels.quantize import quantize_4bit as launch
+
+        return launch(x.contiguous(), code, blocksize)
+    return quantize_4bit_reference(x, code, blocksize)
+
+
+@quantize_4bit.register_fake
+def _(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.numel()
+    return (
+        x.new_empty(((n + 1) // 2,), dtype=torch.uint8),
+        x.new_empty((-(-n // blocksize),), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("trilora::dequantize_4bit", mutates_args=())
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    shape: list[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Dequantize packed 4-bit codes to ``shape`` in ``dtype``.
+
+    Args:
+        packed: the packed bytes in any storage dtype (viewed as uint8), ``(n+1)//2`` bytes.
+        absmax: fp32 ``[nblocks]``, or uint8 ``[nblocks]`` when double-quantized.
+        code: fp32 ``[16]``.
+        nested_absmax, nested_code, offset: the double-quantization state, or ``None``.
+        blocksize: elements per block.
+        shape: the output shape (``n`` elements).
+        dtype: fp32, fp16 or bf16.
+    """
+    if use_triton(packed):
+        from trilora.kernels.quantize import Weight4bit
+        from trilora.kernels.quantize import dequantize_4bit as launch
+
+        n = 1
+        for s in shape:
+            n *= s
+        n_cols = shape[-1] if shape else 1
+        w = Weight4bit(
+            packed.reshape(-1).view(torch.uint8), absmax, code, nested_absmax, nested_code,
+            offset, blocksize, n // n_cols, n_cols,
+        )  # fmt: skip
+        return launch(w, dtype).reshape(shape)
+    return dequantize_4bit_reference(
+        packed, absmax, code, nested_absmax, nested_code, offset, blocksize, shape, dtype
+    )
+
+
+@dequantize_4bit.register_fake
+def _(packed, absmax, code, nested_absmax, nested_code, offset, blocksize, shape, dtype):
+    return packed.new_empty(shape, dtype=dtype)
