@@ -1,0 +1,454 @@
+"""bitsandbytes-compatible 4-bit (NF4/FP4) blockwise quantization and dequantization.
+
+Format (byte-identical to bitsandbytes 0.50): the tensor is flattened row-major; element ``i``
+lives in byte ``i // 2`` (high nibble when ``i`` is even, odd counts padded with one nibble) and
+in quantization block ``i // blocksize``; its value is ``code[nibble] * scale[block]`` in fp32.
+``scale`` is the fp32 ``absmax`` or, double-quantized, ``nested_code[absmax_u8] *
+nested_absmax[block // 256] + offset``.
+
+The ``@triton.jit`` helpers ``_block_scale`` and ``_dequant_gather`` are shared with the fused
+QLoRA matmul kernels (``qlora_linear.py``), so every kernel decodes the format the same way.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import AotSpec
+
+NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for the 8-bit absmax (double quantization)
+VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+ACT_DTYPES = (torch.float16, torch.bfloat16)
+_TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+class Weight4bit(NamedTuple):
+    """A 4-bit weight ``W`` of shape ``[n_rows, n_cols]`` in the bitsandbytes layout."""
+
+    packed: torch.Tensor  # uint8 [(N*K+1)//2], flat (callers view other storage dtypes as uint8)
+    absmax: torch.Tensor  # fp32 [nblocks], or uint8 [nblocks] when double-quantized
+    code: torch.Tensor  # fp32 [16], the NF4/FP4 table in bit order
+    nested_absmax: torch.Tensor | None  # fp32 [ceil(nblocks/256)]
+    nested_code: torch.Tensor | None  # fp32 [256]
+    offset: torch.Tensor | None  # fp32, one element
+    blocksize: int
+    n_rows: int  # N
+    n_cols: int  # K
+
+
+# --------------------------------------------------------------------------------------------
+# Shared device helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _block_scale(
+    absmax_ptr, nabs_ptr, ncode_ptr, offset_ptr, blk, mask, DOUBLE_QUANT: tl.constexpr
+):
+    """fp32 scale of quantization blocks ``blk`` (any shape)."""
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        # Product then sum, each rounded, as bitsandbytes does; the dequantize kernel is
+        # compiled with enable_fp_fusion=False so this does not become an FMA there.
+        nested = tl.load(nabs_ptr + blk // 256, mask=mask, other=0.0)
+        scale = tl.load(ncode_ptr + q) * nested + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def _dequant_gather(
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    nabs_ptr,
+    ncode_ptr,
+    offset_ptr,
+    idx,
+    mask,
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+):
+    """fp32 values of the elements at flat indices ``idx`` (any shape, int32).
+
+    A gather, not a byte-pair decode: the matmul tiles index ``n*K + k`` with arbitrary ``K``,
+    so two neighbours in a tile need not share a byte. Both nibbles of a byte are requested by
+    neighbouring lanes and served by the same L1 sector, so DRAM traffic stays at 0.5 B/elem.
+    """
+    byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
+    nib = (byte >> ((1 - (idx & 1)) * 4)) & 0xF
+    # 16-entry table: stays in L1, cheaper than a 16-way select in registers.
+    val = tl.load(code_ptr + nib)
+    scale = _block_scale(
+        absmax_ptr, nabs_ptr, ncode_ptr, offset_ptr, idx // BLOCKSIZE, mask, DOUBLE_QUANT
+    )
+    return val * scale
+
+
+@triton.jit
+def _cast_rne(v, dtype: tl.constexpr):
+    """Cast fp32 ``v`` to ``dtype`` rounding to nearest even, also under the interpreter.
+
+    The interpreter truncates fp32 -> bf16 casts; the GPU's cvt.rn rounds to nearest even. The
+    integer form below is what cvt.rn does for every non-NaN input (NaN stays NaN), so
+    dequantized bf16 matches bitsandbytes byte for byte in tests and on hardware, for four
+    integer ops per element in a memory-bound kernel.
+    """
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = v.to(dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _quantize_4bit_kernel(
+    x_ptr,
+    bounds_ptr,
+    order_ptr,
+    packed_ptr,
+    absmax_ptr,
+    n,
+    nblocks,
+    BLOCKSIZE: tl.constexpr,
+    GROUP: tl.constexpr,
+):
+    # Tile [GROUP blocks, BLOCKSIZE/2 pairs]: even and odd elements are loaded as two tiles so
+    # the byte (even << 4 | odd) is formed without a reshape.
+    pid = tl.program_id(0)
+    blk = pid * GROUP + tl.arange(0, GROUP)
+    pair = tl.arange(0, BLOCKSIZE // 2)
+    even = blk[:, None] * BLOCKSIZE + 2 * pair[None, :]
+    in_e = even < n
+    in_o = (even + 1) < n
+    xe = tl.load(x_ptr + even, mask=in_e, other=0.0).to(tl.float32)
+    xo = tl.load(x_ptr + even + 1, mask=in_o, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))
+    amax_c = tl.maximum(amax, 1e-38)
+    # bitsandbytes scales full blocks by x * (1/absmax) but the trailing partial block by
+    # x / absmax, and returns the clamped absmax only for that partial block. Both copied so
+    # the bytes match; div_rn keeps IEEE rounding on the GPU (plain '/' is approximate there).
+    partial = (blk + 1) * BLOCKSIZE > n
+    recip = tl.math.div_rn(tl.full(amax_c.shape, 1.0, tl.float32), amax_c)
+    amax_b = tl.broadcast_to(amax_c[:, None], xe.shape)
+    part_b = tl.broadcast_to(partial[:, None], xe.shape)
+    se = tl.where(part_b, tl.math.div_rn(xe, amax_b), xe * recip[:, None])
+    so = tl.where(part_b, tl.math.div_rn(xo, amax_b), xo * recip[:, None])
+    se = tl.minimum(tl.maximum(se, -1.0), 1.0)
+    so = tl.minimum(tl.maximum(so, -1.0), 1.0)
+    # bucketize(right=False) = number of midpoints strictly below the value. The padding
+    # element of an odd count is a scaled 0.0, as in bitsandbytes.
+    qe = tl.zeros(xe.shape, dtype=tl.int32)
+    qo = tl.zeros(xe.shape, dtype=tl.int32)
+    for j in tl.static_range(15):
+        b = tl.load(bounds_ptr + j)
+        qe += (se > b).to(tl.int32)
+        qo += (so > b).to(tl.int32)
+    ne = tl.load(order_ptr + qe)
+    no = tl.load(order_ptr + qo)
+    byte = ((ne << 4) | no).to(tl.uint8)
+    tl.store(packed_ptr + (even >> 1), byte, mask=in_e)
+    tl.store(absmax_ptr + blk, tl.where(partial, amax_c, amax), mask=blk < nblocks)
+
+
+@triton.jit
+def _dequantize_4bit_kernel(
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    nabs_ptr,
+    ncode_ptr,
+    offset_ptr,
+    out_ptr,
+    n,
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    PAIRS: tl.constexpr,
+):
+    # One byte = two neighbours in the same quantization block (blocksizes are even), so each
+    # byte needs one scale; the two values are interleaved for a contiguous store.
+    pid = tl.program_id(0)
+    j = pid * PAIRS + tl.arange(0, PAIRS)
+    in_b = 2 * j < n
+    byte = tl.load(packed_ptr + j, mask=in_b, other=0).to(tl.int32)
+    scale = _block_scale(
+        absmax_ptr, nabs_ptr, ncode_ptr, offset_ptr, (2 * j) // BLOCKSIZE, in_b, DOUBLE_QUANT
+    )
+    hi = tl.load(code_ptr + (byte >> 4)) * scale
+    lo = tl.load(code_ptr + (byte & 0xF)) * scale
+    vals = tl.interleave(hi, lo)
+    offs = 2 * pid * PAIRS + tl.arange(0, 2 * PAIRS)
+    tl.store(out_ptr + offs, _cast_rne(vals, out_ptr.dtype.element_ty), mask=offs < n)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+# Quantize: memory-bound (load 2-4 B/elem, store 0.5 B/elem + 4 B/block); one-off at load time.
+# 4096 elements per program = 16 fp32 values per thread at 8 warps: wide enough to hide
+# latency, small enough for no spills. Blocks larger than that get one program each.
+_QUANT_ELEMS_PER_PROG = 4096
+_QUANT_WARPS = 8
+# Dequantize: 1024 bytes (2048 outputs) per program, 4 warps: 8 outputs/thread, 16-byte bf16
+# stores; at 3 TB/s the 2.5 B/elem (bf16 out) traffic is ~0.8 ms per 1e9 elements.
+_DEQUANT_PAIRS = 1024
+_DEQUANT_WARPS = 4
+
+
+def _check_blocksize(blocksize: int) -> None:
+    if blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {VALID_BLOCKSIZES}, got {blocksize}")
+
+
+def _check_code(code: torch.Tensor) -> None:
+    if code.dtype != torch.float32 or code.numel() != 16:
+        raise ValueError(
+            f"code must be an fp32 tensor of 16 entries, got {code.dtype} with {code.numel()}"
+        )
+
+
+def quantize_bounds(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Midpoints (fp32 [15]) of the sorted ``code`` and ``order`` (int32 [16]) = argsort(code).
+
+    Computed on the CPU with torch.argsort, as bitsandbytes does, so the FP4 tie between +0
+    and -0 resolves identically. Callers that quantize often should cache the result.
+    """
+    _check_code(code)
+    c = code.detach().cpu()
+    order = torch.argsort(c)
+    s = c[order]
+    bounds = (s[:-1] + s[1:]) / 2
+    return bounds.to(code.device), order.to(torch.int32).to(code.device)
+
+
+def quantize_4bit(
+    x: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    bounds: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` to 4 bits, byte-identical to ``bitsandbytes.functional.quantize_4bit``.
+
+    Args:
+        x: any shape, fp32/fp16/bf16, flattened row-major (non-contiguous input is copied).
+        code: fp32 [16], the 4-bit table in bit order (NF4 or FP4).
+        blocksize: elements per absmax block, a power of two in 32..4096.
+        bounds, order: optional precomputed ``quantize_bounds(code)`` (avoids a host sync).
+
+    Returns:
+        ``(packed, absmax)``: uint8 ``[(n+1)//2]`` and fp32 ``[ceil(n/blocksize)]``.
+    """
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be fp32, fp16 or bf16, got {x.dtype}")
+    _check_blocksize(blocksize)
+    _check_code(code)
+    if bounds is None or order is None:
+        bounds, order = quantize_bounds(code)
+    if bounds.dtype != torch.float32 or bounds.numel() != 15:
+        raise ValueError(f"bounds must be fp32 [15], got {bounds.dtype} {tuple(bounds.shape)}")
+    if order.dtype != torch.int32 or order.numel() != 16:
+        raise ValueError(f"order must be int32 [16], got {order.dtype} {tuple(order.shape)}")
+    n = x.numel()
+    if n == 0:
+        raise ValueError("x must have at least one element")
+    if n >= 2**31:
+        raise ValueError(f"x must have fewer than 2**31 elements, got {n}")
+    flat = x.reshape(-1)
+    nblocks = triton.cdiv(n, blocksize)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
+    group = max(1, _QUANT_ELEMS_PER_PROG // blocksize)
+    grid = (triton.cdiv(nblocks, group),)
+    _quantize_4bit_kernel[grid](
+        flat,
+        bounds,
+        order,
+        packed,
+        absmax,
+        n,
+        nblocks,
+        BLOCKSIZE=blocksize,
+        GROUP=group,
+        num_warps=_QUANT_WARPS,
+    )
+    return packed, absmax
+
+
+def check_weight(w: Weight4bit, device: torch.device | None = None) -> bool:
+    """Validate ``w``; returns True when it is double-quantized. Raises ValueError."""
+    if not isinstance(w, Weight4bit):
+        raise ValueError(f"expected a Weight4bit, got {type(w).__name__}")
+    _check_blocksize(w.blocksize)
+    _check_code(w.code)
+    n_rows, n_cols = w.n_rows, w.n_cols
+    if n_rows <= 0 or n_cols <= 0:
+        raise ValueError(f"weight shape must be positive, got [{n_rows}, {n_cols}]")
+    n = n_rows * n_cols
+    if n >= 2**31:
+        raise ValueError(f"weight must have fewer than 2**31 elements, got {n}")
+    if w.packed.dtype != torch.uint8 or w.packed.numel() != (n + 1) // 2:
+        raise ValueError(
+            f"packed must be uint8 with (N*K+1)//2 = {(n + 1) // 2} elements, "
+            f"got {w.packed.dtype} with {w.packed.numel()}"
+        )
+    if not w.packed.is_contiguous():
+        raise ValueError("packed must be contiguous")
+    nblocks = triton.cdiv(n, w.blocksize)
+    if w.absmax.numel() != nblocks or not w.absmax.is_contiguous():
+        raise ValueError(
+            f"absmax must be contiguous with ceil(N*K/blocksize) = {nblocks} elements, "
+            f"got {w.absmax.numel()}"
+        )
+    if w.absmax.dtype == torch.uint8:
+        nested = (w.nested_absmax, w.nested_code, w.offset)
+        if any(t is None for t in nested):
+            raise ValueError(
+                "uint8 absmax (double quantization) needs nested_absmax, nested_code and offset"
+            )
+        n2 = triton.cdiv(nblocks, NESTED_BLOCKSIZE)
+        if w.nested_absmax.dtype != torch.float32 or w.nested_absmax.numel() != n2:
+            raise ValueError(
+                f"nested_absmax must be fp32 [{n2}], got {w.nested_absmax.dtype} "
+                f"with {w.nested_absmax.numel()} elements"
+            )
+        if w.nested_code.dtype != torch.float32 or w.nested_code.numel() != 256:
+            raise ValueError(f"nested_code must be fp32 [256], got {w.nested_code.dtype}")
+        if w.offset.dtype != torch.float32 or w.offset.numel() != 1:
+            raise ValueError(f"offset must be an fp32 tensor of one element, got {w.offset.dtype}")
+        tensors = (w.packed, w.absmax, w.code, *nested)
+        double = True
+    elif w.absmax.dtype == torch.float32:
+        tensors = (w.packed, w.absmax, w.code)
+        double = False
+    else:
+        raise ValueError(f"absmax must be fp32 or uint8 (double-quantized), got {w.absmax.dtype}")
+    device = device if device is not None else w.packed.device
+    for t in tensors:
+        if t.device != device:
+            raise ValueError(f"weight tensors must be on {device}, got one on {t.device}")
+    return double
+
+
+def weight_args(w: Weight4bit, double: bool) -> tuple[torch.Tensor, ...]:
+    """The six pointer arguments every kernel takes for a 4-bit weight.
+
+    Unused nested pointers get ``absmax`` as a placeholder: the DOUBLE_QUANT=False branch
+    never reads them.
+    """
+    if double:
+        return (w.packed, w.absmax, w.code, w.nested_absmax, w.nested_code, w.offset.reshape(1))
+    return (w.packed, w.absmax, w.code, w.absmax, w.absmax, w.absmax)
+
+
+def dequantize_4bit(w: Weight4bit, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize ``w`` to a new ``[N, K]`` tensor of ``dtype`` (fp32/fp16/bf16).
+
+    Identical to ``bitsandbytes.functional.dequantize_4bit`` for plain and double-quantized
+    weights. Only for export/merge paths: the matmul kernels never materialize ``W``.
+    """
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be fp32, fp16 or bf16, got {dtype}")
+    double = check_weight(w)
+    n = w.n_rows * w.n_cols
+    out = torch.empty((w.n_rows, w.n_cols), dtype=dtype, device=w.packed.device)
+    grid = (triton.cdiv(triton.cdiv(n, 2), _DEQUANT_PAIRS),)
+    _dequantize_4bit_kernel[grid](
+        *weight_args(w, double),
+        out,
+        n,
+        BLOCKSIZE=w.blocksize,
+        DOUBLE_QUANT=double,
+        PAIRS=_DEQUANT_PAIRS,
+        num_warps=_DEQUANT_WARPS,
+        enable_fp_fusion=False,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time specs
+# --------------------------------------------------------------------------------------------
+
+
+def _aot_specs() -> list[AotSpec]:
+    specs = []
+    for bs in VALID_BLOCKSIZES:
+        group = max(1, _QUANT_ELEMS_PER_PROG // bs)
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            specs.append(
+                AotSpec(
+                    name=f"_quantize_4bit_kernel[{_TL_DTYPE[dt]},bs{bs}]",
+                    fn=_quantize_4bit_kernel,
+                    signature={
+                        "x_ptr": f"*{_TL_DTYPE[dt]}",
+                        "bounds_ptr": "*fp32",
+                        "order_ptr": "*i32",
+                        "packed_ptr": "*u8",
+                        "absmax_ptr": "*fp32",
+                        "n": "i32",
+                        "nblocks": "i32",
+                        "BLOCKSIZE": "constexpr",
+                        "GROUP": "constexpr",
+                    },
+                    constexprs={"BLOCKSIZE": bs, "GROUP": group},
+                    options={"num_warps": _QUANT_WARPS},
+                )
+            )
+    # BLOCKSIZE only changes a constant divisor in dequantize; one per dtype and absmax kind,
+    # plus the extremes of the blocksize range.
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        for double in (False, True):
+            for bs in (64,) if dt != torch.bfloat16 else (32, 64, 4096):
+                specs.append(
+                    AotSpec(
+                        name=f"_dequantize_4bit_kernel[{_TL_DTYPE[dt]},{'dq' if double else 'fp32abs'},bs{bs}]",
+                        fn=_dequantize_4bit_kernel,
+                        signature={
+                            "packed_ptr": "*u8",
+                            "absmax_ptr": "*u8" if double else "*fp32",
+                            "code_ptr": "*fp32",
+                            "nabs_ptr": "*fp32",
+                            "ncode_ptr": "*fp32",
+                            "offset_ptr": "*fp32",
+                            "out_ptr": f"*{_TL_DTYPE[dt]}",
+                            "n": "i32",
+                            "BLOCKSIZE": "constexpr",
+                            "DOUBLE_QUANT": "constexpr",
+                            "PAIRS": "constexpr",
+                        },
+                        constexprs={
+                            "BLOCKSIZE": bs,
+                            "DOUBLE_QUANT": double,
+                            "PAIRS": _DEQUANT_PAIRS,
+                        },
+                        options={"num_warps": _DEQUANT_WARPS, "enable_fp_fusion": False},
+                    )
+                )
+    return specs
+
+
+AOT_SPECS: list[AotSpec] = _aot_specs()
+
+__all__ = [
+    "AOT_SPECS",
+    "Weight4bit",
+    "check_weight",
+    "dequantize_4bit",
+    "quantize_4bit",
+    "quantize_bounds",
+    "weight_args",
+]
