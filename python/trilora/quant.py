@@ -170,10 +170,12 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight in ``dtype`` (default: the original dtype), shape :attr:`shape`.
 
-        Equal to ``bitsandbytes.functional.dequantize_4bit`` on the same state.
+        Equal to ``bitsandbytes.functional.dequantize_4bit`` on the same state. ``dtype``
+        is fp32, fp16 or bf16 (or fp64 on CPU, for references).
         """
         dtype = self.dtype if dtype is None else dtype
-        _check_choice("dtype", dtype, FLOAT_DTYPES)
+        # float64 serves as the reference in tests; it runs on the torch path only.
+        _check_choice("dtype", dtype, (*FLOAT_DTYPES, torch.float64))
         return dequantize_4bit(
             self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code,
             self.offset, self.blocksize, list(self.shape), dtype,

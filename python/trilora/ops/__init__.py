@@ -1,6 +1,7 @@
 """trilora's ops: torch.library custom ops with autograd, a torch reference path and fake
 (meta) implementations. See ``docs/architecture.md``."""
 
+from trilora.ops.qlora_linear import qlora_linear
 from trilora.ops.quantize import dequantize_4bit, quantize_4bit
 
-__all__ = ["dequantize_4bit", "quantize_4bit"]
+__all__ = ["dequantize_4bit", "qlora_linear", "quantize_4bit"]

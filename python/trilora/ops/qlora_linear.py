@@ -1,0 +1,326 @@
+"""The fused QLoRA linear: ``y = x @ W.T + s * (drop(x) @ A.T) @ B.T + bias``.
+
+``W`` ``[N, K]`` is a 4-bit :class:`~trilora.quant.QuantizedWeight`, ``A`` ``[r, K]`` and
+``B`` ``[N, r]`` are the LoRA factors, ``s`` the LoRA scale and ``drop`` inverted dropout
+with a keep-mask. Two custom ops carry the computation:
+
+* ``trilora::qlora_linear_fwd`` returns ``y`` and ``xa = drop(x) @ A.T`` (fp32
+  ``[M, r]``, kept for ``dB``);
+* ``trilora::qlora_linear_bwd`` returns ``dx``, ``dA``, ``dB`` and ``dbias``.
+
+Only ``x``, the dropout keep-mask, ``xa`` and the *packed* weight are saved for backward;
+the dequantized weight never outlives one call (bitsandbytes keeps no copy either, but
+materializes a full-size temporary in every backward; our fused path does not).
+
+Dispatch, per call:
+
+* CUDA (or ``trilora.config.backend == "triton"``) with ``M <= config.fused_max_tokens``:
+  the fused Triton kernels, which dequantize ``W`` tile by tile inside the matmul's K loop
+  and accumulate the LoRA down-projection in the same loop (``x`` and ``dy`` are read
+  once). ``M <= 16`` uses a split-K kernel.
+* CUDA with larger ``M``: dequantize into a transient buffer and call cuBLAS, which wins
+  when the GEMM is compute-bound (see :mod:`trilora.config` for the crossover model).
+* Anything else (CPU): the torch reference below, which is also what tests compare with.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trilora.config import config, use_triton
+from trilora.ops.quantize import dequantize_4bit
+
+_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _weight_tensors(packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n_out, k):
+    from trilora.kernels.quantize import Weight4bit
+
+    return Weight4bit(
+        packed.reshape(-1).view(torch.uint8), absmax, code, nested_absmax, nested_code, offset,
+        blocksize, n_out, k,
+    )  # fmt: skip
+
+
+def _dropped(x: torch.Tensor, mask: torch.Tensor | None, dropout_scale: float) -> torch.Tensor:
+    return x if mask is None else x * mask.to(x.dtype) * dropout_scale
+
+
+def _use_fused(x: torch.Tensor) -> bool:
+    return use_triton(x) and x.shape[0] <= config.fused_max_tokens
+
+
+def _empty_lora(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], 0), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("trilora::qlora_linear_fwd", mutates_args=())
+def qlora_linear_fwd(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    n_out: int,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scale: float,
+    bias: torch.Tensor | None,
+    dropout_mask: torch.Tensor | None,
+    dropout_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the QLoRA linear on 2-D ``x`` ``[M, K]``; returns ``(y [M, N], xa [M, r])``."""
+    k = x.shape[1]
+    if _use_fused(x):
+        from trilora.kernels.qlora_linear import qlora_forward
+
+        w = _weight_tensors(packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n_out, k)
+        y, xa = qlora_forward(x, w, lora_a, lora_b, scale, bias, dropout_mask, dropout_scale)
+        return y, (xa if xa is not None else _empty_lora(x))
+    weight = dequantize_4bit(
+        packed, absmax, code, nested_absmax, nested_code, offset, blocksize, [n_out, k], x.dtype
+    )
+    y = x @ weight.t()
+    del weight
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    if lora_a is None:
+        return y, _empty_lora(x)
+    # PEFT runs the LoRA branch in the factors' dtype (fp32 after
+    # prepare_model_for_kbit_training) and adds it in the activation dtype; so do we.
+    xa = _dropped(x, dropout_mask, dropout_scale).to(lora_a.dtype) @ lora_a.t()
+    y = y + (scale * (xa @ lora_b.to(xa.dtype).t())).to(y.dtype)
+    return y, xa.float()
+
+
+@qlora_linear_fwd.register_fake
+def _(x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n_out, lora_a, lora_b,
+      scale, bias, dropout_mask, dropout_scale):  # fmt: skip
+    r = 0 if lora_a is None else lora_a.shape[0]
+    return x.new_empty((x.shape[0], n_out)), x.new_empty((x.shape[0], r), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# backward
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("trilora::qlora_linear_bwd", mutates_args=())
+def qlora_linear_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    xa: torch.Tensor,
+    scale: float,
+    dropout_mask: torch.Tensor | None,
+    dropout_scale: float,
+    needs_input_grad: bool,
+    needs_lora_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of :func:`qlora_linear_fwd` for 2-D ``dy`` ``[M, N]``.
+
+    Returns ``(dx [M, K] in x.dtype, dA [r, K] fp32, dB [N, r] fp32)``; a gradient that is
+    not needed comes back as an empty tensor.
+    """
+    n_out, k = dy.shape[1], x.shape[1]
+    has_lora = lora_a is not None
+    empty = x.new_empty((0,))
+    if use_triton(dy):
+        from trilora.kernels.qlora_linear import lora_weight_grads, qlora_backward_input
+
+        w = _weight_tensors(packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n_out, k)
+        dyb = None
+        dx = empty
+        if needs_input_grad and dy.shape[0] <= config.fused_max_tokens:
+            dx, dyb = qlora_backward_input(dy, w, lora_a, lora_b, scale, dropout_mask, dropout_scale)
+        elif needs_input_grad:
+            from trilora.kernels.quantize import dequantize_4bit as dequantize_launch
+
+            weight = dequantize_launch(w, dy.dtype)
+            dx = dy @ weight
+            del weight
+            if has_lora:
+                dyb = dy.float() @ lora_b.float()
+                dx += (scale * _dropped(dyb @ lora_a.float(), dropout_mask, dropout_scale)).to(dx.dtype)
+        if not (has_lora and needs_lora_grad):
+            return dx.to(x.dtype), empty, empty
+        if dyb is None:
+            dyb = dy.float() @ lora_b.float()
+        da, db = lora_weight_grads(x, dy, xa, dyb, scale, dropout_mask, dropout_scale)
+        return dx.to(x.dtype) if needs_input_grad else dx, da, db
+
+    dx = empty
+    if needs_input_grad:
+        weight = dequantize_4bit(
+            packed, absmax, code, nested_absmax, nested_code, offset, blocksize, [n_out, k], dy.dtype
+        )
+        dx = dy @ weight
+        del weight
+    if not has_lora:
+        return dx, empty, empty
+    dyb = dy.to(lora_b.dtype) @ lora_b
+    if needs_input_grad:
+        dx_lora = _dropped(dyb @ lora_a.to(dyb.dtype), dropout_mask, dropout_scale)
+        dx = dx + (scale * dx_lora).to(dx.dtype)
+    if not needs_lora_grad:
+        return dx, empty, empty
+    x_dropped = _dropped(x, dropout_mask, dropout_scale).to(lora_a.dtype)
+    da = scale * (dyb.to(lora_a.dtype).t() @ x_dropped)
+    db = scale * (dy.to(lora_b.dtype).t() @ xa.to(lora_b.dtype))
+    return dx, da.float(), db.float()
+
+
+@qlora_linear_bwd.register_fake
+def _(dy, x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, lora_a, lora_b, xa,
+      scale, dropout_mask, dropout_scale, needs_input_grad, needs_lora_grad):  # fmt: skip
+    empty = x.new_empty((0,))
+    dx = x.new_empty(x.shape) if needs_input_grad else empty
+    if lora_a is None or not needs_lora_grad:
+        return dx, empty, empty
+    r = lora_a.shape[0]
+    f32 = torch.float32
+    return dx, x.new_empty((r, x.shape[1]), dtype=f32), x.new_empty((dy.shape[1], r), dtype=f32)
+
+
+# ---------------------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------------------
+
+_WEIGHT_ARGS = slice(1, 7)  # packed .. offset
+
+
+def _setup_context(ctx, inputs, output):
+    (x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n_out, lora_a, lora_b,
+     scale, bias, dropout_mask, dropout_scale) = inputs  # fmt: skip
+    _, xa = output
+    ctx.blocksize, ctx.scale, ctx.dropout_scale = blocksize, scale, dropout_scale
+    ctx.has_lora, ctx.has_bias = lora_a is not None, bias is not None
+    ctx.save_for_backward(
+        x, packed, absmax, code, nested_absmax, nested_code, offset, lora_a, lora_b, xa, dropout_mask
+    )
+
+
+def _backward(ctx, dy, _dxa):
+    (x, packed, absmax, code, nested_absmax, nested_code, offset, lora_a, lora_b, xa,
+     dropout_mask) = ctx.saved_tensors  # fmt: skip
+    needs = ctx.needs_input_grad
+    needs_lora = ctx.has_lora and (needs[9] or needs[10])
+    dx, da, db = qlora_linear_bwd(
+        dy.contiguous(), x, packed, absmax, code, nested_absmax, nested_code, offset, ctx.blocksize,
+        lora_a, lora_b, xa, ctx.scale, dropout_mask, ctx.dropout_scale, needs[0], needs_lora,
+    )  # fmt: skip
+    grad_a = da.to(lora_a.dtype) if needs_lora and needs[9] else None
+    grad_b = db.to(lora_b.dtype) if needs_lora and needs[10] else None
+    grad_bias = dy.sum(0) if ctx.has_bias and needs[12] else None
+    return (dx if needs[0] else None, None, None, None, None, None, None, None, None,
+            grad_a, grad_b, None, grad_bias, None, None)  # fmt: skip
+
+
+qlora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# public entry point
+# ---------------------------------------------------------------------------------------
+
+
+def qlora_linear(
+    x: torch.Tensor,
+    weight,
+    lora_a: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+    scale: float = 1.0,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    dropout_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """QLoRA linear: ``x @ W.T + scale * (drop(x) @ lora_a.T) @ lora_b.T + bias``.
+
+    Args:
+        x: ``[..., K]`` activations, fp16/bf16 (fp32 on the torch path). Any strides.
+        weight: :class:`~trilora.quant.QuantizedWeight` of shape ``[N, K]``.
+        lora_a: ``[r, K]`` LoRA down-projection (fp32 or the activation dtype), or None.
+        lora_b: ``[N, r]`` LoRA up-projection, same dtype as ``lora_a``, or None.
+        scale: LoRA scale (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA).
+        bias: ``[N]`` base-layer bias, or None.
+        dropout_p: dropout probability on the LoRA branch's input.
+        training: apply dropout (only when ``dropout_p > 0``).
+        dropout_mask: an explicit keep-mask ``[..., K]`` (bool), used instead of drawing one;
+            the kept values are scaled by ``1 / (1 - dropout_p)``.
+
+    Returns:
+        ``[..., N]`` in ``x.dtype``.
+    """
+    _check_inputs(x, weight, lora_a, lora_b, bias, dropout_p, dropout_mask)
+    lead = x.shape[:-1]
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    n_out = weight.shape[0]
+    mask = None
+    dropout_scale = 1.0
+    if lora_a is not None and (dropout_mask is not None or (training and dropout_p > 0)):
+        dropout_scale = 1.0 / (1.0 - dropout_p)
+        if dropout_mask is None:
+            mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
+        else:
+            mask = dropout_mask.reshape(-1, k).to(torch.bool)
+    y, _ = qlora_linear_fwd(
+        x2, weight.packed, weight.absmax, weight.code, weight.nested_absmax, weight.nested_code,
+        weight.offset, weight.blocksize, n_out, lora_a, lora_b, float(scale), bias, mask,
+        dropout_scale,
+    )  # fmt: skip
+    return y.reshape(*lead, n_out)
+
+
+def _check_inputs(x, weight, lora_a, lora_b, bias, dropout_p, dropout_mask) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _ACT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., in_features]")
+    if len(weight.shape) != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    n_out, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dimension, weight expects {k}")
+    if x.device != weight.device and x.device.type != "meta":
+        raise ValueError(f"x is on {x.device} but the 4-bit weight is on {weight.device}")
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("lora_a and lora_b must be given together")
+    if lora_a is not None:
+        if lora_a.dim() != 2 or lora_a.shape[1] != k:
+            raise ValueError(f"lora_a must be [r, {k}], got {tuple(lora_a.shape)}")
+        r = lora_a.shape[0]
+        if lora_b.dim() != 2 or tuple(lora_b.shape) != (n_out, r):
+            raise ValueError(f"lora_b must be [{n_out}, {r}], got {tuple(lora_b.shape)}")
+        if lora_a.dtype != lora_b.dtype or lora_a.dtype not in _ACT_DTYPES:
+            raise TypeError(
+                f"lora_a and lora_b must share a float dtype, got {lora_a.dtype} and {lora_b.dtype}"
+            )
+        for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+            if t.device != x.device:
+                raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if bias is not None and tuple(bias.shape) != (n_out,):
+        raise ValueError(f"bias must be [{n_out}], got {tuple(bias.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_mask is not None and dropout_mask.shape != x.shape:
+        raise ValueError(f"dropout_mask must have x's shape {tuple(x.shape)}, got {tuple(dropout_mask.shape)}")
