@@ -386,28 +386,31 @@ def dequantize_4bit(w: Weight4bit, dtype: torch.dtype) -> torch.Tensor:
 
 def _aot_specs() -> list[AotSpec]:
     specs = []
-    for bs in VALID_BLOCKSIZES:
+    # The blocksize sets the tile shape of quantize: compile the extremes and the default;
+    # the input dtype only changes the load, so one blocksize covers fp16/bf16.
+    combos = [(64, dt) for dt in (torch.float32, torch.float16, torch.bfloat16)]
+    combos += [(32, torch.float32), (4096, torch.float32)]
+    for bs, dt in combos:
         group = max(1, _QUANT_ELEMS_PER_PROG // bs)
-        for dt in (torch.float32, torch.float16, torch.bfloat16):
-            specs.append(
-                AotSpec(
-                    name=f"_quantize_4bit_kernel[{_TL_DTYPE[dt]},bs{bs}]",
-                    fn=_quantize_4bit_kernel,
-                    signature={
-                        "x_ptr": f"*{_TL_DTYPE[dt]}",
-                        "bounds_ptr": "*fp32",
-                        "order_ptr": "*i32",
-                        "packed_ptr": "*u8",
-                        "absmax_ptr": "*fp32",
-                        "n": "i32",
-                        "nblocks": "i32",
-                        "BLOCKSIZE": "constexpr",
-                        "GROUP": "constexpr",
-                    },
-                    constexprs={"BLOCKSIZE": bs, "GROUP": group},
-                    options={"num_warps": _QUANT_WARPS},
-                )
+        specs.append(
+            AotSpec(
+                name=f"_quantize_4bit_kernel[{_TL_DTYPE[dt]},bs{bs}]",
+                fn=_quantize_4bit_kernel,
+                signature={
+                    "x_ptr": f"*{_TL_DTYPE[dt]}",
+                    "bounds_ptr": "*fp32",
+                    "order_ptr": "*i32",
+                    "packed_ptr": "*u8",
+                    "absmax_ptr": "*fp32",
+                    "n": "i32",
+                    "nblocks": "i32",
+                    "BLOCKSIZE": "constexpr",
+                    "GROUP": "constexpr",
+                },
+                constexprs={"BLOCKSIZE": bs, "GROUP": group},
+                options={"num_warps": _QUANT_WARPS},
             )
+        )
     # BLOCKSIZE only changes a constant divisor in dequantize; one per dtype and absmax kind,
     # plus the extremes of the blocksize range.
     for dt in (torch.float32, torch.float16, torch.bfloat16):
