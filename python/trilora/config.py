@@ -75,7 +75,9 @@ def override(**changes: object) -> Iterator[Config]:
     names = {f.name for f in fields(Config)}
     unknown = set(changes) - names
     if unknown:
-        raise ValueError(f"unknown trilora config field(s) {sorted(unknown)}; known: {sorted(names)}")
+        raise ValueError(
+            f"unknown trilora config field(s) {sorted(unknown)}; known: {sorted(names)}"
+        )
     saved = {k: getattr(config, k) for k in changes}
     try:
         for k, v in changes.items():

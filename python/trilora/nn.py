@@ -67,8 +67,12 @@ class Linear4bit(nn.Linear):
         n = in_features * out_features
         nblocks = -(-n // blocksize)
         qw = QuantizedWeight(
-            packed=pack_storage(torch.zeros((n + 1) // 2, dtype=torch.uint8, device=device), quant_storage),
-            absmax=torch.zeros(nblocks, dtype=torch.uint8 if double_quant else torch.float32, device=device),
+            packed=pack_storage(
+                torch.zeros((n + 1) // 2, dtype=torch.uint8, device=device), quant_storage
+            ),
+            absmax=torch.zeros(
+                nblocks, dtype=torch.uint8 if double_quant else torch.float32, device=device
+            ),
             code=code_table(quant_type, device),
             quant_type=quant_type,
             blocksize=blocksize,
@@ -272,8 +276,12 @@ class QLoraLinear(Linear4bit):
         self.lora_dropout = lora_dropout
         self.use_rslora = use_rslora
         self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=lora_dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=lora_dtype, device=device))
+        self.lora_A = nn.Parameter(
+            torch.empty(r, self.in_features, dtype=lora_dtype, device=device)
+        )
+        self.lora_B = nn.Parameter(
+            torch.zeros(self.out_features, r, dtype=lora_dtype, device=device)
+        )
         if device is None or torch.device(device).type != "meta":
             # PEFT's default: kaiming-uniform A (a = sqrt(5)) and zero B.
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -294,7 +302,9 @@ class QLoraLinear(Linear4bit):
         lora_dtype: torch.dtype = torch.float32,
     ) -> QLoraLinear:
         """Quantize a float ``nn.Linear`` and attach a fresh LoRA adapter to it."""
-        base = Linear4bit.from_linear(linear, quant_type, blocksize, double_quant, quant_storage, compute_dtype)
+        base = Linear4bit.from_linear(
+            linear, quant_type, blocksize, double_quant, quant_storage, compute_dtype
+        )
         return cls.from_base(base, r, lora_alpha, lora_dropout, use_rslora, lora_dtype)
 
     @classmethod

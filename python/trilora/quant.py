@@ -50,7 +50,24 @@ _NF4 = [
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ]  # fmt: skip
 # FP4 with sign bit 3 and exponent bias 2, listed in bit order.
-_FP4 = [0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
+_FP4 = [
+    0,
+    0.0625,
+    8.0,
+    12.0,
+    4.0,
+    6.0,
+    2.0,
+    3.0,
+    -0.0,
+    -0.0625,
+    -8.0,
+    -12.0,
+    -4.0,
+    -6.0,
+    -2.0,
+    -3.0,
+]
 
 
 def code_table(quant_type: str, device: torch.device | str | None = None) -> torch.Tensor:
@@ -127,7 +144,9 @@ class QuantizedWeight:
             raise ValueError(f"quant_map must have 16 entries, got {self.code.numel()}")
         nested = (self.nested_absmax, self.nested_code, self.offset)
         if any(t is not None for t in nested) and any(t is None for t in nested):
-            raise ValueError("double-quantized state needs nested_absmax, nested_code and offset together")
+            raise ValueError(
+                "double-quantized state needs nested_absmax, nested_code and offset together"
+            )
         if self.double_quant:
             if self.absmax.dtype != torch.uint8:
                 raise ValueError(f"double-quantized absmax must be uint8, got {self.absmax.dtype}")
@@ -137,9 +156,13 @@ class QuantizedWeight:
                     f"{-(-nblocks // NESTED_BLOCKSIZE)}"
                 )
             if self.nested_code.numel() != 256:
-                raise ValueError(f"nested_quant_map must have 256 entries, got {self.nested_code.numel()}")
+                raise ValueError(
+                    f"nested_quant_map must have 256 entries, got {self.nested_code.numel()}"
+                )
         elif self.absmax.dtype != torch.float32:
-            raise ValueError(f"absmax must be float32 without double quantization, got {self.absmax.dtype}")
+            raise ValueError(
+                f"absmax must be float32 without double quantization, got {self.absmax.dtype}"
+            )
 
     # --- properties ---------------------------------------------------------------------
 
@@ -158,7 +181,14 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes held on the device by the packed codes and all quantization state."""
-        tensors = [self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code, self.offset]
+        tensors = [
+            self.packed,
+            self.absmax,
+            self.code,
+            self.nested_absmax,
+            self.nested_code,
+            self.offset,
+        ]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def scales(self) -> torch.Tensor:
@@ -203,7 +233,9 @@ class QuantizedWeight:
 
     def with_storage(self, quant_storage: torch.dtype) -> QuantizedWeight:
         """The same bytes viewed as ``quant_storage`` (e.g. bf16 so FSDP can shard them)."""
-        return replace(self, packed=_pack_storage(self.packed.reshape(-1).view(torch.uint8), quant_storage))
+        return replace(
+            self, packed=_pack_storage(self.packed.reshape(-1).view(torch.uint8), quant_storage)
+        )
 
     # --- serialization ------------------------------------------------------------------
 
@@ -256,11 +288,15 @@ class QuantizedWeight:
             missing.append(f"{prefix}.quant_state.bitsandbytes__{{nf4,fp4}}")
         if missing:
             present = sorted(k for k in state_dict if k == prefix or k.startswith(prefix + "."))
-            raise KeyError(f"4-bit state dict is missing {missing}; keys under {prefix!r}: {present}")
+            raise KeyError(
+                f"4-bit state dict is missing {missing}; keys under {prefix!r}: {present}"
+            )
         if len(qs_keys) > 1:
             raise ValueError(f"expected one quant_state key under {prefix!r}, found {qs_keys}")
         try:
-            fields = json.loads(bytes(state_dict[qs_keys[0]].cpu().to(torch.uint8).tolist()).decode("utf-8"))
+            fields = json.loads(
+                bytes(state_dict[qs_keys[0]].cpu().to(torch.uint8).tolist()).decode("utf-8")
+            )
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{qs_keys[0]} does not hold valid JSON: {exc}") from exc
         for field in ("quant_type", "blocksize", "dtype", "shape"):
@@ -277,7 +313,9 @@ class QuantizedWeight:
                 if key not in state_dict:
                     raise KeyError(f"4-bit state dict has {prefix}.nested_absmax but not {key}")
             if "nested_offset" not in fields:
-                raise ValueError(f"{qs_keys[0]} lacks nested_offset although nested_absmax is present")
+                raise ValueError(
+                    f"{qs_keys[0]} lacks nested_offset although nested_absmax is present"
+                )
             if int(fields.get("nested_blocksize", NESTED_BLOCKSIZE)) != NESTED_BLOCKSIZE:
                 raise ValueError(
                     f"nested_blocksize must be {NESTED_BLOCKSIZE}, got {fields['nested_blocksize']}"
@@ -361,7 +399,9 @@ def quantize(
         raise ValueError("cannot quantize an empty tensor")
     if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
         bad = int((~torch.isfinite(weight)).sum())
-        raise ValueError(f"weight has {bad} NaN/Inf value(s); 4-bit quantization needs finite values")
+        raise ValueError(
+            f"weight has {bad} NaN/Inf value(s); 4-bit quantization needs finite values"
+        )
     code = code_table(quant_type, weight.device)
     packed, absmax = quantize_4bit(weight.detach(), code, blocksize)
     nested_absmax = nested_code = offset = None

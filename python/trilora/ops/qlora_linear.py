@@ -82,7 +82,9 @@ def qlora_linear_fwd(
     if _use_fused(x):
         from trilora.kernels.qlora_linear import qlora_forward
 
-        w = _weight_tensors(packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n_out, k)
+        w = _weight_tensors(
+            packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n_out, k
+        )
         y, xa = qlora_forward(x, w, lora_a, lora_b, scale, bias, dropout_mask, dropout_scale)
         return y, (xa if xa is not None else _empty_lora(x))
     weight = dequantize_4bit(
@@ -144,11 +146,15 @@ def qlora_linear_bwd(
     if use_triton(dy):
         from trilora.kernels.qlora_linear import lora_weight_grads, qlora_backward_input
 
-        w = _weight_tensors(packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n_out, k)
+        w = _weight_tensors(
+            packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n_out, k
+        )
         dyb = None
         dx = empty
         if needs_input_grad and dy.shape[0] <= config.fused_max_tokens:
-            dx, dyb = qlora_backward_input(dy, w, lora_a, lora_b, scale, dropout_mask, dropout_scale)
+            dx, dyb = qlora_backward_input(
+                dy, w, lora_a, lora_b, scale, dropout_mask, dropout_scale
+            )
         elif needs_input_grad:
             from trilora.kernels.quantize import dequantize_4bit as dequantize_launch
 
@@ -157,7 +163,9 @@ def qlora_linear_bwd(
             del weight
             if has_lora:
                 dyb = dy.float() @ lora_b.float()
-                dx += (scale * _dropped(dyb @ lora_a.float(), dropout_mask, dropout_scale)).to(dx.dtype)
+                dx += (scale * _dropped(dyb @ lora_a.float(), dropout_mask, dropout_scale)).to(
+                    dx.dtype
+                )
         if not (has_lora and needs_lora_grad):
             return dx.to(x.dtype), empty, empty
         if dyb is None:
@@ -168,7 +176,15 @@ def qlora_linear_bwd(
     dx = empty
     if needs_input_grad:
         weight = dequantize_4bit(
-            packed, absmax, code, nested_absmax, nested_code, offset, blocksize, [n_out, k], dy.dtype
+            packed,
+            absmax,
+            code,
+            nested_absmax,
+            nested_code,
+            offset,
+            blocksize,
+            [n_out, k],
+            dy.dtype,
         )
         dx = dy @ weight
         del weight
@@ -206,13 +222,23 @@ _WEIGHT_ARGS = slice(1, 7)  # packed .. offset
 
 
 def _setup_context(ctx, inputs, output):
-    (x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n_out, lora_a, lora_b,
+    (x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, _n_out, lora_a, lora_b,
      scale, bias, dropout_mask, dropout_scale) = inputs  # fmt: skip
     _, xa = output
     ctx.blocksize, ctx.scale, ctx.dropout_scale = blocksize, scale, dropout_scale
     ctx.has_lora, ctx.has_bias = lora_a is not None, bias is not None
     ctx.save_for_backward(
-        x, packed, absmax, code, nested_absmax, nested_code, offset, lora_a, lora_b, xa, dropout_mask
+        x,
+        packed,
+        absmax,
+        code,
+        nested_absmax,
+        nested_code,
+        offset,
+        lora_a,
+        lora_b,
+        xa,
+        dropout_mask,
     )
 
 
@@ -297,7 +323,9 @@ def _check_inputs(x, weight, lora_a, lora_b, bias, dropout_p, dropout_mask) -> N
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension [..., in_features]")
     if len(weight.shape) != 2:
-        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}"
+        )
     n_out, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features in its last dimension, weight expects {k}")
@@ -323,4 +351,6 @@ def _check_inputs(x, weight, lora_a, lora_b, bias, dropout_p, dropout_mask) -> N
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_mask is not None and dropout_mask.shape != x.shape:
-        raise ValueError(f"dropout_mask must have x's shape {tuple(x.shape)}, got {tuple(dropout_mask.shape)}")
+        raise ValueError(
+            f"dropout_mask must have x's shape {tuple(x.shape)}, got {tuple(dropout_mask.shape)}"
+        )

@@ -13,6 +13,7 @@ The 8-bit blockwise quantizer used for double quantization lives here too; it is
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -81,16 +82,20 @@ def dequantize_4bit_reference(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Torch reference of the bitsandbytes 4-bit dequantizer (see :func:`dequantize_4bit`)."""
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     scale = dequantize_absmax(absmax, nested_absmax, nested_code, offset)
     packed = packed.reshape(-1).view(torch.uint8)
-    nibbles = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n]
-    values = code[nibbles.long()]
-    nblocks = scale.numel()
-    values = F.pad(values, (0, nblocks * blocksize - n)).view(nblocks, blocksize) * scale[:, None]
-    return values.reshape(-1)[:n].reshape(shape).to(dtype)
+    # One gather from a 256-entry byte -> (high, low) value table replaces unpacking the
+    # nibbles and looking each up: on CPU this is the difference between dequantization
+    # costing twice a same-sized GEMM and costing a fraction of one.
+    byte = torch.arange(256, device=code.device)
+    pairs = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1).float()
+    values = pairs.index_select(0, packed.int()).view(-1)[:n]
+    full = n // blocksize
+    values[: full * blocksize].view(full, blocksize).mul_(scale[:full, None])
+    if full < scale.numel():
+        values[full * blocksize :].mul_(scale[full])
+    return values.view(shape).to(dtype)
 
 
 def dequantize_absmax(
@@ -170,7 +175,9 @@ def dynamic_map() -> torch.Tensor:
 
 
 @torch.library.custom_op("trilora::quantize_4bit", mutates_args=())
-def quantize_4bit(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_4bit(
+    x: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` (any shape, fp32/fp16/bf16) to packed 4-bit codes.
 
     Returns ``(packed uint8 [(n+1)//2], absmax fp32 [ceil(n/blocksize)])``.

@@ -1,0 +1,169 @@
+"""``trilora demo``: one QLoRA layer through trilora and through bitsandbytes + PEFT.
+
+Quantizes a random linear layer to NF4, attaches the same LoRA adapter to both stacks
+(trilora's fused ``QLoraLinear``; PEFT's LoRA over ``bitsandbytes.nn.Linear4bit`` with the
+very same packed bytes), runs forward and backward on the same input, and prints the error
+of each against a float64 reference next to their times. Needs no downloads; bitsandbytes
+and PEFT are optional (without them only trilora's column is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="quantize a layer and compare trilora with bitsandbytes + PEFT (no downloads)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--in-features", type=int, default=2048)
+    p.add_argument("--out-features", type=int, default=2048)
+    p.add_argument("--tokens", type=int, default=256, help="rows of x (batch x sequence)")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="activation dtype (default: bfloat16 on CUDA, float32 on CPU)",
+    )
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+def _time(fn, repeats: int, device: torch.device) -> float:
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def _errors(y, grads, ref_y, ref_grads) -> dict[str, float]:
+    def rel(a, b):
+        return float((a.double() - b).norm() / b.norm().clamp_min(1e-30))
+
+    out = {"y": rel(y, ref_y)}
+    out.update({name: rel(grads[name], ref_grads[name]) for name in ref_grads})
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import trilora
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(args.seed)
+    k, n, m, r = args.in_features, args.out_features, args.tokens, args.rank
+    linear = torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype)
+    layer = trilora.QLoraLinear.from_linear(linear, r=r, lora_alpha=args.alpha, compute_dtype=dtype)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.02)  # a trained-looking adapter, so the LoRA path matters
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    dy = torch.randn(m, n, device=device, dtype=dtype)
+
+    # float64 reference on the dequantized weight: measures kernel error, not 4-bit error.
+    w64 = layer.dequantized_weight(torch.float32).double()
+    a64 = layer.lora_A.detach().double().requires_grad_()
+    b64 = layer.lora_B.detach().double().requires_grad_()
+    x64 = x.double().requires_grad_()
+    y64 = x64 @ w64.t() + layer.scaling * (x64 @ a64.t()) @ b64.t()
+    y64.backward(dy.double())
+    ref_grads = {"dx": x64.grad, "dA": a64.grad, "dB": b64.grad}
+
+    def step_trilora():
+        xi = x.detach().requires_grad_()
+        layer.lora_A.grad = layer.lora_B.grad = None
+        y = layer(xi)
+        y.backward(dy)
+        return y, {"dx": xi.grad, "dA": layer.lora_A.grad, "dB": layer.lora_B.grad}
+
+    rows = [("trilora", step_trilora)]
+    baseline_note = None
+    try:
+        rows.append(
+            ("bitsandbytes + PEFT", _bnb_peft_step(layer, x, dy, r, args.alpha, dtype, device))
+        )
+    except ImportError as exc:
+        baseline_note = f"bitsandbytes + PEFT not run: {exc}"
+
+    print(
+        f"trilora {trilora.__version__} | device {device} | {dtype_name} | "
+        f"x [{m}, {k}] -> y [{m}, {n}], NF4 blocksize 64 + double quant, LoRA r={r}"
+    )
+    header = f"{'stack':<22}{'fwd+bwd ms':>12}{'rel err y':>12}{'dx':>11}{'dA':>11}{'dB':>11}"
+    print(header)
+    print("-" * len(header))
+    times = {}
+    for name, step in rows:
+        y, grads = step()
+        err = _errors(y, grads, y64, ref_grads)
+        times[name] = _time(step, args.repeats, device)
+        print(
+            f"{name:<22}{times[name] * 1e3:>12.2f}{err['y']:>12.2e}{err['dx']:>11.2e}"
+            f"{err['dA']:>11.2e}{err['dB']:>11.2e}"
+        )
+    if len(times) == 2:
+        ratio = times["trilora"] / times["bitsandbytes + PEFT"]
+        print(f"trilora / (bitsandbytes + PEFT) time ratio, same run: {ratio:.2f}")
+    if baseline_note:
+        print(baseline_note)
+    print("errors are relative (Frobenius) against a float64 computation on the same 4-bit weight")
+    return 0
+
+
+def _bnb_peft_step(layer, x, dy, r, alpha, dtype, device):
+    """PEFT's LoRA over bitsandbytes' Linear4bit holding trilora's exact packed bytes."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import QuantState
+    from peft import LoraConfig, get_peft_model
+
+    qw = layer.quantized_weight()
+    state = QuantState.from_dict(
+        {
+            k.removeprefix("weight."): v
+            for k, v in qw.to_state_dict("weight").items()
+            if k != "weight"
+        },
+        device=device,
+    )
+    base = bnb.nn.Linear4bit(
+        layer.in_features, layer.out_features, bias=False, compute_dtype=dtype, quant_type=qw.quant_type,
+        device=device,
+    )  # fmt: skip
+    base.weight = bnb.nn.Params4bit(
+        qw.packed.view(torch.uint8), requires_grad=False, quant_state=state, bnb_quantized=True,
+        quant_type=qw.quant_type, blocksize=qw.blocksize,
+    )  # fmt: skip
+    model = torch.nn.Sequential()
+    model.add_module("proj", base)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"]))
+    lora = peft_model.base_model.model.proj
+    with torch.no_grad():
+        lora.lora_A["default"].weight.copy_(layer.lora_A)
+        lora.lora_B["default"].weight.copy_(layer.lora_B)
+    lora_a, lora_b = lora.lora_A["default"].weight, lora.lora_B["default"].weight
+
+    def step():
+        xi = x.detach().requires_grad_()
+        lora_a.grad = lora_b.grad = None
+        y = peft_model(xi)
+        y.backward(dy)
+        return y, {"dx": xi.grad, "dA": lora_a.grad, "dB": lora_b.grad}
+
+    return step
