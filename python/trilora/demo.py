@@ -55,7 +55,7 @@ def _time(fn, repeats: int, device: torch.device) -> float:
 
 def _errors(y, grads, ref_y, ref_grads) -> dict[str, float]:
     def rel(a, b):
-        return float((a.double() - b).norm() / b.norm().clamp_min(1e-30))
+        return float((a.detach().double() - b.detach()).norm() / b.detach().norm().clamp_min(1e-30))
 
     out = {"y": rel(y, ref_y)}
     out.update({name: rel(grads[name], ref_grads[name]) for name in ref_grads})
@@ -96,9 +96,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [("trilora", step_trilora)]
     baseline_note = None
     try:
-        rows.append(
-            ("bitsandbytes + PEFT", _bnb_peft_step(layer, x, dy, r, args.alpha, dtype, device))
-        )
+        rows.append(("bitsandbytes + PEFT", _bnb_peft_step(layer, x, dy, dtype)))
     except ImportError as exc:
         baseline_note = f"bitsandbytes + PEFT not run: {exc}"
 
@@ -127,36 +125,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bnb_peft_step(layer, x, dy, r, alpha, dtype, device):
-    """PEFT's LoRA over bitsandbytes' Linear4bit holding trilora's exact packed bytes."""
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import QuantState
-    from peft import LoraConfig, get_peft_model
+def _bnb_peft_step(layer, x, dy, dtype):
+    """One forward + backward of PEFT's LoRA over bitsandbytes on ``layer``'s exact bytes."""
+    from trilora.baseline import peft_lora_over_bnb
 
-    qw = layer.quantized_weight()
-    state = QuantState.from_dict(
-        {
-            k.removeprefix("weight."): v
-            for k, v in qw.to_state_dict("weight").items()
-            if k != "weight"
-        },
-        device=device,
-    )
-    base = bnb.nn.Linear4bit(
-        layer.in_features, layer.out_features, bias=False, compute_dtype=dtype, quant_type=qw.quant_type,
-        device=device,
-    )  # fmt: skip
-    base.weight = bnb.nn.Params4bit(
-        qw.packed.view(torch.uint8), requires_grad=False, quant_state=state, bnb_quantized=True,
-        quant_type=qw.quant_type, blocksize=qw.blocksize,
-    )  # fmt: skip
-    model = torch.nn.Sequential()
-    model.add_module("proj", base)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"]))
-    lora = peft_model.base_model.model.proj
-    with torch.no_grad():
-        lora.lora_A["default"].weight.copy_(layer.lora_A)
-        lora.lora_B["default"].weight.copy_(layer.lora_B)
+    peft_model, lora = peft_lora_over_bnb(layer, dtype)
     lora_a, lora_b = lora.lora_A["default"].weight, lora.lora_B["default"].weight
 
     def step():

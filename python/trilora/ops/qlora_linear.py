@@ -329,7 +329,7 @@ def _check_inputs(x, weight, lora_a, lora_b, bias, dropout_p, dropout_mask) -> N
     n_out, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features in its last dimension, weight expects {k}")
-    if x.device != weight.device and x.device.type != "meta":
+    if x.device != weight.device:
         raise ValueError(f"x is on {x.device} but the 4-bit weight is on {weight.device}")
     if (lora_a is None) != (lora_b is None):
         raise ValueError("lora_a and lora_b must be given together")
