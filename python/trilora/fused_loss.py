@@ -1,0 +1,156 @@
+"""Make a transformers causal LM compute its training loss with the fused linear cross-entropy.
+
+:func:`enable_fused_cross_entropy` patches the causal LM's ``forward`` (the instance, not the
+class) so that, when ``labels`` are given, the output head is bypassed: its input (the final
+hidden states) is captured, the model's own forward runs to the end with a zero-width stand-in
+for the logits, and the loss is computed by :func:`trilora.ops.linear_cross_entropy.
+linear_cross_entropy` from the hidden states and the head's weight. Full ``[tokens, vocab]``
+logits never exist; the output's ``logits`` is None. Without labels (generation, eval of
+logits) the model is untouched.
+
+Nothing is model-specific: the head is ``get_output_embeddings()``, and a PeftModel is
+unwrapped with ``get_base_model()`` (PEFT's forward calls the base model's forward, so the
+patch is on the path). Models whose logits are transformed after the head (Gemma-2's
+``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's ``logits_scaling``) or whose
+head has a bias or is quantized keep the standard loss, with a warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch import nn
+
+from trilora.ops.linear_cross_entropy import linear_cross_entropy
+
+__all__ = ["disable_fused_cross_entropy", "enable_fused_cross_entropy"]
+
+# config attributes that change logits after the head: the fused loss would be wrong
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier_scale",
+)
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    if not callable(getattr(model, "get_output_embeddings", None)):
+        raise TypeError(
+            f"{type(model).__name__} has no get_output_embeddings(): expected a transformers "
+            "causal LM (or a PeftModel wrapping one)"
+        )
+    return model
+
+
+def _unsupported(lm: nn.Module, head: nn.Module | None) -> str | None:
+    if head is None:
+        return "the model has no output embeddings"
+    weight = getattr(head, "weight", None)
+    if not isinstance(head, nn.Linear) or type(head).__name__ in ("Linear4bit", "QLoraLinear"):
+        return f"the output head is a {type(head).__name__}, not a float nn.Linear"
+    if (
+        weight is None
+        or not weight.is_floating_point()
+        or tuple(weight.shape) != (head.out_features, head.in_features)
+    ):
+        return "the output head's weight is not a [vocab, hidden] float tensor (quantized head?)"
+    if getattr(head, "bias", None) is not None:
+        return "the output head has a bias"
+    cfg = getattr(lm, "config", None)
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(cfg, name, None) if cfg is not None else None
+        if value not in (None, 1, 1.0, 0, 0.0):
+            return f"config.{name}={value} transforms the logits after the head"
+    return None
+
+
+def _fused_forward(orig, lm: nn.Module, z_loss: float, chunk_size: int | None, *args, **kwargs):
+    labels = kwargs.pop("labels", None)
+    if labels is None:
+        return orig(*args, **kwargs)
+    head = lm.get_output_embeddings()
+    captured: list[torch.Tensor] = []
+
+    def stand_in(hidden: torch.Tensor) -> torch.Tensor:
+        captured.append(hidden)
+        # zero-width logits: whatever the model does to them afterwards costs nothing
+        return hidden.new_empty((*hidden.shape[:-1], 0))
+
+    head.forward = stand_in
+    try:
+        out = orig(*args, **kwargs)
+    finally:
+        del head.forward
+    hidden = captured[-1]
+    weight = head.weight
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"labels have shape {tuple(labels.shape)} but the hidden states cover "
+            f"{tuple(hidden.shape[:-1])} positions (logits_to_keep is not supported with labels)"
+        )
+    ignore_index = kwargs.get("ignore_index", -100)
+    num_items = kwargs.get("num_items_in_batch")
+    labels = labels.to(hidden.device)
+    if num_items is not None:
+        # Hugging Face's gradient-accumulation convention: sum, divided by the token count of
+        # the whole accumulated batch.
+        loss = linear_cross_entropy(hidden, weight, labels, ignore_index, "sum", chunk_size, z_loss)
+        if isinstance(num_items, torch.Tensor):
+            num_items = num_items.to(loss.device)
+        loss = loss / num_items
+    else:
+        loss = linear_cross_entropy(
+            hidden, weight, labels, ignore_index, "mean", chunk_size, z_loss
+        )
+    if isinstance(out, tuple):
+        return (loss, *out[1:])
+    out["loss"] = loss
+    out["logits"] = None
+    return out
+
+
+def enable_fused_cross_entropy(
+    model: nn.Module, z_loss: float = 0.0, chunk_size: int | None = None
+) -> bool:
+    """Compute ``model``'s loss from hidden states with the fused linear cross-entropy.
+
+    Args:
+        model: a transformers causal LM (``*ForCausalLM``) or a PeftModel wrapping one.
+        z_loss: optional ``z_loss * logsumexp**2`` auxiliary term per token.
+        chunk_size: tokens per chunk of the fused loss (default: its own heuristic).
+
+    Returns:
+        True if the fused loss is installed; False (with a warning) if the model's head or
+        config needs the standard path (see the module docstring).
+
+    When ``labels`` are passed, the output's ``loss`` is the mean cross-entropy over
+    non-ignored tokens (shifted, Hugging Face convention; ``num_items_in_batch`` is honored)
+    and ``logits`` is None. Undo with :func:`disable_fused_cross_entropy`.
+    """
+    lm = _causal_lm(model)
+    why = _unsupported(lm, lm.get_output_embeddings())
+    if why is not None:
+        warnings.warn(
+            f"trilora fused cross-entropy not enabled: {why}", RuntimeWarning, stacklevel=2
+        )
+        return False
+    disable_fused_cross_entropy(model)
+    orig = type(lm).forward.__get__(lm)
+    lm.forward = functools.partial(_fused_forward, orig, lm, float(z_loss), chunk_size)
+    lm._trilora_fused_ce = True
+    return True
+
+
+def disable_fused_cross_entropy(model: nn.Module) -> None:
+    """Restore the model's standard loss (no-op if the fused loss is not enabled)."""
+    lm = _causal_lm(model)
+    if getattr(lm, "_trilora_fused_ce", False):
+        lm.__dict__.pop("forward", None)
+        del lm._trilora_fused_ce

@@ -1,0 +1,75 @@
+"""The fused loss patch gives the model's own loss and gradients, with no logits."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from trilora.fused_loss import disable_fused_cross_entropy, enable_fused_cross_entropy
+
+
+def _tiny_llama(seed: int, **extra) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=151, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager", **extra,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).train()
+
+
+def _run(model, ids, labels, **kw):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels, **kw)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def test_matches_model_loss(seed):
+    model = _tiny_llama(seed)
+    ids = torch.randint(0, 151, (2, 19))
+    labels = ids.clone()
+    labels[1, :7] = -100
+    ref, ref_grads = _run(model, ids, labels)
+    assert enable_fused_cross_entropy(model, chunk_size=8)
+    out, grads = _run(model, ids, labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # num_items_in_batch: sum over tokens divided by the given count
+    out = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(50))
+    torch.testing.assert_close(
+        out.loss, ref.loss * (labels[:, 1:] != -100).sum() / 50, rtol=1e-5, atol=1e-6
+    )
+    # without labels: the original forward, logits included
+    logits = model(input_ids=ids).logits
+    assert logits.shape == (2, 19, 151)
+    disable_fused_cross_entropy(model)
+    assert model(input_ids=ids, labels=labels).logits is not None
+
+
+def test_peft_model(seed):
+    model = _tiny_llama(seed)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
+    ids = torch.randint(0, 151, (1, 23))
+    ref, ref_grads = _run(peft_model, ids, ids)
+    assert ref_grads and all("lora_" in n for n in ref_grads)
+    assert enable_fused_cross_entropy(peft_model)
+    out, grads = _run(peft_model, ids, ids)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_unsupported_head_falls_back(seed):
+    model = _tiny_llama(seed, tie_word_embeddings=False)
+    model.config.logits_scaling = 4.0
+    with pytest.warns(RuntimeWarning, match="logits_scaling"):
+        assert not enable_fused_cross_entropy(model)
+    with pytest.raises(TypeError, match="get_output_embeddings"):
+        enable_fused_cross_entropy(torch.nn.Linear(2, 2))
