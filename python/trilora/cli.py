@@ -16,6 +16,7 @@ import sys
 COMMANDS: dict[str, str] = {
     "demo": "trilora.demo",
     "kernels": "trilora.kernel_check",
+    "bench": "trilora.bench.cli",
 }
 
 

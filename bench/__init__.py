@@ -1,0 +1,23 @@
+"""``trilora bench``: trilora against bitsandbytes + PEFT, with the hardware's speed-of-light.
+
+Installed as ``trilora.bench``. Three levels, one harness:
+
+* ``kernels`` (:mod:`trilora.bench.kernels`): 4-bit quantize/dequantize throughput and the
+  QLoRA linear's forward, backward and forward+backward at real Llama/Qwen projection shapes,
+  against bitsandbytes ``Linear4bit`` + PEFT LoRA and a bf16 ``nn.Linear`` + PEFT LoRA, each
+  with its analytical floor (bytes / measured bandwidth, FLOPs / measured matmul rate).
+* ``e2e`` (:mod:`trilora.bench.e2e`): training steps of a Llama-architecture model, trilora
+  against transformers + bitsandbytes 4-bit + PEFT.
+* ``mem`` (:mod:`trilora.bench.mem`): rows from ``trilora.memory.bench_cases``.
+
+Results are rows of one fixed schema (:data:`trilora.bench.harness.CSV_FIELDS`), written as
+JSON, appended to one CSV, and rendered as a Markdown report with plots
+(:mod:`trilora.bench.report`). See ``docs/bench.md``.
+"""
+
+from __future__ import annotations
+
+LEVELS = ("kernels", "e2e", "mem")
+"""Benchmark levels in the order ``--level all`` runs them."""
+
+__all__ = ["LEVELS"]

@@ -1,0 +1,207 @@
+"""``trilora bench``: run the benchmark levels and write JSON, CSV, a Markdown report and plots.
+
+Output directory (``--out``, default ``./trilora-bench``):
+
+* ``results.csv``: every row of every run, fixed schema (``trilora.bench.harness.CSV_FIELDS``),
+  appended atomically (the whole file is rewritten through a temp file + rename);
+* ``latest.json`` and ``runs/<run_id>.json``: this run's rows, notes, environment, device
+  peaks and loss curves;
+* ``report.md`` and ``plots/*.png``;
+* ``device_peaks.json``: the measured bandwidth and matmul rate, cached per device.
+
+Exit status: 0; 1 with ``--check`` when a case failed or produced a non-finite value; 2 for
+bad arguments (argparse lists the valid levels, presets and providers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+LEVEL_CHOICES = ("kernels", "e2e", "mem", "all")
+PRESET_CHOICES = ("tiny", "small", "medium", "1b", "3b", "8b")  # == trilora.bench.e2e.PRESETS
+SKIPPABLE = ("trilora", "bnb_peft", "bf16_peft")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``trilora bench`` and its options (no torch work here)."""
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark trilora against bitsandbytes + PEFT",
+        description="Kernel, end-to-end and memory benchmarks of trilora against bitsandbytes + PEFT, "
+        "with the device's measured speed-of-light. See docs/bench.md.",
+    )
+    p.add_argument(
+        "--level", choices=LEVEL_CHOICES, default="all", help="which level to run (default: all)"
+    )
+    p.add_argument("--quick", action="store_true", help="small smoke-test sizes (minutes on a CPU)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("trilora-bench"),
+        help="output directory (default: ./trilora-bench)",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 if any case failed or produced a non-finite value",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="device (default: cuda if available)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=PRESET_CHOICES,
+        default=None,
+        help="e2e model size (default: 1b on GPU, small on CPU)",
+    )
+    p.add_argument("--steps", type=int, default=None, help="e2e timed training steps")
+    p.add_argument("--batch", type=int, default=None, help="e2e batch size")
+    p.add_argument("--seq-len", type=int, default=None, help="e2e sequence length")
+    p.add_argument(
+        "--skip-provider",
+        action="append",
+        choices=SKIPPABLE,
+        default=[],
+        help="leave a provider out (repeatable); it is reported as skipped",
+    )
+    p.add_argument(
+        "--remeasure-peaks",
+        action="store_true",
+        help="measure bandwidth/matmul rate even if cached",
+    )
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the requested levels; see the module docstring for outputs and exit status."""
+    import warnings
+
+    import torch
+
+    from trilora.bench import LEVELS, e2e, kernels, mem, report
+    from trilora.bench.harness import (
+        append_csv,
+        bad_rows,
+        environment,
+        finalize_rows,
+        new_run_id,
+        write_json,
+    )
+    from trilora.bench.roofline import PEAKS_FILE, load_or_measure
+
+    # Library deprecation chatter would bury the progress lines.
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    t_start = time.perf_counter()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(
+            "trilora bench: --device cuda requested but torch.cuda.is_available() is False",
+            file=sys.stderr,
+        )
+        return 2
+    device = torch.device(
+        "cuda"
+        if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )
+    levels = LEVELS if args.level == "all" else (args.level,)
+    out_dir: Path = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    disabled = tuple(args.skip_provider)
+    run_id = new_run_id()
+    env = environment(device)
+    loadavg_start = _loadavg()
+    print(
+        f"trilora bench {run_id}: levels {', '.join(levels)} on {env['device']}{' (quick)' if args.quick else ''}"
+    )
+
+    rows: list[dict] = []
+    notes: list[str] = []
+    curves: dict[str, list[float]] = {}
+    peaks = None
+    peaks_now = False
+    if "kernels" in levels:
+        if args.remeasure_peaks and (out_dir / PEAKS_FILE).exists():
+            (out_dir / PEAKS_FILE).unlink()
+        print("measuring device peaks (cached in device_peaks.json)")
+        peaks, peaks_now = load_or_measure(out_dir, device, env["device"], quick=args.quick)
+        t = time.perf_counter()
+        print("level kernels")
+        plan = kernels.default_plan(device, args.quick)
+        level_rows, level_notes = kernels.run(plan, device, peaks, disabled)
+        rows += level_rows
+        notes += level_notes
+        notes.append(f"kernels level: {time.perf_counter() - t:.0f} s")
+    if "e2e" in levels:
+        t = time.perf_counter()
+        print("level e2e")
+        try:
+            plan = e2e.default_plan(device, args.quick, args.preset)
+            for name in ("steps", "batch", "seq_len"):
+                if getattr(args, name) is not None:
+                    setattr(plan, name, getattr(args, name))
+            plan.__post_init__()
+        except ValueError as exc:
+            print(f"trilora bench: {exc}", file=sys.stderr)
+            return 2
+        level_rows, level_notes, curves = e2e.run(plan, device, disabled)
+        rows += level_rows
+        notes += level_notes
+        notes.append(f"e2e level: {time.perf_counter() - t:.0f} s")
+    if "mem" in levels:
+        t = time.perf_counter()
+        print("level mem")
+        level_rows, level_notes = mem.run(args.quick)
+        rows += level_rows
+        notes += level_notes
+        notes.append(f"mem level: {time.perf_counter() - t:.0f} s")
+
+    report.add_ratios(rows)
+    finalize_rows(rows, run_id, env, args.quick)
+    meta = {
+        "run_id": run_id,
+        "command": "trilora bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+        if len(sys.argv) > 1
+        else "trilora bench",
+        "levels": list(levels),
+        "quick": args.quick,
+        "env": env,
+        "peaks": None if peaks is None else peaks.__dict__,
+        "peaks_measured_now": peaks_now,
+        "loadavg": [loadavg_start, _loadavg()],
+        "cpus": os.cpu_count(),
+        "wall_s": time.perf_counter() - t_start,
+    }
+    payload = {"meta": meta, "notes": notes, "rows": rows, "loss_curves": curves}
+    write_json(out_dir / "runs" / f"{run_id}.json", payload)
+    write_json(out_dir / "latest.json", payload)
+    append_csv(out_dir / "results.csv", rows)
+    path = report.write_report(out_dir, meta, rows, notes, curves)
+    bad = bad_rows(rows)
+    statuses = {s: sum(r["status"] == s for r in rows) for s in ("ok", "oom", "error", "skipped")}
+    print(f"{len(rows)} rows {statuses} in {meta['wall_s']:.0f} s; report: {path}")
+    for note in notes:
+        print(f"note: {note}")
+    for row in bad:
+        print(
+            f"FAILED: {row['level']} {row['case']} {row['metric']} {row['provider']}: {row['status']} {row['note']}",
+            file=sys.stderr,
+        )
+    if args.check and bad:
+        return 1
+    return 0
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return ""
