@@ -1,0 +1,666 @@
+"""Load any transformers causal LM with its linear layers in trilora's 4-bit format, and
+save such a model as a checkpoint that transformers + bitsandbytes load as-is.
+
+Loading never materializes the full-precision model: the model is built from its config
+with parameters on the meta device (buffers such as rotary tables are real), every
+``nn.Linear`` that is to be quantized becomes a :class:`trilora.nn.Linear4bit` shell, and
+the safetensors shards are then read one tensor at a time (plain file reads, no mmap, so
+untouched parts of a shard never count toward resident memory). A linear weight is
+quantized as soon as it is read and the full-precision copy is dropped, so the peak host
+memory is the final 4-bit footprint plus about one layer's weight and its quantization
+temporaries.
+
+A checkpoint that bitsandbytes already quantized (``quantization_config.quant_method ==
+"bitsandbytes"``, 4-bit) loads its packed bytes directly, bit-identical to what was saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trilora.nn import Linear4bit
+from trilora.quant import BLOCKSIZES, QUANT_TYPES, STORAGE_DTYPES, QuantizedWeight, quantize
+
+__all__ = ["CheckpointError", "SafetensorsFile", "from_pretrained", "save_quantized"]
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_QUANT_STATE = ".quant_state.bitsandbytes__"
+_BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+# The largest header we accept; real headers are kilobytes to a few MB.
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk is missing, corrupt, or inconsistent with the model."""
+
+
+# ---------------------------------------------------------------------------------------
+# safetensors reading without mmap
+# ---------------------------------------------------------------------------------------
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file, header parsed and validated up front; tensors are read one
+    at a time with ordinary file reads.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, or its header is not valid.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"safetensors file {self.path} does not exist")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(
+                    f"{self.path} is not a safetensors file: {size} bytes, no header"
+                )
+            n = int.from_bytes(head, "little")
+            if n > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(
+                    f"{self.path} is corrupt: header claims {n} bytes but the file has {size - 8} after the length"
+                )
+            try:
+                header = json.loads(f.read(n).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise CheckpointError(
+                    f"{self.path} is corrupt: header is not valid JSON ({exc})"
+                ) from exc
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path} is corrupt: header is not a JSON object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + n
+        data_size = size - self._data_start
+        self._entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+        for key, entry in header.items():
+            try:
+                dtype = _ST_DTYPES[entry["dtype"]]
+                shape = [int(s) for s in entry["shape"]]
+                begin, end = (int(o) for o in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(
+                    f"{self.path} is corrupt: bad header entry for {key!r}: {entry!r}"
+                ) from exc
+            numel = 1
+            for s in shape:
+                numel *= s
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            if not 0 <= begin <= end <= data_size or end - begin != nbytes:
+                raise CheckpointError(
+                    f"{self.path} is corrupt or truncated: tensor {key!r} ({entry['dtype']} {shape}) "
+                    f"spans bytes [{begin}, {end}) but needs {nbytes} bytes within {data_size}"
+                )
+            self._entries[key] = (dtype, shape, begin, end)
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order."""
+        return sorted(self._entries, key=lambda k: self._entries[k][2])
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def get(self, key: str) -> torch.Tensor:
+        """Read tensor ``key`` into a fresh CPU tensor of its stored dtype and shape."""
+        dtype, shape, begin, end = self._entries[key]
+        raw = torch.empty(end - begin, dtype=torch.uint8)
+        if end > begin:
+            with open(self.path, "rb") as f:
+                f.seek(self._data_start + begin)
+                got = f.readinto(memoryview(raw.numpy()))
+            if got != end - begin:
+                raise CheckpointError(f"{self.path} is truncated: short read for tensor {key!r}")
+        return raw.view(dtype).reshape(shape)
+
+
+def checkpoint_files(path: str | Path) -> dict[str, SafetensorsFile]:
+    """Map every tensor name of the checkpoint in directory ``path`` to its file.
+
+    Reads ``model.safetensors.index.json`` when present (every shard it names must exist
+    and hold the tensors it says), otherwise ``model.safetensors``.
+    """
+    path = Path(path)
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from exc
+        shards: dict[str, SafetensorsFile] = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (path / shard).is_file():
+                raise CheckpointError(
+                    f"{index} names shard {shard!r}, which is missing from {path}"
+                )
+            shards[shard] = SafetensorsFile(path / shard)
+        files = {}
+        for key, shard in weight_map.items():
+            if key not in shards[shard]:
+                raise CheckpointError(
+                    f"{index} places {key!r} in {shard!r}, but that shard does not hold it"
+                )
+            files[key] = shards[shard]
+        return files
+    if (path / SINGLE_NAME).is_file():
+        f = SafetensorsFile(path / SINGLE_NAME)
+        return dict.fromkeys(f.keys(), f)
+    found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    raise CheckpointError(
+        f"expected {SINGLE_NAME} or {INDEX_NAME} in {path}; found {found or 'nothing'} "
+        "(only safetensors checkpoints are supported)"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _params_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device while buffers stay real.
+
+    Non-persistent buffers (rotary tables) are computed in ``__init__`` and never stored in
+    checkpoints, so they must be real; parameters are replaced by checkpoint tensors.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            cls = type(module._parameters[name])
+            module._parameters[name] = cls(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    # Same rule as transformers' should_convert_module, so skip lists mean the same thing
+    # in both: a prefix up to a module boundary, a regex with that boundary, or a suffix.
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return any(re.match(rf"(?:{p}){boundary}", name) or name.endswith(p) for p in patterns)
+
+
+def default_skip_modules(model: nn.Module) -> list[str]:
+    """bitsandbytes' default skip list: the output embeddings, tied weights, last module."""
+    skip = set()
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    skip |= set(tied.keys()) | set(tied.values())
+    params = list(model.named_parameters())
+    if params:
+        skip.add(params[-1][0])
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None:
+        skip |= {name for name, m in model.named_modules() if m is out}
+    return sorted({k.removesuffix(".weight") for k in skip})
+
+
+def _quant_settings(quantization_config, quant_type, blocksize, double_quant, compute_dtype):
+    """Settings from a ``BitsAndBytesConfig``-like object or dict, validated."""
+    storage = torch.uint8
+    if quantization_config is not None:
+        qc = (
+            quantization_config
+            if isinstance(quantization_config, Mapping)
+            else quantization_config.to_dict()
+        )
+        method = qc.get("quant_method", "bitsandbytes")
+        method = getattr(method, "value", method)
+        if method != "bitsandbytes":
+            raise ValueError(
+                f"trilora loads bitsandbytes 4-bit quantization only; the quantization config says "
+                f"quant_method={method!r}"
+            )
+        if qc.get("load_in_8bit"):
+            raise ValueError(
+                "the quantization config asks for bitsandbytes 8-bit (load_in_8bit=True); trilora "
+                "supports 4-bit only (load_in_4bit=True, NF4 or FP4)"
+            )
+        if not qc.get("load_in_4bit", False):
+            raise ValueError(f"the quantization config does not set load_in_4bit=True: {qc}")
+        quant_type = qc.get("bnb_4bit_quant_type", quant_type)
+        double_quant = bool(qc.get("bnb_4bit_use_double_quant", double_quant))
+        cdt = qc.get("bnb_4bit_compute_dtype")
+        if cdt is not None:
+            compute_dtype = cdt if isinstance(cdt, torch.dtype) else getattr(torch, str(cdt))
+        st = qc.get("bnb_4bit_quant_storage")
+        if st is not None:
+            storage = st if isinstance(st, torch.dtype) else getattr(torch, str(st))
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"bnb_4bit_quant_storage must be one of {STORAGE_DTYPES}, got {storage}")
+    return quant_type, blocksize, double_quant, compute_dtype, storage
+
+
+def _resolve(name_or_path: str | Path, hf_kwargs: dict) -> Path:
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists() or str(name_or_path).startswith((".", "/")):
+        raise CheckpointError(f"{name_or_path} is not a checkpoint directory")
+    from huggingface_hub import snapshot_download
+
+    return Path(
+        snapshot_download(
+            str(name_or_path), revision=hf_kwargs.pop("revision", None),
+            allow_patterns=["*.json", "*.safetensors"],
+        )
+    )  # fmt: skip
+
+
+def from_pretrained(
+    name_or_path: str | Path,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = torch.bfloat16,
+    device: torch.device | str | None = None,
+    skip_modules: list[str] | None = None,
+    **hf_kwargs,
+) -> nn.Module:
+    """Load a transformers causal LM with its linear layers as :class:`trilora.nn.Linear4bit`.
+
+    Works for any architecture ``AutoModelForCausalLM.from_config`` builds whose checkpoint
+    keys match its ``state_dict`` (no per-model code). Every ``nn.Linear`` except those in
+    bitsandbytes' default skip list (output head, tied weights) and ``skip_modules`` is
+    quantized while the shards stream in; a bitsandbytes 4-bit checkpoint keeps its bytes.
+
+    Args:
+        name_or_path: a local directory, or a Hub id (downloaded with ``huggingface_hub``).
+        quant_type: ``"nf4"`` or ``"fp4"`` (ignored for pre-quantized checkpoints).
+        blocksize: absmax block size, one of 32..4096 (powers of two).
+        double_quant: 8-bit quantize the absmax values (bitsandbytes ``compress_statistics``).
+        compute_dtype: dtype the 4-bit layers compute in (None: the input's dtype).
+        device: where the model lives (default: CUDA if available, else CPU).
+        skip_modules: more linear layers to keep in full precision (names, prefixes or
+            regexes, as in ``BitsAndBytesConfig.llm_int8_skip_modules``).
+        **hf_kwargs: ``dtype`` / ``torch_dtype`` (dtype of the unquantized parameters and of
+            the weights before quantization; default ``compute_dtype`` or bf16),
+            ``quantization_config`` (a 4-bit ``BitsAndBytesConfig`` or dict overriding the
+            options above), ``revision``, ``trust_remote_code``, ``attn_implementation``.
+
+    Returns:
+        The model in eval mode, all tensors on ``device``.
+
+    Raises:
+        CheckpointError: missing/corrupt safetensors files, an index naming a missing shard,
+            or checkpoint keys that do not match the model.
+        ValueError: a quantization config trilora cannot honour (8-bit, other methods,
+            unsupported blocksize or quant type).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_kwargs = dict(hf_kwargs)
+    path = _resolve(name_or_path, hf_kwargs)
+    trust = hf_kwargs.pop("trust_remote_code", False)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    dtype = hf_kwargs.pop("dtype", None) or hf_kwargs.pop("torch_dtype", None)
+    user_qc = hf_kwargs.pop("quantization_config", None)
+    saved_qc = getattr(config, "quantization_config", None)
+    pre_quantized = saved_qc is not None
+    quant_type, blocksize, double_quant, compute_dtype, storage = _quant_settings(
+        user_qc if user_qc is not None else saved_qc,
+        quant_type,
+        blocksize,
+        double_quant,
+        compute_dtype,
+    )
+    if dtype is None or dtype == "auto":
+        dtype = compute_dtype or torch.bfloat16
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    files = checkpoint_files(path)
+    if pre_quantized:
+        # from_config would not quantize, but a leftover config would make transformers
+        # treat the model as bitsandbytes-quantized; save_quantized writes a fresh one.
+        del config.quantization_config
+
+    with _params_on_meta():
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=trust, **hf_kwargs
+        )
+
+    # Checkpoints saved from the bare base model lack the "model." prefix.
+    expected = set(model.state_dict().keys())
+    prefix = getattr(model, "base_model_prefix", "")
+    rename = {}
+    for key in files:
+        if key not in expected and prefix and not key.startswith(prefix + "."):
+            rename[key] = f"{prefix}.{key}"
+
+    def model_key(k: str) -> str:
+        return rename.get(k, k)
+
+    if pre_quantized:
+        quantized = sorted(
+            {
+                model_key(k).split(_QUANT_STATE)[0].removesuffix(".weight")
+                for k in files
+                if _QUANT_STATE in k
+            }
+        )
+    else:
+        skip = default_skip_modules(model) + list(skip_modules or [])
+        quantized = [
+            name
+            for name, m in model.named_modules()
+            if type(m) is nn.Linear and not _matches(name, skip)
+        ]
+    for name in quantized:
+        old = model.get_submodule(name)
+        if not isinstance(old, nn.Linear):
+            raise CheckpointError(
+                f"checkpoint has 4-bit weights for {name!r}, which is a {type(old).__name__}"
+            )
+        shell = Linear4bit(
+            old.in_features, old.out_features, bias=old.bias is not None, quant_type=quant_type,
+            blocksize=blocksize, double_quant=double_quant, quant_storage=storage,
+            compute_dtype=compute_dtype, weight_dtype=dtype, device="meta",
+        )  # fmt: skip
+        if old.bias is not None:
+            shell.bias = nn.Parameter(old.bias, requires_grad=False)
+        model.set_submodule(name, shell)
+
+    _stream_into(model, files, model_key, set(quantized), device, dtype,
+                 (quant_type, blocksize, double_quant, storage))  # fmt: skip
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    missing = [
+        n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"
+    ]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks tensors the model needs: {missing[:20]}")
+    model.to(device)
+    model.eval()
+    model.trilora_quantized_modules = list(quantized)
+    return model
+
+
+def _stream_into(model, files, model_key, quantized, device, dtype, qopts) -> None:
+    quant_type, blocksize, double_quant, storage = qopts
+    # The checkpoint tensors of each quantized layer's weight: just "weight" (full
+    # precision, quantized on arrival) or the bitsandbytes set (assembled, then installed).
+    expected: dict[str, set[str]] = {}
+    for key in files:
+        name = model_key(key)
+        owner = _owner_of_weight(name, quantized)
+        if owner is not None:
+            expected.setdefault(owner, set()).add(name[len(owner) + 1 :])
+    absent = sorted(set(quantized) - set(expected))
+    if absent:
+        raise CheckpointError(f"checkpoint has no weight for the linear layers {absent[:20]}")
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    unexpected = []
+    by_file: dict[Path, list[str]] = {}
+    for key, f in files.items():
+        by_file.setdefault(f.path, []).append(key)
+    for keys in by_file.values():
+        f = files[keys[0]]
+        for key in sorted(keys, key=lambda k: f._entries[k][2]):
+            name = model_key(key)
+            owner = _owner_of_weight(name, quantized)
+            if owner is not None:
+                parts = pending.setdefault(owner, {})
+                parts[name[len(owner) + 1 :]] = f.get(key).to(device)
+                if set(parts) != expected[owner]:
+                    continue
+                del pending[owner]
+                layer = model.get_submodule(owner)
+                if expected[owner] == {"weight"}:
+                    w = parts.pop("weight")
+                    if not w.is_floating_point() or w.dim() != 2:
+                        raise CheckpointError(
+                            f"{key} in {f.path} is {w.dtype} {tuple(w.shape)}; a full-precision 2-D "
+                            "weight or bitsandbytes 4-bit state was expected"
+                        )
+                    w = w.to(dtype)
+                    qw = quantize(w, quant_type, blocksize, double_quant, storage)
+                    del w
+                else:
+                    try:
+                        qw = QuantizedWeight.from_state_dict(parts, "weight")
+                    except (KeyError, ValueError) as exc:
+                        raise CheckpointError(
+                            f"4-bit weight of {owner!r} in {f.path}: {exc}"
+                        ) from exc
+                _install(model, owner, layer, qw)
+                continue
+            module_name, _, leaf = name.rpartition(".")
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError:
+                unexpected.append(key)
+                continue
+            if leaf in module._parameters and module._parameters[leaf] is not None:
+                old = module._parameters[leaf]
+                t = f.get(key)
+                if tuple(t.shape) != tuple(old.shape):
+                    raise CheckpointError(
+                        f"{key} in {f.path} has shape {tuple(t.shape)}, the model expects {tuple(old.shape)}"
+                    )
+                t = t.to(device=device, dtype=old.dtype if old.is_floating_point() else t.dtype)
+                module._parameters[leaf] = nn.Parameter(t, requires_grad=old.requires_grad)
+            elif leaf in module._buffers and module._buffers[leaf] is not None:
+                old = module._buffers[leaf]
+                module._buffers[leaf] = f.get(key).to(device=device, dtype=old.dtype)
+            else:
+                unexpected.append(key)
+    if unexpected:
+        warnings.warn(f"checkpoint tensors not used by the model: {unexpected[:20]}", stacklevel=3)
+
+
+def _owner_of_weight(name: str, quantized: set[str]) -> str | None:
+    head, sep, _ = name.partition(".weight")
+    if (
+        sep
+        and head in quantized
+        and (name == head + ".weight" or name.startswith(head + ".weight."))
+    ):
+        return head
+    return None
+
+
+def _install(model: nn.Module, name: str, shell: Linear4bit, qw: QuantizedWeight) -> None:
+    if tuple(qw.shape) != (shell.out_features, shell.in_features):
+        raise CheckpointError(
+            f"weight of {name!r} has shape {tuple(qw.shape)}, the model expects "
+            f"({shell.out_features}, {shell.in_features})"
+        )
+    layer = Linear4bit.from_quantized(qw, None, shell.compute_dtype)
+    layer.bias = shell.bias
+    model.set_submodule(name, layer)
+
+
+# ---------------------------------------------------------------------------------------
+# saving
+# ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces ``path`` only if the block succeeds.
+
+    On failure the temporary directory is removed and ``path`` is left as it was.
+    """
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        backup = None
+        if path.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.rmdir(backup)
+            os.replace(path, backup)
+        os.replace(tmp, path)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, current, size = [], {}, 0
+    for key, t in state.items():
+        n = t.numel() * t.element_size()
+        if current and size + n > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = t
+        size += n
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def write_safetensors(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int,
+                      metadata: dict[str, str] | None = None) -> None:  # fmt: skip
+    """Write ``state`` as ``model.safetensors`` or numbered shards plus an index."""
+    from safetensors.torch import save_file
+
+    shards = _shards(state, max_shard_bytes)
+    names = (
+        [SINGLE_NAME]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    weight_map = {}
+    total = 0
+    for name, shard in zip(names, shards):
+        out = {}
+        for key, t in shard.items():
+            if t.device.type == "meta":
+                raise ValueError(
+                    f"tensor {key!r} is on the meta device (never loaded); cannot save it"
+                )
+            out[key] = t.detach().to("cpu").contiguous()
+            total += t.numel() * t.element_size()
+            weight_map[key] = name
+        save_file(out, str(directory / name), metadata={"format": "pt", **(metadata or {})})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def _dedup_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage; transformers drops the tied copies (the keys of
+    # all_tied_weights_keys) and re-ties them on load.
+    tied = set((getattr(model, "all_tied_weights_keys", None) or {}).keys())
+    out, seen = {}, {}
+    for key, t in state.items():
+        ptr = (t.device, t.data_ptr(), t.dtype, tuple(t.shape)) if t.numel() else None
+        if ptr is not None and ptr in seen and t.device.type != "meta":
+            if key in tied:
+                continue
+            if seen[ptr] in tied:
+                out.pop(seen[ptr])
+            else:
+                t = t.clone()
+        out[key] = t
+        if ptr is not None:
+            seen[ptr] = key
+    return out
+
+
+def bnb_quantization_config(model: nn.Module) -> dict:
+    """The ``quantization_config`` dict transformers + bitsandbytes need for ``model``.
+
+    Every plain ``nn.Linear`` is listed in ``llm_int8_skip_modules``: transformers drops its
+    default skip list when that option is given, so the list must be complete.
+
+    Raises:
+        ValueError: the layers disagree on quantization settings, or none is 4-bit.
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    if not layers:
+        raise ValueError("model has no trilora Linear4bit layers; nothing to save as 4-bit")
+    settings = {
+        (m.quant_type, m.weight_nested_absmax is not None, m.compute_dtype, m.weight.dtype)
+        for m in layers.values()
+    }
+    if len(settings) > 1:
+        raise ValueError(
+            f"bitsandbytes configs hold one quant_type/double_quant/compute_dtype/storage for all layers; "
+            f"this model mixes {sorted(map(str, settings))}"
+        )
+    quant_type, nested, cdt, storage = settings.pop()
+    skip = sorted(n for n, m in model.named_modules() if type(m) is nn.Linear)
+    name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+    return {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": quant_type,
+        "bnb_4bit_use_double_quant": nested,
+        "bnb_4bit_compute_dtype": name(cdt or torch.float32),
+        "bnb_4bit_quant_storage": name(storage),
+        "llm_int8_skip_modules": skip,
+        "llm_int8_threshold": 6.0,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_enable_fp32_cpu_offload": False,
+    }
+
+
+def save_quantized(model: nn.Module, path: str | Path, max_shard_size: int = 5 * 1024**3) -> Path:
+    """Write ``model`` (with :class:`trilora.nn.Linear4bit` layers) as a bitsandbytes 4-bit
+    checkpoint: safetensors with bitsandbytes keys plus ``config.json`` carrying the
+    matching ``quantization_config``.
+
+    ``transformers.AutoModelForCausalLM.from_pretrained(path)`` with bitsandbytes installed
+    loads it as-is, and so does :func:`from_pretrained`. The write is atomic: everything is
+    written to a temporary sibling directory that is renamed to ``path`` at the end; on any
+    failure nothing is left at ``path`` (an existing directory there stays untouched).
+
+    Args:
+        model: a transformers model (``model.config``) whose linears are trilora 4-bit.
+        path: output directory (replaced if it exists).
+        max_shard_size: bytes per safetensors shard before an index is written.
+
+    Returns:
+        ``path``.
+    """
+    qc = bnb_quantization_config(model)
+    state = _dedup_tied(model, model.state_dict())
+    config = model.config.to_dict()
+    config["quantization_config"] = qc
+    dtype = getattr(model, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        config["dtype"] = str(dtype).removeprefix("torch.")
+    path = Path(path)
+    with atomic_directory(path) as tmp:
+        write_safetensors(state, tmp, max_shard_size)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+    return path
