@@ -508,36 +508,32 @@ def _lora_tn_grad_kernel(
 #   pipeliner stages the fp32 scale gathers through shared memory, so a [BK, BN] W tile costs
 #   ~stages * BK*BN*4 B of smem on top of the x/A tiles; BK = 32 keeps every row under
 #   sm_80's 163 KiB. The decode's index math also costs ~2 registers per W element/thread.
-# - M <= 64 (memory-bound: a 4-bit W moves 0.5 B/elem, AI = 4*M FLOP/B < ~260 ridge):
-#   64 x 64 tiles at 4 warps; a 4096-wide layer gives 64 programs per M tile, each streaming
-#   its W columns once.
-# - M > 64, r <= 64 (compute-bound): 128 x 64 tiles at 8 warps (228 regs on sm_90); each W
-#   element is decoded once per 128 rows of x. 128 x 128 compiles at 255 regs, too close.
-# - r = 128 / 256: the [BM, R_PAD] fp32 LoRA accumulator needs 32-64 more regs/thread, so BM
-#   drops to 64; r = 256 also drops to 2 stages for smem (155 KiB).
+# - One 64 x 64 x 32, 8-warp tile for r <= 128: 128 x 64 and 4-warp variants spilled on sm_80
+#   (255 regs + 16-240 B), so M classes share it. For M <= 64 (memory-bound: a 4-bit W moves
+#   0.5 B/elem, AI = 4*M FLOP/B below the ~260 ridge) N/64 programs stream W once each;
+#   for large M each W element is decoded once per 64 rows of x (decode-bound, see README).
+# - r = 256: the [BM, 256] fp32 LoRA accumulator needs 64 more regs/thread at BM = 64, so
+#   BM drops to 32 and stages to 2.
 # The LoRA down-projection is recomputed by each N tile (R_PAD/BN extra FLOPs): the price of
 # reading x once and not writing xa in a separate pass; small for r <= 16.
 _FWD_TILED_TABLE = (
     # (max_m, max_r_pad, BM, BN, BK, warps, stages)
-    (64, 64, 64, 64, 32, 4, 3),
-    (None, 64, 128, 64, 32, 8, 3),
     (None, 128, 64, 64, 32, 8, 3),
-    (None, 256, 64, 64, 32, 8, 2),
+    (None, 256, 32, 64, 32, 8, 2),
 )
 _GROUP_M = 8
 
-# Split-K decode forward, M <= 16: BM = 16 (smallest tl.dot M), BN = 64, BK = 128.
-# A W tile is 64 x 128 x 0.5 B = 4 KB per step; SPLIT_K is chosen so that
+# Split-K decode forward, M <= 16: BM = 16 (smallest tl.dot M), BN = 64, BK = 32 (BK = 128
+# spilled and staged 217 KiB of scale gathers). A W tile is 64 x 32 x 0.5 B = 1 KB per step; SPLIT_K is chosen so that
 # (N/64 + r/16) * SPLIT_K ~ 2 waves of 132 SMs. RB = 16 LoRA rows per xa program.
-_SPLITK_CFG = {"BM": 16, "BN": 64, "BK": 128, "RB": 16, "num_warps": 4, "num_stages": 3}
-_EPILOGUE_CFG = {"BM": 16, "BN": 64, "num_warps": 4}
+_SPLITK_CFG = {"BM": 16, "BN": 64, "BK": 32, "RB": 16, "num_warps": 4, "num_stages": 3}
+_EPILOGUE_CFG = {"BM": 16, "BN": 32, "num_warps": 8}
 
 # Backward input dx = dy @ W: output tile [BM, BK] over (M, K), reduction over N in BN steps
 # (the W tile is [BN, BK]: same smem/register reasoning as the forward with N and K swapped).
 # The reduction step BN = 32 (16 for r = 256) bounds the staged scale gathers.
 _BWD_TABLE = (
     # (max_m, max_r_pad, BM, BN, BK, warps, stages)
-    (64, 64, 64, 32, 64, 8, 3),
     (None, 64, 128, 32, 32, 8, 3),
     (None, 128, 64, 32, 64, 8, 3),
     (None, 256, 64, 16, 32, 8, 2),
@@ -931,7 +927,10 @@ _WEIGHT_SIG = {
     "ncode_ptr": "*fp32",
     "offset_ptr": "*fp32",
 }
-_DTYPE_COMBOS = (("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32"))
+# (activation, LoRA factor, double-quantized): both activation dtypes, both absmax kinds and
+# both factor dtypes, without the full cross product (the compile budget is ~3 min on 2 cores;
+# these flags change load/convert code, not tile shapes).
+_DTYPE_COMBOS = (("bf16", "bf16", True), ("fp16", "fp16", False), ("bf16", "fp32", True))
 
 
 def _sig(fn, types: dict[str, str], constexprs: dict) -> dict[str, str]:
@@ -952,8 +951,8 @@ def _sig(fn, types: dict[str, str], constexprs: dict) -> dict[str, str]:
 
 def _aot_specs() -> list[AotSpec]:
     specs = []
-    for act, lora in _DTYPE_COMBOS:
-        for double in (False, True):
+    for act, lora, double_ in _DTYPE_COMBOS:
+        for double in (double_,):
             absmax = "*u8" if double else "*fp32"
             tag = f"{act},lora-{lora},{'dq' if double else 'fp32abs'}"
             common = {

@@ -388,8 +388,7 @@ def _aot_specs() -> list[AotSpec]:
     specs = []
     # The blocksize sets the tile shape of quantize: compile the extremes and the default;
     # the input dtype only changes the load, so one blocksize covers fp16/bf16.
-    combos = [(64, dt) for dt in (torch.float32, torch.float16, torch.bfloat16)]
-    combos += [(32, torch.float32), (4096, torch.float32)]
+    combos = [(32, torch.float32), (64, torch.bfloat16), (4096, torch.float16)]
     for bs, dt in combos:
         group = max(1, _QUANT_ELEMS_PER_PROG // bs)
         specs.append(
@@ -413,34 +412,38 @@ def _aot_specs() -> list[AotSpec]:
         )
     # BLOCKSIZE only changes a constant divisor in dequantize; one per dtype and absmax kind,
     # plus the extremes of the blocksize range.
-    for dt in (torch.float32, torch.float16, torch.bfloat16):
-        for double in (False, True):
-            for bs in (64,) if dt != torch.bfloat16 else (32, 64, 4096):
-                specs.append(
-                    AotSpec(
-                        name=f"_dequantize_4bit_kernel[{_TL_DTYPE[dt]},{'dq' if double else 'fp32abs'},bs{bs}]",
-                        fn=_dequantize_4bit_kernel,
-                        signature={
-                            "packed_ptr": "*u8",
-                            "absmax_ptr": "*u8" if double else "*fp32",
-                            "code_ptr": "*fp32",
-                            "nabs_ptr": "*fp32",
-                            "ncode_ptr": "*fp32",
-                            "offset_ptr": "*fp32",
-                            "out_ptr": f"*{_TL_DTYPE[dt]}",
-                            "n": "i32",
-                            "BLOCKSIZE": "constexpr",
-                            "DOUBLE_QUANT": "constexpr",
-                            "PAIRS": "constexpr",
-                        },
-                        constexprs={
-                            "BLOCKSIZE": bs,
-                            "DOUBLE_QUANT": double,
-                            "PAIRS": _DEQUANT_PAIRS,
-                        },
-                        options={"num_warps": _DEQUANT_WARPS, "enable_fp_fusion": False},
-                    )
-                )
+    dq_combos = [
+        (torch.bfloat16, False, 64),
+        (torch.bfloat16, True, 64),
+        (torch.float16, True, 4096),
+        (torch.float32, True, 32),
+    ]
+    for dt, double, bs in dq_combos:
+        specs.append(
+            AotSpec(
+                name=f"_dequantize_4bit_kernel[{_TL_DTYPE[dt]},{'dq' if double else 'fp32abs'},bs{bs}]",
+                fn=_dequantize_4bit_kernel,
+                signature={
+                    "packed_ptr": "*u8",
+                    "absmax_ptr": "*u8" if double else "*fp32",
+                    "code_ptr": "*fp32",
+                    "nabs_ptr": "*fp32",
+                    "ncode_ptr": "*fp32",
+                    "offset_ptr": "*fp32",
+                    "out_ptr": f"*{_TL_DTYPE[dt]}",
+                    "n": "i32",
+                    "BLOCKSIZE": "constexpr",
+                    "DOUBLE_QUANT": "constexpr",
+                    "PAIRS": "constexpr",
+                },
+                constexprs={
+                    "BLOCKSIZE": bs,
+                    "DOUBLE_QUANT": double,
+                    "PAIRS": _DEQUANT_PAIRS,
+                },
+                options={"num_warps": _DEQUANT_WARPS, "enable_fp_fusion": False},
+            )
+        )
     return specs
 
 

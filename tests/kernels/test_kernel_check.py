@@ -1,0 +1,89 @@
+"""``trilora kernels``: ahead-of-time compile checks for sm_80/sm_90 (no GPU needed)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from trilora.kernels import AotSpec, all_aot_specs
+
+# A representative subset: one config of every kernel family, both absmax kinds, both
+# activation dtypes. The full set (`trilora kernels`, ~160 compiles) is a CI job of its own.
+FILTERS = ("bf16,lora-bf16,dq,BM128", "fp16,lora-fp16,fp32abs,BM64,BN64,BK32,R128", "_kernel[fp16")
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    return env
+
+
+@pytest.mark.parametrize("filt", FILTERS)
+def test_aot_subset_compiles_without_spills(filt):
+    expected = [s.name for s in all_aot_specs() if filt in s.name]
+    assert expected, filt
+    proc = subprocess.run(
+        [sys.executable, "-m", "trilora.kernel_check", "--arch", "80", "90", "--filter", filt],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in expected:
+        kernel, _, config = name.partition("[")
+        rows = [line for line in proc.stdout.splitlines() if kernel in line and config[:-1] in line]
+        assert len(rows) == 2, (name, proc.stdout)  # one row per arch
+
+
+def test_every_kernel_has_specs():
+    names = {s.name.partition("[")[0] for s in all_aot_specs()}
+    assert names == {
+        "_quantize_4bit_kernel",
+        "_dequantize_4bit_kernel",
+        "_qlora_fwd_tiled_kernel",
+        "_qlora_fwd_splitk_kernel",
+        "_qlora_splitk_epilogue_kernel",
+        "_qlora_bwd_input_kernel",
+        "_lora_tn_grad_kernel",
+    }
+
+
+_OVERSIZED = r"""
+import sys
+from trilora.kernel_check import check_spec
+from trilora.kernels import AotSpec
+from trilora.kernels.quantize import AOT_SPECS
+
+base = next(s for s in AOT_SPECS if s.name.startswith("_dequantize_4bit_kernel"))
+spec = AotSpec("oversized", base.fn, base.signature, {**base.constexprs, "PAIRS": 1 << 16},
+               {**base.options, "num_warps": 1})
+r = check_spec(spec, int(sys.argv[1]))
+print(r.ok, r.registers, r.spill_bytes, r.shared_bytes, r.error)
+sys.exit(0 if not r.ok else 3)
+"""
+
+
+def test_oversized_config_is_reported():
+    # 65536 bytes per program on one warp: 2048 values per thread cannot fit in registers.
+    proc = subprocess.run(
+        [sys.executable, "-c", _OVERSIZED, "90"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("False")
+
+
+def test_refuses_interpreter_in_process(monkeypatch):
+    from trilora.kernel_check import check_spec
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    spec = all_aot_specs()[0]
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        check_spec(AotSpec(spec.name, spec.fn, spec.signature, spec.constexprs), 90)
