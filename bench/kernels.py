@@ -132,8 +132,11 @@ def default_plan(device: torch.device, quick: bool) -> KernelPlan:
     # CPU: fp32 compute (bf16 matmul is not the fast path on most CPUs), dimensions divided
     # by 4 (8 in quick mode), and projections whose shape repeats another (v = k, up = gate)
     # left out, since they would only measure the same thing twice.
-    distinct = ("q_proj", "k_proj", "o_proj", "gate_proj", "down_proj")
-    note = "CPU plan: dimensions scaled down, v_proj/up_proj omitted (same shapes as k_proj/gate_proj), fp32 compute"
+    distinct = ("q_proj", "k_proj", "gate_proj", "down_proj")
+    note = (
+        "CPU plan (smaller than the GPU plan): Llama-3.1-8B dimensions scaled down, one model, "
+        "v_proj/o_proj/up_proj omitted (same shapes as k_proj/q_proj/gate_proj), fp32 compute"
+    )
     if quick:
         return KernelPlan(
             shapes=projection_shapes(
@@ -152,12 +155,12 @@ def default_plan(device: torch.device, quick: bool) -> KernelPlan:
     return KernelPlan(
         shapes=projection_shapes("llama-3.1-8b", 4, distinct),
         ranks=(16, 64),
-        tokens=(1, 16, 128, 512),
+        tokens=(1, 16, 256),
         quant_shapes=projection_shapes("llama-3.1-8b", 4, ("down_proj",)),
         dtype=torch.float32,
-        budget_s=0.25,
+        budget_s=0.15,
         repeats=40,
-        warmup=2,
+        warmup=1,
         max_sets=2,
         notes=[note],
     )
