@@ -513,13 +513,13 @@ def _lora_tn_grad_kernel(
 #   0.5 B/elem, AI = 4*M FLOP/B below the ~260 ridge) N/64 programs stream W once each;
 #   for large M each W element is decoded once per 64 rows of x (decode-bound, see README).
 # - r = 256: the [BM, 256] fp32 LoRA accumulator needs 64 more regs/thread at BM = 64, so
-#   BM drops to 32 and stages to 2.
+#   BM and BN drop to 32 (BN = 64 spilled 32 B on sm_90 with fp32 factors), stages to 2.
 # The LoRA down-projection is recomputed by each N tile (R_PAD/BN extra FLOPs): the price of
 # reading x once and not writing xa in a separate pass; small for r <= 16.
 _FWD_TILED_TABLE = (
     # (max_m, max_r_pad, BM, BN, BK, warps, stages)
     (None, 128, 64, 64, 32, 8, 3),
-    (None, 256, 32, 64, 32, 8, 2),
+    (None, 256, 32, 32, 32, 8, 2),
 )
 _GROUP_M = 8
 

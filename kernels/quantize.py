@@ -198,10 +198,10 @@ def _dequantize_4bit_kernel(
 # --------------------------------------------------------------------------------------------
 
 # Quantize: memory-bound (load 2-4 B/elem, store 0.5 B/elem + 4 B/block); one-off at load time.
-# 4096 elements per program = 16 fp32 values per thread at 8 warps: wide enough to hide
+# 4096 elements per program = 32 fp32 values per thread at 4 warps (8 warps spilled 32 B): wide enough to hide
 # latency, small enough for no spills. Blocks larger than that get one program each.
 _QUANT_ELEMS_PER_PROG = 4096
-_QUANT_WARPS = 8
+_QUANT_WARPS = 4
 # Dequantize: 1024 bytes (2048 outputs) per program, 4 warps: 8 outputs/thread, 16-byte bf16
 # stores; at 3 TB/s the 2.5 B/elem (bf16 out) traffic is ~0.8 ms per 1e9 elements.
 _DEQUANT_PAIRS = 1024
