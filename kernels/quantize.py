@@ -12,6 +12,7 @@ QLoRA matmul kernels (``qlora_linear.py``), so every kernel decodes the format t
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -121,18 +122,21 @@ def _quantize_4bit_kernel(
     packed_ptr,
     absmax_ptr,
     n,
-    nblocks,
+    blk_start,
+    blk_end,
     BLOCKSIZE: tl.constexpr,
     GROUP: tl.constexpr,
+    PARTIAL: tl.constexpr,
 ):
     # Tile [GROUP blocks, BLOCKSIZE/2 pairs]: even and odd elements are loaded as two tiles so
-    # the byte (even << 4 | odd) is formed without a reshape.
+    # the byte (even << 4 | odd) is formed without a reshape. Blocks [blk_start, blk_end).
     pid = tl.program_id(0)
-    blk = pid * GROUP + tl.arange(0, GROUP)
+    blk = blk_start + pid * GROUP + tl.arange(0, GROUP)
+    blk_in = blk < blk_end
     pair = tl.arange(0, BLOCKSIZE // 2)
     even = blk[:, None] * BLOCKSIZE + 2 * pair[None, :]
-    in_e = even < n
-    in_o = (even + 1) < n
+    in_e = (even < n) & blk_in[:, None]
+    in_o = ((even + 1) < n) & blk_in[:, None]
     xe = tl.load(x_ptr + even, mask=in_e, other=0.0).to(tl.float32)
     xo = tl.load(x_ptr + even + 1, mask=in_o, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))
@@ -140,12 +144,16 @@ def _quantize_4bit_kernel(
     # bitsandbytes scales full blocks by x * (1/absmax) but the trailing partial block by
     # x / absmax, and returns the clamped absmax only for that partial block. Both copied so
     # the bytes match; div_rn keeps IEEE rounding on the GPU (plain '/' is approximate there).
-    partial = (blk + 1) * BLOCKSIZE > n
-    recip = tl.math.div_rn(tl.full(amax_c.shape, 1.0, tl.float32), amax_c)
-    amax_b = tl.broadcast_to(amax_c[:, None], xe.shape)
-    part_b = tl.broadcast_to(partial[:, None], xe.shape)
-    se = tl.where(part_b, tl.math.div_rn(xe, amax_b), xe * recip[:, None])
-    so = tl.where(part_b, tl.math.div_rn(xo, amax_b), xo * recip[:, None])
+    # The partial block is a separate launch (PARTIAL=True): computing both forms for every
+    # element and selecting spilled registers at blocksize 32 on sm_90.
+    if PARTIAL:
+        amax_b = tl.broadcast_to(amax_c[:, None], xe.shape)
+        se = tl.math.div_rn(xe, amax_b)
+        so = tl.math.div_rn(xo, amax_b)
+    else:
+        recip = tl.math.div_rn(tl.full(amax_c.shape, 1.0, tl.float32), amax_c)
+        se = xe * recip[:, None]
+        so = xo * recip[:, None]
     se = tl.minimum(tl.maximum(se, -1.0), 1.0)
     so = tl.minimum(tl.maximum(so, -1.0), 1.0)
     # bucketize(right=False) = number of midpoints strictly below the value. The padding
@@ -160,7 +168,7 @@ def _quantize_4bit_kernel(
     no = tl.load(order_ptr + qo)
     byte = ((ne << 4) | no).to(tl.uint8)
     tl.store(packed_ptr + (even >> 1), byte, mask=in_e)
-    tl.store(absmax_ptr + blk, tl.where(partial, amax_c, amax), mask=blk < nblocks)
+    tl.store(absmax_ptr + blk, amax_c if PARTIAL else amax, mask=blk_in)
 
 
 @triton.jit
@@ -272,19 +280,17 @@ def quantize_4bit(
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
     group = max(1, _QUANT_ELEMS_PER_PROG // blocksize)
-    grid = (triton.cdiv(nblocks, group),)
-    _quantize_4bit_kernel[grid](
-        flat,
-        bounds,
-        order,
-        packed,
-        absmax,
-        n,
-        nblocks,
-        BLOCKSIZE=blocksize,
-        GROUP=group,
-        num_warps=_QUANT_WARPS,
-    )
+    full = n // blocksize
+    if full:
+        _quantize_4bit_kernel[(triton.cdiv(full, group),)](
+            flat, bounds, order, packed, absmax, n, 0, full,
+            BLOCKSIZE=blocksize, GROUP=group, PARTIAL=False, num_warps=_QUANT_WARPS,
+        )  # fmt: skip
+    if full < nblocks:
+        _quantize_4bit_kernel[(1,)](
+            flat, bounds, order, packed, absmax, n, full, nblocks,
+            BLOCKSIZE=blocksize, GROUP=1, PARTIAL=True, num_warps=_QUANT_WARPS,
+        )  # fmt: skip
     return packed, absmax
 
 
@@ -389,11 +395,11 @@ def _aot_specs() -> list[AotSpec]:
     # The blocksize sets the tile shape of quantize: compile the extremes and the default;
     # the input dtype only changes the load, so one blocksize covers fp16/bf16.
     combos = [(32, torch.float32), (64, torch.bfloat16), (4096, torch.float16)]
-    for bs, dt in combos:
-        group = max(1, _QUANT_ELEMS_PER_PROG // bs)
+    for (bs, dt), partial in itertools.product(combos, (False, True)):
+        group = 1 if partial else max(1, _QUANT_ELEMS_PER_PROG // bs)
         specs.append(
             AotSpec(
-                name=f"_quantize_4bit_kernel[{_TL_DTYPE[dt]},bs{bs}]",
+                name=f"_quantize_4bit_kernel[{_TL_DTYPE[dt]},bs{bs}{',partial' if partial else ''}]",
                 fn=_quantize_4bit_kernel,
                 signature={
                     "x_ptr": f"*{_TL_DTYPE[dt]}",
@@ -402,11 +408,13 @@ def _aot_specs() -> list[AotSpec]:
                     "packed_ptr": "*u8",
                     "absmax_ptr": "*fp32",
                     "n": "i32",
-                    "nblocks": "i32",
+                    "blk_start": "i32",
+                    "blk_end": "i32",
                     "BLOCKSIZE": "constexpr",
                     "GROUP": "constexpr",
+                    "PARTIAL": "constexpr",
                 },
-                constexprs={"BLOCKSIZE": bs, "GROUP": group},
+                constexprs={"BLOCKSIZE": bs, "GROUP": group, "PARTIAL": partial},
                 options={"num_warps": _QUANT_WARPS},
             )
         )
