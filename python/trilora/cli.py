@@ -16,6 +16,7 @@ import sys
 COMMANDS: dict[str, str] = {
     "demo": "trilora.demo",
     "kernels": "trilora.kernel_check",
+    "mem": "trilora.memory.cli",
     "merge": "trilora.merge",
     "bench": "trilora.bench.cli",
 }

@@ -1,0 +1,185 @@
+"""``trilora mem``: the memory ceiling of a QLoRA run, computed without a GPU."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import replace
+
+_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}  # fmt: skip
+
+
+def parse_bytes(text: str) -> int:
+    """``"24GiB"``, ``"80GB"``, ``"512MiB"``, ``"1e9"`` -> bytes (GB = 10**9, GiB = 2**30)."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size like 24GiB or 80GB, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "mem",
+        help="peak GPU memory of a QLoRA training step, traced on fake tensors (no GPU, no weights)",
+        description="Trace one training step (forward, loss, backward, optimizer step) of trilora's "
+        "real code path on fake tensors and report peak device memory by category.",
+    )
+    p.add_argument(
+        "model", help="preset name (e.g. llama-3.1-8b), a config.json, or a model folder"
+    )
+    p.add_argument("--seq-len", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("-r", "--rank", type=int, default=32, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
+    p.add_argument(
+        "--targets", default="all-linear", help="comma-separated module names, or all-linear"
+    )
+    p.add_argument("--optimizer", choices=("adamw", "paged_adamw_8bit"), default="adamw")
+    p.add_argument("--no-checkpointing", action="store_true", help="keep every activation")
+    p.add_argument(
+        "--no-offload", action="store_true", help="keep checkpointed layer inputs on the GPU"
+    )
+    p.add_argument("--mlp-chunks", type=int, default=8, help="MLP sequence chunks (0: off)")
+    p.add_argument("--no-fused-ce", action="store_true", help="materialize logits (stock loss)")
+    p.add_argument("--pin-memory-budget", type=parse_bytes, default=None)
+    p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    p.add_argument(
+        "--budget", type=parse_bytes, help="find the largest --search value that fits, e.g. 24GiB"
+    )
+    p.add_argument("--search", choices=("seq_len", "batch"), default="seq_len")
+    p.add_argument("--sweep", nargs="?", const="1024,2048,4096,8192,16384,32768,65536,131072",
+                   help="peak memory vs sequence length (comma-separated lengths)")  # fmt: skip
+    p.add_argument("--plot", default="mem_sweep.png", help="PNG written by --sweep")
+    p.add_argument("--baseline", action="store_true",
+                   help="also trace transformers + bitsandbytes + PEFT, with and without checkpointing")  # fmt: skip
+    p.add_argument("--json", metavar="PATH", help="write the reports as JSON")
+    p.add_argument("--measure", action="store_true",
+                   help="CUDA only: run the real step and print torch.cuda.max_memory_allocated")  # fmt: skip
+
+
+def options_from_args(args):
+    from trilora.memory.profiler import MemOptions
+
+    targets = (
+        None if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
+    )
+    return MemOptions(
+        seq_len=args.seq_len, batch=args.batch, r=args.rank, lora_alpha=args.alpha, targets=targets,
+        optimizer=args.optimizer, checkpointing=not args.no_checkpointing, offload=not args.no_offload,
+        mlp_chunks=args.mlp_chunks or None, fused_ce=not args.no_fused_ce,
+        pin_memory_budget=args.pin_memory_budget, dtype=args.dtype,
+    )  # fmt: skip
+
+
+def _gib(x: int) -> str:
+    return f"{x / 2**30:8.2f}"
+
+
+def format_reports(reports) -> str:
+    """Side-by-side table (GiB) of one or more :class:`MemReport`."""
+    cats = list(reports[0].categories)
+    heads = [
+        f"{r.provider}{'' if r.options.get('checkpointing', True) else ' (no ckpt)'}"
+        for r in reports
+    ]
+    width = max(14, *(len(h) + 2 for h in heads))
+    lines = [f"{'GiB':<30}" + "".join(f"{h:>{width}}" for h in heads)]
+    for c in cats:
+        lines.append(
+            f"{c:<30}" + "".join(f"{_gib(r.categories.get(c, 0)):>{width}}" for r in reports)
+        )
+    lines.append(
+        f"{'= traced peak':<30}" + "".join(f"{_gib(r.traced_peak):>{width}}" for r in reports)
+    )
+    for o in reports[0].overheads:
+        lines.append(
+            f"{'+ ' + o:<30}" + "".join(f"{_gib(r.overheads.get(o, 0)):>{width}}" for r in reports)
+        )
+    lines.append(f"{'= device total':<30}" + "".join(f"{_gib(r.total):>{width}}" for r in reports))
+    lines.append(
+        f"{'pinned host memory':<30}" + "".join(f"{_gib(r.host_pinned):>{width}}" for r in reports)
+    )
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from trilora.memory.profiler import GiB, find_max, load_config, profile, sweep
+
+    try:
+        config = load_config(args.model)
+        opts = options_from_args(args)
+        opts.validate()
+    except ValueError as exc:
+        print(f"trilora mem: {exc}", file=sys.stderr)
+        return 2
+    name = str(args.model)
+    out: dict = {"model": name}
+    if args.budget is not None:
+        try:
+            value, rep = find_max(config, opts, args.budget, args.search, name=name)
+        except ValueError as exc:
+            print(f"trilora mem: {exc}", file=sys.stderr)
+            return 2
+        print(f"largest {args.search} within {args.budget / GiB:.2f} GiB: {value}")
+        if rep is not None:
+            print(format_reports([rep]))
+            out["search"] = {
+                "budget": args.budget,
+                "dimension": args.search,
+                "value": value,
+                "report": rep.to_dict(),
+            }
+    elif args.sweep:
+        lens = [int(x) for x in args.sweep.split(",")]
+        reps = sweep(config, opts, lens, name=name)
+        print(f"{'seq_len':>10} {'device GiB':>12} {'pinned host GiB':>16}")
+        for t, r in zip(lens, reps):
+            print(f"{t:>10} {r.total / GiB:>12.2f} {r.host_pinned / GiB:>16.2f}")
+        _plot(lens, reps, args.plot, name)
+        print(f"plot: {args.plot}")
+        out["sweep"] = [r.to_dict() for r in reps]
+    else:
+        reps = [profile(config, opts, name=name)]
+        if args.baseline:
+            base = replace(opts, offload=False, mlp_chunks=None, fused_ce=False)
+            reps.append(profile(config, base, "bnb+peft", name=name))
+            reps.append(profile(config, replace(base, checkpointing=False), "bnb+peft", name=name))
+        print(
+            f"{name}: batch {opts.batch} x {opts.seq_len} tokens, LoRA r={opts.r}, {opts.optimizer}"
+        )
+        print(format_reports(reps))
+        out["reports"] = [r.to_dict() for r in reps]
+        if args.measure:
+            from trilora.memory.measure import measure_cuda
+
+            measured = measure_cuda(config, opts)
+            print(f"measured torch.cuda.max_memory_allocated: {measured / GiB:.2f} GiB "
+                  f"(predicted traced peak {reps[0].traced_peak / GiB:.2f} GiB)")  # fmt: skip
+            out["measured_max_memory_allocated"] = measured
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2, default=str)
+    return 0
+
+
+def _plot(lens, reports, path, name) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(lens, [r.total / 2**30 for r in reports], marker="o", label="device (GiB)")
+    ax.plot(lens, [r.host_pinned / 2**30 for r in reports], marker="s", label="pinned host (GiB)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel("GiB")
+    ax.set_title(f"trilora mem: {name}")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,623 @@
+"""Peak device memory of one QLoRA training step, traced on fake tensors.
+
+:func:`profile_step` builds the model from its transformers config on the meta device,
+swaps every targeted ``nn.Linear`` for trilora's :class:`~trilora.nn.QLoraLinear` (others
+for :class:`~trilora.nn.Linear4bit`), materializes it as *fake* CPU tensors
+(``FakeTensorMode``: shapes, dtypes and allocations, no data), installs
+:func:`~trilora.checkpoint.enable_checkpointing` and
+:func:`~trilora.fused_loss.enable_fused_cross_entropy`, and runs one real training step
+(forward, loss, backward, optimizer step) through trilora's own code under
+``torch.distributed._tools.mem_tracker.MemTracker``. Every tensor the step allocates is
+seen, with its category (parameter, buffer, gradient, activation, temporary, optimizer
+state), and the peak is reported; nothing needs the weights or a GPU.
+
+What fake tensors cannot see is added as documented constants (:data:`OVERHEADS`):
+the CUDA context, cuBLAS workspaces, the caching allocator's fragmentation, and scratch
+buffers allocated *inside* custom ops (the dequantized weight of the cuBLAS fallback of
+``qlora_linear`` when a call has more than ``fused_max_tokens`` rows).
+
+Attention: the model is built with ``attn_implementation="sdpa"`` and no padding mask, so
+``F.scaled_dot_product_attention`` runs causal with no mask and dispatches to the flash
+kernel, whose memory is O(T): it saves q, k, v, the output and a per-row logsumexp; the
+T x T scores never exist. On CUDA that is FlashAttention-2 (or cuDNN/efficient attention,
+the same footprint); under the trace it is the CPU flash kernel's meta function with the
+same saved tensors.
+
+Depth extrapolation (``depth="extrapolate"``): decoder layers are identical, so every
+category is affine in the number of layers once the peak sits at the same point of the
+step. The search and sweep trace 2 and 3 layers and extrapolate (seconds per point, even for
+70B); the reported answer is then confirmed by a full-depth trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+GiB = 1024**3
+MiB = 1024**2
+
+# --- allocator and runtime overheads that fake tensors cannot see ------------------------
+OVERHEADS = {
+    # CUDA context, loaded kernel images and the NCCL-free runtime of a torch 2.x process on
+    # H100/A100 with lazy module loading: typically 450-600 MiB (nvidia-smi minus
+    # torch.cuda.memory_reserved on an idle process).
+    "cuda_context": 600 * MiB,
+    # cuBLAS + cuBLASLt workspaces: torch's default CUBLAS_WORKSPACE_CONFIG on sm_90 is
+    # ":4096:8" (32 MiB) per handle; one handle for the main and one for the side stream.
+    "cublas_workspace": 64 * MiB,
+}
+# The caching allocator rounds and splits blocks; with transient activations that change
+# size every layer the reserved-minus-allocated gap is a few percent (less with
+# PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True). Charged on the dynamic part only:
+# weights and optimizer state are allocated once, in exact-sized blocks.
+FRAGMENTATION = 0.05
+
+REQUIRED_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+)
+OPTIMIZERS = ("adamw", "paged_adamw_8bit")
+
+
+# ---------------------------------------------------------------------------------------
+# configs
+# ---------------------------------------------------------------------------------------
+
+
+def preset_names() -> list[str]:
+    """Names of the bundled model configs (``python/trilora/presets/*.json``)."""
+    root = resources.files("trilora") / "presets"
+    return sorted(p.name[: -len(".json")] for p in root.iterdir() if p.name.endswith(".json"))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def load_config(source: str | os.PathLike | dict):
+    """A transformers config from a preset name, a config.json, a model folder or a dict.
+
+    Raises ValueError naming the missing field for a malformed config, and listing the
+    presets for an unknown name.
+    """
+    from transformers import AutoConfig
+
+    if isinstance(source, dict):
+        raw = dict(source)
+    else:
+        path = Path(source)
+        if path.is_dir():
+            path = path / "config.json"
+            if not path.is_file():
+                raise ValueError(f"{source} has no config.json")
+            raw = _read_json(path)
+        elif path.is_file():
+            raw = _read_json(path)
+        elif str(source) in preset_names():
+            raw = json.loads(
+                (resources.files("trilora") / "presets" / f"{source}.json").read_text()
+            )
+        else:
+            raise ValueError(
+                f"unknown model {str(source)!r}: not a file, a folder with config.json, or a "
+                f"preset; known presets: {', '.join(preset_names())}"
+            )
+    # text config of multimodal wrappers
+    if "text_config" in raw and "hidden_size" not in raw:
+        raw = {
+            **raw["text_config"],
+            "model_type": raw["text_config"].get("model_type", raw.get("model_type")),
+        }
+    for name in REQUIRED_FIELDS:
+        if name not in raw:
+            raise ValueError(
+                f"model config is missing the field {name!r} (needed: {', '.join(REQUIRED_FIELDS)})"
+            )
+    model_type = raw.pop("model_type")
+    raw.pop("architectures", None)
+    raw.pop("quantization_config", None)
+    try:
+        return AutoConfig.for_model(model_type, **raw)
+    except ValueError as exc:
+        raise ValueError(f"unsupported model_type {model_type!r}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------
+# options and report
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class MemOptions:
+    """One training step to trace (see ``trilora mem --help`` for the meaning of each)."""
+
+    seq_len: int = 8192
+    batch: int = 1
+    r: int = 32
+    lora_alpha: float = 16.0
+    targets: tuple[str, ...] | None = None  # None: every nn.Linear in the decoder
+    optimizer: str = "adamw"
+    checkpointing: bool = True
+    offload: bool = True
+    mlp_chunks: int | None = 8
+    fused_ce: bool = True
+    pin_memory_budget: int | None = None
+    dtype: str = "bfloat16"
+    blocksize: int = 64
+    double_quant: bool = True
+
+    def validate(self) -> None:
+        if self.seq_len < 2 or self.batch < 1:
+            raise ValueError(
+                f"need seq_len >= 2 and batch >= 1, got {self.seq_len} and {self.batch}"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.r < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.r}")
+        if self.dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"dtype must be bfloat16 or float16, got {self.dtype}")
+
+
+@dataclass
+class MemReport:
+    """Peak device memory of one step, in bytes, by category."""
+
+    provider: str
+    model: str
+    options: dict
+    categories: dict[str, int]  # at the moment of the peak
+    overheads: dict[str, int]
+    host_pinned: int
+    by_module: dict[str, int] = field(default_factory=dict)  # each module's own peak
+    layers_traced: int = 0
+    layers: int = 0
+    trace_seconds: float = 0.0
+
+    @property
+    def traced_peak(self) -> int:
+        """Peak of the tensors the trace sees (what ``torch.cuda.max_memory_allocated`` reports)."""
+        return sum(self.categories.values())
+
+    @property
+    def total(self) -> int:
+        """Device memory needed: traced peak plus overheads."""
+        return self.traced_peak + sum(self.overheads.values())
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["traced_peak"] = self.traced_peak
+        d["total"] = self.total
+        return d
+
+
+# ---------------------------------------------------------------------------------------
+# model construction
+# ---------------------------------------------------------------------------------------
+
+
+def _dtype(opts: MemOptions) -> torch.dtype:
+    return getattr(torch, opts.dtype)
+
+
+def build_meta_model(config, opts: MemOptions, num_layers: int | None = None) -> nn.Module:
+    """The causal LM on the meta device, with trilora 4-bit/LoRA layers in the decoder."""
+    from transformers import AutoModelForCausalLM
+
+    from trilora.memory.attention import register
+    from trilora.nn import Linear4bit, QLoraLinear
+
+    config = _with_layers(config, num_layers)
+    config.use_cache = False
+    dt = _dtype(opts)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config, dtype=dt, attn_implementation=register())
+    head = model.get_output_embeddings()
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if type(child) is not nn.Linear or child is head:
+                continue
+            common = dict(
+                bias=child.bias is not None, blocksize=opts.blocksize, double_quant=opts.double_quant,
+                compute_dtype=dt, weight_dtype=dt, device="meta",
+            )  # fmt: skip
+            if opts.targets is None or name in opts.targets:
+                new = QLoraLinear(
+                    child.in_features,
+                    child.out_features,
+                    r=opts.r,
+                    lora_alpha=opts.lora_alpha,
+                    **common,
+                )
+            else:
+                new = Linear4bit(child.in_features, child.out_features, **common)
+            setattr(mod, name, new)
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    return model
+
+
+def _with_layers(config, num_layers):
+    if num_layers is None:
+        return config
+    import copy
+
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = num_layers
+    for name in ("layer_types", "mlp_only_layers"):
+        value = getattr(config, name, None)
+        if isinstance(value, list) and len(value) > num_layers:
+            setattr(config, name, value[:num_layers])
+    return config
+
+
+def static_breakdown(model: nn.Module) -> dict[str, int]:
+    """Bytes of the model's own tensors: 4-bit weights, quantization state, LoRA, the rest."""
+    from trilora.nn import Linear4bit
+
+    out = {"base_weights_4bit": 0, "quant_state": 0, "lora_params": 0, "other_frozen": 0}
+    seen = set()
+    for mod in model.modules():
+        if isinstance(mod, Linear4bit):
+            out["base_weights_4bit"] += _nbytes(mod.weight)
+            seen.add(id(mod.weight))
+            for b in mod.buffers(recurse=False):
+                out["quant_state"] += _nbytes(b)
+                seen.add(id(b))
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        out["lora_params" if p.requires_grad else "other_frozen"] += _nbytes(p)
+    for b in model.buffers():
+        if id(b) not in seen:
+            seen.add(id(b))
+            out["other_frozen"] += _nbytes(b)
+    return out
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+# ---------------------------------------------------------------------------------------
+# tracing
+# ---------------------------------------------------------------------------------------
+
+
+def _tracker_class():
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    class FrozenAwareMemTracker(MemTracker):
+        """MemTracker that hooks gradients of trainable parameters only.
+
+        The stock tracker registers a gradient hook on every parameter, which raises for the
+        frozen 4-bit weights of a QLoRA model.
+        """
+
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            out = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+            if install_grad_hooks:
+
+                def grad_hook(g: torch.Tensor) -> None:
+                    self._update_and_maybe_create_winfos(g, _MemRefType.GRAD)
+
+                for p in module.parameters():
+                    if p.requires_grad and self._param_to_grad_hook_handles.get(p) is None:
+                        h1 = p.register_hook(grad_hook)
+                        h2 = p.register_post_accumulate_grad_hook(lambda q: grad_hook(q.grad))
+                        self._param_to_grad_hook_handles[p] = (h1, h2)
+            return out
+
+    return FrozenAwareMemTracker
+
+
+def track_step(model: nn.Module, optimizer, step_fn) -> tuple[dict[str, int], dict[str, int]]:
+    """Run ``step_fn()`` under the tracker; return (peak snapshot by category, module peaks)."""
+    tracker = _tracker_class()()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        step_fn()
+    snap = tracker.get_tracker_snapshot("peak")
+    dev_snap = max(snap.values(), key=lambda d: d.get("Total", 0)) if snap else {}
+    cats = {str(getattr(k, "value", k)): int(v) for k, v in dev_snap.items() if k != "Total"}
+    names = {m: n for n, m in model.named_modules()}
+    by_module = {}
+    for mod, stats in tracker.memory_tracking.items():
+        name = names.get(mod)
+        if name is None:
+            continue
+        peak = max(stats.local_peak.values(), default=0)
+        by_module[name or "<model>"] = int(peak)
+    return cats, by_module
+
+
+def _init_optimizer_state(optimizer, params) -> None:
+    # Training is in steady state from step 2 on: the optimizer state already exists while
+    # forward and backward run. Create it before tracing with one step on zero gradients.
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _internal_scratch(model: nn.Module, opts: MemOptions) -> int:
+    """Bytes allocated inside ``qlora_linear`` that its fake implementation does not show.
+
+    Calls with more than ``fused_max_tokens`` rows dequantize the weight into a transient
+    ``[N, K]`` buffer for cuBLAS (forward and backward); only one exists at a time.
+    """
+    from trilora.config import config as runtime
+    from trilora.nn import Linear4bit
+
+    full = opts.batch * opts.seq_len
+    mlp = opts.batch * math.ceil(opts.seq_len / opts.mlp_chunks) if opts.mlp_chunks else full
+    biggest = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, Linear4bit):
+            rows = mlp if ".mlp." in f".{name}." else full
+            if rows > runtime.fused_max_tokens:
+                biggest = max(biggest, mod.in_features * mod.out_features * _dtype(opts).itemsize)
+    return biggest
+
+
+def make_optimizer(params, kind: str):
+    """The optimizer whose state is traced: AdamW with fp32 states, multi-tensor as on CUDA.
+
+    ``paged_adamw_8bit`` is traced as AdamW and its state replaced by the 8-bit estimate.
+    """
+    return torch.optim.AdamW(params, lr=1e-4, foreach=True)
+
+
+def profile_trilora(
+    config, opts: MemOptions, num_layers: int | None = None, name: str = "", fake: bool = True
+) -> MemReport:
+    """Trace one trilora training step of ``config`` on fake tensors (full depth by default).
+
+    ``fake=False`` runs the same step on real CPU tensors under the same tracker (small
+    models only): the tests check that both agree.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from trilora.checkpoint import enable_checkpointing
+    from trilora.fused_loss import enable_fused_cross_entropy
+
+    opts.validate()
+    t0 = time.perf_counter()
+    model = build_meta_model(config, opts, num_layers)
+    layers = model.config.num_hidden_layers
+    static = static_breakdown(model)
+    state = None
+    # allow_non_fake_inputs: to_empty() converts the meta parameters inside the mode.
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    with mode, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.to_empty(device="cpu")
+        if not fake:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.is_floating_point():
+                        p.normal_(0, 0.02)
+        model.train()
+        if opts.checkpointing:
+            state = enable_checkpointing(
+                model,
+                offload=opts.offload,
+                pin_memory_budget=opts.pin_memory_budget,
+                mlp_chunks=opts.mlp_chunks,
+            )
+            state.simulate = fake
+        if opts.fused_ce:
+            enable_fused_cross_entropy(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(params, opts.optimizer)
+        _init_optimizer_state(optimizer, params)
+        ids = torch.zeros((opts.batch, opts.seq_len), dtype=torch.long)
+
+        def step():
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        cats, by_module = track_step(model, optimizer, step)
+    categories = _categorize(cats, static)
+    if opts.optimizer == "paged_adamw_8bit":
+        categories["optimizer_state"] = _paged_8bit_state(params)
+    categories["temporaries"] += _internal_scratch(model, opts)
+    return MemReport(
+        provider="trilora",
+        model=name,
+        options=asdict(opts),
+        categories=categories,
+        overheads=_overheads(categories),
+        host_pinned=state.pinned_bytes if state is not None and opts.offload else 0,
+        by_module=_summarize_modules(by_module, layers),
+        layers_traced=layers,
+        layers=layers,
+        trace_seconds=time.perf_counter() - t0,
+    )
+
+
+def _paged_8bit_state(params) -> int:
+    # bitsandbytes 8-bit Adam: two uint8 states per parameter plus one fp32 absmax per 256-value
+    # block for each; paged, so under pressure it can be evicted to host memory. Counted as
+    # resident (the worst case).
+    n = sum(p.numel() for p in params)
+    return 2 * n + 2 * 4 * math.ceil(n / 256)
+
+
+def _categorize(cats: dict[str, int], static: dict[str, int]) -> dict[str, int]:
+    """Tracker categories -> report categories (parameters split with the static breakdown)."""
+    params = cats.get("Parameter", 0) + cats.get("Buffer", 0)
+    out = dict(static)
+    # Anything the tracker counts as a parameter or buffer beyond the model's own tensors
+    # (e.g. the rotary inv_freq buffer) goes to other_frozen.
+    out["other_frozen"] += max(0, params - sum(static.values()))
+    out["gradients"] = cats.get("Gradient", 0)
+    out["optimizer_state"] = cats.get("Optstate", 0)
+    out["activations"] = cats.get("Activation", 0)
+    out["temporaries"] = cats.get("Temp", 0) + cats.get("Other", 0)
+    return out
+
+
+def _overheads(categories: dict[str, int]) -> dict[str, int]:
+    dynamic = categories["activations"] + categories["temporaries"] + categories["gradients"]
+    return {**OVERHEADS, "fragmentation": int(FRAGMENTATION * dynamic)}
+
+
+def _summarize_modules(by_module: dict[str, int], layers: int) -> dict[str, int]:
+    """Peaks of the top-level modules, the first and last decoder layer, and the loss head."""
+    keep = {}
+    for name, peak in by_module.items():
+        parts = name.split(".")
+        if (
+            name == "<model>"
+            or len(parts) <= 2
+            or (parts[-2] == "layers" and parts[-1] in ("0", str(layers - 1)))
+        ):
+            keep[name] = peak
+    return keep
+
+
+# ---------------------------------------------------------------------------------------
+# depth extrapolation, search, sweep
+# ---------------------------------------------------------------------------------------
+
+
+def _extrapolate(a: MemReport, b: MemReport, layers: int) -> MemReport:
+    la, lb = a.layers_traced, b.layers_traced
+
+    def lin(x, y):
+        return round(x + (y - x) * (layers - la) / (lb - la))
+
+    cats = {k: max(0, lin(a.categories[k], b.categories[k])) for k in a.categories}
+    return replace(
+        b,
+        categories=cats,
+        overheads=_overheads(cats),
+        host_pinned=max(0, lin(a.host_pinned, b.host_pinned)),
+        by_module={},
+        layers=layers,
+        trace_seconds=a.trace_seconds + b.trace_seconds,
+    )
+
+
+def profile(
+    config, opts: MemOptions, provider: str = "trilora", depth: str = "full", name: str = ""
+) -> MemReport:
+    """Trace ``provider``'s step ("trilora" or "bnb+peft"); ``depth="extrapolate"`` traces 2 and 3 layers."""
+    fn = profile_trilora if provider == "trilora" else _baseline_fn()
+    layers = config.num_hidden_layers
+    if depth == "full" or layers <= 3:
+        return fn(config, opts, None, name)
+    return _extrapolate(fn(config, opts, 2, name), fn(config, opts, 3, name), layers)
+
+
+def _baseline_fn():
+    from trilora.memory.baseline import profile_bnb_peft
+
+    return profile_bnb_peft
+
+
+def minimum_bytes(config, opts: MemOptions) -> int:
+    """Device bytes before any activation: weights, LoRA, gradients, optimizer state, overheads."""
+    model = build_meta_model(config, opts)
+    static = static_breakdown(model)
+    lora = static["lora_params"]
+    opt = (
+        2 * lora
+        if opts.optimizer == "adamw"
+        else _paged_8bit_state([p for p in model.parameters() if p.requires_grad])
+    )
+    return sum(static.values()) + lora + opt + sum(OVERHEADS.values())
+
+
+def find_max(
+    config,
+    opts: MemOptions,
+    budget: int,
+    search: str = "seq_len",
+    provider: str = "trilora",
+    name: str = "",
+    multiple: int = 1024,
+) -> tuple[int, MemReport | None]:
+    """Largest ``seq_len`` (or ``batch``) whose step fits ``budget`` bytes, and its full-depth report.
+
+    Raises ValueError when even the weights do not fit, naming the minimum.
+    """
+    if search not in ("seq_len", "batch"):
+        raise ValueError(f"search must be 'seq_len' or 'batch', got {search!r}")
+    floor = minimum_bytes(config, opts)
+    if budget <= floor:
+        raise ValueError(
+            f"budget {budget / GiB:.2f} GiB is smaller than the model's fixed footprint "
+            f"(weights, LoRA, gradients, optimizer state, CUDA overheads) of {floor / GiB:.2f} GiB; "
+            f"the minimum budget is above {floor / GiB:.2f} GiB"
+        )
+    step = multiple if search == "seq_len" else 1
+
+    def fits(v: int) -> bool:
+        return (
+            profile(config, replace(opts, **{search: v}), provider, "extrapolate", name).total
+            <= budget
+        )
+
+    lo = 0
+    hi = step
+    while fits(hi):  # exponential probe
+        lo, hi = hi, hi * 2
+        if hi > 2**24:
+            break
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        if mid <= lo:
+            break
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    if lo == 0:
+        return 0, None
+    # Confirm with a full-depth trace; step down if the extrapolation was optimistic.
+    while lo > 0:
+        rep = profile(config, replace(opts, **{search: lo}), provider, "full", name)
+        if rep.total <= budget:
+            return lo, rep
+        lo -= step
+    return 0, None
+
+
+def sweep(
+    config, opts: MemOptions, seq_lens: list[int], provider: str = "trilora", name: str = ""
+) -> list[MemReport]:
+    """Depth-extrapolated reports for each sequence length."""
+    return [
+        profile(config, replace(opts, seq_len=t), provider, "extrapolate", name) for t in seq_lens
+    ]
+
+
+@contextlib.contextmanager
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
