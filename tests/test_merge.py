@@ -11,7 +11,8 @@ from helpers_models import load_bnb_4bit, random_batch, save_tiny_model
 from torch import nn
 
 import trilora
-from trilora.merge import merge  # trilora.merge resolves to the module (see report)
+
+merge = trilora.merge
 
 pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")

@@ -14,26 +14,28 @@ from trilora.quant import QuantizedWeight, quantize
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "from_pretrained": "trilora.loading",
-    "save_quantized": "trilora.loading",
-    "patch": "trilora.peft",
-    "get_peft_model": "trilora.peft",
-    "merge": "trilora.merge",
-    "enable_checkpointing": "trilora.checkpoint",
-    "ops": "trilora.ops",
-    "config": "trilora.config",
+# public name -> (module, attribute); attribute None means the module itself
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "from_pretrained": ("trilora.loading", "from_pretrained"),
+    "save_quantized": ("trilora.loading", "save_quantized"),
+    "patch": ("trilora.peft", "patch"),
+    "get_peft_model": ("trilora.peft", "get_peft_model"),
+    "merge": ("trilora.merging", "merge"),
+    "enable_checkpointing": ("trilora.checkpoint", "enable_checkpointing"),
+    "ops": ("trilora.ops", None),
+    "config": ("trilora.config", None),
 }
 
 __all__ = ["Linear4bit", "QLoraLinear", "QuantizedWeight", "__version__", "quantize", *_LAZY]
 
 
 def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
+    if name not in _LAZY:
         raise AttributeError(f"module 'trilora' has no attribute {name!r}")
-    mod = importlib.import_module(module)
-    value = mod if module.endswith("." + name) else getattr(mod, name)
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module)
+    if attr is not None:
+        value = getattr(value, attr)
     globals()[name] = value
     return value
 

@@ -17,7 +17,7 @@ COMMANDS: dict[str, str] = {
     "demo": "trilora.demo",
     "kernels": "trilora.kernel_check",
     "mem": "trilora.memory.cli",
-    "merge": "trilora.merge",
+    "merge": "trilora.merging",
     "bench": "trilora.bench.cli",
 }
 
