@@ -452,7 +452,7 @@ def _stream_into(model, files, model_key, quantized, device, dtype, qopts) -> No
                         raise CheckpointError(
                             f"4-bit weight of {owner!r} in {f.path}: {exc}"
                         ) from exc
-                _install(model, owner, layer, qw)
+                _install(owner, layer, qw)
                 continue
             module_name, _, leaf = name.rpartition(".")
             try:
@@ -489,15 +489,13 @@ def _owner_of_weight(name: str, quantized: set[str]) -> str | None:
     return None
 
 
-def _install(model: nn.Module, name: str, shell: Linear4bit, qw: QuantizedWeight) -> None:
+def _install(name: str, shell: Linear4bit, qw: QuantizedWeight) -> None:
     if tuple(qw.shape) != (shell.out_features, shell.in_features):
         raise CheckpointError(
             f"weight of {name!r} has shape {tuple(qw.shape)}, the model expects "
             f"({shell.out_features}, {shell.in_features})"
         )
-    layer = Linear4bit.from_quantized(qw, None, shell.compute_dtype)
-    layer.bias = shell.bias
-    model.set_submodule(name, layer)
+    shell.set_quantized_weight(qw)
 
 
 # ---------------------------------------------------------------------------------------

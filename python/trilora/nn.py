@@ -82,7 +82,7 @@ class Linear4bit(nn.Linear):
             nested_code=torch.zeros(256, device=device) if double_quant else None,
             offset=torch.zeros((), device=device) if double_quant else None,
         )
-        self._set_quantized(qw)
+        self.set_quantized_weight(qw)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=weight_dtype, device=device))
         else:
@@ -90,7 +90,9 @@ class Linear4bit(nn.Linear):
 
     # --- construction -------------------------------------------------------------------
 
-    def _set_quantized(self, qw: QuantizedWeight) -> None:
+    def set_quantized_weight(self, qw: QuantizedWeight) -> None:
+        """Replace the layer's 4-bit weight and its state with ``qw`` (shape ``[out, in]``),
+        without copying; the bias and any LoRA factors are kept."""
         if tuple(qw.shape) != (self.out_features, self.in_features):
             raise ValueError(
                 f"quantized weight has shape {tuple(qw.shape)}, layer expects "
@@ -117,7 +119,7 @@ class Linear4bit(nn.Linear):
         nn.Module.__init__(layer)
         layer.out_features, layer.in_features = qweight.shape
         layer.compute_dtype = compute_dtype
-        layer._set_quantized(qweight)
+        layer.set_quantized_weight(qweight)
         if bias is None:
             layer.register_parameter("bias", None)
         else:
@@ -222,7 +224,7 @@ class Linear4bit(nn.Linear):
         except (KeyError, ValueError) as exc:
             error_msgs.append(f"while loading {wprefix}: {exc}")
             return
-        self._set_quantized(qw.to(self.weight.device).with_storage(self.weight.dtype))
+        self.set_quantized_weight(qw.to(self.weight.device).with_storage(self.weight.dtype))
 
     # --- compute ------------------------------------------------------------------------
 

@@ -365,6 +365,20 @@ def _pack_storage(packed_u8: torch.Tensor, quant_storage: torch.dtype) -> torch.
     return packed_u8.view(quant_storage).unsqueeze(1)
 
 
+def _check_finite(weight: torch.Tensor, absmax: torch.Tensor) -> None:
+    if weight.device.type == "meta":
+        return
+    # On the CPU path the per-block max propagates NaN/Inf, so the absmax (1/blocksize of the
+    # weight) answers for the whole tensor: a quarter of quantize()'s time saved. The Triton
+    # kernel's max may drop NaN, so GPU weights are checked directly (cheap there).
+    finite = torch.isfinite(absmax if weight.device.type == "cpu" else weight).all()
+    if not bool(finite):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(
+            f"weight has {bad} NaN/Inf value(s); 4-bit quantization needs finite values"
+        )
+
+
 def quantize(
     weight: torch.Tensor,
     quant_type: str = "nf4",
@@ -397,13 +411,9 @@ def quantize(
     _check_choice("quant_storage", quant_storage, STORAGE_DTYPES)
     if weight.numel() == 0:
         raise ValueError("cannot quantize an empty tensor")
-    if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
-        bad = int((~torch.isfinite(weight)).sum())
-        raise ValueError(
-            f"weight has {bad} NaN/Inf value(s); 4-bit quantization needs finite values"
-        )
     code = code_table(quant_type, weight.device)
     packed, absmax = quantize_4bit(weight.detach(), code, blocksize)
+    _check_finite(weight, absmax)
     nested_absmax = nested_code = offset = None
     if double_quant:
         offset = absmax.mean()

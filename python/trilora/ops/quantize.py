@@ -65,7 +65,11 @@ def quantize_4bit_reference(
     order = torch.argsort(code)
     sorted_code = code[order]
     bounds = (sorted_code[:-1] + sorted_code[1:]) / 2
-    q = order[torch.bucketize(scaled, bounds)].to(torch.uint8)
+    q = torch.bucketize(scaled, bounds, out_int32=True)
+    # NF4's table is sorted, so its order is the identity and the remap can be skipped.
+    if not torch.equal(order, torch.arange(16, device=order.device)):
+        q = order[q]
+    q = q.to(torch.uint8)
     packed = (q[0::2] << 4) | q[1::2]
     return packed, absmax
 
