@@ -228,13 +228,32 @@ class Linear4bit(nn.Linear):
 
     # --- compute ------------------------------------------------------------------------
 
-    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        return x.dtype if self.compute_dtype is None else self.compute_dtype
+    def lora_forward(
+        self,
+        x: torch.Tensor,
+        lora_a: torch.Tensor | None = None,
+        lora_b: torch.Tensor | None = None,
+        scale: float = 1.0,
+        dropout_p: float = 0.0,
+        training: bool | None = None,
+    ) -> torch.Tensor:
+        """This layer plus one LoRA adapter, in one fused op.
+
+        ``x`` ``[..., in]`` runs in ``compute_dtype`` (``x.dtype`` when None) and the result
+        comes back as ``x.dtype``; ``lora_a`` ``[r, in]``, ``lora_b`` ``[out, r]``. Dropout
+        with probability ``dropout_p`` applies to the LoRA branch when ``training`` (default:
+        this module's mode).
+        """
+        cdt = x.dtype if self.compute_dtype is None else self.compute_dtype
+        bias = None if self.bias is None else self.bias.to(cdt)
+        y = qlora_linear(
+            x.to(cdt), self.quantized_weight(), lora_a, lora_b, scale, bias,
+            dropout_p=dropout_p, training=self.training if training is None else training,
+        )  # fmt: skip
+        return y.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cdt = self._compute_dtype(x)
-        bias = None if self.bias is None else self.bias.to(cdt)
-        return qlora_linear(x.to(cdt), self.quantized_weight(), bias=bias).to(x.dtype)
+        return self.lora_forward(x)
 
     def extra_repr(self) -> str:
         return (
@@ -327,13 +346,7 @@ class QLoraLinear(Linear4bit):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cdt = self._compute_dtype(x)
-        bias = None if self.bias is None else self.bias.to(cdt)
-        y = qlora_linear(
-            x.to(cdt), self.quantized_weight(), self.lora_A, self.lora_B, self.scaling, bias,
-            dropout_p=self.lora_dropout, training=self.training,
-        )  # fmt: skip
-        return y.to(x.dtype)
+        return self.lora_forward(x, self.lora_A, self.lora_B, self.scaling, self.lora_dropout)
 
     def extra_repr(self) -> str:
         return (

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from trilora.nn import Linear4bit, QLoraLinear
-from trilora.ops.qlora_linear import qlora_linear
 from trilora.quant import BLOCKSIZES, QUANT_TYPES
 
 try:  # PEFT is a dependency, but keep `import trilora.peft` failing with a clear message.
@@ -296,13 +295,10 @@ class TriloraLoraLayer(nn.Module, LoraLayer):
         if not active:
             return base(x, *args, **kwargs)
         first, rest = active[0], active[1:]
-        cdt = x.dtype if base.compute_dtype is None else base.compute_dtype
-        lora_a, lora_b = self.lora_A[first].weight, self.lora_B[first].weight
-        bias = None if base.bias is None else base.bias.to(cdt)
-        y = qlora_linear(
-            x.to(cdt), base.quantized_weight(), lora_a, lora_b, self.scaling[first], bias,
-            dropout_p=_dropout_p(self.lora_dropout[first]), training=self.training,
-        ).to(x.dtype)  # fmt: skip
+        y = base.lora_forward(
+            x, self.lora_A[first].weight, self.lora_B[first].weight, self.scaling[first],
+            _dropout_p(self.lora_dropout[first]), self.training,
+        )  # fmt: skip
         for name in rest:
             a = self.lora_A[name]
             out = (
