@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -270,8 +271,12 @@ def _checkpointed_forward(orig, state: CheckpointState, index: int, last: bool, 
     if not state.offload or last or hidden is None:
         return checkpoint(run, *args, use_reentrant=False)
 
+    # A weak reference: autograd keeps the pack hook alive with the saved tensor, and a
+    # strong reference here would pin the very device tensor being offloaded.
+    target = weakref.ref(hidden)
+
     def pack(t):
-        return state.pack(index, t) if t is hidden else t
+        return state.pack(index, t) if t is target() else t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, state.unpack):
         return checkpoint(run, *args, use_reentrant=False)
