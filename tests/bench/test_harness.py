@@ -249,7 +249,7 @@ def test_bad_rows_flags_failures_and_non_finite_values():
 
 
 def test_cli_writes_json_csv_report(tmp_path):
-    rc = main(["bench", "--level", "mem", "--out", str(tmp_path), "--check"])
+    rc = main(["bench", "--level", "mem", "--quick", "--out", str(tmp_path), "--check"])
     assert rc == 0
     payload = json.loads((tmp_path / "latest.json").read_text())
     assert payload["meta"]["env"]["torch"] == torch.__version__

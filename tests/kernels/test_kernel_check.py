@@ -35,7 +35,10 @@ def test_aot_subset_compiles_without_spills(filt):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in expected:
         kernel, _, config = name.partition("[")
-        rows = [line for line in proc.stdout.splitlines() if kernel in line and config[:-1] in line]
+        # exact columns: "fp16,bs4096" must not also count the "fp16,bs4096,partial" rows
+        rows = [
+            line for line in proc.stdout.splitlines() if line.split()[:2] == [kernel, config[:-1]]
+        ]
         assert len(rows) == 2, (name, proc.stdout)  # one row per arch
 
 
@@ -59,7 +62,7 @@ from trilora.kernels import AotSpec
 from trilora.kernels.quantize import AOT_SPECS
 
 base = next(s for s in AOT_SPECS if s.name.startswith("_dequantize_4bit_kernel"))
-spec = AotSpec("oversized", base.fn, base.signature, {**base.constexprs, "PAIRS": 1 << 16},
+spec = AotSpec("oversized", base.fn, base.signature, {**base.constexprs, "PAIRS": 1 << 12},
                {**base.options, "num_warps": 1})
 r = check_spec(spec, int(sys.argv[1]))
 print(r.ok, r.registers, r.spill_bytes, r.shared_bytes, r.error)
@@ -68,7 +71,8 @@ sys.exit(0 if not r.ok else 3)
 
 
 def test_oversized_config_is_reported():
-    # 65536 bytes per program on one warp: 2048 values per thread cannot fit in registers.
+    # 4096 bytes per program on one warp: 256 values per thread cannot fit in registers
+    # (measured: 255 registers and 1360 spilled bytes on sm_90), and it compiles in seconds.
     proc = subprocess.run(
         [sys.executable, "-c", _OVERSIZED, "90"],
         env=_env(),

@@ -94,12 +94,39 @@ def dequantize_4bit_reference(
     # costing twice a same-sized GEMM and costing a fraction of one.
     byte = torch.arange(256, device=code.device)
     pairs = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1).float()
-    values = pairs.index_select(0, packed.int()).view(-1)[:n]
-    full = n // blocksize
-    values[: full * blocksize].view(full, blocksize).mul_(scale[:full, None])
-    if full < scale.numel():
-        values[full * blocksize :].mul_(scale[full])
-    return values.view(shape).to(dtype)
+    if dtype == torch.float32 or packed.numel() <= _DEQUANT_CHUNK_BYTES:
+        values = pairs.index_select(0, packed.int()).view(-1)[:n]
+        _scale_blocks(values, scale, blocksize, 0)
+        return values.view(shape).to(dtype)
+    # A narrower output goes through an fp32 scratch that stays in cache: two full-size
+    # temporaries (the fp32 values and the index) cost more in page faults than the math.
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    index = torch.empty(_DEQUANT_CHUNK_BYTES, dtype=torch.int32, device=packed.device)
+    scratch = torch.empty(2 * _DEQUANT_CHUNK_BYTES, dtype=torch.float32, device=packed.device)
+    for b0 in range(0, packed.numel(), _DEQUANT_CHUNK_BYTES):
+        b1 = min(b0 + _DEQUANT_CHUNK_BYTES, packed.numel())
+        idx = index[: b1 - b0]
+        idx.copy_(packed[b0:b1])
+        e0, e1 = 2 * b0, min(2 * b1, n)
+        values = torch.index_select(pairs, 0, idx, out=scratch[: 2 * (b1 - b0)].view(-1, 2))
+        values = values.view(-1)[: e1 - e0]
+        _scale_blocks(values, scale, blocksize, e0)
+        out[e0:e1].copy_(values)
+    return out.view(shape)
+
+
+# 64 Ki bytes (128 Ki values): a multiple of every blocksize, and a scratch that fits L2.
+_DEQUANT_CHUNK_BYTES = 1 << 16
+
+
+def _scale_blocks(values: torch.Tensor, scale: torch.Tensor, blocksize: int, start: int) -> None:
+    """Multiply ``values`` (flat elements ``start ...``, ``start`` block-aligned) by their
+    blocks' scales in place."""
+    first = start // blocksize
+    full = values.numel() // blocksize
+    values[: full * blocksize].view(full, blocksize).mul_(scale[first : first + full, None])
+    if full * blocksize < values.numel():
+        values[full * blocksize :].mul_(scale[first + full])
 
 
 def dequantize_absmax(
