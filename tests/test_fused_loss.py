@@ -73,3 +73,24 @@ def test_unsupported_head_falls_back(seed):
         assert not enable_fused_cross_entropy(model)
     with pytest.raises(TypeError, match="get_output_embeddings"):
         enable_fused_cross_entropy(torch.nn.Linear(2, 2))
+
+
+def test_patched_peft_model_trains_without_logits(seed):
+    """trilora.get_peft_model wires the fused loss in: no logits in training, same loss."""
+    import trilora
+
+    model = _tiny_llama(seed)
+    ids = torch.randint(0, 151, (2, 13))
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    pm = trilora.get_peft_model(model, cfg, compute_dtype=torch.float32)
+    pm.train()
+    train_out = pm(input_ids=ids, labels=ids)
+    assert train_out.logits is None
+    pm.eval()  # no dropout here, so eval computes the same function through the full logits
+    eval_out = pm(input_ids=ids, labels=ids)
+    assert eval_out.logits is not None and eval_out.logits.shape == (2, 13, 151)
+    torch.testing.assert_close(train_out.loss, eval_out.loss, rtol=1e-5, atol=1e-6)
+    off = trilora.get_peft_model(_tiny_llama(seed), cfg, fused_cross_entropy=False).train()
+    assert off(input_ids=ids, labels=ids).logits is not None

@@ -5,8 +5,8 @@ class) so that, when ``labels`` are given, the output head is bypassed: its inpu
 hidden states) is captured, the model's own forward runs to the end with a zero-width stand-in
 for the logits, and the loss is computed by :func:`trilora.ops.linear_cross_entropy.
 linear_cross_entropy` from the hidden states and the head's weight. Full ``[tokens, vocab]``
-logits never exist; the output's ``logits`` is None. Without labels (generation, eval of
-logits) the model is untouched.
+logits never exist; the output's ``logits`` is None. Without labels (generation), or in eval
+mode (metrics need logits), the model's standard forward runs.
 
 Nothing is model-specific: the head is ``get_output_embeddings()``, and a PeftModel is
 unwrapped with ``get_base_model()`` (PEFT's forward calls the base model's forward, so the
@@ -70,9 +70,12 @@ def _unsupported(lm: nn.Module, head: nn.Module | None) -> str | None:
 
 
 def _fused_forward(orig, lm: nn.Module, z_loss: float, chunk_size: int | None, *args, **kwargs):
-    labels = kwargs.pop("labels", None)
-    if labels is None:
+    labels = kwargs.get("labels")
+    if labels is None or not lm.training:
+        # generation and evaluation keep real logits (metrics need them); memory is a
+        # training-step problem
         return orig(*args, **kwargs)
+    kwargs.pop("labels")
     head = lm.get_output_embeddings()
     captured: list[torch.Tensor] = []
 
@@ -130,7 +133,7 @@ def enable_fused_cross_entropy(
         True if the fused loss is installed; False (with a warning) if the model's head or
         config needs the standard path (see the module docstring).
 
-    When ``labels`` are passed, the output's ``loss`` is the mean cross-entropy over
+    When ``labels`` are passed in training mode, the output's ``loss`` is the mean cross-entropy over
     non-ignored tokens (shifted, Hugging Face convention; ``num_items_in_batch`` is honored)
     and ``logits`` is None. Undo with :func:`disable_fused_cross_entropy`.
     """
@@ -143,7 +146,14 @@ def enable_fused_cross_entropy(
         return False
     disable_fused_cross_entropy(model)
     orig = type(lm).forward.__get__(lm)
-    lm.forward = functools.partial(_fused_forward, orig, lm, float(z_loss), chunk_size)
+
+    # wraps() keeps the original signature visible: transformers.Trainer drops every dataset
+    # column that forward()'s signature does not name.
+    @functools.wraps(orig)
+    def forward(*args, **kwargs):
+        return _fused_forward(orig, lm, float(z_loss), chunk_size, *args, **kwargs)
+
+    lm.forward = forward
     lm._trilora_fused_ce = True
     return True
 

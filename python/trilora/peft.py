@@ -337,7 +337,8 @@ def _lora_configs(peft_model: PeftModel) -> dict[str, LoraConfig]:
 
 
 def patch(peft_model: PeftModel, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-          compute_dtype: torch.dtype | None = torch.bfloat16) -> PeftModel:  # fmt: skip
+          compute_dtype: torch.dtype | None = torch.bfloat16,
+          fused_cross_entropy: bool = True) -> PeftModel:  # fmt: skip
     """Swap trilora in as the compute backend of a PEFT LoRA model, in place.
 
     Every LoRA layer becomes a :class:`TriloraLoraLayer` with the same adapter modules, so
@@ -346,6 +347,11 @@ def patch(peft_model: PeftModel, quant_type: str = "nf4", blocksize: int = 64, d
     their bytes; targeted plain ``nn.Linear`` base layers are quantized with the given
     options (``compute_dtype`` also applies to them only). Idempotent: call it again after
     ``load_adapter`` adds LoRA layers on modules that had none.
+
+    With ``fused_cross_entropy`` (default) a causal LM computes its training loss straight
+    from the final hidden states (:func:`trilora.fused_loss.enable_fused_cross_entropy`): in
+    training mode with ``labels``, full ``[tokens, vocab]`` logits never exist and the
+    output's ``logits`` is None. Eval mode and calls without labels are unchanged.
 
     Returns:
         ``peft_model`` itself.
@@ -383,18 +389,23 @@ def patch(peft_model: PeftModel, quant_type: str = "nf4", blocksize: int = 64, d
             root.set_submodule(name, _bnb_to_trilora(module))
     for cfg in configs.values():
         _register(cfg, options)
+    if fused_cross_entropy and callable(getattr(root, "get_output_embeddings", None)):
+        from trilora.fused_loss import enable_fused_cross_entropy
+
+        enable_fused_cross_entropy(peft_model)
     return peft_model
 
 
 def get_peft_model(model: nn.Module, lora_config: LoraConfig, adapter_name: str = "default",
                    quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                   compute_dtype: torch.dtype | None = torch.bfloat16, **kwargs) -> PeftModel:  # fmt: skip
+                   compute_dtype: torch.dtype | None = torch.bfloat16, fused_cross_entropy: bool = True,
+                   **kwargs) -> PeftModel:  # fmt: skip
     """``peft.get_peft_model`` with trilora LoRA layers.
 
     ``model``'s targeted linear layers may be trilora or bitsandbytes ``Linear4bit`` or plain
     ``nn.Linear`` (quantized with the given options). ``lora_config`` is registered with
     :class:`TriloraLoraLayer` through ``LoraConfig._register_custom_module``; ``kwargs`` go
-    to ``peft.get_peft_model``.
+    to ``peft.get_peft_model``; ``fused_cross_entropy`` is as in :func:`patch`.
 
     Raises:
         UnsupportedLoraSetting: ``lora_config`` uses a setting trilora does not implement.
@@ -402,7 +413,9 @@ def get_peft_model(model: nn.Module, lora_config: LoraConfig, adapter_name: str 
     check_lora_config(lora_config)
     _register(lora_config, QuantOptions(quant_type, blocksize, double_quant, compute_dtype))
     peft_model = _peft_get_peft_model(model, lora_config, adapter_name=adapter_name, **kwargs)
-    return patch(peft_model, quant_type, blocksize, double_quant, compute_dtype)
+    return patch(
+        peft_model, quant_type, blocksize, double_quant, compute_dtype, fused_cross_entropy
+    )
 
 
 def lora_scale(r: int, lora_alpha: float, use_rslora: bool) -> float:
