@@ -7,7 +7,7 @@ The package spans three source roots: ``python/trilora`` (the library), ``kernel
 
 from setuptools import find_packages, setup
 
-packages = find_packages("python") + ["trilora.kernels", "trilora.bench"]
+packages = [*find_packages("python"), "trilora.kernels", "trilora.bench"]
 setup(
     packages=packages,
     package_dir={"": "python", "trilora.kernels": "kernels", "trilora.bench": "bench"},
