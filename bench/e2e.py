@@ -8,8 +8,8 @@ under the same seed, then trained on the same token batches with the same optimi
 
 * ``bnb_peft``: that PEFT model as it is (transformers + bitsandbytes + PEFT).
 * ``trilora``: the same PEFT model after ``trilora.patch`` (the drop-in backend), which
-  swaps every bitsandbytes LoRA layer for trilora's fused one. Until ``trilora.patch``
-  exists, :func:`bench_patch` does the same swap here, and the rows say so.
+  swaps every bitsandbytes LoRA layer for trilora's fused one (same 4-bit bytes, same
+  adapter parameters) and computes the loss with the fused linear cross-entropy.
 
 Gradient checkpointing is on for both by default (the usual QLoRA recipe); the optimizer
 is bitsandbytes' ``paged_adamw_8bit`` on CUDA and ``torch.optim.AdamW`` on a CPU, where
@@ -154,44 +154,6 @@ def _load_peft_model(plan: E2EPlan, path: Path, device: torch.device) -> nn.Modu
         return get_peft_model(model, lcfg)
 
 
-def bench_patch(peft_model: nn.Module, compute_dtype: torch.dtype) -> int:
-    """Swap every PEFT LoRA layer over a bitsandbytes ``Linear4bit`` for a
-    :class:`trilora.QLoraLinear` that wraps the same 4-bit bytes (no re-quantization) and
-    the same LoRA parameters; returns how many layers were swapped.
-
-    Stand-in for ``trilora.patch`` until that lands: the swapped model computes what the
-    PEFT one did, through trilora's op.
-    """
-    import bitsandbytes as bnb
-
-    from trilora.nn import QLoraLinear
-    from trilora.quant import QuantizedWeight
-
-    swaps = []
-    for name, module in peft_model.named_modules():
-        base = getattr(module, "base_layer", None)
-        if (
-            isinstance(base, bnb.nn.Linear4bit)
-            and hasattr(module, "lora_A")
-            and "default" in module.lora_A
-        ):
-            swaps.append((name, module, base))
-    for name, module, base in swaps:
-        qw = QuantizedWeight.from_bnb(base.weight, base.weight.quant_state)
-        layer = QLoraLinear.from_quantized(qw, base.bias, compute_dtype)
-        layer.r = module.r["default"]
-        layer.lora_alpha = module.lora_alpha["default"]
-        layer.lora_dropout = 0.0
-        layer.use_rslora = False
-        layer.scaling = module.scaling["default"]
-        # Share the very Parameters PEFT created, so both providers train identical adapters.
-        layer.lora_A = module.lora_A["default"].weight
-        layer.lora_B = module.lora_B["default"].weight
-        parent_name, _, child = name.rpartition(".")
-        setattr(peft_model.get_submodule(parent_name), child, layer)
-    return len(swaps)
-
-
 def _make_provider(
     provider: str, plan: E2EPlan, path: Path, device: torch.device
 ) -> tuple[nn.Module, str]:
@@ -200,20 +162,9 @@ def _make_provider(
         return model, "transformers + bitsandbytes 4-bit + PEFT"
     import trilora
 
-    try:
-        patch = trilora.patch
-    except (AttributeError, ImportError):
-        patch = None
-    if patch is not None:
-        patched = patch(model)
-        return (patched if patched is not None else model), "trilora.patch(peft_model)"
-    n = bench_patch(model, plan.dtype)
-    if n == 0:
-        raise RuntimeError("found no bitsandbytes LoRA layers to swap for trilora layers")
-    return (
-        model,
-        f"bench stand-in for trilora.patch ({n} layers swapped; trilora.peft not yet available)",
-    )
+    # trilora's drop-in path: the same PEFT model, its LoRA layers swapped in place (same
+    # 4-bit bytes, same adapter parameters), fused cross-entropy on.
+    return trilora.patch(model), "trilora.patch(peft_model)"
 
 
 def _optimizer(plan: E2EPlan, params: list[torch.Tensor]) -> torch.optim.Optimizer:
