@@ -1,4 +1,8 @@
-"""trilora mem: fake-tensor traces against real CPU runs, extrapolation, search, CLI, errors."""
+"""trilora mem: fake-tensor traces against real CPU runs, extrapolation, search, CLI, errors.
+
+Every trace here is of a tiny Llama (a few seconds each on 2 cores); full-size traces
+belong in bench/results/mem, not in tests.
+"""
 
 import json
 from dataclasses import replace
@@ -8,9 +12,11 @@ import pytest
 from trilora.cli import main
 from trilora.memory import bench_cases
 from trilora.memory.profiler import (
+    EXTRAPOLATE_LAYERS,
     MemOptions,
     _extrapolate,
     find_max,
+    largest_fitting,
     load_config,
     preset_names,
     profile,
@@ -19,7 +25,7 @@ from trilora.memory.profiler import (
 
 TINY = dict(
     model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096,
+    num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=8192,
 )  # fmt: skip
 
 
@@ -31,7 +37,7 @@ def tiny():
 @pytest.mark.parametrize(
     "opts",
     [
-        MemOptions(seq_len=256, batch=2, r=8, offload=False, mlp_chunks=2),
+        MemOptions(seq_len=256, batch=2, r=8, offload=False, mlp_chunks=2, offload_embeddings=True),
         MemOptions(seq_len=128, batch=1, r=4, checkpointing=False, offload=False, mlp_chunks=None),
     ],
 )
@@ -41,47 +47,74 @@ def test_fake_trace_matches_real_cpu_step(tiny, opts):
     real = profile_trilora(tiny, opts, fake=False)
     assert abs(predicted.traced_peak - real.traced_peak) <= 0.05 * real.traced_peak
     assert predicted.categories["activations"] > 0 and predicted.categories["optimizer_state"] > 0
+    assert predicted.host_embedding == real.host_embedding
 
 
 def test_depth_extrapolation_matches_full_trace(tiny):
-    opts = MemOptions(seq_len=256, r=8)
-    full = profile_trilora(tiny, opts, 4)
-    ext = _extrapolate(profile_trilora(tiny, opts, 2), profile_trilora(tiny, opts, 3), 4)
+    # Layers 3 and 4 are past the boundary effects of offload (the last layer is never
+    # offloaded, the one before it has no prefetch); 5 layers checks the extrapolation.
+    la, lb = EXTRAPOLATE_LAYERS
+    opts = MemOptions(seq_len=1024, r=8, mlp_chunks=2)
+    full = profile_trilora(tiny, opts, lb + 1)
+    ext = _extrapolate(profile_trilora(tiny, opts, la), profile_trilora(tiny, opts, lb), lb + 1)
     assert abs(ext.total - full.total) <= 0.01 * full.total
-    assert ext.host_pinned == full.host_pinned
+    assert ext.host_pinned == full.host_pinned == lb * 1024 * TINY["hidden_size"] * 2
 
 
 def test_offload_chunks_and_fused_loss_reduce_memory(tiny):
-    t, h = 512, TINY["hidden_size"]
-    best = profile_trilora(tiny, MemOptions(seq_len=t, r=8))
-    # every layer input but the last sits in host memory (bf16)
+    t, h, v = 512, TINY["hidden_size"], TINY["vocab_size"]
+    best = profile_trilora(tiny, MemOptions(seq_len=t, r=8, offload_embeddings=True))
+    # every layer input but the last sits in host memory (bf16), and so does the table
     assert best.host_pinned == (TINY["num_hidden_layers"] - 1) * t * h * 2
+    assert best.host_embedding == v * h * 2
     no_offload = profile_trilora(tiny, MemOptions(seq_len=t, r=8, offload=False))
     plain = profile_trilora(
         tiny, MemOptions(seq_len=t, r=8, offload=False, mlp_chunks=None, fused_ce=False)
     )
-    assert no_offload.host_pinned == 0
+    assert no_offload.host_pinned == 0 and no_offload.host_embedding == 0
+    assert best.categories["other_frozen"] == no_offload.categories["other_frozen"] - v * h * 2
     # tiny model: the layer inputs are a small share of the peak, so offload only must not hurt
     assert best.traced_peak <= 1.02 * no_offload.traced_peak
     assert no_offload.traced_peak < plain.traced_peak
     base = profile(
-        tiny, MemOptions(seq_len=t, r=8, offload=False, mlp_chunks=None, fused_ce=False), "bnb+peft"
+        tiny, MemOptions(seq_len=t, r=8, offload=False, mlp_chunks=None, fused_ce=False), "bnb_peft"
     )
     assert base.traced_peak > plain.traced_peak * 0.9  # real bitsandbytes + PEFT code ran
     assert base.categories["lora_params"] == best.categories["lora_params"]
 
 
+@pytest.mark.parametrize("guess", [1, 40, 97, 5000])
+@pytest.mark.parametrize("curve", ["affine", "convex", "steps"])
+def test_largest_fitting_is_exact(curve, guess):
+    # Pure search logic on closed-form curves of the shapes traces have.
+    fn = {
+        "affine": lambda x: 1000 + 37 * x,
+        "convex": lambda x: 1000 + 3 * x + x * x // 50,
+        "steps": lambda x: 1000 + 30 * x + (5000 if x > 64 else 0),
+    }[curve]
+    budget = 9000
+    calls = []
+    v, seen = largest_fitting(lambda x: calls.append(x) or fn(x), budget, 8, guess)
+    brute = max(x for x in range(8, 10000, 8) if fn(x) <= budget)
+    assert v == brute and v + 8 in seen and len(calls) <= 16
+    assert largest_fitting(fn, 10, 8, guess)[0] == 0
+
+
 def test_budget_search(tiny):
-    opts = MemOptions(seq_len=2, r=8)
-    small = profile(tiny, replace(opts, seq_len=1024)).total
-    value, rep = find_max(tiny, opts, small + 1, multiple=512)
-    assert value >= 1024 and rep.total <= small + 1
-    assert profile(tiny, replace(opts, seq_len=value + 512)).total > small + 1
+    opts = MemOptions(seq_len=1024, r=8, offload_embeddings=True)
+    budget = profile(tiny, opts).total + 1
+    value, rep = find_max(tiny, opts, budget, multiple=512)
+    info = rep.options["search"]
+    # the answer's full-depth trace fits and the next step up's does not
+    assert value >= 1024 and rep.total <= budget and rep.options["seq_len"] == value
+    assert info["next_value"] == value + 512 and info["next_total"] > budget
     with pytest.raises(ValueError, match="minimum budget"):
         find_max(tiny, opts, 1000)
+    with pytest.raises(ValueError, match="'seq_len' or 'batch'"):
+        find_max(tiny, opts, budget, search="tokens")
 
 
-def test_bad_inputs(tmp_path):
+def test_bad_inputs(tmp_path, tiny):
     with pytest.raises(ValueError, match=r"known presets: .*llama-3\.1-8b"):
         load_config("llama-9")
     bad = dict(TINY)
@@ -89,36 +122,54 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="'intermediate_size'"):
         load_config(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_config(tmp_path / "config.json")
     assert {"llama-3.1-8b", "llama-3.1-70b", "qwen2.5-7b", "mistral-7b"} <= set(preset_names())
     for name in preset_names():
         cfg = load_config(name)
         assert cfg.num_hidden_layers > 0
+    with pytest.raises(ValueError, match="provider must be one of"):
+        profile(tiny, MemOptions(), "bnb+peft")
+    with pytest.raises(ValueError, match="seq_len >= 2"):
+        profile(tiny, MemOptions(seq_len=1))
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        profile(tiny, MemOptions(optimizer="sgd"))
 
 
 def test_cli(tmp_path, capsys):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(TINY))
     out = tmp_path / "r.json"
-    assert (
-        main(["mem", str(cfg), "--seq-len", "128", "-r", "8", "--baseline", "--json", str(out)])
-        == 0
-    )
+    argv = ["mem", str(cfg), "--seq-len", "64", "-r", "8", "--baseline", "--offload-embeddings"]
+    assert main([*argv, "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "bnb+peft" in text and "pinned host memory" in text
+    assert "bnb_peft" in text and "pinned host memory" in text and "host embedding table" in text
     data = json.loads(out.read_text())
-    assert [r["provider"] for r in data["reports"]] == ["trilora", "bnb+peft", "bnb+peft"]
+    assert [r["provider"] for r in data["reports"]] == ["trilora", "bnb_peft", "bnb_peft"]
+    assert data["reports"][0]["host_embedding"] == TINY["vocab_size"] * TINY["hidden_size"] * 2
     png = tmp_path / "s.png"
     assert main(["mem", str(cfg), "--sweep", "64,128", "--plot", str(png)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert main(["mem", "no-such-model"]) == 2
     assert "known presets" in capsys.readouterr().err
     assert main(["mem", str(cfg), "--budget", "1MiB"]) == 2
+    assert "minimum budget" in capsys.readouterr().err
 
 
 def test_bench_cases_quick():
     rows = bench_cases(quick=True)
-    assert {r["provider"] for r in rows} == {"trilora", "bnb+peft"}
+    assert {r["provider"] for r in rows} == {"trilora", "bnb_peft"}
+    assert len({r["seq_len"] for r in rows}) >= 2
     for r in rows:
-        assert set(r) == {"case", "metric", "provider", "value", "unit"} and r["value"] >= 0
-    peak = {r["provider"]: r["value"] for r in rows if r["metric"] == "peak_device_memory"}
-    assert peak["trilora"] < peak["bnb+peft"]
+        assert {"case", "metric", "provider", "value", "unit", "seq_len"} <= set(r)
+        assert r["value"] >= 0
+    peak = {
+        (r["provider"], r["seq_len"]): r["value"]
+        for r in rows
+        if r["metric"] == "peak_device_memory"
+    }
+    lens = sorted({t for _, t in peak})
+    for t in lens:
+        assert peak["trilora", t] < peak["bnb_peft", t]
+    assert peak["trilora", lens[0]] < peak["trilora", lens[-1]]

@@ -159,9 +159,15 @@ def profile_bnb_peft(
     if opts.optimizer == "paged_adamw_8bit":
         categories["optimizer_state"] = _paged_8bit_state(params)
     return MemReport(
-        provider="bnb+peft",
+        provider="bnb_peft",
         model=name,
-        options={**asdict(opts), "offload": False, "mlp_chunks": None, "fused_ce": False},
+        options={
+            **asdict(opts),
+            "offload": False,
+            "mlp_chunks": None,
+            "fused_ce": False,
+            "offload_embeddings": False,
+        },
         categories=categories,
         overheads=_overheads(categories),
         host_pinned=0,

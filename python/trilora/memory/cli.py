@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -44,6 +45,8 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--mlp-chunks", type=int, default=8, help="MLP sequence chunks (0: off)")
     p.add_argument("--no-fused-ce", action="store_true", help="materialize logits (stock loss)")
+    p.add_argument("--offload-embeddings", action="store_true",
+                   help="keep the frozen input-embedding table in host memory (trilora.offload)")  # fmt: skip
     p.add_argument("--pin-memory-budget", type=parse_bytes, default=None)
     p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     p.add_argument(
@@ -70,6 +73,7 @@ def options_from_args(args):
         seq_len=args.seq_len, batch=args.batch, r=args.rank, lora_alpha=args.alpha, targets=targets,
         optimizer=args.optimizer, checkpointing=not args.no_checkpointing, offload=not args.no_offload,
         mlp_chunks=args.mlp_chunks or None, fused_ce=not args.no_fused_ce,
+        offload_embeddings=args.offload_embeddings,
         pin_memory_budget=args.pin_memory_budget, dtype=args.dtype,
     )  # fmt: skip
 
@@ -102,6 +106,11 @@ def format_reports(reports) -> str:
     lines.append(
         f"{'pinned host memory':<30}" + "".join(f"{_gib(r.host_pinned):>{width}}" for r in reports)
     )
+    if any(r.host_embedding for r in reports):
+        lines.append(
+            f"{'host embedding table':<30}"
+            + "".join(f"{_gib(r.host_embedding):>{width}}" for r in reports)
+        )
     return "\n".join(lines)
 
 
@@ -125,6 +134,12 @@ def run(args) -> int:
             return 2
         print(f"largest {args.search} within {args.budget / GiB:.2f} GiB: {value}")
         if rep is not None:
+            info = rep.options["search"]
+            print(
+                f"full-depth traces: {value} -> {rep.total / GiB:.2f} GiB (fits); "
+                f"{info['next_value']} -> {info['next_total'] / GiB:.2f} GiB (exceeds); "
+                f"depth-extrapolated search answered {info['extrapolated_answer']}"
+            )
             print(format_reports([rep]))
             out["search"] = {
                 "budget": args.budget,
@@ -144,9 +159,11 @@ def run(args) -> int:
     else:
         reps = [profile(config, opts, name=name)]
         if args.baseline:
-            base = replace(opts, offload=False, mlp_chunks=None, fused_ce=False)
-            reps.append(profile(config, base, "bnb+peft", name=name))
-            reps.append(profile(config, replace(base, checkpointing=False), "bnb+peft", name=name))
+            base = replace(
+                opts, offload=False, mlp_chunks=None, fused_ce=False, offload_embeddings=False
+            )
+            reps.append(profile(config, base, "bnb_peft", name=name))
+            reps.append(profile(config, replace(base, checkpointing=False), "bnb_peft", name=name))
         print(
             f"{name}: batch {opts.batch} x {opts.seq_len} tokens, LoRA r={opts.r}, {opts.optimizer}"
         )
@@ -160,9 +177,25 @@ def run(args) -> int:
                   f"(predicted traced peak {reps[0].traced_peak / GiB:.2f} GiB)")  # fmt: skip
             out["measured_max_memory_allocated"] = measured
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2, default=str)
+        write_json_atomic(args.json, out)
     return 0
+
+
+def write_json_atomic(path, data) -> None:
+    """Write ``data`` as JSON to ``path`` via a temporary file and rename (never half-written)."""
+    import os
+    import tempfile
+
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _plot(lens, reports, path, name) -> None:
@@ -181,5 +214,9 @@ def _plot(lens, reports, path, name) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    import os
+
+    tmp = f"{path}.tmp.png"  # matplotlib picks the format from the suffix
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
     plt.close(fig)

@@ -72,6 +72,7 @@ REQUIRED_FIELDS = (
     "vocab_size",
 )
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
+PROVIDERS = ("trilora", "bnb_peft")
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,6 +160,8 @@ class MemOptions:
     offload: bool = True
     mlp_chunks: int | None = 8
     fused_ce: bool = True
+    # the frozen input-embedding table stays in host memory (trilora.offload)
+    offload_embeddings: bool = False
     pin_memory_budget: int | None = None
     dtype: str = "bfloat16"
     blocksize: int = 64
@@ -191,6 +194,7 @@ class MemReport:
     layers_traced: int = 0
     layers: int = 0
     trace_seconds: float = 0.0
+    host_embedding: int = 0  # pageable host bytes of an offloaded input-embedding table
 
     @property
     def traced_peak(self) -> int:
@@ -428,6 +432,12 @@ def profile_trilora(
             state.simulate = fake
         if opts.fused_ce:
             enable_fused_cross_entropy(model)
+        host_embedding = 0
+        if opts.offload_embeddings:
+            from trilora.offload import offload_input_embeddings
+
+            if offload_input_embeddings(model) is not None:
+                host_embedding = _input_embedding_bytes(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, opts.optimizer)
         _init_optimizer_state(optimizer, params)
@@ -441,6 +451,9 @@ def profile_trilora(
 
         cats, by_module = track_step(model, optimizer, step)
     categories = _categorize(cats, static)
+    # The tracker sees the table as a parameter on the (fake) CPU device like every other
+    # tensor; offloaded, it is host memory.
+    categories["other_frozen"] -= host_embedding
     if opts.optimizer == "paged_adamw_8bit":
         categories["optimizer_state"] = _paged_8bit_state(params)
     categories["temporaries"] += _internal_scratch(model, opts)
@@ -455,7 +468,17 @@ def profile_trilora(
         layers_traced=layers,
         layers=layers,
         trace_seconds=time.perf_counter() - t0,
+        host_embedding=host_embedding,
     )
+
+
+def _input_embedding_bytes(model: nn.Module) -> int:
+    """Bytes of the input-embedding table, 0 when it is tied to the head (never offloaded)."""
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is emb.weight:
+        return 0
+    return _nbytes(emb.weight)
 
 
 def _paged_8bit_state(params) -> int:
@@ -516,21 +539,40 @@ def _extrapolate(a: MemReport, b: MemReport, layers: int) -> MemReport:
         categories=cats,
         overheads=_overheads(cats),
         host_pinned=max(0, lin(a.host_pinned, b.host_pinned)),
+        host_embedding=b.host_embedding,
         by_module={},
         layers=layers,
         trace_seconds=a.trace_seconds + b.trace_seconds,
     )
 
 
+# Layers traced for the depth extrapolation. Layers 0 .. n-3 are identical in what they
+# hold at the peak, but the last two are not: the last layer's input is never offloaded
+# and the layer before it is unpacked synchronously with no prefetch ahead of it, so a
+# 2-layer model lacks the prefetched input that every deeper model has at its peak. The
+# increment from 2 to 3 layers therefore overstates the per-layer cost (by one layer input
+# per layer, 11.9 GiB for Llama-3.1-8B at 50k tokens); from 3 to 4 it is exact.
+EXTRAPOLATE_LAYERS = (3, 4)
+
+
 def profile(
     config, opts: MemOptions, provider: str = "trilora", depth: str = "full", name: str = ""
 ) -> MemReport:
-    """Trace ``provider``'s step ("trilora" or "bnb+peft"); ``depth="extrapolate"`` traces 2 and 3 layers."""
+    """Trace ``provider``'s step ("trilora" or "bnb_peft").
+
+    ``depth="full"`` traces every layer; ``depth="extrapolate"`` traces
+    :data:`EXTRAPOLATE_LAYERS` (3 and 4) layers and extrapolates each category linearly.
+    """
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+    if depth not in ("full", "extrapolate"):
+        raise ValueError(f"depth must be 'full' or 'extrapolate', got {depth!r}")
     fn = profile_trilora if provider == "trilora" else _baseline_fn()
     layers = config.num_hidden_layers
-    if depth == "full" or layers <= 3:
+    la, lb = EXTRAPOLATE_LAYERS
+    if depth == "full" or layers <= lb:
         return fn(config, opts, None, name)
-    return _extrapolate(fn(config, opts, 2, name), fn(config, opts, 3, name), layers)
+    return _extrapolate(fn(config, opts, la, name), fn(config, opts, lb, name), layers)
 
 
 def _baseline_fn():
@@ -549,7 +591,75 @@ def minimum_bytes(config, opts: MemOptions) -> int:
         if opts.optimizer == "adamw"
         else _paged_8bit_state([p for p in model.parameters() if p.requires_grad])
     )
-    return sum(static.values()) + lora + opt + sum(OVERHEADS.values())
+    host = _input_embedding_bytes(model) if opts.offload_embeddings else 0
+    return sum(static.values()) - host + lora + opt + sum(OVERHEADS.values())
+
+
+def largest_fitting(
+    fn, budget: int, step: int, guess: int, limit: int = 2**24
+) -> tuple[int, dict[int, int]]:
+    """Largest multiple ``v`` of ``step`` with ``fn(v) <= budget``, for a nondecreasing ``fn``.
+
+    ``fn`` maps a value to bytes and is expensive (a trace), so the search interpolates
+    linearly between the closest fitting and non-fitting values (peak memory is close to
+    piecewise affine in the sequence length and batch) and bisects when interpolation
+    stalls. It stops only when ``v`` fits and ``v + step`` does not (both evaluated), or at
+    ``limit``. Returns ``(v, {value: bytes evaluated})``; ``v`` is 0 if ``step`` does not fit.
+    """
+    seen: dict[int, int] = {}
+
+    def f(v: int) -> int:
+        if v not in seen:
+            seen[v] = fn(v)
+        return seen[v]
+
+    def snap(v: float) -> int:
+        return max(step, int(v) // step * step)
+
+    lo, hi = 0, None  # lo fits (0: nothing fits yet), hi does not fit
+    g = snap(guess)
+    interpolated = False  # was g an interpolated guess
+    rounds = 0
+    while True:
+        g = min(g, limit)
+        fits = f(g) <= budget
+        if fits:
+            lo = g
+            if g >= limit:
+                return lo, seen
+        else:
+            hi = g
+        if hi is not None and hi - lo <= step:
+            return lo, seen
+        if hi is None:
+            # Nothing too big yet: extrapolate upward from the two largest points (all fit).
+            xs = sorted(seen)
+            if len(xs) < 2:
+                # One point: its next step up (ends it when the guess was the answer).
+                g = lo + step
+            elif seen[xs[-1]] > seen[xs[-2]]:
+                slope = (seen[xs[-1]] - seen[xs[-2]]) / (xs[-1] - xs[-2])
+                g = snap(xs[-1] + (budget - seen[xs[-1]]) / slope) + step
+            else:
+                g = 2 * lo
+            g = max(g, lo + step)
+            continue
+        if lo == 0:
+            g = snap(hi / 2)
+            if g >= hi:
+                return 0, seen
+            continue
+        if fits and interpolated:
+            # An interpolated guess fits: the next step up usually does not, which ends it.
+            g, interpolated = lo + step, False
+            continue
+        rounds += 1
+        slope = (seen[hi] - seen[lo]) / (hi - lo)
+        if rounds > 3 or slope <= 0:
+            g, interpolated, rounds = snap((lo + hi) / 2), False, 0  # stalled: bisect
+        else:
+            g, interpolated = snap(lo + (budget - seen[lo]) / slope), True
+        g = min(max(g, lo + step), hi - step)
 
 
 def find_max(
@@ -563,10 +673,18 @@ def find_max(
 ) -> tuple[int, MemReport | None]:
     """Largest ``seq_len`` (or ``batch``) whose step fits ``budget`` bytes, and its full-depth report.
 
+    The search runs on depth-extrapolated traces (:data:`EXTRAPOLATE_LAYERS`), then the
+    answer is re-searched on full-depth traces seeded with it, so the returned value is
+    exact at the precision ``multiple`` (1 for batch): its full-depth trace fits and the
+    full-depth trace of ``value + multiple`` does not (that report's total is stored as
+    ``next_total`` in the returned report's ``options["search"]``).
+
     Raises ValueError when even the weights do not fit, naming the minimum.
     """
     if search not in ("seq_len", "batch"):
         raise ValueError(f"search must be 'seq_len' or 'batch', got {search!r}")
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
     floor = minimum_bytes(config, opts)
     if budget <= floor:
         raise ValueError(
@@ -575,36 +693,33 @@ def find_max(
             f"the minimum budget is above {floor / GiB:.2f} GiB"
         )
     step = multiple if search == "seq_len" else 1
+    reports: dict[tuple[str, int], MemReport] = {}
 
-    def fits(v: int) -> bool:
-        return (
-            profile(config, replace(opts, **{search: v}), provider, "extrapolate", name).total
-            <= budget
-        )
+    def total(depth: str, v: int) -> int:
+        if config.num_hidden_layers <= EXTRAPOLATE_LAYERS[1]:
+            depth = "full"  # shallow models are always traced in full: share the traces
+        if (depth, v) not in reports:
+            reports[(depth, v)] = profile(
+                config, replace(opts, **{search: v}), provider, depth, name
+            )
+        return reports[(depth, v)].total
 
-    lo = 0
-    hi = step
-    while fits(hi):  # exponential probe
-        lo, hi = hi, hi * 2
-        if hi > 2**24:
-            break
-    while hi - lo > step:
-        mid = (lo + hi) // 2 // step * step
-        if mid <= lo:
-            break
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    if lo == 0:
+    start = getattr(opts, search)
+    approx, _ = largest_fitting(lambda v: total("extrapolate", v), budget, step, start)
+    value, seen = largest_fitting(lambda v: total("full", v), budget, step, max(approx, step))
+    if value == 0:
         return 0, None
-    # Confirm with a full-depth trace; step down if the extrapolation was optimistic.
-    while lo > 0:
-        rep = profile(config, replace(opts, **{search: lo}), provider, "full", name)
-        if rep.total <= budget:
-            return lo, rep
-        lo -= step
-    return 0, None
+    rep = reports[("full", value)]
+    rep.options["search"] = {
+        "dimension": search,
+        "budget": budget,
+        "precision": step,
+        "extrapolated_answer": approx,
+        "next_value": value + step,
+        "next_total": seen.get(value + step),
+        "full_depth_traces": {str(k): v for k, v in sorted(seen.items())},
+    }
+    return value, rep
 
 
 def sweep(
