@@ -5,7 +5,6 @@ belong in bench/results/mem, not in tests.
 """
 
 import json
-from dataclasses import replace
 
 import pytest
 
@@ -96,7 +95,7 @@ def test_largest_fitting_is_exact(curve, guess):
     calls = []
     v, seen = largest_fitting(lambda x: calls.append(x) or fn(x), budget, 8, guess)
     brute = max(x for x in range(8, 10000, 8) if fn(x) <= budget)
-    assert v == brute and v + 8 in seen and len(calls) <= 16
+    assert v == brute and v + 8 in seen and len(calls) <= 24
     assert largest_fitting(fn, 10, 8, guess)[0] == 0
 
 
