@@ -78,3 +78,47 @@ def test_trainer_with_gradient_checkpointing(tmp_path, seed):
         n for n, p in pm.named_parameters() if p.requires_grad and not torch.equal(p, before[n])
     ]
     assert len(changed) == len(before)
+
+
+def _word_tokenizer(vocab: int):
+    """A whitespace word-level tokenizer over tokens t0..t{vocab-1}, built locally (no hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1")
+
+
+def test_trl_sft_trainer_with_peft_config(tmp_path, seed):
+    """SFTTrainer builds the PEFT model from peft_config; trilora.patch swaps it in place."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from trilora.peft import TriloraLoraLayer
+
+    path = save_tiny_model(tmp_path / "m", "llama", seed=seed)
+    model = trilora.from_pretrained(path, compute_dtype=torch.float32, dtype=torch.float32)
+    ids = random_batch(256, batch=1, seq=16, seed=seed)[0].tolist()
+    text = " ".join(f"t{i}" for i in ids)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    args = SFTConfig(
+        output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=4,
+        learning_rate=5e-3, gradient_checkpointing=True, logging_steps=1, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list([{"text": text}] * 24),
+        processing_class=_word_tokenizer(256), peft_config=cfg,
+    )  # fmt: skip
+    trilora.patch(trainer.model)
+    layers = [m for m in trainer.model.modules() if isinstance(m, TriloraLoraLayer)]
+    assert len(layers) == 2 * 7  # every linear of both decoder layers
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    after = dict(trainer.model.named_parameters())
+    assert all(not torch.equal(after[n], p) for n, p in before.items())

@@ -71,7 +71,9 @@ def _unsupported(lm: nn.Module, head: nn.Module | None) -> str | None:
 
 def _fused_forward(orig, lm: nn.Module, z_loss: float, chunk_size: int | None, *args, **kwargs):
     labels = kwargs.get("labels")
-    if labels is None or not lm.training:
+    # fused_lm_head is TRL's own fused head (per-token log-probs without logits): its caller
+    # needs that output, and it already avoids the full logits.
+    if labels is None or not lm.training or kwargs.get("fused_lm_head"):
         # generation and evaluation keep real logits (metrics need them); memory is a
         # training-step problem
         return orig(*args, **kwargs)
@@ -145,7 +147,10 @@ def enable_fused_cross_entropy(
         )
         return False
     disable_fused_cross_entropy(model)
-    orig = type(lm).forward.__get__(lm)
+    # Wrap the instance's current forward, not the class's: another instance-level patch
+    # (TRL's fused LM head, say) stays underneath and is restored by disable.
+    previous = lm.__dict__.get("forward")
+    orig = lm.forward
 
     # wraps() keeps the original signature visible: transformers.Trainer drops every dataset
     # column that forward()'s signature does not name.
@@ -155,6 +160,7 @@ def enable_fused_cross_entropy(
 
     lm.forward = forward
     lm._trilora_fused_ce = True
+    lm._trilora_previous_forward = previous
     return True
 
 
@@ -162,5 +168,9 @@ def disable_fused_cross_entropy(model: nn.Module) -> None:
     """Restore the model's standard loss (no-op if the fused loss is not enabled)."""
     lm = _causal_lm(model)
     if getattr(lm, "_trilora_fused_ce", False):
-        lm.__dict__.pop("forward", None)
+        previous = lm.__dict__.pop("_trilora_previous_forward", None)
+        if previous is None:
+            lm.__dict__.pop("forward", None)
+        else:
+            lm.forward = previous
         del lm._trilora_fused_ce

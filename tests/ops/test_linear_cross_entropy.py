@@ -136,3 +136,19 @@ def test_bad_inputs():
         linear_cross_entropy(h, w, torch.zeros(2, 3, dtype=torch.long), reduction="avg")
     with pytest.raises(ValueError, match=r"lm_head_weight must be \[V, 4\]"):
         linear_cross_entropy(h, torch.randn(7, 5), torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_autocast_does_not_change_the_result(seed):
+    """Trainers run forward under bf16 autocast; the fused loss keeps its own dtypes."""
+    hidden = torch.randn(3, 9, 32, requires_grad=True)
+    weight = torch.randn(77, 32, requires_grad=True)
+    labels = torch.randint(0, 77, (3, 9))
+    ref = linear_cross_entropy(hidden, weight, labels, chunk_size=8)
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, labels, chunk_size=8)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)

@@ -163,6 +163,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total / n_valid.to(torch.float32) if reduction == "mean" else total
 
     @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad_out):
         if ctx.reduction != "none":
             grad_h, grad_w = ctx.saved_tensors
@@ -246,9 +248,13 @@ def linear_cross_entropy(
     lab = labels.reshape(-1).to(torch.int64)
     n, v = h2.shape[0], lm_head_weight.shape[0]
     chunk = chunk_size if chunk_size is not None else default_chunk_size(n, v)
-    out = _LinearCrossEntropy.apply(
-        h2, lm_head_weight, lab, int(ignore_index), reduction, int(chunk), float(z_loss)
-    )
+    # The chunks manage their own dtypes (fp32 loss and weight-gradient accumulation); under
+    # autocast the chunk matmuls would come out in the autocast dtype and no longer fit the
+    # preallocated gradient buffers.
+    with torch.autocast(hidden.device.type, enabled=False):
+        out = _LinearCrossEntropy.apply(
+            h2, lm_head_weight, lab, int(ignore_index), reduction, int(chunk), float(z_loss)
+        )
     return out.reshape(lead) if reduction == "none" else out
 
 
