@@ -22,6 +22,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "get_peft_model": ("trilora.peft", "get_peft_model"),
     "merge": ("trilora.merging", "merge"),
     "enable_checkpointing": ("trilora.checkpoint", "enable_checkpointing"),
+    "offload_input_embeddings": ("trilora.offload", "offload_input_embeddings"),
     "ops": ("trilora.ops", None),
     "config": ("trilora.config", None),
 }
