@@ -30,13 +30,11 @@ from trilora.memory.profiler import (
     MemReport,
     _categorize,
     _dtype,
-    _init_optimizer_state,
     _overheads,
     _paged_8bit_state,
     _summarize_modules,
     _with_layers,
-    make_optimizer,
-    track_step,
+    trace_training_step,
 )
 
 
@@ -142,19 +140,8 @@ def profile_bnb_peft(
             )
             model.enable_input_require_grads()
         peft_model.train()
-        params = [p for p in peft_model.parameters() if p.requires_grad]
         static = _static(peft_model)
-        optimizer = make_optimizer(params, opts.optimizer)
-        _init_optimizer_state(optimizer, params)
-        ids = torch.zeros((opts.batch, opts.seq_len), dtype=torch.long)
-
-        def step():
-            loss = peft_model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        cats, by_module = track_step(peft_model, optimizer, step)
+        cats, by_module, params = trace_training_step(peft_model, opts)
     categories = _categorize(cats, static)
     if opts.optimizer == "paged_adamw_8bit":
         categories["optimizer_state"] = _paged_8bit_state(params)

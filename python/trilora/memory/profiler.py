@@ -392,6 +392,29 @@ def make_optimizer(params, kind: str):
     return torch.optim.AdamW(params, lr=1e-4, foreach=True)
 
 
+def trace_training_step(
+    model: nn.Module, opts: MemOptions
+) -> tuple[dict[str, int], dict[str, int], list[torch.Tensor]]:
+    """Track one steady-state training step of ``model``: forward with labels on a
+    ``[batch, seq_len]`` batch, backward, and an optimizer step whose state already exists.
+
+    Returns the tracker's ``(categories, by_module)`` and the trainable parameters.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, opts.optimizer)
+    _init_optimizer_state(optimizer, params)
+    ids = torch.zeros((opts.batch, opts.seq_len), dtype=torch.long)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    cats, by_module = track_step(model, optimizer, step)
+    return cats, by_module, params
+
+
 def profile_trilora(
     config, opts: MemOptions, num_layers: int | None = None, name: str = "", fake: bool = True
 ) -> MemReport:
@@ -438,18 +461,7 @@ def profile_trilora(
 
             if offload_input_embeddings(model) is not None:
                 host_embedding = _input_embedding_bytes(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(params, opts.optimizer)
-        _init_optimizer_state(optimizer, params)
-        ids = torch.zeros((opts.batch, opts.seq_len), dtype=torch.long)
-
-        def step():
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        cats, by_module = track_step(model, optimizer, step)
+        cats, by_module, params = trace_training_step(model, opts)
     categories = _categorize(cats, static)
     # The tracker sees the table as a parameter on the (fake) CPU device like every other
     # tensor; offloaded, it is host memory.
