@@ -139,9 +139,7 @@ def default_plan(device: torch.device, quick: bool) -> KernelPlan:
     )
     if quick:
         return KernelPlan(
-            shapes=projection_shapes(
-                "llama-3.1-8b", 8, ("q_proj", "k_proj", "gate_proj", "down_proj")
-            ),
+            shapes=projection_shapes("llama-3.1-8b", 8, distinct),
             ranks=(16,),
             tokens=(1, 16, 128),
             quant_shapes=projection_shapes("llama-3.1-8b", 8, ("down_proj",)),
