@@ -33,7 +33,7 @@ from trilora.memory.profiler import (
     _overheads,
     _paged_8bit_state,
     _summarize_modules,
-    _with_layers,
+    meta_causal_lm,
     trace_training_step,
 )
 
@@ -93,25 +93,16 @@ def profile_bnb_peft(
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import AutoModelForCausalLM
-
-    from trilora.memory.attention import register
 
     opts.validate()
     t0 = time.perf_counter()
-    config = _with_layers(config, num_layers)
-    config.use_cache = False
     dt = _dtype(opts)
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(config, dtype=dt, attn_implementation=register())
-    head = model.get_output_embeddings()
-    for mod in list(model.modules()):
-        for cname, child in list(mod.named_children()):
-            if type(child) is nn.Linear and child is not head:
-                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                        compute_dtype=dt, quant_type="nf4", device="meta")  # fmt: skip
-                setattr(mod, cname, new)
+
+    def make(_name: str, child: nn.Linear, dtype: torch.dtype) -> nn.Module:
+        return bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                 compute_dtype=dtype, quant_type="nf4", device="meta")  # fmt: skip
+
+    model = meta_causal_lm(config, opts, num_layers, make)
     layers = model.config.num_hidden_layers
     # PEFT wraps the layers on the meta device (its adapter moves fail on fake tensors);
     # the whole model is then materialized as fake CPU tensors and the 4-bit state rebuilt.

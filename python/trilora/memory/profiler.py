@@ -222,12 +222,16 @@ def _dtype(opts: MemOptions) -> torch.dtype:
     return getattr(torch, opts.dtype)
 
 
-def build_meta_model(config, opts: MemOptions, num_layers: int | None = None) -> nn.Module:
-    """The causal LM on the meta device, with trilora 4-bit/LoRA layers in the decoder."""
+def meta_causal_lm(config, opts: MemOptions, num_layers: int | None, make_linear) -> nn.Module:
+    """``config``'s causal LM on the meta device (flash-style attention, no KV cache), every
+    ``nn.Linear`` but the output head replaced by ``make_linear(name, linear, dtype)``.
+
+    Shared by the trilora trace and the bitsandbytes + PEFT baseline, so both trace the very
+    same architecture.
+    """
     from transformers import AutoModelForCausalLM
 
     from trilora.memory.attention import register
-    from trilora.nn import Linear4bit, QLoraLinear
 
     config = _with_layers(config, num_layers)
     config.use_cache = False
@@ -238,23 +242,31 @@ def build_meta_model(config, opts: MemOptions, num_layers: int | None = None) ->
     head = model.get_output_embeddings()
     for mod in list(model.modules()):
         for name, child in list(mod.named_children()):
-            if type(child) is not nn.Linear or child is head:
-                continue
-            common = dict(
-                bias=child.bias is not None, blocksize=opts.blocksize, double_quant=opts.double_quant,
-                compute_dtype=dt, weight_dtype=dt, device="meta",
-            )  # fmt: skip
-            if opts.targets is None or name in opts.targets:
-                new = QLoraLinear(
-                    child.in_features,
-                    child.out_features,
-                    r=opts.r,
-                    lora_alpha=opts.lora_alpha,
-                    **common,
-                )
-            else:
-                new = Linear4bit(child.in_features, child.out_features, **common)
-            setattr(mod, name, new)
+            if type(child) is nn.Linear and child is not head:
+                setattr(mod, name, make_linear(name, child, dt))
+    return model
+
+
+def build_meta_model(config, opts: MemOptions, num_layers: int | None = None) -> nn.Module:
+    """The causal LM on the meta device, with trilora 4-bit/LoRA layers in the decoder."""
+    from trilora.nn import Linear4bit, QLoraLinear
+
+    def make(name: str, child: nn.Linear, dt: torch.dtype) -> nn.Module:
+        common = dict(
+            bias=child.bias is not None, blocksize=opts.blocksize, double_quant=opts.double_quant,
+            compute_dtype=dt, weight_dtype=dt, device="meta",
+        )  # fmt: skip
+        if opts.targets is None or name in opts.targets:
+            return QLoraLinear(
+                child.in_features,
+                child.out_features,
+                r=opts.r,
+                lora_alpha=opts.lora_alpha,
+                **common,
+            )
+        return Linear4bit(child.in_features, child.out_features, **common)
+
+    model = meta_causal_lm(config, opts, num_layers, make)
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
     return model
