@@ -34,6 +34,7 @@ from trilora.ops.quantize import (
     dequantize_4bit,
     dequantize_absmax,
     dynamic_map,
+    kernel_weight,
     quantize_4bit,
     quantize_blockwise_8bit,
 )
@@ -213,13 +214,9 @@ class QuantizedWeight:
 
     def kernel_args(self):
         """The tensors and sizes the Triton launchers take (``trilora.kernels.quantize.Weight4bit``)."""
-        from trilora.kernels.quantize import Weight4bit
-
-        n_cols = self.shape[-1] if len(self.shape) else 1
-        return Weight4bit(
-            self.packed.reshape(-1).view(torch.uint8), self.absmax, self.code,
-            self.nested_absmax, self.nested_code, self.offset,
-            self.blocksize, self.numel // n_cols, n_cols,
+        return kernel_weight(
+            self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code,
+            self.offset, self.blocksize, self.shape,
         )  # fmt: skip
 
     def to(self, device: torch.device | str) -> QuantizedWeight:

@@ -28,18 +28,9 @@ from __future__ import annotations
 import torch
 
 from trilora.config import config, use_triton
-from trilora.ops.quantize import dequantize_4bit
+from trilora.ops.quantize import dequantize_4bit, kernel_weight
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _weight_tensors(packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n_out, k):
-    from trilora.kernels.quantize import Weight4bit
-
-    return Weight4bit(
-        packed.reshape(-1).view(torch.uint8), absmax, code, nested_absmax, nested_code, offset,
-        blocksize, n_out, k,
-    )  # fmt: skip
 
 
 def _dropped(x: torch.Tensor, mask: torch.Tensor | None, dropout_scale: float) -> torch.Tensor:
@@ -82,8 +73,8 @@ def qlora_linear_fwd(
     if _use_fused(x):
         from trilora.kernels.qlora_linear import qlora_forward
 
-        w = _weight_tensors(
-            packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n_out, k
+        w = kernel_weight(
+            packed, absmax, code, nested_absmax, nested_code, offset, blocksize, [n_out, k]
         )
         y, xa = qlora_forward(x, w, lora_a, lora_b, scale, bias, dropout_mask, dropout_scale)
         return y, (xa if xa is not None else _empty_lora(x))
@@ -146,8 +137,8 @@ def qlora_linear_bwd(
     if use_triton(dy):
         from trilora.kernels.qlora_linear import lora_weight_grads, qlora_backward_input
 
-        w = _weight_tensors(
-            packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n_out, k
+        w = kernel_weight(
+            packed, absmax, code, nested_absmax, nested_code, offset, blocksize, [n_out, k]
         )
         dyb = None
         dx = empty

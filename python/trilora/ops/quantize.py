@@ -200,6 +200,27 @@ def dynamic_map() -> torch.Tensor:
     return torch.tensor(data, dtype=torch.float32)
 
 
+def kernel_weight(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    shape: list[int] | torch.Size,
+):
+    """The ``trilora.kernels.quantize.Weight4bit`` the Triton launchers take: the packed bytes
+    viewed flat as uint8 and the weight seen as ``[prod(shape[:-1]), shape[-1]]``."""
+    from trilora.kernels.quantize import Weight4bit
+
+    n_cols = shape[-1] if len(shape) else 1
+    return Weight4bit(
+        packed.reshape(-1).view(torch.uint8), absmax, code, nested_absmax, nested_code, offset,
+        blocksize, math.prod(shape) // n_cols, n_cols,
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------
 # custom ops
 # ---------------------------------------------------------------------------------------
@@ -253,17 +274,11 @@ def dequantize_4bit(
         dtype: fp32, fp16 or bf16.
     """
     if use_triton(packed):
-        from trilora.kernels.quantize import Weight4bit
         from trilora.kernels.quantize import dequantize_4bit as launch
 
-        n = 1
-        for s in shape:
-            n *= s
-        n_cols = shape[-1] if shape else 1
-        w = Weight4bit(
-            packed.reshape(-1).view(torch.uint8), absmax, code, nested_absmax, nested_code,
-            offset, blocksize, n // n_cols, n_cols,
-        )  # fmt: skip
+        w = kernel_weight(
+            packed, absmax, code, nested_absmax, nested_code, offset, blocksize, shape
+        )
         return launch(w, dtype).reshape(shape)
     return dequantize_4bit_reference(
         packed, absmax, code, nested_absmax, nested_code, offset, blocksize, shape, dtype
