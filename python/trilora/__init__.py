@@ -23,6 +23,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "merge": ("trilora.merging", "merge"),
     "enable_checkpointing": ("trilora.checkpoint", "enable_checkpointing"),
     "offload_input_embeddings": ("trilora.offload", "offload_input_embeddings"),
+    "enable_fused_rms_norm": ("trilora.fused_norm", "enable_fused_rms_norm"),
+    "enable_grouped_attention": ("trilora.attention", "enable_grouped_attention"),
     "ops": ("trilora.ops", None),
     "config": ("trilora.config", None),
 }

@@ -338,7 +338,7 @@ def _lora_configs(peft_model: PeftModel) -> dict[str, LoraConfig]:
 
 def patch(peft_model: PeftModel, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
           compute_dtype: torch.dtype | None = torch.bfloat16,
-          fused_cross_entropy: bool = True) -> PeftModel:  # fmt: skip
+          fused_cross_entropy: bool = True, fused_rms_norm: bool = True) -> PeftModel:  # fmt: skip
     """Swap trilora in as the compute backend of a PEFT LoRA model, in place.
 
     Every LoRA layer becomes a :class:`TriloraLoraLayer` with the same adapter modules, so
@@ -352,6 +352,10 @@ def patch(peft_model: PeftModel, quant_type: str = "nf4", blocksize: int = 64, d
     from the final hidden states (:func:`trilora.fused_loss.enable_fused_cross_entropy`): in
     training mode with ``labels``, full ``[tokens, vocab]`` logits never exist and the
     output's ``logits`` is None. Eval mode and calls without labels are unchanged.
+
+    With ``fused_rms_norm`` (default) every Llama-style RMSNorm (Llama, Qwen2/3, Mistral and
+    the other transformers norms with the same forward; see :mod:`trilora.fused_norm`) runs
+    through :func:`trilora.ops.rms_norm`: same outputs, a fraction of the activation memory.
 
     Returns:
         ``peft_model`` itself.
@@ -393,6 +397,10 @@ def patch(peft_model: PeftModel, quant_type: str = "nf4", blocksize: int = 64, d
         from trilora.fused_loss import enable_fused_cross_entropy
 
         enable_fused_cross_entropy(peft_model)
+    if fused_rms_norm:
+        from trilora.fused_norm import enable_fused_rms_norm
+
+        enable_fused_rms_norm(root)
     return peft_model
 
 

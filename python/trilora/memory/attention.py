@@ -11,6 +11,14 @@ transformers' stock "sdpa" path cannot be used for the trace: its mask builder c
 on fake tensors that the mask is all-causal, so it builds a T x T boolean mask, which also
 forces the math kernel and ``repeat_kv``. The trace models packed, unpadded sequences (the
 usual long-context setup); padded batches would need varlen flash attention, same memory.
+
+The backward's workspace is added explicitly, because the CPU kernel the trace runs does not
+allocate what CUDA's does (:func:`trilora.ops.attention.flash_backward_workspace`: the
+fp32 ``dq`` accumulator and, for grouped-query attention, ``dk``/``dv`` per query head; 32 KB
+per token for Llama-3.1-8B): :func:`flash_attention_forward` allocates it in a pre-hook of
+the attention's backward node and frees it in a post-hook, so the tracker sees it exactly
+then. ``register(grouped=True)`` traces trilora's grouped attention instead
+(:mod:`trilora.attention`), whose op allocates the workspace of one group at a time itself.
 """
 
 from __future__ import annotations
@@ -18,7 +26,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trilora.ops.attention import flash_backward_workspace, grouped_causal_attention
+
 NAME = "trilora_causal_sdpa"  # no "flash" in it: transformers would look for flash_attn
+GROUPED_NAME = "trilora_causal_grouped"
 
 
 def _no_mask(*args, **kwargs) -> None:
@@ -42,14 +53,54 @@ def flash_attention_forward(
         query, key, value, dropout_p=dropout if module.training else 0.0, scale=scaling,
         is_causal=True, enable_gqa=key.shape[1] != query.shape[1],
     )  # fmt: skip
+    if out.grad_fn is not None:
+        _add_backward_workspace(out.grad_fn, query, key)
     return out.transpose(1, 2).contiguous(), None
 
 
-def register() -> str:
-    """Register the attention with transformers (idempotent); returns its name."""
+def _add_backward_workspace(node, query: torch.Tensor, key: torch.Tensor) -> None:
+    shapes = flash_backward_workspace(query, key)
+    device = query.device
+    held: list[torch.Tensor] = []
+
+    def allocate(grad_outputs):
+        held.extend(torch.empty(s, dtype=dt, device=device) for s, dt in shapes)
+
+    def release(grad_inputs, grad_outputs):
+        held.clear()
+
+    node.register_prehook(allocate)
+    node.register_hook(release)
+
+
+def grouped_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """:func:`trilora.ops.attention.grouped_causal_attention` under the trace's no-mask rule."""
+    if attention_mask is not None or (dropout and module.training):
+        raise ValueError(f"{GROUPED_NAME} assumes causal attention without mask or dropout")
+    return grouped_causal_attention(query, key, value, scaling), None
+
+
+def register(grouped: bool = False) -> str:
+    """Register the traced attention with transformers (idempotent); returns its name.
+
+    ``grouped``: trilora's grouped flash attention (:mod:`trilora.attention`) rather than one
+    flash call over all heads.
+    """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(NAME, flash_attention_forward)
-    AttentionMaskInterface.register(NAME, _no_mask)
-    return NAME
+    name, fn = (
+        (GROUPED_NAME, grouped_attention_forward) if grouped else (NAME, flash_attention_forward)
+    )
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, _no_mask)
+    return name

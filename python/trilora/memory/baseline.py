@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from torch import nn
@@ -95,6 +95,8 @@ def profile_bnb_peft(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     opts.validate()
+    # bitsandbytes + PEFT runs transformers' attention: one flash call over all heads.
+    opts = replace(opts, grouped_attention=False)
     t0 = time.perf_counter()
     dt = _dtype(opts)
 
@@ -144,6 +146,8 @@ def profile_bnb_peft(
             "offload": False,
             "mlp_chunks": None,
             "fused_ce": False,
+            "fused_norm": False,
+            "grouped_attention": False,
             "offload_embeddings": False,
         },
         categories=categories,

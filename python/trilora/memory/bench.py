@@ -35,7 +35,7 @@ def bench_cases(quick: bool) -> list[dict]:
     rows = []
     for t in lens:
         opts = MemOptions(seq_len=t)
-        base = replace(opts, offload=False, mlp_chunks=None, fused_ce=False)
+        base = replace(opts, offload=False, mlp_chunks=None, fused_ce=False, fused_norm=False)
         for provider, o in (("trilora", opts), ("bnb_peft", base)):
             rep = profile(config, o, provider, depth, "llama-3.1-8b")
             common = {

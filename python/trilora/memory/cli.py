@@ -21,6 +21,18 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def _mlp_chunks(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a chunk count >= 0 or 'auto', got {text!r}")
+    return value
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "mem",
@@ -43,8 +55,14 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--no-offload", action="store_true", help="keep checkpointed layer inputs on the GPU"
     )
-    p.add_argument("--mlp-chunks", type=int, default=8, help="MLP sequence chunks (0: off)")
+    p.add_argument("--mlp-chunks", type=_mlp_chunks, default="auto",
+                   help="MLP sequence chunks: a count, 0 (off) or auto (2,048-token pieces; default)")  # fmt: skip
     p.add_argument("--no-fused-ce", action="store_true", help="materialize logits (stock loss)")
+    p.add_argument("--grouped-attention", action="store_true",
+                   help="flash attention one key/value head group at a time "
+                   "(trilora.enable_grouped_attention)")  # fmt: skip
+    p.add_argument("--no-fused-norm", action="store_true",
+                   help="keep transformers' eager RMSNorm (trilora.fused_norm off)")  # fmt: skip
     p.add_argument("--offload-embeddings", action="store_true",
                    help="keep the frozen input-embedding table in host memory (trilora.offload)")  # fmt: skip
     p.add_argument("--pin-memory-budget", type=parse_bytes, default=None)
@@ -73,6 +91,7 @@ def options_from_args(args):
         seq_len=args.seq_len, batch=args.batch, r=args.rank, lora_alpha=args.alpha, targets=targets,
         optimizer=args.optimizer, checkpointing=not args.no_checkpointing, offload=not args.no_offload,
         mlp_chunks=args.mlp_chunks or None, fused_ce=not args.no_fused_ce,
+        fused_norm=not args.no_fused_norm, grouped_attention=args.grouped_attention,
         offload_embeddings=args.offload_embeddings,
         pin_memory_budget=args.pin_memory_budget, dtype=args.dtype,
     )  # fmt: skip
@@ -160,8 +179,9 @@ def run(args) -> int:
         reps = [profile(config, opts, name=name)]
         if args.baseline:
             base = replace(
-                opts, offload=False, mlp_chunks=None, fused_ce=False, offload_embeddings=False
-            )
+                opts, offload=False, mlp_chunks=None, fused_ce=False, fused_norm=False,
+                offload_embeddings=False,
+            )  # fmt: skip
             reps.append(profile(config, base, "bnb_peft", name=name))
             reps.append(profile(config, replace(base, checkpointing=False), "bnb_peft", name=name))
         print(

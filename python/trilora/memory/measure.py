@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import torch
 
-from trilora.memory.profiler import MemOptions, build_meta_model, make_optimizer
+from trilora.memory.profiler import (
+    MemOptions,
+    apply_memory_options,
+    build_meta_model,
+    make_optimizer,
+)
 
 
 def measure_cuda(config, opts: MemOptions) -> int:
     """Peak bytes allocated by one real training step on the current CUDA device."""
     if not torch.cuda.is_available():
         raise RuntimeError("--measure needs a CUDA device; none is available")
-    from trilora.checkpoint import enable_checkpointing
-    from trilora.fused_loss import enable_fused_cross_entropy
-
     model = build_meta_model(config, opts)
     model.to_empty(device="cuda")
     with torch.no_grad():
@@ -28,10 +30,7 @@ def measure_cuda(config, opts: MemOptions) -> int:
             if p.is_floating_point():
                 p.normal_(0, 0.02) if "lora_A" in n else p.zero_() if "lora_B" in n else None
     model.train()
-    if opts.checkpointing:
-        enable_checkpointing(model, opts.offload, opts.pin_memory_budget, opts.mlp_chunks)
-    if opts.fused_ce:
-        enable_fused_cross_entropy(model)
+    apply_memory_options(model, opts)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, opts.optimizer)
     ids = torch.randint(0, config.vocab_size, (opts.batch, opts.seq_len), device="cuda")

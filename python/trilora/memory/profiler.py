@@ -146,6 +146,14 @@ def load_config(source: str | os.PathLike | dict):
 # ---------------------------------------------------------------------------------------
 
 
+# "auto" MLP chunking: pieces of this many tokens per sequence. Each piece's intermediate
+# activations are [2048, intermediate_size] (56 MiB per tensor for Llama-3.1-8B in bf16),
+# constant in the context length; 2048 rows is also config.fused_max_tokens, so the chunk's
+# projections stay on the fused dequantize-matmul kernels (no dequantized weight scratch),
+# and its GEMMs (2048 x 4096 x 14336, 240 GFLOP) are still large enough to run near peak.
+MLP_CHUNK_TOKENS = 2048
+
+
 @dataclass
 class MemOptions:
     """One training step to trace (see ``trilora mem --help`` for the meaning of each)."""
@@ -158,8 +166,13 @@ class MemOptions:
     optimizer: str = "adamw"
     checkpointing: bool = True
     offload: bool = True
-    mlp_chunks: int | None = 8
+    # MLP sequence chunks: a count, None (off) or "auto" (pieces of MLP_CHUNK_TOKENS tokens)
+    mlp_chunks: int | str | None = "auto"
     fused_ce: bool = True
+    # Llama-style RMSNorm layers run through trilora.ops.rms_norm (trilora.fused_norm)
+    fused_norm: bool = True
+    # attention one key/value head group at a time (trilora.enable_grouped_attention)
+    grouped_attention: bool = False
     # the frozen input-embedding table stays in host memory (trilora.offload)
     offload_embeddings: bool = False
     pin_memory_budget: int | None = None
@@ -167,7 +180,19 @@ class MemOptions:
     blocksize: int = 64
     double_quant: bool = True
 
+    def resolved_mlp_chunks(self) -> int | None:
+        """The chunk count passed to :func:`~trilora.checkpoint.enable_checkpointing`."""
+        if self.mlp_chunks == "auto":
+            return max(1, math.ceil(self.seq_len / MLP_CHUNK_TOKENS))
+        return self.mlp_chunks
+
     def validate(self) -> None:
+        if self.mlp_chunks not in (None, "auto") and (
+            not isinstance(self.mlp_chunks, int) or self.mlp_chunks < 0
+        ):
+            raise ValueError(
+                f"mlp_chunks must be an int >= 0, None or 'auto', got {self.mlp_chunks!r}"
+            )
         if self.seq_len < 2 or self.batch < 1:
             raise ValueError(
                 f"need seq_len >= 2 and batch >= 1, got {self.seq_len} and {self.batch}"
@@ -238,7 +263,9 @@ def meta_causal_lm(config, opts: MemOptions, num_layers: int | None, make_linear
     dt = _dtype(opts)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(config, dtype=dt, attn_implementation=register())
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dt, attn_implementation=register(opts.grouped_attention)
+        )
     head = model.get_output_embeddings()
     for mod in list(model.modules()):
         for name, child in list(mod.named_children()):
@@ -386,7 +413,8 @@ def _internal_scratch(model: nn.Module, opts: MemOptions) -> int:
     from trilora.nn import Linear4bit
 
     full = opts.batch * opts.seq_len
-    mlp = opts.batch * math.ceil(opts.seq_len / opts.mlp_chunks) if opts.mlp_chunks else full
+    chunks = opts.resolved_mlp_chunks()
+    mlp = opts.batch * math.ceil(opts.seq_len / chunks) if chunks else full
     biggest = 0
     for name, mod in model.named_modules():
         if isinstance(mod, Linear4bit):
@@ -437,15 +465,11 @@ def profile_trilora(
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from trilora.checkpoint import enable_checkpointing
-    from trilora.fused_loss import enable_fused_cross_entropy
-
     opts.validate()
     t0 = time.perf_counter()
     model = build_meta_model(config, opts, num_layers)
     layers = model.config.num_hidden_layers
     static = static_breakdown(model)
-    state = None
     # allow_non_fake_inputs: to_empty() converts the meta parameters inside the mode.
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     with mode, warnings.catch_warnings():
@@ -457,22 +481,7 @@ def profile_trilora(
                     if p.is_floating_point():
                         p.normal_(0, 0.02)
         model.train()
-        if opts.checkpointing:
-            state = enable_checkpointing(
-                model,
-                offload=opts.offload,
-                pin_memory_budget=opts.pin_memory_budget,
-                mlp_chunks=opts.mlp_chunks,
-            )
-            state.simulate = fake
-        if opts.fused_ce:
-            enable_fused_cross_entropy(model)
-        host_embedding = 0
-        if opts.offload_embeddings:
-            from trilora.offload import offload_input_embeddings
-
-            if offload_input_embeddings(model) is not None:
-                host_embedding = _input_embedding_bytes(model)
+        state, host_embedding = apply_memory_options(model, opts, simulate=fake)
         cats, by_module, params = trace_training_step(model, opts)
     categories = _categorize(cats, static)
     # The tracker sees the table as a parameter on the (fake) CPU device like every other
@@ -494,6 +503,39 @@ def profile_trilora(
         trace_seconds=time.perf_counter() - t0,
         host_embedding=host_embedding,
     )
+
+
+def apply_memory_options(
+    model: nn.Module, opts: MemOptions, simulate: bool = False
+) -> tuple[object | None, int]:
+    """Install the memory features ``opts`` asks for on ``model`` (the same calls a user makes).
+
+    Returns the :class:`~trilora.checkpoint.CheckpointState` (None without checkpointing) and
+    the bytes of an input-embedding table moved to host memory. ``simulate`` marks a fake-
+    tensor trace, whose offload only accounts host bytes.
+    """
+    from trilora.checkpoint import enable_checkpointing
+    from trilora.fused_loss import enable_fused_cross_entropy
+    from trilora.fused_norm import enable_fused_rms_norm
+    from trilora.offload import offload_input_embeddings
+
+    state = None
+    if opts.checkpointing:
+        state = enable_checkpointing(
+            model,
+            offload=opts.offload,
+            pin_memory_budget=opts.pin_memory_budget,
+            mlp_chunks=opts.resolved_mlp_chunks() or None,
+        )
+        state.simulate = simulate
+    if opts.fused_ce:
+        enable_fused_cross_entropy(model)
+    if opts.fused_norm:
+        enable_fused_rms_norm(model)
+    host_embedding = 0
+    if opts.offload_embeddings and offload_input_embeddings(model) is not None:
+        host_embedding = _input_embedding_bytes(model)
+    return state, host_embedding
 
 
 def _input_embedding_bytes(model: nn.Module) -> int:

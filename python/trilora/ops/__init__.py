@@ -4,5 +4,6 @@
 from trilora.ops.linear_cross_entropy import linear_cross_entropy
 from trilora.ops.qlora_linear import qlora_linear
 from trilora.ops.quantize import dequantize_4bit, quantize_4bit
+from trilora.ops.rms_norm import rms_norm
 
-__all__ = ["dequantize_4bit", "linear_cross_entropy", "qlora_linear", "quantize_4bit"]
+__all__ = ["dequantize_4bit", "linear_cross_entropy", "qlora_linear", "quantize_4bit", "rms_norm"]

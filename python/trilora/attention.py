@@ -1,0 +1,111 @@
+"""Grouped causal flash attention as a transformers attention implementation.
+
+:func:`enable_grouped_attention` registers :func:`grouped_attention_forward` with
+transformers' ``AttentionInterface`` under :data:`NAME` (with the ``sdpa`` mask builder, so
+unpadded causal batches get no mask at all) and switches the model to it with
+``set_attn_implementation``. Calls the grouped kernel can serve (causal self-attention with
+no mask, no attention dropout in training, no sliding window or soft-capping, half precision
+on CUDA) run :func:`trilora.ops.attention.grouped_causal_attention`, which computes the same
+flash attention one key/value head group at a time so that FlashAttention-2's backward
+workspace (an fp32 ``dq`` accumulator and per-query-head ``dk``/``dv``, 32 KB per token for
+Llama-3.1-8B) exists for one group only. Anything else (padding masks, generation with a KV
+cache, sliding windows) goes to transformers' own SDPA attention, unchanged.
+
+Opt-in: it changes ``config._attn_implementation``, which is saved with the model;
+:func:`disable_grouped_attention` restores the previous implementation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trilora.ops.attention import grouped_causal_attention
+
+__all__ = [
+    "NAME",
+    "disable_grouped_attention",
+    "enable_grouped_attention",
+    "grouped_attention_forward",
+    "register",
+]
+
+NAME = "trilora_grouped"  # no "flash" in it: transformers would look for a flash kernel
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _servable(module, query, key, attention_mask, dropout, kwargs) -> bool:
+    if attention_mask is not None or not getattr(module, "is_causal", True):
+        return False
+    if dropout and module.training:
+        return False
+    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+        return False
+    if query.shape[2] != key.shape[2] or query.shape[2] < 2 or query.shape[1] % key.shape[1]:
+        return False
+    # CUDA flash kernels: half precision, head_dim <= 256
+    return not query.is_cuda or (query.dtype in _FLASH_DTYPES and query.shape[-1] <= 256)
+
+
+def grouped_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention signature: ``[B, Hq, T, D]`` q, ``[B, Hkv, T, D]`` k/v -> ``[B, T, Hq, D]``."""
+    if not _servable(module, query, key, attention_mask, dropout, kwargs):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    return grouped_causal_attention(query, key, value, scaling), None
+
+
+def register() -> str:
+    """Register :data:`NAME` with transformers (idempotent); returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, grouped_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME
+
+
+def _pretrained(model: nn.Module) -> nn.Module:
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    if not callable(getattr(model, "set_attn_implementation", None)):
+        raise TypeError(
+            f"{type(model).__name__} has no set_attn_implementation(): expected a transformers "
+            "PreTrainedModel (or a PeftModel wrapping one)"
+        )
+    return model
+
+
+def enable_grouped_attention(model: nn.Module) -> nn.Module:
+    """Switch ``model`` (a transformers model or a PeftModel) to grouped flash attention.
+
+    Returns ``model``. The previous implementation is remembered for
+    :func:`disable_grouped_attention`.
+    """
+    base = _pretrained(model)
+    previous = base.config._attn_implementation
+    if previous != NAME:
+        base._trilora_previous_attn = previous
+    base.set_attn_implementation(register())
+    return model
+
+
+def disable_grouped_attention(model: nn.Module) -> nn.Module:
+    """Restore the attention implementation that :func:`enable_grouped_attention` replaced."""
+    base = _pretrained(model)
+    previous = base.__dict__.pop("_trilora_previous_attn", None)
+    if previous is not None and base.config._attn_implementation == NAME:
+        base.set_attn_implementation(previous)
+    return model
