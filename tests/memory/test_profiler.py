@@ -5,12 +5,14 @@ belong in bench/results/mem, not in tests.
 """
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from trilora.cli import main
 from trilora.memory import bench_cases
 from trilora.memory.profiler import (
+    CPU_OFFLOAD_HOST_BYTES_PER_PARAM,
     EXTRAPOLATE_LAYERS,
     MemOptions,
     _extrapolate,
@@ -80,6 +82,27 @@ def test_offload_chunks_and_fused_loss_reduce_memory(tiny):
     )
     assert base.traced_peak > plain.traced_peak * 0.9  # real bitsandbytes + PEFT code ran
     assert base.categories["lora_params"] == best.categories["lora_params"]
+
+
+def test_fused_norm_grouped_attention_and_optimizer_offload(tiny):
+    t = 1024
+    base = MemOptions(seq_len=t, r=8, offload=False, mlp_chunks=4, fused_norm=False)
+    plain = profile_trilora(tiny, base)
+    norm = profile_trilora(tiny, replace(base, fused_norm=True))
+    grouped = profile_trilora(tiny, replace(base, fused_norm=True, grouped_attention=True))
+    # eager RMSNorm keeps fp32 copies of [t, hidden] per norm; the op keeps none
+    assert norm.traced_peak < plain.traced_peak
+    assert grouped.traced_peak <= norm.traced_peak
+    offloaded = profile_trilora(
+        tiny, replace(base, fused_norm=True, grouped_attention=True, optimizer="adamw_cpu_offload")
+    )
+    n = offloaded.categories["lora_params"] // 4  # fp32 LoRA parameters
+    assert offloaded.categories["optimizer_state"] == 0
+    assert offloaded.categories["gradients"] < grouped.categories["gradients"] or (
+        grouped.categories["gradients"] == 0
+    )
+    assert offloaded.host_optimizer == CPU_OFFLOAD_HOST_BYTES_PER_PARAM * n
+    assert offloaded.total < grouped.total
 
 
 @pytest.mark.parametrize("guess", [1, 40, 97, 5000])

@@ -50,7 +50,10 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--targets", default="all-linear", help="comma-separated module names, or all-linear"
     )
-    p.add_argument("--optimizer", choices=("adamw", "paged_adamw_8bit"), default="adamw")
+    p.add_argument("--optimizer", choices=("adamw", "adamw_cpu_offload", "paged_adamw_8bit"),
+                   default="adamw",
+                   help="adamw_cpu_offload: trilora.optim.CPUOffloadAdamW (state and gradients "
+                   "in host memory)")  # fmt: skip
     p.add_argument("--no-checkpointing", action="store_true", help="keep every activation")
     p.add_argument(
         "--no-offload", action="store_true", help="keep checkpointed layer inputs on the GPU"
@@ -125,6 +128,11 @@ def format_reports(reports) -> str:
     lines.append(
         f"{'pinned host memory':<30}" + "".join(f"{_gib(r.host_pinned):>{width}}" for r in reports)
     )
+    if any(r.host_optimizer for r in reports):
+        lines.append(
+            f"{'host optimizer (CPU offload)':<30}"
+            + "".join(f"{_gib(r.host_optimizer):>{width}}" for r in reports)
+        )
     if any(r.host_embedding for r in reports):
         lines.append(
             f"{'host embedding table':<30}"
@@ -181,6 +189,7 @@ def run(args) -> int:
             base = replace(
                 opts, offload=False, mlp_chunks=None, fused_ce=False, fused_norm=False,
                 offload_embeddings=False,
+                optimizer="adamw" if opts.optimizer == "adamw_cpu_offload" else opts.optimizer,
             )  # fmt: skip
             reps.append(profile(config, base, "bnb_peft", name=name))
             reps.append(profile(config, replace(base, checkpointing=False), "bnb_peft", name=name))

@@ -71,7 +71,11 @@ REQUIRED_FIELDS = (
     "intermediate_size",
     "vocab_size",
 )
-OPTIMIZERS = ("adamw", "paged_adamw_8bit")
+OPTIMIZERS = ("adamw", "adamw_cpu_offload", "paged_adamw_8bit")
+# trilora.optim.CPUOffloadAdamW keeps, per LoRA parameter, an fp32 master, an fp32 gradient
+# accumulator, a pinned staging copy of the gradient (fp32 LoRA) and the two fp32 moments
+# in host memory.
+CPU_OFFLOAD_HOST_BYTES_PER_PARAM = 5 * 4
 PROVIDERS = ("trilora", "bnb_peft")
 
 
@@ -220,6 +224,7 @@ class MemReport:
     layers: int = 0
     trace_seconds: float = 0.0
     host_embedding: int = 0  # pageable host bytes of an offloaded input-embedding table
+    host_optimizer: int = 0  # pinned + pageable host bytes of a CPU-offloaded optimizer
 
     @property
     def traced_peak(self) -> int:
@@ -428,8 +433,15 @@ def make_optimizer(params, kind: str):
     """The optimizer whose state is traced: AdamW with fp32 states, multi-tensor as on CUDA.
 
     ``paged_adamw_8bit`` is traced as AdamW and its state replaced by the 8-bit estimate.
+    ``adamw_cpu_offload`` (:class:`trilora.optim.CPUOffloadAdamW`) is traced as AdamW whose
+    gradients leave the device as soon as they are accumulated (see
+    :func:`trace_training_step`) and whose state is host memory.
     """
     return torch.optim.AdamW(params, lr=1e-4, foreach=True)
+
+
+def _drop_grad(p: torch.Tensor) -> None:
+    p.grad = None
 
 
 def trace_training_step(
@@ -447,7 +459,15 @@ def trace_training_step(
 
     def step():
         loss = model(input_ids=ids, labels=ids).loss
+        hooks = []
+        if opts.optimizer == "adamw_cpu_offload":
+            # CPUOffloadAdamW copies each gradient to host memory from a post-accumulate hook
+            # and drops the device tensor. Registered after the forward, so the tracker's own
+            # gradient hooks (installed during it) run first and see the gradient.
+            hooks = [p.register_post_accumulate_grad_hook(_drop_grad) for p in params]
         loss.backward()
+        for h in hooks:
+            h.remove()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -487,8 +507,7 @@ def profile_trilora(
     # The tracker sees the table as a parameter on the (fake) CPU device like every other
     # tensor; offloaded, it is host memory.
     categories["other_frozen"] -= host_embedding
-    if opts.optimizer == "paged_adamw_8bit":
-        categories["optimizer_state"] = _paged_8bit_state(params)
+    host_optimizer = _apply_optimizer_model(categories, params, opts)
     categories["temporaries"] += _internal_scratch(model, opts)
     return MemReport(
         provider="trilora",
@@ -502,7 +521,18 @@ def profile_trilora(
         layers=layers,
         trace_seconds=time.perf_counter() - t0,
         host_embedding=host_embedding,
+        host_optimizer=host_optimizer,
     )
+
+
+def _apply_optimizer_model(categories: dict[str, int], params, opts: MemOptions) -> int:
+    """Replace the traced AdamW state by the chosen optimizer's; returns its host bytes."""
+    if opts.optimizer == "paged_adamw_8bit":
+        categories["optimizer_state"] = _paged_8bit_state(params)
+    elif opts.optimizer == "adamw_cpu_offload":
+        categories["optimizer_state"] = 0
+        return CPU_OFFLOAD_HOST_BYTES_PER_PARAM * sum(p.numel() for p in params)
+    return 0
 
 
 def apply_memory_options(
@@ -605,6 +635,7 @@ def _extrapolate(a: MemReport, b: MemReport, layers: int) -> MemReport:
         categories=cats,
         overheads=_overheads(cats),
         host_pinned=max(0, lin(a.host_pinned, b.host_pinned)),
+        host_optimizer=max(0, lin(a.host_optimizer, b.host_optimizer)),
         host_embedding=b.host_embedding,
         by_module={},
         layers=layers,
@@ -652,13 +683,13 @@ def minimum_bytes(config, opts: MemOptions) -> int:
     model = build_meta_model(config, opts)
     static = static_breakdown(model)
     lora = static["lora_params"]
-    opt = (
-        2 * lora
-        if opts.optimizer == "adamw"
-        else _paged_8bit_state([p for p in model.parameters() if p.requires_grad])
-    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    # gradients + optimizer state; a CPU-offloaded optimizer keeps neither on the device
+    state = {"adamw": 3 * lora, "adamw_cpu_offload": 0}.get(opts.optimizer)
+    if state is None:
+        state = lora + _paged_8bit_state(params)
     host = _input_embedding_bytes(model) if opts.offload_embeddings else 0
-    return sum(static.values()) - host + lora + opt + sum(OVERHEADS.values())
+    return sum(static.values()) - host + state + sum(OVERHEADS.values())
 
 
 def largest_fitting(
