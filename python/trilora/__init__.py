@@ -25,6 +25,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "offload_input_embeddings": ("trilora.offload", "offload_input_embeddings"),
     "enable_fused_rms_norm": ("trilora.fused_norm", "enable_fused_rms_norm"),
     "enable_grouped_attention": ("trilora.attention", "enable_grouped_attention"),
+    "CPUOffloadAdamW": ("trilora.optim", "CPUOffloadAdamW"),
     "ops": ("trilora.ops", None),
     "config": ("trilora.config", None),
 }

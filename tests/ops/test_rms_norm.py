@@ -126,7 +126,7 @@ def test_bad_input():
     x = torch.randn(2, 8)
     with pytest.raises(ValueError, match=r"weight must have shape \[8\]"):
         rms_norm(x, torch.ones(7))
-    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
         rms_norm(x.long(), torch.ones(8))
     with pytest.raises(TypeError, match=r"torch\.Tensor"):
         rms_norm([1.0], torch.ones(1))

@@ -25,7 +25,9 @@ import torch
 
 from trilora.config import use_triton
 
-_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# float64 only on the torch path (the eager module accepts it too, computing in fp32).
+_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Rows per torch-path chunk: at most 2**22 elements, so each fp32 temporary is <= 16 MiB.
 _CHUNK_ELEMS = 2**22
 
@@ -43,7 +45,12 @@ def _out_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 def _use_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
     from trilora.kernels.rms_norm import MAX_BLOCK
 
-    return use_triton(x) and weight.dtype == x.dtype and x.shape[1] <= MAX_BLOCK
+    return (
+        use_triton(x)
+        and x.dtype in _KERNEL_DTYPES
+        and weight.dtype == x.dtype
+        and x.shape[1] <= MAX_BLOCK
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -170,7 +177,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
         raise TypeError("x and weight must be torch.Tensor")
     if x.dtype not in _ACT_DTYPES or not weight.is_floating_point():
         raise TypeError(
-            f"x must be float16, bfloat16 or float32 and weight floating point, got "
+            f"x must be float16, bfloat16, float32 or float64 and weight floating point, got "
             f"{x.dtype} and {weight.dtype}"
         )
     if x.dim() < 1 or weight.shape != (x.shape[-1],):
