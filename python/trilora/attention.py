@@ -43,8 +43,16 @@ def _servable(module, query, key, attention_mask, dropout, kwargs) -> bool:
         return False
     if query.shape[2] != key.shape[2] or query.shape[2] < 2 or query.shape[1] % key.shape[1]:
         return False
-    # CUDA flash kernels: half precision, head_dim <= 256
-    return not query.is_cuda or (query.dtype in _FLASH_DTYPES and query.shape[-1] <= 256)
+    if not query.is_cuda:
+        return True
+    # PyTorch's FlashAttention-2: sm_80+, half precision, head_dim <= 256, and not switched
+    # off by the user (torch.backends.cuda.enable_flash_sdp(False)).
+    return (
+        query.dtype in _FLASH_DTYPES
+        and query.shape[-1] <= 256
+        and torch.cuda.get_device_capability(query.device) >= (8, 0)
+        and torch.backends.cuda.flash_sdp_enabled()
+    )
 
 
 def grouped_attention_forward(
