@@ -125,11 +125,15 @@ def test_largest_fitting_is_exact(curve, guess):
 def test_budget_search(tiny):
     opts = MemOptions(seq_len=1024, r=8, offload_embeddings=True)
     budget = profile(tiny, opts).total + 1
-    value, rep = find_max(tiny, opts, budget, multiple=512)
+    lines = []
+    value, rep = find_max(tiny, opts, budget, multiple=512, progress=lines.append)
     info = rep.options["search"]
     # the answer's full-depth trace fits and the next step up's does not
     assert value >= 1024 and rep.total <= budget and rep.options["seq_len"] == value
     assert info["next_value"] == value + 512 and info["next_total"] > budget
+    # one progress line per trace, naming the verdict of the answer and of the next step
+    assert any(f"seq_len={value:,} " in s and "fits" in s for s in lines)
+    assert any(f"seq_len={value + 512:,} " in s and "exceeds" in s for s in lines)
     with pytest.raises(ValueError, match="minimum budget"):
         find_max(tiny, opts, 1000)
     with pytest.raises(ValueError, match="'seq_len' or 'batch'"):

@@ -155,7 +155,10 @@ def run(args) -> int:
     out: dict = {"model": name}
     if args.budget is not None:
         try:
-            value, rep = find_max(config, opts, args.budget, args.search, name=name)
+            value, rep = find_max(
+                config, opts, args.budget, args.search, name=name,
+                progress=lambda line: print(f"  trace: {line}", file=sys.stderr, flush=True),
+            )  # fmt: skip
         except ValueError as exc:
             print(f"trilora mem: {exc}", file=sys.stderr)
             return 2

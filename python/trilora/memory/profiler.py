@@ -793,6 +793,7 @@ def find_max(
     provider: str = "trilora",
     name: str = "",
     multiple: int = 1024,
+    progress=None,
 ) -> tuple[int, MemReport | None]:
     """Largest ``seq_len`` (or ``batch``) whose step fits ``budget`` bytes, and its full-depth report.
 
@@ -801,6 +802,9 @@ def find_max(
     exact at the precision ``multiple`` (1 for batch): its full-depth trace fits and the
     full-depth trace of ``value + multiple`` does not (that report's total is stored as
     ``next_total`` in the returned report's ``options["search"]``).
+
+    ``progress``, if given, is called with one line per trace (value, depth, total, fits,
+    seconds): a full-depth trace of a long context takes minutes on a laptop.
 
     Raises ValueError when even the weights do not fit, naming the minimum.
     """
@@ -822,9 +826,15 @@ def find_max(
         if config.num_hidden_layers <= EXTRAPOLATE_LAYERS[1]:
             depth = "full"  # shallow models are always traced in full: share the traces
         if (depth, v) not in reports:
-            reports[(depth, v)] = profile(
-                config, replace(opts, **{search: v}), provider, depth, name
-            )
+            rep = profile(config, replace(opts, **{search: v}), provider, depth, name)
+            reports[(depth, v)] = rep
+            if progress is not None:
+                kind = "full depth" if rep.layers_traced == rep.layers else "extrapolated"
+                verdict = "fits" if rep.total <= budget else "exceeds"
+                progress(
+                    f"{search}={v:,} ({kind}): {rep.total / GiB:.2f} GiB, {verdict} "
+                    f"[{rep.trace_seconds:.0f} s]"
+                )
         return reports[(depth, v)].total
 
     start = getattr(opts, search)
