@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trilora.ops.attention import flash_backward_workspace, grouped_causal_attention
+from trilora.ops.attention import flash_backward_workspace
 
 NAME = "trilora_causal_sdpa"  # no "flash" in it: transformers would look for flash_attn
 GROUPED_NAME = "trilora_causal_grouped"
@@ -73,22 +73,6 @@ def _add_backward_workspace(node, query: torch.Tensor, key: torch.Tensor) -> Non
     node.register_hook(release)
 
 
-def grouped_attention_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """:func:`trilora.ops.attention.grouped_causal_attention` under the trace's no-mask rule."""
-    if attention_mask is not None or (dropout and module.training):
-        raise ValueError(f"{GROUPED_NAME} assumes causal attention without mask or dropout")
-    return grouped_causal_attention(query, key, value, scaling), None
-
-
 def register(grouped: bool = False) -> str:
     """Register the traced attention with transformers (idempotent); returns its name.
 
@@ -98,6 +82,10 @@ def register(grouped: bool = False) -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    from trilora.attention import grouped_attention_forward
+
+    # The user-facing grouped attention itself; with no mask (below) it always takes the
+    # grouped path, as it does on CUDA for unpadded causal batches.
     name, fn = (
         (GROUPED_NAME, grouped_attention_forward) if grouped else (NAME, flash_attention_forward)
     )
