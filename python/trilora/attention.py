@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from trilora.modeling import base_transformers_model
 from trilora.ops.attention import grouped_causal_attention
 
 __all__ = [
@@ -86,14 +87,9 @@ def register() -> str:
 
 
 def _pretrained(model: nn.Module) -> nn.Module:
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    if not callable(getattr(model, "set_attn_implementation", None)):
-        raise TypeError(
-            f"{type(model).__name__} has no set_attn_implementation(): expected a transformers "
-            "PreTrainedModel (or a PeftModel wrapping one)"
-        )
-    return model
+    return base_transformers_model(
+        model, "set_attn_implementation", "a transformers PreTrainedModel"
+    )
 
 
 def enable_grouped_attention(model: nn.Module) -> nn.Module:

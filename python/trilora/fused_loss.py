@@ -23,6 +23,7 @@ import warnings
 import torch
 from torch import nn
 
+from trilora.modeling import base_transformers_model
 from trilora.ops.linear_cross_entropy import linear_cross_entropy
 
 __all__ = ["disable_fused_cross_entropy", "enable_fused_cross_entropy"]
@@ -37,14 +38,7 @@ _LOGIT_TRANSFORMS = (
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    if not callable(getattr(model, "get_output_embeddings", None)):
-        raise TypeError(
-            f"{type(model).__name__} has no get_output_embeddings(): expected a transformers "
-            "causal LM (or a PeftModel wrapping one)"
-        )
-    return model
+    return base_transformers_model(model, "get_output_embeddings", "a transformers causal LM")
 
 
 def _unsupported(lm: nn.Module, head: nn.Module | None) -> str | None:
