@@ -510,6 +510,88 @@ def run_quant_cases(
     return rows
 
 
+def run_norm_cases(
+    plan: KernelPlan,
+    device: torch.device,
+    peaks: DevicePeaks | None,
+    disabled: tuple[str, ...],
+    log: Log,
+) -> list[dict]:
+    """RMSNorm forward + backward at the plan's largest token count: trilora's op against the
+    transformers ``LlamaRMSNorm`` that bitsandbytes + PEFT runs (provider ``bnb_peft``).
+
+    Rows: ``time`` (s) and, on CUDA, ``peak_mem`` (bytes above the inputs), which is what
+    the op is for: eager autograd keeps fp32 copies of the rows for backward.
+    """
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from trilora.ops.rms_norm import rms_norm
+
+    rows: list[dict] = []
+    m = max(plan.tokens)
+    hidden = {s.model: s.k_in for s in plan.shapes if s.layer == "q_proj"}
+    for model, h in hidden.items():
+        case = f"{model}/rms_norm/M{m}"
+        params = dict(model=model, layer="rms_norm", k_in=h, tokens=m,
+                      dtype=str(plan.dtype).removeprefix("torch."))  # fmt: skip
+        # forward reads x, writes y; backward reads dy and x, writes dx
+        nbytes = 5 * m * h * _itemsize(plan.dtype)
+        norm = LlamaRMSNorm(h, eps=1e-5).to(device=device, dtype=plan.dtype)
+        norm.weight.requires_grad_(False)  # frozen, as in QLoRA
+        fns = {
+            "trilora": lambda x, norm=norm: rms_norm(x, norm.weight, norm.variance_epsilon),
+            "bnb_peft": norm,
+        }
+        for provider, fn in fns.items():
+            if provider not in plan.providers:
+                continue
+            ok, why = provider_status(provider, disabled)
+            if not ok:
+                rows.append(make_row(LEVEL, case, "time", provider, "s", status="skipped",
+                                     note=why, **params))  # fmt: skip
+                continue
+            log(f"  {provider} rms_norm {m}x{h}")
+            outcome = guarded(lambda fn=fn, h=h: _time_norm(fn, m, h, plan, device), device)
+            if outcome.status != "ok":
+                rows.append(make_row(LEVEL, case, "time", provider, "s", status=outcome.status,
+                                     note=outcome.note, **params))  # fmt: skip
+                continue
+            stats, peak = outcome.value
+            row = make_row(LEVEL, case, "time", provider, "s", stats,
+                           note="forward + backward", **params)  # fmt: skip
+            if peaks is not None:
+                floor = peaks.floor_s(nbytes, 0.0)
+                row.update(floor=floor, floor_frac=floor / stats.median)
+            rows.append(row)
+            if peak is not None:
+                rows.append(make_row(LEVEL, case, "peak_mem", provider, "bytes",
+                                     Stats(peak, peak, peak, 1),
+                                     note="forward + backward, above the inputs", **params))  # fmt: skip
+    return rows
+
+
+def _time_norm(fn, m: int, h: int, plan: KernelPlan, device: torch.device):
+    with seeded(11):
+        xs = [torch.randn(m, h, device=device, dtype=plan.dtype).requires_grad_() for _ in range(2)]
+        dy = torch.randn(m, h, device=device, dtype=plan.dtype)
+
+    def step(i: int) -> None:
+        x = xs[i % 2]
+        x.grad = None
+        fn(x).backward(dy)
+
+    stats = measure(step, device, warmup=plan.warmup, repeats=plan.repeats, budget_s=plan.budget_s)
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step(0)
+        torch.cuda.synchronize(device)
+        peak = float(torch.cuda.max_memory_allocated(device) - base)
+    return stats, peak
+
+
 def _bnb_only_status(disabled: tuple[str, ...]) -> tuple[bool, str]:
     # The quantizer baseline needs bitsandbytes only, not PEFT.
     if "bnb_peft" in disabled or "bnb" in disabled:
@@ -569,6 +651,7 @@ def run(
     """Run the kernel level; returns ``(rows, notes)``."""
     notes = list(plan.notes)
     rows = run_quant_cases(plan, device, peaks, disabled, log)
+    rows += run_norm_cases(plan, device, peaks, disabled, log)
     available: list[str] = []
     for provider in plan.providers:
         ok, why = provider_status(provider, disabled)
