@@ -28,10 +28,10 @@ from torch import nn
 from trilora.memory.profiler import (
     MemOptions,
     MemReport,
+    _apply_optimizer_model,
     _categorize,
     _dtype,
     _overheads,
-    _paged_8bit_state,
     _summarize_modules,
     meta_causal_lm,
     trace_training_step,
@@ -95,8 +95,13 @@ def profile_bnb_peft(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     opts.validate()
-    # bitsandbytes + PEFT runs transformers' attention: one flash call over all heads.
-    opts = replace(opts, grouped_attention=False)
+    # bitsandbytes + PEFT runs transformers' attention (one flash call over all heads) and
+    # a device-resident AdamW: trilora's CPU-offloaded optimizer is not theirs.
+    opts = replace(
+        opts,
+        grouped_attention=False,
+        optimizer="adamw" if opts.optimizer == "adamw_cpu_offload" else opts.optimizer,
+    )
     t0 = time.perf_counter()
     dt = _dtype(opts)
 
@@ -136,8 +141,7 @@ def profile_bnb_peft(
         static = _static(peft_model)
         cats, by_module, params = trace_training_step(peft_model, opts)
     categories = _categorize(cats, static)
-    if opts.optimizer == "paged_adamw_8bit":
-        categories["optimizer_state"] = _paged_8bit_state(params)
+    _apply_optimizer_model(categories, params, opts)
     return MemReport(
         provider="bnb_peft",
         model=name,

@@ -192,7 +192,6 @@ def run(args) -> int:
             base = replace(
                 opts, offload=False, mlp_chunks=None, fused_ce=False, fused_norm=False,
                 offload_embeddings=False,
-                optimizer="adamw" if opts.optimizer == "adamw_cpu_offload" else opts.optimizer,
             )  # fmt: skip
             reps.append(profile(config, base, "bnb_peft", name=name))
             reps.append(profile(config, replace(base, checkpointing=False), "bnb_peft", name=name))
