@@ -500,11 +500,7 @@ def run_quant_cases(
                                          note=outcome.note, **params))  # fmt: skip
                     continue
                 stats = outcome.value[op]
-                row = make_row(LEVEL, case, "time", provider, "s", stats, **params)
-                if peaks is not None:
-                    floor = peaks.floor_s(nbytes, 0.0)
-                    row.update(floor=floor, floor_frac=floor / stats.median)
-                rows.append(row)
+                rows.append(_memory_bound_time_row(case, provider, stats, nbytes, peaks, **params))
                 rows.append(make_row(LEVEL, case, "throughput", provider, "GB/s",
                                      _rate(stats, nbytes / 1e9), note="bytes moved / time", **params))  # fmt: skip
     return rows
@@ -557,12 +553,8 @@ def run_norm_cases(
                                      note=outcome.note, **params))  # fmt: skip
                 continue
             stats, peak = outcome.value
-            row = make_row(LEVEL, case, "time", provider, "s", stats,
-                           note="forward + backward", **params)  # fmt: skip
-            if peaks is not None:
-                floor = peaks.floor_s(nbytes, 0.0)
-                row.update(floor=floor, floor_frac=floor / stats.median)
-            rows.append(row)
+            rows.append(_memory_bound_time_row(case, provider, stats, nbytes, peaks,
+                                               note="forward + backward", **params))  # fmt: skip
             if peak is not None:
                 rows.append(make_row(LEVEL, case, "peak_mem", provider, "bytes",
                                      Stats(peak, peak, peak, 1),
@@ -590,6 +582,17 @@ def _time_norm(fn, m: int, h: int, plan: KernelPlan, device: torch.device):
         torch.cuda.synchronize(device)
         peak = float(torch.cuda.max_memory_allocated(device) - base)
     return stats, peak
+
+
+def _memory_bound_time_row(
+    case: str, provider: str, stats, nbytes: float, peaks: DevicePeaks | None, **params
+) -> dict:
+    """A ``time`` row with its bandwidth floor (``nbytes`` moved, no FLOPs counted)."""
+    row = make_row(LEVEL, case, "time", provider, "s", stats, **params)
+    if peaks is not None:
+        floor = peaks.floor_s(nbytes, 0.0)
+        row.update(floor=floor, floor_frac=floor / stats.median)
+    return row
 
 
 def _bnb_only_status(disabled: tuple[str, ...]) -> tuple[bool, str]:
