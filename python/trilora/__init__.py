@@ -1,21 +1,21 @@
 """trilora: QLoRA fine-tuning with bitsandbytes-compatible 4-bit weights and Triton kernels.
 
-The format and modules import eagerly; the model-level entry points (loading, PEFT
-patching, merging, checkpointing, memory planning) import on first use, so ``import
-trilora`` stays light and never touches transformers or PEFT global state.
+Every public name imports on first use, so ``import trilora`` (and the ``trilora`` command's
+``--help``) does not import torch, and never touches transformers or PEFT global state.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from trilora.nn import Linear4bit, QLoraLinear
-from trilora.quant import QuantizedWeight, quantize
-
 __version__ = "0.1.0"
 
 # public name -> (module, attribute); attribute None means the module itself
 _LAZY: dict[str, tuple[str, str | None]] = {
+    "Linear4bit": ("trilora.nn", "Linear4bit"),
+    "QLoraLinear": ("trilora.nn", "QLoraLinear"),
+    "QuantizedWeight": ("trilora.quant", "QuantizedWeight"),
+    "quantize": ("trilora.quant", "quantize"),
     "from_pretrained": ("trilora.loading", "from_pretrained"),
     "save_quantized": ("trilora.loading", "save_quantized"),
     "patch": ("trilora.peft", "patch"),
@@ -30,7 +30,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "config": ("trilora.config", None),
 }
 
-__all__ = ["Linear4bit", "QLoraLinear", "QuantizedWeight", "__version__", "quantize", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -1,50 +1,123 @@
 """The ``trilora`` command.
 
 Each subcommand lives in its own module, which exposes ``add_parser(subparsers)`` (register
-the subcommand and its options) and ``run(args) -> int``. Modules are imported only when
-their subcommand runs, except for argument registration, which must stay cheap (no torch
-work at import).
+the subcommand and its options) and ``run(args) -> int``. Only the module of the subcommand
+being run is imported, and its import must stay cheap (no torch at module level), so
+``trilora --help``, ``--version`` and ``trilora COMMAND --help`` answer in a fraction of a
+second. ``tests/test_cli.py`` holds every command module to that.
+
+Errors: a :class:`trilora.io.UserError` (bad input; ``UsageError`` for bad flags) and an
+``OSError`` (a missing file, a full disk) print one line and exit with 1, or 2 for usage
+errors; anything else is a bug and prints one line that asks for ``--debug``.
+``--debug`` (or ``TRILORA_DEBUG=1``) re-raises with the full traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-# subcommand -> module providing add_parser() and run()
-COMMANDS: dict[str, str] = {
-    "demo": "trilora.demo",
-    "kernels": "trilora.kernel_check",
-    "mem": "trilora.memory.cli",
-    "merge": "trilora.merging",
-    "bench": "trilora.bench.cli",
+# subcommand -> (module providing add_parser() and run(), one-line help for `trilora --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("trilora.demo", "one layer through trilora and bitsandbytes + PEFT: errors and times"),
+    "mem": ("trilora.memory.cli", "peak GPU memory of a training step, traced without a GPU"),
+    "merge": ("trilora.merging", "merge a LoRA adapter into its base and write safetensors"),
+    "bench": ("trilora.bench.cli", "benchmark trilora against bitsandbytes + PEFT"),
+    "kernels": (
+        "trilora.kernel_check",
+        "compile every Triton kernel for sm_80/sm_90, check spills",
+    ),
 }
 
+VERSION = "0.1.0"  # == trilora.__version__ (kept here so --version imports nothing)
 
-def build_parser() -> argparse.ArgumentParser:
-    from trilora import __version__
 
+def _debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("TRILORA_DEBUG", "") not in ("", "0")
+
+
+def _selected_command(argv: list[str]) -> str | None:
+    for token in argv:
+        if token == "--":
+            return None
+        if not token.startswith("-"):
+            return token if token in COMMANDS else None
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only the subcommand named in ``argv`` gets its full options."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
         prog="trilora",
         description="QLoRA fine-tuning engine: 4-bit base weights (bitsandbytes-compatible), "
         "LoRA adapters, Triton kernels.",
     )
-    parser.add_argument("--version", action="version", version=f"trilora {__version__}")
+    parser.add_argument("--version", action="version", version=f"trilora {VERSION}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback on errors (also TRILORA_DEBUG=1)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command, module in COMMANDS.items():
-        importlib.import_module(module).add_parser(subparsers)
-        subparsers.choices[command].set_defaults(_module=module)
+    selected = _selected_command(argv)
+    for command, (module, help_text) in COMMANDS.items():
+        if command == selected:
+            importlib.import_module(module).add_parser(subparsers)
+            sub = subparsers.choices[command]
+            # `trilora merge ... --debug` works as well as `trilora --debug merge ...`
+            sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the full traceback on errors (also TRILORA_DEBUG=1)")  # fmt: skip
+        else:
+            sub = subparsers.add_parser(command, help=help_text)
+        sub.set_defaults(_module=module)
     return parser
 
 
+def report_error(prog: str, exc: BaseException) -> int:
+    """Print ``exc`` as one line on stderr; return the exit status."""
+    from trilora.io import UserError
+
+    if isinstance(exc, UserError):
+        message, status = str(exc), exc.exit_code
+    elif isinstance(exc, FileNotFoundError) and exc.filename:
+        message, status = f"no such file or folder: {exc.filename}", 1
+    elif isinstance(exc, OSError):
+        message, status = (exc.strerror or str(exc)), 1
+        if exc.filename:
+            message = f"{message}: {exc.filename}"
+    else:
+        message = (
+            f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
+        )
+        status = 1
+    message = " ".join(str(message).split()) or type(exc).__name__
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = _debug_requested(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return int(importlib.import_module(args._module).run(args) or 0)
+    prog = f"trilora {args.command}"
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        return report_error(prog, exc)
 
 
 if __name__ == "__main__":

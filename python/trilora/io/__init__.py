@@ -1,0 +1,38 @@
+"""User-facing input/output rules shared by every command and library entry point that saves.
+
+* :class:`UserError` / :class:`UsageError`: a mistake in what the user gave us. The CLI
+  prints such errors as one line (no traceback unless ``--debug``); library callers catch
+  them as ``ValueError``.
+* :func:`check_output` refuses to overwrite what the user owns unless asked to, and never
+  replaces a folder holding one of the command's inputs, the current directory or one of
+  its parents.
+* :func:`atomic_directory`, :func:`atomic_write_bytes`, :func:`atomic_write_text` and
+  :func:`atomic_write_json` write through a temporary sibling and a rename, so a reader sees
+  the old content or the new one, never half of either; what they create follows the
+  process umask, like any file the user creates by hand.
+
+This module imports no torch: the CLI uses it before any heavy import.
+"""
+
+from trilora.io.errors import UsageError, UserError
+from trilora.io.outputs import (
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_output,
+    default_dir_mode,
+    default_file_mode,
+)
+
+__all__ = [
+    "UsageError",
+    "UserError",
+    "atomic_directory",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "check_output",
+    "default_dir_mode",
+    "default_file_mode",
+]
