@@ -171,7 +171,8 @@ def _scenario_fsdp_checkpointing(env, path, out, seed):
     from trilora.optim import CPUOffloadAdamW
 
     model = wrap_fsdp(load_peft(path, seed, env), env=env)
-    trilora.enable_checkpointing(model)
+    # offload is plain checkpointing on CPU tensors; mlp_chunks adds nested checkpoints
+    trilora.enable_checkpointing(model, offload=True, mlp_chunks=2)
     opt = build_optimizer(model, CPUOffloadAdamW, lr=LR)
     data = batches(seed)
     losses = train(model, opt, data, env, 0, SAVE_AT)
@@ -230,6 +231,32 @@ def _scenario_mixed_storage(env, path, out, seed):
     return {"error": None}
 
 
+class BlockwiseSGD(torch.optim.Optimizer):
+    """SGD that keeps a statistic per block of each parameter, shaped unlike the parameter:
+    it stands in for 8-bit optimizers, whose blockwise state cannot be resharded."""
+
+    def __init__(self, params, lr: float = 1e-2):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.state[p]["block_stats"] = torch.stack([p.grad.abs().sum(), p.grad.sum()])
+                    p.add_(p.grad, alpha=-group["lr"])
+
+
+def _scenario_blockwise_state(env, path, out, seed):
+    from trilora.distributed import build_optimizer, save_state, wrap_fsdp
+
+    model = wrap_fsdp(load_peft(path, seed, env), env=env)
+    opt = build_optimizer(model, BlockwiseSGD, lr=LR)
+    train(model, opt, batches(seed, 1), env)
+    save_state(out / "blockwise", model, opt)
+    return {"optimizer": type(opt).__name__}
+
+
 def _linear4bit(model):
     return [m for _, m in _named4bit(model)]
 
@@ -251,6 +278,7 @@ SCENARIOS = {
     "fsdp_bf16": _scenario_fsdp_bf16,
     "cpu_offload": _scenario_cpu_offload,
     "mixed_storage": _scenario_mixed_storage,
+    "blockwise_state": _scenario_blockwise_state,
 }
 
 

@@ -44,6 +44,11 @@ class DistEnv:
         return self.world_size > 1
 
     @property
+    def has_group(self) -> bool:
+        """True when a process group is initialized (``torchrun --nproc-per-node 1`` too)."""
+        return self.backend is not None
+
+    @property
     def is_main(self) -> bool:
         """True on rank 0 (the rank that reads checkpoints and writes outputs)."""
         return self.rank == 0
@@ -65,7 +70,10 @@ def current_env() -> DistEnv:
     backend = str(dist.get_backend())
     local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
     if "nccl" in backend and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
+        # torchrun's LOCAL_RANK names this process's GPU even if the caller did not
+        # torch.cuda.set_device() it
+        index = local if "LOCAL_RANK" in os.environ else torch.cuda.current_device()
+        device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
     return DistEnv(dist.get_rank(), dist.get_world_size(), local, device, backend)

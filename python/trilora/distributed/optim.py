@@ -148,6 +148,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """The inner optimizer's state dict, with per-element state as ``DTensor`` shards."""
         from torch.distributed.tensor import DTensor
 
+        self._sync_hparams()  # a scheduler may have changed the outer groups since the step
         sd = self.inner.state_dict()
         params = self._params()
         state = {}

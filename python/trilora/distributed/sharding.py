@@ -322,8 +322,8 @@ def wrap_fsdp(
 
     Returns:
         ``model`` itself, now an ``FSDPModule``; its parameters are ``DTensor`` shards on
-        ``env.device`` (on the CPU with ``cpu_offload``). In a single-process run the model
-        is returned unchanged.
+        ``env.device`` (on the CPU with ``cpu_offload``). Without a process group (a plain
+        single-process run) the model is returned unchanged.
 
     Raises:
         UserError: the ranks built different models (or store the 4-bit bytes in
@@ -336,7 +336,7 @@ def wrap_fsdp(
 
     env = env or current_env()
     policy = _mp_policy(mixed_precision)
-    if not env.distributed:
+    if not env.has_group:
         return model
     match_storage(model, policy.param_dtype)
     check_same_model(model, env)
@@ -384,8 +384,8 @@ def wrap_ddp(model: nn.Module, *, env: DistEnv | None = None, **ddp_kwargs: Any)
     override these and go to ``DistributedDataParallel``.
 
     Returns:
-        The ``DistributedDataParallel`` module (the model itself in a single-process run);
-        :func:`unwrap` gives back the inner model.
+        The ``DistributedDataParallel`` module (the model itself when no process group is
+        initialized); :func:`unwrap` gives back the inner model.
 
     Raises:
         UserError: the ranks built different models, rank 0 holds no loaded model, or the
@@ -399,7 +399,7 @@ def wrap_ddp(model: nn.Module, *, env: DistEnv | None = None, **ddp_kwargs: Any)
             "the model has no trainable parameters: put LoRA adapters on it "
             "(trilora.get_peft_model) before wrapping it for DDP"
         )
-    if not env.distributed:
+    if not env.has_group:
         return model
     check_same_model(model, env)
     _check_source(model, env)
@@ -445,8 +445,9 @@ def resident_bytes(model: nn.Module) -> dict[str, int]:
         out["base_4bit"] += _local_nbytes(m.weight)
         seen.add(id(m.weight))
         for b in m.buffers(recurse=False):
-            out["quant_state"] += _local_nbytes(b)
-            seen.add(id(b))
+            if id(b) not in seen:  # layers may share one table (the double-quant map)
+                out["quant_state"] += _local_nbytes(b)
+                seen.add(id(b))
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))

@@ -185,7 +185,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, overwrite: bool =
     """
     env = _env_of(model)
     m = unwrap(model)
-    if not (hasattr(m, "peft_config") and callable(getattr(m, "save_pretrained", None))):
+    from peft import PeftModel
+
+    if not isinstance(m, PeftModel):
         raise UserError(
             f"save_adapter needs a PEFT model (trilora.get_peft_model), got {type(m).__name__}"
         )
