@@ -199,7 +199,7 @@ def test_load_state_mismatches(model_dir, tmp_path):
                                 device="cpu"),
         LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"), compute_dtype=torch.float32,
     )  # fmt: skip
-    with pytest.raises(UserError, match="other LoRA settings.*has shape"):
+    with pytest.raises(UserError, match=r"other LoRA settings.*has shape"):
         load_state(tmp_path / "no_opt", other_r)
 
 

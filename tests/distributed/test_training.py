@@ -23,9 +23,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from dist_workers import (
     MODEL,
-    BlockwiseSGD,
     SAVE_AT,
     STEPS,
+    BlockwiseSGD,
     adapter_tensors,
     batches,
     load_peft,
@@ -221,5 +221,5 @@ def test_blockwise_optimizer_state_is_not_resharded(run):
     from trilora.distributed import build_optimizer
 
     model = load_peft(run.model, run.seed)
-    with pytest.raises(UserError, match="not elementwise.*saved on 2 ranks.*resume on 2 ranks"):
+    with pytest.raises(UserError, match=r"not elementwise.*saved on 2 ranks.*resume on 2 ranks"):
         load_state(run.out / "blockwise", model, build_optimizer(model, BlockwiseSGD))
