@@ -127,7 +127,10 @@ def _scenario_ddp(env, path, out, seed):
 
 
 def _scenario_fsdp(env, path, out, seed):
+    from torch.distributed.tensor import DTensor
+
     import trilora
+    import trilora.checkpoint
     from trilora.distributed import (
         DistEnv,
         build_optimizer,
@@ -144,6 +147,19 @@ def _scenario_fsdp(env, path, out, seed):
     full = resident_bytes(load_peft(path, seed, DistEnv()))  # what one process holds
     model = wrap_fsdp(load_peft(path, seed, env), env=env)
     mine = resident_bytes(model)
+    layer0 = trilora.checkpoint.find_decoder_layers(model)[0]
+    gathered_layer = []
+
+    def count_gathered(module, args):
+        # inside layer 0's forward, after FSDP gathered it: plain tensors of full size
+        if not gathered_layer:
+            gathered_layer.append(
+                sum(p.numel() * p.element_size() for p in layer0.parameters())
+                if not any(isinstance(p, DTensor) for p in layer0.parameters())
+                else -1
+            )
+
+    hook = layer0.input_layernorm.register_forward_pre_hook(count_gathered)
     gathered = packed_weights(model)
     untouched = sorted(gathered) == sorted(reference) and all(
         torch.equal(gathered[k], reference[k]) for k in reference
@@ -154,8 +170,10 @@ def _scenario_fsdp(env, path, out, seed):
     )  # fmt: skip
     opt = build_optimizer(model, torch.optim.AdamW, lr=LR)
     losses = train(model, opt, batches(seed), env)
+    hook.remove()
     save_adapter(model, out / "fsdp_adapter")
     return {"losses": losses, "resident": mine, "resident_single": full,
+            "gathered_layer0": gathered_layer[0],
             "bytes_untouched": untouched, "odd_row_layers": len(odd_rows)}  # fmt: skip
 
 

@@ -223,3 +223,22 @@ def test_blockwise_optimizer_state_is_not_resharded(run):
     model = load_peft(run.model, run.seed)
     with pytest.raises(UserError, match=r"not elementwise.*saved on 2 ranks.*resume on 2 ranks"):
         load_state(run.out / "blockwise", model, build_optimizer(model, BlockwiseSGD))
+
+
+def test_memory_model_matches_the_real_shards(run):
+    """trilora mem's per-rank model against what rank 0 of the 2-rank FSDP run held."""
+    from trilora.checkpoint import find_decoder_layers
+    from trilora.memory.distributed import per_rank_memory, sharding_groups
+
+    rows = run.scenario("fsdp")
+    model = load_peft(run.model, run.seed)
+    rep = per_rank_memory(model, world_size=WORLD)
+    held = rows[0]["resident"]  # rank 0: the larger shard where rows do not divide
+    assert rep.device["base_weights_4bit"] == held["base_4bit"]
+    assert rep.device["lora_params"] == held["trainable"]
+    assert rep.device["quant_state"] == held["quant_state"]
+    assert rep.device["other_frozen"] == held["other_params"] + held["buffers"]
+    groups, _ = sharding_groups(model, WORLD)
+    layer0 = next(g for g in groups if g.name == "layer 0")
+    assert find_decoder_layers(model)[0] is not None
+    assert rows[0]["gathered_layer0"] == layer0.gathered  # the all-gather's output, bytes
