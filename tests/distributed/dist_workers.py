@@ -275,6 +275,90 @@ def _scenario_blockwise_state(env, path, out, seed):
     return {"optimizer": type(opt).__name__}
 
 
+def _scenario_ulysses(env, path, out, seed):
+    """Sequence-parallel attention and a whole model on 2 ranks against one process.
+
+    Every rank draws the same full tensors, runs its half of the sequence through Ulysses
+    and compares with single-process attention on the whole sequence: outputs and the
+    gradients of its own slice (which receive contributions from the other rank's
+    queries through the all-to-all's backward)."""
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    import trilora
+    from trilora.distributed.ulysses import enable_ulysses, shard_sequence, ulysses_attention
+
+    r, p = env.rank, env.world_size
+    gen = torch.Generator().manual_seed(seed)
+    errors = {}
+    for kv in (2, 1):  # 2 key/value heads split over 2 ranks; 1 repeated up to the queries
+        b, h, t, d = 2, 4, 12, 8
+        q, k, v = (torch.randn(b, n, t, d, generator=gen) for n in (h, kv, kv))
+        w = torch.randn(b, t, h, d, generator=gen)
+        full = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        ref = F.scaled_dot_product_attention(
+            full[0], *(x.repeat_interleave(h // kv, dim=1) for x in full[1:]), is_causal=True
+        ).transpose(1, 2)
+        (ref * w).sum().backward()
+        sl = slice(r * t // p, (r + 1) * t // p)
+        local = [x[:, :, sl].clone().requires_grad_(True) for x in (q, k, v)]
+        module = torch.nn.Module()
+        module.is_causal, module.num_key_value_groups = True, h // kv
+        got, _ = ulysses_attention(module, *local, None, inner=sdpa_attention_forward)
+        (got * w[:, sl]).sum().backward()
+        errors[f"kv{kv}_out"] = (got - ref[:, sl]).abs().max().item()
+        for name, a, f in zip("qkv", local, full):
+            errors[f"kv{kv}_grad_{name}"] = (a.grad - f.grad[:, :, sl]).abs().max().item()
+
+    # a tiny model with LoRA on every linear layer (4 heads, 2 KV heads): logits and a
+    # LoRA gradient
+    from helpers_models import save_tiny_model
+
+    path = out / "ulysses_model"
+    if r == 0:
+        save_tiny_model(path, seed=seed, vocab=VOCAB)
+    torch.distributed.barrier()
+    kw = dict(compute_dtype=torch.float32, dtype=torch.float32, device="cpu",
+              attn_implementation="sdpa")  # fmt: skip
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=gen)
+    w = torch.randn(2, SEQ, VOCAB, generator=gen)
+
+    def lora_model():
+        m = trilora.get_peft_model(
+            trilora.from_pretrained(path, **kw), lora_config(), compute_dtype=torch.float32
+        )
+        fill_lora(m, seed)
+        return m
+
+    def lora_grad(m):
+        return next(
+            p.grad for n, p in m.named_parameters() if "layers.0.self_attn.q_proj.lora_A" in n
+        )
+
+    ref_model = lora_model()
+    ref_logits = ref_model(input_ids=ids).logits
+    (ref_logits * w).sum().backward()
+    model = lora_model()
+    inner = enable_ulysses(model)
+    part = shard_sequence(ids, ids)
+    logits = model(input_ids=part["input_ids"], position_ids=part["position_ids"]).logits
+    n = SEQ // p
+    (logits * w[:, r * n : (r + 1) * n]).sum().backward()
+    grad = lora_grad(model).clone()
+    torch.distributed.all_reduce(grad)  # each rank holds its tokens' share
+    errors["model_logits"] = (logits - ref_logits[:, r * n : (r + 1) * n]).abs().max().item()
+    errors["model_lora_grad"] = (grad - lora_grad(ref_model)).abs().max().item()
+    errors["shift_labels_ok"] = bool(
+        torch.equal(part["shift_labels"][:, :-1], ids[:, r * n + 1 : (r + 1) * n])
+    )
+    return {
+        "errors": errors,
+        "inner": inner,
+        "scale": ref_logits.abs().max().item(),
+        "grad_scale": lora_grad(ref_model).abs().max().item(),
+    }
+
+
 def _linear4bit(model):
     return [m for _, m in _named4bit(model)]
 
@@ -297,6 +381,7 @@ SCENARIOS = {
     "cpu_offload": _scenario_cpu_offload,
     "mixed_storage": _scenario_mixed_storage,
     "blockwise_state": _scenario_blockwise_state,
+    "ulysses": _scenario_ulysses,
 }
 
 
