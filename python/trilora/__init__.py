@@ -26,6 +26,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "enable_fused_rms_norm": ("trilora.fused_norm", "enable_fused_rms_norm"),
     "enable_grouped_attention": ("trilora.attention", "enable_grouped_attention"),
     "CPUOffloadAdamW": ("trilora.optim", "CPUOffloadAdamW"),
+    "distributed": ("trilora.distributed", None),
     "ops": ("trilora.ops", None),
     "config": ("trilora.config", None),
 }

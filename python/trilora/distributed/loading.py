@@ -114,9 +114,10 @@ def load_pretrained(
         single-process run this is simply :func:`trilora.from_pretrained`.
 
     Raises:
-        UserError: on every rank, when rank 0 could not load the checkpoint (its message).
+        UserError: on every rank, when rank 0 found the checkpoint missing or corrupt (its
+            message); other failures of rank 0 are re-raised there and reported elsewhere.
     """
-    from trilora.loading import from_pretrained
+    from trilora.loading import CheckpointError, from_pretrained
 
     env = env or current_env()
     if not env.distributed:
@@ -132,9 +133,14 @@ def load_pretrained(
     dist.broadcast_object_list(payload, src=0)
     found = payload[0]
     if isinstance(found, BaseException):
+        # A missing or corrupt checkpoint is the user's input: one line on every rank.
+        if isinstance(found, CheckpointError | OSError | UserError):
+            raise UserError(f"rank 0 could not load {name_or_path}: {found}") from (
+                found if env.rank == 0 else None
+            )
         if env.rank == 0:
             raise found
-        raise UserError(f"rank 0 could not load {name_or_path}: {found}")
+        raise RuntimeError(f"rank 0 failed to load {name_or_path}: {found}")
     if env.rank == 0:
         return model
     return build_shell(found)

@@ -27,8 +27,10 @@ renames at the end; the folder must be on a filesystem every rank can write.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +239,22 @@ def _jsonable(value: Any) -> Any:
 
 
 def _dcp_kwargs(env: DistEnv) -> dict[str, Any]:
-    return {} if env.distributed else {"no_dist": True}
+    import inspect
+
+    import torch.distributed.checkpoint as dcp
+
+    if env.has_group or "no_dist" not in inspect.signature(dcp.save).parameters:
+        return {}  # older torch infers a single process from the missing process group
+    return {"no_dist": True}
+
+
+@contextlib.contextmanager
+def _quiet_single_process(env: DistEnv):
+    # DCP warns that it "assumes the intent is to save/load in a single process": it is.
+    with warnings.catch_warnings():
+        if not env.has_group:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def save_state(
@@ -325,7 +342,8 @@ def save_state(
     if env.distributed:
         dist.broadcast_object_list(tmp_name, src=0)
     try:
-        dcp.save(sd, checkpoint_id=tmp_name[0], **_dcp_kwargs(env))
+        with _quiet_single_process(env):
+            dcp.save(sd, checkpoint_id=tmp_name[0], **_dcp_kwargs(env))
         if env.rank == 0:
             atomic_write_json(Path(tmp_name[0]) / STATE_FILE, meta)
     except Exception as exc:
@@ -448,7 +466,8 @@ def load_state(
         raise UserError(
             f"{path} lacks {missing[0][len('model/') :]}; it was saved from another model"
         )
-    dcp.load(sd, checkpoint_id=str(path), **_dcp_kwargs(env))
+    with _quiet_single_process(env):
+        dcp.load(sd, checkpoint_id=str(path), **_dcp_kwargs(env))
     if optimizer is not None:
         state: dict[int, dict[str, Any]] = {}
         index_of = {fqn: i for i, fqn in enumerate(fqns)}
