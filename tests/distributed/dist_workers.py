@@ -182,6 +182,7 @@ def _scenario_fsdp_checkpointing(env, path, out, seed):
     from trilora.distributed import (
         ShardedOptimizer,
         build_optimizer,
+        load_state,
         save_adapter,
         save_state,
         wrap_fsdp,
@@ -197,7 +198,15 @@ def _scenario_fsdp_checkpointing(env, path, out, seed):
     save_state(out / "state", model, opt, extra={"step": SAVE_AT, "rng": torch.arange(3)})
     losses += train(model, opt, data, env, SAVE_AT)
     save_adapter(model, out / "fsdp_ckpt_adapter")
-    return {"losses": losses, "sharded_optimizer": isinstance(opt, ShardedOptimizer)}
+    # resume on the same 2 ranks into a fresh model (other LoRA values, other lr): the
+    # DTensor state goes back into the ShardedOptimizer's local shards
+    again = wrap_fsdp(load_peft(path, seed + 1, env), env=env)
+    trilora.enable_checkpointing(again, offload=True, mlp_chunks=2)
+    again_opt = build_optimizer(again, CPUOffloadAdamW, lr=0.5)
+    step = load_state(out / "state", again, again_opt)["step"]
+    resumed = train(again, again_opt, data, env, step)
+    return {"losses": losses, "sharded_optimizer": isinstance(opt, ShardedOptimizer),
+            "resumed_losses": resumed}
 
 
 def _scenario_fsdp_bf16(env, path, out, seed):

@@ -158,6 +158,8 @@ def test_fsdp_with_activation_checkpointing_and_cpu_offload_adamw(run):
     want, adapter = _reference(run, "offload")
     _close_losses(rows[0]["losses"], want, LOSS_RTOL)
     _close_adapters(run.out / "fsdp_ckpt_adapter", adapter)
+    # resumed on the same 2 ranks: the same reductions in the same order, so the same bits
+    assert rows[0]["resumed_losses"] == rows[0]["losses"][SAVE_AT:]
 
 
 def test_saved_on_two_ranks_resumes_on_one(run):

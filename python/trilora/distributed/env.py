@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from trilora.io import UserError
 
-__all__ = ["DistEnv", "current_env", "destroy_distributed", "init_distributed"]
+__all__ = ["DistEnv", "bind_device", "current_env", "destroy_distributed", "init_distributed"]
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -131,6 +131,12 @@ def init_distributed(
     kwargs = {} if timeout is None else {"timeout": timeout}
     dist.init_process_group(backend=backend, **kwargs)
     return DistEnv(rank, world, local, device, backend)
+
+
+def bind_device(env: DistEnv) -> None:
+    """Make ``env.device`` the current CUDA device (NCCL's object collectives use it)."""
+    if env.device.type == "cuda" and torch.cuda.current_device() != env.device.index:
+        torch.cuda.set_device(env.device)
 
 
 def destroy_distributed() -> None:

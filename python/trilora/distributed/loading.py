@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trilora.distributed.env import DistEnv, current_env
+from trilora.distributed.env import DistEnv, bind_device, current_env
 from trilora.io import UserError
 
 __all__ = ["build_shell", "describe_model", "load_pretrained"]
@@ -122,6 +122,7 @@ def load_pretrained(
     env = env or current_env()
     if not env.distributed:
         return from_pretrained(name_or_path, device=device, **from_pretrained_kwargs)
+    bind_device(env)
     payload: list[Any] = [None]
     model = None
     if env.rank == 0:

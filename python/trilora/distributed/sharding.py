@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trilora.distributed.env import DistEnv, current_env
+from trilora.distributed.env import DistEnv, bind_device, current_env
 from trilora.io import UserError
 
 __all__ = [
@@ -338,6 +338,7 @@ def wrap_fsdp(
     policy = _mp_policy(mixed_precision)
     if not env.has_group:
         return model
+    bind_device(env)
     match_storage(model, policy.param_dtype)
     check_same_model(model, env)
     _check_source(model, env)
@@ -401,6 +402,7 @@ def wrap_ddp(model: nn.Module, *, env: DistEnv | None = None, **ddp_kwargs: Any)
         )
     if not env.has_group:
         return model
+    bind_device(env)
     check_same_model(model, env)
     _check_source(model, env)
     if env.rank == 0:
