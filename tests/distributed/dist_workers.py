@@ -205,8 +205,11 @@ def _scenario_fsdp_checkpointing(env, path, out, seed):
     again_opt = build_optimizer(again, CPUOffloadAdamW, lr=0.5)
     step = load_state(out / "state", again, again_opt)["step"]
     resumed = train(again, again_opt, data, env, step)
-    return {"losses": losses, "sharded_optimizer": isinstance(opt, ShardedOptimizer),
-            "resumed_losses": resumed}
+    return {
+        "losses": losses,
+        "sharded_optimizer": isinstance(opt, ShardedOptimizer),
+        "resumed_losses": resumed,
+    }
 
 
 def _scenario_fsdp_bf16(env, path, out, seed):
