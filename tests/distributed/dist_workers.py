@@ -240,6 +240,17 @@ def _scenario_cpu_offload(env, path, out, seed):
     return {"losses": train(model, opt, batches(seed, 3), env)}
 
 
+def _scenario_missing_checkpoint(env, path, out, seed):
+    from trilora.distributed import load_pretrained
+    from trilora.io import UserError
+
+    try:
+        load_pretrained(out / "no_such_model", env=env)
+    except UserError as exc:
+        return {"error": str(exc)}
+    return {"error": None}
+
+
 def _scenario_mixed_storage(env, path, out, seed):
     from trilora.distributed import wrap_fsdp
     from trilora.io import UserError
@@ -392,6 +403,7 @@ SCENARIOS = {
     "fsdp_bf16": _scenario_fsdp_bf16,
     "cpu_offload": _scenario_cpu_offload,
     "mixed_storage": _scenario_mixed_storage,
+    "missing_checkpoint": _scenario_missing_checkpoint,
     "blockwise_state": _scenario_blockwise_state,
     "ulysses": _scenario_ulysses,
 }

@@ -75,7 +75,7 @@ def run(tmp_path_factory) -> Run:
     out.mkdir()
     results = mp.get_context("spawn").SimpleQueue()
     names = ["ddp", "fsdp", "fsdp_checkpointing", "fsdp_bf16", "cpu_offload", "mixed_storage",
-             "blockwise_state", "ulysses"]  # fmt: skip
+             "blockwise_state", "ulysses", "missing_checkpoint"]  # fmt: skip
     mp.start_processes(
         worker,
         args=(WORLD, str(root / "init"), str(model), str(out), seed, names, results),
@@ -108,6 +108,8 @@ def _reference(run: Run, optimizer: str, steps: int = STEPS) -> tuple[list[float
 
 def _close_losses(got: list[float], want: list[float], rtol: float) -> None:
     assert len(got) == len(want)
+    worst = max(abs(a - b) / abs(b) for a, b in zip(got, want))
+    print(f"losses: {len(got)} steps, worst relative difference {worst:.2e} (rtol {rtol:.0e})")
     for step, (a, b) in enumerate(zip(got, want)):
         assert abs(a - b) <= rtol * abs(b), f"step {step}: {a} vs {b} (rtol {rtol})"
 
@@ -115,6 +117,8 @@ def _close_losses(got: list[float], want: list[float], rtol: float) -> None:
 def _close_adapters(got: Path, want: Path, rtol: float = ADAPTER_RTOL) -> None:
     a, b = adapter_tensors(got), adapter_tensors(want)
     assert sorted(a) == sorted(b)
+    worst = max((a[k] - b[k]).abs().max().item() / b[k].abs().max().item() for k in b)
+    print(f"adapter: {len(b)} tensors, worst error / largest entry {worst:.2e} (rtol {rtol:.0e})")
     for key in b:
         scale = b[key].abs().max().item()
         err = (a[key] - b[key]).abs().max().item()
@@ -200,6 +204,12 @@ def test_mixed_storage_dtypes_across_ranks_are_refused(run):
     for row in rows:
         assert row["error"] is not None and "mixed storage dtypes across ranks" in row["error"]
         assert "quant_storage" in row["error"]
+
+
+def test_rank0_load_errors_reach_every_rank(run):
+    for row in run.scenario("missing_checkpoint"):  # a UserError on both ranks, no hang
+        assert row["error"] is not None and row["error"].startswith("rank 0 could not load")
+        assert "no_such_model" in row["error"]
 
 
 def test_resuming_from_another_model_is_refused(run, tmp_path):

@@ -115,13 +115,17 @@ def load_pretrained(
 
     Raises:
         UserError: on every rank, when rank 0 found the checkpoint missing or corrupt (its
-            message); other failures of rank 0 are re-raised there and reported elsewhere.
+            message; likewise in a single process); other failures of rank 0 are re-raised
+            there and reported on the other ranks as a RuntimeError.
     """
     from trilora.loading import CheckpointError, from_pretrained
 
     env = env or current_env()
     if not env.distributed:
-        return from_pretrained(name_or_path, device=device, **from_pretrained_kwargs)
+        try:
+            return from_pretrained(name_or_path, device=device, **from_pretrained_kwargs)
+        except (CheckpointError, OSError) as exc:
+            raise UserError(f"could not load {name_or_path}: {exc}") from exc
     bind_device(env)
     payload: list[Any] = [None]
     model = None
