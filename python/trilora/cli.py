@@ -9,13 +9,18 @@ second. ``tests/test_cli.py`` holds every command module to that.
 Errors: a :class:`trilora.io.UserError` (bad input; ``UsageError`` for bad flags) and an
 ``OSError`` (a missing file, a full disk) print one line and exit with 1, or 2 for usage
 errors; anything else is a bug and prints one line that asks for ``--debug``.
-``--debug`` (or ``TRILORA_DEBUG=1``) re-raises with the full traceback instead.
+``--debug`` (or ``TRILORA_DEBUG=1``) re-raises with the full traceback instead. A flag
+argparse rejects also gets one line (no usage block) and exit status 2.
+
+Help: every option's help text ends with its default (:class:`HelpFormatter`); an option
+whose default is None says in its help what happens when it is left out.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -34,6 +39,51 @@ COMMANDS: dict[str, tuple[str, str]] = {
 VERSION = "0.1.0"  # == trilora.__version__ (kept here so --version imports nothing)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to an option's help, except where it says nothing useful
+    (flags, None, suppressed defaults) or the help already states the default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is None
+            or isinstance(default, bool)
+            or default is argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return text
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the CLI's error style: one line naming what was expected, exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+# bitsandbytes logs this at import on CPUs with AVX512-BF16 when the Hugging Face `kernels`
+# package is missing (or shadowed, see README "Development"): trilora never uses the CPU
+# gemm it tries to load, so the notice only buries trilora's own output. --debug keeps it.
+_BNB_HUB_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
+_BNB_HUB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class _DropNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_BNB_HUB_KERNEL_NOTICE)
+
+
+def quiet_third_party_notices() -> None:
+    """Drop known, non-actionable third-party import notices (see ``_BNB_HUB_KERNEL_NOTICE``)."""
+    logger = logging.getLogger(_BNB_HUB_KERNEL_LOGGER)
+    if not any(isinstance(f, _DropNotice) for f in logger.filters):
+        logger.addFilter(_DropNotice())
+
+
 def _debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("TRILORA_DEBUG", "") not in ("", "0")
 
@@ -50,10 +100,11 @@ def _selected_command(argv: list[str]) -> str | None:
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only the subcommand named in ``argv`` gets its full options."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="trilora",
         description="QLoRA fine-tuning engine: 4-bit base weights (bitsandbytes-compatible), "
         "LoRA adapters, Triton kernels.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"trilora {VERSION}")
     parser.add_argument(
@@ -70,8 +121,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             # `trilora merge ... --debug` works as well as `trilora --debug merge ...`
             sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the full traceback on errors (also TRILORA_DEBUG=1)")  # fmt: skip
+            sub.formatter_class = HelpFormatter
         else:
-            sub = subparsers.add_parser(command, help=help_text)
+            sub = subparsers.add_parser(command, help=help_text, formatter_class=HelpFormatter)
         sub.set_defaults(_module=module)
     return parser
 
@@ -107,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     prog = f"trilora {args.command}"
+    if not debug:
+        quiet_third_party_notices()
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KeyboardInterrupt:
