@@ -65,9 +65,11 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-# bitsandbytes logs this at import on CPUs with AVX512-BF16 when the Hugging Face `kernels`
-# package is missing (or shadowed, see README "Development"): trilora never uses the CPU
-# gemm it tries to load, so the notice only buries trilora's own output. --debug keeps it.
+# bitsandbytes logs this at import on CPUs with AVX512-BF16 when it cannot load a CPU gemm
+# from the Hugging Face `kernels` package: the package is missing (it is not a dependency),
+# or, run from a source checkout with the repo root on sys.path, shadowed by the repo's own
+# top-level `kernels/` folder. trilora never uses that gemm, so the notice only buries
+# trilora's own output. --debug keeps it.
 _BNB_HUB_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
 _BNB_HUB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
 
