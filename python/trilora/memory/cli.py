@@ -60,7 +60,7 @@ def add_parser(subparsers) -> None:
         description="Trace one training step (forward, loss, backward, optimizer step) of trilora's "
         "real code path on fake tensors and report peak device memory by category. "
         f"Presets: {presets}. A --budget search runs many traces and takes a while "
-        f"({_SEARCH_TIME}); a single trace takes seconds. See docs/memory.md.",
+        f"({_SEARCH_TIME}); a single trace takes seconds to a minute. See docs/memory.md.",
     )
     p.add_argument("model", help=f"a preset ({presets}), a config.json, or a model folder")
     p.add_argument("--seq-len", type=int, default=8192, help="tokens per sequence")
@@ -180,7 +180,7 @@ def _check_outputs(args) -> None:
     if args.json:
         check_output(args.json, overwrite=args.overwrite, inputs=inputs, kind="file",
                      flag="--json")  # fmt: skip
-    if args.sweep:
+    if args.sweep and args.budget is None:  # --budget wins over --sweep
         check_output(args.plot, overwrite=args.overwrite, inputs=inputs, kind="file",
                      flag="--plot")  # fmt: skip
 
