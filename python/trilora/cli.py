@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
@@ -74,16 +73,17 @@ _BNB_HUB_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
 _BNB_HUB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
 
 
-class _DropNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_BNB_HUB_KERNEL_NOTICE)
+def _drop_notice(record) -> bool:
+    return not str(record.msg).startswith(_BNB_HUB_KERNEL_NOTICE)
 
 
 def quiet_third_party_notices() -> None:
     """Drop known, non-actionable third-party import notices (see ``_BNB_HUB_KERNEL_NOTICE``)."""
+    import logging  # here, not at the top: --help does not need it
+
     logger = logging.getLogger(_BNB_HUB_KERNEL_LOGGER)
-    if not any(isinstance(f, _DropNotice) for f in logger.filters):
-        logger.addFilter(_DropNotice())
+    if _drop_notice not in logger.filters:
+        logger.addFilter(_drop_notice)
 
 
 def _debug_requested(argv: list[str]) -> bool:
