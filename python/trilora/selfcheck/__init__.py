@@ -36,9 +36,9 @@ from __future__ import annotations
 # deadline is the start time plus the cumulative share of the budget of the sections up to
 # it, so time a section leaves unused passes to the next ones.
 SECTIONS: tuple[tuple[str, float, str], ...] = (
-    ("environment", 0.03, "device, driver, CUDA and library versions"),
+    ("environment", 0.04, "device, driver, CUDA and library versions"),
     ("correctness", 0.37, "every op and kernel against a float64 reference, bf16 and fp16"),
-    ("speed", 0.27, "kernels bench plan: vs bf16 LoRA, vs bnb + PEFT, roofline, crossover"),
+    ("speed", 0.26, "kernels bench plan: vs bf16 LoRA, vs bnb + PEFT, roofline, crossover"),
     ("memory", 0.11, "trilora mem --measure against its own prediction"),
     ("e2e", 0.22, "a training step of a small Llama at 2,048 tokens vs bnb + PEFT"),
 )

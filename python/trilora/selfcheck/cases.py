@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from trilora.selfcheck.units import Context, Unit, check, verdict_of_checks
+from trilora.selfcheck.units import Context, Unit, check, describe_exception, verdict_of_checks
 
 # Max error relative to the reference's largest magnitude, per output dtype (see above).
 TOL = {torch.bfloat16: 1.6e-2, torch.float16: 4e-3, torch.float32: 1e-5}
@@ -132,7 +132,7 @@ def _case(
     config: str,
     shape: str,
     dtype: str,
-    fn: Callable[[Context, torch.Generator], list[dict]],
+    fn: Callable[[Context, torch.Generator], list[dict] | dict[str, Any]],
     *,
     uses_dot: bool = False,
     tier: int = 0,
@@ -147,7 +147,10 @@ def _case(
         # "triton": the kernels on CUDA tensors, and on CPU tensors through the interpreter,
         # whatever TRILORA_BACKEND says.
         with override(backend="triton"):
-            return verdict_of_checks(fn(ctx, _generator(ctx, case_id)))
+            out = fn(ctx, _generator(ctx, case_id))
+        if isinstance(out, dict):
+            return {**verdict_of_checks(out["checks"]), "info": out.get("info", {})}
+        return verdict_of_checks(out)
 
     return Unit(case_id, run, kernel, config, shape, dtype, tier=tier)
 
@@ -177,11 +180,16 @@ def _quantize_checks(ctx, g, rows, cols, dtype, quant_type, blocksize, double) -
         check("absmax values differing from the definition", _differing(absmax, ref_absmax), 0),
     ]
     bnbf = _bitsandbytes_functional()
-    if bnbf is not None:
-        qw = quantize(w, quant_type, blocksize, double)
+    info: dict[str, Any] = {"bitsandbytes": "not importable"} if bnbf is None else {}
+    try:
         b_packed, st = bnbf.quantize_4bit(
             w, blocksize=blocksize, compress_statistics=double, quant_type=quant_type
-        )
+        ) if bnbf is not None else (None, None)  # fmt: skip
+    except Exception as exc:  # a baseline limitation is not a trilora failure
+        b_packed = None
+        info["bitsandbytes"] = f"quantize_4bit raised {describe_exception(exc)}"
+    if b_packed is not None:
+        qw = quantize(w, quant_type, blocksize, double)
         checks.append(
             check(
                 "packed bytes differing from bitsandbytes",
@@ -201,7 +209,7 @@ def _quantize_checks(ctx, g, rows, cols, dtype, quant_type, blocksize, double) -
                     0,
                 )
             )
-    return checks
+    return {"checks": checks, "info": info}
 
 
 def _dequantize_checks(ctx, g, rows, cols, dtype, quant_type, blocksize, double) -> list[dict]:
@@ -218,18 +226,27 @@ def _dequantize_checks(ctx, g, rows, cols, dtype, quant_type, blocksize, double)
     ).to(dtype)  # fmt: skip
     checks = [check("values differing from the definition (bits)", _differing(out, ref), 0)]
     bnbf = _bitsandbytes_functional()
+    info: dict[str, Any] = {}
     # bitsandbytes' CPU dequantizer is wrong on AVX-512 CPUs when a block crosses a row end
     # (design.md): compare with it on the GPU only.
-    if bnbf is not None and ctx.gpu:
-        b_packed, st = bnbf.quantize_4bit(
-            w, blocksize=blocksize, compress_statistics=double, quant_type=quant_type
-        )
-        ours = QuantizedWeight.from_bnb(b_packed, st).dequantize(dtype)
-        theirs = bnbf.dequantize_4bit(b_packed, st)
-        checks.append(
-            check("values differing from bitsandbytes (bits)", _differing(ours, theirs), 0)
-        )
-    return checks
+    if bnbf is None:
+        info["bitsandbytes"] = "not importable"
+    elif not ctx.gpu:
+        info["bitsandbytes"] = "not compared on the CPU (its CPU dequantizer is wrong on some CPUs)"
+    else:
+        try:
+            b_packed, st = bnbf.quantize_4bit(
+                w, blocksize=blocksize, compress_statistics=double, quant_type=quant_type
+            )
+            theirs = bnbf.dequantize_4bit(b_packed, st)
+        except Exception as exc:  # a baseline limitation is not a trilora failure
+            info["bitsandbytes"] = f"raised {describe_exception(exc)}"
+        else:
+            ours = QuantizedWeight.from_bnb(b_packed, st).dequantize(dtype)
+            checks.append(
+                check("values differing from bitsandbytes (bits)", _differing(ours, theirs), 0)
+            )
+    return {"checks": checks, "info": info}
 
 
 def _bitsandbytes_functional():
@@ -440,10 +457,15 @@ def _ce_kernel_checks(ctx, g, rows, vocab, dtype, per_row, z_loss) -> list[dict]
     loss_ref = torch.where(valid, loss_ref, zero)
     lse_ref = torch.where(valid, lse_ref, zero)
     grad_ref = torch.where(valid[:, None], grad_ref, zero)
-    tol = TOL[dtype] / 4  # one rounding of the gradient, nothing on the way
+    # One rounding of the gradient and nothing on the way (fp32: exp/log approximations and
+    # fp32 sums over up to 128k entries, a few 1e-6).
+    tol = max(TOL[dtype] / 4, 1e-5)
     # Row sums are scale * 2 z lse: a softmax normalization error shows here even where
-    # the tiny probabilities are invisible next to the label's entry.
-    row_sum = float((logits.double().sum(1) - grad_ref.sum(1)).abs().max() / scale.abs().max())
+    # the tiny probabilities are invisible next to the label's entry. They are compared with
+    # the reference rounded to the output dtype: with a 128k vocabulary and a 1/n scale most
+    # entries are below fp16's smallest subnormal, and 0 is their correctly rounded value.
+    rounded = grad_ref.to(dtype).double()
+    row_sum = float((logits.double().sum(1) - rounded.sum(1)).abs().max() / scale.abs().max())
     return [
         check("loss", rel_err(loss, loss_ref), 1e-4),
         check("lse", rel_err(lse, lse_ref), 1e-4),
