@@ -100,6 +100,10 @@ def test_a_broken_case_is_named_and_the_next_section_still_runs(tmp_path, monkey
     assert mem["units"] and all(u["info"].get("predicted_bytes", 0) > 0 for u in mem["units"])
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["exit_status"] == 1
     assert (tmp_path / "results.csv").read_text().startswith("run_id,")
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("report.md", "results.json", "results.csv"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~mask, name
 
 
 def test_the_budget_stops_a_section_and_the_next_one_runs(tmp_path, monkeypatch, seed):

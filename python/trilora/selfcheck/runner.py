@@ -220,7 +220,7 @@ def _env_fields(results: dict[str, Any]) -> dict[str, str]:
 def write_outputs(out: Path, results: dict[str, Any]) -> None:
     """``results.json``, ``report.md`` and (when there are bench rows) ``results.csv``, each
     through a temporary file and a rename."""
-    from trilora.io import atomic_write_json, atomic_write_text
+    from trilora.io import atomic_write_json, atomic_write_text, default_file_mode
 
     results["meta"]["elapsed_s"] = time.time() - results["meta"]["start_time"]
     atomic_write_json(out / "results.json", results, indent=1)
@@ -234,6 +234,11 @@ def write_outputs(out: Path, results: dict[str, Any]) -> None:
         tmp.unlink(missing_ok=True)
         append_csv(tmp, rows)
         os.replace(tmp, out / "results.csv")
+    # The bench's writers (results.csv here, device_peaks.json in the speed section) create
+    # their files through mkstemp, mode 0600; give them the umask's mode like the others.
+    for name in ("results.csv", "device_peaks.json"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(out / name, default_file_mode())
 
 
 def run_selfcheck(opts: RunOptions, log: Callable[[str], None] = print) -> int:

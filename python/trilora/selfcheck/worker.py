@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # keeps the logs readable
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning)
