@@ -108,3 +108,20 @@ def test_crossover_point(ratios, expected):
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert got[key] == (pytest.approx(value) if isinstance(value, float) else value)
+
+
+def test_bitsandbytes_cross_check_counts_differences(seed):
+    # On the GPU this compares bitsandbytes' CUDA quantizer with its own CPU path when our
+    # bytes disagree with it; here both sides are the CPU path, so it must count nothing,
+    # and one flipped byte must be counted.
+    import torch
+
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from trilora.selfcheck.cases import _bnb_cuda_vs_cpu
+
+    w = torch.randn(40, 96)
+    packed, st = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert "in 0 packed bytes and 0 absmax values" in _bnb_cuda_vs_cpu(bnbf, w, 64, True, "nf4", packed, st)  # fmt: skip
+    packed = packed.clone()
+    packed.view(-1)[3] ^= 0xFF
+    assert "in 1 packed bytes" in _bnb_cuda_vs_cpu(bnbf, w, 64, True, "nf4", packed, st)
