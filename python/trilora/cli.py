@@ -33,6 +33,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "trilora.kernel_check",
         "compile every Triton kernel for sm_80/sm_90, check spills",
     ),
+    "selfcheck": (
+        "trilora.selfcheck.cli",
+        "validate trilora here: versions, correctness, speed, memory, e2e (--gpu)",
+    ),
 }
 
 VERSION = "0.1.0"  # == trilora.__version__ (kept here so --version imports nothing)
