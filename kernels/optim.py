@@ -126,8 +126,9 @@ def _adamw8bit_kernel(
     v = tl.where(mask, v, 0.0)
     new_a1 = tl.max(tl.abs(m), axis=1)
     new_a2 = tl.max(tl.abs(v), axis=1)
-    x1 = tl.where(new_a1[:, None] > 0.0, tl.div_rn(m, new_a1[:, None]), 0.0)
-    x2 = tl.where(new_a2[:, None] > 0.0, tl.div_rn(v, new_a2[:, None]), 0.0)
+    # An all-zero block keeps absmax 0 and the code of 0 (its moments stay 0 either way).
+    x1 = tl.div_rn(m, tl.where(new_a1 > 0.0, new_a1, 1.0)[:, None])
+    x2 = tl.div_rn(v, tl.where(new_a2 > 0.0, new_a2, 1.0)[:, None])
     tl.store(q1_ptr + offs, _nearest_code(x1, bnd1_ptr).to(tl.uint8), mask=mask)
     tl.store(q2_ptr + offs, _nearest_code(x2, bnd2_ptr).to(tl.uint8), mask=mask)
     tl.store(a1_ptr + rows, new_a1, mask=row_mask)
@@ -290,4 +291,4 @@ def _aot_specs() -> list[AotSpec]:
 
 AOT_SPECS: list[AotSpec] = _aot_specs()
 
-__all__ = ["AOT_SPECS", "QBLOCK", "adamw_step_32bit", "adamw_step_8bit"]
+__all__ = ["AOT_SPECS", "QBLOCK", "adamw_step_8bit", "adamw_step_32bit"]

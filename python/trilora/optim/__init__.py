@@ -78,7 +78,7 @@ __all__ = [  # noqa: RUF022 - grouped by kind
     "PagedAdamW",
     "PagedAdamW8bit",
     "CPUOffloadAdamW",
-    "OffloadClipCallback",  # noqa: F822 - lazy, see __getattr__
+    "OffloadClipCallback",
     "OPTIMIZERS",
     "PAGING_MODES",
     "STATE_BITS",

@@ -332,10 +332,14 @@ class AdamW(torch.optim.Optimizer):
             raise OptimizerInputError(
                 f"{name}: paging must be one of {', '.join(PAGING_MODES)}, got {paging!r}"
             )
-        if not isinstance(page_bytes, int) or page_bytes < 64 << 10:
-            raise OptimizerInputError(f"{name}: page_bytes must be an int >= 65536, got {page_bytes!r}")
+        if not isinstance(page_bytes, int) or page_bytes < 8192:
+            raise OptimizerInputError(
+                f"{name}: page_bytes must be an int >= 8192, got {page_bytes!r}"
+            )
         if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
-            raise OptimizerInputError(f"{name}: min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
+            raise OptimizerInputError(
+                f"{name}: min_8bit_size must be an int >= 0, got {min_8bit_size!r}"
+            )
         if device_budget is not None:
             if paging not in ("host", "auto"):
                 raise OptimizerInputError(
@@ -676,7 +680,7 @@ class AdamW(torch.optim.Optimizer):
         for name, t in st.tensors.items():
             entry[name] = t if name.startswith("absmax") else t.view(slot.shape)
         if st.bits == 8:
-            maps = quant_maps(st.buffer.device)
+            maps = quant_maps(st.device)
             entry["qmap1"], entry["qmap2"] = maps.qmap1, maps.qmap2
         return entry
 
@@ -757,9 +761,7 @@ class AdamW(torch.optim.Optimizer):
                 self._allocate(slot, placed)
         if host_items:
             self._synchronize()
-            self._cpu_update(
-                [(g, s, _local(s.param), _local(s.param.grad)) for g, s in host_items]
-            )
+            self._cpu_update([(g, s, _local(s.param), _local(s.param.grad)) for g, s in host_items])
         if device_items:
             self._device_update(device_items)
         return loss
@@ -838,7 +840,9 @@ class AdamW(torch.optim.Optimizer):
                     t["absmax2"], quant_maps("cpu"), sc,
                 )  # fmt: skip
             else:
-                batch.append((group, work, grad.float() if grad.dtype != torch.float32 else grad, slot))
+                batch.append(
+                    (group, work, grad.float() if grad.dtype != torch.float32 else grad, slot)
+                )
         if batch:
             self._torch_adamw32(batch)
         for target, work in write_back:
@@ -1012,7 +1016,9 @@ class AdamW(torch.optim.Optimizer):
             new_groups.append(new_group)
         unknown = [k for k in saved_state if k not in by_index]
         if unknown:
-            raise StateDictLayoutError(f"loaded state refers to unknown parameter indices {unknown}")
+            raise StateDictLayoutError(
+                f"loaded state refers to unknown parameter indices {unknown}"
+            )
         parsed = {
             k: _ckpt.parse_entry(entry, by_index[k], k, name, self.state_bits)
             for k, entry in saved_state.items()
@@ -1083,8 +1089,8 @@ class AdamW(torch.optim.Optimizer):
             for buf in (slot.master, slot.grad, slot.staging):
                 if buf is not None and buf.is_pinned():
                     total += buf.nbytes
-            if slot.state is not None and slot.state.home == "host" and slot.state.buffer.is_pinned():
-                total += slot.state.buffer.nbytes
+            if slot.state is not None and slot.state.home == "host":
+                total += sum(t.nbytes for t in slot.state.tensors.values() if t.is_pinned())
         return total
 
 

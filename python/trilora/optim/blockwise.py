@@ -137,7 +137,9 @@ def _scale_blocks_(values: torch.Tensor, scale: torch.Tensor, op: str) -> None:
         fn(values[full * QBLOCK :], scale[full])
 
 
-def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
+def dequantize_blockwise(
+    codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor
+) -> torch.Tensor:
     """fp32 ``[n]`` values ``qmap[codes] * absmax[i // 256]`` of flat uint8 ``codes``."""
     values = qmap[codes.reshape(-1).long()]
     _scale_blocks_(values, absmax, "mul")
@@ -177,7 +179,11 @@ def quantize_blockwise(
 
 
 def adamw_32bit_(
-    p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, sc: StepScalars
+    p: torch.Tensor,
+    g: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    sc: StepScalars,
 ) -> None:
     """torch's single-tensor AdamW step on fp32 ``p`` (any shape; all four alike), in place."""
     if sc.weight_decay != 0:
@@ -231,8 +237,8 @@ __all__ = [
     "QBLOCK",
     "QuantMaps",
     "StepScalars",
-    "adamw_32bit_",
     "adamw_8bit_",
+    "adamw_32bit_",
     "block_absmax",
     "dequantize_blockwise",
     "nblocks",

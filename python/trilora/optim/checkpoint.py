@@ -43,7 +43,11 @@ _SHAPED = ("exp_avg", "exp_avg_sq", "state1", "state2", "master")
 def unwrap(state_dict: Any, owner: str) -> tuple[list[dict], dict[Any, dict]]:
     """``(param_groups, state)`` of an optimizer state dict, with bitsandbytes' FSDP-wrapped
     quantization state folded back into each entry (the input is not modified)."""
-    if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
+    if (
+        not isinstance(state_dict, dict)
+        or "param_groups" not in state_dict
+        or "state" not in state_dict
+    ):
         raise StateDictLayoutError(
             f"{owner}.load_state_dict expects a dict with 'state' and 'param_groups' (an "
             f"optimizer state dict), got {type(state_dict).__name__}"
@@ -75,10 +79,6 @@ def parse_entry(
     if not isinstance(entry, dict):
         raise StateDictLayoutError(f"{where} must be a dict, got {type(entry).__name__}")
     keys = set(entry)
-    if "step" not in entry:
-        raise StateDictLayoutError(f"{where} has no 'step' (keys: {sorted(keys)})")
-    step = entry["step"]
-    step = float(_dtensor_local(step).item() if isinstance(step, torch.Tensor) else step)
     first = entry.get("state1")
     if first is not None and isinstance(first, torch.Tensor) and first.dtype == torch.uint8:
         bits, names = 8, dict(zip(_KEYS_8, _KEYS_8))
@@ -91,10 +91,12 @@ def parse_entry(
             f"{where} has keys {sorted(keys)}; expected AdamW state: step with exp_avg and "
             "exp_avg_sq (32-bit) or with state1, state2, absmax1 and absmax2 (8-bit)"
         )
+    if "step" not in entry:
+        raise StateDictLayoutError(f"{where} has no 'step' (keys: {sorted(keys)})")
+    step = entry["step"]
+    step = float(_dtensor_local(step).item() if isinstance(step, torch.Tensor) else step)
     if bits != slot.bits:
-        reason = (
-            f"it has fewer than min_8bit_size elements" if state_bits == 8 else "state_bits=32"
-        )
+        reason = "it has fewer than min_8bit_size elements" if state_bits == 8 else "state_bits=32"
         raise StateDictLayoutError(
             f"{where} is {bits}-bit in the state dict but this {owner} keeps {slot.bits}-bit "
             f"state for it ({reason}); build the optimizer with the layout it was saved with"
@@ -121,15 +123,21 @@ def parse_entry(
                 f"{where} has {theirs} of {value.numel()} elements, expected {expected}"
             )
         if bits == 8 and ours.startswith("state") and value.dtype != torch.uint8:
-            raise StateDictLayoutError(f"{where} has {theirs} of dtype {value.dtype}, expected uint8")
+            raise StateDictLayoutError(
+                f"{where} has {theirs} of dtype {value.dtype}, expected uint8"
+            )
         if not value.is_floating_point() and not (bits == 8 and ours.startswith("state")):
-            raise StateDictLayoutError(f"{where} has {theirs} of dtype {value.dtype}, expected fp32")
+            raise StateDictLayoutError(
+                f"{where} has {theirs} of dtype {value.dtype}, expected fp32"
+            )
         tensors[ours] = value.detach()
     if bits == 8:
         maps = quant_maps("cpu")
         for key, ref in (("qmap1", maps.qmap1), ("qmap2", maps.qmap2)):
             saved = entry.get(key)
-            if saved is not None and not torch.equal(_dtensor_local(saved).detach().cpu().float(), ref):
+            if saved is not None and not torch.equal(
+                _dtensor_local(saved).detach().cpu().float(), ref
+            ):
                 raise StateDictLayoutError(
                     f"{where} was quantized with another {key} than bitsandbytes' dynamic map; "
                     "trilora reads only dynamic-map 8-bit state"

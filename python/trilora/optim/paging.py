@@ -1,8 +1,8 @@
 """Where AdamW state lives, and how state kept off the device reaches the update kernel.
 
-Each parameter's state is one allocation (:class:`SlotState`) holding its components back to
-back: ``exp_avg`` and ``exp_avg_sq`` (fp32) for 32-bit state; ``state1``, ``state2`` (uint8)
-and ``absmax1``, ``absmax2`` (fp32, one per 256 elements) for 8-bit state. It has a *home*:
+Each parameter's state (:class:`SlotState`) has its components: ``exp_avg`` and
+``exp_avg_sq`` (fp32) for 32-bit state; ``state1``, ``state2`` (uint8) and ``absmax1``,
+``absmax2`` (fp32, one per 256 elements) for 8-bit state. It has a *home*:
 
 * ``"device"``: next to the parameter; the kernel updates it in place, one launch per
   parameter;
@@ -64,7 +64,13 @@ def layout(bits: int, n: int) -> tuple[list[tuple[str, int, torch.dtype, int]], 
 
 
 def state_nbytes(bits: int, n: int) -> int:
-    """Bytes of one :class:`SlotState` allocation (components plus alignment)."""
+    """Bytes of the state of an ``n``-element parameter."""
+    comps, _ = layout(bits, n)
+    return sum(numel * dtype.itemsize for _, _, dtype, numel in comps)
+
+
+def page_buffer_nbytes(bits: int, n: int) -> int:
+    """Bytes of a device buffer holding a page of ``n`` elements (aligned components)."""
     return layout(bits, n)[1]
 
 
@@ -108,19 +114,26 @@ class SlotState:
         bits: 32 or 8.
         n: number of elements.
         home: ``"device"``, ``"host"`` or ``"uvm"`` (see the module docstring).
-        buffer: uint8 allocation holding every component.
-        tensors: flat views of the components (``exp_avg``... or ``state1``...).
+        device: where the components are (the parameter's device, the CPU for ``"host"``;
+            managed tensors report the CUDA device).
+        tensors: the components (``exp_avg``... or ``state1``...), flat, each its own
+            allocation (``torch.save`` refuses tensors that view one storage as two dtypes).
         step: 0-dim fp32 CPU tensor, the step count (a tensor as in torch's AdamW, so
             checkpoint tools that call ``.cpu()`` on it work).
     """
 
-    def __init__(self, bits: int, n: int, home: str, buffer: torch.Tensor, step: torch.Tensor):
+    def __init__(
+        self, bits: int, n: int, home: str, tensors: dict[str, torch.Tensor], step: torch.Tensor
+    ):
         self.bits = bits
         self.n = n
         self.home = home
-        self.buffer = buffer
-        self.tensors = views(buffer, bits, n)
+        self.tensors = tensors
         self.step = step
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device
 
     @classmethod
     def allocate(
@@ -128,27 +141,31 @@ class SlotState:
     ) -> SlotState:
         """Zero-initialized state (zero codes and zero absmax: every moment is 0).
 
-        ``device``: the parameter's device. ``home="host"`` pins the buffer when that is a
+        ``device``: the parameter's device. ``home="host"`` pins the memory when that is a
         CUDA device; ``home="uvm"`` needs ``managed`` (the native extension).
         """
-        nbytes = state_nbytes(bits, n)
-        if home == "uvm":
-            buffer = managed.managed_zeros(nbytes, device.index)
-        elif home == "host":
-            buffer = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
-        else:
-            buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-        return cls(bits, n, home, buffer, torch.zeros((), dtype=torch.float32))
+        comps, _ = layout(bits, n)
+        tensors = {}
+        for name, _, dtype, numel in comps:
+            if home == "uvm":
+                raw = managed.managed_zeros(numel * dtype.itemsize, device.index)
+                tensors[name] = raw.view(dtype)
+            elif home == "host":
+                tensors[name] = torch.zeros(numel, dtype=dtype, pin_memory=device.type == "cuda")
+            else:
+                tensors[name] = torch.zeros(numel, dtype=dtype, device=device)
+        return cls(bits, n, home, tensors, torch.zeros((), dtype=torch.float32))
 
     @property
     def state_bytes(self) -> int:
-        """Bytes of the components themselves (no alignment padding)."""
+        """Bytes of the components."""
         return sum(t.nbytes for t in self.tensors.values())
 
     def moved(self, home: str, device: torch.device, managed=None) -> SlotState:
         """A copy of this state with another home (the caller drops this one)."""
         out = SlotState.allocate(self.bits, self.n, home, device, managed)
-        out.buffer.copy_(self.buffer)
+        for name, t in self.tensors.items():
+            out.tensors[name].copy_(t)
         out.step = self.step
         return out
 
@@ -204,14 +221,16 @@ class HostPageStreamer:
         self.synchronize()
         if self._cuda:
             torch.cuda.current_stream(self.device).synchronize()
-        self.buffers = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        self.buffers = [
+            torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(2)
+        ]
 
     def run(self, pages: Sequence[Page]) -> None:
         """Update every page: copy in, ``launch``, copy back. Returns without waiting for
         the last copies back (see :meth:`synchronize`)."""
         if not pages:
             return
-        self._reserve(max(state_nbytes(pg.state.bits, pg.stop - pg.start) for pg in pages))
+        self._reserve(max(page_buffer_nbytes(pg.state.bits, pg.stop - pg.start) for pg in pages))
         compute = torch.cuda.current_stream(self.device) if self._cuda else None
         if self._cuda:
             # Gradients come from the compute stream; host pages from last step's copies.
@@ -389,6 +408,7 @@ __all__ = [
     "auto_headroom",
     "auto_moves",
     "layout",
+    "page_buffer_nbytes",
     "page_elems",
     "page_ranges",
     "slice_views",
