@@ -12,7 +12,8 @@ void prefetch(const at::Tensor& t, int64_t device, int64_t stream);
 void advise_tensor(const at::Tensor& t, const std::string& advice, int64_t device);
 at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                      const at::Tensor& code, const c10::optional<at::Tensor>& nested_absmax,
-                     const c10::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
+                     const c10::optional<at::Tensor>& nested_code,
+                     const c10::optional<at::Tensor>& offset, int64_t blocksize,
                      int64_t n_out, const c10::optional<at::Tensor>& bias,
                      const c10::optional<at::Tensor>& xa, const c10::optional<at::Tensor>& lora_b,
                      double scale);

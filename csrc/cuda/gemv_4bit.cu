@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     gemv_4bit_kernel(const T* __restrict__ x, int64_t ldx, const uint8_t* __restrict__ packed,
                      const void* __restrict__ absmax, const float* __restrict__ code,
                      const float* __restrict__ nested_absmax, const float* __restrict__ nested_code,
-                     float offset, int blocksize_log2, int n, int k, const T* __restrict__ bias,
+                     const float* __restrict__ offset_ptr, int blocksize_log2, int n, int k, const T* __restrict__ bias,
                      const float* __restrict__ xa, int r, const LB* __restrict__ lora_b, float scale,
                      T* __restrict__ y, int64_t ldy) {
   __shared__ float s_code[16];
@@ -94,6 +94,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   }
   __syncthreads();
+  const float offset = DQ ? *offset_ptr : 0.0f;
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -169,7 +170,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 template <typename T, int M, bool DQ, typename LB>
 void launch(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
             const at::Tensor& code, const float* nested_absmax, const float* nested_code,
-            float offset, int blocksize_log2, int n, int k, const at::Tensor& bias,
+            const float* offset, int blocksize_log2, int n, int k, const at::Tensor& bias,
             const at::Tensor& xa, const at::Tensor& lora_b, float scale, at::Tensor& y) {
   const dim3 grid((n + kWarps - 1) / kWarps);
   const dim3 block(kWarps * 32);
@@ -186,7 +187,7 @@ void launch(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& abs
 
 template <typename T, bool DQ, typename LB>
 void dispatch_m(int m, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                const at::Tensor& code, const float* nabs, const float* ncode, float offset,
+                const at::Tensor& code, const float* nabs, const float* ncode, const float* offset,
                 int bs_log2, int n, int k, const at::Tensor& bias, const at::Tensor& xa,
                 const at::Tensor& lora_b, float scale, at::Tensor& y) {
   switch (m) {
@@ -207,8 +208,8 @@ void dispatch_m(int m, const at::Tensor& x, const at::Tensor& packed, const at::
 
 template <typename T, bool DQ>
 void dispatch_lora(int m, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                   const at::Tensor& code, const float* nabs, const float* ncode, float offset,
-                   int bs_log2, int n, int k, const at::Tensor& bias, const at::Tensor& xa,
+                   const at::Tensor& code, const float* nabs, const float* ncode,
+                   const float* offset, int bs_log2, int n, int k, const at::Tensor& bias, const at::Tensor& xa,
                    const at::Tensor& lora_b, float scale, at::Tensor& y) {
   if (lora_b.defined() && lora_b.scalar_type() == at::kFloat) {
     dispatch_m<T, DQ, float>(m, x, packed, absmax, code, nabs, ncode, offset, bs_log2, n, k, bias, xa, lora_b, scale, y);
@@ -220,7 +221,7 @@ void dispatch_lora(int m, const at::Tensor& x, const at::Tensor& packed, const a
 template <typename T>
 void dispatch_dq(bool dq, int m, const at::Tensor& x, const at::Tensor& packed,
                  const at::Tensor& absmax, const at::Tensor& code, const float* nabs,
-                 const float* ncode, float offset, int bs_log2, int n, int k,
+                 const float* ncode, const float* offset, int bs_log2, int n, int k,
                  const at::Tensor& bias, const at::Tensor& xa, const at::Tensor& lora_b,
                  float scale, at::Tensor& y) {
   if (dq) {
@@ -236,7 +237,8 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 
 at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                      const at::Tensor& code, const c10::optional<at::Tensor>& nested_absmax,
-                     const c10::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
+                     const c10::optional<at::Tensor>& nested_code,
+                     const c10::optional<at::Tensor>& offset, int64_t blocksize,
                      int64_t n_out, const c10::optional<at::Tensor>& bias,
                      const c10::optional<at::Tensor>& xa, const c10::optional<at::Tensor>& lora_b,
                      double scale) {
@@ -252,6 +254,9 @@ at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Te
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() == n * k / 2 &&
                   aligned16(packed.data_ptr()),
               "gemv_4bit: packed must be N*K/2 contiguous, 16-byte aligned uint8");
+  for (const at::Tensor* t : {&packed, &absmax, &code}) {
+    TORCH_CHECK(t->device() == x.device(), "gemv_4bit: every tensor must be on ", x.device());
+  }
   TORCH_CHECK(blocksize >= 32 && (blocksize & (blocksize - 1)) == 0,
               "gemv_4bit: blocksize must be a power of two >= 32, got ", blocksize);
   const int64_t nblocks = (n * k + blocksize - 1) / blocksize;
@@ -263,13 +268,18 @@ at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Te
               "gemv_4bit: absmax must be ", nblocks, dq ? " uint8 codes" : " fp32 values");
   const float* nabs = nullptr;
   const float* ncode = nullptr;
+  const float* off = nullptr;
   if (dq) {
     TORCH_CHECK(nested_code.has_value() && nested_code->numel() == 256 &&
                     nested_code->scalar_type() == at::kFloat && nested_absmax->scalar_type() == at::kFloat &&
                     nested_absmax->numel() >= (nblocks + 255) / 256,
                 "gemv_4bit: double quantization needs fp32 nested_absmax and a 256-entry nested_code");
+    TORCH_CHECK(offset.has_value() && offset->numel() == 1 && offset->scalar_type() == at::kFloat &&
+                    offset->is_cuda(),
+                "gemv_4bit: double quantization needs the fp32 offset on the device");
     nabs = nested_absmax->data_ptr<float>();
     ncode = nested_code->data_ptr<float>();
+    off = offset->data_ptr<float>();
   }
   at::Tensor b = bias.has_value() ? *bias : at::Tensor();
   if (b.defined()) {
@@ -292,7 +302,6 @@ at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Te
   while ((int64_t{1} << bs_log2) < blocksize) {
     ++bs_log2;
   }
-  const float off = static_cast<float>(offset);
   const float sc = static_cast<float>(scale);
   const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
   if (st == at::kFloat) {
