@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-LEVEL_CHOICES = ("kernels", "e2e", "mem", "all")
+LEVEL_CHOICES = ("kernels", "e2e", "mem", "optim", "all")
 PRESET_CHOICES = ("tiny", "small", "medium", "1b", "3b", "8b")  # == trilora.bench.e2e.PRESETS
 SKIPPABLE = ("trilora", "bnb_peft", "bf16_peft")
 
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from trilora.bench import LEVELS, e2e, kernels, mem, report
+    from trilora.bench import LEVELS, e2e, kernels, mem, optim, report
     from trilora.bench.harness import (
         append_csv,
         bad_rows,
@@ -163,6 +163,14 @@ def run(args: argparse.Namespace) -> int:
         rows += level_rows
         notes += level_notes
         notes.append(f"mem level: {time.perf_counter() - t:.0f} s")
+
+    if "optim" in levels:
+        t = time.perf_counter()
+        print("level optim")
+        level_rows, level_notes = optim.run(optim.default_plan(device, args.quick), device, disabled)
+        rows += level_rows
+        notes += level_notes
+        notes.append(f"optim level: {time.perf_counter() - t:.0f} s")
 
     report.add_ratios(rows)
     finalize_rows(rows, run_id, env, args.quick)

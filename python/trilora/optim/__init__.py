@@ -6,33 +6,18 @@
   :class:`PagedAdamW` (``paging="auto"``), :class:`PagedAdamW8bit` (both);
 * :class:`CPUOffloadAdamW`: the update on the CPU with state, fp32 masters and gradients in
   host memory (``paging="host", device_budget=0``, offloaded gradients);
-* :data:`OPTIMIZERS`: the ``--optim`` names of the trainer and :func:`create` to build one;
+* :data:`OPTIMIZERS`: the names of the common settings (``trilora train --optim``,
+  ``trilora mem --optimizer``) and :func:`create` to build one by name;
 * :func:`to_bitsandbytes`: a state dict in bitsandbytes' layout.
 
-See ``docs/optimizer.md``.
+``from trilora.optim import OPTIMIZERS`` does not import torch (command-line parsers use it);
+everything else is imported on first access. See ``docs/optimizer.md``.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
-
-from trilora.optim.adamw import (
-    PAGING_MODES,
-    STATE_BITS,
-    AdamW,
-    AdamW8bit,
-    CPUOffloadAdamW,
-    PagedAdamW,
-    PagedAdamW8bit,
-)
-from trilora.optim.checkpoint import to_bitsandbytes
-from trilora.optim.errors import (
-    OptimizerInputError,
-    PagingFallbackWarning,
-    ParameterTypeError,
-    StateDictLayoutError,
-    UnclippedGradientsWarning,
-)
 
 OPTIMIZERS: dict[str, dict[str, Any]] = {
     "adamw": {"state_bits": 32, "paging": "off"},
@@ -48,13 +33,19 @@ OPTIMIZERS: dict[str, dict[str, Any]] = {
     "adamw_8bit_cpu_offload": {"state_bits": 8, "paging": "host", "device_budget": 0,
                                "offload_gradients": True},
 }  # fmt: skip
-"""Optimizer names (``trilora train --optim``, ``trilora mem --optimizer``) and the
-:class:`AdamW` settings each stands for."""
+"""Optimizer names and the :class:`AdamW` settings each stands for: ``*_8bit*`` 8-bit state;
+``paged_*`` resident until memory gets tight (bitsandbytes' names); ``*_host`` all state in
+pinned host memory, streamed through the device a page at a time; ``*_uvm`` CUDA managed
+memory; ``*_cpu_offload`` the update on the CPU with gradients moved to the host as backward
+produces them (:class:`CPUOffloadAdamW`)."""
 
 
-def create(name: str, params, **kwargs: Any) -> AdamW:
+def create(name: str, params, **kwargs: Any):
     """The optimizer called ``name`` (a key of :data:`OPTIMIZERS`) over ``params``;
     ``kwargs`` (lr, betas, eps, weight_decay, device_budget, ...) override its settings."""
+    from trilora.optim.adamw import AdamW
+    from trilora.optim.errors import OptimizerInputError
+
     if name not in OPTIMIZERS:
         raise OptimizerInputError(
             f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}"
@@ -62,31 +53,36 @@ def create(name: str, params, **kwargs: Any) -> AdamW:
     return AdamW(params, **{**OPTIMIZERS[name], **kwargs})
 
 
+# name -> submodule holding it, imported on first access (torch comes with them)
+_LAZY = {
+    "AdamW": "adamw",
+    "AdamW8bit": "adamw",
+    "PagedAdamW": "adamw",
+    "PagedAdamW8bit": "adamw",
+    "CPUOffloadAdamW": "adamw",
+    "PAGING_MODES": "adamw",
+    "STATE_BITS": "adamw",
+    "to_bitsandbytes": "checkpoint",
+    "OptimizerInputError": "errors",
+    "ParameterTypeError": "errors",
+    "StateDictLayoutError": "errors",
+    "PagingFallbackWarning": "errors",
+    "UnclippedGradientsWarning": "errors",
+    # transformers.TrainerCallback costs seconds to import
+    "OffloadClipCallback": "callbacks",
+}
+
+
 def __getattr__(name: str) -> Any:
-    # transformers.TrainerCallback costs seconds to import: built on first access only.
-    if name == "OffloadClipCallback":
-        from trilora.optim.callbacks import OffloadClipCallback
-
-        globals()[name] = OffloadClipCallback
-        return OffloadClipCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
 
 
-__all__ = [  # noqa: RUF022 - grouped by kind
-    "AdamW",
-    "AdamW8bit",
-    "PagedAdamW",
-    "PagedAdamW8bit",
-    "CPUOffloadAdamW",
-    "OffloadClipCallback",
-    "OPTIMIZERS",
-    "PAGING_MODES",
-    "STATE_BITS",
-    "create",
-    "to_bitsandbytes",
-    "OptimizerInputError",
-    "ParameterTypeError",
-    "StateDictLayoutError",
-    "PagingFallbackWarning",
-    "UnclippedGradientsWarning",
-]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = ["OPTIMIZERS", "create", *_LAZY]
