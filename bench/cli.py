@@ -167,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
     if "optim" in levels:
         t = time.perf_counter()
         print("level optim")
-        level_rows, level_notes = optim.run(optim.default_plan(device, args.quick), device, disabled)
+        plan = optim.default_plan(device, args.quick)
+        level_rows, level_notes = optim.run(plan, device, disabled)
         rows += level_rows
         notes += level_notes
         notes.append(f"optim level: {time.perf_counter() - t:.0f} s")
