@@ -669,3 +669,19 @@ def test_cuda_paged_8bit_holds_less_device_memory_than_unpaged(seed):
         del opt, p
     assert held["host"] <= 2 * (32 << 20) < held["off"]
     assert held["uvm"] == 0  # managed memory is not the caching allocator's
+
+
+@pytest.mark.filterwarnings("ignore::trilora.optim.errors.UnclippedGradientsWarning")
+@pytest.mark.parametrize("bits", [32, 8])
+def test_cpu_offload_mode_is_the_same_update(seed, bits):
+    """The host-update mode steps fp32 masters with the same kernels: on fp32 CPU parameters
+    it must match the resident optimizer bit for bit, at 32 and 8 bits."""
+    from trilora.optim import CPUOffloadAdamW
+
+    batch = Batch(seed, 5, big=1)
+    a, b = batch.params(), batch.params()
+    ref = AdamW(a, **HP, state_bits=bits)
+    opt = CPUOffloadAdamW(b, **HP, state_bits=bits)
+    for x, y in zip(_run(ref, a, batch, range(5)), _run(opt, b, batch, range(5))):
+        assert all(torch.equal(u, v) for u, v in zip(x, y))
+    assert opt.device_bytes == 0 and opt.host_memory()["state"] > 0
