@@ -46,8 +46,8 @@ from trilora.optim.errors import (
     PagingFallbackWarning,
     ParameterTypeError,
     StateDictLayoutError,
-    UnclippedGradientsWarning,
 )
+from trilora.optim.offload import HostUpdateMixin, remove_handles
 from trilora.optim.paging import (
     DEFAULT_PAGE_BYTES,
     AutoTracker,
@@ -60,6 +60,7 @@ from trilora.optim.paging import (
     page_ranges,
     state_nbytes,
 )
+from trilora.optim.tensors import check_grad, is_dtensor, local_tensor, stamp
 
 PAGING_MODES = ("off", "host", "uvm", "auto")
 STATE_BITS = (32, 8)
@@ -82,11 +83,6 @@ _UNSUPPORTED_OPTIONS: dict[str, Any] = {
 _IMPLEMENTATION_OPTIONS = ("foreach", "fused")
 _HPARAMS = ("lr", "betas", "eps", "weight_decay")
 
-# id(param) -> (weakref to param, weakref to optimizer, hook handle): the optimizer whose
-# gradient hook currently owns the parameter. Two offloading optimizers on one parameter
-# would race for p.grad (the first hook to run takes it and leaves None for the other).
-_HOOK_OWNERS: dict[int, tuple[weakref.ref, weakref.ref, Any]] = {}
-
 
 @functools.lru_cache(maxsize=1)
 def host_kernel_is_fused() -> bool:
@@ -101,32 +97,6 @@ def host_kernel_is_fused() -> bool:
         return True
     except (RuntimeError, ValueError, TypeError):
         return False
-
-
-@functools.lru_cache(maxsize=1)
-def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except Exception:  # torch.distributed unavailable
-        return None
-    return DTensor
-
-
-def _is_dtensor(t: Any) -> bool:
-    cls = _dtensor_type()
-    return cls is not None and isinstance(t, cls)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2), or the tensor itself."""
-    return t.to_local() if _is_dtensor(t) else t
-
-
-def _stamp(t: torch.Tensor) -> tuple[int, int]:
-    # The version counter moves on every in-place write (copy_, load_state_dict, fill_);
-    # the data pointer moves when ``p.data`` is rebound (e.g. ``model.to(...)``).
-    t = _local(t)
-    return (t._version, t.data_ptr())
 
 
 def _check_hparams(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
@@ -184,20 +154,6 @@ def _check_param(p: Any, owner: str) -> None:
         raise OptimizerInputError(f"{what}; got a meta tensor: materialize the model first")
 
 
-def _check_grad(grad: torch.Tensor, owner: str) -> None:
-    if grad.layout != torch.strided:
-        raise ParameterTypeError(
-            f"{owner} does not support sparse gradients (got layout {grad.layout}); use "
-            "torch.optim.SparseAdam or a dense embedding"
-        )
-
-
-def _remove_handles(handles: list) -> None:
-    for handle in handles:
-        handle.remove()
-    handles.clear()
-
-
 @dataclass(eq=False)
 class _Slot:
     """One parameter ``param`` and everything the optimizer keeps for it.
@@ -231,10 +187,10 @@ class _Slot:
 
     @property
     def device(self) -> torch.device:
-        return _local(self.param).device
+        return local_tensor(self.param).device
 
 
-class AdamW(torch.optim.Optimizer):
+class AdamW(HostUpdateMixin, torch.optim.Optimizer):
     """AdamW with 32- or 8-bit state, resident, paged or on the host (module docstring).
 
     Args:
@@ -320,7 +276,7 @@ class AdamW(torch.optim.Optimizer):
             self.remove_hooks()
             raise
         # Hooks hold only a weak reference to the optimizer; drop them when it goes away.
-        weakref.finalize(self, _remove_handles, self._handles)
+        weakref.finalize(self, remove_handles, self._handles)
 
     def _check_settings(
         self, state_bits, paging, device_budget, offload_gradients, page_bytes, min_8bit_size
@@ -403,16 +359,16 @@ class AdamW(torch.optim.Optimizer):
                 )
 
     def _new_slot(self, p: torch.Tensor) -> _Slot:
-        local = _local(p)
+        local = local_tensor(p)
         bits = 8 if self.state_bits == 8 and p.numel() >= self.min_8bit_size else 32
-        if bits == 8 and _is_dtensor(p):
+        if bits == 8 and is_dtensor(p):
             _ckpt.check_8bit_dtensor(p, type(self).__name__)
         slot = _Slot(p, len(self._slots), local.numel(), local.shape, bits)
         if self._host_update:
             on_cuda = local.device.type == "cuda"
             slot.master = torch.empty(local.shape, dtype=torch.float32, pin_memory=on_cuda)
             slot.master.copy_(local.detach())
-            slot.synced = _stamp(p)
+            slot.synced = stamp(p)
             # Offloaded gradients land in ``staging`` (pinned); the accumulator is CPU-only.
             # Without offloading, ``grad`` itself is the D2H target and is pinned.
             slot.grad = torch.zeros(
@@ -428,177 +384,6 @@ class AdamW(torch.optim.Optimizer):
         self._slots.append(slot)
         self._slot_of[id(p)] = slot
         return slot
-
-    def _register_hook(self, slot: _Slot) -> bool:
-        """Hook ``slot.param``; True when a live optimizer had it (its hook is removed)."""
-        p = slot.param
-        taken = False
-        previous = _HOOK_OWNERS.get(id(p))
-        if previous is not None and previous[0]() is p:
-            previous[2].remove()
-            taken = previous[1]() is not None
-        owner = weakref.ref(self)
-
-        def hook(param: torch.Tensor) -> None:
-            opt = owner()
-            if opt is not None:
-                opt._grad_ready(param)
-
-        handle = p.register_post_accumulate_grad_hook(hook)
-        self._handles.append(handle)
-        _HOOK_OWNERS[id(p)] = (weakref.ref(p), owner, handle)
-        return taken
-
-    def remove_hooks(self) -> None:
-        """Stop offloading gradients as they are produced.
-
-        Gradients then stay on ``p.grad`` until :meth:`step` or :meth:`clip_grad_norm`
-        moves them to the host, so training remains correct, only without the memory gain.
-        """
-        for key, (_, owner, _) in list(_HOOK_OWNERS.items()):
-            if owner() is self:
-                del _HOOK_OWNERS[key]
-        _remove_handles(self._handles)
-
-    # ---- offloaded gradients ----------------------------------------------------------
-
-    def _grad_ready(self, param: torch.Tensor) -> None:
-        """Post-accumulate-grad hook: move ``param.grad`` to the host, free it on device."""
-        grad = param.grad
-        slot = self._slot_of.get(id(param))
-        if grad is None or slot is None or slot.param is not param:
-            return
-        _check_grad(grad, type(self).__name__)
-        grad = _local(grad)
-        if grad.device.type == "cuda":
-            # The staging buffer still holds the previous backward's copy of this gradient
-            # (gradient accumulation): wait for it and add it to the accumulator first.
-            self._fold(slot)
-            if slot.staging is None or slot.staging.dtype != grad.dtype:
-                slot.staging = torch.empty(grad.shape, dtype=grad.dtype, pin_memory=True)
-                slot.event = slot.event or torch.cuda.Event()
-            producer = torch.cuda.current_stream(grad.device)
-            side = self._side_streams.get(grad.device)
-            if side is None:
-                side = self._side_streams[grad.device] = torch.cuda.Stream(device=grad.device)
-            # The copy must not start before the kernels that wrote ``grad``; it runs on
-            # the side stream so the rest of backward is not serialized behind it.
-            side.wait_stream(producer)
-            with torch.cuda.stream(side):
-                slot.staging.copy_(grad, non_blocking=True)
-                slot.event.record(side)
-            # ``grad`` is freed below while the side stream may still read it: tell the
-            # caching allocator not to reuse its memory before the side stream is done.
-            grad.record_stream(side)
-            slot.pending = True
-        else:
-            self._accumulate(slot, grad)
-        param.grad = None
-
-    @staticmethod
-    def _accumulate(slot: _Slot, grad: torch.Tensor) -> None:
-        if grad.device.type != "cpu":
-            grad = grad.to("cpu")
-        if slot.has_grad:
-            slot.grad.add_(grad)
-        else:
-            slot.grad.copy_(grad)
-            slot.has_grad = True
-
-    def _fold(self, slot: _Slot) -> None:
-        if slot.pending:
-            slot.event.synchronize()
-            slot.pending = False
-            self._accumulate(slot, slot.staging)
-
-    def _offloaded_grads(self) -> list[_Slot]:
-        """Finish all gradient copies; return the slots holding a host gradient."""
-        with_grad = []
-        for slot in self._slots:
-            self._fold(slot)
-            # A gradient no hook took (hooks removed, or p.grad assigned by hand).
-            stray = slot.param.grad
-            if stray is not None:
-                _check_grad(stray, type(self).__name__)
-                self._accumulate(slot, _local(stray))
-                slot.param.grad = None
-            if slot.has_grad:
-                with_grad.append(slot)
-        return with_grad
-
-    def _copied_grads(self) -> list[_Slot]:
-        """Host update without offloading: copy every ``p.grad`` into its host buffer."""
-        with_grad, devices = [], set()
-        for slot in self._slots:
-            grad = slot.param.grad
-            if grad is None:
-                continue
-            _check_grad(grad, type(self).__name__)
-            grad = _local(grad)
-            slot.grad.copy_(grad, non_blocking=grad.is_cuda)
-            if grad.is_cuda:
-                devices.add(grad.device)
-            with_grad.append(slot)
-        for device in devices:
-            torch.cuda.current_stream(device).synchronize()
-        return with_grad
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear ``p.grad`` (and, offloading, the host gradients).
-
-        ``set_to_none=False`` zeroes the gradients that exist instead (a zero gradient
-        still steps its parameter: moments decay and weight decay applies).
-        """
-        super().zero_grad(set_to_none=set_to_none)
-        if not self.offload_gradients:
-            return
-        for slot in self._slots:
-            if slot.pending:
-                slot.event.synchronize()
-                slot.pending = False
-                slot.has_grad = True
-            if set_to_none:
-                slot.has_grad = False
-            elif slot.has_grad or slot.consumed:
-                slot.grad.zero_()
-                slot.has_grad = True
-            slot.consumed = False
-
-    @torch.no_grad()
-    def clip_grad_norm(
-        self,
-        max_norm: float,
-        norm_type: float = 2.0,
-        error_if_nonfinite: bool = False,
-        foreach: bool | None = None,
-    ) -> torch.Tensor:
-        """Clip the gradients of all parameters as ``torch.nn.utils.clip_grad_norm_`` does.
-
-        Call it between the last backward and :meth:`step`. With offloaded gradients the
-        norm is taken over the host fp32 gradients; otherwise over ``p.grad``.
-
-        Returns:
-            The total norm before clipping, a 0-dim fp32 tensor (on the CPU when
-            gradients are offloaded, else on the gradients' device).
-        """
-        self._clip_called = True
-        if not self.offload_gradients:
-            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-            return torch.nn.utils.clip_grad_norm_(
-                params, max_norm, norm_type, error_if_nonfinite, foreach
-            )
-        slots = self._offloaded_grads()
-        # The masters carry the host gradients as ``.grad`` only for this call, so the
-        # clipping itself is torch's own.
-        for slot in slots:
-            slot.master.grad = slot.grad
-        try:
-            return torch.nn.utils.clip_grad_norm_(
-                [s.master for s in slots], max_norm, norm_type, error_if_nonfinite, foreach
-            )
-        finally:
-            for slot in slots:
-                slot.master.grad = None
 
     # ---- where the state lives ----------------------------------------------------------
 
@@ -720,12 +505,6 @@ class AdamW(torch.optim.Optimizer):
             pager.synchronize()
         self._wait_copy_back()
 
-    def _wait_copy_back(self) -> None:
-        # Masters are the source of in-flight H2D copies; they must not be written first.
-        for event in self._copy_back_events:
-            event.synchronize()
-        self._copy_back_events.clear()
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One AdamW step of every parameter that has a gradient.
@@ -748,9 +527,9 @@ class AdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                _check_grad(p.grad, type(self).__name__)
+                check_grad(p.grad, type(self).__name__)
                 slot = self._slot_of[id(p)]
-                local = _local(p)
+                local = local_tensor(p)
                 (device_items if use_triton(local) else host_items).append((group, slot))
         placed: dict[torch.device, int] = {}
         if self.paging == "auto":
@@ -761,7 +540,9 @@ class AdamW(torch.optim.Optimizer):
                 self._allocate(slot, placed)
         if host_items:
             self._synchronize()
-            self._cpu_update([(g, s, _local(s.param), _local(s.param.grad)) for g, s in host_items])
+            self._cpu_update(
+                [(g, s, local_tensor(s.param), local_tensor(s.param.grad)) for g, s in host_items]
+            )
         if device_items:
             self._device_update(device_items)
         return loss
@@ -793,12 +574,12 @@ class AdamW(torch.optim.Optimizer):
         streamed: dict[torch.device, list[Page]] = defaultdict(list)
         managed: dict[torch.device, list[Page]] = defaultdict(list)
         for group, slot in items:
-            local = _local(slot.param)
+            local = local_tensor(slot.param)
             work = local if local.is_contiguous() else local.contiguous()
             if work is not local:
                 write_back.append((local, work))
             p_flat = work.view(-1)
-            g_flat = _local(slot.param.grad).contiguous().view(-1)
+            g_flat = local_tensor(slot.param.grad).contiguous().view(-1)
             sc = self._scalars(group, slot)
             st = slot.state
             if st.home == "device":
@@ -888,64 +669,6 @@ class AdamW(torch.optim.Optimizer):
             inner.param_groups = []
             inner.state = defaultdict(dict)
 
-    def _host_update_step(self) -> None:
-        """Host-update mode: gradients on the host, fp32 masters, the update on the CPU,
-        parameters copied back (non-blocking on CUDA)."""
-        slots = self._offloaded_grads() if self.offload_gradients else self._copied_grads()
-        if (
-            self.offload_gradients
-            and slots
-            and not self._clip_called
-            and not self._warned_unclipped
-        ):
-            self._warned_unclipped = True
-            warnings.warn(
-                f"{type(self).__name__}(offload_gradients=True) keeps gradients on the host, so "
-                "torch.nn.utils.clip_grad_norm_ and transformers.Trainer's max_grad_norm see "
-                "p.grad=None and clip nothing. Clip with optimizer.clip_grad_norm(max_norm) "
-                "before step() (with transformers.Trainer: callbacks=[trilora.optim."
-                "OffloadClipCallback()]); ignore this warning if you do not clip.",
-                UnclippedGradientsWarning,
-                stacklevel=4,  # past torch's no_grad and step-hook wrappers
-            )
-        if not slots:
-            return
-        self._wait_copy_back()
-        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        placed: dict[torch.device, int] = {}
-        items = []
-        for slot in slots:
-            if slot.state is None:
-                self._allocate(slot, placed)
-            self._resync(slot)
-            items.append((group_of[id(slot.param)], slot, slot.master, slot.grad))
-        self._cpu_update(items)
-        if self.offload_gradients:
-            for slot in slots:
-                slot.has_grad, slot.consumed = False, True
-        self._copy_back(slots)
-
-    def _resync(self, slot: _Slot) -> None:
-        if slot.synced != _stamp(slot.param):
-            slot.master.copy_(_local(slot.param).detach())
-            slot.synced = _stamp(slot.param)
-
-    def _copy_back(self, slots: list[_Slot]) -> None:
-        devices = set()
-        for slot in slots:
-            local = _local(slot.param)
-            on_cuda = local.device.type == "cuda"
-            # Enqueued on p's current stream: kernels later queued there (the next
-            # forward) run after it; the CPU is not blocked.
-            local.copy_(slot.master, non_blocking=on_cuda)
-            slot.synced = _stamp(slot.param)
-            if on_cuda:
-                devices.add(local.device)
-        for device in devices:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(device))
-            self._copy_back_events.append(event)
-
     # ---- state dict ---------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -975,7 +698,7 @@ class AdamW(torch.optim.Optimizer):
             if self._host_update and slot.param.dtype != torch.float32:
                 self._resync(slot)
                 entry["master"] = slot.master
-            if _is_dtensor(slot.param):
+            if is_dtensor(slot.param):
                 entry = _ckpt.to_dtensors(entry, slot.param)
             state[slot.index] = entry
         return {"state": state, "param_groups": groups}
@@ -1038,11 +761,11 @@ class AdamW(torch.optim.Optimizer):
                 st.tensors[key].copy_(value.reshape(-1))
             st.step.fill_(step)
             if master is not None and self._host_update:
-                local = _local(slot.param).detach()
+                local = local_tensor(slot.param).detach()
                 master = master.to("cpu", torch.float32)
                 if torch.equal(master.to(local.dtype), local.to("cpu")):
                     slot.master.copy_(master)
-                    slot.synced = _stamp(slot.param)
+                    slot.synced = stamp(slot.param)
 
     # ---- reporting ----------------------------------------------------------------------
 
