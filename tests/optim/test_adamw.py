@@ -608,7 +608,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @cuda
 @pytest.mark.parametrize("bits", [32, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_kernels_match_the_cpu_update(seed, bits, dtype):
+@pytest.mark.parametrize("backend", ["auto", "torch"])  # kernels / torch ops on CUDA tensors
+def test_cuda_kernels_match_the_cpu_update(seed, bits, dtype, backend):
     batch = Batch(seed, 5)
     cpu, dev = batch.params(dtype), [nn.Parameter(t.clone().to(dtype).cuda()) for t in batch.init]
     a = AdamW(cpu, **HP, state_bits=bits)
@@ -618,7 +619,8 @@ def test_cuda_kernels_match_the_cpu_update(seed, bits, dtype):
         for p, q in zip(dev, cpu):
             p.grad = None if q.grad is None else q.grad.cuda()
         a.step()
-        b.step()
+        with override(backend=backend):
+            b.step()
     for p, q in zip(dev, cpu):
         tol = 1e-5 if dtype == torch.float32 and bits == 32 else 2e-2
         torch.testing.assert_close(p.cpu().float(), q.float(), rtol=tol, atol=tol * 1e-2)

@@ -40,7 +40,13 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from trilora.optim import checkpoint as _ckpt
-from trilora.optim.blockwise import MIN_8BIT_SIZE, StepScalars, adamw_8bit_, quant_maps
+from trilora.optim.blockwise import (
+    MIN_8BIT_SIZE,
+    StepScalars,
+    adamw_8bit_,
+    adamw_32bit_,
+    quant_maps,
+)
 from trilora.optim.errors import (
     OptimizerInputError,
     PagingFallbackWarning,
@@ -604,8 +610,9 @@ class AdamW(HostUpdateMixin, torch.optim.Optimizer):
             local.copy_(work)
 
     def _cpu_update(self, items: list[tuple[dict, _Slot, torch.Tensor, torch.Tensor]]) -> None:
-        """The update on the CPU: ``(group, slot, work, grad)`` with fp32 or any-dtype
-        ``work`` (the tensor stepped in place) and its gradient."""
+        """The update with torch ops (CPU tensors; any tensor when ``trilora.config.backend``
+        is ``"torch"``): ``(group, slot, work, grad)``, ``work`` the tensor stepped in place
+        (computed in fp32) and its gradient."""
         batch: list[tuple[dict, torch.Tensor, torch.Tensor, _Slot]] = []
         write_back = []
         for group, slot, work, grad in items:
@@ -613,17 +620,20 @@ class AdamW(HostUpdateMixin, torch.optim.Optimizer):
             if work.dtype != torch.float32 or not work.is_contiguous():
                 work = work.float().contiguous()
                 write_back.append((target, work))
+            grad = grad.float() if grad.dtype != torch.float32 else grad
+            t = slot.state.tensors
             if slot.bits == 8:
-                sc = self._scalars(group, slot)
-                t = slot.state.tensors
                 adamw_8bit_(
                     work.view(-1), grad.reshape(-1), t["state1"], t["state2"], t["absmax1"],
-                    t["absmax2"], quant_maps("cpu"), sc,
+                    t["absmax2"], quant_maps(work.device), self._scalars(group, slot),
                 )  # fmt: skip
-            else:
-                batch.append(
-                    (group, work, grad.float() if grad.dtype != torch.float32 else grad, slot)
-                )
+            elif work.device.type == "cpu":
+                batch.append((group, work, grad, slot))
+            else:  # a CUDA tensor under config.backend == "torch": the reference ops
+                adamw_32bit_(
+                    work, grad, t["exp_avg"].view(work.shape), t["exp_avg_sq"].view(work.shape),
+                    self._scalars(group, slot),
+                )  # fmt: skip
         if batch:
             self._torch_adamw32(batch)
         for target, work in write_back:

@@ -301,24 +301,29 @@ class ManagedPager:
         if not pages:
             return
         compute = torch.cuda.current_stream(self.device)
-        self._stream.wait_stream(compute)
-        with torch.cuda.stream(self._stream):
+        side = self._stream
+        side.wait_stream(compute)
+        with torch.cuda.stream(side):
             self._prefetch(pages[0], True)
-        for k, page in enumerate(pages):
             ready = torch.cuda.Event()
-            ready.record(self._stream)
-            if k + 1 < len(pages):
-                with torch.cuda.stream(self._stream):
-                    self._prefetch(pages[k + 1], True)
+            ready.record(side)
+        for k, page in enumerate(pages):
             compute.wait_event(ready)
+            if k + 1 < len(pages):
+                # Recorded before the wait below, so page k + 1's update does not also wait
+                # for page k's trip back to the host.
+                with torch.cuda.stream(side):
+                    self._prefetch(pages[k + 1], True)
+                    ready = torch.cuda.Event()
+                    ready.record(side)
             page.launch(slice_views(page.state.tensors, page.start, page.stop))
             updated = torch.cuda.Event()
             updated.record(compute)
-            self._stream.wait_event(updated)
-            with torch.cuda.stream(self._stream):
+            side.wait_event(updated)
+            with torch.cuda.stream(side):
                 self._prefetch(page, False)
         self._last = torch.cuda.Event()
-        self._last.record(self._stream)
+        self._last.record(side)
 
 
 # ---------------------------------------------------------------------------------------
