@@ -79,10 +79,14 @@ def _state_bytes(opt, device: torch.device) -> tuple[int, int]:
     """(device, host) bytes of a torch-style optimizer's state tensors: "device" is where the
     parameters are (the CPU in a CPU run), as trilora's own accounting counts it."""
     dev = host = 0
+    seen = set()  # bitsandbytes shares its quantization maps between parameters
     for entry in opt.state.values():
         for value in entry.values():
             if not isinstance(value, torch.Tensor) or value.dim() == 0:
                 continue
+            if value.data_ptr() in seen:
+                continue
+            seen.add(value.data_ptr())
             paged = getattr(value, "is_paged", False)  # bitsandbytes' managed tensors
             if value.device.type == device.type and not paged:
                 dev += value.nbytes
