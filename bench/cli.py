@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-LEVEL_CHOICES = ("kernels", "e2e", "mem", "all")
+LEVEL_CHOICES = ("kernels", "e2e", "mem", "optim", "all")
 PRESET_CHOICES = ("tiny", "small", "medium", "1b", "3b", "8b")  # == trilora.bench.e2e.PRESETS
 SKIPPABLE = ("trilora", "bnb_peft", "bf16_peft")
 # Everything trilora bench writes at the top of --out (see the module docstring).
@@ -161,7 +161,7 @@ def _run(args: argparse.Namespace, out_dir: Path) -> int:
 
     import torch
 
-    from trilora.bench import LEVELS, e2e, kernels, mem, report
+    from trilora.bench import LEVELS, e2e, kernels, mem, optim, report
     from trilora.bench.harness import (
         append_csv,
         bad_rows,
@@ -233,6 +233,15 @@ def _run(args: argparse.Namespace, out_dir: Path) -> int:
         rows += level_rows
         notes += level_notes
         notes.append(f"mem level: {time.perf_counter() - t:.0f} s")
+
+    if "optim" in levels:
+        t = time.perf_counter()
+        print("level optim")
+        plan = optim.default_plan(device, args.quick)
+        level_rows, level_notes = optim.run(plan, device, disabled)
+        rows += level_rows
+        notes += level_notes
+        notes.append(f"optim level: {time.perf_counter() - t:.0f} s")
 
     report.add_ratios(rows)
     finalize_rows(rows, run_id, env, args.quick)

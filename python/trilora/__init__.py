@@ -26,6 +26,12 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "enable_fused_rms_norm": ("trilora.fused_norm", "enable_fused_rms_norm"),
     "enable_grouped_attention": ("trilora.attention", "enable_grouped_attention"),
     "CPUOffloadAdamW": ("trilora.optim", "CPUOffloadAdamW"),
+    "AdamW": ("trilora.optim", "AdamW"),
+    "AdamW8bit": ("trilora.optim", "AdamW8bit"),
+    "PagedAdamW": ("trilora.optim", "PagedAdamW"),
+    "PagedAdamW8bit": ("trilora.optim", "PagedAdamW8bit"),
+    "optim": ("trilora.optim", None),
+    "cuda_ext": ("trilora.native.cuda_ext", None),
     "ops": ("trilora.ops", None),
     "config": ("trilora.config", None),
 }

@@ -53,6 +53,8 @@ def _mlp_chunks(text: str) -> int | str:
 
 
 def add_parser(subparsers) -> None:
+    from trilora.optim import OPTIMIZERS  # names only: no torch
+
     presets = ", ".join(preset_names())
     p = subparsers.add_parser(
         "mem",
@@ -70,10 +72,11 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--targets", default="all-linear", help="comma-separated module names, or all-linear"
     )
-    p.add_argument("--optimizer", choices=("adamw", "adamw_cpu_offload", "paged_adamw_8bit"),
-                   default="adamw",
-                   help="adamw_cpu_offload: trilora.optim.CPUOffloadAdamW (state and gradients "
-                   "in host memory)")  # fmt: skip
+    p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="adamw",
+                   help="trilora.optim optimizer (default: adamw): *_8bit 8-bit state; paged_* "
+                   "resident until memory is tight; *_host / *_uvm state in host / managed memory "
+                   "(the device holds two pages); *_cpu_offload state and gradients on the host; "
+                   "host bytes are reported as 'host optimizer'")  # fmt: skip
     p.add_argument("--no-checkpointing", action="store_true", help="keep every activation")
     p.add_argument(
         "--no-offload", action="store_true", help="keep checkpointed layer inputs on the GPU"
@@ -161,7 +164,7 @@ def format_reports(reports) -> str:
     )
     if any(r.host_optimizer for r in reports):
         lines.append(
-            f"{'host optimizer (CPU offload)':<30}"
+            f"{'host optimizer':<30}"
             + "".join(f"{_gib(r.host_optimizer):>{width}}" for r in reports)
         )
     if any(r.host_embedding for r in reports):

@@ -18,6 +18,8 @@ Dispatch, per call:
   the fused Triton kernels, which dequantize ``W`` tile by tile inside the matmul's K loop
   and accumulate the LoRA down-projection in the same loop (``x`` and ``dy`` are read
   once). ``M <= 16`` uses a split-K kernel.
+* CUDA forward with ``M <= config.decode_gemv_max_tokens`` (decode) and no dropout: the
+  CUDA extension's 4-bit GEMV (:mod:`trilora.native.gemv`) when it builds, else as above.
 * CUDA with larger ``M``: dequantize into a transient buffer and call cuBLAS, which wins
   when the GEMM is compute-bound (see :mod:`trilora.config` for the crossover model).
 * Anything else (CPU): the torch reference below, which is also what tests compare with.
@@ -75,6 +77,19 @@ def qlora_linear_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of the QLoRA linear on 2-D ``x`` ``[M, K]``; returns ``(y [M, N], xa [M, r])``."""
     k = x.shape[1]
+    if (
+        x.is_cuda
+        and config.backend == "auto"
+        and dropout_mask is None
+        and x.shape[0] <= config.decode_gemv_max_tokens
+    ):
+        # Decode: the CUDA extension's GEMV when it builds (see trilora.config).
+        from trilora.native.gemv import decode_gemv_4bit
+
+        out = decode_gemv_4bit(x, packed, absmax, code, nested_absmax, nested_code, offset,
+                               blocksize, n_out, lora_a, lora_b, scale, bias)  # fmt: skip
+        if out is not None:
+            return out
     if _use_fused(x):
         from trilora.kernels.qlora_linear import qlora_forward
 
