@@ -9,6 +9,16 @@ Output directory (``--out``, default ``./trilora-bench``):
 * ``report.md`` and ``plots/*.png``;
 * ``device_peaks.json``: the measured bandwidth and matmul rate, cached per device.
 
+What happens to an existing ``--out``: a folder that does not exist or is empty is created
+and filled. A trilora bench results folder (its ``results.csv`` has the bench columns, or
+it holds nothing but bench outputs) is appended to: ``results.csv`` grows by this run's
+rows, ``runs/`` gains this run, ``latest.json``, ``report.md`` and the plots are replaced,
+and nothing else in it is touched. Any other non-empty folder is refused unless
+``--overwrite`` is given; with it, the new results are written to a temporary sibling and
+swapped in when the run ends, and only then is the old folder removed (never the current
+folder, one of its parents, your home or ``/``). ``--overwrite`` on a results folder starts
+it afresh the same way.
+
 Exit status: 0; 1 with ``--check`` when a case failed or produced a non-finite value; 2 for
 bad arguments (argparse lists the valid levels, presets and providers).
 """
@@ -16,15 +26,22 @@ bad arguments (argparse lists the valid levels, presets and providers).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
 import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-LEVEL_CHOICES = ("kernels", "e2e", "mem", "all")
+LEVEL_CHOICES = ("kernels", "e2e", "mem", "optim", "all")
 PRESET_CHOICES = ("tiny", "small", "medium", "1b", "3b", "8b")  # == trilora.bench.e2e.PRESETS
 SKIPPABLE = ("trilora", "bnb_peft", "bf16_peft")
+# Everything trilora bench writes at the top of --out (see the module docstring).
+OUTPUT_NAMES = frozenset(
+    {"results.csv", "latest.json", "report.md", "plots", "runs", "device_peaks.json"}
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -43,7 +60,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--out",
         type=Path,
         default=Path("trilora-bench"),
-        help="output directory (default: ./trilora-bench)",
+        help="results folder (default: ./trilora-bench); an existing bench results folder is "
+        "appended to, any other non-empty folder needs --overwrite",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --out (the old content is removed once the run has finished)",
     )
     p.add_argument(
         "--check",
@@ -62,15 +85,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=None,
         help="e2e model size (default: 1b on GPU, small on CPU)",
     )
-    p.add_argument("--steps", type=int, default=None, help="e2e timed training steps")
-    p.add_argument("--batch", type=int, default=None, help="e2e batch size")
-    p.add_argument("--seq-len", type=int, default=None, help="e2e sequence length")
+    p.add_argument("--steps", type=int, default=None,
+                   help="e2e timed training steps (default: the preset's)")  # fmt: skip
+    p.add_argument("--batch", type=int, default=None, help="e2e batch size (default: the preset's)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="e2e sequence length (default: the preset's)")  # fmt: skip
     p.add_argument(
         "--skip-provider",
         action="append",
         choices=SKIPPABLE,
         default=[],
-        help="leave a provider out (repeatable); it is reported as skipped",
+        help="leave a provider out (repeatable); it is reported as skipped (default: none)",
     )
     p.add_argument(
         "--remeasure-peaks",
@@ -80,13 +105,63 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
+def is_results_folder(path: Path) -> bool:
+    """Whether ``path`` is a trilora bench results folder that a run may append to: its
+    ``results.csv`` has the bench columns, or it holds nothing but bench outputs."""
+    from trilora.bench.harness import CSV_FIELDS
+
+    table = path / "results.csv"
+    if table.is_file():
+        try:
+            with table.open(newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), [])
+        except (OSError, UnicodeDecodeError, csv.Error):
+            return False
+        return tuple(header) == tuple(CSV_FIELDS)
+    return all(entry.name in OUTPUT_NAMES for entry in path.iterdir())
+
+
+@contextlib.contextmanager
+def output_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """The folder this run writes into; see the module docstring for the rules.
+
+    Raises:
+        trilora.io.UsageError: ``out`` is a file, or a non-empty folder that is not a bench
+            results folder and ``overwrite`` is false, or a folder that must never be
+            replaced (current folder, its parents, home, root).
+    """
+    from trilora.io import UsageError, atomic_directory, check_output
+
+    if os.path.lexists(out) and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} exists and is not a folder")
+    empty = not out.exists() or not any(out.iterdir())
+    if empty or (not overwrite and is_results_folder(out)):
+        out.mkdir(parents=True, exist_ok=True)
+        yield out
+        return
+    if not overwrite:
+        raise UsageError(
+            f"--out {str(out)!r} is not empty and is not a trilora bench results folder (no "
+            "results.csv with the bench columns); pass --overwrite to replace it, or choose "
+            "another folder"
+        )
+    check_output(out, overwrite=True, kind="dir")
+    with atomic_directory(out, overwrite=True) as tmp:
+        yield tmp
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the requested levels; see the module docstring for outputs and exit status."""
+    with output_folder(args.out, args.overwrite) as out_dir:
+        return _run(args, out_dir)
+
+
+def _run(args: argparse.Namespace, out_dir: Path) -> int:
     import warnings
 
     import torch
 
-    from trilora.bench import LEVELS, e2e, kernels, mem, report
+    from trilora.bench import LEVELS, e2e, kernels, mem, optim, report
     from trilora.bench.harness import (
         append_csv,
         bad_rows,
@@ -96,25 +171,21 @@ def run(args: argparse.Namespace) -> int:
         write_json,
     )
     from trilora.bench.roofline import PEAKS_FILE, load_or_measure
+    from trilora.io import UsageError
 
     # Library deprecation chatter would bury the progress lines.
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     t_start = time.perf_counter()
     if args.device == "cuda" and not torch.cuda.is_available():
-        print(
-            "trilora bench: --device cuda requested but torch.cuda.is_available() is False",
-            file=sys.stderr,
-        )
-        return 2
+        # raised, not returned: with --overwrite nothing may be swapped in
+        raise UsageError("--device cuda requested but torch.cuda.is_available() is False")
     device = torch.device(
         "cuda"
         if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         else "cpu"
     )
     levels = LEVELS if args.level == "all" else (args.level,)
-    out_dir: Path = args.out
-    out_dir.mkdir(parents=True, exist_ok=True)
     disabled = tuple(args.skip_provider)
     run_id = new_run_id()
     env = environment(device)
@@ -150,8 +221,7 @@ def run(args: argparse.Namespace) -> int:
                     setattr(plan, name, getattr(args, name))
             plan.__post_init__()
         except ValueError as exc:
-            print(f"trilora bench: {exc}", file=sys.stderr)
-            return 2
+            raise UsageError(str(exc)) from exc
         level_rows, level_notes, curves = e2e.run(plan, device, disabled)
         rows += level_rows
         notes += level_notes
@@ -163,6 +233,15 @@ def run(args: argparse.Namespace) -> int:
         rows += level_rows
         notes += level_notes
         notes.append(f"mem level: {time.perf_counter() - t:.0f} s")
+
+    if "optim" in levels:
+        t = time.perf_counter()
+        print("level optim")
+        plan = optim.default_plan(device, args.quick)
+        level_rows, level_notes = optim.run(plan, device, disabled)
+        rows += level_rows
+        notes += level_notes
+        notes.append(f"optim level: {time.perf_counter() - t:.0f} s")
 
     report.add_ratios(rows)
     finalize_rows(rows, run_id, env, args.quick)
@@ -184,7 +263,9 @@ def run(args: argparse.Namespace) -> int:
     write_json(out_dir / "runs" / f"{run_id}.json", payload)
     write_json(out_dir / "latest.json", payload)
     append_csv(out_dir / "results.csv", rows)
-    path = report.write_report(out_dir, meta, rows, notes, curves)
+    path = args.out / Path(report.write_report(out_dir, meta, rows, notes, curves)).relative_to(
+        out_dir
+    )
     bad = bad_rows(rows)
     statuses = {s: sum(r["status"] == s for r in rows) for s in ("ok", "oom", "error", "skipped")}
     print(f"{len(rows)} rows {statuses} in {meta['wall_s']:.0f} s; report: {path}")

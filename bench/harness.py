@@ -26,7 +26,6 @@ import math
 import os
 import platform
 import subprocess
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -542,20 +541,11 @@ def bad_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def atomic_write_text(path: Path | str, text: str) -> None:
     """Write ``text`` to ``path`` through a temp file in the same directory and a rename,
-    so readers see either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    so readers see either the old file or the complete new one (:mod:`trilora.io`; the
+    file gets the umask's permissions)."""
+    from trilora.io import atomic_write_text as write
+
+    write(path, text)
 
 
 def write_json(path: Path | str, obj: Any) -> None:

@@ -225,7 +225,7 @@ def test_failed_save_leaves_nothing(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("old")
     with pytest.raises(ValueError):
-        trilora.save_quantized(model, out, max_shard_size=20_000)
+        trilora.save_quantized(model, out, max_shard_size=20_000, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 

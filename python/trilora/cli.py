@@ -9,7 +9,11 @@ second. ``tests/test_cli.py`` holds every command module to that.
 Errors: a :class:`trilora.io.UserError` (bad input; ``UsageError`` for bad flags) and an
 ``OSError`` (a missing file, a full disk) print one line and exit with 1, or 2 for usage
 errors; anything else is a bug and prints one line that asks for ``--debug``.
-``--debug`` (or ``TRILORA_DEBUG=1``) re-raises with the full traceback instead.
+``--debug`` (or ``TRILORA_DEBUG=1``) re-raises with the full traceback instead. A flag
+argparse rejects also gets one line (no usage block) and exit status 2.
+
+Help: every option's help text ends with its default (:class:`HelpFormatter`); an option
+whose default is None says in its help what happens when it is left out.
 """
 
 from __future__ import annotations
@@ -29,9 +33,61 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "trilora.kernel_check",
         "compile every Triton kernel for sm_80/sm_90, check spills",
     ),
+    "selfcheck": (
+        "trilora.selfcheck.cli",
+        "validate trilora here: versions, correctness, speed, memory, e2e (--gpu)",
+    ),
 }
 
 VERSION = "0.1.0"  # == trilora.__version__ (kept here so --version imports nothing)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to an option's help, except where it says nothing useful
+    (flags, None, suppressed defaults) or the help already states the default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is None
+            or isinstance(default, bool)
+            or default is argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return text
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the CLI's error style: one line naming what was expected, exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+# bitsandbytes logs this at import on CPUs with AVX512-BF16 when it cannot load a CPU gemm
+# from the Hugging Face `kernels` package: the package is missing (it is not a dependency),
+# or, run from a source checkout with the repo root on sys.path, shadowed by the repo's own
+# top-level `kernels/` folder. trilora never uses that gemm, so the notice only buries
+# trilora's own output. --debug keeps it.
+_BNB_HUB_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
+_BNB_HUB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _drop_notice(record) -> bool:
+    return not str(record.msg).startswith(_BNB_HUB_KERNEL_NOTICE)
+
+
+def quiet_third_party_notices() -> None:
+    """Drop known, non-actionable third-party import notices (see ``_BNB_HUB_KERNEL_NOTICE``)."""
+    import logging  # here, not at the top: --help does not need it
+
+    logger = logging.getLogger(_BNB_HUB_KERNEL_LOGGER)
+    if _drop_notice not in logger.filters:
+        logger.addFilter(_drop_notice)
 
 
 def _debug_requested(argv: list[str]) -> bool:
@@ -50,10 +106,11 @@ def _selected_command(argv: list[str]) -> str | None:
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only the subcommand named in ``argv`` gets its full options."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="trilora",
         description="QLoRA fine-tuning engine: 4-bit base weights (bitsandbytes-compatible), "
         "LoRA adapters, Triton kernels.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"trilora {VERSION}")
     parser.add_argument(
@@ -70,8 +127,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             # `trilora merge ... --debug` works as well as `trilora --debug merge ...`
             sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the full traceback on errors (also TRILORA_DEBUG=1)")  # fmt: skip
+            sub.formatter_class = HelpFormatter
         else:
-            sub = subparsers.add_parser(command, help=help_text)
+            sub = subparsers.add_parser(command, help=help_text, formatter_class=HelpFormatter)
         sub.set_defaults(_module=module)
     return parser
 
@@ -107,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     prog = f"trilora {args.command}"
+    if not debug:
+        quiet_third_party_notices()
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KeyboardInterrupt:

@@ -27,6 +27,25 @@ whole process, and :func:`override` for a scoped change.
     M = 1500-2000, hence 2048. This is an analytical choice that still awaits a GPU
     measurement (``trilora bench --level kernels`` reports both paths).
     Environment: ``TRILORA_FUSED_MAX_TOKENS``.
+
+``decode_gemv_max_tokens``
+    Forward calls of the 4-bit linear on CUDA with at most this many tokens (0 to 4; 0 turns
+    it off) run the CUDA extension's decode GEMV (``csrc/cuda/gemv_4bit.cu``) instead of the
+    Triton split-K kernel, when the extension builds. Bytes and operations for a 4096 x 4096
+    NF4 projection (blocksize 64, double-quantized) at H100 rates:
+
+    * both read the packed weight, 8.4 MB + 0.26 MB of scales: ~2.9 us at 3.0 TB/s;
+    * Triton split-K: tl.dot needs 16-row tiles, so M <= 4 runs at a quarter of a tile; it
+      writes fp32 partials and reduces them in a second launch: two launches (~2-3 us each
+      on an idle stream) and tiles of 64 x 32 weights, ~6-8 us in all;
+    * GEMV: one launch, one warp per output row, 16-byte weight loads, the LoRA up-projection
+      and bias in the epilogue (plus one small matmul for ``x @ A.T``). Its decode costs
+      ~4 operations per weight and each token 2 more: (4 + 2M) x 16.8M / ~60 TFLOP/s of fp32
+      CUDA cores, 1.7 us at M = 1 and 3.4 us at M = 4, so it stays at the memory floor up to
+      M = 4 (~3-4 us) and loses to tensor cores beyond.
+
+    Hence 4. An analytical choice that awaits a GPU measurement
+    (``trilora bench --level kernels``). Environment: ``TRILORA_DECODE_GEMV_MAX_TOKENS``.
 """
 
 from __future__ import annotations
@@ -45,18 +64,24 @@ _BACKENDS = ("auto", "torch", "triton")
 class Config:
     backend: str = "auto"
     fused_max_tokens: int = 2048
+    decode_gemv_max_tokens: int = 4
 
     def validate(self) -> None:
         if self.backend not in _BACKENDS:
             raise ValueError(f"trilora backend must be one of {_BACKENDS}, got {self.backend!r}")
         if self.fused_max_tokens < 0:
             raise ValueError(f"fused_max_tokens must be >= 0, got {self.fused_max_tokens}")
+        if not 0 <= self.decode_gemv_max_tokens <= 4:
+            raise ValueError(
+                f"decode_gemv_max_tokens must be in 0..4, got {self.decode_gemv_max_tokens}"
+            )
 
 
 def _from_env() -> Config:
     cfg = Config(
         backend=os.environ.get("TRILORA_BACKEND", "auto"),
         fused_max_tokens=int(os.environ.get("TRILORA_FUSED_MAX_TOKENS", "2048")),
+        decode_gemv_max_tokens=int(os.environ.get("TRILORA_DECODE_GEMV_MAX_TOKENS", "4")),
     )
     cfg.validate()
     return cfg

@@ -5,6 +5,8 @@ Quantizes a random linear layer to NF4, attaches the same LoRA adapter to both s
 very same packed bytes), runs forward and backward on the same input, and prints the error
 of each against a float64 reference next to their times. Needs no downloads; bitsandbytes
 and PEFT are optional (without them only trilora's column is printed).
+
+torch is imported when the command runs, not with this module (``--help`` stays instant).
 """
 
 from __future__ import annotations
@@ -13,33 +15,64 @@ import argparse
 import statistics
 import time
 
-import torch
+_DESCRIPTION = (
+    "Quantize a random linear layer to NF4, put the same LoRA adapter on it in trilora "
+    "(fused QLoraLinear) and in PEFT over bitsandbytes Linear4bit (the very same packed "
+    "bytes), run forward and backward on the same input, and print each stack's error "
+    "against a float64 reference next to its time. No downloads; without bitsandbytes and "
+    "PEFT only trilora's row is printed."
+)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
         help="quantize a layer and compare trilora with bitsandbytes + PEFT (no downloads)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_DESCRIPTION,
     )
-    p.add_argument("--in-features", type=int, default=2048)
-    p.add_argument("--out-features", type=int, default=2048)
-    p.add_argument("--tokens", type=int, default=256, help="rows of x (batch x sequence)")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=32.0)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--in-features", type=_positive_int, default=2048,
+                   help="input features of the layer (K)")  # fmt: skip
+    p.add_argument("--out-features", type=_positive_int, default=2048,
+                   help="output features of the layer (N)")  # fmt: skip
+    p.add_argument("--tokens", type=_positive_int, default=256,
+                   help="rows of x (batch x sequence, M)")  # fmt: skip
+    p.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank r")
+    p.add_argument("--alpha", type=_positive_float, default=32.0, help="LoRA alpha")
+    p.add_argument("--repeats", type=_positive_int, default=5,
+                   help="timed repetitions per stack (the median is printed)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed for the weight, adapter and input")
     p.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
         default=None,
         help="activation dtype (default: bfloat16 on CUDA, float32 on CPU)",
     )
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
 
 
-def _time(fn, repeats: int, device: torch.device) -> float:
+def _time(fn, repeats: int, device) -> float:
+    import torch
+
     fn()  # warm-up
     samples = []
     for _ in range(repeats):
@@ -63,7 +96,21 @@ def _errors(y, grads, ref_y, ref_grads) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     import trilora
+    from trilora.io import UsageError
+
+    try:
+        torch.device(args.device or "cpu")
+    except RuntimeError as exc:
+        raise UsageError(
+            f"--device expects a torch device like cpu or cuda:0, got {args.device!r}"
+        ) from exc
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(
+            f"--device {args.device}: torch.cuda.is_available() is False on this machine"
+        )
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")

@@ -13,15 +13,20 @@ cannot be compiled, so when it is set the command re-executes itself in a subpro
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
+
+_DESCRIPTION = (
+    "Compile every shipped Triton kernel config ahead of time for each --arch (no GPU "
+    "needed), read registers, spill bytes and shared memory from the cubin with cuobjdump, "
+    "and exit 1 if any config spills, exceeds the architecture's shared memory, or fails to "
+    "compile."
+)
 
 # Opt-in dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 SHARED_LIMITS = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -103,6 +108,8 @@ def _select_specs(filt: str | None) -> list:
 
 def check_all(archs, filt: str | None = None, workers: int = _WORKERS) -> list[CheckResult]:
     """Check every selected spec for every arch, in ``workers`` processes."""
+    from concurrent.futures import ProcessPoolExecutor  # here: it costs --help 0.1 s
+
     specs = _select_specs(filt)
     jobs = [(i, arch, filt) for arch in archs for i in range(len(specs))]
     if workers <= 1 or len(jobs) <= 1:
@@ -141,18 +148,23 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "kernels",
         help="compile every shipped Triton kernel config for sm_80/sm_90 and check spills/smem",
-        description=__doc__.split("\n\n")[0],
+        description=_DESCRIPTION,
     )
     _add_args(p)
     p.set_defaults(func=run)
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), help="SM versions")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write results as JSON")
+    p.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS),
+                   choices=sorted(SHARED_LIMITS), metavar="SM",
+                   help=f"SM versions to compile for, among {sorted(SHARED_LIMITS)}")  # fmt: skip
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write results as JSON (default: not written)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument(
-        "--filter", default=None, metavar="SUBSTR", help="only specs whose name has this"
-    )
+        "--filter", default=None, metavar="SUBSTR",
+        help="only specs whose name has this (default: all)",
+    )  # fmt: skip
 
 
 def _reexec_without_interpreter(args) -> int:
@@ -160,6 +172,8 @@ def _reexec_without_interpreter(args) -> int:
     cmd = [sys.executable, "-m", "trilora.kernel_check", "--arch", *map(str, args.arch)]
     if args.json:
         cmd += ["--json", args.json]
+    if args.overwrite:
+        cmd += ["--overwrite"]
     if args.filter:
         cmd += ["--filter", args.filter]
     return subprocess.call(cmd, env=env)
@@ -167,29 +181,42 @@ def _reexec_without_interpreter(args) -> int:
 
 def run(args) -> int:
     """Run the check; returns the process exit status (0: every config compiles and fits)."""
+    from trilora.io import UsageError, atomic_write_json, check_output
+
+    if args.json:  # before minutes of compiling
+        check_output(args.json, overwrite=args.overwrite, kind="file", flag="--json")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return _reexec_without_interpreter(args)
     for arch in args.arch:
         if arch not in SHARED_LIMITS:
-            print(f"error: unknown arch {arch}; known: {sorted(SHARED_LIMITS)}", file=sys.stderr)
-            return 2
+            raise UsageError(f"unknown --arch {arch}; known: {sorted(SHARED_LIMITS)}")
     results = check_all(args.arch, args.filter)
     if not results:
-        print(f"error: no kernel spec matches --filter {args.filter!r}", file=sys.stderr)
-        return 2
+        raise UsageError(f"no kernel spec matches --filter {args.filter!r}")
     print(format_table(results))
     bad = [r for r in results if not r.ok]
     print(f"\n{len(results) - len(bad)}/{len(results)} configs ok")
     if args.json:
         payload = [{**r._asdict(), "ok": r.ok} for r in results]
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+        atomic_write_json(args.json, payload, overwrite=True)
     return 1 if bad else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="trilora kernels", description=__doc__.split("\n\n")[0])
+    """``python -m trilora.kernel_check``: the command outside the ``trilora`` entry point."""
+    from trilora.cli import ArgumentParser, HelpFormatter, report_error
+
+    p = ArgumentParser(
+        prog="trilora kernels", description=_DESCRIPTION, formatter_class=HelpFormatter
+    )
     _add_args(p)
-    return run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except Exception as exc:
+        if os.environ.get("TRILORA_DEBUG", "") not in ("", "0"):
+            raise
+        return report_error("trilora kernels", exc)
 
 
 if __name__ == "__main__":

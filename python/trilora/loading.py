@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -29,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from trilora.io import UserError, atomic_directory, check_output
 from trilora.nn import Linear4bit
 from trilora.quant import BLOCKSIZES, QUANT_TYPES, STORAGE_DTYPES, QuantizedWeight, quantize
 
@@ -49,8 +47,11 @@ _ST_DTYPES = {
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class CheckpointError(ValueError):
-    """A checkpoint on disk is missing, corrupt, or inconsistent with the model."""
+class CheckpointError(UserError):
+    """A checkpoint on disk is missing, corrupt, or inconsistent with the model.
+
+    A :class:`trilora.io.UserError` (so also a ``ValueError``): the CLI prints it as one line.
+    """
 
 
 # ---------------------------------------------------------------------------------------
@@ -113,6 +114,10 @@ class SafetensorsFile:
                     f"spans bytes [{begin}, {end}) but needs {nbytes} bytes within {data_size}"
                 )
             self._entries[key] = (dtype, shape, begin, end)
+
+    def shapes(self) -> dict[str, list[int]]:
+        """Tensor name -> shape, from the header alone (no tensor data is read)."""
+        return {key: list(entry[1]) for key, entry in self._entries.items()}
 
     def keys(self) -> list[str]:
         """Tensor names in file order."""
@@ -232,17 +237,17 @@ def _quant_settings(quantization_config, quant_type, blocksize, double_quant, co
         method = qc.get("quant_method", "bitsandbytes")
         method = getattr(method, "value", method)
         if method != "bitsandbytes":
-            raise ValueError(
+            raise CheckpointError(
                 f"trilora loads bitsandbytes 4-bit quantization only; the quantization config says "
                 f"quant_method={method!r}"
             )
         if qc.get("load_in_8bit"):
-            raise ValueError(
+            raise CheckpointError(
                 "the quantization config asks for bitsandbytes 8-bit (load_in_8bit=True); trilora "
                 "supports 4-bit only (load_in_4bit=True, NF4 or FP4)"
             )
         if not qc.get("load_in_4bit", False):
-            raise ValueError(f"the quantization config does not set load_in_4bit=True: {qc}")
+            raise CheckpointError(f"the quantization config does not set load_in_4bit=True: {qc}")
         quant_type = qc.get("bnb_4bit_quant_type", quant_type)
         double_quant = bool(qc.get("bnb_4bit_use_double_quant", double_quant))
         cdt = qc.get("bnb_4bit_compute_dtype")
@@ -264,16 +269,67 @@ def _resolve(name_or_path: str | Path, hf_kwargs: dict) -> Path:
     path = Path(name_or_path)
     if path.is_dir():
         return path
-    if path.exists() or str(name_or_path).startswith((".", "/")):
-        raise CheckpointError(f"{name_or_path} is not a checkpoint directory")
+    if path.exists():
+        raise CheckpointError(
+            f"{name_or_path} is a file; expected a model folder (config.json + safetensors)"
+        )
+    if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
+        raise CheckpointError(f"model folder {name_or_path} does not exist")
     from huggingface_hub import snapshot_download
 
-    return Path(
-        snapshot_download(
-            str(name_or_path), revision=hf_kwargs.pop("revision", None),
-            allow_patterns=["*.json", "*.safetensors"],
-        )
-    )  # fmt: skip
+    try:
+        return Path(
+            snapshot_download(
+                str(name_or_path), revision=hf_kwargs.pop("revision", None),
+                allow_patterns=["*.json", "*.safetensors"],
+            )
+        )  # fmt: skip
+    except Exception as exc:  # offline, unknown repo, gated, bad id: all mean "not found"
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise CheckpointError(
+            f"{name_or_path} is not a local folder, and downloading it from the Hugging Face Hub "
+            f"failed ({type(exc).__name__}: {reason})"
+        ) from exc
+
+
+# Size fields every decoder config sets; a missing one silently takes the config class's
+# default (hidden_size=4096 for Llama), and the checkpoint then fails to match in some
+# unrelated-looking place (an lm_head shape). Named in the error instead.
+_SIZE_FIELDS = (
+    "hidden_size", "vocab_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+)  # fmt: skip
+
+
+def _unset_size_fields(path: Path, config) -> list[str]:
+    """``_SIZE_FIELDS`` that ``path/config.json`` does not set (aliases such as GPT-2's
+    ``n_embd`` count; so does a nested ``text_config``)."""
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(raw, dict):
+        return []
+    nested = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+    aliases = getattr(config, "attribute_map", None) or {}
+    unset = []
+    for name in _SIZE_FIELDS:
+        names = {name, aliases.get(name, name)}
+        if not any(n in raw or n in nested for n in names):
+            unset.append(name)
+    return unset
+
+
+def _explain_mismatch(path: Path, config, exc: Exception) -> CheckpointError:
+    """``exc`` (the model built from the config does not fit the checkpoint), with the
+    config fields that were left to defaults named first."""
+    unset = _unset_size_fields(path, config)
+    if not unset:
+        return exc if isinstance(exc, CheckpointError) else CheckpointError(str(exc))
+    defaults = ", ".join(f"{n}={getattr(config, n, '?')}" for n in unset)
+    return CheckpointError(
+        f"{path / 'config.json'} does not set {', '.join(unset)}, so the model was built with "
+        f"the defaults ({defaults}) and does not match the checkpoint: {exc}"
+    )
 
 
 def from_pretrained(
@@ -316,12 +372,20 @@ def from_pretrained(
         ValueError: a quantization config trilora cannot honour (8-bit, other methods,
             unsupported blocksize or quant type).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     hf_kwargs = dict(hf_kwargs)
     path = _resolve(name_or_path, hf_kwargs)
     trust = hf_kwargs.pop("trust_remote_code", False)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json (expected a transformers model folder)")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    except (OSError, ValueError, KeyError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise CheckpointError(
+            f"{path / 'config.json'} is not a usable model config: {reason}"
+        ) from exc
     dtype = hf_kwargs.pop("dtype", None) or hf_kwargs.pop("torch_dtype", None)
     user_qc = hf_kwargs.pop("quantization_config", None)
     saved_qc = getattr(config, "quantization_config", None)
@@ -344,10 +408,29 @@ def from_pretrained(
         # treat the model as bitsandbytes-quantized; save_quantized writes a fresh one.
         del config.quantization_config
 
-    with _params_on_meta():
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, trust_remote_code=trust, **hf_kwargs
-        )
+    try:
+        return _build_and_load(
+            path, config, files, dtype, trust, hf_kwargs, pre_quantized, skip_modules, device,
+            (quant_type, blocksize, double_quant, compute_dtype, storage),
+        )  # fmt: skip
+    except CheckpointError as exc:
+        raise _explain_mismatch(path, config, exc) from exc
+
+
+def _build_and_load(path, config, files, dtype, trust, hf_kwargs, pre_quantized, skip_modules,
+                    device, qopts):  # fmt: skip
+    from transformers import AutoModelForCausalLM
+
+    quant_type, blocksize, double_quant, compute_dtype, storage = qopts
+    try:
+        with _params_on_meta():
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, trust_remote_code=trust, **hf_kwargs
+            )
+    except (ValueError, TypeError) as exc:
+        if not _unset_size_fields(path, config):
+            raise
+        raise CheckpointError(f"the model cannot be built from its config ({exc})") from exc
 
     # Checkpoints saved from the bare base model lack the "model." prefix.
     expected = set(model.state_dict().keys())
@@ -503,30 +586,6 @@ def _install(name: str, shell: Linear4bit, qw: QuantizedWeight) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces ``path`` only if the block succeeds.
-
-    On failure the temporary directory is removed and ``path`` is left as it was.
-    """
-    path = Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        backup = None
-        if path.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rmdir(backup)
-            os.replace(path, backup)
-        os.replace(tmp, path)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
     shards, current, size = [], {}, 0
     for key, t in state.items():
@@ -629,7 +688,8 @@ def bnb_quantization_config(model: nn.Module) -> dict:
     }
 
 
-def save_quantized(model: nn.Module, path: str | Path, max_shard_size: int = 5 * 1024**3) -> Path:
+def save_quantized(model: nn.Module, path: str | Path, max_shard_size: int = 5 * 1024**3, *,
+                   overwrite: bool = False) -> Path:  # fmt: skip
     """Write ``model`` (with :class:`trilora.nn.Linear4bit` layers) as a bitsandbytes 4-bit
     checkpoint: safetensors with bitsandbytes keys plus ``config.json`` carrying the
     matching ``quantization_config``.
@@ -637,16 +697,28 @@ def save_quantized(model: nn.Module, path: str | Path, max_shard_size: int = 5 *
     ``transformers.AutoModelForCausalLM.from_pretrained(path)`` with bitsandbytes installed
     loads it as-is, and so does :func:`from_pretrained`. The write is atomic: everything is
     written to a temporary sibling directory that is renamed to ``path`` at the end; on any
-    failure nothing is left at ``path`` (an existing directory there stays untouched).
+    failure nothing is left at ``path`` (an existing directory there stays untouched). Files
+    and folders get the umask's permissions.
 
     Args:
         model: a transformers model (``model.config``) whose linears are trilora 4-bit.
-        path: output directory (replaced if it exists).
+        path: output directory; it must not exist or be empty unless ``overwrite``.
         max_shard_size: bytes per safetensors shard before an index is written.
+        overwrite: replace an existing non-empty ``path`` (after the new one is complete).
+            Never allowed for the current directory or one of its parents, or for the folder
+            the model was loaded from (``model.config.name_or_path``).
 
     Returns:
         ``path``.
+
+    Raises:
+        trilora.io.UsageError: ``path`` is occupied and ``overwrite`` is false, or it is a
+            folder that must never be replaced.
     """
+    source = getattr(getattr(model, "config", None), "name_or_path", None)
+    check_output(path, overwrite=overwrite, kind="dir", flag="path",
+                 inputs=[source] if source and Path(source).exists() else [],
+                 overwrite_hint="pass overwrite=True to replace it")  # fmt: skip
     qc = bnb_quantization_config(model)
     state = _dedup_tied(model, model.state_dict())
     config = model.config.to_dict()
@@ -655,7 +727,7 @@ def save_quantized(model: nn.Module, path: str | Path, max_shard_size: int = 5 *
     if isinstance(dtype, torch.dtype):
         config["dtype"] = str(dtype).removeprefix("torch.")
     path = Path(path)
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, overwrite=overwrite) as tmp:
         write_safetensors(state, tmp, max_shard_size)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         gen = getattr(model, "generation_config", None)

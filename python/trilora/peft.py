@@ -7,6 +7,17 @@ base: its forward runs the base matmul and the active adapter's LoRA term in one
 monkeypatching PEFT, and nothing global changes at import time.
 
 * :func:`get_peft_model` registers the layer on the config and calls ``peft.get_peft_model``.
+* Targeted layers that bitsandbytes never quantizes (the output head ``lm_head``, weights
+  tied to the embeddings) keep their 16-bit base, with the LoRA on top, exactly as with
+  transformers + bitsandbytes + PEFT.
+* ``init_lora_weights="pissa"`` (and ``pissa_niter_K``), ``"olora"`` and ``"corda"`` rewrite
+  the base weight as ``W - scale * B @ A``: on a full-precision ``nn.Linear`` PEFT's own
+  initialization runs first and the rewritten weight is then quantized (QPiSSA).
+  ``"loftq"`` picks the 4-bit weight ``Q`` and the adapter together with trilora's own
+  quantizer (``Q = quant(W - scale * B @ A)``, ``scale * B @ A = rank-r SVD of W - Q``,
+  ``loftq_iter`` times), so the adapter corrects the very bytes the layer holds. All of
+  them need the full-precision weight: on an already 4-bit base they raise
+  :class:`UnsupportedLoraSetting`.
 * :func:`patch` converts an existing ``PeftModel`` in place: every LoRA layer over a
   bitsandbytes ``Linear4bit`` (same bytes, no re-quantization), a plain ``nn.Linear``
   (quantized now) or a trilora ``Linear4bit`` becomes a :class:`TriloraLoraLayer` that keeps
@@ -18,6 +29,7 @@ Module names stay PEFT's: ``base_model.model.model.layers.0.self_attn.q_proj.lor
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from trilora.io import UserError
 from trilora.nn import Linear4bit, QLoraLinear
-from trilora.quant import BLOCKSIZES, QUANT_TYPES
+from trilora.quant import BLOCKSIZES, QUANT_TYPES, quantize
 
 try:  # PEFT is a dependency, but keep `import trilora.peft` failing with a clear message.
     from peft import LoraConfig, PeftModel
@@ -44,11 +57,24 @@ __all__ = [
     "check_lora_config",
     "get_peft_model",
     "patch",
+    "rewrites_base_weights",
 ]
 
 
-class UnsupportedLoraSetting(ValueError):
-    """A LoRA setting trilora does not implement; raised instead of computing something else."""
+class UnsupportedLoraSetting(UserError):
+    """A LoRA setting trilora does not implement; raised instead of computing something else.
+
+    A :class:`trilora.io.UserError` (so also a ``ValueError``): the CLI prints it as one line.
+    """
+
+
+def rewrites_base_weights(init_lora_weights: Any) -> bool:
+    """Whether PEFT's ``init_lora_weights`` value rewrites the base weight (PiSSA, OLoRA,
+    CorDA, LoftQ) instead of only initializing the adapter."""
+    if not isinstance(init_lora_weights, str):
+        return False
+    init = init_lora_weights.lower()
+    return init.startswith(("pissa", "corda")) or init in ("olora", "loftq")
 
 
 @dataclass(frozen=True)
@@ -59,6 +85,9 @@ class QuantOptions:
     blocksize: int = 64
     double_quant: bool = True
     compute_dtype: torch.dtype | None = torch.bfloat16
+    # id() of the plain nn.Linear layers that stay 16-bit when targeted (output head, tied
+    # weights: what bitsandbytes never quantizes); see _full_precision_bases.
+    full_precision: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if self.quant_type not in QUANT_TYPES:
@@ -108,6 +137,18 @@ def check_lora_config(config: Any) -> None:
         raise UnsupportedLoraSetting(
             "trilora does not support LoraConfig.init_lora_weights='mica' (a LoRA variant)"
         )
+    if config.init_lora_weights == "loftq":
+        loftq = config.loftq_config or {}
+        loftq = loftq if isinstance(loftq, dict) else vars(loftq)
+        if loftq.get("loftq_bits", 4) != 4:
+            raise UnsupportedLoraSetting(
+                f"trilora's LoftQ quantizes to 4 bits (its base format); got "
+                f"loftq_config.loftq_bits={loftq.get('loftq_bits')!r}"
+            )
+        if int(loftq.get("loftq_iter", 1)) < 1:
+            raise UnsupportedLoraSetting(
+                f"loftq_config.loftq_iter must be at least 1, got {loftq.get('loftq_iter')!r}"
+            )
 
 
 def _register(config: LoraConfig, options: QuantOptions) -> None:
@@ -148,6 +189,40 @@ def _bnb_to_trilora(layer: nn.Module) -> Linear4bit:
         new.bias = layer.bias
     new.train(layer.training)
     return new
+
+
+def _full_precision_bases(model: nn.Module) -> frozenset[int]:
+    """``id()`` of the plain ``nn.Linear`` layers of ``model`` that bitsandbytes never
+    quantizes (its default skip list: output head, tied weights); LoRA on them keeps a
+    16-bit base. Works on a bare model and on a PEFT-wrapped one."""
+    from trilora.loading import default_skip_modules
+
+    ids = set()
+    for name in default_skip_modules(model):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(module, LoraLayer):
+            module = module.get_base_layer()
+        if type(module) is nn.Linear:
+            ids.add(id(module))
+    return frozenset(ids)
+
+
+def _require_full_precision(layer: nn.Module, init: str) -> None:
+    if type(layer) is nn.Linear and layer.weight.is_floating_point():
+        return
+    what = (
+        "chooses the 4-bit weight together with the adapter"
+        if init == "loftq"
+        else "rewrites the base weight as W - scale * B @ A"
+    )
+    raise UnsupportedLoraSetting(
+        f"init_lora_weights={init!r} {what}, which needs the full-precision weight, but this "
+        f"base layer is already quantized ({type(layer).__module__}.{type(layer).__name__}); "
+        "load the model in 16/32 bits and call trilora.get_peft_model, which quantizes afterwards"
+    )
 
 
 def to_trilora_base(layer: nn.Module, options: QuantOptions) -> Linear4bit:
@@ -191,6 +266,10 @@ class TriloraLoraLayer(nn.Module, LoraLayer):
     (which draws the dropout mask itself), further active adapters are added with plain
     torch ops. ``x`` is ``[..., in_features]``; the result has ``x.dtype``. The base runs in
     the base layer's ``compute_dtype``, the LoRA branch in the factors' dtype.
+
+    A base that bitsandbytes would keep in 16 bits (the output head; see
+    :class:`QuantOptions`) stays a plain ``nn.Linear``, and the layer computes PEFT's
+    ``lora.Linear`` forward over it.
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig,
@@ -198,10 +277,44 @@ class TriloraLoraLayer(nn.Module, LoraLayer):
         check_lora_config(config)
         options = getattr(config, "_trilora_quant_options", None) or QuantOptions()
         super().__init__()
-        LoraLayer.__init__(self, to_trilora_base(base_layer, options))
+        keep = id(base_layer) in options.full_precision
+        if keep or rewrites_base_weights(config.init_lora_weights):
+            # 16-bit head; or an initialization that needs the full-precision weight: it
+            # runs first (update_layer), and the base is quantized after it.
+            LoraLayer.__init__(self, base_layer)
+        else:
+            LoraLayer.__init__(self, to_trilora_base(base_layer, options))
         self.fan_in_fan_out = False
         self._active_adapter = adapter_name
+        self._quant_options = options
+        self._keeps_16bit_base = keep
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+        if not keep and type(self.base_layer) is nn.Linear:
+            self.base_layer = to_trilora_base(self.base_layer, options)
+
+    @torch.no_grad()
+    def _loftq_init(self, adapter: str, config: LoraConfig) -> None:
+        """LoftQ (Li et al. 2023) with trilora's quantizer: alternately ``Q = quant(W - L)``
+        and ``L = scale * B @ A = rank-r SVD of (W - dequant(Q))``; the base becomes ``Q``
+        itself, so the adapter corrects exactly the bytes the layer computes with."""
+        base, options = self.base_layer, self._quant_options
+        loftq = config.loftq_config or {}
+        loftq = loftq if isinstance(loftq, dict) else vars(loftq)
+        iters = int(loftq.get("loftq_iter", 1))
+        scale, r = self.scaling[adapter], self.r[adapter]
+        weight = base.weight.detach().float()
+        low_rank = torch.zeros_like(weight)
+        for _ in range(iters):
+            qw = quantize((weight - low_rank).to(base.weight.dtype), options.quant_type,
+                          options.blocksize, options.double_quant)  # fmt: skip
+            u, sv, vh = torch.linalg.svd(weight - qw.dequantize(torch.float32), full_matrices=False)
+            root = (sv[:r] / scale).sqrt()
+            lora_b, lora_a = u[:, :r] * root, root[:, None] * vh[:r]
+            low_rank = scale * (lora_b @ lora_a)
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        a.data = lora_a.to(a.dtype).contiguous()
+        b.data = lora_b.to(b.dtype).contiguous()
+        self.base_layer = Linear4bit.from_quantized(qw, base.bias, options.compute_dtype)
 
     @classmethod
     def from_lora_layer(cls, old: LoraLayer, options: QuantOptions) -> TriloraLoraLayer:
@@ -228,7 +341,11 @@ class TriloraLoraLayer(nn.Module, LoraLayer):
             raise TypeError("trilora supports LoRA on linear layers only, not embeddings")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        LoraLayer.__init__(new, to_trilora_base(old.get_base_layer(), options))
+        base = old.get_base_layer()
+        keep = id(base) in options.full_precision
+        LoraLayer.__init__(new, base if keep else to_trilora_base(base, options))
+        new._quant_options = options
+        new._keeps_16bit_base = keep
         new.fan_in_fan_out = False
         for attr in ("r", "lora_alpha", "scaling", "use_dora", "use_rslora", "lora_bias", "kwargs"):
             setattr(new, attr, dict(getattr(old, attr)))
@@ -253,6 +370,19 @@ class TriloraLoraLayer(nn.Module, LoraLayer):
     ) -> None:
         # Also reached by add_adapter/load_adapter on an existing layer: check every config.
         check_lora_config(config)
+        init = config.init_lora_weights
+        if rewrites_base_weights(init) and not self._keeps_16bit_base:
+            _require_full_precision(self.get_base_layer(), init)
+        if init == "loftq":
+            # PEFT's LoftQ quantizes with bitsandbytes on CUDA and re-quantizing its result
+            # would add error; trilora's picks its own 4-bit weight (a 16-bit head has no
+            # quantization error to correct and gets the standard initialization).
+            plain = copy.copy(config)
+            plain.init_lora_weights = True
+            super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=plain, **kwargs)
+            if not self._keeps_16bit_base:
+                self._loftq_init(adapter_name, config)
+            return
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
     def resolve_lora_variant(self, *, config: LoraConfig, **kwargs) -> None:
@@ -294,11 +424,15 @@ class TriloraLoraLayer(nn.Module, LoraLayer):
         active = [a for a in self.active_adapters if a in self.lora_A]
         if not active:
             return base(x, *args, **kwargs)
-        first, rest = active[0], active[1:]
-        y = base.lora_forward(
-            x, self.lora_A[first].weight, self.lora_B[first].weight, self.scaling[first],
-            _dropout_p(self.lora_dropout[first]), self.training,
-        )  # fmt: skip
+        if not isinstance(base, Linear4bit):  # a 16-bit base (output head): PEFT's forward
+            y = base(x, *args, **kwargs)
+            rest = active
+        else:
+            first, rest = active[0], active[1:]
+            y = base.lora_forward(
+                x, self.lora_A[first].weight, self.lora_B[first].weight, self.scaling[first],
+                _dropout_p(self.lora_dropout[first]), self.training,
+            )  # fmt: skip
         for name in rest:
             a = self.lora_A[name]
             out = (
@@ -345,7 +479,8 @@ def patch(peft_model: PeftModel, quant_type: str = "nf4", blocksize: int = 64, d
     ``named_parameters()``, ``state_dict()`` keys and saved adapters are unchanged.
     bitsandbytes ``Linear4bit`` layers (targeted or not) are rewrapped without touching
     their bytes; targeted plain ``nn.Linear`` base layers are quantized with the given
-    options (``compute_dtype`` also applies to them only). Idempotent: call it again after
+    options (``compute_dtype`` also applies to them only), except the output head and
+    weights tied to the embeddings, which stay 16-bit as with bitsandbytes. Idempotent: call it again after
     ``load_adapter`` adds LoRA layers on modules that had none.
 
     With ``fused_cross_entropy`` (default) a causal LM computes its training loss straight
@@ -365,11 +500,12 @@ def patch(peft_model: PeftModel, quant_type: str = "nf4", blocksize: int = 64, d
             (DoRA, lora_bias, fan_in_fan_out, bias != "none", ...), checked before any change.
         TypeError: a LoRA layer on something other than a linear layer.
     """
-    options = QuantOptions(quant_type, blocksize, double_quant, compute_dtype)
     configs = _lora_configs(peft_model)
     for cfg in configs.values():
         check_lora_config(cfg)
     root = peft_model.base_model.model
+    options = QuantOptions(quant_type, blocksize, double_quant, compute_dtype,
+                           _full_precision_bases(root))  # fmt: skip
     lora_layers = []
     for name, module in root.named_modules():
         if isinstance(module, LoraLayer) and not isinstance(module, TriloraLoraLayer):
@@ -411,7 +547,10 @@ def get_peft_model(model: nn.Module, lora_config: LoraConfig, adapter_name: str 
     """``peft.get_peft_model`` with trilora LoRA layers.
 
     ``model``'s targeted linear layers may be trilora or bitsandbytes ``Linear4bit`` or plain
-    ``nn.Linear`` (quantized with the given options). ``lora_config`` is registered with
+    ``nn.Linear`` (quantized with the given options, except the output head and tied weights,
+    which keep a 16-bit base as with bitsandbytes). ``init_lora_weights`` "pissa",
+    "pissa_niter_K", "olora", "corda" and "loftq" need full-precision targeted layers (see
+    the module docstring). ``lora_config`` is registered with
     :class:`TriloraLoraLayer` through ``LoraConfig._register_custom_module``; ``kwargs`` go
     to ``peft.get_peft_model``; ``fused_cross_entropy`` is as in :func:`patch`.
 
@@ -419,7 +558,8 @@ def get_peft_model(model: nn.Module, lora_config: LoraConfig, adapter_name: str 
         UnsupportedLoraSetting: ``lora_config`` uses a setting trilora does not implement.
     """
     check_lora_config(lora_config)
-    _register(lora_config, QuantOptions(quant_type, blocksize, double_quant, compute_dtype))
+    _register(lora_config, QuantOptions(quant_type, blocksize, double_quant, compute_dtype,
+                                        _full_precision_bases(model)))  # fmt: skip
     peft_model = _peft_get_peft_model(model, lora_config, adapter_name=adapter_name, **kwargs)
     return patch(
         peft_model, quant_type, blocksize, double_quant, compute_dtype, fused_cross_entropy

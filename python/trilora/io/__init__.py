@@ -23,6 +23,7 @@ from trilora.io.outputs import (
     check_output,
     default_dir_mode,
     default_file_mode,
+    follow_umask,
 )
 
 __all__ = [
@@ -35,4 +36,5 @@ __all__ = [
     "check_output",
     "default_dir_mode",
     "default_file_mode",
+    "follow_umask",
 ]

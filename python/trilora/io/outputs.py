@@ -49,6 +49,7 @@ def check_output(
     inputs: Iterable[PathLike] = (),
     kind: str = "dir",
     flag: str = "--out",
+    overwrite_hint: str = "pass --overwrite to replace it",
 ) -> Path:
     """Check that ``path`` may be written; return it as an absolute path.
 
@@ -65,6 +66,8 @@ def check_output(
         inputs: paths the command reads (adapters, base models, data files).
         kind: ``"dir"`` or ``"file"``.
         flag: the option's name, used in messages.
+        overwrite_hint: how the caller asks for a replacement, used in messages (library
+            callers say ``"pass overwrite=True"``).
     """
     if kind not in ("dir", "file"):
         raise ValueError(f"kind must be 'dir' or 'file', got {kind!r}")
@@ -97,31 +100,71 @@ def check_output(
     if not overwrite:
         what = "folder is not empty" if kind == "dir" else "file exists"
         raise UsageError(
-            f"{flag} {os.fspath(path)!r}: the {what}; pass --overwrite to replace it, "
-            "or choose another path"
+            f"{flag} {os.fspath(path)!r}: the {what}; {overwrite_hint}, or choose another path"
         )
     return target
+
+
+def follow_umask(root: PathLike) -> None:
+    """Give ``root`` and everything under it the permissions the umask gives new files.
+
+    For trees this process just created in a private temporary folder: libraries write some
+    files owner-only (safetensors' ``save_file`` makes them 0600; ``mkdtemp`` makes 0700),
+    which would lock other users of a shared machine out of the user's own results.
+    Folders get ``0o777 & ~umask``, files ``0o666 & ~umask`` plus the umask's execute bits
+    where the file was executable. Symbolic links are left alone.
+    """
+    umask = _umask()
+    dir_mode, file_mode = 0o777 & ~umask, 0o666 & ~umask
+    root = Path(root)
+    os.chmod(root, dir_mode)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, dir_mode)
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                continue
+            executable = os.stat(path).st_mode & 0o111
+            os.chmod(path, file_mode | (executable and 0o111 & ~umask))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 @contextlib.contextmanager
 def atomic_directory(path: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder that becomes ``path`` only if the block succeeds.
 
-    The folder is created with the umask's permissions. If ``path`` exists it must be an
-    empty folder, or ``overwrite`` must be true: then the old folder is swapped out after the
-    new one is complete and removed, so ``path`` is never missing or half-written. On failure
-    the temporary folder is removed and ``path`` is left as it was. Call :func:`check_output`
-    first to protect inputs and the working directory.
+    Everything written into the folder gets the umask's permissions (see
+    :func:`follow_umask`). If ``path`` exists it must be an empty folder, or ``overwrite``
+    must be true: then the old folder (or file) is swapped out after the new one is complete
+    and removed, so ``path`` is never missing or half-written. On failure the temporary
+    folder is removed and ``path`` is left as it was. Call :func:`check_output` first to
+    protect inputs and the working directory.
+
+    Raises:
+        UsageError: ``path`` is occupied and ``overwrite`` is false.
+        OSError: the new folder is in place but the old one could not be removed (the
+            message names what is left over).
     """
     path = Path(os.path.abspath(os.fspath(path)))
-    occupied = os.path.lexists(path) and (not path.is_dir() or any(path.iterdir()))
+    occupied = os.path.lexists(path) and (
+        path.is_symlink() or not path.is_dir() or any(path.iterdir())
+    )
     if occupied and not overwrite:
         raise UsageError(f"{path} exists; pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        os.chmod(tmp, default_dir_mode())
         yield tmp
+        follow_umask(tmp)
         backup = None
         if os.path.lexists(path):
             backup = path.parent / f".{path.name}.old-{os.getpid()}-{tmp.name[-8:]}"
@@ -132,14 +175,19 @@ def atomic_directory(path: PathLike, *, overwrite: bool = False) -> Iterator[Pat
             if backup is not None:
                 os.replace(backup, path)
             raise
-        if backup is not None:
-            if backup.is_dir() and not backup.is_symlink():
-                shutil.rmtree(backup)
-            else:
-                backup.unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if backup is not None:
+        try:
+            _remove(backup)
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"{path} was written, but its previous content could not be removed "
+                f"({exc.strerror or exc}); delete it by hand",
+                str(backup),
+            ) from exc
 
 
 def atomic_write_bytes(path: PathLike, data: bytes, *, overwrite: bool = True) -> Path:

@@ -25,6 +25,7 @@ from dataclasses import asdict, replace
 import torch
 from torch import nn
 
+from trilora.memory.optimizer_model import baseline_equivalent
 from trilora.memory.profiler import (
     MemOptions,
     MemReport,
@@ -100,7 +101,7 @@ def profile_bnb_peft(
     opts = replace(
         opts,
         grouped_attention=False,
-        optimizer="adamw" if opts.optimizer == "adamw_cpu_offload" else opts.optimizer,
+        optimizer=baseline_equivalent(opts.optimizer),
     )
     t0 = time.perf_counter()
     dt = _dtype(opts)

@@ -1,24 +1,43 @@
-"""``trilora mem``: the memory ceiling of a QLoRA run, computed without a GPU."""
+"""``trilora mem``: the memory ceiling of a QLoRA run, computed without a GPU.
+
+This module imports no torch at import time (``trilora mem --help`` stays instant); the
+profiler is imported when the command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import re
 import sys
 from dataclasses import replace
+from importlib import resources
 
-_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}  # fmt: skip
+# What a --budget search costs today (Llama-3.1-8B at 24GB, 2-core CPU); said in --help.
+_SEARCH_TIME = "about 11 minutes for llama-3.1-8b at 24GB on a 2-core CPU"
 
 
 def parse_bytes(text: str) -> int:
-    """``"24GiB"``, ``"80GB"``, ``"512MiB"``, ``"1e9"`` -> bytes (GB = 10**9, GiB = 2**30)."""
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"expected a size like 24GiB or 80GB, got {text!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    """``"24GiB"``, ``"80GB"``, ``"512MiB"``, ``"1e9B"`` -> bytes (GB = 10**9, GiB = 2**30).
+
+    The unit is required: a bare ``24`` is refused rather than read as 24 bytes.
+    """
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _UNITS:
+        hint = f" (did you mean {text.strip()}GB or {text.strip()}GiB?)" if m and not unit else ""
+        raise argparse.ArgumentTypeError(
+            f"expected a size with a unit, like 24GB (10^9 bytes) or 24GiB (2^30 bytes); "
+            f"got {text!r}{hint}"
+        )
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def preset_names() -> list[str]:
+    """The bundled model configs (``trilora/presets/*.json``), read without importing torch."""
+    root = resources.files("trilora") / "presets"
+    return sorted(p.name.removesuffix(".json") for p in root.iterdir() if p.name.endswith(".json"))
 
 
 def _mlp_chunks(text: str) -> int | str:
@@ -44,26 +63,30 @@ def _world_size(text: str) -> int:
 
 
 def add_parser(subparsers) -> None:
+    from trilora.optim import OPTIMIZERS  # names only: no torch
+
+    presets = ", ".join(preset_names())
     p = subparsers.add_parser(
         "mem",
         help="peak GPU memory of a QLoRA training step, traced on fake tensors (no GPU, no weights)",
         description="Trace one training step (forward, loss, backward, optimizer step) of trilora's "
-        "real code path on fake tensors and report peak device memory by category.",
+        "real code path on fake tensors and report peak device memory by category. "
+        f"Presets: {presets}. A --budget search runs many traces and takes a while "
+        f"({_SEARCH_TIME}); a single trace takes seconds to a minute. See docs/memory.md.",
     )
-    p.add_argument(
-        "model", help="preset name (e.g. llama-3.1-8b), a config.json, or a model folder"
-    )
-    p.add_argument("--seq-len", type=int, default=8192)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("model", help=f"a preset ({presets}), a config.json, or a model folder")
+    p.add_argument("--seq-len", type=int, default=8192, help="tokens per sequence")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step")
     p.add_argument("-r", "--rank", type=int, default=32, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
     p.add_argument(
         "--targets", default="all-linear", help="comma-separated module names, or all-linear"
     )
-    p.add_argument("--optimizer", choices=("adamw", "adamw_cpu_offload", "paged_adamw_8bit"),
-                   default="adamw",
-                   help="adamw_cpu_offload: trilora.optim.CPUOffloadAdamW (state and gradients "
-                   "in host memory)")  # fmt: skip
+    p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="adamw",
+                   help="trilora.optim optimizer (default: adamw): *_8bit 8-bit state; paged_* "
+                   "resident until memory is tight; *_host / *_uvm state in host / managed memory "
+                   "(the device holds two pages); *_cpu_offload state and gradients on the host; "
+                   "host bytes are reported as 'host optimizer'")  # fmt: skip
     p.add_argument("--no-checkpointing", action="store_true", help="keep every activation")
     p.add_argument(
         "--no-offload", action="store_true", help="keep checkpointed layer inputs on the GPU"
@@ -78,18 +101,29 @@ def add_parser(subparsers) -> None:
                    help="keep transformers' eager RMSNorm (trilora.fused_norm off)")  # fmt: skip
     p.add_argument("--offload-embeddings", action="store_true",
                    help="keep the frozen input-embedding table in host memory (trilora.offload)")  # fmt: skip
-    p.add_argument("--pin-memory-budget", type=parse_bytes, default=None)
-    p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
-    p.add_argument(
-        "--budget", type=parse_bytes, help="find the largest --search value that fits, e.g. 24GiB"
-    )
-    p.add_argument("--search", choices=("seq_len", "batch"), default="seq_len")
+    p.add_argument("--pin-memory-budget", type=parse_bytes, default=None,
+                   help="cap on pinned host memory for offloaded layer inputs, e.g. 64GiB "
+                   "(default: no cap)")  # fmt: skip
+    p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16",
+                   help="activation and LoRA dtype")  # fmt: skip
+    p.add_argument("--budget", type=parse_bytes,
+                   help="find the largest --search value that fits this much device memory; "
+                   f"a unit is required: 24GB (10^9 bytes) or 24GiB (2^30). Takes {_SEARCH_TIME} "
+                   "(default: no search, one trace)")  # fmt: skip
+    p.add_argument("--search", choices=("seq_len", "batch"), default="seq_len",
+                   help="what --budget searches for")  # fmt: skip
     p.add_argument("--sweep", nargs="?", const="1024,2048,4096,8192,16384,32768,65536,131072",
-                   help="peak memory vs sequence length (comma-separated lengths)")  # fmt: skip
+                   metavar="LENGTHS",
+                   help="peak memory vs sequence length (comma-separated lengths; default when "
+                   "given without a value: 1024,2048,...,131072)")  # fmt: skip
     p.add_argument("--plot", default="mem_sweep.png", help="PNG written by --sweep")
     p.add_argument("--baseline", action="store_true",
                    help="also trace transformers + bitsandbytes + PEFT, with and without checkpointing")  # fmt: skip
-    p.add_argument("--json", metavar="PATH", help="write the reports as JSON")
+    p.add_argument(
+        "--json", metavar="PATH", help="write the reports as JSON (default: not written)"
+    )
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing --json / --plot files (refused otherwise)")  # fmt: skip
     p.add_argument("--measure", action="store_true",
                    help="CUDA only: run the real step and print torch.cuda.max_memory_allocated")  # fmt: skip
     p.add_argument("--world-size", type=_world_size, default=1,
@@ -146,7 +180,7 @@ def format_reports(reports) -> str:
     )
     if any(r.host_optimizer for r in reports):
         lines.append(
-            f"{'host optimizer (CPU offload)':<30}"
+            f"{'host optimizer':<30}"
             + "".join(f"{_gib(r.host_optimizer):>{width}}" for r in reports)
         )
     if any(r.host_embedding for r in reports):
@@ -157,7 +191,45 @@ def format_reports(reports) -> str:
     return "\n".join(lines)
 
 
+def _check_outputs(args) -> None:
+    """Refuse outputs that would clobber a file (or an input) before minutes of tracing."""
+    from trilora.io import check_output
+
+    inputs = [args.model] if _exists(args.model) else []
+    if args.json:
+        check_output(args.json, overwrite=args.overwrite, inputs=inputs, kind="file",
+                     flag="--json")  # fmt: skip
+    if args.sweep and args.budget is None:  # --budget wins over --sweep
+        check_output(args.plot, overwrite=args.overwrite, inputs=inputs, kind="file",
+                     flag="--plot")  # fmt: skip
+
+
+def _exists(path: str) -> bool:
+    import os
+
+    return os.path.exists(path)
+
+
+def _sweep_lengths(text: str) -> list[int]:
+    from trilora.io import UsageError
+
+    try:
+        lens = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        lens = []
+    if not lens or min(lens) < 2:
+        raise UsageError(
+            f"--sweep expects comma-separated sequence lengths >= 2, like 1024,2048; got {text!r}"
+        )
+    return lens
+
+
 def run(args) -> int:
+    from trilora.io import UsageError, atomic_write_json
+
+    _check_outputs(args)
+    lens = _sweep_lengths(args.sweep) if args.sweep and args.budget is None else None
+
     from trilora.memory.profiler import GiB, find_max, load_config, profile, sweep
 
     try:
@@ -165,8 +237,7 @@ def run(args) -> int:
         opts = options_from_args(args)
         opts.validate()
     except ValueError as exc:
-        print(f"trilora mem: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from exc
     name = str(args.model)
     if args.world_size > 1 or args.fsdp:
         from trilora.memory.distributed import run_cli
@@ -180,8 +251,7 @@ def run(args) -> int:
                 progress=lambda line: print(f"  trace: {line}", file=sys.stderr, flush=True),
             )  # fmt: skip
         except ValueError as exc:
-            print(f"trilora mem: {exc}", file=sys.stderr)
-            return 2
+            raise UsageError(str(exc)) from exc
         print(f"largest {args.search} within {args.budget / GiB:.2f} GiB: {value}")
         if rep is not None:
             info = rep.options["search"]
@@ -197,8 +267,7 @@ def run(args) -> int:
                 "value": value,
                 "report": rep.to_dict(),
             }
-    elif args.sweep:
-        lens = [int(x) for x in args.sweep.split(",")]
+    elif lens:
         reps = sweep(config, opts, lens, name=name)
         print(f"{'seq_len':>10} {'device GiB':>12} {'pinned host GiB':>16}")
         for t, r in zip(lens, reps):
@@ -228,25 +297,8 @@ def run(args) -> int:
                   f"(predicted traced peak {reps[0].traced_peak / GiB:.2f} GiB)")  # fmt: skip
             out["measured_max_memory_allocated"] = measured
     if args.json:
-        write_json_atomic(args.json, out)
+        atomic_write_json(args.json, out)
     return 0
-
-
-def write_json_atomic(path, data) -> None:
-    """Write ``data`` as JSON to ``path`` via a temporary file and rename (never half-written)."""
-    import os
-    import tempfile
-
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _plot(lens, reports, path, name) -> None:
@@ -265,9 +317,11 @@ def _plot(lens, reports, path, name) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    import os
+    import io
 
-    tmp = f"{path}.tmp.png"  # matplotlib picks the format from the suffix
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    from trilora.io import atomic_write_bytes
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    atomic_write_bytes(path, png.getvalue())

@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from trilora.memory.optimizer_model import OPTIMIZER_NAMES, offloads_gradients, optimizer_bytes
+
 GiB = 1024**3
 MiB = 1024**2
 
@@ -71,7 +73,7 @@ REQUIRED_FIELDS = (
     "intermediate_size",
     "vocab_size",
 )
-OPTIMIZERS = ("adamw", "adamw_cpu_offload", "paged_adamw_8bit")
+OPTIMIZERS = OPTIMIZER_NAMES  # trilora.optim.OPTIMIZERS; bytes from memory.optimizer_model
 # trilora.optim.CPUOffloadAdamW keeps, per LoRA parameter, an fp32 master, an fp32 gradient
 # accumulator, a pinned staging copy of the gradient (fp32 LoRA) and the two fp32 moments
 # in host memory.
@@ -486,7 +488,7 @@ def trace_training_step(
     def step():
         loss = model(input_ids=ids, labels=ids).loss
         hooks = []
-        if opts.optimizer == "adamw_cpu_offload":
+        if offloads_gradients(opts.optimizer):
             # CPUOffloadAdamW copies each gradient to host memory from a post-accumulate hook
             # and drops the device tensor. Registered after the forward, so the tracker's own
             # gradient hooks (installed during it) run first and see the gradient.
@@ -553,12 +555,13 @@ def profile_trilora(
 
 def _apply_optimizer_model(categories: dict[str, int], params, opts: MemOptions) -> int:
     """Replace the traced AdamW state by the chosen optimizer's; returns its host bytes."""
-    if opts.optimizer == "paged_adamw_8bit":
-        categories["optimizer_state"] = _paged_8bit_state(params)
-    elif opts.optimizer == "adamw_cpu_offload":
-        categories["optimizer_state"] = 0
-        return CPU_OFFLOAD_HOST_BYTES_PER_PARAM * sum(p.numel() for p in params)
-    return 0
+    held = optimizer_bytes(opts.optimizer, [p.numel() for p in params], _lora_bytes(params))
+    categories["optimizer_state"] = held.device
+    return held.host
+
+
+def _lora_bytes(params) -> int:
+    return params[0].element_size() if params else 4
 
 
 def apply_memory_options(
@@ -601,14 +604,6 @@ def _input_embedding_bytes(model: nn.Module) -> int:
     if head is not None and getattr(head, "weight", None) is emb.weight:
         return 0
     return _nbytes(emb.weight)
-
-
-def _paged_8bit_state(params) -> int:
-    # bitsandbytes 8-bit Adam: two uint8 states per parameter plus one fp32 absmax per 256-value
-    # block for each; paged, so under pressure it can be evicted to host memory. Counted as
-    # resident (the worst case).
-    n = sum(p.numel() for p in params)
-    return 2 * n + 2 * 4 * math.ceil(n / 256)
 
 
 def _categorize(cats: dict[str, int], static: dict[str, int]) -> dict[str, int]:
@@ -711,9 +706,8 @@ def minimum_bytes(config, opts: MemOptions) -> int:
     lora = static["lora_params"]
     params = [p for p in model.parameters() if p.requires_grad]
     # gradients + optimizer state; a CPU-offloaded optimizer keeps neither on the device
-    state = {"adamw": 3 * lora, "adamw_cpu_offload": 0}.get(opts.optimizer)
-    if state is None:
-        state = lora + _paged_8bit_state(params)
+    held = optimizer_bytes(opts.optimizer, [p.numel() for p in params], _lora_bytes(params))
+    state = (lora if held.gradients_on_device else 0) + held.device
     host = _input_embedding_bytes(model) if opts.offload_embeddings else 0
     return sum(static.values()) - host + state + sum(OVERHEADS.values())
 

@@ -18,6 +18,8 @@ Dispatch, per call:
   the fused Triton kernels, which dequantize ``W`` tile by tile inside the matmul's K loop
   and accumulate the LoRA down-projection in the same loop (``x`` and ``dy`` are read
   once). ``M <= 16`` uses a split-K kernel.
+* CUDA forward with ``M <= config.decode_gemv_max_tokens`` (decode) and no dropout: the
+  CUDA extension's 4-bit GEMV (:mod:`trilora.native.gemv`) when it builds, else as above.
 * CUDA with larger ``M``: dequantize into a transient buffer and call cuBLAS, which wins
   when the GEMM is compute-bound (see :mod:`trilora.config` for the crossover model).
 * Anything else (CPU): the torch reference below, which is also what tests compare with.
@@ -45,6 +47,11 @@ def _empty_lora(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty((x.shape[0], 0), dtype=torch.float32)
 
 
+def _no_grad(x: torch.Tensor) -> torch.Tensor:
+    # A fresh tensor per unneeded gradient: a custom op's outputs may not alias each other.
+    return x.new_empty((0,))
+
+
 # ---------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------
@@ -70,6 +77,19 @@ def qlora_linear_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of the QLoRA linear on 2-D ``x`` ``[M, K]``; returns ``(y [M, N], xa [M, r])``."""
     k = x.shape[1]
+    if (
+        x.is_cuda
+        and config.backend == "auto"
+        and dropout_mask is None
+        and x.shape[0] <= config.decode_gemv_max_tokens
+    ):
+        # Decode: the CUDA extension's GEMV when it builds (see trilora.config).
+        from trilora.native.gemv import decode_gemv_4bit
+
+        out = decode_gemv_4bit(x, packed, absmax, code, nested_absmax, nested_code, offset,
+                               blocksize, n_out, lora_a, lora_b, scale, bias)  # fmt: skip
+        if out is not None:
+            return out
     if _use_fused(x):
         from trilora.kernels.qlora_linear import qlora_forward
 
@@ -133,7 +153,6 @@ def qlora_linear_bwd(
     """
     n_out, k = dy.shape[1], x.shape[1]
     has_lora = lora_a is not None
-    empty = x.new_empty((0,))
     if use_triton(dy):
         from trilora.kernels.qlora_linear import lora_weight_grads, qlora_backward_input
 
@@ -141,7 +160,7 @@ def qlora_linear_bwd(
             packed, absmax, code, nested_absmax, nested_code, offset, blocksize, [n_out, k]
         )
         dyb = None
-        dx = empty
+        dx = _no_grad(x)
         if needs_input_grad and dy.shape[0] <= config.fused_max_tokens:
             dx, dyb = qlora_backward_input(
                 dy, w, lora_a, lora_b, scale, dropout_mask, dropout_scale
@@ -158,13 +177,13 @@ def qlora_linear_bwd(
                     dx.dtype
                 )
         if not (has_lora and needs_lora_grad):
-            return dx.to(x.dtype), empty, empty
+            return dx.to(x.dtype), _no_grad(x), _no_grad(x)
         if dyb is None:
             dyb = dy.float() @ lora_b.float()
         da, db = lora_weight_grads(x, dy, xa, dyb, scale, dropout_mask, dropout_scale)
         return dx.to(x.dtype) if needs_input_grad else dx, da, db
 
-    dx = empty
+    dx = _no_grad(x)
     if needs_input_grad:
         weight = dequantize_4bit(
             packed,
@@ -180,13 +199,13 @@ def qlora_linear_bwd(
         dx = dy @ weight
         del weight
     if not has_lora:
-        return dx, empty, empty
+        return dx, _no_grad(x), _no_grad(x)
     dyb = dy.to(lora_b.dtype) @ lora_b
     if needs_input_grad:
         dx_lora = _dropped(dyb @ lora_a.to(dyb.dtype), dropout_mask, dropout_scale)
         dx = dx + (scale * dx_lora).to(dx.dtype)
     if not needs_lora_grad:
-        return dx, empty, empty
+        return dx, _no_grad(x), _no_grad(x)
     x_dropped = _dropped(x, dropout_mask, dropout_scale).to(lora_a.dtype)
     da = scale * (dyb.to(lora_a.dtype).t() @ x_dropped)
     db = scale * (dy.to(lora_b.dtype).t() @ xa.to(lora_b.dtype))
@@ -196,10 +215,9 @@ def qlora_linear_bwd(
 @qlora_linear_bwd.register_fake
 def _(dy, x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, lora_a, lora_b, xa,
       scale, dropout_mask, dropout_scale, needs_input_grad, needs_lora_grad):  # fmt: skip
-    empty = x.new_empty((0,))
-    dx = x.new_empty(x.shape) if needs_input_grad else empty
+    dx = x.new_empty(x.shape) if needs_input_grad else _no_grad(x)
     if lora_a is None or not needs_lora_grad:
-        return dx, empty, empty
+        return dx, _no_grad(x), _no_grad(x)
     r = lora_a.shape[0]
     f32 = torch.float32
     return dx, x.new_empty((r, x.shape[1]), dtype=f32), x.new_empty((dy.shape[1], r), dtype=f32)

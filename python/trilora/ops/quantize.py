@@ -181,20 +181,23 @@ def quantize_blockwise_8bit(
     return lut[idx], absmax
 
 
-@functools.lru_cache(maxsize=1)
-def dynamic_map() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map (256 sorted fp32 values), used as
-    ``nested_quant_map``. Built with the same fp32 arithmetic as bitsandbytes so the table
-    is bit-identical."""
+@functools.lru_cache(maxsize=2)
+def dynamic_map(signed: bool = True) -> torch.Tensor:
+    """bitsandbytes' 8-bit dynamic map (256 sorted fp32 values): the signed one is the
+    ``nested_quant_map`` and the first-moment map of 8-bit AdamW, the unsigned one
+    (``signed=False``, values in [0, 1]) the second-moment map. Built with the same fp32
+    arithmetic as ``bitsandbytes.functional.create_dynamic_map`` so the tables are
+    bit-identical."""
     data: list[float] = []
     max_exponent_bits, non_sign_bits = 7, 7
     for i in range(max_exponent_bits):
-        items = 2 ** (i + non_sign_bits - max_exponent_bits) + 1
+        items = 2 ** (i + non_sign_bits - max_exponent_bits + (0 if signed else 1)) + 1
         bounds = torch.linspace(0.1, 1, items, dtype=torch.float32)
         means = (bounds[:-1] + bounds[1:]) / 2.0
         scale = 10 ** (-(max_exponent_bits - 1) + i)
         data += (scale * means).tolist()
-        data += (-scale * means).tolist()
+        if signed:
+            data += (-scale * means).tolist()
     data += [0.0, 1.0]
     data.sort()
     return torch.tensor(data, dtype=torch.float32)

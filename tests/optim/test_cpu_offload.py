@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from trilora.optim import CPUOffloadAdamW, UnclippedGradientsWarning
+from trilora.optim.adamw import host_kernel_is_fused
 
 ignore_unclipped = pytest.mark.filterwarnings("ignore::trilora.optim.UnclippedGradientsWarning")
 
@@ -78,12 +79,7 @@ def _groups(net: Net) -> list[dict]:
 HPARAMS = {"lr": 1e-2, "betas": (0.8, 0.95), "eps": 1e-7, "weight_decay": 0.05}
 
 
-def _host_kernel_is_fused() -> bool:
-    probe = CPUOffloadAdamW([nn.Parameter(torch.zeros(2))], offload_gradients=False)
-    return bool(probe._inner.defaults.get("fused"))
-
-
-FUSED = _host_kernel_is_fused()
+FUSED = host_kernel_is_fused()
 
 
 def reference_adamw(params, **hparams) -> torch.optim.AdamW:

@@ -1,0 +1,279 @@
+"""Gradients offloaded to the host and the update run there: the host-update mode of
+:class:`trilora.optim.AdamW` (``offload_gradients=True``, and :class:`CPUOffloadAdamW`).
+
+A post-accumulate-grad hook moves each gradient to an fp32 host accumulator as soon as
+backward has produced it (CUDA: a pinned staging copy on a side stream, folded in once its
+event completed) and frees it on the device. The step resyncs the fp32 host masters with
+parameters written from outside, runs the CPU update, and copies the masters back on each
+parameter's current stream without blocking the host.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from trilora.optim.errors import UnclippedGradientsWarning
+from trilora.optim.tensors import check_grad, local_tensor, stamp
+
+if TYPE_CHECKING:
+    from trilora.optim.adamw import _Slot
+
+# id(param) -> (weakref to param, weakref to optimizer, hook handle): the optimizer whose
+# gradient hook currently owns the parameter. Two offloading optimizers on one parameter
+# would race for p.grad (the first hook to run takes it and leaves None for the other).
+_HOOK_OWNERS: dict[int, tuple[weakref.ref, weakref.ref, Any]] = {}
+
+
+def remove_handles(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+class HostUpdateMixin:
+    """Hooks, host gradients, clipping and the host-update step of :class:`AdamW` (which
+    provides ``_slots``, ``_slot_of``, ``_handles``, ``_side_streams``,
+    ``_copy_back_events``, ``_clip_called``, ``_warned_unclipped``, ``offload_gradients``,
+    ``_allocate`` and ``_cpu_update``)."""
+
+    def _register_hook(self, slot: _Slot) -> bool:
+        """Hook ``slot.param``; True when a live optimizer had it (its hook is removed)."""
+        p = slot.param
+        taken = False
+        previous = _HOOK_OWNERS.get(id(p))
+        if previous is not None and previous[0]() is p:
+            previous[2].remove()
+            taken = previous[1]() is not None
+        owner = weakref.ref(self)
+
+        def hook(param: torch.Tensor) -> None:
+            opt = owner()
+            if opt is not None:
+                opt._grad_ready(param)
+
+        handle = p.register_post_accumulate_grad_hook(hook)
+        self._handles.append(handle)
+        _HOOK_OWNERS[id(p)] = (weakref.ref(p), owner, handle)
+        return taken
+
+    def remove_hooks(self) -> None:
+        """Stop offloading gradients as they are produced.
+
+        Gradients then stay on ``p.grad`` until :meth:`step` or :meth:`clip_grad_norm`
+        moves them to the host, so training remains correct, only without the memory gain.
+        """
+        for key, (_, owner, _) in list(_HOOK_OWNERS.items()):
+            if owner() is self:
+                del _HOOK_OWNERS[key]
+        remove_handles(self._handles)
+
+    # ---- offloaded gradients ----------------------------------------------------------
+
+    def _grad_ready(self, param: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: move ``param.grad`` to the host, free it on device."""
+        grad = param.grad
+        slot = self._slot_of.get(id(param))
+        if grad is None or slot is None or slot.param is not param:
+            return
+        check_grad(grad, type(self).__name__)
+        grad = local_tensor(grad)
+        if grad.device.type == "cuda":
+            # The staging buffer still holds the previous backward's copy of this gradient
+            # (gradient accumulation): wait for it and add it to the accumulator first.
+            self._fold(slot)
+            if slot.staging is None or slot.staging.dtype != grad.dtype:
+                slot.staging = torch.empty(grad.shape, dtype=grad.dtype, pin_memory=True)
+                slot.event = slot.event or torch.cuda.Event()
+            producer = torch.cuda.current_stream(grad.device)
+            side = self._side_streams.get(grad.device)
+            if side is None:
+                side = self._side_streams[grad.device] = torch.cuda.Stream(device=grad.device)
+            # The copy must not start before the kernels that wrote ``grad``; it runs on
+            # the side stream so the rest of backward is not serialized behind it.
+            side.wait_stream(producer)
+            with torch.cuda.stream(side):
+                slot.staging.copy_(grad, non_blocking=True)
+                slot.event.record(side)
+            # ``grad`` is freed below while the side stream may still read it: tell the
+            # caching allocator not to reuse its memory before the side stream is done.
+            grad.record_stream(side)
+            slot.pending = True
+        else:
+            self._accumulate(slot, grad)
+        param.grad = None
+
+    @staticmethod
+    def _accumulate(slot: _Slot, grad: torch.Tensor) -> None:
+        if grad.device.type != "cpu":
+            grad = grad.to("cpu")
+        if slot.has_grad:
+            slot.grad.add_(grad)
+        else:
+            slot.grad.copy_(grad)
+            slot.has_grad = True
+
+    def _fold(self, slot: _Slot) -> None:
+        if slot.pending:
+            slot.event.synchronize()
+            slot.pending = False
+            self._accumulate(slot, slot.staging)
+
+    def _offloaded_grads(self) -> list[_Slot]:
+        """Finish all gradient copies; return the slots holding a host gradient."""
+        with_grad = []
+        for slot in self._slots:
+            self._fold(slot)
+            # A gradient no hook took (hooks removed, or p.grad assigned by hand).
+            stray = slot.param.grad
+            if stray is not None:
+                check_grad(stray, type(self).__name__)
+                self._accumulate(slot, local_tensor(stray))
+                slot.param.grad = None
+            if slot.has_grad:
+                with_grad.append(slot)
+        return with_grad
+
+    def _copied_grads(self) -> list[_Slot]:
+        """Host update without offloading: copy every ``p.grad`` into its host buffer."""
+        with_grad, devices = [], set()
+        for slot in self._slots:
+            grad = slot.param.grad
+            if grad is None:
+                continue
+            check_grad(grad, type(self).__name__)
+            grad = local_tensor(grad)
+            slot.grad.copy_(grad, non_blocking=grad.is_cuda)
+            if grad.is_cuda:
+                devices.add(grad.device)
+            with_grad.append(slot)
+        for device in devices:
+            torch.cuda.current_stream(device).synchronize()
+        return with_grad
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear ``p.grad`` (and, offloading, the host gradients).
+
+        ``set_to_none=False`` zeroes the gradients that exist instead (a zero gradient
+        still steps its parameter: moments decay and weight decay applies).
+        """
+        super().zero_grad(set_to_none=set_to_none)
+        if not self.offload_gradients:
+            return
+        for slot in self._slots:
+            if slot.pending:
+                slot.event.synchronize()
+                slot.pending = False
+                slot.has_grad = True
+            if set_to_none:
+                slot.has_grad = False
+            elif slot.has_grad or slot.consumed:
+                slot.grad.zero_()
+                slot.has_grad = True
+            slot.consumed = False
+
+    @torch.no_grad()
+    def clip_grad_norm(
+        self,
+        max_norm: float,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
+        foreach: bool | None = None,
+    ) -> torch.Tensor:
+        """Clip the gradients of all parameters as ``torch.nn.utils.clip_grad_norm_`` does.
+
+        Call it between the last backward and :meth:`step`. With offloaded gradients the
+        norm is taken over the host fp32 gradients; otherwise over ``p.grad``.
+
+        Returns:
+            The total norm before clipping, a 0-dim fp32 tensor (on the CPU when
+            gradients are offloaded, else on the gradients' device).
+        """
+        self._clip_called = True
+        if not self.offload_gradients:
+            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            return torch.nn.utils.clip_grad_norm_(
+                params, max_norm, norm_type, error_if_nonfinite, foreach
+            )
+        slots = self._offloaded_grads()
+        # The masters carry the host gradients as ``.grad`` only for this call, so the
+        # clipping itself is torch's own.
+        for slot in slots:
+            slot.master.grad = slot.grad
+        try:
+            return torch.nn.utils.clip_grad_norm_(
+                [s.master for s in slots], max_norm, norm_type, error_if_nonfinite, foreach
+            )
+        finally:
+            for slot in slots:
+                slot.master.grad = None
+
+    def _wait_copy_back(self) -> None:
+        # Masters are the source of in-flight H2D copies; they must not be written first.
+        for event in self._copy_back_events:
+            event.synchronize()
+        self._copy_back_events.clear()
+
+    def _host_update_step(self) -> None:
+        """Host-update mode: gradients on the host, fp32 masters, the update on the CPU,
+        parameters copied back (non-blocking on CUDA)."""
+        slots = self._offloaded_grads() if self.offload_gradients else self._copied_grads()
+        if (
+            self.offload_gradients
+            and slots
+            and not self._clip_called
+            and not self._warned_unclipped
+        ):
+            self._warned_unclipped = True
+            warnings.warn(
+                f"{type(self).__name__}(offload_gradients=True) keeps gradients on the host, so "
+                "torch.nn.utils.clip_grad_norm_ and transformers.Trainer's max_grad_norm see "
+                "p.grad=None and clip nothing. Clip with optimizer.clip_grad_norm(max_norm) "
+                "before step() (with transformers.Trainer: callbacks=[trilora.optim."
+                "OffloadClipCallback()]); ignore this warning if you do not clip.",
+                UnclippedGradientsWarning,
+                stacklevel=4,  # past torch's no_grad and step-hook wrappers
+            )
+        if not slots:
+            return
+        self._wait_copy_back()
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        placed: dict[torch.device, int] = {}
+        items = []
+        for slot in slots:
+            if slot.state is None:
+                self._allocate(slot, placed)
+            self._resync(slot)
+            items.append((group_of[id(slot.param)], slot, slot.master, slot.grad))
+        self._cpu_update(items)
+        if self.offload_gradients:
+            for slot in slots:
+                slot.has_grad, slot.consumed = False, True
+        self._copy_back(slots)
+
+    def _resync(self, slot: _Slot) -> None:
+        if slot.synced != stamp(slot.param):
+            slot.master.copy_(local_tensor(slot.param).detach())
+            slot.synced = stamp(slot.param)
+
+    def _copy_back(self, slots: list[_Slot]) -> None:
+        devices = set()
+        for slot in slots:
+            local = local_tensor(slot.param)
+            on_cuda = local.device.type == "cuda"
+            # Enqueued on p's current stream: kernels later queued there (the next
+            # forward) run after it; the CPU is not blocked.
+            local.copy_(slot.master, non_blocking=on_cuda)
+            slot.synced = stamp(slot.param)
+            if on_cuda:
+                devices.add(local.device)
+        for device in devices:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            self._copy_back_events.append(event)
+
+
+__all__ = ["HostUpdateMixin"]
