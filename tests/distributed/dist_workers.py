@@ -181,7 +181,6 @@ def _scenario_fsdp_checkpointing(env, path, out, seed):
     import trilora
     from trilora.distributed import (
         ShardedOptimizer,
-        build_optimizer,
         load_state,
         save_adapter,
         save_state,
@@ -189,10 +188,15 @@ def _scenario_fsdp_checkpointing(env, path, out, seed):
     )
     from trilora.optim import CPUOffloadAdamW
 
+    def sharded_offload_adamw(m, lr):
+        # CPUOffloadAdamW treating each rank's shard as a plain tensor: the adapter's path
+        trainable = [p for p in m.parameters() if p.requires_grad]
+        return ShardedOptimizer(trainable, CPUOffloadAdamW, lr=lr, offload_gradients=False)
+
     model = wrap_fsdp(load_peft(path, seed, env), env=env)
     # offload is plain checkpointing on CPU tensors; mlp_chunks adds nested checkpoints
     trilora.enable_checkpointing(model, offload=True, mlp_chunks=2)
-    opt = build_optimizer(model, CPUOffloadAdamW, lr=LR)
+    opt = sharded_offload_adamw(model, LR)
     data = batches(seed)
     losses = train(model, opt, data, env, 0, SAVE_AT)
     save_state(out / "state", model, opt, extra={"step": SAVE_AT, "rng": torch.arange(3)})
@@ -202,7 +206,7 @@ def _scenario_fsdp_checkpointing(env, path, out, seed):
     # DTensor state goes back into the ShardedOptimizer's local shards
     again = wrap_fsdp(load_peft(path, seed + 1, env), env=env)
     trilora.enable_checkpointing(again, offload=True, mlp_chunks=2)
-    again_opt = build_optimizer(again, CPUOffloadAdamW, lr=0.5)
+    again_opt = sharded_offload_adamw(again, 0.5)
     step = load_state(out / "state", again, again_opt)["step"]
     resumed = train(again, again_opt, data, env, step)
     return {
@@ -210,6 +214,35 @@ def _scenario_fsdp_checkpointing(env, path, out, seed):
         "sharded_optimizer": isinstance(opt, ShardedOptimizer),
         "resumed_losses": resumed,
     }
+
+
+def _scenario_trilora_optim(env, path, out, seed):
+    """trilora.optim's own DTensor support under FSDP2: CPUOffloadAdamW as a user builds it
+    (offloaded gradients: its hooks never fire on FSDP's sharded gradients, step() takes
+    them), and 8-bit AdamW, whose blockwise state resumes on the same 2 ranks exactly."""
+    from trilora.distributed import build_optimizer, load_state, save_state, wrap_fsdp
+    from trilora.optim import AdamW8bit, CPUOffloadAdamW
+
+    model = wrap_fsdp(load_peft(path, seed, env), env=env)
+    opt = build_optimizer(model, CPUOffloadAdamW, lr=LR)
+    kind = type(opt).__name__
+    losses = train(model, opt, batches(seed), env)
+
+    data = batches(seed, 4)
+
+    def eight_bit(lora_seed):
+        m = wrap_fsdp(load_peft(path, lora_seed, env), env=env)
+        return m, build_optimizer(m, AdamW8bit, lr=LR, min_8bit_size=64)
+
+    model, opt = eight_bit(seed)
+    first = train(model, opt, data, env, 0, 2)
+    save_state(out / "state8", model, opt, extra={"step": 2})
+    rest = train(model, opt, data, env, 2)
+    model, opt = eight_bit(seed + 1)
+    step = load_state(out / "state8", model, opt)["step"]
+    resumed = train(model, opt, data, env, step)
+    return {"losses": losses, "optimizer": kind, "eight_bit": first + rest,
+            "eight_bit_resumed": resumed}  # fmt: skip
 
 
 def _scenario_fsdp_bf16(env, path, out, seed):
@@ -400,6 +433,7 @@ SCENARIOS = {
     "ddp": _scenario_ddp,
     "fsdp": _scenario_fsdp,
     "fsdp_checkpointing": _scenario_fsdp_checkpointing,
+    "trilora_optim": _scenario_trilora_optim,
     "fsdp_bf16": _scenario_fsdp_bf16,
     "cpu_offload": _scenario_cpu_offload,
     "mixed_storage": _scenario_mixed_storage,

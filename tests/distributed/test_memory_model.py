@@ -59,10 +59,11 @@ def test_fsdp_shards_what_ddp_replicates(model, world):
     assert fsdp.device["gathered_params"] == root.gathered + 2 * max(g.gathered for g in layers)
     lazy = per_rank_memory(model, world_size=world, reshard_after_forward=False)
     assert lazy.device["gathered_params"] == root.gathered + sum(g.gathered for g in layers)
-    # AdamW's two fp32 moments per trainable element, split over the ranks
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert fsdp.device["optimizer_state"] == 8 * -(-n // world)
-    assert ddp.device["optimizer_state"] == 8 * n
+    # AdamW's two fp32 moments per element of rank 0's shard of each trainable tensor
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    local = sum(-(-p.shape[0] // world) * (p.numel() // p.shape[0]) for p in trainable)
+    assert fsdp.device["optimizer_state"] == 8 * local
+    assert ddp.device["optimizer_state"] == 8 * sum(p.numel() for p in trainable)
     assert fsdp.total < ddp.total
 
 
@@ -78,18 +79,33 @@ def test_cpu_offload_keeps_only_gathered_layers_on_the_device(model):
     on = per_rank_memory(model, world_size=4, cpu_offload=True)
     off = per_rank_memory(model, world_size=4)
     for key in ("base_weights_4bit", "lora_params", "optimizer_state"):
-        assert key not in on.device and on.host[key] == off.device[key]
+        assert on.device.get(key, 0) == 0 and on.host[key] == off.device[key]
     assert on.device["gathered_params"] == off.device["gathered_params"]
     assert on.total < off.total
     with pytest.raises(ValueError, match="needs strategy='fsdp'"):
         per_rank_memory(model, world_size=4, strategy="ddp", cpu_offload=True)
 
 
-def test_cpu_offloaded_optimizer_is_host_memory(model):
-    rep = per_rank_memory(model, world_size=2, optimizer="adamw_cpu_offload")
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert "optimizer_state" not in rep.device
-    assert rep.host["optimizer_state"] == 20 * -(-n // 2)
+def test_optimizers_by_their_own_rules(model):
+    from trilora.memory.optimizer_model import optimizer_bytes
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    local = [-(-p.shape[0] // 2) * (p.numel() // p.shape[0]) for p in trainable]
+    for name in ("adamw_8bit", "adamw_cpu_offload", "adamw_host"):
+        want = optimizer_bytes(name, local, 4)
+        rep = per_rank_memory(model, world_size=2, optimizer=name)
+        assert rep.device["optimizer_state"] == want.device, name
+        assert rep.host.get("optimizer_state", 0) == want.host, name
+    offload = per_rank_memory(model, world_size=2, optimizer="adamw_cpu_offload")
+    kept = per_rank_memory(model, world_size=2, optimizer="adamw")
+    # offloaded gradients leave the device (FSDP's reduce-scatter buffer stays)
+    sharded_grads = sum(4 * n for n in local)
+    assert kept.device["gradients"] - offload.device["gradients"] == sharded_grads
+    # DDP turns gradient offload off (build_optimizer): its gradients stay on the device
+    ddp = per_rank_memory(model, world_size=2, strategy="ddp", optimizer="adamw_cpu_offload")
+    assert ddp.device["gradients"] == sum(4 * p.numel() for p in trainable)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        per_rank_memory(model, world_size=2, optimizer="sgd")
 
 
 def test_sequence_parallel_buffers(model):
@@ -120,7 +136,8 @@ def test_cli_reports_one_rank(tmp_path, capsys):
     fsdp_total = data["per_rank"]["total"]
     assert data["per_rank"]["world_size"] == 4
     assert data["single_device"]["total"] > 0
-    assert main([*args, "--world-size", "4", "--json", str(out)]) == 0
+    assert main([*args, "--world-size", "4", "--json", str(out)]) == 2  # exists: refused
+    assert main([*args, "--world-size", "4", "--json", str(out), "--overwrite"]) == 0
     assert json.loads(out.read_text())["per_rank"]["strategy"] == "ddp"
     assert json.loads(out.read_text())["per_rank"]["total"] > fsdp_total
     assert main([*args, "--world-size", "2", "--budget", "24GiB"]) == 2

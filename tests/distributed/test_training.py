@@ -75,7 +75,7 @@ def run(tmp_path_factory) -> Run:
     out.mkdir()
     results = mp.get_context("spawn").SimpleQueue()
     names = ["ddp", "fsdp", "fsdp_checkpointing", "fsdp_bf16", "cpu_offload", "mixed_storage",
-             "blockwise_state", "ulysses", "missing_checkpoint"]  # fmt: skip
+             "blockwise_state", "ulysses", "missing_checkpoint", "trilora_optim"]  # fmt: skip
     mp.start_processes(
         worker,
         args=(WORLD, str(root / "init"), str(model), str(out), seed, names, results),
@@ -233,7 +233,7 @@ def test_blockwise_optimizer_state_is_not_resharded(run):
     from trilora.distributed import build_optimizer
 
     model = load_peft(run.model, run.seed)
-    with pytest.raises(UserError, match=r"not elementwise.*saved on 2 ranks.*resume on 2 ranks"):
+    with pytest.raises(UserError, match=r"not elementwise.*saved on 2 FSDP ranks.*fsdp on 2 ranks"):
         load_state(run.out / "blockwise", model, build_optimizer(model, BlockwiseSGD))
 
 
@@ -266,3 +266,21 @@ def test_ulysses_attention_matches_one_process(run):
         tol = {"model_logits": 1e-5 * row["scale"], "model_lora_grad": 1e-5 * row["grad_scale"]}
         for key, err in errors.items():
             assert err <= tol.get(key, 1e-5), (rank, key, err)
+
+
+def test_trilora_optimizers_step_fsdp_shards_natively(run):
+    rows = run.scenario("trilora_optim")
+    assert rows[0]["optimizer"] == "CPUOffloadAdamW"  # no adapter: it steps DTensors itself
+    want, _ = _reference(run, "offload")
+    _close_losses(rows[0]["losses"], want, LOSS_RTOL)
+    # 8-bit state (blockwise over each rank's shard) resumes on the same layout, bit for bit
+    assert rows[0]["eight_bit_resumed"] == rows[0]["eight_bit"][2:]
+    assert rows[0]["eight_bit"][2] < rows[0]["eight_bit"][0]
+    # ... and is refused on another layout, with the reason
+    from trilora.distributed import build_optimizer
+    from trilora.optim import AdamW8bit
+
+    model = load_peft(run.model, run.seed)
+    opt = build_optimizer(model, AdamW8bit, lr=1e-2, min_8bit_size=64)
+    with pytest.raises(UserError, match=r"not elementwise \(blockwise.*cannot be resharded"):
+        load_state(run.out / "state8", model, opt)

@@ -1,9 +1,9 @@
 """Optimizers for wrapped models: any optimizer on FSDP2's sharded parameters, global clipping.
 
-FSDP2's parameters are ``DTensor`` shards. torch's own optimizers step them directly, but
-an optimizer written for plain tensors (trilora's :class:`~trilora.optim.CPUOffloadAdamW`,
-which keeps fp32 masters and moments in host memory, or any future trilora optimizer)
-cannot. :class:`ShardedOptimizer` runs such an optimizer on each rank's *local shard*:
+FSDP2's parameters are ``DTensor`` shards. torch's and trilora's optimizers step them
+directly, but an optimizer written for plain tensors (a third-party one, or trilora's own
+asked to treat shards as plain tensors) cannot. :class:`ShardedOptimizer` runs such an
+optimizer on each rank's *local shard*:
 
 * the inner optimizer gets one plain leaf tensor per parameter that aliases the storage of
   the local shard, so its in-place update is the update of the shard;
@@ -18,11 +18,13 @@ cannot. :class:`ShardedOptimizer` runs such an optimizer on each rank's *local s
 Elementwise optimizers (AdamW and its relatives) are exactly the same on shards as on full
 tensors. Gradient clipping needs the norm over all ranks: use :func:`clip_grad_norm`.
 
-Under DDP every rank holds full parameters, so any optimizer works as is, with one
-exception handled by :func:`build_optimizer`: ``CPUOffloadAdamW(offload_gradients=True)``
-would move each gradient to the host from a post-accumulate hook, *before* DDP averages it
-across ranks, so under DDP it runs with ``offload_gradients=False`` (gradients move to the
-host in ``step()``, after the all-reduce).
+torch's optimizers and trilora's own (:mod:`trilora.optim`, which keeps its state sharded
+like the ``DTensor`` parameters) need no adapter. Under DDP every rank holds full
+parameters, so any optimizer works as is, with one exception handled by
+:func:`build_optimizer`: ``CPUOffloadAdamW(offload_gradients=True)`` would move each
+gradient to the host from a post-accumulate hook, *before* DDP averages it across ranks, so
+under DDP it runs with ``offload_gradients=False`` (gradients move to the host in
+``step()``, after the all-reduce).
 """
 
 from __future__ import annotations
@@ -193,6 +195,25 @@ def _trainable(model: nn.Module) -> list[torch.Tensor]:
     return [p for p in unwrap(model).parameters() if p.requires_grad]
 
 
+def _steps_dtensors(optimizer_class: Any) -> bool:
+    # torch's optimizers and trilora.optim's AdamW family step DTensor shards themselves
+    # (trilora.optim keeps their state sharded like the parameters).
+    return getattr(optimizer_class, "__module__", "").startswith(("torch.optim", "trilora.optim"))
+
+
+def _offloads_gradients(optimizer_class: Any, kwargs: dict[str, Any]) -> bool | None:
+    """The ``offload_gradients`` the optimizer would use (None: it has no such switch)."""
+    import inspect
+
+    try:
+        param = inspect.signature(optimizer_class).parameters.get("offload_gradients")
+    except (TypeError, ValueError):
+        return None
+    if param is None:
+        return None
+    return bool(kwargs.get("offload_gradients", param.default))
+
+
 def build_optimizer(
     model: nn.Module,
     optimizer_class: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
@@ -202,11 +223,14 @@ def build_optimizer(
     """The optimizer for a (possibly wrapped) model's trainable parameters.
 
     * plain model: ``optimizer_class(params, **kwargs)``;
-    * DDP: the same; :class:`~trilora.optim.CPUOffloadAdamW` runs with
-      ``offload_gradients=False`` (its gradient hooks would take gradients before DDP
-      averages them; asking for ``True`` explicitly is a :class:`UserError`);
-    * FSDP2: torch's optimizers step the ``DTensor`` shards directly; any other class runs
-      inside a :class:`ShardedOptimizer`.
+    * DDP: the same, but an optimizer that offloads gradients from post-accumulate hooks
+      (:class:`~trilora.optim.CPUOffloadAdamW`, ``offload_gradients=True``) would take each
+      gradient before DDP averages it across ranks: it runs with
+      ``offload_gradients=False`` (gradients reach the host in ``step()``), and asking for
+      ``True`` explicitly is a :class:`UserError`;
+    * FSDP2: torch's optimizers and ``trilora.optim``'s step the ``DTensor`` shards directly
+      (FSDP2 hands them the reduce-scattered gradients); any other class runs inside a
+      :class:`ShardedOptimizer`.
 
     ``params`` defaults to the parameters that require gradients.
     """
@@ -215,19 +239,20 @@ def build_optimizer(
     info = parallel_info(model)
     params = list(params) if params is not None else _trainable(model)
     strategy = info.strategy if info is not None else None
-    accepts_offload = getattr(optimizer_class, "__name__", "") == "CPUOffloadAdamW"
-    if strategy in ("ddp", "fsdp") and accepts_offload:
-        if kwargs.get("offload_gradients", False):
+    if strategy == "ddp" and _offloads_gradients(optimizer_class, kwargs):
+        if kwargs.get("offload_gradients"):
             raise UserError(
-                f"CPUOffloadAdamW(offload_gradients=True) does not work under {strategy.upper()}: "
-                "it would take each gradient before it is averaged across ranks; leave "
-                "offload_gradients unset (gradients then reach the host in step())"
+                f"{getattr(optimizer_class, '__name__', 'the optimizer')}(offload_gradients=True) "
+                "does not work under DDP: it would take each gradient before it is averaged "
+                "across ranks; leave offload_gradients unset (gradients then reach the host in "
+                "step())"
             )
         kwargs["offload_gradients"] = False
-    if strategy == "fsdp" and any(_is_dtensor(p) for p in _flat(params)):
-        module = getattr(optimizer_class, "__module__", "")
-        if not module.startswith("torch.optim"):
-            return ShardedOptimizer(params, optimizer_class, **kwargs)
+    sharded = strategy == "fsdp" and any(_is_dtensor(p) for p in _flat(params))
+    if sharded and not _steps_dtensors(optimizer_class):
+        if _offloads_gradients(optimizer_class, kwargs):
+            kwargs["offload_gradients"] = False  # its hooks would never see FSDP's grads
+        return ShardedOptimizer(params, optimizer_class, **kwargs)
     return optimizer_class(params, **kwargs)
 
 

@@ -295,17 +295,23 @@ def save_state(
         params = [p for g in optimizer.param_groups for p in g["params"]]
         osd = optimizer.state_dict()
         scalars: dict[str, dict[str, Any]] = {}
-        per_rank: list[str] = []
+        layout_bound: dict[str, dict[str, Any]] = {}
         for index, entry in osd["state"].items():
             fqn, p = fqns[index], params[index]
+            tensors = [v for v in entry.values() if isinstance(v, torch.Tensor)]
+            # Elementwise state (AdamW moments, masters) can be resharded; anything else (an
+            # 8-bit optimizer's blockwise codes and scales) only reloads into the layout it
+            # was saved from: the same sharding over the same number of ranks.
+            elementwise = all(v.dim() == 0 or tuple(v.shape) == tuple(p.shape) for v in tensors)
+            if not elementwise:
+                layout_bound[fqn] = {"sharded": _is_dtensor(p)}
             for key, value in entry.items():
                 if not isinstance(value, torch.Tensor):
                     scalars.setdefault(fqn, {})[key] = _jsonable(value)
                 elif _is_dtensor(value) or value.dim() == 0 or not _is_dtensor(p):
                     sd[f"optim/{fqn}/{key}"] = value
-                else:
+                else:  # a plain tensor of this rank's shard (ShardedOptimizer's blockwise state)
                     sd[f"optim/{fqn}/{key}@rank{env.rank}"] = value
-                    per_rank.append(f"{fqn}/{key}")
         groups = []
         start = 0
         for g in osd["param_groups"]:
@@ -315,7 +321,7 @@ def save_state(
             start += n
         meta["optimizer"] = {
             "class": type(optimizer).__name__, "param_groups": groups, "scalars": scalars,
-            "per_rank": sorted(set(per_rank)),
+            "layout_bound": layout_bound,
         }  # fmt: skip
     for key, value in (extra or {}).items():
         if isinstance(value, torch.Tensor):
@@ -433,12 +439,22 @@ def load_state(
                 f"{path}: the optimizer's parameter groups differ from the saved ones "
                 f"({len(saved_groups)} groups saved, {len(current)} here)"
             )
-        if saved_opt["per_rank"] and meta["world_size"] != env.world_size:
-            raise UserError(
-                f"{path} holds optimizer state that is not elementwise "
-                f"({saved_opt['per_rank'][0]}) saved on {meta['world_size']} ranks; it cannot "
-                f"be resharded to {env.world_size}: resume on {meta['world_size']} ranks"
-            )
+        bound = saved_opt.get("layout_bound", {})
+        for fqn, how in bound.items():
+            p = by_name[fqn]
+            if how["sharded"] != _is_dtensor(p) or (
+                how["sharded"] and meta["world_size"] != env.world_size
+            ):
+                saved_on = (
+                    f"{meta['world_size']} FSDP ranks" if how["sharded"] else "unsharded parameters"
+                )
+                here = f"{env.world_size} FSDP ranks" if _is_dtensor(p) else "unsharded parameters"
+                raise UserError(
+                    f"{path} holds optimizer state that is not elementwise (blockwise, e.g. "
+                    f"8-bit) for {fqn}, saved on {saved_on}; it cannot be resharded to {here}: "
+                    f"resume with the same layout ({meta['strategy']} on {meta['world_size']} "
+                    "ranks) or with a fresh optimizer"
+                )
         for key, md in stored.items():
             if not key.startswith("optim/"):
                 continue
@@ -451,11 +467,19 @@ def load_state(
             dtype = md.properties.dtype
             if _is_dtensor(p) and size == tuple(p.shape):
                 template = torch.empty_like(p.detach(), dtype=dtype)
-            elif rank_key:
-                template = torch.empty(size, dtype=dtype, device=p.to_local().device)
-            else:
+            elif rank_key or len(size) == 0:
                 device = p.to_local().device if _is_dtensor(p) else p.device
                 template = torch.empty(size, dtype=dtype, device=device)
+            elif _is_dtensor(p):
+                # blockwise state of a shard: [ranks, ...] sharded along dim 0 on the mesh
+                from torch.distributed.tensor import Shard
+                from torch.distributed.tensor import empty as dtensor_empty
+
+                template = dtensor_empty(
+                    *size, dtype=dtype, device_mesh=p.device_mesh, placements=[Shard(0)]
+                )
+            else:
+                template = torch.empty(size, dtype=dtype, device=p.device)
             sd[key] = template
     extras_stored = [k for k in stored if k.startswith("extra/")]
     for key in extras_stored:

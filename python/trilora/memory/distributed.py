@@ -63,11 +63,6 @@ GiB = 1024**3
 # 8 H100s on NVLink typically show 300-600 MiB per process in nvidia-smi beyond
 # torch.cuda.memory_reserved. An estimate (no GPU here): charged once per rank when N > 1.
 COMM_OVERHEAD = 512 * MiB
-# torch.optim.AdamW keeps two fp32 moments per trainable element.
-ADAMW_STATE_BYTES = 8
-# trilora.optim.CPUOffloadAdamW keeps in host memory an fp32 master, fp32 gradient
-# accumulator, pinned gradient staging copy and two fp32 moments per element.
-CPU_OFFLOAD_HOST_BYTES = 20
 
 
 def _nbytes(t: torch.Tensor, dtype: torch.dtype | None = None) -> int:
@@ -98,6 +93,9 @@ class GroupBytes:
     gathered: int = 0
     trainable_elements: int = 0
     grad_unsharded: int = 0
+    # elements of rank 0's shard of each trainable tensor (what its optimizer state covers)
+    trainable_local: list[int] = field(default_factory=list)
+    trainable_bytes_per_element: int = 4
 
 
 def _add(d: dict[str, int], key: str, value: int) -> None:
@@ -151,6 +149,8 @@ def sharding_groups(
             if p.requires_grad:
                 g.trainable_elements += p.numel()
                 g.grad_unsharded += _nbytes(p, cast)
+                g.trainable_local.append(_shard_bytes(p, world_size) // p.element_size())
+                g.trainable_bytes_per_element = p.element_size()
         return g
 
     for name, kind, module in modules:
@@ -197,16 +197,6 @@ class RankReport:
         return d
 
 
-def _optimizer_device_bytes(elements: int, optimizer: str) -> int:
-    if optimizer == "adamw":
-        return ADAMW_STATE_BYTES * elements
-    if optimizer == "paged_adamw_8bit":
-        return 2 * elements + 2 * 4 * math.ceil(elements / 256)
-    if optimizer == "adamw_cpu_offload":
-        return 0
-    raise ValueError(f"unknown optimizer {optimizer!r}")
-
-
 def _attention_all_to_all_bytes(config, tokens_per_rank: int, batch: int, dtype_bytes: int) -> int:
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
@@ -242,7 +232,9 @@ def per_rank_memory(
         strategy: ``"fsdp"`` or ``"ddp"``.
         activations, temporaries: bytes at the single-device trace's peak for the per-rank
             batch (and ``seq_len / sequence_parallel`` tokens with sequence parallelism).
-        optimizer: ``"adamw"``, ``"paged_adamw_8bit"`` or ``"adamw_cpu_offload"``.
+        optimizer: a name of :data:`trilora.optim.OPTIMIZERS` (``"adamw"``,
+            ``"adamw_8bit"``, ``"adamw_cpu_offload"``, ...); its device and host bytes come
+            from :mod:`trilora.memory.optimizer_model` over each rank's shards.
         param_dtype: FSDP mixed-precision dtype of gathered floating-point parameters.
         cpu_offload: FSDP2's ``CPUOffloadPolicy`` (FSDP only).
         reshard_after_forward: FSDP frees a layer's gathered parameters after its forward.
@@ -275,7 +267,15 @@ def per_rank_memory(
             _add(resident, cat, value)
     for cat, value in replicated.items():
         _add(device, cat, value)  # buffers stay on the device, offload or not
-    trainable = sum(g.trainable_elements for g in groups)
+    from trilora.memory.optimizer_model import optimizer_bytes
+
+    # Optimizer state covers each rank's shard of every trainable tensor (all of it in DDP),
+    # by the optimizer's own rules (8-bit blocks, paging, CPU offload).
+    local = [n for g in groups for n in g.trainable_local]
+    elem = max((g.trainable_bytes_per_element for g in groups if g.trainable_local), default=4)
+    opt_bytes = optimizer_bytes(optimizer, local, elem)
+    # build_optimizer turns gradient offload off under DDP (it would precede the all-reduce)
+    grads_on_device = opt_bytes.gradients_on_device or not fsdp
     lora_bytes = sum(g.full.get("lora_params", 0) for g in groups)
     grad_bytes_sharded = sum(g.sharded.get("lora_params", 0) for g in groups)
     if fsdp:
@@ -293,16 +293,15 @@ def per_rank_memory(
         device["gathered_params"] = gathered
         # one layer's unsharded LoRA gradients wait for their reduce-scatter
         reduce_buf = max((g.grad_unsharded for g in layers), default=0)
-        _add(resident, "gradients", grad_bytes_sharded)
+        if grads_on_device:
+            _add(resident, "gradients", grad_bytes_sharded)
         device["gradients"] = device.get("gradients", 0) + reduce_buf
-        state_elements = math.ceil(trainable / world_size)
     else:
         device["gradients"] = lora_bytes
-        state_elements = trainable
-    if optimizer == "adamw_cpu_offload":
-        host["optimizer_state"] = CPU_OFFLOAD_HOST_BYTES * state_elements
-    else:
-        _add(resident, "optimizer_state", _optimizer_device_bytes(state_elements, optimizer))
+    # FSDP2's CPUOffloadPolicy steps the optimizer where the shards are: the host
+    _add(resident, "optimizer_state", opt_bytes.device)
+    if opt_bytes.host:
+        _add(host, "optimizer_state", opt_bytes.host)
     device["activations"] = activations
     device["temporaries"] = temporaries
     if sequence_parallel > 1:
@@ -436,26 +435,22 @@ def format_rank_report(report: RankReport, name: str) -> str:
 
 def run_cli(args, config, opts, name: str) -> int:
     """``trilora mem ... --world-size N [--fsdp]``: print (and ``--json``) rank 0's memory."""
-    import sys
+    from trilora.io import UsageError, atomic_write_json
 
     strategy = "fsdp" if args.fsdp else "ddp"
     if args.budget is not None or args.sweep or args.baseline or args.measure:
-        print(
-            "trilora mem: --world-size/--fsdp report one configuration; they do not combine "
-            "with --budget, --sweep, --baseline or --measure yet",
-            file=sys.stderr,
+        raise UsageError(
+            "--world-size/--fsdp report one configuration; they do not combine with --budget, "
+            "--sweep, --baseline or --measure yet"
         )
-        return 2
     report, trace = rank_report(config, opts, args.world_size, strategy)
     print(
         f"{name}: per-rank batch {opts.batch} x {opts.seq_len} tokens, LoRA r={opts.r}, "
         f"{opts.optimizer}; one GPU alone: {trace.total / GiB:.2f} GiB"
     )
     print(format_rank_report(report, name))
-    if args.json:
-        from trilora.memory.cli import write_json_atomic
-
-        write_json_atomic(
+    if args.json:  # checked by trilora mem before tracing (--overwrite)
+        atomic_write_json(
             args.json,
             {"model": name, "per_rank": report.to_dict(), "single_device": trace.to_dict()},
         )
