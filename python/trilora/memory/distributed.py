@@ -22,7 +22,9 @@ gathered parameters       root group for the whole step, plus     --
                           layer if ``reshard_after_forward=False``)
 LoRA gradients            1/N, plus one layer's unsharded         full (DDP buckets
                           gradients awaiting reduce-scatter       view them)
-optimizer state           1/N of the per-element state            full
+optimizer state           the optimizer's own rules               full
+                          (``memory/optimizer_model.py``) over
+                          each rank's shards
 ========================  ======================================  ====================
 
 Gathered parameters are in the mixed-precision ``param_dtype`` when one is given (packed
