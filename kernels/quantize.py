@@ -231,8 +231,8 @@ def _check_code(code: torch.Tensor) -> None:
 def quantize_bounds(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Midpoints (fp32 [15]) of the sorted ``code`` and ``order`` (int32 [16]) = argsort(code).
 
-    Computed on the CPU with torch.argsort, as bitsandbytes does, so the FP4 tie between +0
-    and -0 resolves identically. Callers that quantize often should cache the result.
+    Computed on the CPU with torch.argsort, as bitsandbytes does, so the tie between FP4's
+    two zero codes (0 and 8) resolves identically. Callers that quantize often should cache the result.
     """
     _check_code(code)
     c = code.detach().cpu()
