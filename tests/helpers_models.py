@@ -133,3 +133,27 @@ def exact_4bit_reference(model: torch.nn.Module) -> torch.nn.Module:
         parent, _, child = name.rpartition(".")
         setattr(exact.get_submodule(parent) if parent else exact, child, linear)
     return exact.double()
+
+
+def bnb_cpu_dequantize_wrong(shapes, quant_type: str = "nf4", blocksize: int = 64) -> list:
+    """The weight shapes for which bitsandbytes' CPU ``dequantize_4bit`` is wrong on this
+    machine (it is for some shapes on AVX-512 CPUs; docs/bitsandbytes-cpu.md).
+
+    A test that compares with bitsandbytes' CPU outputs checks its shapes with this first.
+    """
+    import bitsandbytes.functional as bnbf
+    import reference_format as ref
+
+    wrong = []
+    for shape in shapes:
+        weight = torch.randn(shape)
+        for double_quant in (False, True):
+            packed, state = bnbf.quantize_4bit(
+                weight, blocksize=blocksize, quant_type=quant_type,
+                compress_statistics=double_quant,
+            )  # fmt: skip
+            exact = ref.expected(ref.dequantize_bnb(packed, state), torch.float32)
+            if not torch.equal(bnbf.dequantize_4bit(packed, state), exact):
+                wrong.append(tuple(shape))
+                break
+    return wrong

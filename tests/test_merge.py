@@ -77,10 +77,13 @@ def test_cli_merge_writes_plain_checkpoint(tmp_path, seed):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "m", "out"]
 
 
-def test_cli_merge_missing_adapter(tmp_path):
+def test_cli_merge_missing_adapter(tmp_path, capsys):
     from trilora.cli import main
 
     path = save_tiny_model(tmp_path / "m", "llama")
-    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
-        main(["merge", str(tmp_path / "nope"), "--base", str(path), "--out", str(tmp_path / "out")])
+    argv = ["merge", str(tmp_path / "nope"), "--base", str(path), "--out", str(tmp_path / "out")]
+    capsys.readouterr()
+    assert main(argv) == 1  # one line, no traceback
+    err = capsys.readouterr().err.strip()
+    assert "adapter_config.json" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
