@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "trilora.kernel_check",
         "compile every Triton kernel for sm_80/sm_90, check spills",
     ),
+    "train": ("trilora.train.cli", "fine-tune from JSONL (SFT, DPO); --demo runs SmolLM2"),
+    "data": ("trilora.train.data_cli", "check a JSONL dataset: format, duplicates, token lengths"),
 }
 
 VERSION = "0.1.0"  # == trilora.__version__ (kept here so --version imports nothing)
