@@ -58,12 +58,21 @@ def gguf_to_folder(gguf: Path, log=print) -> Path:
         return target
     log(f"reading {gguf.name} through transformers' GGUF loader (once; cached in {target})")
     try:
+        extra = {}
+        try:  # transformers >= 5.24 can keep GGUF blocks packed; trilora wants dense weights
+            from transformers import GgufConfig
+
+            extra["quantization_config"] = GgufConfig(gguf_file=gguf.name, dequantize=True)
+        except ImportError:
+            pass
         model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16
+            gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16, **extra
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except ImportError as exc:
-        raise UserError(f"reading a .gguf file needs the gguf package: pip install gguf ({exc})")
+        raise UserError(
+            f"reading a .gguf file needs the gguf package: pip install gguf ({exc})"
+        ) from None
     # The config remembers the GGUF quantization; the weights are already dequantized.
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config

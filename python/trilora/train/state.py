@@ -50,7 +50,7 @@ def rng_state() -> dict[str, Any]:
             int(pos),
             int(has_gauss),
             float(cached),
-        ],  # fmt: skip
+        ],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
