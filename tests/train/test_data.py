@@ -38,7 +38,7 @@ def test_loss_falls_on_the_response_only(tok, plain_tok, shape):
                 {"role": "user", "content": "what is it"},
                 {"role": "assistant", "content": answer},
             ]
-        },  # fmt: skip
+        },
         "text": {"text": answer},
     }[shape]
     assert D.record_shape(rec, "f:1") == shape
@@ -172,10 +172,11 @@ def test_batches_are_a_pure_function_of_seed_and_epoch(seed):
     assert a != D.batches_for_epoch(lengths, 4, seed, 4, True) or len(lengths) <= 4
     assert sorted(i for b in a for i in b) == list(range(len(lengths)))
     assert max(lengths[i] for i in a[0]) == max(lengths)  # the longest batch comes first
+
     # grouping reduces padding against plain shuffling
-    pad = lambda bs: sum(
-        max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs
-    )  # noqa: E731
+    def pad(bs):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)
+
     assert pad(a) <= pad(D.batches_for_epoch(lengths, 4, seed, 3, False))
 
 
