@@ -11,5 +11,8 @@ packages = [*find_packages("python"), "trilora.kernels", "trilora.bench"]
 setup(
     packages=packages,
     package_dir={"": "python", "trilora.kernels": "kernels", "trilora.bench": "bench"},
-    package_data={"trilora": ["presets/*.json", "py.typed"], "trilora.bench": ["*.md"]},
+    package_data={
+        "trilora": ["presets/*.json", "py.typed", "train/demo_dataset/*.jsonl"],
+        "trilora.bench": ["*.md"],
+    },
 )

@@ -157,8 +157,9 @@ def qlora_linear_bwd(
                 dx += (scale * _dropped(dyb @ lora_a.float(), dropout_mask, dropout_scale)).to(
                     dx.dtype
                 )
+            # distinct empties: a custom op's outputs may not alias each other
         if not (has_lora and needs_lora_grad):
-            return dx.to(x.dtype), empty, empty
+            return dx.to(x.dtype), x.new_empty((0,)), x.new_empty((0,))
         if dyb is None:
             dyb = dy.float() @ lora_b.float()
         da, db = lora_weight_grads(x, dy, xa, dyb, scale, dropout_mask, dropout_scale)
@@ -180,13 +181,13 @@ def qlora_linear_bwd(
         dx = dy @ weight
         del weight
     if not has_lora:
-        return dx, empty, empty
+        return dx, x.new_empty((0,)), x.new_empty((0,))
     dyb = dy.to(lora_b.dtype) @ lora_b
     if needs_input_grad:
         dx_lora = _dropped(dyb @ lora_a.to(dyb.dtype), dropout_mask, dropout_scale)
         dx = dx + (scale * dx_lora).to(dx.dtype)
     if not needs_lora_grad:
-        return dx, empty, empty
+        return dx, x.new_empty((0,)), x.new_empty((0,))
     x_dropped = _dropped(x, dropout_mask, dropout_scale).to(lora_a.dtype)
     da = scale * (dyb.to(lora_a.dtype).t() @ x_dropped)
     db = scale * (dy.to(lora_b.dtype).t() @ xa.to(lora_b.dtype))
@@ -199,7 +200,7 @@ def _(dy, x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize
     empty = x.new_empty((0,))
     dx = x.new_empty(x.shape) if needs_input_grad else empty
     if lora_a is None or not needs_lora_grad:
-        return dx, empty, empty
+        return dx, x.new_empty((0,)), x.new_empty((0,))
     r = lora_a.shape[0]
     f32 = torch.float32
     return dx, x.new_empty((r, x.shape[1]), dtype=f32), x.new_empty((dy.shape[1], r), dtype=f32)

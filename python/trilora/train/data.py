@@ -128,28 +128,35 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False,
             continue
         if stats is not None:
             stats.lines += 1
-        problem = None
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            problem = (f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
-                       f"{exc.start + 1}); re-encode the file as UTF-8")  # fmt: skip
-        else:
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                problem = f"not valid JSON ({exc.msg} at column {exc.colno})"
-            else:
-                if not isinstance(obj, dict):
-                    problem = f"expected a JSON object, got {type(obj).__name__}"
-        if problem is not None:
-            if skip_bad_lines:
-                if stats is not None:
-                    stats.bad_lines += 1
-                continue
-            raise UserError(f"{path}:{number}: {problem} (or pass --skip-bad-lines)")
+            obj = read_jsonl_line(raw, path, number)
+        except UserError:
+            if not skip_bad_lines:
+                raise
+            if stats is not None:
+                stats.bad_lines += 1
+            continue
         out.append((number, obj))
     return out
+
+
+def read_jsonl_line(raw: bytes, path: str, number: int) -> dict:
+    """One line as a JSON object, or :class:`UserError` naming ``path:number`` and the problem."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problem = (f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                   "re-encode the file as UTF-8")  # fmt: skip
+    else:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            problem = f"not valid JSON ({exc.msg} at column {exc.colno})"
+        else:
+            if isinstance(obj, dict):
+                return obj
+            problem = f"expected a JSON object, got {type(obj).__name__}"
+    raise UserError(f"{path}:{number}: {problem} (or pass --skip-bad-lines)")
 
 
 def record_shape(record: dict, where: str, method: str = "sft") -> str:

@@ -109,7 +109,7 @@ def _is_prequantized(folder: Path) -> bool:
     return cfg.get("quantization_config") is not None
 
 
-def _resolve_source(source: str, log) -> Path:
+def resolve_source(source: str, log) -> Path:
     p = Path(source).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         return gguf_to_folder(p, log)
@@ -170,7 +170,7 @@ def load_model(cfg: TrainConfig, device: torch.device | None = None, log=print) 
         compute_dtype = torch.bfloat16
     else:
         compute_dtype = torch.float32
-    folder = _resolve_source(cfg.model, log)
+    folder = resolve_source(cfg.model, log)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -132,6 +132,7 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
         UserError: the write failed (full disk, unwritable folder); the temporary folder is
             removed and earlier checkpoints are untouched.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
@@ -156,14 +157,16 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except OSError as exc:
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        # safetensors and torch.save report a failed write (full disk, file size limit)
+        # as their own exception types, with the OS error in the message.
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
         kept = f"the previous checkpoint ({previous.name}) is intact" if previous else (
             "no earlier checkpoint exists")  # fmt: skip
         raise UserError(f"could not write checkpoint step {step} in {root}: "
-                        f"{exc.strerror or exc}; {kept}") from exc  # fmt: skip
+                        f"{getattr(exc, 'strerror', None) or exc}; {kept}") from exc  # fmt: skip
     for _, old in checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
