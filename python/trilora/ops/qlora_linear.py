@@ -157,7 +157,7 @@ def qlora_linear_bwd(
                 dx += (scale * _dropped(dyb @ lora_a.float(), dropout_mask, dropout_scale)).to(
                     dx.dtype
                 )
-            # distinct empties: a custom op's outputs may not alias each other
+        # distinct empties: a custom op's outputs may not alias each other
         if not (has_lora and needs_lora_grad):
             return dx.to(x.dtype), x.new_empty((0,)), x.new_empty((0,))
         if dyb is None:
