@@ -9,6 +9,8 @@ Installed as ``trilora.bench``. Three levels, one harness:
 * ``e2e`` (:mod:`trilora.bench.e2e`): training steps of a Llama-architecture model, trilora
   against transformers + bitsandbytes 4-bit + PEFT.
 * ``mem`` (:mod:`trilora.bench.mem`): rows from ``trilora.memory.bench_cases``.
+* ``train`` (:mod:`trilora.bench.train`): peak memory of a DPO step, trilora against TRL +
+  bitsandbytes + PEFT with a reference model.
 
 Results are rows of one fixed schema (:data:`trilora.bench.harness.CSV_FIELDS`), written as
 JSON, appended to one CSV, and rendered as a Markdown report with plots
@@ -17,7 +19,7 @@ JSON, appended to one CSV, and rendered as a Markdown report with plots
 
 from __future__ import annotations
 
-LEVELS = ("kernels", "e2e", "mem")
+LEVELS = ("kernels", "e2e", "mem", "train")
 """Benchmark levels in the order ``--level all`` runs them."""
 
 __all__ = ["LEVELS"]

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-LEVEL_CHOICES = ("kernels", "e2e", "mem", "all")
+LEVEL_CHOICES = ("kernels", "e2e", "mem", "train", "all")
 PRESET_CHOICES = ("tiny", "small", "medium", "1b", "3b", "8b")  # == trilora.bench.e2e.PRESETS
 SKIPPABLE = ("trilora", "bnb_peft", "bf16_peft")
 
@@ -156,6 +156,15 @@ def run(args: argparse.Namespace) -> int:
         rows += level_rows
         notes += level_notes
         notes.append(f"e2e level: {time.perf_counter() - t:.0f} s")
+    if "train" in levels:
+        from trilora.bench import train as train_level
+
+        t = time.perf_counter()
+        print("level train")
+        level_rows, level_notes = train_level.run(args.quick)
+        rows += level_rows
+        notes += level_notes
+        notes.append(f"train level: {time.perf_counter() - t:.0f} s")
     if "mem" in levels:
         t = time.perf_counter()
         print("level mem")

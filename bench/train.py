@@ -1,7 +1,8 @@
-"""DPO step memory: trilora (reference = adapters disabled) vs TRL + bitsandbytes + PEFT with a
-reference model.
+"""Train level: DPO step memory, trilora (reference = adapters disabled) vs TRL + bitsandbytes +
+PEFT with a reference model.
 
-``python -m trilora.bench.train [--hidden 512 --layers 4 --seq 256 --pairs 2]`` builds a tiny
+``trilora bench --level train`` (rows ``train/dpo_step/peak_memory``), or standalone
+``python -m trilora.bench.train [--hidden 512 --layers 4 --seq 256 --pairs 2]``. It builds a tiny
 Llama (no downloads), then runs one DPO training step in a fresh process per provider and
 reports the peak of each:
 
@@ -80,30 +81,83 @@ def _measure(root: Path, provider: str, pairs: int) -> dict:
             "kind": "CUDA allocated" if cuda is not None else "peak RSS (whole process)"}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--hidden", type=int, default=512, help="model width (default: 512)")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers (default: 4)")
-    p.add_argument("--seq", type=int, default=256, help="tokens per completion (default: 256)")
-    p.add_argument("--pairs", type=int, default=2, help="preference pairs per step (default: 2)")
-    args = p.parse_args(argv)
-    tests = Path(__file__).resolve().parents[1] / "tests"
-    sys.path[:0] = [str(tests), str(tests / "train")]
-    from train_helpers import save_tiny_lm
+LEVEL = "train"
+QUICK = {"hidden": 128, "layers": 2, "seq": 64, "pairs": 2}
+FULL = {"hidden": 512, "layers": 4, "seq": 256, "pairs": 2}
+PROVIDERS = ("trilora", "trl_bnb_peft")
 
+
+def _tiny_lm_saver():
+    try:  # a source checkout: the tests' tiny-model helpers build the model
+        tests = Path(__file__).resolve().parents[1] / "tests"
+        sys.path[:0] = [str(tests), str(tests / "train")]
+        from train_helpers import save_tiny_lm
+
+        return save_tiny_lm
+    except ImportError:
+        return None
+
+
+def measure(hidden: int, layers: int, seq: int, pairs: int) -> list[dict]:
+    """One entry per provider: ``{"provider", "peak_bytes", "kind"}`` or ``{"provider", "error"}``."""
+    save_tiny_lm = _tiny_lm_saver()
+    if save_tiny_lm is None:
+        return [{"provider": p, "error": "needs a source checkout (tests/train/train_helpers.py)"}
+                for p in PROVIDERS]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        save_tiny_lm(root / "m", hidden=args.hidden, layers=args.layers, vocab=320,
-                     intermediate=args.hidden * 3, max_position_embeddings=2 * args.seq + 64)  # fmt: skip
+        save_tiny_lm(root / "m", hidden=hidden, layers=layers, vocab=320,
+                     intermediate=hidden * 3, max_position_embeddings=2 * seq + 64)  # fmt: skip
         words = ["red", "green", "blue", "cyan", "magenta", "yellow", "black", "white"]
         with open(root / "pairs.jsonl", "w") as f:
-            for i in range(args.pairs):
+            for i in range(pairs):
                 pick = lambda n, k=i: " ".join(words[(k + j) % 8] for j in range(n))  # noqa: E731
-                f.write(json.dumps({"prompt": pick(16), "chosen": pick(args.seq // 5),
-                                    "rejected": pick(args.seq // 6)}) + "\n")  # fmt: skip
-        rows = [_measure(root, name, args.pairs) for name in ("trilora", "trl_bnb_peft")]
+                f.write(json.dumps({"prompt": pick(16), "chosen": pick(seq // 5),
+                                    "rejected": pick(seq // 6)}) + "\n")  # fmt: skip
+        return [_measure(root, name, pairs) for name in PROVIDERS]
+
+
+def run(quick: bool, log=print) -> tuple[list[dict], list[str]]:
+    """Rows of the DPO step's peak memory, for ``trilora bench --level train``."""
+    import importlib.util
+
+    from trilora.bench.harness import Stats, make_row
+
+    size = QUICK if quick else FULL
+    missing = [
+        m for m in ("trl", "bitsandbytes", "datasets") if importlib.util.find_spec(m) is None
+    ]
+    results = measure(**size)
+    case = f"dpo_step_h{size['hidden']}_l{size['layers']}_s{size['seq']}_p{size['pairs']}"
+    rows, notes = [], []
+    for r in results:
+        if "error" in r:
+            skipped = r["provider"] == "trl_bnb_peft" and bool(missing)
+            note = f"needs {', '.join(missing)}" if skipped else r["error"]
+            rows.append(make_row(LEVEL, case, "peak_memory", r["provider"], "bytes",
+                                 status="skipped" if skipped else "error", note=note))  # fmt: skip
+        else:
+            rows.append(make_row(LEVEL, case, "peak_memory", r["provider"], "bytes",
+                                 Stats.of([float(r["peak_bytes"])]), note=r["kind"]))  # fmt: skip
+        log(f"  {r['provider']}: {r.get('peak_bytes', r.get('error'))}")
+    ok = {r["provider"]: r["peak_bytes"] for r in results if "peak_bytes" in r}
+    if len(ok) == len(PROVIDERS):
+        notes.append(f"train level: DPO step peak, trilora {ok['trilora'] / ok['trl_bnb_peft']:.0%} "
+                     f"of TRL + bitsandbytes + PEFT with a reference model ({results[0]['kind']})")  # fmt: skip
+    return rows, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--hidden", type=int, default=FULL["hidden"], help="model width (default: 512)")
+    p.add_argument("--layers", type=int, default=FULL["layers"], help="decoder layers (default: 4)")
+    p.add_argument(
+        "--seq", type=int, default=FULL["seq"], help="tokens per sequence (default: 256)"
+    )
+    p.add_argument("--pairs", type=int, default=FULL["pairs"], help="pairs per step (default: 2)")
+    args = p.parse_args(argv)
+    rows = measure(args.hidden, args.layers, args.seq, args.pairs)
     base = next((r for r in rows if r["provider"] == "trl_bnb_peft" and "peak_bytes" in r), None)
     for r in rows:
         if "error" in r:
