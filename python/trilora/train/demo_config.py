@@ -84,7 +84,7 @@ def demo_settings() -> dict:
         "max_steps": 24,
         "save_every": 0,
         "compare": 3,
-        "max_new_tokens": 80,
+        "max_new_tokens": 100,
         "eval_batch_size": 20,
         "out": "trilora-demo",
     }

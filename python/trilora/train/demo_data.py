@@ -6,8 +6,7 @@ can check (:func:`style_checks`):
 * it opens with ``Thanks for contacting Nimbus Support!``;
 * it names the task: ``Here's how to <task>:``;
 * it gives numbered steps (``1.``, ``2.``, ...) one per line;
-* it closes with ``Anything else? Just reply to this message.`` and the sign-off
-  ``— Nimbus Care Team``.
+* it closes with the sign-off ``— Nimbus Care Team``.
 
 Questions combine products, tasks and phrasings. The held-out split uses product/task
 combinations that never occur in training, so the tuned model must carry the style over
@@ -30,7 +29,6 @@ __all__ = ["DATA_DIR", "generate", "style_checks", "style_score"]
 DATA_DIR = Path(__file__).with_name("demo_dataset")
 SEED = 20261125
 GREETING = "Thanks for contacting Nimbus Support!"
-CLOSING = "Anything else? Just reply to this message."
 SIGN_OFF = "— Nimbus Care Team"
 
 PRODUCTS = [
@@ -116,7 +114,7 @@ def answer(task: str, product: str) -> str:
     phrase, steps = TASKS[task]
     lines = [GREETING, "", f"Here's how to {phrase.format(p=product)}:"]
     lines += [f"{i}. {s.format(p=product)}" for i, s in enumerate(steps, 1)]
-    lines += ["", CLOSING, SIGN_OFF]
+    lines += ["", SIGN_OFF]
     return "\n".join(lines)
 
 

@@ -373,9 +373,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         base = json.loads(base_path.read_text())
     else:
         base = {}
-        if data.val:
-            with base_mode():
+        # Before any step: for full fine-tuning this is the only moment the base exists.
+        with base_mode():
+            if data.val:
                 base.update(evaluate(model, data, cfg, pad_id, autocast_dtype))
+            _, prompts = _compare_prompts(tokenizer, data, cfg)
+            if prompts:
+                base["answers"] = generate_answers(model, tokenizer, prompts, cfg.max_new_tokens)
         atomic_write_json(base_path, base)
     ref_logps = None
     if cfg.method == "dpo" and cfg.precompute_ref:
@@ -457,7 +461,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         tuned = evaluate(model, data, cfg, pad_id, autocast_dtype,
                          base_mode=base_mode if cfg.method == "dpo" else None)  # fmt: skip
         metrics.write({"kind": "eval", "step": total_steps, **tuned})
-    samples = _compare_answers(model, tokenizer, data, cfg, base_mode, base, run_dir)
+    samples = _compare_answers(model, tokenizer, data, cfg, base_mode, base, run_dir,
+                               lm.has_adapter)  # fmt: skip
     saved_to = _save_result(model, tokenizer, lm, cfg, run_dir)
     curve = plot_loss_curve(metrics.records, run_dir / "loss_curve.png")
     metrics.close()
@@ -503,22 +508,32 @@ def _dpo_micro_step(model, batch, idx, num_pairs, cfg, autocast_dtype, ref_logps
     return losses.sum() / num_pairs, stats
 
 
-def _compare_answers(model, tokenizer, data: Data, cfg, base_mode, base: dict, run_dir: Path):
+def _compare_prompts(tokenizer, data: Data, cfg) -> tuple[list[dict], list[str]]:
+    """The held-out records compared at the end, and their prompts (records without one dropped)."""
     if not cfg.compare or not data.val_records:
+        return [], []
+    pairs = [(r, D.prompt_text(tokenizer, r, r["_shape"])) for r in data.val_records[: cfg.compare]]
+    pairs = [(r, p) for r, p in pairs if p]
+    return [r for r, _ in pairs], [p for _, p in pairs]
+
+
+def _compare_answers(model, tokenizer, data: Data, cfg, base_mode, base: dict, run_dir: Path,
+                     has_adapter: bool):  # fmt: skip
+    records, prompts = _compare_prompts(tokenizer, data, cfg)
+    if not prompts:
         return []
-    records = data.val_records[: cfg.compare]
-    prompts = [D.prompt_text(tokenizer, r, r["_shape"]) for r in records]
-    keep = [i for i, p in enumerate(prompts) if p]
-    prompts = [prompts[i] for i in keep]
-    if "answers" not in base or len(base["answers"]) != len(prompts):
-        with base_mode():
-            base["answers"] = generate_answers(model, tokenizer, prompts, cfg.max_new_tokens)
-        atomic_write_json(run_dir / "base.json", base)
+    if len(base.get("answers", [])) != len(prompts):  # --compare changed on resume
+        if has_adapter:
+            with base_mode():
+                base["answers"] = generate_answers(model, tokenizer, prompts, cfg.max_new_tokens)
+            atomic_write_json(run_dir / "base.json", base)
+        else:
+            base["answers"] = ["(not recorded before training)"] * len(prompts)
     tuned = generate_answers(model, tokenizer, prompts, cfg.max_new_tokens)
     rows = []
     md = ["# Held-out prompts: base vs tuned\n"]
     for i, (p, a, b) in enumerate(zip(prompts, base["answers"], tuned), 1):
-        ref = D.reference_answer(records[keep[i - 1]], records[keep[i - 1]]["_shape"])
+        ref = D.reference_answer(records[i - 1], records[i - 1]["_shape"])
         rows.append({"prompt": p, "base": a, "tuned": b, "reference": ref})
         md += [f"## {i}\n", "**prompt**\n", f"```\n{p}\n```\n", "**base**\n", f"{a}\n",
                "**tuned**\n", f"{b}\n", "**reference**\n", f"{ref}\n"]  # fmt: skip
