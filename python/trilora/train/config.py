@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from trilora.io import UsageError
+from trilora.optim import OPTIMIZERS as _OPTIMIZER_FAMILY  # names only: no torch
+
+OPTIMIZER_CHOICES = (*_OPTIMIZER_FAMILY, "torch_adamw")
 
 __all__ = [
     "RESUME_MAY_CHANGE",
@@ -94,8 +97,11 @@ class TrainConfig:
     scheduler: str = _f("cosine", "decay after warmup", choices=("cosine", "linear", "constant"),
                         group="loop")  # fmt: skip
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0 disables)", group="loop")
-    optim: str = _f("adamw", "optimizer: adamw (torch) or adamw_cpu_offload (trilora, state in "
-                    "host memory)", choices=("adamw", "adamw_cpu_offload"), group="loop")  # fmt: skip
+    optim: str = _f("adamw", "optimizer: trilora's AdamW family (adamw: fused, 32-bit state; "
+                    "*_8bit: 8-bit state; paged_*: resident until memory is tight; *_host / "
+                    "*_uvm: state in host / managed memory; *_cpu_offload: state and gradients "
+                    "on the host, update on the CPU; docs/optimizer.md) or torch_adamw",
+                    choices=OPTIMIZER_CHOICES, group="loop")  # fmt: skip
     seed: int = _f(42, "seed of every random draw (init, shuffling, dropout)", group="loop")
     gradient_checkpointing: bool = _f(False, "recompute each decoder layer in backward "
                                       "(trilora.enable_checkpointing)", group="loop")  # fmt: skip

@@ -1,10 +1,10 @@
 """The one place the trainer builds its optimizer and learning-rate schedule.
 
-To add an optimizer (e.g. trilora's paged / 8-bit AdamW family), add its name to
-:data:`OPTIMIZERS` (and to ``TrainConfig.optim``'s choices) and one branch in
-:func:`build_optimizer`. The loop needs nothing else: it clips through
-:func:`clip_gradients`, which uses an optimizer's own ``clip_grad_norm`` when it has one
-(optimizers that keep gradients off ``p.grad`` do).
+The names are trilora's AdamW family (:data:`trilora.optim.OPTIMIZERS`: 32- or 8-bit
+state, resident, paged, in host or managed memory, or updated on the CPU) plus
+``torch_adamw``, PyTorch's own single-tensor AdamW. The loop needs nothing else: it clips
+through :func:`clip_gradients`, which uses an optimizer's own ``clip_grad_norm`` when it
+has one (optimizers that keep gradients off ``p.grad`` do).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 
 __all__ = ["OPTIMIZERS", "build_optimizer", "build_scheduler", "clip_gradients", "param_groups"]
 
-OPTIMIZERS = ("adamw", "adamw_cpu_offload")
+from trilora.train.config import OPTIMIZER_CHOICES as OPTIMIZERS
+
 BETAS = (0.9, 0.999)
 EPS = 1e-8
 
@@ -37,14 +38,12 @@ def build_optimizer(name: str, model: torch.nn.Module, lr: float,
                     weight_decay: float) -> torch.optim.Optimizer:  # fmt: skip
     """The optimizer ``name`` over ``model``'s trainable parameters."""
     groups = param_groups(model, weight_decay)
-    if name == "adamw":
+    if name == "torch_adamw":
         # foreach=False: the single-tensor path, identical on every device count and order.
         return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=EPS, foreach=False)
-    if name == "adamw_cpu_offload":
-        from trilora.optim import CPUOffloadAdamW
+    from trilora.optim import create
 
-        return CPUOffloadAdamW(groups, lr=lr, betas=BETAS, eps=EPS)
-    raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    return create(name, groups, lr=lr, betas=BETAS, eps=EPS)
 
 
 def clip_gradients(optimizer: torch.optim.Optimizer, model: torch.nn.Module,
