@@ -13,7 +13,8 @@ setup(
     packages=packages,
     package_dir={"": "python", "trilora.kernels": "kernels", "trilora.bench": "bench",
                  "trilora.csrc": "csrc"},
-    package_data={"trilora": ["presets/*.json", "py.typed"], "trilora.bench": ["*.md"],
+    package_data={"trilora": ["presets/*.json", "py.typed", "train/demo_dataset/*.jsonl"],
+                  "trilora.bench": ["*.md"],
                   # native sources, compiled on first use (trilora.native)
                   "trilora.csrc": ["*/*.cu", "*/*.cuh", "*/*.cpp", "*/*.h"]},
 )  # fmt: skip

@@ -11,6 +11,8 @@ Installed as ``trilora.bench``. Three levels, one harness:
 * ``mem`` (:mod:`trilora.bench.mem`): rows from ``trilora.memory.bench_cases``.
 * ``optim`` (:mod:`trilora.bench.optim`): optimizer step time and state memory, torch's
   fused AdamW and bitsandbytes' PagedAdamW8bit against trilora's AdamW family.
+* ``train`` (:mod:`trilora.bench.train`): peak memory of a DPO step, trilora against TRL +
+  bitsandbytes + PEFT with a reference model.
 
 Results are rows of one fixed schema (:data:`trilora.bench.harness.CSV_FIELDS`), written as
 JSON, appended to one CSV, and rendered as a Markdown report with plots
@@ -19,7 +21,7 @@ JSON, appended to one CSV, and rendered as a Markdown report with plots
 
 from __future__ import annotations
 
-LEVELS = ("kernels", "e2e", "mem", "optim")
+LEVELS = ("kernels", "e2e", "mem", "optim", "train")
 """Benchmark levels in the order ``--level all`` runs them."""
 
 __all__ = ["LEVELS"]

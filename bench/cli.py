@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-LEVEL_CHOICES = ("kernels", "e2e", "mem", "optim", "all")
+LEVEL_CHOICES = ("kernels", "e2e", "mem", "optim", "train", "all")
 PRESET_CHOICES = ("tiny", "small", "medium", "1b", "3b", "8b")  # == trilora.bench.e2e.PRESETS
 SKIPPABLE = ("trilora", "bnb_peft", "bf16_peft")
 # Everything trilora bench writes at the top of --out (see the module docstring).
@@ -226,6 +226,15 @@ def _run(args: argparse.Namespace, out_dir: Path) -> int:
         rows += level_rows
         notes += level_notes
         notes.append(f"e2e level: {time.perf_counter() - t:.0f} s")
+    if "train" in levels:
+        from trilora.bench import train as train_level
+
+        t = time.perf_counter()
+        print("level train")
+        level_rows, level_notes = train_level.run(args.quick)
+        rows += level_rows
+        notes += level_notes
+        notes.append(f"train level: {time.perf_counter() - t:.0f} s")
     if "mem" in levels:
         t = time.perf_counter()
         print("level mem")

@@ -140,7 +140,9 @@ def _quantize_4bit_kernel(
     xe = tl.load(x_ptr + even, mask=in_e, other=0.0).to(tl.float32)
     xo = tl.load(x_ptr + even + 1, mask=in_o, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))
-    amax_c = tl.maximum(amax, 1e-38)
+    # An explicit fp32 constant: triton <= 3.6 types a Python float below 2**-126 as fp64,
+    # which would make amax_c fp64 (and div_rn refuse it).
+    amax_c = tl.maximum(amax, tl.full(amax.shape, 1e-38, tl.float32))
     # bitsandbytes scales full blocks by x * (1/absmax) but the trailing partial block by
     # x / absmax, and returns the clamped absmax only for that partial block. Both copied so
     # the bytes match; div_rn keeps IEEE rounding on the GPU (plain '/' is approximate there).
@@ -231,8 +233,8 @@ def _check_code(code: torch.Tensor) -> None:
 def quantize_bounds(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Midpoints (fp32 [15]) of the sorted ``code`` and ``order`` (int32 [16]) = argsort(code).
 
-    Computed on the CPU with torch.argsort, as bitsandbytes does, so the FP4 tie between +0
-    and -0 resolves identically. Callers that quantize often should cache the result.
+    Computed on the CPU with torch.argsort, as bitsandbytes does, so the tie between FP4's
+    two zero codes (0 and 8) resolves identically. Callers that quantize often should cache the result.
     """
     _check_code(code)
     c = code.detach().cpu()

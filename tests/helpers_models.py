@@ -85,3 +85,75 @@ def random_batch(
     """``[batch, seq]`` int64 token ids."""
     gen = None if seed is None else torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=gen)
+
+
+def exact_4bit_reference(model: torch.nn.Module) -> torch.nn.Module:
+    """A float64 copy of ``model`` in which every 4-bit linear layer (bitsandbytes' or
+    trilora's ``Linear4bit``) is a plain ``nn.Linear`` holding the exact dequantization of its
+    bytes (``reference_format``): the model the 4-bit checkpoint defines, computed in float64.
+
+    The baseline for model-level parity: bitsandbytes' bytes are right, but its CPU
+    dequantization (and its CPU inference path, which rounds the scales to bf16 on AVX-512
+    machines) is not, so its outputs are not the truth. Build this before running a
+    bitsandbytes model without gradients: that converts its weights to another layout.
+    """
+    import copy
+
+    import reference_format as ref
+
+    import trilora
+
+    try:
+        from bitsandbytes.nn import Linear4bit as BnbLinear4bit
+    except ImportError:  # trilora-only models need no bitsandbytes
+        BnbLinear4bit = ()
+    exact = copy.deepcopy(model)
+    for name, module in list(exact.named_modules()):
+        if isinstance(module, trilora.Linear4bit):
+            weight = ref.dequantize_trilora(module.quantized_weight())
+        elif BnbLinear4bit and isinstance(module, BnbLinear4bit):
+            state = module.weight.quant_state
+            assert not getattr(state, "packing_format_for_cpu", False), (
+                f"{name}: bitsandbytes already repacked this weight for CPU inference"
+            )
+            weight = ref.dequantize_bnb(module.weight.data, state)
+        else:
+            continue
+        linear = torch.nn.Linear(
+            module.in_features, module.out_features, bias=module.bias is not None,
+            dtype=torch.float64,
+        )  # fmt: skip
+        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if module.bias is not None:
+            linear.bias = torch.nn.Parameter(
+                module.bias.detach().double(), requires_grad=module.bias.requires_grad
+            )
+        if not name:  # the model is one 4-bit layer
+            return linear
+        parent, _, child = name.rpartition(".")
+        setattr(exact.get_submodule(parent) if parent else exact, child, linear)
+    return exact.double()
+
+
+def bnb_cpu_dequantize_wrong(shapes, quant_type: str = "nf4", blocksize: int = 64) -> list:
+    """The weight shapes for which bitsandbytes' CPU ``dequantize_4bit`` is wrong on this
+    machine (it is for some shapes on AVX-512 CPUs; docs/bitsandbytes-cpu.md).
+
+    A test that compares with bitsandbytes' CPU outputs checks its shapes with this first.
+    """
+    import bitsandbytes.functional as bnbf
+    import reference_format as ref
+
+    wrong = []
+    for shape in shapes:
+        weight = torch.randn(shape)
+        for double_quant in (False, True):
+            packed, state = bnbf.quantize_4bit(
+                weight, blocksize=blocksize, quant_type=quant_type,
+                compress_statistics=double_quant,
+            )  # fmt: skip
+            exact = ref.expected(ref.dequantize_bnb(packed, state), torch.float32)
+            if not torch.equal(bnbf.dequantize_4bit(packed, state), exact):
+                wrong.append(tuple(shape))
+                break
+    return wrong

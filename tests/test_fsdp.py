@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import socket
+import gc
+import queue
+import time
 
 import pytest
 import torch
@@ -15,15 +16,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, seed: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, store: str, seed: int, results) -> None:
+    # A file rendezvous: a TCP port picked by binding and releasing it can be taken by
+    # another process (other test runs on a shared machine) before rank 0 binds it again.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -66,18 +62,35 @@ def _worker(rank: int, world: int, port: int, seed: int, results) -> None:
                 "grad_err": ((grad.float() - ref_grad).abs().max() / ref_grad.abs().max()).item(),
             }
         )
+        # Tear down in step: the FSDP module graph is cyclic garbage that holds the process
+        # group, so free it while the group is alive, and let no rank close its connections
+        # while the other may still be communicating.
+        del model, layer, shard, y, grad, full_packed
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def test_fully_shard_with_bf16_storage(seed):
+def test_fully_shard_with_bf16_storage(seed, tmp_path):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     world = 2
-    mp.start_processes(
-        _worker, args=(world, _free_port(), seed, results), nprocs=world, start_method="spawn"
-    )
-    rows = sorted((results.get(timeout=60) for _ in range(world)), key=lambda r: r["rank"])
+    procs = mp.start_processes(
+        _worker, args=(world, str(tmp_path / "store"), seed, results), nprocs=world,
+        start_method="spawn", join=False,
+    )  # fmt: skip
+    # Read the results while the ranks run (a rank that dies raises here, with its error).
+    rows, deadline = [], time.monotonic() + 600
+    while len(rows) < world and time.monotonic() < deadline:
+        try:
+            rows.append(results.get(timeout=1))
+        except queue.Empty:
+            procs.join(timeout=0)
+    assert len(rows) == world, f"{len(rows)} of {world} ranks reported within 600 s"
+    while not procs.join(timeout=60):
+        pass
+    rows.sort(key=lambda r: r["rank"])
     for r in rows:
         assert r["shard_rows"] * world == r["total_rows"], r
         assert r["bytes_untouched"], r

@@ -83,6 +83,8 @@ def test_cli_merge_missing_adapter(tmp_path, capsys):
     path = save_tiny_model(tmp_path / "m", "llama")
     (tmp_path / "nope").mkdir()
     argv = ["merge", str(tmp_path / "nope"), "--base", str(path), "--out", str(tmp_path / "out")]
+    capsys.readouterr()
     assert main(argv) == 1  # one line, no traceback (tests/test_cli_merge.py has the rest)
-    assert "adapter_config.json" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert "adapter_config.json" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()

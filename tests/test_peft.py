@@ -1,4 +1,11 @@
-"""trilora.patch / get_peft_model against transformers + bitsandbytes + PEFT on the CPU."""
+"""trilora.patch / get_peft_model against transformers + bitsandbytes + PEFT on the CPU.
+
+The baseline is PEFT's model over bitsandbytes' 4-bit bytes, computed exactly: every
+bitsandbytes ``Linear4bit`` replaced by the float64 dequantization of its bytes
+(``exact_4bit_reference``). bitsandbytes' own CPU outputs are not the truth: its CPU
+dequantization is wrong for some shapes on AVX-512 machines and its CPU inference path rounds
+the scales to bf16 (docs/bitsandbytes-cpu.md).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,13 @@ import warnings
 
 import pytest
 import torch
-from helpers_models import ARCHS, load_bnb_4bit, random_batch, save_tiny_model
+from helpers_models import (
+    ARCHS,
+    exact_4bit_reference,
+    load_bnb_4bit,
+    random_batch,
+    save_tiny_model,
+)
 from torch import nn
 
 import trilora
@@ -34,6 +47,7 @@ def _lora(**kw) -> LoraConfig:
 
 
 def _pair(tmp_path, arch, seed, **lora_kw):
+    """``(path, ref, ours)``: PEFT over bitsandbytes, and trilora's patch of a copy of it."""
     path = save_tiny_model(tmp_path / arch, arch, seed=seed)
     torch.manual_seed(seed)
     ref = peft.get_peft_model(load_bnb_4bit(path), _lora(**lora_kw))
@@ -49,15 +63,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_parity_logits_loss_grads(tmp_path, arch, seed):
-    # Same 4-bit bytes and the same LoRA factors; both sides compute in fp32 (bnb's CPU path
-    # dequantizes to fp32 and calls the same matmul), so differences are fp32 reassociation
-    # only: ~1e-7 relative per op, amplified by at most a few orders of magnitude through
-    # two layers and softmax. 1e-5 relative leaves margin yet catches any wrong term (a
-    # missing scale or bias is O(1e-1)).
+    # Same 4-bit bytes and the same LoRA factors; trilora computes in fp32, the reference in
+    # float64, so differences are fp32 rounding only: ~1e-7 relative per op, amplified by at
+    # most a few orders of magnitude through two layers and softmax. 1e-5 relative leaves
+    # margin yet catches any wrong term (a missing scale or bias is O(1e-1)).
     _, ref, ours = _pair(tmp_path, arch, seed, use_rslora=arch == "mistral")
     assert [n for n, _ in ref.named_parameters()] == [n for n, _ in ours.named_parameters()]
     n_lora = sum(isinstance(m, TriloraLoraLayer) for m in ours.modules())
     assert n_lora == 14
+    ref = exact_4bit_reference(ref)
     ids = random_batch(256, seed=seed)
     out_r, out_o = ref(ids, labels=ids), ours(ids, labels=ids)
     assert _rel(out_o.logits, out_r.logits) < 1e-5
@@ -96,13 +110,20 @@ def test_plain_linear_base_is_quantized(tmp_path, seed):
     ref = peft.get_peft_model(ref, _lora(target_modules=["q_proj", "down_proj"]))
     ref.load_state_dict({k: v for k, v in ours.state_dict().items() if "lora_" in k}, strict=False)
     ids = random_batch(256, seed=seed)
+    # The bnb reference also quantized k/v/o/gate/up; ours kept them in fp32, so only the
+    # targeted layers are compared directly: same bytes, and the same LoRA layer computed
+    # exactly over them.
+    lo = ours.base_model.model.model.layers[1].self_attn.q_proj
+    lr = ref.base_model.model.model.layers[1].self_attn.q_proj
+    mine = lo.base_layer.quantized_weight()
+    theirs = trilora.QuantizedWeight.from_bnb(
+        lr.base_layer.weight, lr.base_layer.weight.quant_state
+    )
+    assert torch.equal(mine.packed.view(torch.uint8), theirs.packed.view(torch.uint8))
+    assert torch.equal(mine.scales(), theirs.scales())
+    x = torch.randn(3, 64)
     with torch.no_grad():
-        # The bnb reference also quantized k/v/o/gate/up; ours kept them in fp32, so only the
-        # targeted layers are compared directly.
-        x = torch.randn(3, 64)
-        lo = ours.base_model.model.model.layers[1].self_attn.q_proj
-        lr = ref.base_model.model.model.layers[1].self_attn.q_proj
-        assert _rel(lo(x), lr(x)) < 1e-6
+        assert _rel(lo(x), exact_4bit_reference(lr)(x.double())) < 1e-6
     assert ours(ids).logits.isfinite().all()
 
 
@@ -111,11 +132,11 @@ def test_adapter_files_interoperate(tmp_path, seed):
     ids = random_batch(256, seed=seed)
     with torch.no_grad():
         expect = ours(ids).logits
-    # trilora -> vanilla PEFT + bitsandbytes
+    # trilora -> vanilla PEFT + bitsandbytes: the model it loads is ours
     ours.save_pretrained(tmp_path / "ad")
     fresh = PeftModel.from_pretrained(load_bnb_4bit(path), tmp_path / "ad")
     with torch.no_grad():
-        assert _rel(fresh(ids).logits, expect) < 1e-5
+        assert _rel(expect, exact_4bit_reference(fresh)(ids).logits) < 1e-5
     # vanilla PEFT -> trilora (a base loaded by trilora itself)
     ref.save_pretrained(tmp_path / "ad_ref")
     base = trilora.from_pretrained(path, compute_dtype=torch.float32, dtype=torch.float32)
@@ -124,7 +145,7 @@ def test_adapter_files_interoperate(tmp_path, seed):
     )
     assert sum(isinstance(m, TriloraLoraLayer) for m in mine.modules()) == 14
     with torch.no_grad():
-        assert _rel(mine(ids).logits, ref(ids).logits) < 1e-5
+        assert _rel(mine(ids).logits, exact_4bit_reference(ref)(ids).logits) < 1e-5
 
 
 def test_multiple_adapters(tmp_path, seed):
@@ -134,6 +155,7 @@ def test_multiple_adapters(tmp_path, seed):
     ref.add_adapter("other", second)
     ours.add_adapter("other", copy.deepcopy(second))
     ours.load_state_dict({k: v for k, v in ref.state_dict().items() if "lora_" in k}, strict=False)
+    ref = exact_4bit_reference(ref)
     ids = random_batch(256, seed=seed)
     with torch.no_grad():
         for name in ("other", "default"):

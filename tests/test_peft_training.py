@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers_models import load_bnb_4bit, random_batch, save_tiny_model
+from helpers_models import bnb_cpu_dequantize_wrong, load_bnb_4bit, random_batch, save_tiny_model
 
 import trilora
 
@@ -23,6 +23,13 @@ def test_thirty_steps_match_bitsandbytes(tmp_path, seed):
     # start at fp32 reassociation (~1e-7 relative) and AdamW's normalized updates can grow
     # them, but over 30 steps at lr 1e-3 they stay orders of magnitude below 1e-4 relative;
     # a wrong gradient (e.g. a missing scale on dA) shifts the curve by >1e-2 within steps.
+    # bitsandbytes is the reference here because it computes right for these shapes: every
+    # linear layer's input width (64, 128) is a multiple of the blocksize, and the models train
+    # (its CPU inference path rounds the scales to bf16). Some other shapes its CPU
+    # dequantization gets wrong on AVX-512 machines (docs/bitsandbytes-cpu.md): checked first.
+    wrong = bnb_cpu_dequantize_wrong([(64, 64), (32, 64), (128, 64), (64, 128)])
+    if wrong:
+        pytest.skip(f"bitsandbytes' CPU dequantization is wrong here for weights {wrong}")
     path = save_tiny_model(tmp_path / "m", "mistral", seed=seed)
     torch.manual_seed(seed)
     cfg = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")

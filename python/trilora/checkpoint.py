@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -249,6 +250,39 @@ class CheckpointState:
 # ---------------------------------------------------------------------------------------
 
 
+def _kv_cache_types() -> tuple[type, ...]:
+    # transformers' public cache base class, if transformers is in use (a model that passes a
+    # cache has imported it); no import here, so plain torch models pay nothing.
+    cache_utils = sys.modules.get("transformers.cache_utils")
+    cache = getattr(cache_utils, "Cache", None)
+    return (cache,) if isinstance(cache, type) else ()
+
+
+def _without_kv_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``args``/``kwargs`` of a checkpointed layer call with the KV cache taken out.
+
+    Under checkpointing the layer runs twice (forward, then the recompute in backward), so a
+    cache would get this layer's keys and values appended twice, and would keep every layer's
+    keys and values alive until the step ends. transformers' own checkpointing drops the cache
+    for the same reason. The cache is found by its type, whatever keyword (``cache``,
+    ``past_key_values``, ``past_key_value``, ``layer_past``, ...) or position carries it, so a
+    renamed keyword cannot bring it back. ``use_cache`` is the one flag name every
+    transformers decoder layer shares; it is switched off too, but correctness does not
+    depend on it (a layer with no cache object has nothing to append to).
+    """
+    types = _kv_cache_types()
+    if types:
+        args = tuple(None if isinstance(a, types) else a for a in args)
+        kwargs = {k: None if isinstance(v, types) else v for k, v in kwargs.items()}
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    return args, kwargs
+
+
+def _on_cuda(kwargs: dict) -> bool:
+    return any(isinstance(v, torch.Tensor) and v.is_cuda for v in kwargs.values())
+
+
 def _checkpointed_forward(orig, state: CheckpointState, index: int, last: bool, *args, **kwargs):
     if not torch.is_grad_enabled():
         return orig(*args, **kwargs)
@@ -257,17 +291,15 @@ def _checkpointed_forward(orig, state: CheckpointState, index: int, last: bool, 
     if not args and "hidden_states" in kwargs:
         args = (kwargs.pop("hidden_states"),)
     hidden = args[0] if args and isinstance(args[0], torch.Tensor) else None
-    # The recompute would append this layer's keys/values to the KV cache a second time
-    # (transformers' own checkpointing drops the cache for the same reason).
-    for name in ("past_key_values", "past_key_value", "layer_past"):
-        if kwargs.get(name) is not None:
-            kwargs[name] = None
-    if kwargs.get("use_cache"):
-        kwargs["use_cache"] = False
+    args, kwargs = _without_kv_cache(args, kwargs)
 
     def run(*a):
         return orig(*a, **kwargs)
 
+    if state.offload and not last and hidden is None and (state.simulate or _on_cuda(kwargs)):
+        # The layer input is found positionally (or as ``hidden_states=``); a model that
+        # passes it otherwise still trains, checkpointed, with the input kept on the device.
+        state._fallback("a decoder layer was called without a positional input tensor")
     if not state.offload or last or hidden is None:
         return checkpoint(run, *args, use_reentrant=False)
 

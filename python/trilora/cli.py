@@ -37,6 +37,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "trilora.selfcheck.cli",
         "validate trilora here: versions, correctness, speed, memory, e2e (--gpu)",
     ),
+    "train": ("trilora.train.cli", "fine-tune from JSONL (SFT, DPO); --demo runs SmolLM2"),
+    "data": ("trilora.train.data_cli", "check a JSONL dataset: format, duplicates, token lengths"),
 }
 
 VERSION = "0.1.0"  # == trilora.__version__ (kept here so --version imports nothing)

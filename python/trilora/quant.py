@@ -50,9 +50,11 @@ _NF4 = [
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ]  # fmt: skip
-# FP4 with sign bit 3 and exponent bias 2, listed in bit order.
+# FP4 with sign bit 3 and exponent bias 2, listed in bit order. Code 8 is "-0", but
+# bitsandbytes stores it as +0.0 (its table literal is the integer 0); so do we, so that a
+# checkpoint's quant_map bytes are identical. Both zeros decode to the same value.
 _FP4 = [
-    0,
+    0.0,
     0.0625,
     8.0,
     12.0,
@@ -60,7 +62,7 @@ _FP4 = [
     6.0,
     2.0,
     3.0,
-    -0.0,
+    0.0,
     -0.0625,
     -8.0,
     -12.0,

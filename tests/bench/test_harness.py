@@ -262,13 +262,29 @@ def test_cli_writes_json_csv_report(tmp_path):
 # --- end to end ---------------------------------------------------------------------------------
 
 
-def test_e2e_tiny_both_providers_train_identically(tmp_path):
+def test_e2e_tiny_both_providers_train_identically(tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
+    from helpers_models import bnb_cpu_dequantize_wrong
+
     from trilora.bench import e2e
 
+    # Both providers train one checkpoint and must produce the same run, so bitsandbytes
+    # must compute right here. Its CPU dequantization is wrong on AVX-512 machines for some
+    # shapes whose quantization blocks cross row ends (docs/bitsandbytes-cpu.md), such as
+    # the tiny preset's 688-wide down_proj; this run uses the tiny preset with every linear
+    # layer's input width a multiple of the blocksize, and checks that bitsandbytes decodes
+    # exactly those shapes right on this machine before comparing with it.
+    preset = dict(e2e.PRESETS["tiny"], intermediate_size=640)
+    monkeypatch.setitem(e2e.PRESETS, "tiny-aligned", preset)
+    h, inter = preset["hidden_size"], preset["intermediate_size"]
+    kv = h // preset["num_attention_heads"] * preset["num_key_value_heads"]
+    wrong = bnb_cpu_dequantize_wrong([(h, h), (kv, h), (inter, h), (h, inter)])
+    if wrong:
+        pytest.skip(f"bitsandbytes' CPU dequantization is wrong here for weights {wrong}")
     plan = e2e.E2EPlan(
-        "tiny", batch=1, seq_len=16, steps=2, warmup_steps=0, dtype=torch.float32, interleave=True
-    )
+        "tiny-aligned", batch=1, seq_len=16, steps=2, warmup_steps=0, dtype=torch.float32,
+        interleave=True,
+    )  # fmt: skip
     rows, _, curves = e2e.run(plan, CPU, log=lambda s: None, workdir=tmp_path)
     ok = [r for r in rows if r["status"] == "ok"]
     assert {r["provider"] for r in ok} == {"trilora", "bnb_peft"}

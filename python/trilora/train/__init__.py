@@ -1,0 +1,20 @@
+"""The thin trainer: ``trilora train`` (SFT and DPO from JSONL) and ``trilora data check``.
+
+Modules (data flows down only: this package -> loading/peft/memory/optim -> nn -> ops):
+
+* :mod:`~trilora.train.config`: :class:`TrainConfig`, YAML + flags, validation (no torch).
+* :mod:`~trilora.train.data`: JSONL reading, the four SFT shapes and DPO pairs, tokenization
+  with response-only labels, truncation accounting, packing, length-grouped batches.
+* :mod:`~trilora.train.model`: model loading (HF folder, bitsandbytes 4-bit, GGUF), LoRA /
+  other PEFT methods / full fine-tuning, trilora's memory options.
+* :mod:`~trilora.train.optim`: the one place optimizers and LR schedules are built.
+* :mod:`~trilora.train.loop`: the training loop, evaluation, resume.
+* :mod:`~trilora.train.dpo`: sequence log-probabilities and the DPO loss.
+* :mod:`~trilora.train.state`: run checkpoints (atomic, last K kept) and RNG state.
+* :mod:`~trilora.train.reporting`: progress bar, metrics.jsonl, TensorBoard, loss curve,
+  base-vs-tuned comparison, summary.
+* :mod:`~trilora.train.demo`, :mod:`~trilora.train.demo_data`: ``trilora train --demo``.
+* :mod:`~trilora.train.cli`, :mod:`~trilora.train.data_cli`: the commands.
+
+Importing this package is cheap (no torch): the CLI imports it for ``--help``.
+"""

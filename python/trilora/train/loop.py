@@ -1,0 +1,609 @@
+"""The training loop: ``trilora train`` as a library call, :func:`train`.
+
+One run lives in one folder (``cfg.out``)::
+
+    config.yaml         the resolved configuration
+    run.json            model / data fingerprints, trilora version (resume checks them)
+    metrics.jsonl       one line per logged step and evaluation
+    base.json           the base model's held-out loss and answers (before training)
+    checkpoints/        step-XXXXXXXX/ (resumable; last --keep-last kept)
+    adapter/            the final adapter, PEFT format (full fine-tuning: model/)
+    summary.json        final numbers; loss_curve.png; samples.md; merged/ with --merge
+
+Determinism: every random draw comes from generators seeded by ``cfg.seed`` and saved in
+each checkpoint; batches are a pure function of ``(seed, epoch)``; nothing depends on the
+wall clock. So a run resumed from a checkpoint replays the uninterrupted run's losses bit
+for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trilora.io import UsageError, UserError, atomic_directory, atomic_write_json, check_output
+from trilora.train import data as D
+from trilora.train.config import (
+    TrainConfig,
+    config_differences,
+    config_fingerprint,
+    dump_yaml,
+)
+from trilora.train.reporting import (
+    MetricsLog,
+    Progress,
+    human_bytes,
+    peak_memory_bytes,
+    perplexity,
+    plot_loss_curve,
+    side_by_side,
+)
+
+__all__ = ["train"]
+
+FORMAT = 1
+SHOWN_SAMPLES = 3  # answers printed side by side (all are in samples.md)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# the run folder
+# ---------------------------------------------------------------------------------------
+
+
+def _abs(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def _prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
+    """Check the output folder before any heavy work; write config.yaml into it."""
+    from trilora import __version__
+    from trilora.io import atomic_write_text
+    from trilora.train.model import model_fingerprint
+    from trilora.train.state import latest_checkpoint
+
+    run_dir = Path(cfg.out).expanduser()
+    inputs = [cfg.model, cfg.data, cfg.val_data, cfg.peft_config]
+    fingerprints = {
+        "model": model_fingerprint(cfg.model),
+        "data": D.fingerprint_file(cfg.data) if Path(cfg.data).is_file() else None,
+        "val_data": D.fingerprint_file(cfg.val_data)
+        if cfg.val_data and Path(cfg.val_data).is_file() else None,
+    }  # fmt: skip
+    holds_run = (run_dir / "run.json").is_file()
+    if resume:
+        if not holds_run:
+            raise UsageError(f"--resume: {run_dir} holds no trilora run (no run.json); start a "
+                             "new run without --resume")  # fmt: skip
+        import json
+
+        saved = json.loads((run_dir / "run.json").read_text())
+        diffs = config_differences(saved.get("config", {}), cfg)
+        for key in ("model", "data", "val_data"):
+            if saved.get("fingerprints", {}).get(key) != fingerprints[key]:
+                diffs.append(f"{key} files changed since the run started")
+        if diffs:
+            raise UsageError(f"--resume: {run_dir} was started with another model or config ("
+                             + "; ".join(diffs[:6]) + "); resume with the same settings or "
+                             "start a new run in another folder")  # fmt: skip
+        if latest_checkpoint(run_dir) is None:
+            _log(f"{run_dir} has no complete checkpoint yet; starting it again from step 0")
+        return run_dir
+    if holds_run and not overwrite:
+        raise UsageError(f"--out {run_dir} holds another run; pass --resume to continue it or "
+                         "--overwrite to replace it")  # fmt: skip
+    check_output(run_dir, overwrite=overwrite, inputs=[i for i in inputs if i], flag="--out")
+    if run_dir.exists() and overwrite:
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        atomic_write_json(run_dir / "run.json", {
+            "format": FORMAT, "trilora": __version__, "config": config_fingerprint(cfg),
+            "fingerprints": fingerprints, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        })  # fmt: skip
+    except OSError as exc:
+        raise UserError(f"--out {run_dir}: cannot write there ({exc.strerror or exc})") from None
+    return run_dir
+
+
+def _check_free_space(run_dir: Path, trainable_bytes: int, keep_last: int) -> None:
+    # A checkpoint holds the trainable tensors, two AdamW moments and small state; the
+    # final adapter one more copy. Refuse to start a run that cannot save.
+    need = trainable_bytes * 3 * (keep_last + 1) + trainable_bytes + (1 << 20)
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise UserError(f"--out {run_dir}: {human_bytes(free)} free, but checkpoints need about "
+                        f"{human_bytes(need)}; free some space or lower --keep-last")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Data:
+    train: list
+    val: list
+    val_records: list[dict]
+    rows: list[list]  # SFT: rows of examples (packed or one each); DPO: pairs
+    lengths: list[int]
+    stats: D.DataStats
+    val_stats: D.DataStats | None
+
+
+def _load_data(cfg: TrainConfig, tokenizer) -> Data:
+    examples, records, stats = D.load_dataset(cfg.data, tokenizer, cfg.max_seq_len, cfg.method,
+                                              cfg.skip_bad_lines)  # fmt: skip
+    val_stats = None
+    if cfg.val_data:
+        val, val_records, val_stats = D.load_dataset(cfg.val_data, tokenizer, cfg.max_seq_len,
+                                                     cfg.method, cfg.skip_bad_lines)  # fmt: skip
+        train = examples
+    else:
+        train_idx, val_idx = D.split_validation(len(examples), cfg.val_fraction, cfg.seed)
+        train = [examples[i] for i in train_idx]
+        val = [examples[i] for i in val_idx]
+        val_records = [records[i] for i in val_idx]
+    if cfg.method == "dpo":
+        rows = train
+    elif cfg.packing:
+        rows = D.pack(train, cfg.max_seq_len)
+    else:
+        rows = [[e] for e in train]
+    lengths = [len(r) if cfg.method == "dpo" else sum(len(e) for e in r) for r in rows]
+    return Data(train, val, val_records, rows, lengths, stats, val_stats)
+
+
+class BatchStream:
+    """Micro-batch ``g`` of the run, for any ``g``: epoch ``g // per_epoch``, batch ``g % per_epoch``."""
+
+    def __init__(self, data: Data, cfg: TrainConfig, pad_id: int):
+        self.data, self.cfg, self.pad_id = data, cfg, pad_id
+        self.per_epoch = math.ceil(len(data.rows) / cfg.batch_size)
+        self._epoch, self._batches = -1, []
+
+    def get(self, g: int) -> tuple[dict[str, Any], list[int]]:
+        epoch, index = divmod(g, self.per_epoch)
+        if epoch != self._epoch:
+            self._batches = D.batches_for_epoch(self.data.lengths, self.cfg.batch_size,
+                                                self.cfg.seed, epoch, self.cfg.group_by_length)  # fmt: skip
+            self._epoch = epoch
+        idx = self._batches[index]
+        if self.cfg.method == "dpo":
+            return D.collate_pairs([self.data.rows[i] for i in idx], self.pad_id), idx
+        return D.collate([self.data.rows[i] for i in idx], self.pad_id), idx
+
+
+# ---------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, data: Data, cfg: TrainConfig, pad_id: int, autocast_dtype,
+             ref_logps: torch.Tensor | None = None, base_mode=None) -> dict[str, float]:  # fmt: skip
+    """Held-out loss and perplexity (SFT) or DPO loss and preference accuracy."""
+    from trilora.train.losses import token_losses
+
+    was_training = model.training
+    model.eval()
+    try:
+        if cfg.method == "sft":
+            total, count = 0.0, 0
+            for s in range(0, len(data.val), cfg.eval_batch_size):
+                batch = D.collate([[e] for e in data.val[s : s + cfg.eval_batch_size]], pad_id)
+                total += float(token_losses(model, batch, "sum", autocast_dtype))
+                count += int((batch["labels"][:, 1:] != D.IGNORE).sum())
+            loss = total / max(count, 1)
+            return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": count}
+        from trilora.train.dpo import dpo_losses, sequence_logps
+
+        losses, wins, margins = [], 0, 0.0
+        for s in range(0, len(data.val), cfg.eval_batch_size):
+            pairs = data.val[s : s + cfg.eval_batch_size]
+            batch = D.collate_pairs(pairs, pad_id)
+            pol = sequence_logps(model, batch, autocast_dtype)
+            if base_mode is not None:
+                with base_mode():
+                    ref = sequence_logps(model, batch, autocast_dtype)
+            else:
+                ref = pol
+            loss, _, _ = dpo_losses(pol, ref, cfg.beta)
+            losses += loss.tolist()
+            b = len(pairs)
+            wins += int((pol[:b] > pol[b:]).sum())
+            margins += float((pol[:b] - pol[b:]).sum())
+        n = max(len(data.val), 1)
+        return {"eval_loss": sum(losses) / n, "eval_chosen_preferred": wins / n,
+                "eval_logp_margin": margins / n}  # fmt: skip
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int,
+                     batch_size: int = 16) -> list[str]:  # fmt: skip
+    """Greedy answers to ``prompts`` (left-padded batches)."""
+    if not prompts:
+        return []
+    was_training = model.training
+    model.eval()
+    device = next(p.device for p in model.parameters())
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers = []
+    try:
+        for s in range(0, len(prompts), batch_size):
+            chunk = prompts[s : s + batch_size]
+            # Chat-rendered prompts spell out their special tokens.
+            enc = tokenizer(chunk, return_tensors="pt", padding=True,
+                            add_special_tokens=not getattr(tokenizer, "chat_template", None))  # fmt: skip
+            enc = {k: v.to(device) for k, v in enc.items()}
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, use_cache=True)  # fmt: skip
+            new = out[:, enc["input_ids"].shape[1] :]
+            answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return answers
+
+
+# ---------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _precompute_ref(model, data: Data, cfg, pad_id, autocast_dtype, base_mode, run_dir):
+    from trilora.train.dpo import sequence_logps
+
+    path = run_dir / "ref_logps.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    was_training = model.training
+    model.eval()
+    out = torch.empty(len(data.rows), 2)
+    with torch.no_grad(), base_mode():
+        for s in range(0, len(data.rows), cfg.eval_batch_size):
+            pairs = data.rows[s : s + cfg.eval_batch_size]
+            lp = sequence_logps(model, D.collate_pairs(pairs, pad_id), autocast_dtype)
+            b = len(pairs)
+            out[s : s + b, 0] = lp[:b].float().cpu()
+            out[s : s + b, 1] = lp[b:].float().cpu()
+    model.train(was_training)
+    tmp = run_dir / ".ref_logps.pt.tmp"
+    torch.save(out, tmp)
+    tmp.replace(path)
+    return out
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+          device: str | None = None, quiet: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Run ``cfg`` to the end; return the summary (also written to ``OUT/summary.json``)."""
+    from trilora.train import state as S
+    from trilora.train.losses import sft_loss
+    from trilora.train.model import (
+        base_model_mode,
+        load_model,
+        load_trainable_state,
+        trainable_state,
+    )
+    from trilora.train.optim import build_optimizer, build_scheduler, clip_gradients
+
+    cfg.validate()
+    for name in ("model", "data", "val_data", "peft_config"):
+        setattr(cfg, name, _abs(getattr(cfg, name)))
+    say = (lambda *_: None) if quiet else _log
+    run_dir = _prepare_run_dir(cfg, resume, overwrite)
+    t_start = time.perf_counter()
+    _seed_everything(cfg.seed)
+    lm = load_model(cfg, torch.device(device) if device else None, log=say)
+    model, tokenizer = lm.model, lm.tokenizer
+    autocast_dtype = (
+        torch.bfloat16 if lm.device.type == "cuda" and lm.compute_dtype == torch.bfloat16 else None
+    )
+    if lm.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainable_bytes = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    _check_free_space(run_dir, trainable_bytes, cfg.keep_last)
+    data = _load_data(cfg, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    stream = BatchStream(data, cfg, pad_id)
+    if cfg.max_steps is not None:
+        total_micro = cfg.max_steps * cfg.grad_accum
+    else:
+        total_micro = max(1, math.floor(cfg.epochs * stream.per_epoch))
+    total_steps = math.ceil(total_micro / cfg.grad_accum)
+    warmup = (
+        cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total_steps)
+    )
+    optimizer = build_optimizer(cfg.optim, model, cfg.lr, cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, total_steps, warmup, cfg.scheduler)
+
+    def base_mode():
+        return base_model_mode(model, lm.has_adapter)
+
+    say(f"model {cfg.model}: {lm.total_params / 1e6:.1f}M parameters, "
+        f"{lm.trainable_params / 1e6:.2f}M trainable ({cfg.finetune}, base {cfg.quant}, "
+        f"{lm.device.type}); data: {len(data.train)} train / {len(data.val)} held-out examples, "
+        f"{data.stats.truncated} truncated at {cfg.max_seq_len} tokens"
+        + (f", {data.stats.bad_lines} bad lines skipped" if data.stats.bad_lines else "")
+        + (f", packed into {len(data.rows)} rows" if cfg.packing else "")
+        + f"; {total_steps} steps")  # fmt: skip
+
+    start_step, micro_done, tokens_seen, elapsed_before = 0, 0, 0, 0.0
+    ckpt = S.latest_checkpoint(run_dir) if resume else None
+    if resume:
+        S.remove_partial(run_dir)
+    if ckpt is not None:
+        parts = S.load_checkpoint(ckpt)
+        load_trainable_state(model, parts["trainable"])
+        optimizer.load_state_dict(parts["optimizer"])
+        scheduler.load_state_dict(parts["scheduler"])
+        st = parts["trainer_state"]
+        start_step, micro_done = st["step"], st["micro_batches"]
+        tokens_seen, elapsed_before = st["tokens_seen"], st["elapsed"]
+        S.set_rng_state(parts["rng"])
+        say(f"resumed from {ckpt} (step {start_step} of {total_steps})")
+    import json
+
+    base_path = run_dir / "base.json"
+    base: dict[str, Any]
+    if base_path.is_file():
+        base = json.loads(base_path.read_text())
+    else:
+        base = {}
+        # Before any step: for full fine-tuning this is the only moment the base exists.
+        with base_mode():
+            if data.val:
+                base.update(evaluate(model, data, cfg, pad_id, autocast_dtype))
+            _, prompts = _compare_prompts(tokenizer, data, cfg)
+            if prompts:
+                base["answers"] = generate_answers(model, tokenizer, prompts, cfg.max_new_tokens)
+        atomic_write_json(base_path, base)
+    ref_logps = None
+    if cfg.method == "dpo" and cfg.precompute_ref:
+        ref_logps = _precompute_ref(model, data, cfg, pad_id, autocast_dtype, base_mode, run_dir)
+
+    metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if ckpt is not None else 0,
+                         run_dir / "tensorboard" if cfg.tensorboard else None)  # fmt: skip
+    progress = Progress(total_steps, start_step, cfg.progress and not quiet)
+    model.train()
+    t_loop = time.perf_counter()
+    last_eval: dict[str, Any] = {}
+    try:
+        for step in range(start_step, total_steps):
+            t0 = time.perf_counter()
+            micro = [
+                stream.get(g)
+                for g in range(micro_done, min(micro_done + cfg.grad_accum, total_micro))
+            ]
+            if cfg.method == "sft":
+                num_items = sum(int((b["labels"][:, 1:] != D.IGNORE).sum()) for b, _ in micro)
+            else:
+                num_items = sum(len(idx) for _, idx in micro)
+            lr = optimizer.param_groups[0]["lr"]
+            loss_total = 0.0
+            step_tokens = 0
+            extra: dict[str, float] = {}
+            for batch, idx in micro:
+                step_tokens += int(batch["input_ids"].numel())
+                if cfg.method == "sft":
+                    loss = sft_loss(model, batch, num_items, autocast_dtype)
+                else:
+                    loss, stats = _dpo_micro_step(model, batch, idx, num_items, cfg, autocast_dtype,
+                                                  ref_logps, base_mode)  # fmt: skip
+                    for k, v in stats.items():
+                        extra[k] = extra.get(k, 0.0) + v
+                loss.backward()
+                loss_total += float(loss.detach())
+            grad_norm = clip_gradients(optimizer, model, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            micro_done += len(micro)
+            tokens_seen += step_tokens
+            dt = time.perf_counter() - t0
+            record = {"kind": "train", "step": step + 1, "loss": loss_total, "lr": lr,
+                      "grad_norm": grad_norm, "tokens": tokens_seen,
+                      "tokens_per_s": step_tokens / max(dt, 1e-9),
+                      "peak_memory": peak_memory_bytes(lm.device.type),
+                      "epoch": micro_done / stream.per_epoch, **extra}  # fmt: skip
+            if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
+                metrics.write(record)
+            progress.update(record)
+            if not math.isfinite(loss_total):
+                raise UserError(f"the loss became {loss_total} at step {step + 1}; lower --lr or "
+                                "check the data")  # fmt: skip
+            if (
+                cfg.eval_every
+                and (step + 1) % cfg.eval_every == 0
+                and data.val
+                and step + 1 < total_steps
+            ):
+                last_eval = evaluate(model, data, cfg, pad_id, autocast_dtype,
+                                     base_mode=base_mode if cfg.method == "dpo" else None)  # fmt: skip
+                metrics.write({"kind": "eval", "step": step + 1, **last_eval})
+                progress.write(f"step {step + 1}: held-out loss {last_eval['eval_loss']:.4f}")
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+                elapsed = elapsed_before + time.perf_counter() - t_loop
+                S.save_checkpoint(run_dir, step + 1, trainable_state(model), optimizer,
+                                  scheduler, {"format": FORMAT, "step": step + 1,
+                                              "micro_batches": micro_done,
+                                              "tokens_seen": tokens_seen, "elapsed": elapsed},
+                                  cfg.keep_last)  # fmt: skip
+    finally:
+        progress.close()
+    train_time = elapsed_before + time.perf_counter() - t_loop
+
+    tuned: dict[str, Any] = {}
+    if data.val:
+        tuned = evaluate(model, data, cfg, pad_id, autocast_dtype,
+                         base_mode=base_mode if cfg.method == "dpo" else None)  # fmt: skip
+        metrics.write({"kind": "eval", "step": total_steps, **tuned})
+    samples = _compare_answers(model, tokenizer, data, cfg, base_mode, base, run_dir,
+                               lm.has_adapter)  # fmt: skip
+    saved_to = _save_result(model, tokenizer, lm, cfg, run_dir)
+    curve = plot_loss_curve(metrics.records, run_dir / "loss_curve.png")
+    metrics.close()
+    peak = peak_memory_bytes(lm.device.type)
+    summary = {
+        "steps": total_steps, "train_time_s": train_time,
+        "total_time_s": time.perf_counter() - t_start, "tokens": tokens_seen,
+        "tokens_per_s": tokens_seen / max(train_time, 1e-9), "peak_memory": peak,
+        "final_train_loss": next((r["loss"] for r in reversed(metrics.records)
+                                  if r.get("kind") == "train"), None),
+        "base": base, "tuned": tuned, "trainable_params": lm.trainable_params,
+        "total_params": lm.total_params, "truncated": data.stats.truncated,
+        "bad_lines": data.stats.bad_lines, "train_examples": len(data.train),
+        "val_examples": len(data.val), "output": str(saved_to), "run_dir": str(run_dir),
+        "device": lm.device.type, "samples": samples, "base_folder": str(lm.folder),
+        "loss_curve": str(run_dir / "loss_curve.png") if curve else None,
+    }  # fmt: skip
+    if cfg.merge:
+        summary["merged"] = str(_merge(model, lm, run_dir))
+    atomic_write_json(run_dir / "summary.json", summary)
+    if not quiet:
+        _print_summary(summary, cfg)
+    return summary
+
+
+def _dpo_micro_step(model, batch, idx, num_pairs, cfg, autocast_dtype, ref_logps, base_mode):
+    from trilora.train.dpo import dpo_losses, sequence_logps
+
+    if ref_logps is not None:
+        ref = torch.cat([ref_logps[idx, 0], ref_logps[idx, 1]])
+    else:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), base_mode():
+            ref = sequence_logps(model, batch, autocast_dtype)
+        model.train(was_training)
+    policy = sequence_logps(model, batch, autocast_dtype)
+    losses, chosen_r, rejected_r = dpo_losses(policy, ref.to(policy.device), cfg.beta)
+    stats = {
+        "reward_accuracy": float((chosen_r > rejected_r).float().sum()) / num_pairs,
+        "reward_margin": float((chosen_r - rejected_r).sum()) / num_pairs,
+    }
+    return losses.sum() / num_pairs, stats
+
+
+def _compare_prompts(tokenizer, data: Data, cfg) -> tuple[list[dict], list[str]]:
+    """The held-out records compared at the end, and their prompts (records without one dropped)."""
+    if not cfg.compare or not data.val_records:
+        return [], []
+    pairs = [(r, D.prompt_text(tokenizer, r, r["_shape"])) for r in data.val_records[: cfg.compare]]
+    pairs = [(r, p) for r, p in pairs if p]
+    return [r for r, _ in pairs], [p for _, p in pairs]
+
+
+def _compare_answers(model, tokenizer, data: Data, cfg, base_mode, base: dict, run_dir: Path,
+                     has_adapter: bool):  # fmt: skip
+    records, prompts = _compare_prompts(tokenizer, data, cfg)
+    if not prompts:
+        return []
+    if len(base.get("answers", [])) != len(prompts):  # --compare changed on resume
+        if has_adapter:
+            with base_mode():
+                base["answers"] = generate_answers(model, tokenizer, prompts, cfg.max_new_tokens)
+            atomic_write_json(run_dir / "base.json", base)
+        else:
+            base["answers"] = ["(not recorded before training)"] * len(prompts)
+    tuned = generate_answers(model, tokenizer, prompts, cfg.max_new_tokens)
+    rows = []
+    md = ["# Held-out prompts: base vs tuned\n"]
+    for i, (p, a, b) in enumerate(zip(prompts, base["answers"], tuned), 1):
+        ref = D.reference_answer(records[i - 1], records[i - 1]["_shape"])
+        rows.append({"prompt": p, "base": a, "tuned": b, "reference": ref})
+        md += [f"## {i}\n", "**prompt**\n", f"```\n{p}\n```\n", "**base**\n", f"{a}\n",
+               "**tuned**\n", f"{b}\n", "**reference**\n", f"{ref}\n"]  # fmt: skip
+    from trilora.io import atomic_write_text
+
+    atomic_write_text(run_dir / "samples.md", "\n".join(md))
+    return rows
+
+
+def _save_result(model, tokenizer, lm, cfg, run_dir: Path) -> Path:
+    target = run_dir / ("model" if cfg.finetune == "full" else "adapter")
+    try:
+        with atomic_directory(target, overwrite=True) as tmp:
+            if cfg.finetune == "full":
+                from trilora.fused_loss import disable_fused_cross_entropy
+
+                disable_fused_cross_entropy(model)
+                model.save_pretrained(tmp)
+            else:
+                model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError as exc:
+        raise UserError(f"could not save {target}: {exc.strerror or exc}") from exc
+    return target
+
+
+def _merge(model, lm, run_dir: Path) -> Path:
+    import trilora
+
+    target = run_dir / "merged"
+    dtype = torch.bfloat16
+    merged = trilora.merge(model, dtype=dtype) if lm.has_adapter else model
+    with atomic_directory(target, overwrite=True) as tmp:
+        merged.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+    return target
+
+
+def _fmt(x: Any, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _print_summary(s: dict[str, Any], cfg: TrainConfig) -> None:
+    p = print
+    if s["samples"]:
+        shown = s["samples"][:SHOWN_SAMPLES]
+        p(side_by_side([(r["prompt"], r["base"], r["tuned"]) for r in shown]))
+        p("")
+    p(
+        f"done: {s['steps']} steps in {s['train_time_s']:.1f} s ({s['tokens_per_s']:.0f} tokens/s), "
+        f"peak memory {human_bytes(s['peak_memory'])} ({'CUDA' if s['device'] == 'cuda' else 'RSS'})"
+    )
+    if s["tuned"]:
+        b, t = s["base"], s["tuned"]
+        p(f"{'held-out':<22}{'base':>12}{'tuned':>12}")
+        p(f"{'loss':<22}{_fmt(b.get('eval_loss')):>12}{_fmt(t.get('eval_loss')):>12}")
+        if "eval_ppl" in t:
+            p(
+                f"{'perplexity':<22}{_fmt(b.get('eval_ppl'), '.2f'):>12}{_fmt(t.get('eval_ppl'), '.2f'):>12}"
+            )
+        if "eval_chosen_preferred" in t:
+            p(f"{'chosen preferred':<22}{_fmt(b.get('eval_chosen_preferred'), '.1%'):>12}"
+              f"{_fmt(t.get('eval_chosen_preferred'), '.1%'):>12}")  # fmt: skip
+    if s["truncated"]:
+        p(f"{s['truncated']} training examples were truncated at --max-seq-len {cfg.max_seq_len}")
+    p(
+        f"saved {s['output']} (metrics: {s['run_dir']}/metrics.jsonl"
+        + (f", curve: {s['loss_curve']}" if s["loss_curve"] else "")
+        + ")"
+    )
+    if cfg.finetune != "full":
+        nxt = s.get("merged") or f"{s['run_dir']}/merged"
+        p(f"next: trilora merge {s['output']} --base {s['base_folder']} --out {nxt}")

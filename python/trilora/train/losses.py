@@ -1,0 +1,102 @@
+"""Per-token losses straight from the final hidden states (no ``[tokens, vocab]`` logits).
+
+Evaluation and DPO need per-token log-probabilities, not just the mean the model's own
+loss returns. :func:`token_losses` runs the model with its output head replaced by a
+stand-in that captures the head's input (as :mod:`trilora.fused_loss` does for training),
+then scores the tokens with :func:`trilora.ops.linear_cross_entropy` in chunks, so memory
+stays at one chunk of logits whatever the vocabulary. Heads the fused op cannot serve
+(a bias, a quantized head, logit soft-capping) take the plain logits path.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trilora.train.data import IGNORE
+
+__all__ = ["sft_loss", "token_losses"]
+
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _fusable(lm: nn.Module) -> bool:
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or head.bias is not None or not head.weight.is_floating_point():
+        return False
+    cfg = getattr(lm, "config", None)
+    return not any(getattr(cfg, n, None) not in (None, 0, 0.0, 1, 1.0) for n in _LOGIT_TRANSFORMS)
+
+
+@contextmanager
+def _capture_head_input(head: nn.Module, into: list):
+    def stand_in(hidden: torch.Tensor) -> torch.Tensor:
+        into.append(hidden)
+        return hidden.new_empty((*hidden.shape[:-1], 0))
+
+    head.forward = stand_in
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+
+
+def token_losses(model: nn.Module, batch: dict[str, Any], reduction: str = "none",
+                 autocast_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+    """Cross-entropy of every next token: fp32 ``[B, T]`` (0 where ignored), or its sum.
+
+    ``batch`` holds ``input_ids``, ``labels`` and ``attention_mask`` or ``position_ids``
+    (see :func:`trilora.train.data.collate`); position ``t`` scores ``labels[t + 1]``.
+    """
+    lm = _causal_lm(model)
+    device = next(p.device for p in model.parameters())
+    labels = batch["labels"].to(device)
+    ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else torch.autocast(device.type, enabled=False))  # fmt: skip
+    if _fusable(lm):
+        from trilora.ops.linear_cross_entropy import linear_cross_entropy
+
+        head = lm.get_output_embeddings()
+        captured: list[torch.Tensor] = []
+        with _capture_head_input(head, captured), ctx:
+            model(**_inputs(batch, device), use_cache=False)
+        hidden = captured[-1]
+        if hidden.dtype != head.weight.dtype:
+            hidden = hidden.to(head.weight.dtype)
+        return linear_cross_entropy(hidden, head.weight, labels, IGNORE, reduction)
+    with ctx:
+        logits = model(**_inputs(batch, device), use_cache=False).logits
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    losses = F.cross_entropy(logits.float().transpose(1, 2), shifted, ignore_index=IGNORE,
+                             reduction="none")  # fmt: skip
+    return losses.sum() if reduction == "sum" else losses
+
+
+def sft_loss(model: nn.Module, batch: dict[str, Any], num_items: int,
+             autocast_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+    """Summed next-token cross-entropy of ``batch`` divided by ``num_items``.
+
+    ``num_items`` is the number of loss tokens in the whole optimizer step (every
+    micro-batch), so accumulating the gradients of the micro-batches gives exactly the
+    gradient of the token-mean loss over the step. The model's own forward computes it
+    (trilora's fused cross-entropy when enabled), with ``num_items_in_batch``.
+    """
+    device = next(p.device for p in model.parameters())
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else torch.autocast(device.type, enabled=False))  # fmt: skip
+    with ctx:
+        out = model(**inputs, num_items_in_batch=num_items, use_cache=False)
+    return out.loss

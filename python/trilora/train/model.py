@@ -1,0 +1,285 @@
+"""Load the base model and tokenizer, attach what trains, switch on the memory options.
+
+Sources: a Hugging Face folder (full precision, or bitsandbytes 4-bit: its bytes are kept),
+or a ``.gguf`` file, read once through transformers' GGUF loader and cached as a bf16
+Hugging Face folder (``$TRILORA_CACHE``, default ``~/.cache/trilora``), which trilora then
+quantizes like any other folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trilora.io import UsageError, UserError
+from trilora.train.config import TrainConfig
+
+__all__ = ["LoadedModel", "cache_dir", "gguf_to_folder", "load_model", "model_fingerprint"]
+
+# PEFT methods whose forward drops position ids (virtual tokens shift every position).
+_PROMPT_LEARNING = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    folder: Path
+    device: torch.device
+    compute_dtype: torch.dtype
+    has_adapter: bool
+    trainable_params: int
+    total_params: int
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TRILORA_CACHE") or Path.home() / ".cache" / "trilora")
+
+
+def gguf_to_folder(gguf: Path, log=print) -> Path:
+    """A bf16 Hugging Face folder holding the model and tokenizer of ``gguf`` (cached)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trilora.io import atomic_directory
+
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{key[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    log(f"reading {gguf.name} through transformers' GGUF loader (once; cached in {target})")
+    try:
+        extra = {}
+        try:  # transformers >= 5.24 can keep GGUF blocks packed; trilora wants dense weights
+            from transformers import GgufConfig
+
+            extra["quantization_config"] = GgufConfig(gguf_file=gguf.name, dequantize=True)
+        except ImportError:
+            pass
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16, **extra
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except ImportError as exc:
+        raise UserError(
+            f"reading a .gguf file needs the gguf package: pip install gguf ({exc})"
+        ) from None
+    # The config remembers the GGUF quantization; the weights are already dequantized.
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    for attr in ("is_quantized", "hf_quantizer", "quantization_method"):
+        if attr in model.__dict__:
+            model.__dict__.pop(attr)
+    with atomic_directory(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def model_fingerprint(source: str) -> str:
+    """Identity of a model source: config and weight file names and sizes (resume checks)."""
+    p = Path(source)
+    h = hashlib.sha256()
+    if p.is_file():
+        st = p.stat()
+        h.update(f"{p.name}|{st.st_size}".encode())
+    elif p.is_dir():
+        if (p / "config.json").is_file():
+            h.update((p / "config.json").read_bytes())
+        for f in sorted(p.iterdir()):
+            if f.suffix in (".safetensors", ".bin", ".gguf"):
+                h.update(f"{f.name}|{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def _is_prequantized(folder: Path) -> bool:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return cfg.get("quantization_config") is not None
+
+
+def resolve_source(source: str, log) -> Path:
+    p = Path(source).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return gguf_to_folder(p, log)
+    if p.is_file():
+        raise UserError(f"--model {source}: a file, but not .gguf; give a Hugging Face folder "
+                        "or a .gguf file")  # fmt: skip
+    if not p.is_dir():
+        raise UserError(f"--model {source}: no such folder or .gguf file")
+    if not (p / "config.json").is_file():
+        raise UserError(f"--model {source}: no config.json; expected a Hugging Face model folder")
+    return p
+
+
+def _attn_implementation(cfg: TrainConfig, device: torch.device) -> str:
+    # Packed rows carry per-example position ids. FlashAttention-2 turns them into varlen
+    # attention (transformers detects them); SDPA and eager get the block-diagonal mask
+    # transformers builds from the same position ids.
+    if device.type == "cuda" and cfg.packing:
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+    return "sdpa"
+
+
+def _load_peft_config(path: str):
+    from peft import get_peft_config
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"--peft-config {path}: {exc.strerror}") from None
+    try:
+        import yaml
+
+        data = yaml.safe_load(text)
+    except Exception:
+        raise UsageError(f"--peft-config {path}: not valid JSON or YAML") from None
+    if not isinstance(data, dict) or "peft_type" not in data:
+        raise UsageError(f"--peft-config {path}: expected a mapping with 'peft_type' (e.g. "
+                         "IA3, PREFIX_TUNING, LORA), as PeftConfig.to_dict() writes it")  # fmt: skip
+    data.setdefault("task_type", "CAUSAL_LM")
+    try:
+        return get_peft_config(data)
+    except Exception as exc:
+        raise UsageError(f"--peft-config {path}: PEFT rejected it ({exc})") from None
+
+
+def load_model(cfg: TrainConfig, device: torch.device | None = None, log=print) -> LoadedModel:
+    """Base model + tokenizer + trainable part, as ``cfg`` says, on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import trilora
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda"):
+        compute_dtype = torch.bfloat16
+    else:
+        compute_dtype = torch.float32
+    folder = resolve_source(cfg.model, log)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    attn = _attn_implementation(cfg, device)
+    prequantized = _is_prequantized(folder)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*checkpoint tensors not used.*")
+        if cfg.quant == "none":
+            if prequantized:
+                raise UsageError(f"--quant none: {cfg.model} holds 4-bit weights; use --quant "
+                                 "nf4 (its bytes are kept) or a full-precision checkpoint")  # fmt: skip
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=compute_dtype, attn_implementation=attn
+            ).to(device)
+        else:
+            model = trilora.from_pretrained(
+                folder, quant_type=cfg.quant, compute_dtype=compute_dtype, dtype=compute_dtype,
+                device=device, attn_implementation=attn,
+            )  # fmt: skip
+    model.config.use_cache = False
+    has_adapter = True
+    if cfg.finetune == "full":
+        model.requires_grad_(True)
+        has_adapter = False
+        if cfg.fused_loss:
+            from trilora.fused_loss import enable_fused_cross_entropy
+
+            enable_fused_cross_entropy(model)
+        from trilora.fused_norm import enable_fused_rms_norm
+
+        enable_fused_rms_norm(model)
+    else:
+        model = _attach_adapter(model, cfg, compute_dtype)
+    if cfg.gradient_checkpointing:
+        trilora.enable_checkpointing(model, offload=cfg.offload, mlp_chunks=cfg.mlp_chunks)
+    if cfg.grouped_attention:
+        trilora.enable_grouped_attention(model)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return LoadedModel(model, tokenizer, folder, device, compute_dtype, has_adapter, trainable,
+                       total)  # fmt: skip
+
+
+def _attach_adapter(model: nn.Module, cfg: TrainConfig, compute_dtype: torch.dtype) -> nn.Module:
+    import peft
+
+    import trilora
+
+    quantized = cfg.quant != "none"
+    if cfg.finetune == "lora":
+        targets: Any = cfg.lora_targets
+        if targets != "all-linear":
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        pcfg = peft.LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=targets, use_rslora=cfg.rslora, bias="none", task_type="CAUSAL_LM",
+        )  # fmt: skip
+    else:
+        pcfg = _load_peft_config(cfg.peft_config)
+        kind = str(getattr(pcfg.peft_type, "value", pcfg.peft_type))
+        if cfg.packing and kind in _PROMPT_LEARNING:
+            raise UsageError(f"--packing: {kind} adds virtual tokens and ignores position ids, "
+                             "so packed examples would see each other; drop --packing")  # fmt: skip
+    is_lora = isinstance(pcfg, peft.LoraConfig)
+    try:
+        if is_lora and quantized:
+            pm = trilora.get_peft_model(model, pcfg, compute_dtype=compute_dtype,
+                                        fused_cross_entropy=cfg.fused_loss)  # fmt: skip
+        else:
+            # Other PEFT methods run over the 4-bit base unaccelerated (PEFT's own layers
+            # call Linear4bit.forward); LoRA on a 16-bit base is plain PEFT LoRA.
+            pm = peft.get_peft_model(model, pcfg)
+            from trilora.fused_norm import enable_fused_rms_norm
+
+            if cfg.fused_loss:
+                from trilora.fused_loss import enable_fused_cross_entropy
+
+                enable_fused_cross_entropy(pm)
+            enable_fused_rms_norm(pm.get_base_model())
+    except ValueError as exc:  # trilora.peft.UnsupportedLoraSetting, PEFT target errors
+        raise UsageError(f"adapter setup failed: {exc}") from None
+    for p in pm.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()  # fp32 adapters, as in QLoRA
+    return pm
+
+
+@contextmanager
+def base_model_mode(model: nn.Module, has_adapter: bool):
+    """Run ``model`` as the base: adapters disabled (no second copy of the model)."""
+    if has_adapter and hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable tensor by parameter name (what a run checkpoint stores)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        missing = sorted(set(params) - set(state))[:3]
+        extra = sorted(set(state) - set(params))[:3]
+        raise UserError(f"the checkpoint's trainable tensors do not match this model "
+                        f"(missing {missing}, unexpected {extra})")  # fmt: skip
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state[n])

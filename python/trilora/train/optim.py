@@ -1,0 +1,78 @@
+"""The one place the trainer builds its optimizer and learning-rate schedule.
+
+The names are trilora's AdamW family (:data:`trilora.optim.OPTIMIZERS`: 32- or 8-bit
+state, resident, paged, in host or managed memory, or updated on the CPU) plus
+``torch_adamw``, PyTorch's own single-tensor AdamW. The loop needs nothing else: it clips
+through :func:`clip_gradients`, which uses an optimizer's own ``clip_grad_norm`` when it
+has one (optimizers that keep gradients off ``p.grad`` do).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+__all__ = ["OPTIMIZERS", "build_optimizer", "build_scheduler", "clip_gradients", "param_groups"]
+
+from trilora.train.config import OPTIMIZER_CHOICES as OPTIMIZERS
+
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters, in ``named_parameters`` order: matrices decay, vectors do not."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(name: str, model: torch.nn.Module, lr: float,
+                    weight_decay: float) -> torch.optim.Optimizer:  # fmt: skip
+    """The optimizer ``name`` over ``model``'s trainable parameters."""
+    groups = param_groups(model, weight_decay)
+    if name == "torch_adamw":
+        # foreach=False: the single-tensor path, identical on every device count and order.
+        return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=EPS, foreach=False)
+    from trilora.optim import create
+
+    return create(name, groups, lr=lr, betas=BETAS, eps=EPS)
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+                   max_norm: float) -> float:  # fmt: skip
+    """Clip to ``max_norm`` (0: only measure) and return the norm before clipping."""
+    limit = max_norm if max_norm > 0 else float("inf")
+    own = getattr(optimizer, "clip_grad_norm", None)
+    if callable(own):
+        return float(own(limit))
+    params = [p for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.clip_grad_norm_(params, limit, foreach=False))
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the peak LR before optimizer step ``step`` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                    kind: str) -> torch.optim.lr_scheduler.LambdaLR:  # fmt: skip
+    """Linear warmup for ``warmup_steps``, then ``kind`` decay (cosine, linear, constant)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, kind)
+    )

@@ -1,0 +1,174 @@
+"""What the user sees: progress bar, metrics.jsonl, TensorBoard, loss curve, summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricsLog", "Progress", "peak_memory_bytes", "plot_loss_curve", "side_by_side"]
+
+
+def peak_memory_bytes(device_type: str) -> int:
+    """Peak device memory (CUDA allocator) or the process's peak resident set (CPU)."""
+    if device_type == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+class MetricsLog:
+    """``OUT/metrics.jsonl``: one JSON object per logged step or evaluation.
+
+    On resume the lines past the checkpoint's step (written by the killed run after its
+    last checkpoint) are dropped, so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, path: Path, keep_up_to_step: int | None, tensorboard_dir: Path | None):
+        self.path = Path(path)
+        self.records: list[dict[str, Any]] = []
+        if keep_up_to_step is not None and self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by the kill
+                if rec.get("step", 0) <= keep_up_to_step and rec.get("kind") != "final":
+                    self.records.append(rec)
+        from trilora.io import atomic_write_text
+
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self._tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from trilora.io import UserError
+
+                raise UserError("--tensorboard needs the tensorboard package: "
+                                "pip install 'trilora[train]'") from None  # fmt: skip
+            self._tb = SummaryWriter(str(tensorboard_dir))
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            step = record.get("step", 0)
+            for k, v in record.items():
+                if k not in ("step", "kind") and isinstance(v, int | float):
+                    self._tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Progress:
+    """A live bar on stderr: step, loss, lr, tokens/s, peak memory, ETA (tqdm)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str = "train"):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step",
+                            dynamic_ncols=True, file=sys.stderr, smoothing=0.1)  # fmt: skip
+
+    def update(self, record: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        self.bar.set_postfix_str(
+            f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
+            f"{record['tokens_per_s']:.0f} tok/s peak {human_bytes(record['peak_memory'])}",
+            refresh=False,
+        )
+        self.bar.update(1)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> bool:
+    """Train (and eval) loss against step as a PNG; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("kind") == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+def side_by_side(rows: list[tuple[str, str, str]], titles=("base", "tuned")) -> str:
+    """``(prompt, left, right)`` triples as two columns (stacked on narrow terminals)."""
+    width = shutil.get_terminal_size((120, 24)).columns
+    out = []
+    for i, (prompt, left, right) in enumerate(rows, 1):
+        out.append(f"--- held-out prompt {i}: {' '.join(prompt.split())[:200]}")
+        if width >= 100:
+            col = (width - 3) // 2
+            a = _wrap(left, col)
+            b = _wrap(right, col)
+            out.append(f"{titles[0]:<{col}} | {titles[1]}")
+            for j in range(max(len(a), len(b))):
+                la = a[j] if j < len(a) else ""
+                lb = b[j] if j < len(b) else ""
+                out.append(f"{la:<{col}} | {lb}")
+        else:
+            out += [f"[{titles[0]}]", *_wrap(left, width), f"[{titles[1]}]", *_wrap(right, width)]
+    return "\n".join(out)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines = []
+    for para in text.strip().splitlines() or [""]:
+        lines += textwrap.wrap(para, width) or [""]
+    return lines
+
+
+def perplexity(loss: float | None) -> float | None:
+    if loss is None:
+        return None
+    return math.exp(loss) if loss < 700 else float("inf")

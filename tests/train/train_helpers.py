@@ -1,0 +1,80 @@
+"""Tiny models with a real (byte-level) tokenizer and a chat template, for trainer tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+
+
+def save_tokenizer(path: str | Path, chat: bool = True):
+    """A byte-level tokenizer: 256 byte tokens + 5 specials (ids 256..260)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    for i, s in enumerate(SPECIALS):
+        vocab[s] = 256 + i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])  # fmt: skip
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+def save_tiny_lm(path: str | Path, chat: bool = True, seed: int = 0, **config) -> Path:
+    """A tiny Llama (vocab 320) plus tokenizer in ``path``."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from helpers_models import save_tiny_model
+
+    config.setdefault("vocab", 320)
+    config.setdefault("max_position_embeddings", 512)
+    save_tiny_model(path, seed=seed, **config)
+    save_tokenizer(path, chat)
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    cfg.update(bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    (Path(path) / "config.json").write_text(json.dumps(cfg))
+    return Path(path)
+
+
+def write_jsonl(path: str | Path, records: list) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return Path(path)
+
+
+def sft_records(n: int = 24, seed: int = 0) -> list[dict]:
+    """Short instruction records of varied length, in all four SFT shapes."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "iota"]
+    out = []
+    for i in range(n):
+        q = " ".join(rng.choice(words) for _ in range(rng.randint(1, 6)))
+        a = " ".join(rng.choice(words) for _ in range(rng.randint(1, 8)))
+        kind = i % 4
+        if kind == 0:
+            out.append({"instruction": f"repeat {q}", "input": "", "output": a})
+        elif kind == 1:
+            out.append({"prompt": f"Q: {q}\nA: ", "completion": a})
+        elif kind == 2:
+            out.append({"messages": [{"role": "user", "content": q},
+                                     {"role": "assistant", "content": a}]})  # fmt: skip
+        else:
+            out.append({"text": f"{q} -> {a}"})
+    return out
