@@ -32,6 +32,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "PagedAdamW8bit": ("trilora.optim", "PagedAdamW8bit"),
     "optim": ("trilora.optim", None),
     "cuda_ext": ("trilora.native.cuda_ext", None),
+    "distributed": ("trilora.distributed", None),
     "ops": ("trilora.ops", None),
     "config": ("trilora.config", None),
 }

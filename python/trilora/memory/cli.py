@@ -52,6 +52,16 @@ def _mlp_chunks(text: str) -> int | str:
     return value
 
 
+def _world_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of ranks >= 1, got {text!r}")
+    return value
+
+
 def add_parser(subparsers) -> None:
     from trilora.optim import OPTIMIZERS  # names only: no torch
 
@@ -116,6 +126,12 @@ def add_parser(subparsers) -> None:
                    help="replace existing --json / --plot files (refused otherwise)")  # fmt: skip
     p.add_argument("--measure", action="store_true",
                    help="CUDA only: run the real step and print torch.cuda.max_memory_allocated")  # fmt: skip
+    p.add_argument("--world-size", type=_world_size, default=1,
+                   help="ranks of a data-parallel run: report one rank's memory (--batch is "
+                   "per rank; default: 1, a single GPU)")  # fmt: skip
+    p.add_argument("--fsdp", action="store_true",
+                   help="with --world-size: FSDP2 shards the model over the ranks "
+                   "(default: DDP, a full copy per rank)")  # fmt: skip
 
 
 def options_from_args(args):
@@ -223,6 +239,10 @@ def run(args) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     name = str(args.model)
+    if args.world_size > 1 or args.fsdp:
+        from trilora.memory.distributed import run_cli
+
+        return run_cli(args, config, opts, name)
     out: dict = {"model": name}
     if args.budget is not None:
         try:
