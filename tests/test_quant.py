@@ -269,3 +269,20 @@ def test_from_state_dict_inconsistent_keys():
     sd["weight.absmax"] = sd["weight.absmax"].to(torch.uint8)
     with pytest.raises(ValueError, match="absmax must be float32"):
         QuantizedWeight.from_state_dict(sd)
+
+
+@pytest.mark.parametrize("n", [901, 900, 33 * 96 + 1])
+def test_with_storage_between_any_two_storages(n):
+    """Storage padding of one item size never leaks into another (fp32 -> bf16 with an odd
+    byte count used to fail: 452 bytes where 450 were needed)."""
+    from trilora.quant import STORAGE_DTYPES
+
+    w = torch.randn(n, 1)
+    qw = trilora.quantize(w, quant_storage=torch.float32)
+    reference = qw.dequantize()
+    for storage in STORAGE_DTYPES:
+        moved = qw.with_storage(storage)
+        assert moved.packed.dtype == storage
+        assert torch.equal(moved.dequantize(), reference)
+        back = moved.with_storage(torch.uint8)
+        assert back.packed.numel() == (n + 1) // 2

@@ -231,10 +231,13 @@ class QuantizedWeight:
         )  # fmt: skip
 
     def with_storage(self, quant_storage: torch.dtype) -> QuantizedWeight:
-        """The same bytes viewed as ``quant_storage`` (e.g. bf16 so FSDP can shard them)."""
-        return replace(
-            self, packed=_pack_storage(self.packed.reshape(-1).view(torch.uint8), quant_storage)
-        )
+        """The same bytes viewed as ``quant_storage`` (e.g. bf16 so FSDP can shard them).
+
+        Padding added for the old storage's item size is dropped first, so any storage can
+        go to any other (e.g. fp32 -> bf16 for an odd byte count)."""
+        code_bytes = (self.numel + 1) // 2
+        packed_u8 = self.packed.reshape(-1).view(torch.uint8)[:code_bytes]
+        return replace(self, packed=_pack_storage(packed_u8, quant_storage))
 
     # --- serialization ------------------------------------------------------------------
 

@@ -262,21 +262,13 @@ def match_storage(model: nn.Module, param_dtype: torch.dtype | None) -> int:
     """Re-view float-stored packed 4-bit bytes as ``param_dtype`` (same bytes); returns the
     number of layers changed. ``uint8``/``int8`` storage is left alone: FSDP2 never casts it.
     """
-    from dataclasses import replace
-
-    from trilora.quant import _pack_storage
-
     if param_dtype is None:
         return 0
     changed = 0
     for m in _linear4bit_weights(model).values():
         storage = m.weight.dtype
         if storage.is_floating_point and storage != param_dtype:
-            qw = m.quantized_weight()
-            # Only the real bytes: a wider storage may end in padding the new one must not keep.
-            nbytes = (m.in_features * m.out_features + 1) // 2
-            raw = qw.packed.reshape(-1).view(torch.uint8)[:nbytes]
-            m.set_quantized_weight(replace(qw, packed=_pack_storage(raw, param_dtype)))
+            m.set_quantized_weight(m.quantized_weight().with_storage(param_dtype))
             changed += 1
     return changed
 
