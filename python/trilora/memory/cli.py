@@ -40,8 +40,12 @@ def add_parser(subparsers) -> None:
         description="Trace one training step (forward, loss, backward, optimizer step) of trilora's "
         "real code path on fake tensors and report peak device memory by category.",
     )
+    from trilora import presets
+    from trilora.memory import optimizers
+
     p.add_argument(
-        "model", help="preset name (e.g. llama-3.1-8b), a config.json, or a model folder"
+        "model",
+        help=f"a preset ({', '.join(presets.names())}), a config.json, or a model folder",
     )
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--batch", type=int, default=1)
@@ -50,10 +54,8 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--targets", default="all-linear", help="comma-separated module names, or all-linear"
     )
-    p.add_argument("--optimizer", choices=("adamw", "adamw_cpu_offload", "paged_adamw_8bit"),
-                   default="adamw",
-                   help="adamw_cpu_offload: trilora.optim.CPUOffloadAdamW (state and gradients "
-                   "in host memory)")  # fmt: skip
+    p.add_argument("--optimizer", choices=optimizers.OPTIMIZERS, default="adamw",
+                   help="; ".join(f"{m.name}: {m.help}" for m in optimizers.MODELS.values()))  # fmt: skip
     p.add_argument("--no-checkpointing", action="store_true", help="keep every activation")
     p.add_argument(
         "--no-offload", action="store_true", help="keep checkpointed layer inputs on the GPU"
@@ -74,6 +76,12 @@ def add_parser(subparsers) -> None:
         "--budget", type=parse_bytes, help="find the largest --search value that fits, e.g. 24GiB"
     )
     p.add_argument("--search", choices=("seq_len", "batch"), default="seq_len")
+    p.add_argument("--confirm", action="store_true",
+                   help="trace every layer (the slow, direct check): --budget re-searches on "
+                   "full-depth traces at 1,024-token precision, seeded with the fast answer; a "
+                   "single report or --sweep traces each length at full depth. Default: the "
+                   "fast model (depth- and length-extrapolated from short traces; exact on "
+                   "multiples of 2,048 tokens with auto MLP chunks), seconds instead of minutes")  # fmt: skip
     p.add_argument("--sweep", nargs="?", const="1024,2048,4096,8192,16384,32768,65536,131072",
                    help="peak memory vs sequence length (comma-separated lengths)")  # fmt: skip
     p.add_argument("--plot", default="mem_sweep.png", help="PNG written by --sweep")
@@ -100,49 +108,52 @@ def options_from_args(args):
     )  # fmt: skip
 
 
-def _gib(x: int) -> str:
-    return f"{x / 2**30:8.2f}"
-
-
 def format_reports(reports) -> str:
-    """Side-by-side table (GiB) of one or more :class:`MemReport`."""
-    cats = list(reports[0].categories)
+    """Side-by-side table of one or more :class:`MemReport`, each value in its own unit
+    (B, KiB, MiB or GiB, whichever keeps it >= 1: a tiny model's categories stay readable)."""
+    from trilora.memory.profiler import format_bytes
+
     heads = [
         f"{r.provider}{'' if r.options.get('checkpointing', True) else ' (no ckpt)'}"
         for r in reports
     ]
     width = max(14, *(len(h) + 2 for h in heads))
-    lines = [f"{'GiB':<30}" + "".join(f"{h:>{width}}" for h in heads)]
-    for c in cats:
-        lines.append(
-            f"{c:<30}" + "".join(f"{_gib(r.categories.get(c, 0)):>{width}}" for r in reports)
-        )
-    lines.append(
-        f"{'= traced peak':<30}" + "".join(f"{_gib(r.traced_peak):>{width}}" for r in reports)
-    )
+
+    def row(label: str, values) -> str:
+        return f"{label:<30}" + "".join(f"{format_bytes(v):>{width}}" for v in values)
+
+    lines = [f"{'device memory':<30}" + "".join(f"{h:>{width}}" for h in heads)]
+    for c in reports[0].categories:
+        lines.append(row(c, [r.categories.get(c, 0) for r in reports]))
+    lines.append(row("= traced peak", [r.traced_peak for r in reports]))
     for o in reports[0].overheads:
-        lines.append(
-            f"{'+ ' + o:<30}" + "".join(f"{_gib(r.overheads.get(o, 0)):>{width}}" for r in reports)
-        )
-    lines.append(f"{'= device total':<30}" + "".join(f"{_gib(r.total):>{width}}" for r in reports))
-    lines.append(
-        f"{'pinned host memory':<30}" + "".join(f"{_gib(r.host_pinned):>{width}}" for r in reports)
-    )
+        lines.append(row("+ " + o, [r.overheads.get(o, 0) for r in reports]))
+    lines.append(row("= device total", [r.total for r in reports]))
+    lines.append(row("pinned host memory", [r.host_pinned for r in reports]))
     if any(r.host_optimizer for r in reports):
-        lines.append(
-            f"{'host optimizer (CPU offload)':<30}"
-            + "".join(f"{_gib(r.host_optimizer):>{width}}" for r in reports)
-        )
+        lines.append(row("host optimizer (CPU offload)", [r.host_optimizer for r in reports]))
     if any(r.host_embedding for r in reports):
-        lines.append(
-            f"{'host embedding table':<30}"
-            + "".join(f"{_gib(r.host_embedding):>{width}}" for r in reports)
-        )
+        lines.append(row("host embedding table", [r.host_embedding for r in reports]))
     return "\n".join(lines)
 
 
+_HOW = {
+    "full": "full-depth trace",
+    "extrapolated": "depth-extrapolated trace",
+    "lattice": "fast model (exact on its lattice of lengths)",
+}
+
+
 def run(args) -> int:
-    from trilora.memory.profiler import GiB, find_max, load_config, profile, sweep
+    from trilora.memory.profiler import (
+        byte_unit,
+        find_max,
+        format_bytes,
+        load_config,
+        profile,
+        sweep,
+    )
+    from trilora.memory.progress import BarProgress
 
     try:
         config = load_config(args.model)
@@ -153,60 +164,76 @@ def run(args) -> int:
         return 2
     name = str(args.model)
     out: dict = {"model": name}
-    if args.budget is not None:
-        try:
-            value, rep = find_max(
-                config, opts, args.budget, args.search, name=name,
-                progress=lambda line: print(f"  trace: {line}", file=sys.stderr, flush=True),
-            )  # fmt: skip
-        except ValueError as exc:
-            print(f"trilora mem: {exc}", file=sys.stderr)
-            return 2
-        print(f"largest {args.search} within {args.budget / GiB:.2f} GiB: {value}")
-        if rep is not None:
-            info = rep.options["search"]
+    depth = "full" if args.confirm else "fast"
+    progress = BarProgress()  # a bar on a terminal; the result lines always, on stderr
+    try:
+        if args.budget is not None:
+            try:
+                value, rep = find_max(
+                    config, opts, args.budget, args.search, name=name, progress=progress,
+                    confirm=args.confirm,
+                )  # fmt: skip
+            except ValueError as exc:
+                progress.close()
+                print(f"trilora mem: {exc}", file=sys.stderr)
+                return 2
+            progress.close()
+            print(f"largest {args.search} within {format_bytes(args.budget)}: {value:,}")
+            if rep is not None:
+                info = rep.options["search"]
+                nxt = info["next_total"]
+                print(
+                    f"{_HOW[rep.method]}: {value:,} -> {format_bytes(rep.total)} (fits); "
+                    f"{info['next_value']:,} -> "
+                    f"{format_bytes(nxt) if nxt is not None else '?'} (exceeds); "
+                    f"precision {info['precision']:,}"
+                    + (f"; the fast model answered {info['fast_answer']:,}" if "fast_answer" in info else "")
+                )  # fmt: skip
+                print(format_reports([rep]))
+                out["search"] = {
+                    "budget": args.budget,
+                    "dimension": args.search,
+                    "value": value,
+                    "report": rep.to_dict(),
+                }
+        elif args.sweep:
+            lens = [int(x) for x in args.sweep.split(",")]
+            reps = sweep(config, opts, lens, name=name, depth=depth, progress=progress)
+            progress.close()
+            unit, size = byte_unit(max(max(r.total, r.host_pinned) for r in reps))
+            print(f"{'seq_len':>10} {'device ' + unit:>12} {'pinned host ' + unit:>16}  how")
+            for t, r in zip(lens, reps):
+                print(f"{t:>10,} {r.total / size:>12.2f} {r.host_pinned / size:>16.2f}  "
+                      f"{_HOW[r.method]}")  # fmt: skip
+            _plot(lens, reps, args.plot, name)
+            print(f"plot: {args.plot}")
+            out["sweep"] = [r.to_dict() for r in reps]
+        else:
+            reps = [profile(config, opts, depth=depth, name=name, progress=progress)]
+            if args.baseline:
+                base = replace(
+                    opts, offload=False, mlp_chunks=None, fused_ce=False, fused_norm=False,
+                    offload_embeddings=False,
+                )  # fmt: skip
+                reps.append(profile(config, base, "bnb_peft", depth, name, progress))
+                reps.append(profile(config, replace(base, checkpointing=False), "bnb_peft",
+                                    depth, name, progress))  # fmt: skip
+            progress.close()
             print(
-                f"full-depth traces: {value} -> {rep.total / GiB:.2f} GiB (fits); "
-                f"{info['next_value']} -> {info['next_total'] / GiB:.2f} GiB (exceeds); "
-                f"depth-extrapolated search answered {info['extrapolated_answer']}"
+                f"{name}: batch {opts.batch} x {opts.seq_len} tokens, LoRA r={opts.r}, "
+                f"{opts.optimizer} ({_HOW[reps[0].method]})"
             )
-            print(format_reports([rep]))
-            out["search"] = {
-                "budget": args.budget,
-                "dimension": args.search,
-                "value": value,
-                "report": rep.to_dict(),
-            }
-    elif args.sweep:
-        lens = [int(x) for x in args.sweep.split(",")]
-        reps = sweep(config, opts, lens, name=name)
-        print(f"{'seq_len':>10} {'device GiB':>12} {'pinned host GiB':>16}")
-        for t, r in zip(lens, reps):
-            print(f"{t:>10} {r.total / GiB:>12.2f} {r.host_pinned / GiB:>16.2f}")
-        _plot(lens, reps, args.plot, name)
-        print(f"plot: {args.plot}")
-        out["sweep"] = [r.to_dict() for r in reps]
-    else:
-        reps = [profile(config, opts, name=name)]
-        if args.baseline:
-            base = replace(
-                opts, offload=False, mlp_chunks=None, fused_ce=False, fused_norm=False,
-                offload_embeddings=False,
-            )  # fmt: skip
-            reps.append(profile(config, base, "bnb_peft", name=name))
-            reps.append(profile(config, replace(base, checkpointing=False), "bnb_peft", name=name))
-        print(
-            f"{name}: batch {opts.batch} x {opts.seq_len} tokens, LoRA r={opts.r}, {opts.optimizer}"
-        )
-        print(format_reports(reps))
-        out["reports"] = [r.to_dict() for r in reps]
-        if args.measure:
-            from trilora.memory.measure import measure_cuda
+            print(format_reports(reps))
+            out["reports"] = [r.to_dict() for r in reps]
+            if args.measure:
+                from trilora.memory.measure import measure_cuda
 
-            measured = measure_cuda(config, opts)
-            print(f"measured torch.cuda.max_memory_allocated: {measured / GiB:.2f} GiB "
-                  f"(predicted traced peak {reps[0].traced_peak / GiB:.2f} GiB)")  # fmt: skip
-            out["measured_max_memory_allocated"] = measured
+                measured = measure_cuda(config, opts)
+                print(f"measured torch.cuda.max_memory_allocated: {format_bytes(measured)} "
+                      f"(predicted traced peak {format_bytes(reps[0].traced_peak)})")  # fmt: skip
+                out["measured_max_memory_allocated"] = measured
+    finally:
+        progress.close()
     if args.json:
         write_json_atomic(args.json, out)
     return 0
@@ -235,12 +262,17 @@ def _plot(lens, reports, path, name) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from trilora.memory.profiler import byte_unit
+
+    unit, size = byte_unit(max(max(r.total, r.host_pinned) for r in reports))
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(lens, [r.total / 2**30 for r in reports], marker="o", label="device (GiB)")
-    ax.plot(lens, [r.host_pinned / 2**30 for r in reports], marker="s", label="pinned host (GiB)")
+    ax.plot(lens, [r.total / size for r in reports], marker="o", label=f"device ({unit})")
+    ax.plot(
+        lens, [r.host_pinned / size for r in reports], marker="s", label=f"pinned host ({unit})"
+    )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length (tokens)")
-    ax.set_ylabel("GiB")
+    ax.set_ylabel(unit)
     ax.set_title(f"trilora mem: {name}")
     ax.grid(True, alpha=0.3)
     ax.legend()
