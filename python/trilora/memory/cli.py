@@ -147,6 +147,7 @@ _HOW = {
 def run(args) -> int:
     from trilora.memory.profiler import (
         byte_unit,
+        check_supported,
         find_max,
         format_bytes,
         load_config,
@@ -166,6 +167,11 @@ def run(args) -> int:
     out: dict = {"model": name}
     depth = "full" if args.confirm else "fast"
     progress = BarProgress()  # a bar on a terminal; the result lines always, on stderr
+    try:
+        check_supported(config, opts)
+    except ValueError as exc:
+        print(f"trilora mem: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.budget is not None:
             try:

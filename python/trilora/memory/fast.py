@@ -49,6 +49,10 @@ from trilora.memory.timeline import LengthModel, TimelineMismatch, TimelineRecor
 # The lattice's first sample has at least this many tokens (B x T): small steps have
 # shape-dependent special cases (a loss chunk capped at the token count, single-row ops).
 MIN_SAMPLE_TOKENS = 1024
+# Lengths on a lattice are multiples of this many tokens at least. Odd lengths are not
+# regular everywhere: bitsandbytes + PEFT's step at 1,024, 1,025 and 1,026 tokens is not
+# affine op for op (the check trace catches it), at multiples of 1,024 it is.
+LENGTH_GRANULE = 1024
 # Loops with a length-dependent trip count need this many repetitions in the first sample:
 # repetitions 0, 1, N-2 and N-1 are keyed (timeline.Timeline.pieces). The MLP loop of a
 # layer's recompute runs one chunk fewer (non-reentrant checkpointing stops the recompute
@@ -119,9 +123,14 @@ class FastProfiler:
             return o.mlp_chunks, o.mlp_chunks  # k equal pieces of T / k rows
         return 1, 0
 
+    def _length_period(self) -> tuple[int, int]:
+        """(lattice step, fewest tokens) along the length, before the loss chunks' condition."""
+        step, min_tokens = self._mlp_period()
+        return math.lcm(step, LENGTH_GRANULE), min_tokens
+
     def period(self) -> int:
         """Lattice step of :attr:`dimension` (before the loss chunks' own condition)."""
-        return self._mlp_period()[0] if self.dimension == "seq_len" else 1
+        return self._length_period()[0] if self.dimension == "seq_len" else 1
 
     def lattice(self, value: int) -> Lattice | None:
         """The lattice ``value`` belongs to, or None (then it is traced itself)."""
@@ -129,7 +138,7 @@ class FastProfiler:
         if o.pin_memory_budget is not None:
             return None  # the offload stops at a byte budget: memory is not affine in length
         per = o.batch if self.dimension == "seq_len" else o.seq_len  # tokens per unit
-        step, min_tokens = self._mlp_period() if self.dimension == "seq_len" else (1, 0)
+        step, min_tokens = self._length_period() if self.dimension == "seq_len" else (1, 0)
         min_tokens = max(min_tokens, MIN_SAMPLE_TOKENS)
         chunk = self._loss_chunk()
         regime = "single" if chunk is None or value * per <= chunk else "chunked"

@@ -692,6 +692,7 @@ def trace_trilora(
     from trilora.memory import timeline
 
     opts.validate()
+    check_supported(config, opts)
     t0 = time.perf_counter()
     model = build_meta_model(config, opts, num_layers)
     layers = model.config.num_hidden_layers
@@ -729,6 +730,23 @@ def trace_trilora(
         by_module=by_module,
         seconds=time.perf_counter() - t0,
     )
+
+
+def check_supported(config, opts: MemOptions) -> None:
+    """Raise ValueError, saying why, for a configuration trilora's step cannot run.
+
+    Grouped attention hands the calls it cannot serve to transformers' SDPA attention, which
+    rejects attention-logit soft-capping (Gemma-2's ``attn_logit_softcapping``): that step
+    fails on a GPU as it would in the trace.
+    """
+    cap = getattr(config, "attn_logit_softcapping", None)
+    if opts.grouped_attention and cap not in (None, 0, 0.0):
+        raise ValueError(
+            f"--grouped-attention cannot run this model: its attention is soft-capped "
+            f"(attn_logit_softcapping={cap}), which trilora's grouped attention leaves to "
+            "transformers' SDPA attention, and SDPA does not support soft-capping; trace it "
+            "without --grouped-attention (FlashAttention-2 soft-caps, same memory)"
+        )
 
 
 def profile_trilora(
@@ -925,7 +943,13 @@ def profile(
     if depth == "fast":
         from trilora.memory.fast import FastProfiler
 
-        return FastProfiler(config, opts, provider, "seq_len", name, progress).report(opts.seq_len)
+        fast = FastProfiler(config, opts, provider, "seq_len", name, progress)
+        lattice = fast.lattice(opts.seq_len)
+        if lattice is None or lattice.index(opts.seq_len) > lattice.first + 2:
+            return fast.report(opts.seq_len)
+        # within the five short traces' own lengths: the two depth samples at this length
+        # are the cheaper exact answer
+        depth = "extrapolate"
     depths = depth_samples(config) if depth == "extrapolate" else None
     if depths is None:
         return trace(config, opts, provider, None, name, progress).report()
