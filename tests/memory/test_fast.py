@@ -116,13 +116,28 @@ def test_layer_patterns_extrapolate_in_whole_patterns():
 def test_budget_answer_is_the_full_depth_answer(llama, figure_model):
     lo, hi = figure_model.report(16384).total, figure_model.report(18432).total
     budget = (lo + hi) // 2
-    value, rep = find_max(llama, FIGURE, budget)
+    value, rep = find_max(llama, FIGURE, budget, profiler=figure_model)
     info = rep.options["search"]
     assert value == 16384 and info["precision"] == 2048 and rep.method == "lattice"
     # the answer's full-depth trace fits, and the next lattice length's does not
     assert profile(llama, replace(FIGURE, seq_len=value)).total <= budget
     assert profile(llama, replace(FIGURE, seq_len=value + info["precision"])).total > budget
     assert info["next_value"] == 18432 and info["next_total"] == hi
+
+
+def test_batch_search_answer_is_the_full_depth_answer(llama):
+    # Along the batch: the MLP loops keep their count, the loss loop grows (1,024-token
+    # chunks of 2,048-token sequences); samples at batch 2, 3 and 4.
+    opts = replace(FIGURE, seq_len=2048)
+    fast = FastProfiler(llama, opts, dimension="batch")
+    assert fast.first_regular() == 2
+    lo, hi = fast.report(6).total, fast.report(7).total
+    value, rep = find_max(llama, opts, (lo + hi) // 2, search="batch", profiler=fast)
+    assert value == 6 and rep.method == "lattice" and rep.options["search"]["precision"] == 1
+    assert profile(llama, replace(opts, batch=6)).total == lo
+    assert profile(llama, replace(opts, batch=7)).total == hi
+    with pytest.raises(ValueError, match="another model"):
+        find_max(llama, opts, lo, profiler=fast)  # a batch model asked for lengths
 
 
 def test_wrong_lattice_falls_back_to_tracing(llama):

@@ -38,6 +38,7 @@ from trilora.memory.profiler import (
     MLP_CHUNK_TOKENS,
     MemOptions,
     MemReport,
+    StepTrace,
     _extrapolate,
     depth_samples,
     profile,
@@ -196,8 +197,8 @@ class FastProfiler:
 
 @dataclass
 class _DepthModel:
-    first: object  # StepTrace at the lattice's first index
-    second: object  # StepTrace at the next index
+    first: StepTrace  # at the lattice's first index
+    second: StepTrace  # at the next index
     lengths: LengthModel
 
     def report(self, n: int, opts: MemOptions, seconds: float) -> MemReport:

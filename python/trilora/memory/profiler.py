@@ -1067,6 +1067,7 @@ def find_max(
     multiple: int = 1024,
     progress=None,
     confirm: bool = False,
+    profiler=None,
 ) -> tuple[int, MemReport | None]:
     """Largest ``seq_len`` (or ``batch``) whose step fits ``budget`` bytes, and its report.
 
@@ -1084,6 +1085,8 @@ def find_max(
     The returned report's ``options["search"]`` records the precision, the next value and
     its total, and every evaluated total. ``progress``: a
     :class:`trilora.memory.progress.Progress` (or a callable taking one line per trace).
+    ``profiler``: a :class:`~trilora.memory.fast.FastProfiler` of the same config, options,
+    provider and ``search`` dimension whose traces to reuse (e.g. several budgets).
 
     Raises ValueError when even the weights do not fit, naming the minimum.
     """
@@ -1104,7 +1107,14 @@ def find_max(
         )
     progress = as_progress(progress)
     unit = multiple if search == "seq_len" else 1
-    fast = FastProfiler(config, opts, provider, search, name, progress)
+    if profiler is None:
+        fast = FastProfiler(config, opts, provider, search, name, progress)
+    elif (profiler.config, profiler.opts, profiler.provider, profiler.dimension) != (
+        config, opts, provider, search,
+    ):  # fmt: skip
+        raise ValueError("profiler was built for another model, options, provider or dimension")
+    else:
+        fast = profiler
     evaluated: dict[int, int] = {}
 
     def total(v: int) -> int:
