@@ -9,6 +9,7 @@ written (through the bar, so they do not tear it), so logs and CI keep the recor
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 
@@ -50,9 +51,12 @@ class BarProgress(Progress):
         if bar:
             from tqdm import tqdm
 
+            # A terminal that reports no size (a bare pty) would hide the bar.
+            size = shutil.get_terminal_size((100, 24))
             self._bar = tqdm(total=0, unit="layer", file=self.stream, leave=False,
-                             dynamic_ncols=True, bar_format="{desc} {bar} {n}/{total} "
-                             "layer passes [{elapsed}<{remaining}]")  # fmt: skip
+                             ncols=min(size.columns or 100, 120), nrows=max(size.lines, 2),
+                             bar_format="{desc} {bar} {n}/{total} layer passes "
+                             "[{elapsed}<{remaining}]")  # fmt: skip
 
     def _write(self, text: str) -> None:
         if self._bar is not None:
