@@ -134,7 +134,8 @@ def test_mem_help_lists_presets_and_the_search_time(capsys):
     names = preset_names()
     assert {"llama-3.1-8b", "llama-3.1-70b", "qwen2.5-7b", "mistral-7b"} <= set(names)
     assert all(name in text for name in names)
-    assert "11 minutes" in text and "24GB (10^9 bytes)" in text
+    assert "seconds for llama-3.1-8b at 24GB" in text and "24GB (10^9 bytes)" in text
+    assert "--confirm" in text
 
 
 def test_mem_presets_match_the_profiler():

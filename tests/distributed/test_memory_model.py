@@ -144,3 +144,21 @@ def test_cli_reports_one_rank(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*args, "--world-size", "0"])
     assert exc.value.code == 2
+
+
+def test_largest_context_comes_from_the_fast_model():
+    from dataclasses import replace
+
+    from trilora.memory.distributed import largest_context, rank_report
+
+    config = load_config(TINY)
+    opts = MemOptions(r=4, mlp_chunks=None, seq_len=1024)
+    full = {
+        t: rank_report(config, replace(opts, seq_len=t), 2, "fsdp", depth="full")[0].total
+        for t in (5120, 6144)
+    }
+    assert full[5120] < full[6144]
+    value, rep = largest_context(config, opts, 2, (full[5120] + full[6144]) // 2)
+    # the per-rank report of the answer equals the full-depth one, and the next length's
+    # does not fit
+    assert value == 5120 and rep.total == full[5120]

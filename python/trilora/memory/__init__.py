@@ -1,8 +1,9 @@
 """Memory ceilings of QLoRA training, computed without a GPU (``trilora mem``).
 
-See :mod:`trilora.memory.profiler` for how the step is traced and ``docs/memory.md`` for
-the user guide. The names below import on first use, so ``trilora.memory.cli`` (the
-command's parser) loads without torch.
+See :mod:`trilora.memory.profiler` for how the step is traced, :mod:`trilora.memory.fast`
+for how long contexts are answered from short traces, and ``docs/memory.md`` for the user
+guide. The names below import on first use, so ``trilora.memory.cli`` (the command's
+parser) loads without torch.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib
 # public name -> module that defines it
 _LAZY = {
     "bench_cases": "trilora.memory.bench",
+    "FastProfiler": "trilora.memory.fast",
     "MemOptions": "trilora.memory.profiler",
     "MemReport": "trilora.memory.profiler",
     "find_max": "trilora.memory.profiler",

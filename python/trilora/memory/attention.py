@@ -28,7 +28,9 @@ import torch.nn.functional as F
 
 from trilora.ops.attention import flash_backward_workspace
 
-NAME = "trilora_causal_sdpa"  # no "flash" in it: transformers would look for flash_attn
+# No "flash", "flex" or "sdpa" in the name: transformers would check that the model supports
+# that kernel (Gemma-2 does not support SDPA) and look for flash_attn.
+NAME = "trilora_causal_trace"
 GROUPED_NAME = "trilora_causal_grouped"
 
 

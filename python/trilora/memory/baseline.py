@@ -20,21 +20,19 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, replace
 
 import torch
 from torch import nn
 
-from trilora.memory.optimizer_model import baseline_equivalent
 from trilora.memory.profiler import (
     MemOptions,
     MemReport,
-    _apply_optimizer_model,
-    _categorize,
+    StepTrace,
     _dtype,
-    _overheads,
-    _summarize_modules,
+    _itemsize,
+    layer_progress,
     meta_causal_lm,
+    provider_options,
     trace_training_step,
 )
 
@@ -87,22 +85,24 @@ def _quantize_fake(model: nn.Module, dtype: torch.dtype, blocksize: int) -> None
             mod.weight.module = mod
 
 
-def profile_bnb_peft(
-    config, opts: MemOptions, num_layers: int | None = None, name: str = ""
-) -> MemReport:
-    """Trace one transformers + bitsandbytes + PEFT QLoRA step on fake tensors."""
+def trace_bnb_peft(
+    config,
+    opts: MemOptions,
+    num_layers: int | None = None,
+    name: str = "",
+    recorder=None,
+    on_layer=None,
+) -> StepTrace:
+    """Trace one transformers + bitsandbytes + PEFT QLoRA step on fake tensors.
+
+    ``recorder`` and ``on_layer`` as in :func:`trilora.memory.profiler.trace_trilora`.
+    """
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     opts.validate()
-    # bitsandbytes + PEFT runs transformers' attention (one flash call over all heads) and
-    # a device-resident AdamW: trilora's CPU-offloaded optimizer is not theirs.
-    opts = replace(
-        opts,
-        grouped_attention=False,
-        optimizer=baseline_equivalent(opts.optimizer),
-    )
+    opts = provider_options("bnb_peft", opts)
     t0 = time.perf_counter()
     dt = _dtype(opts)
 
@@ -140,29 +140,30 @@ def profile_bnb_peft(
             model.enable_input_require_grads()
         peft_model.train()
         static = _static(peft_model)
-        cats, by_module, params = trace_training_step(peft_model, opts)
-    categories = _categorize(cats, static)
-    _apply_optimizer_model(categories, params, opts)
-    return MemReport(
+        with layer_progress(peft_model, on_layer):
+            cats, by_module, params = trace_training_step(peft_model, opts, recorder)
+    return StepTrace(
         provider="bnb_peft",
-        model=name,
-        options={
-            **asdict(opts),
-            "offload": False,
-            "mlp_chunks": None,
-            "fused_ce": False,
-            "fused_norm": False,
-            "grouped_attention": False,
-            "offload_embeddings": False,
-        },
-        categories=categories,
-        overheads=_overheads(categories),
-        host_pinned=0,
-        by_module=_summarize_modules(by_module, layers),
-        layers_traced=layers,
+        name=name,
+        opts=opts,
         layers=layers,
-        trace_seconds=time.perf_counter() - t0,
+        static=static,
+        trainable_numels=tuple(p.numel() for p in params),
+        trainable_itemsize=_itemsize(params),
+        host_embedding=0,
+        host_pinned=0,
+        linears=(),  # bitsandbytes dequantizes in its fake kernels: the trace sees it
+        cats=cats,
+        by_module=by_module,
+        seconds=time.perf_counter() - t0,
     )
+
+
+def profile_bnb_peft(
+    config, opts: MemOptions, num_layers: int | None = None, name: str = ""
+) -> MemReport:
+    """The report of :func:`trace_bnb_peft`."""
+    return trace_bnb_peft(config, opts, num_layers, name).report()
 
 
 def _static(model: nn.Module) -> dict[str, int]:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from dataclasses import replace
-from importlib import resources
 
 _UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}  # fmt: skip
-# What a --budget search costs today (Llama-3.1-8B at 24GB, 2-core CPU); said in --help.
-_SEARCH_TIME = "about 11 minutes for llama-3.1-8b at 24GB on a 2-core CPU"
+# What a --budget search costs today (Llama-3.1-8B at 24GB, 2-core CPU shared with other
+# work: 13.1 s at load 4.5, 42.6 s at load 14-17; bench/results/mem); said in --help.
+_SEARCH_TIME = "13-43 seconds for llama-3.1-8b at 24GB on a shared 2-core CPU"
 
 
 def parse_bytes(text: str) -> int:
@@ -35,9 +34,10 @@ def parse_bytes(text: str) -> int:
 
 
 def preset_names() -> list[str]:
-    """The bundled model configs (``trilora/presets/*.json``), read without importing torch."""
-    root = resources.files("trilora") / "presets"
-    return sorted(p.name.removesuffix(".json") for p in root.iterdir() if p.name.endswith(".json"))
+    """The bundled model configs (:mod:`trilora.presets`), listed without importing torch."""
+    from trilora import presets
+
+    return presets.names()
 
 
 def _mlp_chunks(text: str) -> int | str:
@@ -71,8 +71,10 @@ def add_parser(subparsers) -> None:
         help="peak GPU memory of a QLoRA training step, traced on fake tensors (no GPU, no weights)",
         description="Trace one training step (forward, loss, backward, optimizer step) of trilora's "
         "real code path on fake tensors and report peak device memory by category. "
-        f"Presets: {presets}. A --budget search runs many traces and takes a while "
-        f"({_SEARCH_TIME}); a single trace takes seconds to a minute. See docs/memory.md.",
+        f"Presets: {presets}. By default the answer comes from the fast model (five short "
+        "traces, extrapolated in depth and length; exact on multiples of 2,048 tokens with auto "
+        f"MLP chunks): a --budget search takes {_SEARCH_TIME}. --confirm traces every layer "
+        "instead (minutes per long-context trace). See docs/memory.md.",
     )
     p.add_argument("model", help=f"a preset ({presets}), a config.json, or a model folder")
     p.add_argument("--seq-len", type=int, default=8192, help="tokens per sequence")
@@ -83,10 +85,11 @@ def add_parser(subparsers) -> None:
         "--targets", default="all-linear", help="comma-separated module names, or all-linear"
     )
     p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="adamw",
-                   help="trilora.optim optimizer (default: adamw): *_8bit 8-bit state; paged_* "
-                   "resident until memory is tight; *_host / *_uvm state in host / managed memory "
-                   "(the device holds two pages); *_cpu_offload state and gradients on the host; "
-                   "host bytes are reported as 'host optimizer'")  # fmt: skip
+                   help="trilora.optim optimizer (default: adamw, 32-bit state on the device): "
+                   "*_8bit 8-bit state; paged_* resident until memory is tight; *_host / *_uvm "
+                   "state in host / managed memory (the device holds two pages); *_cpu_offload "
+                   "state and gradients on the host; host bytes are reported as 'host "
+                   "optimizer'")  # fmt: skip
     p.add_argument("--no-checkpointing", action="store_true", help="keep every activation")
     p.add_argument(
         "--no-offload", action="store_true", help="keep checkpointed layer inputs on the GPU"
@@ -109,9 +112,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--budget", type=parse_bytes,
                    help="find the largest --search value that fits this much device memory; "
                    f"a unit is required: 24GB (10^9 bytes) or 24GiB (2^30). Takes {_SEARCH_TIME} "
-                   "(default: no search, one trace)")  # fmt: skip
+                   "(default: no search, one report)")  # fmt: skip
     p.add_argument("--search", choices=("seq_len", "batch"), default="seq_len",
                    help="what --budget searches for")  # fmt: skip
+    p.add_argument("--confirm", action="store_true",
+                   help="trace every layer (the slow, direct check): --budget re-searches on "
+                   "full-depth traces at 1,024-token precision, seeded with the fast answer; a "
+                   "single report, --sweep or --world-size traces each length at full depth. "
+                   "Default: the fast model (depth- and length-extrapolated from short traces; "
+                   "exact on multiples of 2,048 tokens with auto MLP chunks), seconds instead "
+                   "of minutes")  # fmt: skip
     p.add_argument("--sweep", nargs="?", const="1024,2048,4096,8192,16384,32768,65536,131072",
                    metavar="LENGTHS",
                    help="peak memory vs sequence length (comma-separated lengths; default when "
@@ -150,49 +160,37 @@ def options_from_args(args):
     )  # fmt: skip
 
 
-def _gib(x: int) -> str:
-    return f"{x / 2**30:8.2f}"
-
-
 def format_reports(reports) -> str:
-    """Side-by-side table (GiB) of one or more :class:`MemReport`."""
-    cats = list(reports[0].categories)
+    """Side-by-side table of one or more :class:`MemReport`, each value in its own unit
+    (B, KiB, MiB or GiB, whichever keeps it >= 1: a tiny model's categories stay readable)."""
+    from trilora.memory.profiler import format_bytes
+
     heads = [
         f"{r.provider}{'' if r.options.get('checkpointing', True) else ' (no ckpt)'}"
         for r in reports
     ]
     width = max(14, *(len(h) + 2 for h in heads))
-    lines = [f"{'GiB':<30}" + "".join(f"{h:>{width}}" for h in heads)]
-    for c in cats:
-        lines.append(
-            f"{c:<30}" + "".join(f"{_gib(r.categories.get(c, 0)):>{width}}" for r in reports)
-        )
-    lines.append(
-        f"{'= traced peak':<30}" + "".join(f"{_gib(r.traced_peak):>{width}}" for r in reports)
-    )
+
+    def row(label: str, values) -> str:
+        return f"{label:<30}" + "".join(f"{format_bytes(v):>{width}}" for v in values)
+
+    lines = [f"{'device memory':<30}" + "".join(f"{h:>{width}}" for h in heads)]
+    for c in reports[0].categories:
+        lines.append(row(c, [r.categories.get(c, 0) for r in reports]))
+    lines.append(row("= traced peak", [r.traced_peak for r in reports]))
     for o in reports[0].overheads:
-        lines.append(
-            f"{'+ ' + o:<30}" + "".join(f"{_gib(r.overheads.get(o, 0)):>{width}}" for r in reports)
-        )
-    lines.append(f"{'= device total':<30}" + "".join(f"{_gib(r.total):>{width}}" for r in reports))
-    lines.append(
-        f"{'pinned host memory':<30}" + "".join(f"{_gib(r.host_pinned):>{width}}" for r in reports)
-    )
+        lines.append(row("+ " + o, [r.overheads.get(o, 0) for r in reports]))
+    lines.append(row("= device total", [r.total for r in reports]))
+    lines.append(row("pinned host memory", [r.host_pinned for r in reports]))
     if any(r.host_optimizer for r in reports):
-        lines.append(
-            f"{'host optimizer':<30}"
-            + "".join(f"{_gib(r.host_optimizer):>{width}}" for r in reports)
-        )
+        lines.append(row("host optimizer", [r.host_optimizer for r in reports]))
     if any(r.host_embedding for r in reports):
-        lines.append(
-            f"{'host embedding table':<30}"
-            + "".join(f"{_gib(r.host_embedding):>{width}}" for r in reports)
-        )
+        lines.append(row("host embedding table", [r.host_embedding for r in reports]))
     return "\n".join(lines)
 
 
 def _check_outputs(args) -> None:
-    """Refuse outputs that would clobber a file (or an input) before minutes of tracing."""
+    """Refuse outputs that would clobber a file (or an input) before any tracing."""
     from trilora.io import check_output
 
     inputs = [args.model] if _exists(args.model) else []
@@ -224,79 +222,111 @@ def _sweep_lengths(text: str) -> list[int]:
     return lens
 
 
+_HOW = {
+    "full": "full-depth trace",
+    "extrapolated": "depth-extrapolated trace",
+    "lattice": "fast model (exact on its lattice of lengths)",
+}
+
+
 def run(args) -> int:
     from trilora.io import UsageError, atomic_write_json
 
     _check_outputs(args)
     lens = _sweep_lengths(args.sweep) if args.sweep and args.budget is None else None
 
-    from trilora.memory.profiler import GiB, find_max, load_config, profile, sweep
+    from trilora.memory.profiler import (
+        byte_unit,
+        check_supported,
+        find_max,
+        format_bytes,
+        load_config,
+        profile,
+        sweep,
+    )
+    from trilora.memory.progress import BarProgress
 
     try:
         config = load_config(args.model)
         opts = options_from_args(args)
         opts.validate()
+        check_supported(config, opts)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     name = str(args.model)
-    if args.world_size > 1 or args.fsdp:
-        from trilora.memory.distributed import run_cli
-
-        return run_cli(args, config, opts, name)
+    depth = "full" if args.confirm else "fast"
+    progress = BarProgress()  # a bar on a terminal; the result lines always, on stderr
     out: dict = {"model": name}
-    if args.budget is not None:
-        try:
-            value, rep = find_max(
-                config, opts, args.budget, args.search, name=name,
-                progress=lambda line: print(f"  trace: {line}", file=sys.stderr, flush=True),
-            )  # fmt: skip
-        except ValueError as exc:
-            raise UsageError(str(exc)) from exc
-        print(f"largest {args.search} within {args.budget / GiB:.2f} GiB: {value}")
-        if rep is not None:
-            info = rep.options["search"]
-            print(
-                f"full-depth traces: {value} -> {rep.total / GiB:.2f} GiB (fits); "
-                f"{info['next_value']} -> {info['next_total'] / GiB:.2f} GiB (exceeds); "
-                f"depth-extrapolated search answered {info['extrapolated_answer']}"
-            )
-            print(format_reports([rep]))
-            out["search"] = {
-                "budget": args.budget,
-                "dimension": args.search,
-                "value": value,
-                "report": rep.to_dict(),
-            }
-    elif lens:
-        reps = sweep(config, opts, lens, name=name)
-        print(f"{'seq_len':>10} {'device GiB':>12} {'pinned host GiB':>16}")
-        for t, r in zip(lens, reps):
-            print(f"{t:>10} {r.total / GiB:>12.2f} {r.host_pinned / GiB:>16.2f}")
-        _plot(lens, reps, args.plot, name)
-        print(f"plot: {args.plot}")
-        out["sweep"] = [r.to_dict() for r in reps]
-    else:
-        reps = [profile(config, opts, name=name)]
-        if args.baseline:
-            base = replace(
-                opts, offload=False, mlp_chunks=None, fused_ce=False, fused_norm=False,
-                offload_embeddings=False,
-            )  # fmt: skip
-            reps.append(profile(config, base, "bnb_peft", name=name))
-            reps.append(profile(config, replace(base, checkpointing=False), "bnb_peft", name=name))
-        print(
-            f"{name}: batch {opts.batch} x {opts.seq_len} tokens, LoRA r={opts.r}, {opts.optimizer}"
-        )
-        print(format_reports(reps))
-        out["reports"] = [r.to_dict() for r in reps]
-        if args.measure:
-            from trilora.memory.measure import measure_cuda
+    try:
+        if args.world_size > 1 or args.fsdp:
+            from trilora.memory.distributed import run_cli
 
-            measured = measure_cuda(config, opts)
-            print(f"measured torch.cuda.max_memory_allocated: {measured / GiB:.2f} GiB "
-                  f"(predicted traced peak {reps[0].traced_peak / GiB:.2f} GiB)")  # fmt: skip
-            out["measured_max_memory_allocated"] = measured
-    if args.json:
+            return run_cli(args, config, opts, name, depth=depth, progress=progress)
+        if args.budget is not None:
+            try:
+                value, rep = find_max(
+                    config, opts, args.budget, args.search, name=name, progress=progress,
+                    confirm=args.confirm,
+                )  # fmt: skip
+            except ValueError as exc:
+                raise UsageError(str(exc)) from exc
+            progress.close()
+            print(f"largest {args.search} within {format_bytes(args.budget)}: {value:,}")
+            if rep is not None:
+                info = rep.options["search"]
+                nxt = info["next_total"]
+                print(
+                    f"{_HOW[rep.method]}: {value:,} -> {format_bytes(rep.total)} (fits); "
+                    f"{info['next_value']:,} -> "
+                    f"{format_bytes(nxt) if nxt is not None else '?'} (exceeds); "
+                    f"precision {info['precision']:,}"
+                    + (f"; the fast model answered {info['fast_answer']:,}" if "fast_answer" in info else "")
+                )  # fmt: skip
+                print(format_reports([rep]))
+                out["search"] = {
+                    "budget": args.budget,
+                    "dimension": args.search,
+                    "value": value,
+                    "report": rep.to_dict(),
+                }
+        elif lens:
+            reps = sweep(config, opts, lens, name=name, depth=depth, progress=progress)
+            progress.close()
+            unit, size = byte_unit(max(max(r.total, r.host_pinned) for r in reps))
+            print(f"{'seq_len':>10} {'device ' + unit:>12} {'pinned host ' + unit:>16}  how")
+            for t, r in zip(lens, reps):
+                print(f"{t:>10,} {r.total / size:>12.2f} {r.host_pinned / size:>16.2f}  "
+                      f"{_HOW[r.method]}")  # fmt: skip
+            _plot(lens, reps, args.plot, name)
+            print(f"plot: {args.plot}")
+            out["sweep"] = [r.to_dict() for r in reps]
+        else:
+            reps = [profile(config, opts, depth=depth, name=name, progress=progress)]
+            if args.baseline:
+                base = replace(
+                    opts, offload=False, mlp_chunks=None, fused_ce=False, fused_norm=False,
+                    offload_embeddings=False,
+                )  # fmt: skip
+                reps.append(profile(config, base, "bnb_peft", depth, name, progress))
+                reps.append(profile(config, replace(base, checkpointing=False), "bnb_peft",
+                                    depth, name, progress))  # fmt: skip
+            progress.close()
+            print(
+                f"{name}: batch {opts.batch} x {opts.seq_len} tokens, LoRA r={opts.r}, "
+                f"{opts.optimizer} ({_HOW[reps[0].method]})"
+            )
+            print(format_reports(reps))
+            out["reports"] = [r.to_dict() for r in reps]
+            if args.measure:
+                from trilora.memory.measure import measure_cuda
+
+                measured = measure_cuda(config, opts)
+                print(f"measured torch.cuda.max_memory_allocated: {format_bytes(measured)} "
+                      f"(predicted traced peak {format_bytes(reps[0].traced_peak)})")  # fmt: skip
+                out["measured_max_memory_allocated"] = measured
+    finally:
+        progress.close()
+    if args.json:  # checked before tracing (_check_outputs: --overwrite)
         atomic_write_json(args.json, out)
     return 0
 
@@ -307,12 +337,17 @@ def _plot(lens, reports, path, name) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from trilora.memory.profiler import byte_unit
+
+    unit, size = byte_unit(max(max(r.total, r.host_pinned) for r in reports))
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(lens, [r.total / 2**30 for r in reports], marker="o", label="device (GiB)")
-    ax.plot(lens, [r.host_pinned / 2**30 for r in reports], marker="s", label="pinned host (GiB)")
+    ax.plot(lens, [r.total / size for r in reports], marker="o", label=f"device ({unit})")
+    ax.plot(
+        lens, [r.host_pinned / size for r in reports], marker="s", label=f"pinned host ({unit})"
+    )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length (tokens)")
-    ax.set_ylabel("GiB")
+    ax.set_ylabel(unit)
     ax.set_title(f"trilora mem: {name}")
     ax.grid(True, alpha=0.3)
     ax.legend()

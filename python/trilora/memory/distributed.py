@@ -365,16 +365,31 @@ def rank_report(
     sequence_parallel: int = 1,
     depth: str = "full",
     cpu_offload: bool = False,
+    progress=None,
+    profiler=None,
+    model: nn.Module | None = None,
 ) -> tuple[RankReport, Any]:
     """Trace the step each rank runs (``opts.seq_len / sequence_parallel`` tokens of a
-    ``opts.batch`` per-rank batch) and model rank 0's memory; returns it and the trace."""
+    ``opts.batch`` per-rank batch) and model rank 0's memory; returns it and the trace.
+
+    ``depth``: as :func:`trilora.memory.profiler.profile` (``"fast"``: the fast model, what
+    ``trilora mem`` runs; ``"full"``: every layer traced). ``profiler``: a
+    :class:`~trilora.memory.fast.FastProfiler` along ``seq_len`` of the same config and
+    options to take the single-device report from instead (several lengths share its
+    traces). ``model``: the meta model of ``build_meta_model(config, opts)``, if already
+    built (it does not depend on the length).
+    """
     from dataclasses import replace
 
     from trilora.memory.profiler import _dtype, build_meta_model, profile
 
     local = replace(opts, seq_len=max(2, math.ceil(opts.seq_len / sequence_parallel)))
-    trace = profile(config, local, depth=depth)
-    model = build_meta_model(config, opts)
+    if profiler is not None:
+        trace = profiler.report(local.seq_len)
+    else:
+        trace = profile(config, local, depth=depth, progress=progress)
+    if model is None:
+        model = build_meta_model(config, opts)
     report = per_rank_memory(
         model, world_size=world_size, strategy=strategy,
         activations=trace.categories.get("activations", 0),
@@ -395,18 +410,27 @@ def largest_context(
     strategy: str = "fsdp",
     multiple: int = 1024,
 ) -> tuple[int, RankReport | None]:
-    """Largest global ``seq_len`` (a multiple of ``multiple``) whose per-rank peak fits
-    ``budget`` bytes, traced with depth extrapolation; and its report."""
+    """Largest global ``seq_len`` whose per-rank peak fits ``budget`` bytes, and its report.
+
+    Each rank's step comes from one :class:`~trilora.memory.fast.FastProfiler` (five short
+    traces, then every per-rank length on its lattice is exact and immediate), so the
+    precision is ``lcm(multiple, lattice step) * sequence_parallel`` global tokens (2,048
+    per rank with auto MLP chunks); lengths off the lattice are traced themselves
+    (depth-extrapolated).
+    """
     from dataclasses import replace
 
-    from trilora.memory.profiler import largest_fitting
+    from trilora.memory.fast import FastProfiler
+    from trilora.memory.profiler import build_meta_model, largest_fitting
 
-    step = multiple * sequence_parallel
+    fast = FastProfiler(config, opts, dimension="seq_len")
+    step = math.lcm(multiple, fast.period()) * sequence_parallel
+    model = build_meta_model(config, opts)
     reports: dict[int, RankReport] = {}
 
     def total(v: int) -> int:
         rep, _ = rank_report(config, replace(opts, seq_len=v), world_size, strategy,
-                             sequence_parallel, depth="extrapolate")  # fmt: skip
+                             sequence_parallel, profiler=fast, model=model)  # fmt: skip
         reports[v] = rep
         return rep.total
 
@@ -435,8 +459,12 @@ def format_rank_report(report: RankReport, name: str) -> str:
     return "\n".join(lines)
 
 
-def run_cli(args, config, opts, name: str) -> int:
-    """``trilora mem ... --world-size N [--fsdp]``: print (and ``--json``) rank 0's memory."""
+def run_cli(args, config, opts, name: str, depth: str = "fast", progress=None) -> int:
+    """``trilora mem ... --world-size N [--fsdp]``: print (and ``--json``) rank 0's memory.
+
+    ``depth``: of the single-device trace (``"fast"``, or ``"full"`` with ``--confirm``);
+    ``progress``: a :class:`trilora.memory.progress.Progress` for its traces.
+    """
     from trilora.io import UsageError, atomic_write_json
 
     strategy = "fsdp" if args.fsdp else "ddp"
@@ -445,7 +473,11 @@ def run_cli(args, config, opts, name: str) -> int:
             "--world-size/--fsdp report one configuration; they do not combine with --budget, "
             "--sweep, --baseline or --measure yet"
         )
-    report, trace = rank_report(config, opts, args.world_size, strategy)
+    report, trace = rank_report(
+        config, opts, args.world_size, strategy, depth=depth, progress=progress
+    )
+    if progress is not None:
+        progress.close()
     print(
         f"{name}: per-rank batch {opts.batch} x {opts.seq_len} tokens, LoRA r={opts.r}, "
         f"{opts.optimizer}; one GPU alone: {trace.total / GiB:.2f} GiB"

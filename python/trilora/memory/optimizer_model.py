@@ -15,6 +15,16 @@ as the optimizer itself:
 * offloaded gradients (``*_cpu_offload``): no state and no gradients on the device; on the
   host the state, an fp32 master and an fp32 gradient accumulator per element, and a pinned
   staging copy of each gradient in the parameter's dtype.
+
+This is the one place ``trilora mem`` knows optimizers: the trace (full depth, depth-
+extrapolated, or :class:`~trilora.memory.fast.FastProfiler`'s lattice model) calls
+:func:`apply` on every report, the search floor calls :func:`device_floor`, the bitsandbytes
++ PEFT baseline runs :func:`baseline_equivalent`, and the per-rank model
+(:mod:`trilora.memory.distributed`) calls :func:`optimizer_bytes` over each rank's shards.
+Every figure is a sum over tensors (plus, for host paging, two page buffers of the largest
+tensor), so it is affine in the number of identical decoder layers, as the depth
+extrapolation needs. The step counters are 0-dim CPU tensors in ``trilora.optim``: no
+device bytes.
 """
 
 from __future__ import annotations
@@ -83,6 +93,27 @@ def offloads_gradients(name: str) -> bool:
     return bool(OPTIMIZERS[name].get("offload_gradients"))
 
 
+def apply(
+    categories: dict[str, int], name: str, numels: Iterable[int], param_bytes: int = 4
+) -> int:
+    """Replace the traced optimizer state in ``categories`` (the report's
+    ``"optimizer_state"``: the trace steps a ``torch.optim.AdamW``) by optimizer ``name``'s
+    device bytes over trainable tensors of ``numels`` elements; returns its host bytes."""
+    held = optimizer_bytes(name, numels, param_bytes)
+    categories["optimizer_state"] = held.device
+    return held.host
+
+
+def device_floor(name: str, numels: Iterable[int], param_bytes: int = 4) -> int:
+    """Device bytes of the gradients plus the optimizer state of trainable tensors of
+    ``numels`` elements, before any activation (the floor of a budget search). A gradient
+    has its parameter's dtype; an offloaded one never stays on the device."""
+    numels = list(numels)
+    held = optimizer_bytes(name, numels, param_bytes)
+    grads = param_bytes * sum(numels) if held.gradients_on_device else 0
+    return grads + held.device
+
+
 def baseline_equivalent(name: str) -> str:
     """The optimizer a transformers + bitsandbytes + PEFT run would use for ``name``: its
     8-bit or 32-bit AdamW, resident (bitsandbytes' paged optimizers count as resident)."""
@@ -92,7 +123,9 @@ def baseline_equivalent(name: str) -> str:
 __all__ = [
     "OPTIMIZER_NAMES",
     "OptimizerBytes",
+    "apply",
     "baseline_equivalent",
+    "device_floor",
     "offloads_gradients",
     "optimizer_bytes",
     "state_bytes",

@@ -20,6 +20,8 @@ from collections import defaultdict
 
 __all__ = ["add_parser", "near_duplicates", "run"]
 
+# --help shows the module docstring without its reStructuredText literal markup
+_DESCRIPTION = (__doc__ or "").replace("``", "")
 _NUM_PERM = 64
 _BANDS = 16
 
@@ -27,11 +29,12 @@ _BANDS = 16
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "data", help="check a JSONL dataset: format, duplicates, token lengths",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True,
+                           help="what to do: check (the only action so far)")  # fmt: skip
     c = sub.add_parser("check", help="validate FILE and report duplicates and lengths",
-                       description=__doc__,
+                       description=_DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     c.add_argument("file", metavar="FILE", help="the JSONL file")
     c.add_argument("--method", choices=("sft", "dpo"), default="sft",
