@@ -83,13 +83,16 @@ class _GroupedCausalAttention(torch.autograd.Function):
         hkv = k.shape[1]
         g = hq // hkv
         out = q.new_empty((b, t, hq, d))
-        # One contiguous logsumexp per group: the kernels expect [B, g, T] contiguous.
-        lse = q.new_empty((hkv, b, g, t), dtype=torch.float32)
+        # One contiguous logsumexp per group: the kernels expect [B, g, T] contiguous, in the
+        # dtype they return (fp32, but fp64 for fp64 inputs on CPU, which the backward checks).
+        lse = None
         states = []
         for i in range(hkv):
             heads = slice(i * g, (i + 1) * g)
             o, s, state = _flash_forward(q[:, heads], k[:, i : i + 1], v[:, i : i + 1], scale)
             out[:, :, heads].copy_(o.transpose(1, 2))
+            if lse is None:
+                lse = s.new_empty((hkv, *s.shape))
             lse[i].copy_(s)
             states.append(state)
             del o, s
@@ -134,7 +137,8 @@ def grouped_causal_attention(
     """Causal softmax attention, computed per key/value head group.
 
     Args:
-        query: ``[B, Hq, T, D]`` fp16/bf16 (fp32 on CPU), any strides with unit last stride.
+        query: ``[B, Hq, T, D]`` fp16/bf16 (also fp32/fp64 on CPU), any strides with unit
+            last stride.
         key, value: ``[B, Hkv, T, D]`` with ``Hq % Hkv == 0``.
         scale: softmax scale; default ``D ** -0.5``.
 
