@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from trilora.bench import optim
 from trilora.bench.harness import atomic_write_text
 
 TIME_UNITS = ("s",)
@@ -276,6 +277,7 @@ def render_markdown(meta: dict, rows: list[dict], notes: Iterable[str], plots: l
     out += _kernel_tables(rows, on_gpu)
     out += _e2e_table(rows, on_gpu)
     out += _mem_table(rows)
+    out += optim.report_lines(rows)
     out += [
         "",
         "## Columns",

@@ -238,3 +238,71 @@ def test_adapter_shape_mismatch(tmp_path, seed):
     base = trilora.from_pretrained(other, compute_dtype=torch.float32)
     with pytest.raises(RuntimeError, match=r"size mismatch.*lora_A"):
         PeftModel.from_pretrained(base, tmp_path / "ad")
+
+
+def test_patch_keeps_adapter_state(tmp_path, seed):
+    """patch() goes through PEFT's public set_adapter/enable_adapters, which also set the
+    adapters' requires_grad flags: the active adapter, the disabled state and every flag
+    (frozen adapters, a frozen single parameter) must come through unchanged."""
+    path = save_tiny_model(tmp_path / "m", "llama", seed=seed)
+    torch.manual_seed(seed)
+    ref = peft.get_peft_model(load_bnb_4bit(path), _lora())
+    ref.add_adapter("other", _lora(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    ref.set_adapter("other")
+    q_proj = ref.base_model.model.model.layers[0].self_attn.q_proj
+    q_proj.lora_A["other"].weight.requires_grad_(False)  # frozen by hand
+    ref.base_model.disable_adapter_layers()
+    for disabled in (True, False):
+        if not disabled:
+            ref.base_model.enable_adapter_layers()
+            q_proj.lora_A["other"].weight.requires_grad_(False)
+        flags = {n: p.requires_grad for n, p in ref.named_parameters()}
+        layers = {n: m for n, m in ref.named_modules() if hasattr(m, "lora_A")}
+        state = {n: (list(m.active_adapters), m.disable_adapters) for n, m in layers.items()}
+        assert (
+            any(flags.values()) != disabled
+            and not flags["base_model.model.model.layers.0.self_attn.q_proj.lora_A.other.weight"]
+        )
+        ours = trilora.patch(copy.deepcopy(ref), compute_dtype=torch.float32)
+        assert sum(isinstance(m, TriloraLoraLayer) for m in ours.modules()) == len(layers)
+        assert {n: p.requires_grad for n, p in ours.named_parameters()} == flags
+        for n, m in ours.named_modules():
+            if n in state:
+                assert (list(m.active_adapters), m.disable_adapters) == state[n], n
+
+
+def test_mixed_adapter_batch(tmp_path, seed):
+    # forward(..., adapter_names=[...]): one adapter per sample, through PEFT's own hooks.
+    _, ref, ours = _pair(tmp_path, "llama", seed)
+    torch.manual_seed(seed + 1)
+    second = _lora(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    ref.add_adapter("other", second)
+    ours.add_adapter("other", copy.deepcopy(second))
+    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if "lora_" in k}, strict=False)
+    ref = exact_4bit_reference(ref).eval()  # PEFT refuses adapter_names in training mode
+    ours.eval()
+    ids = random_batch(256, batch=4, seed=seed)
+    names = ["other", "__base__", "default", "other"]
+    with torch.no_grad():
+        got = ours(ids, adapter_names=names).logits
+        assert _rel(got, ref(ids, adapter_names=names).logits) < 1e-5
+        for i, name in enumerate(names):  # each row as if its adapter alone were active
+            if name == "__base__":
+                with ours.disable_adapter():
+                    alone = ours(ids[i : i + 1]).logits
+            else:
+                ours.set_adapter(name)
+                alone = ours(ids[i : i + 1]).logits
+            assert _rel(got[i : i + 1], alone) < 1e-5, name
+        with pytest.raises(ValueError, match="adapter_names"):
+            ours(ids, adapter_names=names[:1])
+
+
+def test_peft_hook_missing_names_the_version():
+    from trilora.io import UserError
+    from trilora.peft import _peft_hook
+
+    config = _lora()
+    assert callable(_peft_hook(config, "_register_custom_module", "x"))
+    with pytest.raises(UserError, match=rf"PEFT {peft.__version__} has no LoraConfig\._gone"):
+        _peft_hook(config, "_gone", "its LoRA layers")

@@ -11,8 +11,11 @@ workspace (an fp32 ``dq`` accumulator and per-query-head ``dk``/``dv``, 32 KB pe
 Llama-3.1-8B) exists for one group only. Anything else (padding masks, generation with a KV
 cache, sliding windows) goes to transformers' own SDPA attention, unchanged.
 
-Opt-in: it changes ``config._attn_implementation``, which is saved with the model;
-:func:`disable_grouped_attention` restores the previous implementation.
+Opt-in: it changes the model's attention implementation, which is saved with its config;
+:func:`disable_grouped_attention` restores the previous one. transformers has a public
+setter (``set_attn_implementation``) but no public getter, so the current implementation is
+read in one place, :func:`current_attn_implementation`. Where torch lacks the flash kernels
+(:func:`trilora.ops.attention.flash_attention_ops`), every call goes to SDPA.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import torch
 from torch import nn
 
 from trilora.modeling import base_transformers_model
-from trilora.ops.attention import grouped_causal_attention
+from trilora.ops.attention import flash_attention_ops, grouped_causal_attention
 
 __all__ = [
     "NAME",
+    "current_attn_implementation",
     "disable_grouped_attention",
     "enable_grouped_attention",
     "grouped_attention_forward",
@@ -43,6 +47,8 @@ def _servable(module, query, key, attention_mask, dropout, kwargs) -> bool:
     if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
         return False
     if query.shape[2] != key.shape[2] or query.shape[2] < 2 or query.shape[1] % key.shape[1]:
+        return False
+    if flash_attention_ops(query.device.type) is None:
         return False
     if not query.is_cuda:
         return True
@@ -92,6 +98,18 @@ def _pretrained(model: nn.Module) -> nn.Module:
     )
 
 
+def current_attn_implementation(model: nn.Module) -> str | None:
+    """The attention implementation ``model`` (a transformers model or PeftModel) runs.
+
+    The compatibility point for ``config._attn_implementation``: transformers (5.17 to the
+    newest release) sets it through the public ``set_attn_implementation`` but exposes it only
+    under that private name. None where a release no longer has it; callers then treat the
+    implementation as unknown.
+    """
+    value = getattr(_pretrained(model).config, "_attn_implementation", None)
+    return value if isinstance(value, str) else None
+
+
 def enable_grouped_attention(model: nn.Module) -> nn.Module:
     """Switch ``model`` (a transformers model or a PeftModel) to grouped flash attention.
 
@@ -99,7 +117,7 @@ def enable_grouped_attention(model: nn.Module) -> nn.Module:
     :func:`disable_grouped_attention`.
     """
     base = _pretrained(model)
-    previous = base.config._attn_implementation
+    previous = current_attn_implementation(base)
     if previous != NAME:
         base._trilora_previous_attn = previous
     base.set_attn_implementation(register())
@@ -107,9 +125,18 @@ def enable_grouped_attention(model: nn.Module) -> nn.Module:
 
 
 def disable_grouped_attention(model: nn.Module) -> nn.Module:
-    """Restore the attention implementation that :func:`enable_grouped_attention` replaced."""
+    """Restore the attention implementation that :func:`enable_grouped_attention` replaced.
+
+    When that implementation could not be read (see :func:`current_attn_implementation`),
+    transformers' default for the model (``get_correct_attn_implementation(None)``: SDPA
+    where available) is restored.
+    """
     base = _pretrained(model)
-    previous = base.__dict__.pop("_trilora_previous_attn", None)
-    if previous is not None and base.config._attn_implementation == NAME:
+    if "_trilora_previous_attn" not in base.__dict__:
+        return model
+    previous = base.__dict__.pop("_trilora_previous_attn")
+    if current_attn_implementation(base) in (NAME, None):
+        if previous is None:
+            previous = base.get_correct_attn_implementation(None)
         base.set_attn_implementation(previous)
     return model

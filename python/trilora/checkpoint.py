@@ -87,9 +87,9 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
+    from trilora.ops.attention import is_fake_tensor  # the one check of torch's private class
 
-    return isinstance(t, FakeTensor) or t.is_meta
+    return is_fake_tensor(t) or t.is_meta
 
 
 # ---------------------------------------------------------------------------------------

@@ -192,10 +192,9 @@ def _params_on_meta() -> Iterator[None]:
     original = nn.Module.register_parameter
 
     def register(module, name, param):
-        original(module, name, param)
         if param is not None and param.device.type != "meta":
-            cls = type(module._parameters[name])
-            module._parameters[name] = cls(param.to("meta"), requires_grad=param.requires_grad)
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
 
     nn.Module.register_parameter = register
     try:
@@ -543,18 +542,20 @@ def _stream_into(model, files, model_key, quantized, device, dtype, qopts) -> No
             except AttributeError:
                 unexpected.append(key)
                 continue
-            if leaf in module._parameters and module._parameters[leaf] is not None:
-                old = module._parameters[leaf]
+            params = dict(module.named_parameters(prefix="", recurse=False))
+            buffers = dict(module.named_buffers(prefix="", recurse=False))
+            if params.get(leaf) is not None:
+                old = params[leaf]
                 t = f.get(key)
                 if tuple(t.shape) != tuple(old.shape):
                     raise CheckpointError(
                         f"{key} in {f.path} has shape {tuple(t.shape)}, the model expects {tuple(old.shape)}"
                     )
                 t = t.to(device=device, dtype=old.dtype if old.is_floating_point() else t.dtype)
-                module._parameters[leaf] = nn.Parameter(t, requires_grad=old.requires_grad)
-            elif leaf in module._buffers and module._buffers[leaf] is not None:
-                old = module._buffers[leaf]
-                module._buffers[leaf] = f.get(key).to(device=device, dtype=old.dtype)
+                module.register_parameter(leaf, nn.Parameter(t, requires_grad=old.requires_grad))
+            elif buffers.get(leaf) is not None:
+                # setattr on a registered buffer replaces it and keeps its persistence
+                setattr(module, leaf, f.get(key).to(device=device, dtype=buffers[leaf].dtype))
             else:
                 unexpected.append(key)
     if unexpected:

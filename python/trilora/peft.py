@@ -151,8 +151,33 @@ def check_lora_config(config: Any) -> None:
             )
 
 
+_MIXED_BATCH = "mixed-adapter batches (forward(..., adapter_names=...))"
+
+
+def _peft_hook(obj: Any, name: str, purpose: str) -> Any:
+    """``obj.<name>``: one of the PEFT extension hooks that have no public name.
+
+    The compatibility point for PEFT's private names: ``LoraConfig._register_custom_module``
+    (PEFT's documented custom-module dispatch) and ``LoraLayer._check_forward_args`` /
+    ``_mixed_batch_forward`` (mixed-adapter batches). All exist from PEFT 0.20 to the newest
+    release; where a release lacks one, a :class:`~trilora.io.UserError` names the PEFT
+    version and ``purpose``, the feature that needs it.
+    """
+    hook = getattr(obj, name, None)
+    if not callable(hook):
+        import peft
+
+        raise UserError(
+            f"PEFT {peft.__version__} has no {type(obj).__name__}.{name}, which trilora needs "
+            f"for {purpose}; install a PEFT release that has it (trilora is tested with 0.20 "
+            "and newer)"
+        )
+    return hook
+
+
 def _register(config: LoraConfig, options: QuantOptions) -> None:
-    config._register_custom_module({nn.Linear: TriloraLoraLayer})
+    register = _peft_hook(config, "_register_custom_module", "its LoRA layers (custom modules)")
+    register({nn.Linear: TriloraLoraLayer})
     # Not a dataclass field, so it never reaches adapter_config.json.
     config._trilora_quant_options = options
 
@@ -285,7 +310,9 @@ class TriloraLoraLayer(nn.Module, LoraLayer):
         else:
             LoraLayer.__init__(self, to_trilora_base(base_layer, options))
         self.fan_in_fan_out = False
-        self._active_adapter = adapter_name
+        # Before update_layer, which re-activates self.active_adapters (no adapter modules
+        # exist yet, so no requires_grad flag changes here).
+        self.set_adapter(adapter_name)
         self._quant_options = options
         self._keeps_16bit_base = keep
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
@@ -359,8 +386,13 @@ class TriloraLoraLayer(nn.Module, LoraLayer):
             "lora_magnitude_vector",
         ):
             setattr(new, attr, getattr(old, attr))
-        new._active_adapter = old._active_adapter
-        new._disable_adapters = old._disable_adapters
+        # Through PEFT's public setters, which also set the adapters' requires_grad flags:
+        # the old layer's flags (frozen adapters, inference mode) are put back afterwards.
+        trainable = [(p, p.requires_grad) for p in new.parameters()]
+        new.set_adapter(old.active_adapter)
+        new.enable_adapters(not old.disable_adapters)
+        for p, flag in trainable:
+            p.requires_grad_(flag)
         new.merged_adapters = []
         new.train(old.training)
         return new
@@ -412,15 +444,18 @@ class TriloraLoraLayer(nn.Module, LoraLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``x`` ``[..., in_features]`` -> ``[..., out_features]`` in ``x.dtype``."""
-        self._check_forward_args(x, *args, **kwargs)
-        adapter_names = kwargs.pop("adapter_names", None)
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is not None:
+            _peft_hook(self, "_check_forward_args", _MIXED_BATCH)(x, *args, **kwargs)
+        kwargs.pop("adapter_names", None)
         for key in VARIANT_KWARG_KEYS:
             kwargs.pop(key, None)
         base = self.get_base_layer()
         if self.disable_adapters:
             return base(x, *args, **kwargs)
         if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+            mixed = _peft_hook(self, "_mixed_batch_forward", _MIXED_BATCH)
+            return mixed(x, *args, adapter_names=adapter_names, **kwargs)
         active = [a for a in self.active_adapters if a in self.lora_A]
         if not active:
             return base(x, *args, **kwargs)

@@ -13,7 +13,8 @@ from trilora.kernels.quantize import Weight4bit, dequantize_4bit, quantize_4bit,
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SHAPES = ((7, 33), (5, 96), (3, 1), (2, 100), (1, 4099))
+# (3, 5001): several programs of GROUP blocks, the last one part-filled, plus a partial block.
+SHAPES = ((7, 33), (5, 96), (3, 1), (2, 100), (1, 4099), (3, 5001))
 
 
 def _input(shape, dtype, seed):

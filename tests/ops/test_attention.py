@@ -7,17 +7,29 @@ from helpers_models import tiny_config
 from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import AutoModelForCausalLM
 
-from trilora.attention import NAME, disable_grouped_attention, enable_grouped_attention
-from trilora.ops.attention import flash_backward_workspace, grouped_causal_attention
+from trilora import attention as integration
+from trilora.attention import (
+    NAME,
+    current_attn_implementation,
+    disable_grouped_attention,
+    enable_grouped_attention,
+)
+from trilora.ops import attention as ops_attention
+from trilora.ops.attention import (
+    flash_attention_ops,
+    flash_backward_workspace,
+    grouped_causal_attention,
+    is_fake_tensor,
+)
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 def _rel(a, ref):
     return ((a.double() - ref).abs().max() / ref.abs().max()).item()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", [(8, 2), (6, 6), (5, 1)])
 def test_matches_reference(seed, dtype, heads):
     hq, hkv = heads
@@ -89,7 +101,7 @@ def test_model_parity_and_fallback(seed, arch):
     ref = model(input_ids=ids, labels=ids)
     ref_grads = torch.autograd.grad(ref.loss, list(model.parameters()))
     enable_grouped_attention(model)
-    assert model.config._attn_implementation == NAME
+    assert current_attn_implementation(model) == NAME
     out = model(input_ids=ids, labels=ids)
     grads = torch.autograd.grad(out.loss, list(model.parameters()))
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
@@ -98,9 +110,73 @@ def test_model_parity_and_fallback(seed, arch):
     # a padding mask is served by transformers' SDPA path: still the same numbers
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
-    model.config._attn_implementation = "sdpa"
+    model.set_attn_implementation("sdpa")
     masked_ref = model(input_ids=ids, attention_mask=mask).logits
     enable_grouped_attention(model)
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, masked_ref)
     disable_grouped_attention(model)
-    assert model.config._attn_implementation == "sdpa"
+    assert current_attn_implementation(model) == "sdpa"
+
+
+def test_flash_ops_compat_point(seed, monkeypatch):
+    """The private aten flash ops are found on this torch; where a release renamed them,
+    the op raises a clear error and the transformers integration serves calls with SDPA."""
+    assert flash_attention_ops("cpu") is not None and flash_attention_ops("meta") is not None
+    model = AutoModelForCausalLM.from_config(
+        tiny_config("llama", hidden=64, layers=2), attn_implementation="sdpa"
+    )
+    ids = torch.randint(0, 256, (2, 11))
+    ref = model(input_ids=ids, labels=ids)
+    ref_grads = torch.autograd.grad(ref.loss, list(model.parameters()))
+    monkeypatch.setitem(ops_attention._FLASH_OPS, "cpu", ("_renamed_fwd", "_renamed_bwd"))
+    assert flash_attention_ops("cpu") is None
+    q = torch.randn(1, 4, 8, 16)
+    k = torch.randn(1, 2, 8, 16)
+    with pytest.raises(RuntimeError, match=r"torch .* has no aten\._renamed_fwd"):
+        grouped_causal_attention(q, k, k.clone())
+    enable_grouped_attention(model)  # would raise above if it reached the grouped kernel
+    out = model(input_ids=ids, labels=ids)
+    grads = torch.autograd.grad(out.loss, list(model.parameters()))
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+def test_attn_implementation_compat_point(monkeypatch):
+    model = AutoModelForCausalLM.from_config(
+        tiny_config("llama", hidden=64, layers=1), attn_implementation="eager"
+    )
+    assert current_attn_implementation(model) == "eager"
+    enable_grouped_attention(model)
+    assert current_attn_implementation(model) == NAME
+    disable_grouped_attention(model)
+    assert current_attn_implementation(model) == "eager"
+    disable_grouped_attention(model)  # nothing remembered: a no-op
+    assert current_attn_implementation(model) == "eager"
+
+    # A config without the private attribute reads as unknown ...
+    class StandIn:
+        config = object()
+
+        def set_attn_implementation(self, name):
+            raise AssertionError("not called")
+
+    assert current_attn_implementation(StandIn()) is None
+    # ... and an unknown previous implementation is restored as transformers' default.
+    monkeypatch.setattr(integration, "current_attn_implementation", lambda m: None)
+    enable_grouped_attention(model)
+    monkeypatch.undo()
+    disable_grouped_attention(model)
+    assert current_attn_implementation(model) == model.get_correct_attn_implementation(None)
+
+
+def test_is_fake_tensor(monkeypatch):
+    import sys
+
+    real = torch.empty(2)
+    with FakeTensorMode():
+        fake = torch.empty(2)
+    assert is_fake_tensor(fake) and not is_fake_tensor(real)
+    # a torch without the private module: nothing can be fake, and nothing raises
+    monkeypatch.setitem(sys.modules, "torch._subclasses.fake_tensor", None)
+    assert not is_fake_tensor(fake)

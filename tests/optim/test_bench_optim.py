@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 
-from trilora.bench import optim
-from trilora.bench.harness import CSV_FIELDS, bad_rows
+from trilora.bench import optim, report
+from trilora.bench.harness import CSV_FIELDS, bad_rows, environment
 
 
 def test_optim_level_rows(seed):
@@ -31,3 +32,15 @@ def test_optim_level_rows(seed):
     cost = [r for r in rows if r["case"] == "host_paging_cost"]
     assert len(cost) == 2 and all(r["status"] == "skipped" for r in cost)
     assert optim.report_lines(rows)[1].startswith("## Optimizers")
+    # report.md renders the level: its section, one table line per row
+    meta = {"run_id": "t", "command": "trilora bench --level optim", "levels": ["optim"],
+            "quick": True, "env": environment(torch.device("cpu")), "wall_s": 1.0}  # fmt: skip
+    md = report.render_markdown(meta, rows, [], []).splitlines()
+    start = md.index("## Optimizers (step time, state memory)")
+    sep = next(i for i in range(start, len(md)) if md[i].startswith("|---"))
+    table = list(itertools.takewhile(lambda line: line.startswith("| "), md[sep + 1 :]))
+    assert len(table) == len(rows)
+    assert any("| trilora_8 |" in line and "| ok |" in line for line in table)
+    gpu_only = [line for line in table if line.split(" | ")[2] in optim.GPU_ONLY]
+    assert len(gpu_only) == 3 * len(optim.GPU_ONLY)
+    assert all(optim.UNMEASURED in line for line in gpu_only)

@@ -43,8 +43,12 @@ def test_cpu_selfcheck_passes(cpu_run):
     kernels = {u["kernel"] for u in passed}
     for k in ("quantize_4bit", "dequantize_4bit", "qlora_linear.splitk", "qlora_linear.tiled",
               "qlora_linear.scratch", "cross_entropy", "linear_cross_entropy", "rms_norm",
-              "grouped_attention", "CPUOffloadAdamW"):  # fmt: skip
+              "grouped_attention", "CPUOffloadAdamW", "adamw_fused"):  # fmt: skip
         assert k in kernels, k
+    assert {u["config"] for u in passed if u["kernel"] == "adamw_fused"} == {
+        "32bit",
+        "8bit,blocksize256",
+    }
     # Only the bf16 cases of the tl.dot kernels are left to the GPU, and they say why.
     skipped = [u for u in units if u["status"] == "skipped"]
     assert skipped and all(

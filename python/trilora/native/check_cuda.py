@@ -60,7 +60,7 @@ def common_flags() -> list[str]:
 
     flags = [f"-I{p}" for p in cpp_extension.include_paths()]
     flags.append(f"-I{sysconfig.get_paths()['include']}")
-    flags.append(f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
+    flags.append(f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}")
     flags.append("-DTORCH_EXTENSION_NAME=trilora_check")
     flags.append("-DTORCH_API_INCLUDE_EXTENSION_H")
     macros = (

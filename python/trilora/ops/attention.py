@@ -17,13 +17,20 @@ each still ``B * T / 128 * Hq / Hkv`` blocks (thousands at the context lengths w
 memory matters).
 
 Kernels: ``aten._scaled_dot_product_flash_attention`` (+ ``_backward``) on CUDA,
-``aten._scaled_dot_product_flash_attention_for_cpu`` (+ ``_backward``) elsewhere. Under
-FakeTensorMode (``trilora mem``) the CPU kernels' meta functions run, which allocate only
-the outputs, so the CUDA kernel's internal workspace (:func:`flash_backward_workspace`) is
-allocated explicitly around each backward call. Dropout is not supported (0.0 only).
+``aten._scaled_dot_product_flash_attention_for_cpu`` (+ ``_backward``) elsewhere. They are
+private aten ops (no public op returns the logsumexp and RNG state a separate backward call
+needs), so they are looked up in one place, :func:`flash_attention_ops`, which returns None
+where a torch release no longer has them: :func:`grouped_causal_attention` then raises, and
+the transformers integration (``trilora.attention``) serves every call with transformers'
+SDPA attention instead. Under FakeTensorMode (``trilora mem``) the CPU kernels' meta
+functions run, which allocate only the outputs, so the CUDA kernel's internal workspace
+(:func:`flash_backward_workspace`) is allocated explicitly around each backward call.
+Dropout is not supported (0.0 only).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -46,34 +53,64 @@ def flash_backward_workspace(
     return shapes
 
 
-def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
+# Private aten ops (see the module docstring): forward, backward.
+_FLASH_OPS = {
+    "cuda": (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_backward",
+    ),
+    "cpu": (
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention_for_cpu_backward",
+    ),
+}
 
+
+def flash_attention_ops(device_type: str) -> tuple[Any, Any] | None:
+    """torch's FlashAttention-2 ``(forward, backward)`` aten ops for ``device_type``, or None.
+
+    The compatibility point for these private ops: ``"cuda"`` gets the CUDA kernels, any
+    other device type the CPU ones (whose meta functions also serve fake tensors). None when
+    the installed torch has no op of that name (a release that renamed them); callers fall
+    back to public SDPA or raise. Checked against torch 2.11 and the newest release.
+    """
+    names = _FLASH_OPS["cuda" if device_type == "cuda" else "cpu"]
+    ops = tuple(getattr(torch.ops.aten, name, None) for name in names)
+    return None if None in ops else ops
+
+
+def is_fake_tensor(t: torch.Tensor) -> bool:
+    """True for a ``FakeTensor`` (``FakeTensorMode``: ``trilora mem``'s traces).
+
+    The compatibility point for ``torch._subclasses.fake_tensor`` (private; no public
+    name exists). Where a torch release no longer has it, False: trilora's memory tracer
+    imports ``FakeTensorMode`` from the same module, so no fake tensor can reach here then.
+    """
+    try:
+        from torch._subclasses.fake_tensor import FakeTensor
+    except ImportError:
+        return False
     return isinstance(t, FakeTensor)
 
 
 def _flash_forward(q, k, v, scale):
     """``(out [B, H, T, D], lse [B, H, T] fp32, state)``; ``state`` is what backward needs."""
+    forward, _ = flash_attention_ops(q.device.type)
     if q.is_cuda:
-        out, lse, cq, ck, mq, mk, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, True, False, scale=scale
-        )  # fmt: skip
+        out, lse, cq, ck, mq, mk, seed, offset, _ = forward(q, k, v, 0.0, True, False, scale=scale)
         return out, lse, (cq, ck, mq, mk, seed, offset)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, True, scale=scale
-    )
+    out, lse = forward(q, k, v, 0.0, True, scale=scale)
     return out, lse, None
 
 
 def _flash_backward(dout, q, k, v, out, lse, state, scale):
+    _, backward = flash_attention_ops(q.device.type)
     if q.is_cuda:
         cq, ck, mq, mk, seed, offset = state
-        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        return backward(
             dout, q, k, v, out, lse, cq, ck, mq, mk, 0.0, True, seed, offset, scale=scale
         )
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout, q, k, v, out, lse, 0.0, True, scale=scale
-    )
+    return backward(dout, q, k, v, out, lse, 0.0, True, scale=scale)
 
 
 class _GroupedCausalAttention(torch.autograd.Function):
@@ -83,13 +120,16 @@ class _GroupedCausalAttention(torch.autograd.Function):
         hkv = k.shape[1]
         g = hq // hkv
         out = q.new_empty((b, t, hq, d))
-        # One contiguous logsumexp per group: the kernels expect [B, g, T] contiguous.
-        lse = q.new_empty((hkv, b, g, t), dtype=torch.float32)
+        # One contiguous logsumexp per group: the kernels expect [B, g, T] contiguous, in the
+        # dtype they return (fp32, but fp64 for fp64 inputs on CPU, which the backward checks).
+        lse = None
         states = []
         for i in range(hkv):
             heads = slice(i * g, (i + 1) * g)
             o, s, state = _flash_forward(q[:, heads], k[:, i : i + 1], v[:, i : i + 1], scale)
             out[:, :, heads].copy_(o.transpose(1, 2))
+            if lse is None:
+                lse = s.new_empty((hkv, *s.shape))
             lse[i].copy_(s)
             states.append(state)
             del o, s
@@ -107,7 +147,7 @@ class _GroupedCausalAttention(torch.autograd.Function):
         dq = torch.empty_like(out).transpose(1, 2)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
-        fake = _is_fake(q)
+        fake = is_fake_tensor(q)
         for i in range(hkv):
             heads = slice(i * g, (i + 1) * g)
             qi, ki, vi = q[:, heads], k[:, i : i + 1], v[:, i : i + 1]
@@ -134,7 +174,8 @@ def grouped_causal_attention(
     """Causal softmax attention, computed per key/value head group.
 
     Args:
-        query: ``[B, Hq, T, D]`` fp16/bf16 (fp32 on CPU), any strides with unit last stride.
+        query: ``[B, Hq, T, D]`` fp16/bf16 (also fp32/fp64 on CPU), any strides with unit
+            last stride.
         key, value: ``[B, Hkv, T, D]`` with ``Hq % Hkv == 0``.
         scale: softmax scale; default ``D ** -0.5``.
 
@@ -156,5 +197,12 @@ def grouped_causal_attention(
     if key.dtype != query.dtype or value.dtype != query.dtype:
         raise TypeError(
             f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    if flash_attention_ops(query.device.type) is None:
+        names = _FLASH_OPS["cuda" if query.device.type == "cuda" else "cpu"]
+        raise RuntimeError(
+            f"torch {torch.__version__} has no aten.{names[0]} / aten.{names[1]}, which grouped "
+            "attention calls; use torch.nn.functional.scaled_dot_product_attention (the "
+            "transformers integration falls back to it by itself)"
         )
     return _GroupedCausalAttention.apply(query, key, value, scale)

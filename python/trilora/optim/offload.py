@@ -255,9 +255,18 @@ class HostUpdateMixin:
         self._copy_back(slots)
 
     def _resync(self, slot: _Slot) -> None:
-        if slot.synced != stamp(slot.param):
-            slot.master.copy_(local_tensor(slot.param).detach())
-            slot.synced = stamp(slot.param)
+        current = stamp(slot.param)
+        local = local_tensor(slot.param).detach()
+        if current is None:
+            # No version counter (a torch without Tensor._version): the master is stale when
+            # the parameter no longer equals it rounded to the parameter's dtype. Costs one
+            # device-to-host read of each parameter per step.
+            stale = not torch.equal(slot.master.to(local.dtype), local.to("cpu"))
+        else:
+            stale = slot.synced != current
+        if stale:
+            slot.master.copy_(local)
+            slot.synced = current
 
     def _copy_back(self, slots: list[_Slot]) -> None:
         devices = set()

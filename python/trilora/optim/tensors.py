@@ -30,11 +30,26 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def stamp(t: torch.Tensor) -> tuple[int, int]:
-    # The version counter moves on every in-place write (copy_, load_state_dict, fill_);
-    # the data pointer moves when ``p.data`` is rebound (e.g. ``model.to(...)``).
+def version_counter(t: torch.Tensor) -> int | None:
+    """``t``'s in-place write counter, or None where torch no longer exposes it.
+
+    The compatibility point for ``Tensor._version``, which autograd keeps on every tensor
+    (torch 2.11 to the newest release) but has no public name.
+    """
+    version = getattr(t, "_version", None)
+    return version if isinstance(version, int) else None
+
+
+def stamp(t: torch.Tensor) -> tuple[int, int] | None:
+    """A value that changes whenever ``t`` (its local shard) is written from outside, or None.
+
+    The version counter moves on every in-place write (copy_, load_state_dict, fill_); the
+    data pointer moves when ``p.data`` is rebound (e.g. ``model.to(...)``). None where there
+    is no version counter (:func:`version_counter`): callers then compare values instead.
+    """
     t = local_tensor(t)
-    return (t._version, t.data_ptr())
+    version = version_counter(t)
+    return None if version is None else (version, t.data_ptr())
 
 
 def check_grad(grad: torch.Tensor, owner: str) -> None:
@@ -45,4 +60,4 @@ def check_grad(grad: torch.Tensor, owner: str) -> None:
         )
 
 
-__all__ = ["check_grad", "is_dtensor", "local_tensor", "stamp"]
+__all__ = ["check_grad", "is_dtensor", "local_tensor", "stamp", "version_counter"]
