@@ -53,14 +53,23 @@ def _fusable(lm: nn.Module) -> bool:
 @contextmanager
 def _score_head_input(head: nn.Module, labels: torch.Tensor, reduction: str, into: list):
     """Replace ``head`` by a stand-in that scores its input against ``labels`` with the
-    fused op, inside the model's forward: FSDP2 holds the head's full weight only there."""
+    fused op, inside the model's forward, where FSDP2 holds the head's full weight.
+
+    ``"none"`` (per-token losses, which DPO differentiates) leaves the model as its
+    "logits" ``[B, T, 1]``: a model output, so FSDP2's pre-backward hook gathers the head
+    again before the op's backward needs it. ``"sum"`` (evaluation) is kept in ``into``.
+    """
     from trilora.ops.linear_cross_entropy import linear_cross_entropy
 
     def stand_in(hidden: torch.Tensor) -> torch.Tensor:
         weight = head.weight
         h = hidden if hidden.dtype == weight.dtype else hidden.to(weight.dtype)
         with torch.autocast(h.device.type, enabled=False):  # the op picks its own precision
-            into.append(linear_cross_entropy(h, weight, labels, IGNORE, reduction))
+            scored = linear_cross_entropy(h, weight, labels, IGNORE, reduction)
+        if reduction == "none":
+            # a copy, not a view: FSDP2 warns that in-place ops on views would lose its hook
+            return scored.unsqueeze(-1).clone()
+        into.append(scored)
         return hidden.new_empty((*hidden.shape[:-1], 0))
 
     head.forward = stand_in
@@ -90,8 +99,8 @@ def token_losses(model: nn.Module, batch: dict[str, Any], reduction: str = "none
         head = lm.get_output_embeddings()
         scored: list[torch.Tensor] = []
         with _score_head_input(head, labels, reduction, scored), ctx:
-            model(**_inputs(batch, device), use_cache=False)
-        return scored[-1]
+            out = model(**_inputs(batch, device), use_cache=False)
+        return scored[-1] if scored else out.logits.squeeze(-1)
     with ctx:
         logits = model(**_inputs(batch, device), use_cache=False).logits
     shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)

@@ -117,14 +117,15 @@ def check_launch(nproc: int, device: str | None, batch_size: int) -> str:
 
 
 def _quiet_launcher_logs() -> None:
-    # torchrun's agent warns about OMP_NUM_THREADS, SIGTERMs and restarts on its own
-    # loggers; the workers' own messages are what the user needs.
+    # torchrun's agent logs OMP_NUM_THREADS notes, SIGTERMs and each failed worker on its
+    # own loggers; the workers' one-line errors (printed by launch()) are what the user
+    # needs. Its loggers take their level from LOGLEVEL when they are created.
     import logging
 
-    os.environ.setdefault("LOGLEVEL", "ERROR")  # read when torch's elastic loggers are made
+    os.environ.setdefault("LOGLEVEL", "CRITICAL")
     for name in list(logging.Logger.manager.loggerDict):
         if name.startswith(("torch.distributed.elastic", "torch.distributed.run")):
-            logging.getLogger(name).setLevel(logging.ERROR)
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def launch(nproc: int, worker_args: list[str], config_yaml: str) -> int:
