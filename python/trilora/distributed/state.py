@@ -96,6 +96,24 @@ def _agree(env: DistEnv, error: BaseException | None) -> None:
         raise RuntimeError(f"rank {rank} failed while saving or loading: {msg}")
 
 
+def _is_checkpoint_exception(exc: BaseException) -> bool:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return isinstance(exc, CheckpointException)
+
+
+def _first_failure(exc: BaseException) -> BaseException:
+    """The underlying error of a DCP ``CheckpointException`` (a full disk's ``OSError``,
+    say), rank 0's when it has one; DCP gathers them from every rank."""
+    failures = getattr(exc, "failures", None) or {}
+    for rank in sorted(failures):
+        wrapped = failures[rank]
+        inner = wrapped[0] if isinstance(wrapped, tuple) and wrapped else wrapped
+        if isinstance(inner, BaseException):
+            return inner
+    return RuntimeError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
 # ---------------------------------------------------------------------------------------
 # fingerprint
 # ---------------------------------------------------------------------------------------
@@ -388,6 +406,10 @@ def save_state(
             atomic_write_json(Path(tmp_name[0]) / STATE_FILE, meta)
     except Exception as exc:
         error = exc
+    except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+        if not _is_checkpoint_exception(exc):
+            raise
+        error = _first_failure(exc)
     try:
         _agree(env, error)
     except BaseException as exc:
@@ -525,7 +547,12 @@ def load_state(
             f"{path} lacks {missing[0][len('model/') :]}; it was saved from another model"
         )
     with _quiet_single_process(env):
-        dcp.load(sd, checkpoint_id=str(path), **_dcp_kwargs(env))
+        try:
+            dcp.load(sd, checkpoint_id=str(path), **_dcp_kwargs(env))
+        except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+            if not _is_checkpoint_exception(exc):
+                raise
+            raise UserError(f"{path} cannot be read: {_first_failure(exc)}") from None
     if optimizer is not None:
         state: dict[int, dict[str, Any]] = {}
         index_of = {fqn: i for i, fqn in enumerate(fqns)}

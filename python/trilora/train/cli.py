@@ -108,6 +108,9 @@ def _launch(args: argparse.Namespace, cfg) -> int:
                                     ("--demo", args.demo)) if on]  # fmt: skip
     if args.device:
         worker += ["--device", args.device]
-    if getattr(args, "debug", False):
+    import os
+
+    debug = getattr(args, "debug", False) or os.environ.get("TRILORA_DEBUG", "") not in ("", "0")
+    if debug:
         worker.append("--debug")
-    return launch(args.nproc, worker, dump_yaml(cfg))
+    return launch(args.nproc, worker, dump_yaml(cfg), debug)

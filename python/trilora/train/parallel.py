@@ -128,7 +128,7 @@ def _quiet_launcher_logs() -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def launch(nproc: int, worker_args: list[str], config_yaml: str) -> int:
+def launch(nproc: int, worker_args: list[str], config_yaml: str, debug: bool = False) -> int:
     """Run ``trilora train`` on ``nproc`` local processes; return the exit status.
 
     ``config_yaml`` (the resolved settings) is written to a temporary file handed to every
@@ -153,7 +153,7 @@ def launch(nproc: int, worker_args: list[str], config_yaml: str) -> int:
         try:
             torchrun(args)
         except ChildFailedError as exc:
-            return _report_failures(errors, exc)
+            return _report_failures(errors, exc, debug)
         except Exception as exc:  # torch's SignalException: Ctrl-C or a kill of the launcher
             if type(exc).__name__ == "SignalException":
                 print("trilora train: interrupted", file=sys.stderr)
@@ -167,7 +167,7 @@ def launch(nproc: int, worker_args: list[str], config_yaml: str) -> int:
     return 0
 
 
-def _report_failures(errors: Path, exc) -> int:
+def _report_failures(errors: Path, exc, debug: bool = False) -> int:
     """Print each distinct worker error once (rank 0's first); return the exit status."""
     reported: list[tuple[int, int, str]] = []
     for f in errors.glob("rank-*"):
@@ -190,8 +190,9 @@ def _report_failures(errors: Path, exc) -> int:
         parts.append(
             f"rank {rank}: {f'killed by signal {-code}' if killed else f'exit code {code}'}"
         )
-    print(f"trilora train: error: a process failed without a message ({', '.join(parts) or exc}); "
-          "rerun with --debug for the traceback", file=sys.stderr)  # fmt: skip
+    hint = "its traceback is above" if debug else "rerun with --debug for the traceback"
+    print(f"trilora train: error: a process failed without a message "
+          f"({', '.join(parts) or exc}); {hint}", file=sys.stderr)  # fmt: skip
     return 1
 
 
