@@ -126,9 +126,7 @@ def _compare(got: Path, want: Path, from_step: int = 0) -> dict[str, float]:
                                                     f"{key} at step {y['step']}"))  # fmt: skip
     ad, bd = _adapter(got), _adapter(want)
     assert sorted(ad) == sorted(bd) and ad
-    worst["adapter"] = max(
-        ((ad[k] - bd[k]).abs().max() / bd[k].abs().max()).item() for k in bd
-    )
+    worst["adapter"] = max(((ad[k] - bd[k]).abs().max() / bd[k].abs().max()).item() for k in bd)
     assert worst["adapter"] <= ADAPTER_RTOL, worst
     print(f"{got.name} vs {want.name}: worst relative differences {worst}")
     return worst
