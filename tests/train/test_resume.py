@@ -117,7 +117,8 @@ def test_failed_save_keeps_the_previous_checkpoint(setup):
     env = {"TRILORA_TRAIN_TEST_HOOK": "kill_in_save:4"}
     p = _run(setup, out, env=env, check=False)
     assert p.returncode == -signal.SIGKILL
-    before = {f.name: f.read_bytes() for f in (out / "checkpoints" / "step-00000002").iterdir()}
+    step2 = out / "checkpoints" / "step-00000002"
+    before = {f.relative_to(step2): f.read_bytes() for f in step2.rglob("*") if f.is_file()}
 
     def small_files():  # the next checkpoint's files cannot be written: a real write error
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
@@ -126,7 +127,7 @@ def test_failed_save_keeps_the_previous_checkpoint(setup):
     assert p.returncode == 1, p.stderr[-2000:]
     last = p.stderr.strip().splitlines()[-1]
     assert "could not write checkpoint step 4" in last and "step-00000002) is intact" in last
-    after = {f.name: f.read_bytes() for f in (out / "checkpoints" / "step-00000002").iterdir()}
+    after = {f.relative_to(step2): f.read_bytes() for f in step2.rglob("*") if f.is_file()}
     assert after == before
     assert sorted(x.name for x in (out / "checkpoints").iterdir()) == ["step-00000002"]
 

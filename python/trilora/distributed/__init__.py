@@ -30,6 +30,7 @@ from trilora.distributed.sharding import (
     wrap_fsdp,
 )
 from trilora.distributed.state import (
+    gather_state_dict,
     load_state,
     model_fingerprint,
     read_state_meta,
@@ -46,6 +47,7 @@ __all__ = [
     "clip_grad_norm",
     "current_env",
     "destroy_distributed",
+    "gather_state_dict",
     "init_distributed",
     "load_pretrained",
     "load_state",

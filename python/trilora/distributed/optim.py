@@ -264,22 +264,39 @@ def _flat(params: list[Any]) -> list[torch.Tensor]:
 
 
 def clip_grad_norm(
-    model_or_params: nn.Module | Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0
+    model_or_params: nn.Module | Iterable[torch.Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    foreach: bool | None = None,
 ) -> torch.Tensor:
     """Clip gradients by their norm over *all* ranks; returns the total norm (a plain tensor).
 
     Under FSDP2 the gradients are ``DTensor`` shards and torch computes the global norm
     from them; under DDP every rank already holds the averaged full gradients. Call it
-    after backward and before ``optimizer.step()``.
+    after backward and before ``optimizer.step()``, on every rank.
+
+    ``optimizer``: an optimizer that keeps gradients off ``p.grad`` (trilora's
+    ``CPUOffloadAdamW`` and ``AdamW(offload_gradients=True)`` move them to host memory as
+    backward produces them, or, under FSDP2, in this call) clips through its own
+    ``clip_grad_norm``, which combines the ranks' shards with an all-reduce. Given such an
+    optimizer, it is used; otherwise the parameters' ``.grad`` are clipped.
     """
-    if isinstance(model_or_params, nn.Module):
-        params = _trainable(model_or_params)
+    own = getattr(optimizer, "clip_grad_norm", None)
+    if callable(own) and not isinstance(optimizer, ShardedOptimizer):
+        # (a ShardedOptimizer's inner optimizer sees plain aliases of the shards, with no
+        # gradients before step(): the DTensor gradients on p.grad are the ones to clip)
+        total = own(max_norm, norm_type)
     else:
-        params = list(model_or_params)
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return torch.zeros(())
-    total = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+        if isinstance(model_or_params, nn.Module):
+            params = _trainable(model_or_params)
+        else:
+            params = list(model_or_params)
+        params = [p for p in params if p.grad is not None]
+        if not params:
+            return torch.zeros(())
+        total = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, foreach=foreach)
     if _is_dtensor(total):
         total = total.full_tensor()
     return total

@@ -371,8 +371,9 @@ def wrap_ddp(model: nn.Module, *, env: DistEnv | None = None, **ddp_kwargs: Any)
     """Replicate ``model`` on every rank (rank 0's values) and wrap it in DDP.
 
     Only the LoRA parameters require gradients, so only they are bucketed and all-reduced
-    (averaged). DDP runs with ``broadcast_buffers=False`` (the frozen quantization buffers
-    would otherwise be re-broadcast before every forward) and
+    (averaged). DDP runs without syncing buffers (``broadcast_buffers=False``, named
+    ``forward_sync_buffers=False`` from torch 2.13; the frozen quantization buffers would
+    otherwise be re-broadcast before every forward) and
     ``gradient_as_bucket_view=True`` (no second copy of the gradients); ``ddp_kwargs``
     override these and go to ``DistributedDataParallel``.
 
@@ -406,9 +407,16 @@ def wrap_ddp(model: nn.Module, *, env: DistEnv | None = None, **ddp_kwargs: Any)
     for _, b in model.named_buffers(remove_duplicate=False):
         _send_full(b, b if env.rank == 0 else None, env)
     model._trilora_parallel = ParallelInfo("ddp", env)
-    kwargs: dict[str, Any] = dict(broadcast_buffers=False, gradient_as_bucket_view=True)
-    if "init_sync" in inspect.signature(DistributedDataParallel.__init__).parameters:
+    accepted = inspect.signature(DistributedDataParallel.__init__).parameters
+    kwargs: dict[str, Any] = dict(gradient_as_bucket_view=True)
+    if "init_sync" in accepted:
         kwargs["init_sync"] = False  # the broadcast above already made the ranks equal
+    if "forward_sync_buffers" in accepted and "init_sync" in accepted:
+        # torch >= 2.13's name for broadcast_buffers=False (deprecated there); with
+        # init_sync=False nothing is synced at construction either
+        kwargs["forward_sync_buffers"] = False
+    else:
+        kwargs["broadcast_buffers"] = False
     if env.device.type == "cuda":
         kwargs["device_ids"] = [env.device.index]
     kwargs.update(ddp_kwargs)

@@ -9,8 +9,8 @@ shards), LoRA goes on every linear layer, the model is wrapped in DDP or FSDP2, 
 With ``--resume`` it first loads ``OUT_DIR/state`` and continues. It prints one line per
 step from rank 0: the loss averaged over the ranks and the peak device memory.
 
-This is the sequence of calls ``trilora train`` makes under ``--nproc``; until the trainer
-is distributed, it is the runnable form of ``docs/distributed.md``.
+This is the sequence of calls ``trilora train`` makes under ``--nproc`` (or ``torchrun -m
+trilora.train``), without data: a quick check of a cluster before a real run.
 """
 
 from __future__ import annotations

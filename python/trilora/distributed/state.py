@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,14 @@ from trilora.distributed.env import DistEnv, current_env
 from trilora.distributed.sharding import parallel_info, unwrap
 from trilora.io import UserError, atomic_directory, atomic_write_json
 
-__all__ = ["STATE_FILE", "load_state", "model_fingerprint", "save_adapter", "save_state"]
+__all__ = [
+    "STATE_FILE",
+    "gather_state_dict",
+    "load_state",
+    "model_fingerprint",
+    "save_adapter",
+    "save_state",
+]
 
 STATE_FILE = "trilora_state.json"
 FORMAT = "trilora-distributed-state"
@@ -86,6 +94,24 @@ def _agree(env: DistEnv, error: BaseException | None) -> None:
         if user:
             raise UserError(msg)
         raise RuntimeError(f"rank {rank} failed while saving or loading: {msg}")
+
+
+def _is_checkpoint_exception(exc: BaseException) -> bool:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return isinstance(exc, CheckpointException)
+
+
+def _first_failure(exc: BaseException) -> BaseException:
+    """The underlying error of a DCP ``CheckpointException`` (a full disk's ``OSError``,
+    say), rank 0's when it has one; DCP gathers them from every rank."""
+    failures = getattr(exc, "failures", None) or {}
+    for rank in sorted(failures):
+        wrapped = failures[rank]
+        inner = wrapped[0] if isinstance(wrapped, tuple) and wrapped else wrapped
+        if isinstance(inner, BaseException):
+            return inner
+    return RuntimeError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,12 +200,42 @@ def _compare_fingerprints(saved: dict, current: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def gather_state_dict(model: nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The model's full tensors on rank 0's CPU, gathered one tensor at a time.
+
+    Every rank must call it (FSDP2 shards are all-gathered); rank 0 gets the state dict
+    (trainable parameters by ``named_parameters`` name with ``trainable_only``, else the
+    whole ``state_dict()``), the other ranks an empty dict. Without a process group it is
+    simply a CPU copy.
+    """
+    env = _env_of(model)
+    m = unwrap(model)
+    if trainable_only:
+        items = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+    else:
+        items = list(m.state_dict().items())
+    full: dict[str, torch.Tensor] = {}
+    for name, t in items:
+        t = t.full_tensor() if _is_dtensor(t) else t.detach()
+        if env.rank == 0:
+            full[name] = t.to("cpu", copy=True)
+    return full
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    add_files: Callable[[Path], None] | None = None,
+) -> Path:
     """Write the LoRA adapter of a (wrapped) PEFT model in PEFT format, from rank 0.
 
     Every rank must call it (sharded parameters are gathered one at a time, each rank
     contributing its shard); only rank 0 writes, through a temporary folder renamed at the
-    end. Returns ``path``.
+    end. ``add_files(folder)``, called on rank 0 before the rename, may write more files
+    into the same folder (a tokenizer, say), so the folder appears complete or not at all.
+    Returns ``path``.
 
     Raises:
         UserError: the model is not a PEFT model, or ``path`` is taken and ``overwrite`` is
@@ -193,18 +249,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, overwrite: bool =
         raise UserError(
             f"save_adapter needs a PEFT model (trilora.get_peft_model), got {type(m).__name__}"
         )
-    full: dict[str, torch.Tensor] = {}
-    for name, p in m.named_parameters():
-        if not p.requires_grad:
-            continue
-        t = p.full_tensor() if _is_dtensor(p) else p.detach()
-        if env.rank == 0:
-            full[name] = t.to("cpu", copy=True)
+    full = gather_state_dict(model, trainable_only=True)
     error = None
     if env.rank == 0:
         try:
             with atomic_directory(path, overwrite=overwrite) as tmp:
                 m.save_pretrained(tmp, state_dict=full)
+                if add_files is not None:
+                    add_files(tmp)
         except Exception as exc:
             error = exc
     _agree(env, error)
@@ -354,6 +406,10 @@ def save_state(
             atomic_write_json(Path(tmp_name[0]) / STATE_FILE, meta)
     except Exception as exc:
         error = exc
+    except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+        if not _is_checkpoint_exception(exc):
+            raise
+        error = _first_failure(exc)
     try:
         _agree(env, error)
     except BaseException as exc:
@@ -491,7 +547,12 @@ def load_state(
             f"{path} lacks {missing[0][len('model/') :]}; it was saved from another model"
         )
     with _quiet_single_process(env):
-        dcp.load(sd, checkpoint_id=str(path), **_dcp_kwargs(env))
+        try:
+            dcp.load(sd, checkpoint_id=str(path), **_dcp_kwargs(env))
+        except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+            if not _is_checkpoint_exception(exc):
+                raise
+            raise UserError(f"{path} cannot be read: {_first_failure(exc)}") from None
     if optimizer is not None:
         state: dict[int, dict[str, Any]] = {}
         index_of = {fqn: i for i, fqn in enumerate(fqns)}

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from trilora.optim.errors import UnclippedGradientsWarning
-from trilora.optim.tensors import check_grad, local_tensor, stamp
+from trilora.optim.tensors import check_grad, is_dtensor, local_tensor, stamp
 
 if TYPE_CHECKING:
     from trilora.optim.adamw import _Slot
@@ -186,7 +186,9 @@ class HostUpdateMixin:
         """Clip the gradients of all parameters as ``torch.nn.utils.clip_grad_norm_`` does.
 
         Call it between the last backward and :meth:`step`. With offloaded gradients the
-        norm is taken over the host fp32 gradients; otherwise over ``p.grad``.
+        norm is taken over the host fp32 gradients; otherwise over ``p.grad``. For FSDP2's
+        ``DTensor`` parameters it is the norm of the whole gradients over all ranks (every
+        rank must call it), as torch's ``clip_grad_norm_`` gives for ``DTensor`` gradients.
 
         Returns:
             The total norm before clipping, a 0-dim fp32 tensor (on the CPU when
@@ -195,10 +197,13 @@ class HostUpdateMixin:
         self._clip_called = True
         if not self.offload_gradients:
             params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-            return torch.nn.utils.clip_grad_norm_(
+            total = torch.nn.utils.clip_grad_norm_(
                 params, max_norm, norm_type, error_if_nonfinite, foreach
             )
+            return total.full_tensor() if is_dtensor(total) else total
         slots = self._offloaded_grads()
+        if any(is_dtensor(slot.param) for slot in self._slots):
+            return self._clip_sharded(slots, max_norm, norm_type, error_if_nonfinite)
         # The masters carry the host gradients as ``.grad`` only for this call, so the
         # clipping itself is torch's own.
         for slot in slots:
@@ -210,6 +215,65 @@ class HostUpdateMixin:
         finally:
             for slot in slots:
                 slot.master.grad = None
+
+    def _clip_sharded(
+        self, slots: list[_Slot], max_norm: float, norm_type: float, error_if_nonfinite: bool
+    ) -> torch.Tensor:
+        """Clip host gradients of FSDP2 shards by the norm of the *whole* gradients.
+
+        Each rank's host gradients are only its shards of the ``DTensor`` parameters, so a
+        norm over them is this rank's part: the parts are combined with an all-reduce
+        over the mesh dimensions each parameter is sharded on (sum of ``norm**p``, or the
+        maximum for the inf-norm), as torch's ``clip_grad_norm_`` does for ``DTensor``
+        gradients. Every rank must call it (it is a collective).
+        """
+        import torch.distributed as dist
+
+        p = float(norm_type)
+        if not (p == float("inf") or p > 0):
+            raise ValueError(f"norm_type must be > 0 or inf for sharded parameters, got {p}")
+        inf = p == float("inf")
+        with_grad = {id(slot) for slot in slots}
+        # (mesh, sharded mesh dims) -> this rank's partial, in one order on every rank:
+        # the order of the optimizer's slots, which every rank builds alike.
+        parts: dict[tuple, list] = {}
+        for slot in self._slots:
+            param = slot.param
+            if is_dtensor(param):
+                dims = tuple(i for i, pl in enumerate(param.placements) if pl.is_shard())
+                key: tuple = (id(param.device_mesh), dims)
+                mesh = param.device_mesh
+            else:
+                key, mesh, dims = ("local",), None, ()
+            entry = parts.setdefault(key, [mesh, dims, []])
+            if id(slot) in with_grad:
+                entry[2].append(torch.linalg.vector_norm(slot.grad, p))
+        totals = []
+        for mesh, dims, norms in parts.values():
+            if norms:
+                stacked = torch.stack(norms)
+                part = stacked.max() if inf else stacked.pow(p).sum()
+            else:
+                part = torch.zeros((), dtype=torch.float32)
+            if mesh is not None and dims:
+                part = part.to(mesh.device_type)
+                op = dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM
+                for dim in dims:
+                    dist.all_reduce(part, op=op, group=mesh.get_group(dim))
+                part = part.cpu()
+            totals.append(part)
+        stacked = torch.stack(totals)
+        total = stacked.max() if inf else stacked.sum().pow(1.0 / p)
+        if error_if_nonfinite and not torch.isfinite(total):
+            raise RuntimeError(
+                f"The total norm of order {p} for gradients from `parameters` is non-finite, "
+                "so it cannot be clipped. To disable this error and scale the gradients by the "
+                "non-finite norm anyway, set `error_if_nonfinite=False`"
+            )
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for slot in slots:
+            slot.grad.mul_(coef)
+        return total
 
     def _wait_copy_back(self) -> None:
         # Masters are the source of in-flight H2D copies; they must not be written first.

@@ -10,7 +10,10 @@ Modules (data flows down only: this package -> loading/peft/memory/optim -> nn -
 * :mod:`~trilora.train.optim`: the one place optimizers and LR schedules are built.
 * :mod:`~trilora.train.loop`: the training loop, evaluation, resume.
 * :mod:`~trilora.train.dpo`: sequence log-probabilities and the DPO loss.
-* :mod:`~trilora.train.state`: run checkpoints (atomic, last K kept) and RNG state.
+* :mod:`~trilora.train.state`: run checkpoints (atomic, last K kept, resumable on any
+  process count) and RNG state.
+* :mod:`~trilora.train.parallel`: several processes (``--nproc``, ``python -m
+  trilora.train`` under torchrun / accelerate launch), each rank's rows, cross-rank agreement.
 * :mod:`~trilora.train.reporting`: progress bar, metrics.jsonl, TensorBoard, loss curve,
   base-vs-tuned comparison, summary.
 * :mod:`~trilora.train.demo`, :mod:`~trilora.train.demo_data`: ``trilora train --demo``.

@@ -24,6 +24,8 @@ examples:
   trilora train --config run.yaml --lr 1e-4 --print-config
   trilora train --config run.yaml --resume              # continue from the last checkpoint
   trilora train --config run.yaml --sweep lora_r=4,8,16,32
+  trilora train --config run.yaml --nproc 2 --fsdp      # 2 GPUs, FSDP2 (docs/distributed.md)
+  torchrun --nproc-per-node 8 -m trilora.train --config run.yaml --fsdp
 """
 
 
@@ -51,6 +53,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      "memory and time (default: none)")  # fmt: skip
     run.add_argument("--device", default=None,
                      help="cpu or cuda (default: cuda when available)")  # fmt: skip
+    run.add_argument("--nproc", type=int, default=1, metavar="N",
+                     help="train on N processes of this machine, one per GPU (DDP, or FSDP2 "
+                     "with --fsdp), through torch.distributed.run; --batch-size is then the "
+                     "global micro-batch, split across them. Several machines: torchrun -m "
+                     "trilora.train (docs/distributed.md) (default: 1)")  # fmt: skip
     add_config_arguments(p)
     return p
 
@@ -71,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(dump_yaml(cfg))
         return 0
+    if args.nproc != 1:
+        return _launch(args, cfg)
     if args.sweep:
         from trilora.train.sweep import run_sweep
 
@@ -83,3 +92,25 @@ def run(args: argparse.Namespace) -> int:
 
     train(cfg, resume=args.resume, overwrite=args.overwrite, device=args.device)
     return 0
+
+
+def _launch(args: argparse.Namespace, cfg) -> int:
+    """``--nproc N``: check, then start N workers with the resolved settings."""
+    from trilora.io import UsageError
+    from trilora.train.parallel import check_launch, launch
+
+    if args.sweep:
+        raise UsageError("--sweep runs one training process per value; drop --nproc (or run "
+                         "each value with --nproc yourself)")  # fmt: skip
+    cfg.validate()
+    check_launch(args.nproc, args.device, cfg.batch_size)
+    worker = [flag for flag, on in (("--resume", args.resume), ("--overwrite", args.overwrite),
+                                    ("--demo", args.demo)) if on]  # fmt: skip
+    if args.device:
+        worker += ["--device", args.device]
+    import os
+
+    debug = getattr(args, "debug", False) or os.environ.get("TRILORA_DEBUG", "") not in ("", "0")
+    if debug:
+        worker.append("--debug")
+    return launch(args.nproc, worker, dump_yaml(cfg), debug)

@@ -116,6 +116,13 @@ class TrainConfig:
     eval_every: int = _f(0, "evaluate held-out loss every N steps (0: at the end only)",
                          group="loop")  # fmt: skip
     eval_batch_size: int = _f(8, "rows per evaluation batch", group="loop")
+    # --- several processes (--nproc, torchrun, accelerate launch) -----------------------
+    fsdp: bool = _f(False, "with several processes: shard the model with FSDP2 (each holds 1/N "
+                    "of the 4-bit base, the adapters and the optimizer state) instead of DDP (a "
+                    "full copy each); a single process ignores it", group="distributed")  # fmt: skip
+    cpu_offload: bool = _f(False, "with --fsdp: FSDP2's CPUOffloadPolicy (sharded parameters, "
+                           "gradients and optimizer state in host memory)",
+                           group="distributed")  # fmt: skip
     # --- DPO ---------------------------------------------------------------------------
     beta: float = _f(0.1, "DPO beta (sigmoid loss)", group="dpo")
     precompute_ref: bool = _f(False, "compute the reference log-probs once before training "
@@ -192,6 +199,12 @@ class TrainConfig:
         if self.method == "dpo" and self.finetune == "full" and not self.precompute_ref:
             raise bad("finetune", "DPO's reference is the base with adapters disabled; full "
                       "fine-tuning has no adapter, so add --precompute-ref")  # fmt: skip
+        if self.cpu_offload and not self.fsdp:
+            raise bad("cpu_offload", "FSDP2's CPU offload shards across processes; add --fsdp "
+                      "(for the optimizer on the CPU: --optim adamw_cpu_offload)")  # fmt: skip
+        if self.fsdp and self.finetune == "peft":
+            raise bad("fsdp", "--finetune peft runs PEFT's own layers, which FSDP2 is not "
+                      "tested with; drop --fsdp (DDP) or train LoRA")  # fmt: skip
         if self.offload and not self.gradient_checkpointing:
             raise bad("offload", "activation offload works through checkpointing; add "
                       "--gradient-checkpointing")  # fmt: skip
@@ -201,10 +214,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# Fields a resumed run may change without changing its trajectory.
+# Fields a resumed run may change without changing its trajectory (the process count and
+# FSDP/DDP change it only by fp32 rounding: the state is resharded on load).
 RESUME_MAY_CHANGE = frozenset(
     {"out", "save_every", "keep_last", "log_every", "tensorboard", "compare", "max_new_tokens",
-     "merge", "progress"}
+     "merge", "progress", "fsdp", "cpu_offload"}
 )  # fmt: skip
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -212,6 +226,7 @@ _GROUPS = {
     "model": "model",
     "data": "data",
     "loop": "training loop",
+    "distributed": "several processes (--nproc N, torchrun, accelerate launch)",
     "dpo": "DPO",
     "output": "outputs",
 }

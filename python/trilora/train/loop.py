@@ -50,7 +50,7 @@ from trilora.train.reporting import (
 
 __all__ = ["train"]
 
-FORMAT = 1
+FORMAT = 2  # 2: checkpoints hold state/ (torch.distributed.checkpoint)
 SHOWN_SAMPLES = 3  # answers printed side by side (all are in samples.md)
 
 
@@ -168,24 +168,45 @@ def _load_data(cfg: TrainConfig, tokenizer) -> Data:
     return Data(train, val, val_records, rows, lengths, stats, val_stats)
 
 
-class BatchStream:
-    """Micro-batch ``g`` of the run, for any ``g``: epoch ``g // per_epoch``, batch ``g % per_epoch``."""
+@dataclass
+class MicroBatch:
+    """This rank's rows of one global micro-batch: collated ``batch``, their row indices
+    ``idx``, and ``real`` (False: a stand-in row at weight 0, see
+    :func:`trilora.train.parallel.rank_rows`)."""
 
-    def __init__(self, data: Data, cfg: TrainConfig, pad_id: int):
+    batch: dict[str, Any]
+    idx: list[int]
+    real: bool = True
+
+
+class BatchStream:
+    """Micro-batch ``g`` of the run, for any ``g``: epoch ``g // per_epoch``, batch ``g % per_epoch``.
+
+    Every rank draws the same global batches (a pure function of the seed and the epoch)
+    and keeps its own rows of each.
+    """
+
+    def __init__(self, data: Data, cfg: TrainConfig, pad_id: int, env=None):
+        from trilora.distributed import DistEnv
+
         self.data, self.cfg, self.pad_id = data, cfg, pad_id
+        self.env = env or DistEnv()
         self.per_epoch = math.ceil(len(data.rows) / cfg.batch_size)
         self._epoch, self._batches = -1, []
 
-    def get(self, g: int) -> tuple[dict[str, Any], list[int]]:
+    def get(self, g: int) -> MicroBatch:
+        from trilora.train.parallel import rank_rows
+
         epoch, index = divmod(g, self.per_epoch)
         if epoch != self._epoch:
             self._batches = D.batches_for_epoch(self.data.lengths, self.cfg.batch_size,
                                                 self.cfg.seed, epoch, self.cfg.group_by_length)  # fmt: skip
             self._epoch = epoch
-        idx = self._batches[index]
+        idx, real = rank_rows(self._batches[index], self.env)
         if self.cfg.method == "dpo":
-            return D.collate_pairs([self.data.rows[i] for i in idx], self.pad_id), idx
-        return D.collate([self.data.rows[i] for i in idx], self.pad_id), idx
+            return MicroBatch(D.collate_pairs([self.data.rows[i] for i in idx], self.pad_id),
+                              idx, real)  # fmt: skip
+        return MicroBatch(D.collate([self.data.rows[i] for i in idx], self.pad_id), idx, real)
 
 
 # ---------------------------------------------------------------------------------------
@@ -195,71 +216,111 @@ class BatchStream:
 
 @torch.no_grad()
 def evaluate(model, data: Data, cfg: TrainConfig, pad_id: int, autocast_dtype,
-             ref_logps: torch.Tensor | None = None, base_mode=None) -> dict[str, float]:  # fmt: skip
-    """Held-out loss and perplexity (SFT) or DPO loss and preference accuracy."""
+             ref_logps: torch.Tensor | None = None, base_mode=None,
+             env=None) -> dict[str, float]:  # fmt: skip
+    """Held-out loss and perplexity (SFT) or DPO loss and preference accuracy.
+
+    In a distributed run every rank must call it: each scores its rows of every evaluation
+    batch and the sums are all-reduced, so every rank returns the same numbers.
+    """
+    from trilora.distributed import DistEnv
     from trilora.train.losses import token_losses
+    from trilora.train.parallel import all_reduce, inference_model, rank_rows
 
-    was_training = model.training
-    model.eval()
-    try:
-        if cfg.method == "sft":
-            total, count = 0.0, 0
-            for s in range(0, len(data.val), cfg.eval_batch_size):
-                batch = D.collate([[e] for e in data.val[s : s + cfg.eval_batch_size]], pad_id)
-                total += float(token_losses(model, batch, "sum", autocast_dtype))
-                count += int((batch["labels"][:, 1:] != D.IGNORE).sum())
-            loss = total / max(count, 1)
-            return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": count}
-        from trilora.train.dpo import dpo_losses, sequence_logps
+    env = env or DistEnv()
+    n_val = len(data.val)
 
-        losses, wins, margins = [], 0, 0.0
-        for s in range(0, len(data.val), cfg.eval_batch_size):
-            pairs = data.val[s : s + cfg.eval_batch_size]
-            batch = D.collate_pairs(pairs, pad_id)
-            pol = sequence_logps(model, batch, autocast_dtype)
-            if base_mode is not None:
-                with base_mode():
-                    ref = sequence_logps(model, batch, autocast_dtype)
-            else:
-                ref = pol
-            loss, _, _ = dpo_losses(pol, ref, cfg.beta)
-            losses += loss.tolist()
-            b = len(pairs)
-            wins += int((pol[:b] > pol[b:]).sum())
-            margins += float((pol[:b] - pol[b:]).sum())
-        n = max(len(data.val), 1)
-        return {"eval_loss": sum(losses) / n, "eval_chosen_preferred": wins / n,
-                "eval_logp_margin": margins / n}  # fmt: skip
-    finally:
-        model.train(was_training)
+    def chunks():
+        for s in range(0, n_val, cfg.eval_batch_size):
+            yield rank_rows(list(range(s, min(s + cfg.eval_batch_size, n_val))), env)
+
+    with inference_model(model) as m:
+        was_training = m.training
+        m.eval()
+        try:
+            if cfg.method == "sft":
+                total, count = 0.0, 0
+                for rows, real in chunks():
+                    batch = D.collate([[data.val[i]] for i in rows], pad_id)
+                    loss = float(token_losses(m, batch, "sum", autocast_dtype))
+                    if real:
+                        total += loss
+                        count += int((batch["labels"][:, 1:] != D.IGNORE).sum())
+                total, count = all_reduce(env, [total, count])
+                count = int(count)
+                loss = total / max(count, 1)
+                return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": count}
+            from trilora.train.dpo import dpo_losses, sequence_logps
+
+            losses, wins, margins = 0.0, 0, 0.0
+            for rows, real in chunks():
+                pairs = [data.val[i] for i in rows]
+                batch = D.collate_pairs(pairs, pad_id)
+                pol = sequence_logps(m, batch, autocast_dtype)
+                if base_mode is not None:
+                    with base_mode():
+                        ref = sequence_logps(m, batch, autocast_dtype)
+                else:
+                    ref = pol
+                if not real:
+                    continue
+                loss, _, _ = dpo_losses(pol, ref, cfg.beta)
+                losses += sum(loss.tolist())
+                b = len(pairs)
+                wins += int((pol[:b] > pol[b:]).sum())
+                margins += float((pol[:b] - pol[b:]).sum())
+            losses, wins, margins = all_reduce(env, [losses, wins, margins])
+            n = max(n_val, 1)
+            return {"eval_loss": losses / n, "eval_chosen_preferred": wins / n,
+                    "eval_logp_margin": margins / n}  # fmt: skip
+        finally:
+            m.train(was_training)
 
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int,
-                     batch_size: int = 16) -> list[str]:  # fmt: skip
-    """Greedy answers to ``prompts`` (left-padded batches)."""
+                     batch_size: int = 16, env=None) -> list[str]:  # fmt: skip
+    """Greedy answers to ``prompts`` (left-padded batches).
+
+    Distributed: under DDP rank 0 answers alone (it holds the whole model) and the other
+    ranks return ``[]``; under FSDP2 every rank must call it and runs the same generation
+    (``synced_gpus``: a rank that finishes early keeps joining the all-gathers).
+    """
+    import trilora.distributed as td
+    from trilora.train.losses import compute_device
+    from trilora.train.parallel import inference_model
+
     if not prompts:
         return []
-    was_training = model.training
-    model.eval()
-    device = next(p.device for p in model.parameters())
+    env = env or td.DistEnv()
+    info = td.parallel_info(model)
+    sharded = info is not None and info.strategy == "fsdp"
+    if not sharded and not env.is_main:
+        return []
+    extra = {"synced_gpus": True} if sharded and env.distributed else {}
+    device = compute_device(model)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     answers = []
-    try:
-        for s in range(0, len(prompts), batch_size):
-            chunk = prompts[s : s + batch_size]
-            # Chat-rendered prompts spell out their special tokens.
-            enc = tokenizer(chunk, return_tensors="pt", padding=True,
-                            add_special_tokens=not getattr(tokenizer, "chat_template", None))  # fmt: skip
-            enc = {k: v.to(device) for k, v in enc.items()}
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, use_cache=True)  # fmt: skip
-            new = out[:, enc["input_ids"].shape[1] :]
-            answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
+    with inference_model(model) as m:
+        was_training = m.training
+        m.eval()
+        try:
+            for s in range(0, len(prompts), batch_size):
+                chunk = prompts[s : s + batch_size]
+                # Chat-rendered prompts spell out their special tokens.
+                enc = tokenizer(chunk, return_tensors="pt", padding=True,
+                                add_special_tokens=not getattr(tokenizer, "chat_template", None))  # fmt: skip
+                enc = {k: v.to(device) for k, v in enc.items()}
+                out = m.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, use_cache=True, **extra)  # fmt: skip
+                new = out[:, enc["input_ids"].shape[1] :]
+                answers += [
+                    t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)
+                ]
+        finally:
+            tokenizer.padding_side = side
+            m.train(was_training)
     return answers
 
 
@@ -274,61 +335,114 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _precompute_ref(model, data: Data, cfg, pad_id, autocast_dtype, base_mode, run_dir):
+def _precompute_ref(model, data: Data, cfg, pad_id, autocast_dtype, base_mode, run_dir, env):
     from trilora.train.dpo import sequence_logps
+    from trilora.train.parallel import gather_objects, inference_model, on_main, rank_rows
 
     path = run_dir / "ref_logps.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True)
-    was_training = model.training
-    model.eval()
-    out = torch.empty(len(data.rows), 2)
-    with torch.no_grad(), base_mode():
-        for s in range(0, len(data.rows), cfg.eval_batch_size):
-            pairs = data.rows[s : s + cfg.eval_batch_size]
-            lp = sequence_logps(model, D.collate_pairs(pairs, pad_id), autocast_dtype)
-            b = len(pairs)
-            out[s : s + b, 0] = lp[:b].float().cpu()
-            out[s : s + b, 1] = lp[b:].float().cpu()
-    model.train(was_training)
-    tmp = run_dir / ".ref_logps.pt.tmp"
-    torch.save(out, tmp)
-    tmp.replace(path)
+    cached = on_main(env, lambda: torch.load(path, weights_only=True) if path.is_file() else None)
+    if cached is not None:
+        return cached
+    n = len(data.rows)
+    values: dict[int, tuple[float, float]] = {}
+    with inference_model(model) as m:
+        was_training = m.training
+        m.eval()
+        with torch.no_grad(), base_mode():
+            for s in range(0, n, cfg.eval_batch_size):
+                rows, real = rank_rows(list(range(s, min(s + cfg.eval_batch_size, n))), env)
+                pairs = [data.rows[i] for i in rows]
+                lp = sequence_logps(m, D.collate_pairs(pairs, pad_id), autocast_dtype)
+                lp = lp.float().cpu()
+                b = len(pairs)
+                if real:
+                    values.update((i, (lp[j].item(), lp[b + j].item())) for j, i in enumerate(rows))
+        m.train(was_training)
+    out = torch.empty(n, 2)
+    for part in gather_objects(env, values):
+        for i, (chosen, rejected) in part.items():
+            out[i, 0], out[i, 1] = chosen, rejected
+
+    def save() -> None:
+        tmp = run_dir / ".ref_logps.pt.tmp"
+        torch.save(out, tmp)
+        tmp.replace(path)
+
+    on_main(env, save)
     return out
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
-          device: str | None = None, quiet: bool = False) -> dict[str, Any]:  # fmt: skip
-    """Run ``cfg`` to the end; return the summary (also written to ``OUT/summary.json``)."""
+def _latest_checkpoint(run_dir: Path) -> Path | None:
     from trilora.train import state as S
-    from trilora.train.losses import sft_loss
-    from trilora.train.model import (
-        base_model_mode,
-        load_model,
-        load_trainable_state,
-        trainable_state,
-    )
-    from trilora.train.optim import build_optimizer, build_scheduler, clip_gradients
+
+    S.remove_partial(run_dir)
+    return S.latest_checkpoint(run_dir)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+          device: str | None = None, quiet: bool = False) -> dict[str, Any] | None:  # fmt: skip
+    """Run ``cfg`` to the end; return the summary (also written to ``OUT/summary.json``).
+
+    Started by a launcher (``torchrun``, ``accelerate launch``, ``trilora train --nproc``),
+    every process calls it: it joins the process group, trains its share, and rank 0 writes
+    the run folder and returns the summary (the other ranks return None).
+    """
+    from trilora.distributed import destroy_distributed
+    from trilora.train.parallel import setup
 
     cfg.validate()
     for name in ("model", "data", "val_data", "peft_config"):
         setattr(cfg, name, _abs(getattr(cfg, name)))
-    say = (lambda *_: None) if quiet else _log
-    run_dir = _prepare_run_dir(cfg, resume, overwrite)
+    env, dev, initialized_here = setup(device)
+    summary = _train(cfg, env, dev, resume=resume, overwrite=overwrite, quiet=quiet)
+    if initialized_here:
+        destroy_distributed()
+    return summary
+
+
+def _train(cfg: TrainConfig, env, device: torch.device, *, resume: bool, overwrite: bool,
+           quiet: bool) -> dict[str, Any] | None:  # fmt: skip
+    from trilora.train import state as S
+    from trilora.train.losses import sft_loss
+    from trilora.train.model import apply_memory_options, base_model_mode, load_model
+    from trilora.train.optim import build_optimizer, build_scheduler, clip_gradients
+    from trilora.train.parallel import all_reduce, gradient_sync, on_main, strategy, wrap
+
+    main = env.is_main
+    say = (lambda *_: None) if quiet or not main else _log
+    kind = strategy(env, cfg.fsdp)
+    if env.distributed and cfg.batch_size < env.world_size:
+        raise UsageError(f"--batch-size {cfg.batch_size} is the global micro-batch, split "
+                         f"across the {env.world_size} processes: give at least "
+                         f"{env.world_size} rows (one per process) or start fewer "
+                         "processes")  # fmt: skip
+    run_dir = on_main(env, lambda: _prepare_run_dir(cfg, resume, overwrite))
+    if kind is None and cfg.fsdp:
+        say("note: --fsdp shards the model across processes; this run is one process, which "
+            "holds the whole model (start several with --nproc N or torchrun)")  # fmt: skip
     t_start = time.perf_counter()
     _seed_everything(cfg.seed)
-    lm = load_model(cfg, torch.device(device) if device else None, log=say)
-    model, tokenizer = lm.model, lm.tokenizer
+    lm = load_model(cfg, device, log=say, env=env)
+    tokenizer = lm.tokenizer
+    model = wrap(lm.model, env, cfg)
+    apply_memory_options(model, cfg)
+    if env.rank > 0:
+        # Rank 0 keeps the single-process stream; the others draw their own dropout masks.
+        torch.manual_seed((cfg.seed + 1_000_003 * env.rank) % 2**63)
     autocast_dtype = (
         torch.bfloat16 if lm.device.type == "cuda" and lm.compute_dtype == torch.bfloat16 else None
     )
     if lm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainable_bytes = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
-    _check_free_space(run_dir, trainable_bytes, cfg.keep_last)
+    trainable_bytes = sum(p.numel() * 4 for p in lm.model.parameters() if p.requires_grad)
+    on_main(env, lambda: _check_free_space(run_dir, trainable_bytes, cfg.keep_last))
     data = _load_data(cfg, tokenizer)
+    if len(data.rows) < env.world_size:
+        raise UserError(f"{cfg.data}: {len(data.rows)} training rows for {env.world_size} "
+                        "processes; every process needs at least one row (more data, or "
+                        "fewer processes)")  # fmt: skip
     pad_id = tokenizer.pad_token_id
-    stream = BatchStream(data, cfg, pad_id)
+    stream = BatchStream(data, cfg, pad_id, env)
     if cfg.max_steps is not None:
         total_micro = cfg.max_steps * cfg.grad_accum
     else:
@@ -343,54 +457,61 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     def base_mode():
         return base_model_mode(model, lm.has_adapter)
 
+    placement = f"{lm.device.type}"
+    if kind is not None:
+        placement = f"{env.world_size} processes, {kind.upper()}, {lm.device.type}"
     say(f"model {cfg.model}: {lm.total_params / 1e6:.1f}M parameters, "
         f"{lm.trainable_params / 1e6:.2f}M trainable ({cfg.finetune}, base {cfg.quant}, "
-        f"{lm.device.type}); data: {len(data.train)} train / {len(data.val)} held-out examples, "
+        f"{placement}); data: {len(data.train)} train / {len(data.val)} held-out examples, "
         f"{data.stats.truncated} truncated at {cfg.max_seq_len} tokens"
         + (f", {data.stats.bad_lines} bad lines skipped" if data.stats.bad_lines else "")
         + (f", packed into {len(data.rows)} rows" if cfg.packing else "")
         + f"; {total_steps} steps")  # fmt: skip
 
     start_step, micro_done, tokens_seen, elapsed_before = 0, 0, 0, 0.0
-    ckpt = S.latest_checkpoint(run_dir) if resume else None
-    if resume:
-        S.remove_partial(run_dir)
+    ckpt = on_main(env, lambda: _latest_checkpoint(run_dir)) if resume else None
     if ckpt is not None:
-        parts = S.load_checkpoint(ckpt)
-        load_trainable_state(model, parts["trainable"])
-        optimizer.load_state_dict(parts["optimizer"])
-        scheduler.load_state_dict(parts["scheduler"])
-        st = parts["trainer_state"]
+        st = S.load_checkpoint(ckpt, model, optimizer, scheduler, env)
         start_step, micro_done = st["step"], st["micro_batches"]
         tokens_seen, elapsed_before = st["tokens_seen"], st["elapsed"]
-        S.set_rng_state(parts["rng"])
-        say(f"resumed from {ckpt} (step {start_step} of {total_steps})")
+        if st["rng"] is not None:
+            S.set_rng_state(st["rng"])
+        saved_on = st.get("world_size", 1)
+        say(f"resumed from {ckpt} (step {start_step} of {total_steps}"
+            + (f"; saved on {saved_on} processes" if saved_on != env.world_size else "")
+            + ")")  # fmt: skip
     import json
 
     base_path = run_dir / "base.json"
-    base: dict[str, Any]
-    if base_path.is_file():
-        base = json.loads(base_path.read_text())
-    else:
+    base = on_main(env, lambda: json.loads(base_path.read_text()) if base_path.is_file() else None)
+    if base is None:
         base = {}
         # Before any step: for full fine-tuning this is the only moment the base exists.
         with base_mode():
             if data.val:
-                base.update(evaluate(model, data, cfg, pad_id, autocast_dtype))
+                base.update(evaluate(model, data, cfg, pad_id, autocast_dtype, env=env))
             _, prompts = _compare_prompts(tokenizer, data, cfg)
             if prompts:
-                base["answers"] = generate_answers(model, tokenizer, prompts, cfg.max_new_tokens)
-        atomic_write_json(base_path, base)
+                base["answers"] = generate_answers(model, tokenizer, prompts, cfg.max_new_tokens,
+                                                   env=env)  # fmt: skip
+        on_main(env, lambda: atomic_write_json(base_path, base))
     ref_logps = None
     if cfg.method == "dpo" and cfg.precompute_ref:
-        ref_logps = _precompute_ref(model, data, cfg, pad_id, autocast_dtype, base_mode, run_dir)
+        ref_logps = _precompute_ref(model, data, cfg, pad_id, autocast_dtype, base_mode, run_dir,
+                                    env)  # fmt: skip
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if ckpt is not None else 0,
-                         run_dir / "tensorboard" if cfg.tensorboard else None)  # fmt: skip
-    progress = Progress(total_steps, start_step, cfg.progress and not quiet)
+    metrics = None
+    if main:
+        metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if ckpt is not None else 0,
+                             run_dir / "tensorboard" if cfg.tensorboard else None)  # fmt: skip
+    progress = Progress(total_steps, start_step, cfg.progress and not quiet and main)
     model.train()
     t_loop = time.perf_counter()
     last_eval: dict[str, Any] = {}
+    # DDP and FSDP2 average the gradients over the ranks; each rank's loss is its share of
+    # the step's token-mean loss, so it is scaled back up by the rank count.
+    scale = float(env.world_size)
+    stat_keys = ("reward_accuracy", "reward_margin") if cfg.method == "dpo" else ()
     try:
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
@@ -399,37 +520,46 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 for g in range(micro_done, min(micro_done + cfg.grad_accum, total_micro))
             ]
             if cfg.method == "sft":
-                num_items = sum(int((b["labels"][:, 1:] != D.IGNORE).sum()) for b, _ in micro)
+                local_items = sum(int((mb.batch["labels"][:, 1:] != D.IGNORE).sum())
+                                  for mb in micro if mb.real)  # fmt: skip
             else:
-                num_items = sum(len(idx) for _, idx in micro)
+                local_items = sum(len(mb.idx) for mb in micro if mb.real)
+            local_tokens = sum(int(mb.batch["input_ids"].numel()) for mb in micro if mb.real)
+            num_items = int(all_reduce(env, [local_items])[0])
             lr = optimizer.param_groups[0]["lr"]
             loss_total = 0.0
-            step_tokens = 0
-            extra: dict[str, float] = {}
-            for batch, idx in micro:
-                step_tokens += int(batch["input_ids"].numel())
-                if cfg.method == "sft":
-                    loss = sft_loss(model, batch, num_items, autocast_dtype)
-                else:
-                    loss, stats = _dpo_micro_step(model, batch, idx, num_items, cfg, autocast_dtype,
-                                                  ref_logps, base_mode)  # fmt: skip
-                    for k, v in stats.items():
-                        extra[k] = extra.get(k, 0.0) + v
-                loss.backward()
-                loss_total += float(loss.detach())
+            extra = dict.fromkeys(stat_keys, 0.0)
+            for k, mb in enumerate(micro):
+                with gradient_sync(model, k == len(micro) - 1):
+                    if cfg.method == "sft":
+                        loss = sft_loss(model, mb.batch, num_items, autocast_dtype)
+                    else:
+                        loss, stats = _dpo_micro_step(model, mb.batch, mb.idx, num_items, cfg,
+                                                      autocast_dtype, ref_logps, base_mode)  # fmt: skip
+                        if mb.real:
+                            for key, v in stats.items():
+                                extra[key] += v
+                    if mb.real:
+                        loss_total += float(loss.detach())
+                    if env.distributed:
+                        loss = loss * (scale if mb.real else 0.0)
+                    loss.backward()
             grad_norm = clip_gradients(optimizer, model, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             micro_done += len(micro)
+            sums = all_reduce(env, [loss_total, local_tokens, *extra.values()])
+            loss_total, step_tokens = sums[0], int(sums[1])
+            extra = dict(zip(stat_keys, sums[2:]))
             tokens_seen += step_tokens
+            peak = int(all_reduce(env, [peak_memory_bytes(lm.device.type)], "max")[0])
             dt = time.perf_counter() - t0
             record = {"kind": "train", "step": step + 1, "loss": loss_total, "lr": lr,
                       "grad_norm": grad_norm, "tokens": tokens_seen,
-                      "tokens_per_s": step_tokens / max(dt, 1e-9),
-                      "peak_memory": peak_memory_bytes(lm.device.type),
+                      "tokens_per_s": step_tokens / max(dt, 1e-9), "peak_memory": peak,
                       "epoch": micro_done / stream.per_epoch, **extra}  # fmt: skip
-            if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
+            if metrics is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps):
                 metrics.write(record)
             progress.update(record)
             if not math.isfinite(loss_total):
@@ -442,16 +572,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 and step + 1 < total_steps
             ):
                 last_eval = evaluate(model, data, cfg, pad_id, autocast_dtype,
-                                     base_mode=base_mode if cfg.method == "dpo" else None)  # fmt: skip
-                metrics.write({"kind": "eval", "step": step + 1, **last_eval})
-                progress.write(f"step {step + 1}: held-out loss {last_eval['eval_loss']:.4f}")
+                                     base_mode=base_mode if cfg.method == "dpo" else None,
+                                     env=env)  # fmt: skip
+                if main:
+                    metrics.write({"kind": "eval", "step": step + 1, **last_eval})
+                    progress.write(f"step {step + 1}: held-out loss {last_eval['eval_loss']:.4f}")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
                 elapsed = elapsed_before + time.perf_counter() - t_loop
-                S.save_checkpoint(run_dir, step + 1, trainable_state(model), optimizer,
-                                  scheduler, {"format": FORMAT, "step": step + 1,
-                                              "micro_batches": micro_done,
-                                              "tokens_seen": tokens_seen, "elapsed": elapsed},
-                                  cfg.keep_last)  # fmt: skip
+                S.save_checkpoint(run_dir, step + 1, model, optimizer, scheduler,
+                                  {"format": FORMAT, "step": step + 1,
+                                   "micro_batches": micro_done, "tokens_seen": tokens_seen,
+                                   "elapsed": elapsed, "world_size": env.world_size,
+                                   "strategy": kind or "single"},
+                                  cfg.keep_last, env)  # fmt: skip
     finally:
         progress.close()
     train_time = elapsed_before + time.perf_counter() - t_loop
@@ -459,14 +592,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     tuned: dict[str, Any] = {}
     if data.val:
         tuned = evaluate(model, data, cfg, pad_id, autocast_dtype,
-                         base_mode=base_mode if cfg.method == "dpo" else None)  # fmt: skip
-        metrics.write({"kind": "eval", "step": total_steps, **tuned})
+                         base_mode=base_mode if cfg.method == "dpo" else None, env=env)  # fmt: skip
+        if main:
+            metrics.write({"kind": "eval", "step": total_steps, **tuned})
     samples = _compare_answers(model, tokenizer, data, cfg, base_mode, base, run_dir,
-                               lm.has_adapter)  # fmt: skip
-    saved_to = _save_result(model, tokenizer, lm, cfg, run_dir)
+                               lm.has_adapter, env)  # fmt: skip
+    saved_to = _save_result(model, tokenizer, lm, cfg, run_dir, env)
+    peak = int(all_reduce(env, [peak_memory_bytes(lm.device.type)], "max")[0])
+    if not main:
+        if cfg.merge:
+            _merge(model, lm, cfg, run_dir, env)
+        return None
     curve = plot_loss_curve(metrics.records, run_dir / "loss_curve.png")
     metrics.close()
-    peak = peak_memory_bytes(lm.device.type)
     summary = {
         "steps": total_steps, "train_time_s": train_time,
         "total_time_s": time.perf_counter() - t_start, "tokens": tokens_seen,
@@ -477,11 +615,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         "total_params": lm.total_params, "truncated": data.stats.truncated,
         "bad_lines": data.stats.bad_lines, "train_examples": len(data.train),
         "val_examples": len(data.val), "output": str(saved_to), "run_dir": str(run_dir),
-        "device": lm.device.type, "samples": samples, "base_folder": str(lm.folder),
+        "device": lm.device.type, "processes": env.world_size, "strategy": kind or "single",
+        "samples": samples, "base_folder": str(lm.folder),
         "loss_curve": str(run_dir / "loss_curve.png") if curve else None,
     }  # fmt: skip
     if cfg.merge:
-        summary["merged"] = str(_merge(model, lm, run_dir))
+        summary["merged"] = str(_merge(model, lm, cfg, run_dir, env))
     atomic_write_json(run_dir / "summary.json", summary)
     if not quiet:
         _print_summary(summary, cfg)
@@ -518,18 +657,26 @@ def _compare_prompts(tokenizer, data: Data, cfg) -> tuple[list[dict], list[str]]
 
 
 def _compare_answers(model, tokenizer, data: Data, cfg, base_mode, base: dict, run_dir: Path,
-                     has_adapter: bool):  # fmt: skip
+                     has_adapter: bool, env):  # fmt: skip
+    from trilora.train.parallel import on_main
+
     records, prompts = _compare_prompts(tokenizer, data, cfg)
     if not prompts:
         return []
-    if len(base.get("answers", [])) != len(prompts):  # --compare changed on resume
+    # --compare changed on resume: rank 0's base.json decides, for every rank
+    stale = on_main(env, lambda: len(base.get("answers", [])) != len(prompts))
+    if stale:
         if has_adapter:
             with base_mode():
-                base["answers"] = generate_answers(model, tokenizer, prompts, cfg.max_new_tokens)
-            atomic_write_json(run_dir / "base.json", base)
+                answers = generate_answers(model, tokenizer, prompts, cfg.max_new_tokens, env=env)
+            if env.is_main:
+                base["answers"] = answers
+                atomic_write_json(run_dir / "base.json", base)
         else:
             base["answers"] = ["(not recorded before training)"] * len(prompts)
-    tuned = generate_answers(model, tokenizer, prompts, cfg.max_new_tokens)
+    tuned = generate_answers(model, tokenizer, prompts, cfg.max_new_tokens, env=env)
+    if not env.is_main:
+        return []
     rows = []
     md = ["# Held-out prompts: base vs tuned\n"]
     for i, (p, a, b) in enumerate(zip(prompts, base["answers"], tuned), 1):
@@ -543,33 +690,94 @@ def _compare_answers(model, tokenizer, data: Data, cfg, base_mode, base: dict, r
     return rows
 
 
-def _save_result(model, tokenizer, lm, cfg, run_dir: Path) -> Path:
-    target = run_dir / ("model" if cfg.finetune == "full" else "adapter")
-    try:
-        with atomic_directory(target, overwrite=True) as tmp:
-            if cfg.finetune == "full":
-                from trilora.fused_loss import disable_fused_cross_entropy
+def _sharded(model) -> bool:
+    from trilora.distributed import parallel_info
 
-                disable_fused_cross_entropy(model)
-                model.save_pretrained(tmp)
-            else:
-                model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+    info = parallel_info(model)
+    return info is not None and info.strategy == "fsdp"
+
+
+def _save_result(model, tokenizer, lm, cfg, run_dir: Path, env) -> Path:
+    """The adapter (PEFT format) or, with full fine-tuning, the model, plus the tokenizer.
+
+    A single process or DDP's rank 0 holds the whole model and saves it as it is; under
+    FSDP2 the shards are gathered to rank 0 one tensor at a time first.
+    """
+    import trilora.distributed as td
+    from trilora.train.parallel import on_main
+
+    target = run_dir / ("model" if cfg.finetune == "full" else "adapter")
+    full = cfg.finetune == "full"
+    gathered = td.gather_state_dict(model) if full and _sharded(model) else None
+
+    def save() -> None:
+        try:
+            with atomic_directory(target, overwrite=True) as tmp:
+                inner = td.unwrap(model)
+                if full:
+                    from trilora.fused_loss import disable_fused_cross_entropy
+
+                    disable_fused_cross_entropy(inner)
+                    inner.save_pretrained(tmp, state_dict=gathered)
+                else:
+                    inner.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+        except OSError as exc:
+            raise UserError(f"could not save {target}: {exc.strerror or exc}") from exc
+
+    if full or not _sharded(model):
+        on_main(env, save)
+        return target
+    try:
+        td.save_adapter(model, target, overwrite=True, add_files=tokenizer.save_pretrained)
     except OSError as exc:
         raise UserError(f"could not save {target}: {exc.strerror or exc}") from exc
     return target
 
 
-def _merge(model, lm, run_dir: Path) -> Path:
+def _merge(model, lm, cfg, run_dir: Path, env) -> Path:
+    """``OUT/merged``: the 16-bit merged model, written by rank 0 (the other ranks return at
+    once). Under FSDP2 rank 0 merges a fresh single-process copy: the base it read and the
+    adapter just saved."""
     import trilora
+    from trilora.distributed import unwrap
 
     target = run_dir / "merged"
+    if not env.is_main:
+        return target
     dtype = torch.bfloat16
-    merged = trilora.merge(model, dtype=dtype) if lm.has_adapter else model
+    if not lm.has_adapter:
+        source = run_dir / "model"
+        with atomic_directory(target, overwrite=True) as tmp:
+            for f in source.iterdir():
+                shutil.copy2(f, tmp / f.name)
+        return target
+    peft_model = _reload_adapter(cfg, lm, run_dir / "adapter") if _sharded(model) else unwrap(model)
+    merged = trilora.merge(peft_model, dtype=dtype)
     with atomic_directory(target, overwrite=True) as tmp:
         merged.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
     return target
+
+
+def _reload_adapter(cfg, lm, adapter: Path):
+    """The base model read again in one process, with the saved adapter on it."""
+    import warnings
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import trilora
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*checkpoint tensors not used.*")
+        if cfg.quant == "none":
+            base = AutoModelForCausalLM.from_pretrained(lm.folder, dtype=lm.compute_dtype)
+        else:
+            base = trilora.from_pretrained(lm.folder, quant_type=cfg.quant,
+                                           compute_dtype=lm.compute_dtype,
+                                           dtype=lm.compute_dtype, device="cpu")  # fmt: skip
+    return PeftModel.from_pretrained(base, str(adapter))
 
 
 def _fmt(x: Any, spec: str = ".4f") -> str:

@@ -19,13 +19,27 @@ from torch import nn
 
 from trilora.train.data import IGNORE
 
-__all__ = ["sft_loss", "token_losses"]
+__all__ = ["compute_device", "sft_loss", "token_losses"]
 
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
+    from trilora.distributed import unwrap
+
+    model = unwrap(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def compute_device(model: nn.Module) -> torch.device:
+    """Where ``model`` computes: its process's device when wrapped for a distributed run
+    (FSDP2's CPU offload keeps the parameters in host memory), else its parameters'."""
+    from trilora.distributed import parallel_info
+
+    info = parallel_info(model)
+    if info is not None:
+        return info.env.device
+    return next(p.device for p in model.parameters())
 
 
 def _fusable(lm: nn.Module) -> bool:
@@ -37,9 +51,25 @@ def _fusable(lm: nn.Module) -> bool:
 
 
 @contextmanager
-def _capture_head_input(head: nn.Module, into: list):
+def _score_head_input(head: nn.Module, labels: torch.Tensor, reduction: str, into: list):
+    """Replace ``head`` by a stand-in that scores its input against ``labels`` with the
+    fused op, inside the model's forward, where FSDP2 holds the head's full weight.
+
+    ``"none"`` (per-token losses, which DPO differentiates) leaves the model as its
+    "logits" ``[B, T, 1]``: a model output, so FSDP2's pre-backward hook gathers the head
+    again before the op's backward needs it. ``"sum"`` (evaluation) is kept in ``into``.
+    """
+    from trilora.ops.linear_cross_entropy import linear_cross_entropy
+
     def stand_in(hidden: torch.Tensor) -> torch.Tensor:
-        into.append(hidden)
+        weight = head.weight
+        h = hidden if hidden.dtype == weight.dtype else hidden.to(weight.dtype)
+        with torch.autocast(h.device.type, enabled=False):  # the op picks its own precision
+            scored = linear_cross_entropy(h, weight, labels, IGNORE, reduction)
+        if reduction == "none":
+            # a copy, not a view: FSDP2 warns that in-place ops on views would lose its hook
+            return scored.unsqueeze(-1).clone()
+        into.append(scored)
         return hidden.new_empty((*hidden.shape[:-1], 0))
 
     head.forward = stand_in
@@ -61,21 +91,16 @@ def token_losses(model: nn.Module, batch: dict[str, Any], reduction: str = "none
     (see :func:`trilora.train.data.collate`); position ``t`` scores ``labels[t + 1]``.
     """
     lm = _causal_lm(model)
-    device = next(p.device for p in model.parameters())
+    device = compute_device(model)
     labels = batch["labels"].to(device)
     ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else torch.autocast(device.type, enabled=False))  # fmt: skip
     if _fusable(lm):
-        from trilora.ops.linear_cross_entropy import linear_cross_entropy
-
         head = lm.get_output_embeddings()
-        captured: list[torch.Tensor] = []
-        with _capture_head_input(head, captured), ctx:
-            model(**_inputs(batch, device), use_cache=False)
-        hidden = captured[-1]
-        if hidden.dtype != head.weight.dtype:
-            hidden = hidden.to(head.weight.dtype)
-        return linear_cross_entropy(hidden, head.weight, labels, IGNORE, reduction)
+        scored: list[torch.Tensor] = []
+        with _score_head_input(head, labels, reduction, scored), ctx:
+            out = model(**_inputs(batch, device), use_cache=False)
+        return scored[-1] if scored else out.logits.squeeze(-1)
     with ctx:
         logits = model(**_inputs(batch, device), use_cache=False).logits
     shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
@@ -93,7 +118,7 @@ def sft_loss(model: nn.Module, batch: dict[str, Any], num_items: int,
     gradient of the token-mean loss over the step. The model's own forward computes it
     (trilora's fused cross-entropy when enabled), with ``num_items_in_batch``.
     """
-    device = next(p.device for p in model.parameters())
+    device = compute_device(model)
     inputs = {k: v.to(device) for k, v in batch.items()}
     ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else torch.autocast(device.type, enabled=False))  # fmt: skip

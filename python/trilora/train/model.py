@@ -159,13 +159,25 @@ def _load_peft_config(path: str):
         raise UsageError(f"--peft-config {path}: PEFT rejected it ({exc})") from None
 
 
-def load_model(cfg: TrainConfig, device: torch.device | None = None, log=print) -> LoadedModel:
-    """Base model + tokenizer + trainable part, as ``cfg`` says, on ``device``."""
+def load_model(cfg: TrainConfig, device: torch.device | None = None, log=print,
+               env=None) -> LoadedModel:  # fmt: skip
+    """Base model + tokenizer + trainable part, as ``cfg`` says, on ``device``.
+
+    In a distributed run (``env`` with several ranks) only rank 0 reads the 4-bit model,
+    into host memory; the other ranks build it on the meta device
+    (:func:`trilora.distributed.load_pretrained`) and receive rank 0's tensors, LoRA
+    initialization included, when :func:`trilora.train.parallel.wrap` wraps it. A 16-bit
+    base (``--quant none``) is read by every rank. The memory options
+    (:func:`apply_memory_options`) come after wrapping.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import trilora
+    import trilora.distributed as td
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    distributed = env is not None and env.distributed
+    # rank 0 keeps the whole model in host memory until the wrapper hands out the shards
+    load_device = torch.device("cpu") if distributed else device
     if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda"):
         compute_dtype = torch.bfloat16
     else:
@@ -184,11 +196,11 @@ def load_model(cfg: TrainConfig, device: torch.device | None = None, log=print) 
                                  "nf4 (its bytes are kept) or a full-precision checkpoint")  # fmt: skip
             model = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=compute_dtype, attn_implementation=attn
-            ).to(device)
+            ).to(load_device)
         else:
-            model = trilora.from_pretrained(
-                folder, quant_type=cfg.quant, compute_dtype=compute_dtype, dtype=compute_dtype,
-                device=device, attn_implementation=attn,
+            model = td.load_pretrained(
+                folder, env=env, quant_type=cfg.quant, compute_dtype=compute_dtype,
+                dtype=compute_dtype, device=load_device, attn_implementation=attn,
             )  # fmt: skip
     model.config.use_cache = False
     has_adapter = True
@@ -204,14 +216,23 @@ def load_model(cfg: TrainConfig, device: torch.device | None = None, log=print) 
         enable_fused_rms_norm(model)
     else:
         model = _attach_adapter(model, cfg, compute_dtype)
-    if cfg.gradient_checkpointing:
-        trilora.enable_checkpointing(model, offload=cfg.offload, mlp_chunks=cfg.mlp_chunks)
-    if cfg.grouped_attention:
-        trilora.enable_grouped_attention(model)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return LoadedModel(model, tokenizer, folder, device, compute_dtype, has_adapter, trainable,
                        total)  # fmt: skip
+
+
+def apply_memory_options(model: nn.Module, cfg: TrainConfig) -> None:
+    """Checkpointing (with offload and MLP chunks) and grouped attention, as ``cfg`` says;
+    on the module inside a DDP wrapper, after FSDP2 has wrapped the layers."""
+    import trilora
+    from trilora.distributed import unwrap
+
+    inner = unwrap(model)
+    if cfg.gradient_checkpointing:
+        trilora.enable_checkpointing(inner, offload=cfg.offload, mlp_chunks=cfg.mlp_chunks)
+    if cfg.grouped_attention:
+        trilora.enable_grouped_attention(inner)
 
 
 def _attach_adapter(model: nn.Module, cfg: TrainConfig, compute_dtype: torch.dtype) -> nn.Module:
@@ -261,25 +282,11 @@ def _attach_adapter(model: nn.Module, cfg: TrainConfig, compute_dtype: torch.dty
 @contextmanager
 def base_model_mode(model: nn.Module, has_adapter: bool):
     """Run ``model`` as the base: adapters disabled (no second copy of the model)."""
-    if has_adapter and hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
+    from trilora.distributed import unwrap
+
+    inner = unwrap(model)
+    if has_adapter and hasattr(inner, "disable_adapter"):
+        with inner.disable_adapter():
             yield
     else:
         yield
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable tensor by parameter name (what a run checkpoint stores)."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(params) != set(state):
-        missing = sorted(set(params) - set(state))[:3]
-        extra = sorted(set(state) - set(params))[:3]
-        raise UserError(f"the checkpoint's trainable tensors do not match this model "
-                        f"(missing {missing}, unexpected {extra})")  # fmt: skip
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(state[n])

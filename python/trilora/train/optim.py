@@ -24,8 +24,10 @@ EPS = 1e-8
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters, in ``named_parameters`` order: matrices decay, vectors do not."""
+    from trilora.distributed import unwrap
+
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    for _, p in unwrap(model).named_parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
@@ -36,25 +38,44 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 def build_optimizer(name: str, model: torch.nn.Module, lr: float,
                     weight_decay: float) -> torch.optim.Optimizer:  # fmt: skip
-    """The optimizer ``name`` over ``model``'s trainable parameters."""
+    """The optimizer ``name`` over ``model``'s trainable parameters (``model`` plain, or
+    wrapped by :func:`trilora.train.parallel.wrap`: FSDP2 shards are stepped as they are).
+
+    Under DDP the ``*_cpu_offload`` optimizers run without gradient hooks: a hook would take
+    each gradient to the host before DDP averages it across the ranks, so the averaged
+    gradients move to the host in ``step()`` instead (the update still runs on the CPU).
+    """
+    import trilora.distributed as td
+
     groups = param_groups(model, weight_decay)
     if name == "torch_adamw":
         # foreach=False: the single-tensor path, identical on every device count and order.
-        return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=EPS, foreach=False)
-    from trilora.optim import create
+        return td.build_optimizer(model, torch.optim.AdamW, params=groups, lr=lr, betas=BETAS,
+                                  eps=EPS, foreach=False)  # fmt: skip
+    from trilora.optim import OPTIMIZERS as SETTINGS
+    from trilora.optim import AdamW
+    from trilora.optim.errors import OptimizerInputError
 
-    return create(name, groups, lr=lr, betas=BETAS, eps=EPS)
+    if name not in SETTINGS:
+        raise OptimizerInputError(f"unknown optimizer {name!r}; expected one of "
+                                  f"{', '.join(OPTIMIZERS)}")  # fmt: skip
+    settings = dict(SETTINGS[name])
+    info = td.parallel_info(model)
+    if info is not None and info.strategy == "ddp" and settings.get("offload_gradients"):
+        settings["offload_gradients"] = False
+    return td.build_optimizer(model, AdamW, params=groups, lr=lr, betas=BETAS, eps=EPS,
+                              **settings)  # fmt: skip
 
 
 def clip_gradients(optimizer: torch.optim.Optimizer, model: torch.nn.Module,
                    max_norm: float) -> float:  # fmt: skip
-    """Clip to ``max_norm`` (0: only measure) and return the norm before clipping."""
+    """Clip to ``max_norm`` (0: only measure) and return the norm before clipping: the norm
+    over all ranks (every rank must call it). An optimizer's own ``clip_grad_norm`` is used
+    when it has one (optimizers that keep gradients off ``p.grad`` do)."""
+    from trilora.distributed import clip_grad_norm
+
     limit = max_norm if max_norm > 0 else float("inf")
-    own = getattr(optimizer, "clip_grad_norm", None)
-    if callable(own):
-        return float(own(limit))
-    params = [p for p in model.parameters() if p.grad is not None]
-    return float(torch.nn.utils.clip_grad_norm_(params, limit, foreach=False))
+    return float(clip_grad_norm(model, limit, optimizer=optimizer, foreach=False))
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
