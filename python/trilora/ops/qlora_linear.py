@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 
 from trilora.config import config, use_triton
-from trilora.ops.quantize import dequantize_4bit, kernel_weight
+from trilora.ops import cpu_matmul
+from trilora.ops.quantize import dequantize_4bit_impl, kernel_weight
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -78,19 +79,23 @@ def qlora_linear_fwd(
         )
         y, xa = qlora_forward(x, w, lora_a, lora_b, scale, bias, dropout_mask, dropout_scale)
         return y, (xa if xa is not None else _empty_lora(x))
-    weight = dequantize_4bit(
+    weight = dequantize_4bit_impl(
         packed, absmax, code, nested_absmax, nested_code, offset, blocksize, [n_out, k], x.dtype
     )
-    y = x @ weight.t()
+    y = cpu_matmul.linear(x, weight)
     del weight
     if bias is not None:
-        y = y + bias.to(y.dtype)
+        y += bias.to(y.dtype)
     if lora_a is None:
         return y, _empty_lora(x)
     # PEFT runs the LoRA branch in the factors' dtype (fp32 after
     # prepare_model_for_kbit_training) and adds it in the activation dtype; so do we.
     xa = _dropped(x, dropout_mask, dropout_scale).to(lora_a.dtype) @ lora_a.t()
-    y = y + (scale * (xa @ lora_b.to(xa.dtype).t())).to(y.dtype)
+    if lora_b.dtype == y.dtype:
+        # y += scale * xa @ B.T inside the GEMM: no [M, N] LoRA product, scaled copy or sum.
+        y.addmm_(xa, lora_b.t(), alpha=scale)
+    else:
+        y = y + (scale * (xa @ lora_b.t())).to(y.dtype)
     return y, xa.float()
 
 
@@ -133,7 +138,11 @@ def qlora_linear_bwd(
     """
     n_out, k = dy.shape[1], x.shape[1]
     has_lora = lora_a is not None
-    empty = x.new_empty((0,))
+
+    def empty() -> torch.Tensor:
+        # A fresh one per output: a custom op's outputs may not alias each other.
+        return x.new_empty((0,))
+
     if use_triton(dy):
         from trilora.kernels.qlora_linear import lora_weight_grads, qlora_backward_input
 
@@ -141,7 +150,7 @@ def qlora_linear_bwd(
             packed, absmax, code, nested_absmax, nested_code, offset, blocksize, [n_out, k]
         )
         dyb = None
-        dx = empty
+        dx = empty()
         if needs_input_grad and dy.shape[0] <= config.fused_max_tokens:
             dx, dyb = qlora_backward_input(
                 dy, w, lora_a, lora_b, scale, dropout_mask, dropout_scale
@@ -158,48 +167,47 @@ def qlora_linear_bwd(
                     dx.dtype
                 )
         if not (has_lora and needs_lora_grad):
-            return dx.to(x.dtype), empty, empty
+            return dx.to(x.dtype), empty(), empty()
         if dyb is None:
             dyb = dy.float() @ lora_b.float()
         da, db = lora_weight_grads(x, dy, xa, dyb, scale, dropout_mask, dropout_scale)
         return dx.to(x.dtype) if needs_input_grad else dx, da, db
 
-    dx = empty
+    # The torch path (CPU): one dequantization, the LoRA terms folded into GEMMs with their
+    # scale, and [M, r]-sized temporaries only (bitsandbytes + PEFT also scale and sum
+    # [M, N] and [M, K] tensors here).
+    dx = empty()
     if needs_input_grad:
-        weight = dequantize_4bit(
-            packed,
-            absmax,
-            code,
-            nested_absmax,
-            nested_code,
-            offset,
-            blocksize,
-            [n_out, k],
+        weight = dequantize_4bit_impl(
+            packed, absmax, code, nested_absmax, nested_code, offset, blocksize, [n_out, k],
             dy.dtype,
-        )
-        dx = dy @ weight
+        )  # fmt: skip
+        dx = cpu_matmul.matmul(dy, weight)
         del weight
     if not has_lora:
-        return dx, empty, empty
-    dyb = dy.to(lora_b.dtype) @ lora_b
+        return dx, empty(), empty()
+    dy_lora = dy.to(lora_b.dtype)
+    dyb = dy_lora @ lora_b
     if needs_input_grad:
-        dx_lora = _dropped(dyb @ lora_a.to(dyb.dtype), dropout_mask, dropout_scale)
-        dx = dx + (scale * dx_lora).to(dx.dtype)
+        if dropout_mask is None and dx.dtype == dyb.dtype:
+            dx.addmm_(dyb, lora_a, alpha=scale)
+        else:
+            dx_lora = _dropped(dyb @ lora_a, dropout_mask, dropout_scale)
+            dx = dx + (scale * dx_lora).to(dx.dtype)
     if not needs_lora_grad:
-        return dx, empty, empty
+        return dx, empty(), empty()
     x_dropped = _dropped(x, dropout_mask, dropout_scale).to(lora_a.dtype)
-    da = scale * (dyb.to(lora_a.dtype).t() @ x_dropped)
-    db = scale * (dy.to(lora_b.dtype).t() @ xa.to(lora_b.dtype))
+    da = torch.mm(dyb.t(), x_dropped).mul_(scale)
+    db = torch.mm(dy_lora.t(), xa.to(lora_b.dtype)).mul_(scale)
     return dx, da.float(), db.float()
 
 
 @qlora_linear_bwd.register_fake
 def _(dy, x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, lora_a, lora_b, xa,
       scale, dropout_mask, dropout_scale, needs_input_grad, needs_lora_grad):  # fmt: skip
-    empty = x.new_empty((0,))
-    dx = x.new_empty(x.shape) if needs_input_grad else empty
+    dx = x.new_empty(x.shape) if needs_input_grad else x.new_empty((0,))
     if lora_a is None or not needs_lora_grad:
-        return dx, empty, empty
+        return dx, x.new_empty((0,)), x.new_empty((0,))
     r = lora_a.shape[0]
     f32 = torch.float32
     return dx, x.new_empty((r, x.shape[1]), dtype=f32), x.new_empty((dy.shape[1], r), dtype=f32)
@@ -209,8 +217,6 @@ def _(dy, x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize
 # autograd
 # ---------------------------------------------------------------------------------------
 
-_WEIGHT_ARGS = slice(1, 7)  # packed .. offset
-
 
 def _setup_context(ctx, inputs, output):
     (x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, _n_out, lora_a, lora_b,
@@ -218,24 +224,17 @@ def _setup_context(ctx, inputs, output):
     _, xa = output
     ctx.blocksize, ctx.scale, ctx.dropout_scale = blocksize, scale, dropout_scale
     ctx.has_lora, ctx.has_bias = lora_a is not None, bias is not None
-    ctx.save_for_backward(
-        x,
-        packed,
-        absmax,
-        code,
-        nested_absmax,
-        nested_code,
-        offset,
-        lora_a,
-        lora_b,
-        xa,
-        dropout_mask,
-    )
+    # Only the activations go through save_for_backward. The weight state and the LoRA
+    # factors are module parameters and buffers that outlive the step; passing them through
+    # the saved-tensor hooks of gradient checkpointing (a pack and an unpack per tensor, per
+    # call, in the forward and again in the recompute) costs time and saves nothing.
+    ctx.weight_state = (packed, absmax, code, nested_absmax, nested_code, offset, lora_a, lora_b)
+    ctx.save_for_backward(x, xa, dropout_mask)
 
 
 def _backward(ctx, dy, _dxa):
-    (x, packed, absmax, code, nested_absmax, nested_code, offset, lora_a, lora_b, xa,
-     dropout_mask) = ctx.saved_tensors  # fmt: skip
+    x, xa, dropout_mask = ctx.saved_tensors
+    packed, absmax, code, nested_absmax, nested_code, offset, lora_a, lora_b = ctx.weight_state
     needs = ctx.needs_input_grad
     needs_lora = ctx.has_lora and (needs[9] or needs[10])
     dx, da, db = qlora_linear_bwd(

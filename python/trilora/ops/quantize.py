@@ -6,6 +6,14 @@ implementation (CPU tensors, and the reference the tests compare the kernels wit
 Triton implementation (``trilora.kernels.quantize``) chosen by :func:`trilora.config.use_triton`,
 and a fake implementation for FakeTensorMode, the meta device and ``torch.compile``.
 
+On CPU tensors, dequantization to fp32/fp16/bf16 runs the native extension
+(:mod:`trilora.native.cpu_ext`, ``csrc/cpu/dequantize_4bit.cpp``): one pass over the bytes
+through a per-block scaled 16-entry table, the double-quantized scales decoded in the same
+pass, bit-identical to the torch path (the format's definition: ``code[nibble] * scale`` in
+fp32, then one cast). Where the extension cannot be built (no compiler, no ninja,
+``TRILORA_NO_NATIVE=1``) one warning says so and the torch path below serves, several times
+slower on large weights.
+
 The 8-bit blockwise quantizer used for double quantization lives here too; it is small
 (one value per 4-bit block) and runs as plain torch ops on any device.
 """
@@ -250,6 +258,68 @@ def _(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor
     )
 
 
+_NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def dequantize_4bit_cpu_native(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    shape: list[int] | torch.Size,
+    dtype: torch.dtype,
+    isa: str = "auto",
+) -> torch.Tensor | None:
+    """CPU dequantization through the native extension (arguments as in
+    :func:`dequantize_4bit`); ``None`` when the extension is unavailable or the case is not
+    one it serves (a non-CPU tensor, an output dtype other than fp32/fp16/bf16)."""
+    if packed.device.type != "cpu" or dtype not in _NATIVE_DTYPES:
+        return None
+    from trilora.native import cpu_ext
+
+    if cpu_ext.load() is None:
+        return None
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    cpu_ext.dequantize_4bit_into(
+        out, packed.reshape(-1).view(torch.uint8).contiguous(), absmax.contiguous(), code.contiguous(),
+        nested_absmax, nested_code, offset, blocksize, NESTED_BLOCKSIZE, isa,
+    )  # fmt: skip
+    return out
+
+
+def dequantize_4bit_impl(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    shape: list[int] | torch.Size,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """What :func:`dequantize_4bit` computes, without the custom-op dispatch: the ops that
+    dequantize inside their own custom op (the QLoRA linear) call this directly."""
+    if use_triton(packed):
+        from trilora.kernels.quantize import dequantize_4bit as launch
+
+        w = kernel_weight(
+            packed, absmax, code, nested_absmax, nested_code, offset, blocksize, shape
+        )
+        return launch(w, dtype).reshape(shape)
+    out = dequantize_4bit_cpu_native(
+        packed, absmax, code, nested_absmax, nested_code, offset, blocksize, shape, dtype
+    )
+    if out is not None:
+        return out
+    return dequantize_4bit_reference(
+        packed, absmax, code, nested_absmax, nested_code, offset, blocksize, list(shape), dtype
+    )
+
+
 @torch.library.custom_op("trilora::dequantize_4bit", mutates_args=())
 def dequantize_4bit(
     packed: torch.Tensor,
@@ -271,16 +341,9 @@ def dequantize_4bit(
         nested_absmax, nested_code, offset: the double-quantization state, or ``None``.
         blocksize: elements per block.
         shape: the output shape (``n`` elements).
-        dtype: fp32, fp16 or bf16.
+        dtype: fp32, fp16 or bf16 (fp64 on the torch path, for references).
     """
-    if use_triton(packed):
-        from trilora.kernels.quantize import dequantize_4bit as launch
-
-        w = kernel_weight(
-            packed, absmax, code, nested_absmax, nested_code, offset, blocksize, shape
-        )
-        return launch(w, dtype).reshape(shape)
-    return dequantize_4bit_reference(
+    return dequantize_4bit_impl(
         packed, absmax, code, nested_absmax, nested_code, offset, blocksize, shape, dtype
     )
 
