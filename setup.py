@@ -21,6 +21,13 @@ setup(
     package_data={
         "trilora": ["presets/*.json", "py.typed"],
         "trilora.bench": ["*.md"],
-        "trilora.csrc": ["cpu/*.cpp", "cpu/*.h", "cuda/*.cpp", "cuda/*.cu", "cuda/*.h", "cuda/*.cuh"],
+        "trilora.csrc": [
+            "cpu/*.cpp",
+            "cpu/*.h",
+            "cuda/*.cpp",
+            "cuda/*.cu",
+            "cuda/*.h",
+            "cuda/*.cuh",
+        ],
     },
 )
