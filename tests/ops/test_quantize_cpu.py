@@ -88,8 +88,9 @@ def _assert_identical(actual, expected, what=""):
 
 
 # Sizes: 1 element, an odd count, a partial last block, fewer elements than one vector, a
-# block that crosses a row end (33 x 96 at blocksize 64), and more than one nested group.
-SIZES = [1, 7, 31, 97, 33 * 96, 64 * 300 + 5]
+# block that crosses a row end (33 x 96 at blocksize 64), more than one nested group, and
+# enough blocks to be split across threads (tasks of 2**16 elements).
+SIZES = [1, 7, 31, 97, 33 * 96, 64 * 300 + 5, (1 << 18) + 70]
 
 
 @pytest.mark.parametrize("dtype", OUT_DTYPES, ids=str)

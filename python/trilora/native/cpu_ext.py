@@ -11,12 +11,14 @@ keep their torch path, which gives the same values, only slower. Its functions:
 * ``best_isa() -> str``: ``"avx512"``, ``"avx2"`` or ``"scalar"``, the loop this CPU runs.
 
 The build takes no ``-march`` flag (the ISA is picked at run time, so a cached build runs on
-any x86-64 CPU) and turns off floating-point contraction, so that the double-quantized scale
-``nested_code[q] * nested_absmax + offset`` is rounded twice, as the format defines it.
+any x86-64 CPU), turns off floating-point contraction, so that the double-quantized scale
+``nested_code[q] * nested_absmax + offset`` is rounded twice, as the format defines it, and
+compiles with OpenMP on Linux so that the kernels use torch's intra-op threads.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 from types import ModuleType
@@ -27,8 +29,19 @@ from trilora.native import NativeExtensionWarning, load_extension, unavailable_r
 
 NAME = "trilora_cpu"
 SOURCES = ("cpu/ext.cpp", "cpu/dequantize_4bit.cpp", "cpu/rms_norm.cpp")
-# -fopenmp-simd: the loops' `omp simd` reductions vectorize (no OpenMP runtime is involved).
-CFLAGS = ("-ffp-contract=off", "-fopenmp-simd")
+
+
+def _cflags() -> tuple[str, ...]:
+    # -fopenmp: at::parallel_for is a header template that runs serially unless the including
+    # file is compiled with OpenMP (ATen's own OpenMP backend); the kernels then share torch's
+    # thread pool (the libgomp torch already loaded; nothing extra is linked). Linux/GCC only:
+    # elsewhere the kernels run on one thread, and `omp simd` still vectorizes their loops.
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ("-ffp-contract=off", "-fopenmp")
+    return ("-ffp-contract=off", "-fopenmp-simd")
+
+
+CFLAGS = _cflags()
 FALLBACK_NOTE = (
     "On CPU that is trilora's torch dequantization: the same values, several times slower."
 )

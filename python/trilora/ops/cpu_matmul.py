@@ -16,7 +16,8 @@ process a small probe checks that it exists and agrees with ``torch.mm``; if it 
 raises, or disagrees, every product here falls back to ``torch.mm``, which gives the same
 values (and is what ran before). ``TRILORA_CPU_MATMUL=blas`` forces the fallback.
 
-Only real, 2-D, fp32 CPU tensors take the oneDNN path. Other dtypes already reach oneDNN
+Only real, 2-D, fp32 CPU tensors take the oneDNN path, and only products of at least
+2**20 multiply-adds (below that its fixed cost per call wins over its faster loop). Other dtypes already reach oneDNN
 through ``torch.mm`` (bf16) or are not supported by it on most CPUs (fp16).
 """
 
@@ -30,6 +31,10 @@ import torch
 __all__ = ["linear", "matmul", "matmul_into", "onednn_available"]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+# Below about 2**20 multiply-adds oneDNN's per-call cost (~10 us) outweighs its faster loop
+# (measured crossover on the machine above: 16 x 256 x 256); M = 1 is never above it for
+# the projection sizes where it would matter.
+_MIN_MACS = 1 << 20
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,16 +62,17 @@ def onednn_available() -> bool:
 
 def _use_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (
-        a.dtype == torch.float32
+        # Plain tensors only: FakeTensorMode (trilora mem) and other subclasses trace torch.mm.
+        type(a) in _PLAIN
+        and type(b) in _PLAIN
+        and a.dtype == torch.float32
         and b.dtype == torch.float32
         and a.device.type == "cpu"
         and b.device.type == "cpu"
         and a.dim() == 2
         and b.dim() == 2
-        # Plain tensors only: FakeTensorMode (trilora mem) and other subclasses trace torch.mm.
-        and type(a) in _PLAIN
-        and type(b) in _PLAIN
-        and a.shape[0] > 1
+        # a is [M, X] and b holds X * Y values: M * X * Y multiply-adds
+        and a.shape[0] * b.numel() >= _MIN_MACS
         and onednn_available()
     )
 
