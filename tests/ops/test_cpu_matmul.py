@@ -77,8 +77,6 @@ def test_large_fp32_products_go_to_onednn_when_available():
     with _Recorder() as rec:
         cpu_matmul.linear(x, w)
         cpu_matmul.linear(x[:2], w[:3])
-    want = (
-        "mkldnn._linear_pointwise.default" if cpu_matmul.onednn_available() else "aten.mm.default"
-    )
+    want = "mkldnn._linear_pointwise.default" if available else "aten.mm.default"
     assert rec.ops[0] == want
     assert rec.ops[-1] == "aten.mm.default"  # 2 x 3 x 256: torch.mm
