@@ -193,6 +193,9 @@ def run(args: argparse.Namespace) -> int:
         "loadavg": [loadavg_start, _loadavg()],
         "cpus": os.cpu_count(),
         "wall_s": time.perf_counter() - t_start,
+        "threads": torch.get_num_threads(),
+        # settings that change CPU timings or trilora's CPU paths, when set
+        "env_vars": {k: os.environ[k] for k in _TIMING_ENV if k in os.environ},
     }
     payload = {"meta": meta, "notes": notes, "rows": rows, "loss_curves": curves}
     write_json(out_dir / "runs" / f"{run_id}.json", payload)
@@ -212,6 +215,10 @@ def run(args: argparse.Namespace) -> int:
     if args.check and bad:
         return 1
     return 0
+
+
+_TIMING_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "TRILORA_NO_NATIVE",
+               "TRILORA_CPU_MATMUL", "TRILORA_BACKEND")  # fmt: skip
 
 
 def _loadavg() -> str:

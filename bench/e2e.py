@@ -525,6 +525,18 @@ def run(
                     torch.cuda.empty_cache()
 
         curves: dict[str, list[float]] = {}
+        if plan.interleave and all(p in trainers and p not in errors for p in PROVIDERS):
+            # Adjacent steps of the two providers see about the same machine load, so the
+            # median of their per-step ratios resists load swings on a shared machine better
+            # than the ratio of the two medians (which the rows give).
+            pairs = zip(trainers["trilora"].times[plan.warmup_steps :],
+                        trainers["bnb_peft"].times[plan.warmup_steps :])  # fmt: skip
+            paired = Stats.of([a / b for a, b in pairs])
+            notes.append(
+                f"e2e {case}: trilora / bnb_peft step time, median of per-step ratios "
+                f"{paired.median:.3f} (p20 {paired.p20:.3f}, p80 {paired.p80:.3f}), "
+                f"{torch.get_num_threads()} threads"
+            )
         for provider in available:
             if provider in errors:
                 fail(provider, *errors[provider])
