@@ -5,6 +5,7 @@ oneDNN) against a float64 reference."""
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 
 import pytest
@@ -79,9 +80,9 @@ def test_one_dequantization_per_forward_and_backward(seed, monkeypatch):
     calls = []
     real = Q.dequantize_4bit_impl
 
-    def counting(*args):
+    def counting(*args, **kwargs):
         calls.append(args[-1])
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(Q, "dequantize_4bit_impl", counting)
     qw, x, a, b, bias = _case(torch.float32)
@@ -133,3 +134,33 @@ def test_every_fallback_matches_float64(seed, monkeypatch, native, onednn, dtype
     for got, ref, what in zip([y, *grads], [y_ref, *grads_ref], ["y", "dx", "dA", "dB"]):
         err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
         assert err <= TOL[dtype], f"{what}: {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_stacked_layers_share_the_scratch_buffer_safely(seed, dtype):
+    """Each dequantized weight lives in one reused per-thread buffer: layers of different
+    sizes in a chain, forward then backward, against float64."""
+    sizes = [96, 200, 64, 130]
+    weights = [trilora.quantize((torch.randn(n, k) / math.sqrt(k)).to(dtype), "nf4", 64, True)
+               for k, n in itertools.pairwise(sizes)]  # fmt: skip
+    loras = [
+        (torch.randn(4, k) * 0.1, torch.randn(n, 4) * 0.1) for k, n in itertools.pairwise(sizes)
+    ]
+    x = torch.randn(37, sizes[0]).to(dtype).requires_grad_()
+    params = [t.clone().requires_grad_() for pair in loras for t in pair]
+    h = x
+    for i, w in enumerate(weights):
+        h = qlora_linear(h, w, params[2 * i], params[2 * i + 1], 1.5)
+    dy = torch.randn(h.shape)
+    h.backward(dy.to(h.dtype))
+    xd = x.detach().double().requires_grad_()
+    pd = [p.detach().double().requires_grad_() for p in params]
+    hd = xd
+    for i, w in enumerate(weights):
+        wd = w.dequantize(torch.float64)
+        hd = hd.to(dtype).double() if dtype != torch.float32 else hd
+        hd = hd @ wd.t() + 1.5 * (hd @ pd[2 * i].t()) @ pd[2 * i + 1].t()
+    hd.backward(dy.double())
+    for got, ref in [(h, hd), (x.grad, xd.grad)] + [(p.grad, q.grad) for p, q in zip(params, pd)]:
+        err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+        assert err <= 4 * TOL[dtype], err

@@ -78,9 +78,12 @@ def _forward(
         )
         y, xa = qlora_forward(x, w, lora_a, lora_b, scale, bias, dropout_mask, dropout_scale)
         return y, (xa if xa is not None else _empty_lora(x))
+    # The dequantized weight lives in a reused per-thread buffer (no page faults), consumed
+    # by the GEMM before anything else dequantizes.
     weight = dequantize_4bit_impl(
-        packed, absmax, code, nested_absmax, nested_code, offset, blocksize, [n_out, k], x.dtype
-    )
+        packed, absmax, code, nested_absmax, nested_code, offset, blocksize, [n_out, k], x.dtype,
+        scratch=True,
+    )  # fmt: skip
     y = cpu_matmul.linear(x, weight)
     del weight
     if bias is not None:
@@ -181,7 +184,7 @@ def _backward_compute(
     if needs_input_grad:
         weight = dequantize_4bit_impl(
             packed, absmax, code, nested_absmax, nested_code, offset, blocksize, [n_out, k],
-            dy.dtype,
+            dy.dtype, scratch=True,
         )  # fmt: skip
         dx = cpu_matmul.matmul(dy, weight)
         del weight

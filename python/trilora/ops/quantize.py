@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -272,22 +273,53 @@ def dequantize_4bit_cpu_native(
     shape: list[int] | torch.Size,
     dtype: torch.dtype,
     isa: str = "auto",
+    scratch: bool = False,
 ) -> torch.Tensor | None:
     """CPU dequantization through the native extension (arguments as in
     :func:`dequantize_4bit`); ``None`` when the extension is unavailable or the case is not
-    one it serves (a non-CPU tensor, an output dtype other than fp32/fp16/bf16)."""
+    one it serves (a non-CPU tensor, an output dtype other than fp32/fp16/bf16).
+
+    ``scratch=True`` writes into this thread's reusable buffer instead of a new tensor (see
+    :func:`_scratch_buffer`): for callers that drop the weight before they dequantize again.
+    """
     if packed.device.type != "cpu" or dtype not in _NATIVE_DTYPES:
         return None
     from trilora.native import cpu_ext
 
     if cpu_ext.load() is None:
         return None
-    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    if scratch:
+        out = _scratch_buffer(math.prod(shape), dtype).view(shape)
+    else:
+        out = torch.empty(shape, dtype=dtype, device=packed.device)
     cpu_ext.dequantize_4bit_into(
         out, packed.reshape(-1).view(torch.uint8).contiguous(), absmax.contiguous(), code.contiguous(),
         nested_absmax, nested_code, offset, blocksize, NESTED_BLOCKSIZE, isa,
     )  # fmt: skip
     return out
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's reusable CPU buffer of at least ``numel`` elements of ``dtype``.
+
+    A fresh tensor for every dequantized weight costs more than the dequantization: the
+    allocator maps new pages (above glibc's 32 MiB mmap limit, always; below it, whenever
+    the heap was trimmed) and the kernel zero-fills each one on first touch. Measured on this
+    project's CPU: 0.9 ms instead of 0.14 ms for a 1536 x 576 fp32 weight, 31 ms instead of
+    3.2 ms for 4096 x 4096. The buffer grows to the largest weight seen and is kept; one per
+    thread, so the autograd engine's threads never share one.
+    """
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buffers.pop(dtype, None)
+        buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
 
 
 def dequantize_4bit_impl(
@@ -300,9 +332,14 @@ def dequantize_4bit_impl(
     blocksize: int,
     shape: list[int] | torch.Size,
     dtype: torch.dtype,
+    scratch: bool = False,
 ) -> torch.Tensor:
     """What :func:`dequantize_4bit` computes, without the custom-op dispatch: the ops that
-    dequantize inside their own custom op (the QLoRA linear) call this directly."""
+    dequantize inside their own custom op (the QLoRA linear) call this directly.
+
+    ``scratch=True``: on the CPU's native path the result is a view of a per-thread buffer
+    that the next ``scratch=True`` call in this thread overwrites; use it and drop it.
+    """
     if use_triton(packed):
         from trilora.kernels.quantize import dequantize_4bit as launch
 
@@ -311,8 +348,9 @@ def dequantize_4bit_impl(
         )
         return launch(w, dtype).reshape(shape)
     out = dequantize_4bit_cpu_native(
-        packed, absmax, code, nested_absmax, nested_code, offset, blocksize, shape, dtype
-    )
+        packed, absmax, code, nested_absmax, nested_code, offset, blocksize, shape, dtype,
+        scratch=scratch,
+    )  # fmt: skip
     if out is not None:
         return out
     return dequantize_4bit_reference(
