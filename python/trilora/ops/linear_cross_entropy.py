@@ -9,7 +9,8 @@ The tokens are processed in chunks of ``chunk_size`` rows; for each chunk the fo
 3. turns that gradient into ``grad_hidden[chunk] = dlogits @ W`` and, when ``W`` is
    trainable, ``grad_W += dlogits.T @ hidden[chunk]`` (fp32 accumulator),
 
-and then drops the chunk (Liger-Kernel's scheme). Backward only multiplies the stored
+and then drops the chunk (Liger-Kernel's scheme). On the CPU the fp32 chunk GEMMs run
+through oneDNN where it is faster than the BLAS (:mod:`trilora.ops.cpu_matmul`). Backward only multiplies the stored
 gradients by the incoming scalar. Peak extra memory is one chunk of logits plus
 ``grad_hidden`` (the size of ``hidden``), instead of two or three ``[tokens, vocab]``
 tensors (logits, their fp32 upcast, their gradient) for ``lm_head`` + ``F.cross_entropy``.
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from trilora.config import use_triton
+from trilora.ops import cpu_matmul
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -54,18 +56,29 @@ def _cross_entropy_torch(
     ignore_index: int,
     z_loss: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    x = logits.float()
+    # In place on an fp32 working copy (the logits themselves when they are fp32): five
+    # passes over [M, V] (max, shift, exp, sum, scale) and no other temporary of that size,
+    # where eager log_softmax + its backward allocate two or three.
+    x = logits if logits.dtype == torch.float32 else logits.float()
     valid = labels != ignore_index
-    safe = torch.where(valid, labels, 0).long()
-    lse = torch.logsumexp(x, dim=-1)
-    loss = lse - x.gather(1, safe[:, None]).squeeze(1) + z_loss * lse * lse
-    grad = torch.exp(x - lse[:, None]) * (1.0 + 2.0 * z_loss * lse)[:, None]
-    grad.scatter_add_(1, safe[:, None], -torch.ones_like(grad[:, :1]))
-    s = scale.reshape(-1, 1)
-    # where(), not a multiply by the mask: an all-ignored mean has scale = 1/0 = inf.
-    grad = torch.where(valid[:, None], grad * s, 0.0)
-    logits.copy_(grad)
+    safe = torch.where(valid, labels, 0).long()[:, None]
+    row_max = x.amax(dim=1, keepdim=True)
+    x.sub_(row_max)
+    shifted_target = x.gather(1, safe).squeeze(1)
+    x.exp_()
+    sum_exp = x.sum(dim=1)
+    log_sum = sum_exp.log()
+    lse = row_max.squeeze(1) + log_sum
+    # lse - logit[label], from the shifted values (no cancellation against the max)
+    loss = log_sum - shifted_target + z_loss * lse * lse
+    s = scale.reshape(-1)
     zero = torch.zeros((), dtype=torch.float32, device=logits.device)
+    # dloss/dlogits = softmax * (1 + 2 z lse) - onehot(label), times the scale. where(), not a
+    # multiply by the mask: an all-ignored mean has scale = 1/0 = inf.
+    x.mul_(torch.where(valid, s * (1.0 + 2.0 * z_loss * lse) / sum_exp, zero)[:, None])
+    x.scatter_add_(1, safe, torch.where(valid, -s, zero)[:, None])
+    if x is not logits:
+        logits.copy_(x)
     return torch.where(valid, loss, zero), torch.where(valid, lse, zero)
 
 
@@ -147,11 +160,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         losses = hidden.new_empty((n,), dtype=torch.float32)
         for s, e in _chunks(n, chunk):
             h = hidden[s:e]
-            logits = h @ weight.t()
+            logits = cpu_matmul.linear(h, weight)
             loss_c, _ = cross_entropy_inplace_(logits, labels[s:e], scale, ignore_index, z_loss)
             losses[s:e] = loss_c
             if grad_h is not None:
-                torch.mm(logits, weight, out=grad_h[s:e])
+                cpu_matmul.matmul_into(grad_h[s:e], logits, weight)
             if grad_w is not None:
                 _accumulate_weight_grad(grad_w, logits, h)
             del logits
@@ -185,12 +198,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         row_scale = grad_out.to(torch.float32)
         for s, e in _chunks(hidden.shape[0], ctx.chunk):
             h = hidden[s:e]
-            logits = h @ weight.t()
+            logits = cpu_matmul.linear(h, weight)
             cross_entropy_inplace_(
                 logits, labels[s:e], row_scale[s:e].contiguous(), ctx.ignore_index, ctx.z_loss
             )
             if grad_h is not None:
-                torch.mm(logits, weight, out=grad_h[s:e])
+                cpu_matmul.matmul_into(grad_h[s:e], logits, weight)
             if grad_w is not None:
                 _accumulate_weight_grad(grad_w, logits, h)
             del logits

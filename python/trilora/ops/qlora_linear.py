@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 
 from trilora.config import config, use_triton
-from trilora.ops.quantize import dequantize_4bit, kernel_weight
+from trilora.ops import cpu_matmul
+from trilora.ops.quantize import dequantize_4bit_impl, kernel_weight
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -57,8 +58,7 @@ def _no_grad(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("trilora::qlora_linear_fwd", mutates_args=())
-def qlora_linear_fwd(
+def _forward(
     x: torch.Tensor,
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -98,20 +98,30 @@ def qlora_linear_fwd(
         )
         y, xa = qlora_forward(x, w, lora_a, lora_b, scale, bias, dropout_mask, dropout_scale)
         return y, (xa if xa is not None else _empty_lora(x))
-    weight = dequantize_4bit(
-        packed, absmax, code, nested_absmax, nested_code, offset, blocksize, [n_out, k], x.dtype
-    )
-    y = x @ weight.t()
+    # The dequantized weight lives in a reused per-thread buffer (no page faults), consumed
+    # by the GEMM before anything else dequantizes.
+    weight = dequantize_4bit_impl(
+        packed, absmax, code, nested_absmax, nested_code, offset, blocksize, [n_out, k], x.dtype,
+        scratch=True,
+    )  # fmt: skip
+    y = cpu_matmul.linear(x, weight)
     del weight
     if bias is not None:
-        y = y + bias.to(y.dtype)
+        y += bias.to(y.dtype)
     if lora_a is None:
         return y, _empty_lora(x)
     # PEFT runs the LoRA branch in the factors' dtype (fp32 after
     # prepare_model_for_kbit_training) and adds it in the activation dtype; so do we.
     xa = _dropped(x, dropout_mask, dropout_scale).to(lora_a.dtype) @ lora_a.t()
-    y = y + (scale * (xa @ lora_b.to(xa.dtype).t())).to(y.dtype)
+    if lora_b.dtype == y.dtype:
+        # y += scale * xa @ B.T inside the GEMM: no [M, N] LoRA product, scaled copy or sum.
+        y.addmm_(xa, lora_b.t(), alpha=scale)
+    else:
+        y = y + (scale * (xa @ lora_b.t())).to(y.dtype)
     return y, xa.float()
+
+
+qlora_linear_fwd = torch.library.custom_op("trilora::qlora_linear_fwd", _forward, mutates_args=())
 
 
 @qlora_linear_fwd.register_fake
@@ -126,8 +136,7 @@ def _(x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n_
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("trilora::qlora_linear_bwd", mutates_args=())
-def qlora_linear_bwd(
+def _backward_compute(
     dy: torch.Tensor,
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -183,33 +192,38 @@ def qlora_linear_bwd(
         da, db = lora_weight_grads(x, dy, xa, dyb, scale, dropout_mask, dropout_scale)
         return dx.to(x.dtype) if needs_input_grad else dx, da, db
 
+    # The torch path (CPU): one dequantization, the LoRA terms folded into GEMMs with their
+    # scale, and [M, r]-sized temporaries only (bitsandbytes + PEFT also scale and sum
+    # [M, N] and [M, K] tensors here).
     dx = _no_grad(x)
     if needs_input_grad:
-        weight = dequantize_4bit(
-            packed,
-            absmax,
-            code,
-            nested_absmax,
-            nested_code,
-            offset,
-            blocksize,
-            [n_out, k],
-            dy.dtype,
-        )
-        dx = dy @ weight
+        weight = dequantize_4bit_impl(
+            packed, absmax, code, nested_absmax, nested_code, offset, blocksize, [n_out, k],
+            dy.dtype, scratch=True,
+        )  # fmt: skip
+        dx = cpu_matmul.matmul(dy, weight)
         del weight
     if not has_lora:
         return dx, _no_grad(x), _no_grad(x)
-    dyb = dy.to(lora_b.dtype) @ lora_b
+    dy_lora = dy.to(lora_b.dtype)
+    dyb = dy_lora @ lora_b
     if needs_input_grad:
-        dx_lora = _dropped(dyb @ lora_a.to(dyb.dtype), dropout_mask, dropout_scale)
-        dx = dx + (scale * dx_lora).to(dx.dtype)
+        if dropout_mask is None and dx.dtype == dyb.dtype:
+            dx.addmm_(dyb, lora_a, alpha=scale)
+        else:
+            dx_lora = _dropped(dyb @ lora_a, dropout_mask, dropout_scale)
+            dx = dx + (scale * dx_lora).to(dx.dtype)
     if not needs_lora_grad:
         return dx, _no_grad(x), _no_grad(x)
     x_dropped = _dropped(x, dropout_mask, dropout_scale).to(lora_a.dtype)
-    da = scale * (dyb.to(lora_a.dtype).t() @ x_dropped)
-    db = scale * (dy.to(lora_b.dtype).t() @ xa.to(lora_b.dtype))
+    da = torch.mm(dyb.t(), x_dropped).mul_(scale)
+    db = torch.mm(dy_lora.t(), xa.to(lora_b.dtype)).mul_(scale)
     return dx, da.float(), db.float()
+
+
+qlora_linear_bwd = torch.library.custom_op(
+    "trilora::qlora_linear_bwd", _backward_compute, mutates_args=()
+)
 
 
 @qlora_linear_bwd.register_fake
@@ -227,8 +241,6 @@ def _(dy, x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize
 # autograd
 # ---------------------------------------------------------------------------------------
 
-_WEIGHT_ARGS = slice(1, 7)  # packed .. offset
-
 
 def _setup_context(ctx, inputs, output):
     (x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, _n_out, lora_a, lora_b,
@@ -236,27 +248,20 @@ def _setup_context(ctx, inputs, output):
     _, xa = output
     ctx.blocksize, ctx.scale, ctx.dropout_scale = blocksize, scale, dropout_scale
     ctx.has_lora, ctx.has_bias = lora_a is not None, bias is not None
-    ctx.save_for_backward(
-        x,
-        packed,
-        absmax,
-        code,
-        nested_absmax,
-        nested_code,
-        offset,
-        lora_a,
-        lora_b,
-        xa,
-        dropout_mask,
-    )
+    # Only the activations go through save_for_backward. The weight state and the LoRA
+    # factors are module parameters and buffers that outlive the step; passing them through
+    # the saved-tensor hooks of gradient checkpointing (a pack and an unpack per tensor, per
+    # call, in the forward and again in the recompute) costs time and saves nothing.
+    ctx.weight_state = (packed, absmax, code, nested_absmax, nested_code, offset, lora_a, lora_b)
+    ctx.save_for_backward(x, xa, dropout_mask)
 
 
-def _backward(ctx, dy, _dxa):
-    (x, packed, absmax, code, nested_absmax, nested_code, offset, lora_a, lora_b, xa,
-     dropout_mask) = ctx.saved_tensors  # fmt: skip
+def _backward(ctx, dy, _dxa, compute=qlora_linear_bwd):
+    x, xa, dropout_mask = ctx.saved_tensors
+    packed, absmax, code, nested_absmax, nested_code, offset, lora_a, lora_b = ctx.weight_state
     needs = ctx.needs_input_grad
     needs_lora = ctx.has_lora and (needs[9] or needs[10])
-    dx, da, db = qlora_linear_bwd(
+    dx, da, db = compute(
         dy.contiguous(), x, packed, absmax, code, nested_absmax, nested_code, offset, ctx.blocksize,
         lora_a, lora_b, xa, ctx.scale, dropout_mask, ctx.dropout_scale, needs[0], needs_lora,
     )  # fmt: skip
@@ -268,6 +273,48 @@ def _backward(ctx, dy, _dxa):
 
 
 qlora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerCPU(torch.autograd.Function):
+    """The two custom ops' forward and backward, called without the custom-op dispatch.
+
+    A custom op's Python dispatch (autograd wrapper, schema defaults, alias checks) costs
+    about 65 us per forward and 30 us per backward: a few percent of a CPU training step of
+    a small model, where a layer's GEMMs take a millisecond. Plain eager calls on CPU tensors
+    take this Function instead; anything that traces (FakeTensorMode and ``trilora mem``, the
+    meta device, ``torch.compile``, any other TorchDispatchMode) keeps the custom ops, so
+    what it sees is unchanged. Same functions, same values.
+    """
+
+    @staticmethod
+    def forward(ctx, *args):
+        # forward(ctx, ...) rather than a separate setup_context: Function.apply then skips
+        # binding the arguments to a signature (inspect.signature on every call).
+        output = _forward(*args)
+        _setup_context(ctx, args, output)
+        ctx.mark_non_differentiable(output[1])
+        return output
+
+    @staticmethod
+    def backward(ctx, dy, dxa):
+        return _backward(ctx, dy, dxa, compute=_backward_compute)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager_cpu(x: torch.Tensor) -> bool:
+    if x.device.type != "cpu" or type(x) not in _PLAIN or use_triton(x):
+        return False
+    try:
+        if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x):
+            return False
+        # No torch.func transform, and no TorchDispatchMode (FakeTensorMode, MemTracker, ...)
+        # may be active: they must see the custom op. Without these (private) probes, stay
+        # on the custom op.
+        return torch._C._len_torch_dispatch_stack() == 0
+    except AttributeError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,7 +363,8 @@ def qlora_linear(
             mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
         else:
             mask = dropout_mask.reshape(-1, k).to(torch.bool)
-    y, _ = qlora_linear_fwd(
+    op = _EagerCPU.apply if _eager_cpu(x2) else qlora_linear_fwd
+    y, _ = op(
         x2, weight.packed, weight.absmax, weight.code, weight.nested_absmax, weight.nested_code,
         weight.offset, weight.blocksize, n_out, lora_a, lora_b, float(scale), bias, mask,
         dropout_scale,

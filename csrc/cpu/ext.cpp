@@ -1,0 +1,20 @@
+// Python bindings of trilora's CPU extension (built by trilora.native.cpu_ext.load()).
+
+#include <torch/extension.h>
+
+#include "isa.h"
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "trilora CPU extension: 4-bit dequantization and the RMSNorm backward";
+  m.def("dequantize_4bit_out", &trilora_cpu::dequantize_4bit_out, py::arg("packed"), py::arg("absmax"),
+        py::arg("code"), py::arg("nested_absmax"), py::arg("nested_code"), py::arg("offset"),
+        py::arg("nested_blocksize"), py::arg("blocksize"), py::arg("out"), py::arg("isa") = "auto",
+        "Dequantize packed 4-bit codes into out (contiguous fp32/fp16/bf16, n elements).");
+  m.def("rms_norm_backward", &trilora_cpu::rms_norm_backward, py::arg("dy"), py::arg("x"), py::arg("weight"),
+        py::arg("rstd"), py::arg("need_weight_grad"), py::arg("isa") = "auto",
+        "RMSNorm backward: (dx in x's dtype, dweight fp32 or empty).");
+  m.def(
+      "best_isa", [] { return trilora_cpu::isa_name(trilora_cpu::best_isa()); },
+      "The instruction set the kernels use on this CPU: avx512, avx2 or scalar.");
+}

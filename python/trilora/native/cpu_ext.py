@@ -1,0 +1,119 @@
+"""trilora's CPU extension (``csrc/cpu/``): 4-bit dequantization in one native pass.
+
+:func:`load` returns the compiled module (built with ninja on first use, cached across
+processes by ``torch.utils.cpp_extension``) or ``None`` when it cannot be built here (no
+compiler, no ninja, ``TRILORA_NO_NATIVE=1``, a failed build); one
+:class:`~trilora.native.NativeExtensionWarning` says why, once per process, and the callers
+keep their torch path, which gives the same values, only slower. Its functions:
+
+* ``dequantize_4bit_out(packed, absmax, code, nested_absmax, nested_code, offset,
+  nested_blocksize, blocksize, out, isa="auto")``: see :func:`dequantize_4bit_into`;
+* ``best_isa() -> str``: ``"avx512"``, ``"avx2"`` or ``"scalar"``, the loop this CPU runs.
+
+The build takes no ``-march`` flag (the ISA is picked at run time, so a cached build runs on
+any x86-64 CPU), turns off floating-point contraction, so that the double-quantized scale
+``nested_code[q] * nested_absmax + offset`` is rounded twice, as the format defines it, and
+compiles with OpenMP on Linux so that the kernels use torch's intra-op threads.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import warnings
+from types import ModuleType
+
+import torch
+
+from trilora.native import NativeExtensionWarning, load_extension, unavailable_reason
+
+NAME = "trilora_cpu"
+SOURCES = ("cpu/ext.cpp", "cpu/dequantize_4bit.cpp", "cpu/rms_norm.cpp")
+
+
+def _cflags() -> tuple[str, ...]:
+    # -fopenmp: at::parallel_for is a header template that runs serially unless the including
+    # file is compiled with OpenMP (ATen's own OpenMP backend); the kernels then share torch's
+    # thread pool (the libgomp torch already loaded; nothing extra is linked). Linux/GCC only:
+    # elsewhere the kernels run on one thread, and `omp simd` still vectorizes their loops.
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ("-ffp-contract=off", "-fopenmp")
+    return ("-ffp-contract=off", "-fopenmp-simd")
+
+
+CFLAGS = _cflags()
+FALLBACK_NOTE = (
+    "On CPU that is trilora's torch dequantization: the same values, several times slower."
+)
+
+_UNSET = object()
+_module: object = _UNSET
+_lock = threading.Lock()
+
+
+def load() -> ModuleType | None:
+    """The compiled extension, or ``None`` when it cannot be built here (one warning)."""
+    global _module
+    if _module is _UNSET:
+        with _lock:
+            if _module is _UNSET:
+                # The shared loader's warning names what is missing; add what it costs here.
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    module = load_extension(NAME, SOURCES, cuda=False, extra_cflags=CFLAGS)
+                for w in caught:
+                    if issubclass(w.category, NativeExtensionWarning):
+                        warnings.warn(f"{w.message} {FALLBACK_NOTE}", w.category, stacklevel=2)
+                    else:
+                        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                _module = module
+    return _module  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """Whether :func:`load` returns the extension (builds it on the first call)."""
+    return load() is not None
+
+
+def reason() -> str | None:
+    """Why :func:`load` returned ``None`` (``None`` if it has not failed)."""
+    return unavailable_reason(NAME)
+
+
+def dequantize_4bit_into(
+    out: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    nested_blocksize: int,
+    isa: str = "auto",
+) -> bool:
+    """Dequantize into ``out`` with the extension; ``False`` (nothing written) when it is
+    unavailable.
+
+    Args:
+        out: contiguous CPU tensor of ``n`` elements, fp32/fp16/bf16 (any shape).
+        packed: contiguous uint8 ``[>= (n+1)//2]``.
+        absmax: fp32 ``[nblocks]``, or uint8 ``[nblocks]`` with the nested state.
+        code: fp32 ``[16]``.
+        nested_absmax, nested_code, offset: fp32 ``[groups]``, ``[256]`` and a one-element
+            tensor, or ``None`` without double quantization.
+        blocksize, nested_blocksize: elements per block; blocks per nested block.
+        isa: ``"auto"``, or ``"scalar"``/``"avx2"``/``"avx512"`` to force a loop (tests).
+    """
+    ext = load()
+    if ext is None:
+        return False
+    off = 0.0 if offset is None else float(offset.reshape(()).item())
+    ext.dequantize_4bit_out(
+        packed, absmax, code, nested_absmax, nested_code, off, nested_blocksize, blocksize, out,
+        isa,
+    )  # fmt: skip
+    return True
+
+
+__all__ = ["NAME", "SOURCES", "available", "dequantize_4bit_into", "load", "reason"]

@@ -1,0 +1,82 @@
+"""trilora.ops.cpu_matmul: oneDNN fp32 products against float64, and the torch.mm fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from trilora.ops import cpu_matmul
+
+# below and above the 2**20 multiply-adds where the products switch to oneDNN
+SHAPES = [(2, 3, 5), (17, 64, 33), (300, 130, 7), (33, 300, 129), (144, 576, 192)]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_products_match_float64(seed, m, k, n):
+    x = torch.randn(m, k)
+    w = torch.randn(n, k)
+    dy = torch.randn(m, n)
+    ref_y = x.double() @ w.double().t()
+    ref_dx = dy.double() @ w.double()
+    for y, ref in ((cpu_matmul.linear(x, w), ref_y), (cpu_matmul.matmul(dy, w), ref_dx)):
+        assert y.dtype == torch.float32 and y.shape == ref.shape
+        # fp32 accumulation: a few ulps of the largest partial sums, nothing like bf16/tf32
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * k**0.5)
+    out = torch.empty(m, k)
+    assert cpu_matmul.matmul_into(out, dy, w) is out
+    torch.testing.assert_close(out.double(), ref_dx, rtol=1e-5, atol=1e-5 * k**0.5)
+    # a weight stored transposed (same values, other strides)
+    wt = w.t().contiguous().t()
+    torch.testing.assert_close(
+        cpu_matmul.linear(x, wt).double(), ref_y, rtol=1e-5, atol=1e-5 * k**0.5
+    )
+
+
+def test_fallback_is_torch_mm(seed, monkeypatch):
+    x, w, dy = torch.randn(9, 20), torch.randn(11, 20), torch.randn(9, 11)
+    monkeypatch.setattr(cpu_matmul, "onednn_available", lambda: False)
+    assert torch.equal(cpu_matmul.linear(x, w), x @ w.t())
+    assert torch.equal(cpu_matmul.matmul(dy, w), dy @ w)
+    out = torch.empty(9, 20)
+    assert torch.equal(cpu_matmul.matmul_into(out, dy, w), dy @ w)
+
+
+def test_other_dtypes_and_fake_tensors_use_torch(seed):
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        x, w = torch.randn(5, 8).to(dtype), torch.randn(3, 8).to(dtype)
+        assert torch.equal(cpu_matmul.linear(x, w), x @ w.t())
+    with FakeTensorMode():
+        y = cpu_matmul.linear(torch.empty(4, 6), torch.empty(5, 6))
+        assert y.shape == (4, 5)
+
+
+def test_blas_env_switch(monkeypatch):
+    cpu_matmul.onednn_available.cache_clear()
+    try:
+        monkeypatch.setenv("TRILORA_CPU_MATMUL", "blas")
+        assert cpu_matmul.onednn_available() is False
+    finally:
+        cpu_matmul.onednn_available.cache_clear()
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_large_fp32_products_go_to_onednn_when_available():
+    x, w = torch.randn(64, 256), torch.randn(96, 256)
+    available = cpu_matmul.onednn_available()  # the probe runs outside the recorder
+    with _Recorder() as rec:
+        cpu_matmul.linear(x, w)
+        cpu_matmul.linear(x[:2], w[:3])
+    want = "mkldnn._linear_pointwise.default" if available else "aten.mm.default"
+    assert rec.ops[0] == want
+    assert rec.ops[-1] == "aten.mm.default"  # 2 x 3 x 256: torch.mm

@@ -1,0 +1,166 @@
+"""The QLoRA linear's CPU path: the eager route and the custom ops agree bit for bit, one
+dequantization per forward and per backward, and the fallbacks (no native extension, no
+oneDNN) against a float64 reference."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import trilora
+from trilora.native import cpu_ext
+from trilora.ops import cpu_matmul, qlora_linear
+
+Q = importlib.import_module("trilora.ops.qlora_linear")
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def _case(dtype, m=23, k=136, n=40, r=8, bias=True):
+    qw = trilora.quantize((torch.randn(n, k) / math.sqrt(k)).to(dtype), "nf4", 64, True)
+    x = torch.randn(2, m, k).to(dtype)
+    a = torch.randn(r, k) / math.sqrt(k)
+    b = torch.randn(n, r) / math.sqrt(r)
+    bias_t = torch.randn(n).to(dtype) if bias else None
+    return qw, x, a, b, bias_t
+
+
+def _run(qw, x, a, b, bias, mask=None, p=0.0):
+    xi = x.clone().requires_grad_()
+    ai = None if a is None else a.clone().requires_grad_()
+    bi = None if b is None else b.clone().requires_grad_()
+    y = qlora_linear(xi, qw, ai, bi, 1.7, bias, dropout_p=p, training=p > 0, dropout_mask=mask)
+    dy = torch.ones_like(y) if y.numel() == 0 else torch.linspace(-1, 1, y.numel()).view_as(y)
+    y.backward(dy.to(y.dtype))
+    grads = [xi.grad] + ([] if a is None else [ai.grad, bi.grad])
+    return y.detach(), grads
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", ["lora", "dropout", "no_lora", "no_bias"])
+def test_eager_route_equals_custom_ops(seed, monkeypatch, dtype, variant):
+    qw, x, a, b, bias = _case(dtype, bias=variant != "no_bias")
+    if variant == "no_lora":
+        a = b = None
+    mask = (torch.rand(x.shape) > 0.25) if variant == "dropout" else None
+    p = 0.25 if variant == "dropout" else 0.0
+    assert Q._eager_cpu(x)
+    y_eager, g_eager = _run(qw, x, a, b, bias, mask, p)
+    monkeypatch.setattr(Q, "_eager_cpu", lambda t: False)
+    y_op, g_op = _run(qw, x, a, b, bias, mask, p)
+    assert torch.equal(y_eager, y_op)
+    for ge, go in zip(g_eager, g_op):
+        assert torch.equal(ge, go)
+
+
+def test_tracing_modes_see_the_custom_op(seed):
+    qw, x, a, b, bias = _case(torch.float32)
+    with _Recorder() as rec:
+        qlora_linear(x, qw, a.requires_grad_(), b.requires_grad_(), 2.0, bias)
+    assert "trilora.qlora_linear_fwd.default" in rec.ops
+    assert not any(op.startswith("mkldnn") or op == "aten.mm.default" for op in rec.ops)
+
+
+def test_one_dequantization_per_forward_and_backward(seed, monkeypatch):
+    calls = []
+    real = Q.dequantize_4bit_impl
+
+    def counting(*args, **kwargs):
+        calls.append(args[-1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(Q, "dequantize_4bit_impl", counting)
+    qw, x, a, b, bias = _case(torch.float32)
+    y = qlora_linear(x.requires_grad_(), qw, a.requires_grad_(), b.requires_grad_(), 2.0, bias)
+    assert len(calls) == 1
+    y.sum().backward()
+    assert len(calls) == 2
+
+
+def test_lora_less_backward_returns_distinct_outputs(seed):
+    """A frozen 4-bit layer without an adapter, input requiring grad: through both routes
+    (the custom op used to return one empty tensor for two outputs, which torch refuses)."""
+    qw, x, _, _, _ = _case(torch.float32)
+    xi = x.clone().requires_grad_()
+    qlora_linear(xi, qw).sum().backward()
+    w = qw.dequantize(torch.float64)
+    expected = torch.ones(*x.shape[:-1], w.shape[0]).double() @ w
+    torch.testing.assert_close(xi.grad.double(), expected, rtol=1e-5, atol=1e-6)
+    dy = torch.randn(5, 40)
+    dx, da, db = Q.qlora_linear_bwd(
+        dy, torch.randn(5, 136), qw.packed, qw.absmax, qw.code, qw.nested_absmax, qw.nested_code,
+        qw.offset, 64, None, None, torch.empty(5, 0), 1.0, None, 1.0, True, False,
+    )  # fmt: skip
+    assert dx.shape == (5, 136) and da.numel() == 0 and db.numel() == 0 and da is not db
+
+
+def _reference(qw, x, a, b, bias, scale=1.7):
+    w = qw.dequantize(torch.float64)
+    xd = x.double().requires_grad_()
+    ad = a.double().requires_grad_()
+    bd = b.double().requires_grad_()
+    y = xd @ w.t() + scale * (xd @ ad.t()) @ bd.t() + bias.double()
+    dy = torch.linspace(-1, 1, y.numel()).view_as(y).double()
+    y.backward(dy)
+    return y.detach(), [xd.grad, ad.grad, bd.grad]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "no_native"])
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "blas"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_every_fallback_matches_float64(seed, monkeypatch, native, onednn, dtype):
+    if not native:
+        monkeypatch.setattr(cpu_ext, "load", lambda: None)
+    if not onednn:
+        monkeypatch.setattr(cpu_matmul, "onednn_available", lambda: False)
+    qw, x, a, b, bias = _case(dtype)
+    y, grads = _run(qw, x, a, b, bias)
+    y_ref, grads_ref = _reference(qw, x, a, b, bias)
+    for got, ref, what in zip([y, *grads], [y_ref, *grads_ref], ["y", "dx", "dA", "dB"]):
+        err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+        assert err <= TOL[dtype], f"{what}: {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_stacked_layers_share_the_scratch_buffer_safely(seed, dtype):
+    """Each dequantized weight lives in one reused per-thread buffer: layers of different
+    sizes in a chain, forward then backward, against float64."""
+    sizes = [96, 200, 64, 130]
+    weights = [trilora.quantize((torch.randn(n, k) / math.sqrt(k)).to(dtype), "nf4", 64, True)
+               for k, n in itertools.pairwise(sizes)]  # fmt: skip
+    loras = [
+        (torch.randn(4, k) * 0.1, torch.randn(n, 4) * 0.1) for k, n in itertools.pairwise(sizes)
+    ]
+    x = torch.randn(37, sizes[0]).to(dtype).requires_grad_()
+    params = [t.clone().requires_grad_() for pair in loras for t in pair]
+    h = x
+    for i, w in enumerate(weights):
+        h = qlora_linear(h, w, params[2 * i], params[2 * i + 1], 1.5)
+    dy = torch.randn(h.shape)
+    h.backward(dy.to(h.dtype))
+    xd = x.detach().double().requires_grad_()
+    pd = [p.detach().double().requires_grad_() for p in params]
+    hd = xd
+    for i, w in enumerate(weights):
+        wd = w.dequantize(torch.float64)
+        hd = hd.to(dtype).double() if dtype != torch.float32 else hd
+        hd = hd @ wd.t() + 1.5 * (hd @ pd[2 * i].t()) @ pd[2 * i + 1].t()
+    hd.backward(dy.double())
+    for got, ref in [(h, hd), (x.grad, xd.grad)] + [(p.grad, q.grad) for p, q in zip(params, pd)]:
+        err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+        assert err <= 4 * TOL[dtype], err
