@@ -143,7 +143,7 @@ class E2EPlan:
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.preset not in MODEL_CHOICES:
+        if self.preset not in PRESETS and self.preset not in REAL_MODELS:
             raise ValueError(
                 f"unknown preset {self.preset!r}; valid presets: {list(PRESETS)}, "
                 f"real models: {list(REAL_MODELS)}"
