@@ -132,3 +132,27 @@ def test_gemv_matches_dequantize_then_matmul(seed, m, quant_type, double, dtype)
     with override(decode_gemv_max_tokens=4):
         routed = qlora_linear_fwd(*args)
     assert torch.equal(routed[0], got[0])
+
+
+def test_builds_are_kept_apart_per_torch_version(tmp_path, monkeypatch):
+    """A build links against one torch's C++ ABI: after a torch upgrade the extension must
+    be rebuilt, never loaded from the old build's folder."""
+    from trilora.native import build_directory
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    here = build_directory("trilora_cpu")
+    assert here.parent == tmp_path and torch.__version__.split("+")[0] in here.name
+    monkeypatch.setattr(torch, "__version__", "9.9.0+other")
+    assert build_directory("trilora_cpu") != here
+    assert build_directory("trilora_cuda") != build_directory("trilora_cpu")
+
+
+def test_the_cpu_extension_is_built_in_its_torch_folder():
+    from pathlib import Path
+
+    from trilora.native import build_directory, cpu_ext
+
+    module = cpu_ext.load()
+    if module is None:
+        pytest.skip("no C++ toolchain here")
+    assert build_directory(cpu_ext.NAME) in Path(module.__file__).parents

@@ -56,6 +56,39 @@ def test_loss_falls_on_the_response_only(tok, plain_tok, shape):
         assert all(lab in (D.IGNORE, i) for lab, i in zip(ex.labels, ex.input_ids))
 
 
+@pytest.mark.parametrize("seed_", range(3))
+def test_question_is_what_the_user_asked_and_inside_the_prompt(tok, plain_tok, seed_):
+    """The comparison's label is the user's question as written, and the model's prompt
+    holds it (its template around it)."""
+    rng = random.Random(seed_)
+    words = ["refund", "order", "café", "naïve", "42", "line\nbreak", "<b>", "ünïcode"]
+    q = " ".join(rng.choice(words) for _ in range(rng.randint(1, 7)))
+    extra = " ".join(rng.choice(words) for _ in range(rng.randint(0, 3)))
+    cases = [
+        ({"instruction": q, "input": extra, "output": "x"}, f"{q}\n\n{extra}" if extra else q),
+        ({"prompt": q, "completion": "x"}, q),
+        (
+            {
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "hello"},
+                    {"role": "user", "content": q},
+                    {"role": "assistant", "content": "x"},
+                ]
+            },
+            q,
+        ),
+    ]
+    for rec, want in cases:
+        shape = D.record_shape(rec, "f:1")
+        assert D.question_text(rec, shape) == want
+        for t in (tok, plain_tok) if shape == "instruction" else (tok,):
+            assert q in D.prompt_text(t, rec, shape)
+    assert D.question_text({"prompt": q, "chosen": "x", "rejected": "y"}, "pair") == q
+    assert D.question_text({"text": q}, "text") == ""
+
+
 def test_every_assistant_turn_is_learned(tok):
     msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "first reply"},
             {"role": "user", "content": "b"}, {"role": "assistant", "content": "second reply"}]  # fmt: skip

@@ -2,8 +2,9 @@
 
 Nothing here is needed to install or import trilora. :func:`load_extension` builds one
 extension with ninja through ``torch.utils.cpp_extension.load`` the first time a process asks
-for it (later processes reuse the cached build, ``$TORCH_EXTENSIONS_DIR`` or
-``~/.cache/torch_extensions``, unless the sources changed) and returns the module. When a
+for it (later processes reuse the cached build under ``$TORCH_EXTENSIONS_DIR`` or
+``~/.cache/torch_extensions``, in a folder per torch version, unless the sources changed)
+and returns the module. When a
 toolchain piece is missing or the build fails it returns ``None`` after one
 :class:`NativeExtensionWarning` that names what was missing, and the callers fall back to
 their Triton or torch paths. ``TRILORA_NO_NATIVE=1`` turns every extension off.
@@ -67,6 +68,17 @@ def missing_toolchain(cuda: bool) -> str | None:
     return None
 
 
+def build_directory(name: str) -> Path:
+    """Where ``name`` is built: one folder per extension and torch version, because a build
+    links against one torch's C++ ABI, and torch's own cache key (sources and flags) would
+    hand a build made under another torch to this one after an upgrade."""
+    import torch
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    tag = "".join(c if c.isalnum() or c in "._-" else "_" for c in torch.__version__)
+    return Path(root) / f"trilora-{name}-torch{tag}"
+
+
 def load_extension(
     name: str,
     sources: tuple[str, ...],
@@ -91,11 +103,14 @@ def load_extension(
                 from torch.utils import cpp_extension
 
                 root = source_root()
+                build_dir = build_directory(name)
+                build_dir.mkdir(parents=True, exist_ok=True)
                 module = cpp_extension.load(
                     name=name,
                     sources=[str(root / s) for s in sources],
                     extra_cflags=["-O3", *extra_cflags],
                     extra_cuda_cflags=["-O3", *extra_cuda_cflags] if cuda else None,
+                    build_directory=str(build_dir),
                     verbose=os.environ.get("TRILORA_NATIVE_VERBOSE", "") not in ("", "0"),
                 )
             except Exception as exc:  # a failed build must not take the caller down
@@ -121,6 +136,7 @@ def unavailable_reason(name: str) -> str | None:
 
 __all__ = [
     "NativeExtensionWarning",
+    "build_directory",
     "load_extension",
     "missing_toolchain",
     "source_root",

@@ -277,6 +277,25 @@ def prompt_text(tokenizer, record: dict, shape: str) -> str:
     return ""
 
 
+def question_text(record: dict, shape: str) -> str:
+    """What the user asked, as a person reads it (the last user turn, the instruction and its
+    input, or the prompt): the label of a base-vs-tuned comparison, where
+    :func:`prompt_text` is what the model is given."""
+    if shape == "messages":
+        users = [m for m in record["messages"] if m["role"] == "user"]
+        return users[-1]["content"] if users else ""
+    if shape == "instruction":
+        extra = record.get("input")
+        return f"{record['instruction']}\n\n{extra}" if extra else record["instruction"]
+    if shape in ("prompt_completion", "pair"):
+        p = record["prompt"]
+        if isinstance(p, list):
+            users = [m for m in p if m.get("role") == "user"]
+            return users[-1].get("content", "") if users else ""
+        return p
+    return ""
+
+
 def reference_answer(record: dict, shape: str) -> str:
     if shape == "messages":
         return [m for m in record["messages"] if m["role"] == "assistant"][-1]["content"]

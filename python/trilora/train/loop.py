@@ -681,7 +681,8 @@ def _compare_answers(model, tokenizer, data: Data, cfg, base_mode, base: dict, r
     md = ["# Held-out prompts: base vs tuned\n"]
     for i, (p, a, b) in enumerate(zip(prompts, base["answers"], tuned), 1):
         ref = D.reference_answer(records[i - 1], records[i - 1]["_shape"])
-        rows.append({"prompt": p, "base": a, "tuned": b, "reference": ref})
+        question = D.question_text(records[i - 1], records[i - 1]["_shape"]) or p
+        rows.append({"prompt": p, "question": question, "base": a, "tuned": b, "reference": ref})
         md += [f"## {i}\n", "**prompt**\n", f"```\n{p}\n```\n", "**base**\n", f"{a}\n",
                "**tuned**\n", f"{b}\n", "**reference**\n", f"{ref}\n"]  # fmt: skip
     from trilora.io import atomic_write_text
@@ -788,7 +789,7 @@ def _print_summary(s: dict[str, Any], cfg: TrainConfig) -> None:
     p = print
     if s["samples"]:
         shown = s["samples"][:SHOWN_SAMPLES]
-        p(side_by_side([(r["prompt"], r["base"], r["tuned"]) for r in shown]))
+        p(side_by_side([(r.get("question") or r["prompt"], r["base"], r["tuned"]) for r in shown]))
         p("")
     p(
         f"done: {s['steps']} steps in {s['train_time_s']:.1f} s ({s['tokens_per_s']:.0f} tokens/s), "
