@@ -234,3 +234,26 @@ def test_demo_data_generator_reproduces_the_bundled_files():
     assert not {ask(r) for r in held} & {ask(r) for r in train}
     assert all(demo_data.style_score(r["messages"][1]["content"]) == 1.0 for r in train + held)
     assert demo_data.style_score("Sure! Just open the app.") == 0.0
+
+
+@pytest.mark.parametrize("seed_", range(3))
+def test_compare_takes_the_first_records_that_have_a_prompt(tok, seed_):
+    """``--compare N`` answers N held-out prompts whenever N records have one, wherever the
+    prompt-less ``text`` records fall in the held-out split."""
+    from types import SimpleNamespace
+
+    from trilora.train.loop import _compare_prompts
+
+    rng = random.Random(seed_)
+    records = []
+    for i in range(rng.randint(3, 9)):
+        rec = rng.choice([{"text": f"plain {i}"}, {"prompt": f"question {i}", "completion": "a"}])
+        rec["_shape"] = D.record_shape(rec, f"f:{i}")
+        records.append(rec)
+    with_prompt = [r for r in records if r["_shape"] != "text"]
+    for n in range(len(records) + 2):
+        got, prompts = _compare_prompts(
+            tok, SimpleNamespace(val_records=records), SimpleNamespace(compare=n)
+        )
+        assert got == with_prompt[:n]
+        assert prompts == [r["prompt"] for r in with_prompt[:n]]

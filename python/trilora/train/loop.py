@@ -648,11 +648,17 @@ def _dpo_micro_step(model, batch, idx, num_pairs, cfg, autocast_dtype, ref_logps
 
 
 def _compare_prompts(tokenizer, data: Data, cfg) -> tuple[list[dict], list[str]]:
-    """The held-out records compared at the end, and their prompts (records without one dropped)."""
+    """The first ``cfg.compare`` held-out records that have a prompt (a ``text`` record has
+    none), compared at the end, and their prompts."""
     if not cfg.compare or not data.val_records:
         return [], []
-    pairs = [(r, D.prompt_text(tokenizer, r, r["_shape"])) for r in data.val_records[: cfg.compare]]
-    pairs = [(r, p) for r, p in pairs if p]
+    pairs = []
+    for r in data.val_records:  # the first --compare records that have a prompt ("text" has none)
+        p = D.prompt_text(tokenizer, r, r["_shape"])
+        if p:
+            pairs.append((r, p))
+            if len(pairs) == cfg.compare:
+                break
     return [r for r, _ in pairs], [p for _, p in pairs]
 
 
