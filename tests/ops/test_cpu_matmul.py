@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers_dispatch import OpRecorder
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from trilora.ops import cpu_matmul
 
@@ -61,20 +61,10 @@ def test_blas_env_switch(monkeypatch):
         cpu_matmul.onednn_available.cache_clear()
 
 
-class _Recorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_large_fp32_products_go_to_onednn_when_available():
     x, w = torch.randn(64, 256), torch.randn(96, 256)
     available = cpu_matmul.onednn_available()  # the probe runs outside the recorder
-    with _Recorder() as rec:
+    with OpRecorder() as rec:
         cpu_matmul.linear(x, w)
         cpu_matmul.linear(x[:2], w[:3])
     want = "mkldnn._linear_pointwise.default" if available else "aten.mm.default"

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers_dispatch import OpRecorder
 
 import trilora
 from trilora.native import cpu_ext
@@ -41,16 +41,6 @@ def _run(qw, x, a, b, bias, mask=None, p=0.0):
     return y.detach(), grads
 
 
-class _Recorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", ["lora", "dropout", "no_lora", "no_bias"])
 def test_eager_route_equals_custom_ops(seed, monkeypatch, dtype, variant):
@@ -70,7 +60,7 @@ def test_eager_route_equals_custom_ops(seed, monkeypatch, dtype, variant):
 
 def test_tracing_modes_see_the_custom_op(seed):
     qw, x, a, b, bias = _case(torch.float32)
-    with _Recorder() as rec:
+    with OpRecorder() as rec:
         qlora_linear(x, qw, a.requires_grad_(), b.requires_grad_(), 2.0, bias)
     assert "trilora.qlora_linear_fwd.default" in rec.ops
     assert not any(op.startswith("mkldnn") or op == "aten.mm.default" for op in rec.ops)
