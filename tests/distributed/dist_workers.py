@@ -110,6 +110,17 @@ def packed_weights(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def same_real_bytes(model, reference: dict[str, torch.Tensor]) -> bool:
+    """Whether ``model``'s 4-bit weights (gathered when sharded) hold exactly the packed
+    bytes of ``reference`` (:func:`packed_weights`). A float storage pads each weight to its
+    item size (4 bytes for fp32, 2 for bf16), so only the real bytes are compared."""
+    gathered = packed_weights(model)
+    real = {name: (m.in_features * m.out_features + 1) // 2 for name, m in _named4bit(model)}
+    return sorted(gathered) == sorted(reference) and all(
+        torch.equal(gathered[k][: real[k]], reference[k][: real[k]]) for k in reference
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # the 2-rank scenarios
 # ---------------------------------------------------------------------------------------
@@ -134,6 +145,7 @@ def _scenario_fsdp(env, path, out, seed):
     from trilora.distributed import (
         DistEnv,
         build_optimizer,
+        match_storage,
         resident_bytes,
         save_adapter,
         wrap_fsdp,
@@ -144,7 +156,11 @@ def _scenario_fsdp(env, path, out, seed):
             path, compute_dtype=torch.float32, dtype=torch.float32, device="cpu"
         )
     )  # each rank's own copy, for the byte comparison only
-    full = resident_bytes(load_peft(path, seed, DistEnv()))  # what one process holds
+    # what one process holds, its packed bytes stored as wrap_fsdp stores them on this torch
+    # (re-viewed as a float dtype where FSDP2 cannot hold integer parameters)
+    single = load_peft(path, seed, DistEnv())
+    match_storage(single, None)
+    full = resident_bytes(single)
     model = wrap_fsdp(load_peft(path, seed, env), env=env)
     mine = resident_bytes(model)
     layer0 = trilora.checkpoint.find_decoder_layers(model)[0]
@@ -160,10 +176,7 @@ def _scenario_fsdp(env, path, out, seed):
             )
 
     hook = layer0.input_layernorm.register_forward_pre_hook(count_gathered)
-    gathered = packed_weights(model)
-    untouched = sorted(gathered) == sorted(reference) and all(
-        torch.equal(gathered[k], reference[k]) for k in reference
-    )
+    untouched = same_real_bytes(model, reference)
     odd_rows = sorted(
         n for n, m in model.named_modules() if isinstance(m, trilora.Linear4bit)
         and m.weight.shape[0] % env.world_size
@@ -254,12 +267,7 @@ def _scenario_fsdp_bf16(env, path, out, seed):
     model = wrap_fsdp(load_peft(path, seed, env, quantization_config=qc), env=env,
                       mixed_precision=torch.bfloat16)  # fmt: skip
     storages = sorted({str(m.weight.dtype) for m in _linear4bit(model)})
-    gathered = packed_weights(model)
-    # fp32 storage pads each weight to 4 bytes, bf16 to 2: compare the real bytes
-    real = {m_name: (m.in_features * m.out_features + 1) // 2 for m_name, m in _named4bit(model)}
-    untouched = sorted(gathered) == sorted(reference) and all(
-        torch.equal(gathered[k][: real[k]], reference[k][: real[k]]) for k in reference
-    )
+    untouched = same_real_bytes(model, reference)
     opt = build_optimizer(model, torch.optim.AdamW, lr=LR)
     losses = train(model, opt, batches(seed, 3), env)
     return {"losses": losses, "storages": storages, "bytes_untouched": untouched}

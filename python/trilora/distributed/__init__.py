@@ -22,6 +22,8 @@ from trilora.distributed.optim import ShardedOptimizer, build_optimizer, clip_gr
 from trilora.distributed.sharding import (
     ParallelInfo,
     check_same_model,
+    fsdp_holds_integer_params,
+    fsdp_storage_dtypes,
     match_storage,
     parallel_info,
     resident_bytes,
@@ -47,6 +49,8 @@ __all__ = [
     "clip_grad_norm",
     "current_env",
     "destroy_distributed",
+    "fsdp_holds_integer_params",
+    "fsdp_storage_dtypes",
     "gather_state_dict",
     "init_distributed",
     "load_pretrained",

@@ -140,6 +140,12 @@ def bind_device(env: DistEnv) -> None:
 
 
 def destroy_distributed() -> None:
-    """Tear down the default process group if one is initialized (idempotent)."""
+    """Tear down the default process group if one is initialized (idempotent).
+
+    Call it on every rank at the end of a run: the ranks first meet at a barrier, so no rank
+    tears its gloo/NCCL connections down while another still sends on them (under torch
+    2.11's gloo that aborted the late rank: "terminate called without an active exception").
+    """
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -258,17 +258,53 @@ def _mp_policy(mixed_precision):
     )
 
 
-def match_storage(model: nn.Module, param_dtype: torch.dtype | None) -> int:
-    """Re-view float-stored packed 4-bit bytes as ``param_dtype`` (same bytes); returns the
-    number of layers changed. ``uint8``/``int8`` storage is left alone: FSDP2 never casts it.
+def fsdp_holds_integer_params() -> bool:
+    """Whether this torch's FSDP2 can shard an integer-typed frozen parameter.
+
+    Before torch 2.13, ``fully_shard`` wraps each shard as ``nn.Parameter(shard)`` (which
+    asks for a gradient) and only then sets ``requires_grad``, so an integer tensor is
+    refused ("only Tensors of floating point dtype can require gradients"); 2.13 passes
+    ``requires_grad`` in the constructor. Checked: torch 2.11 refuses, 2.13 accepts.
     """
-    if param_dtype is None:
-        return 0
-    changed = 0
-    for m in _linear4bit_weights(model).values():
+    return torch.__version__ >= (2, 13)
+
+
+def fsdp_storage_dtypes(
+    model: nn.Module, param_dtype: torch.dtype | None
+) -> dict[str, torch.dtype]:
+    """The storage dtype :func:`wrap_fsdp` gives each packed 4-bit weight (by the weight's
+    name, as ``model.named_parameters`` spells it; the same bytes, re-viewed).
+
+    With a mixed-precision ``param_dtype``, float-stored bytes take it, so FSDP2 never casts
+    them. ``uint8``/``int8`` storage stays where FSDP2 can hold it
+    (:func:`fsdp_holds_integer_params`); on an older torch it takes ``param_dtype``, or
+    without one the dtype of the model's first floating-point parameter (fp32 if none).
+    """
+    weights = _linear4bit_weights(model)
+    packed = {id(m.weight) for m in weights.values()}
+    model_float = next(
+        (p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in packed),
+        torch.float32,
+    )
+    integer_ok = fsdp_holds_integer_params()
+    out = {}
+    for name, m in weights.items():
         storage = m.weight.dtype
-        if storage.is_floating_point and storage != param_dtype:
-            m.set_quantized_weight(m.quantized_weight().with_storage(param_dtype))
+        if storage.is_floating_point:
+            out[name] = param_dtype or storage
+        else:
+            out[name] = storage if integer_ok else (param_dtype or model_float)
+    return out
+
+
+def match_storage(model: nn.Module, param_dtype: torch.dtype | None) -> int:
+    """Re-view the packed 4-bit bytes as :func:`fsdp_storage_dtypes` says (same bytes);
+    returns the number of layers changed."""
+    changed = 0
+    targets = fsdp_storage_dtypes(model, param_dtype)
+    for name, m in _linear4bit_weights(model).items():
+        if m.weight.dtype != targets[name]:
+            m.set_quantized_weight(m.quantized_weight().with_storage(targets[name]))
             changed += 1
     return changed
 

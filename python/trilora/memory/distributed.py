@@ -81,6 +81,15 @@ def _shard_bytes(t: torch.Tensor, world: int, dtype: torch.dtype | None = None) 
     return math.ceil(rows / world) * per_row
 
 
+def _as_stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Packed 4-bit bytes ``t`` re-viewed as ``dtype`` (a meta tensor of the shape
+    :meth:`trilora.QuantizedWeight.with_storage` gives: one column, padded to whole items)."""
+    if t.dtype == dtype:
+        return t
+    item = torch.empty((), dtype=dtype).element_size()
+    return torch.empty((math.ceil(_nbytes(t) / item), 1), dtype=dtype, device="meta")
+
+
 @dataclass
 class GroupBytes:
     """One FSDP group's tensors (bytes): ``sharded`` per rank 0 by category, ``full`` the
@@ -113,9 +122,14 @@ def sharding_groups(
     ``model`` may live on the meta device (shapes and dtypes are all that is read).
     """
     from trilora.checkpoint import find_decoder_layers
+    from trilora.distributed.sharding import fsdp_storage_dtypes
     from trilora.nn import Linear4bit
 
     packed_ids = {id(m.weight) for m in model.modules() if isinstance(m, Linear4bit)}
+    # the dtype wrap_fsdp stores each packed weight in (float on a torch whose FSDP2 cannot
+    # hold integer parameters)
+    stored = fsdp_storage_dtypes(model, param_dtype)
+    stored_dtype = {id(p): stored[name] for name, p in model.named_parameters() if name in stored}
     quant_ids = {
         id(b) for m in model.modules() if isinstance(m, Linear4bit) for b in m.buffers(False)
     }
@@ -140,6 +154,7 @@ def sharding_groups(
             seen.add(id(p))
             if id(p) in packed_ids:
                 cat = "base_weights_4bit"
+                p = _as_stored(p, stored_dtype.get(id(p), p.dtype))
             elif p.requires_grad:
                 cat = "lora_params"
             else:
