@@ -148,13 +148,18 @@ def test_adapter_files_interoperate(tmp_path, seed):
         assert _rel(mine(ids).logits, exact_4bit_reference(ref)(ids).logits) < 1e-5
 
 
-def test_multiple_adapters(tmp_path, seed):
-    _, ref, ours = _pair(tmp_path, "llama", seed)
+def _add_second_adapter(ref, ours, seed: int) -> None:
+    """A second adapter, "other" (r=2 on q_proj/v_proj), with the same weights on both."""
     torch.manual_seed(seed + 1)
     second = _lora(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
     ref.add_adapter("other", second)
     ours.add_adapter("other", copy.deepcopy(second))
     ours.load_state_dict({k: v for k, v in ref.state_dict().items() if "lora_" in k}, strict=False)
+
+
+def test_multiple_adapters(tmp_path, seed):
+    _, ref, ours = _pair(tmp_path, "llama", seed)
+    _add_second_adapter(ref, ours, seed)
     ref = exact_4bit_reference(ref)
     ids = random_batch(256, seed=seed)
     with torch.no_grad():
@@ -274,11 +279,7 @@ def test_patch_keeps_adapter_state(tmp_path, seed):
 def test_mixed_adapter_batch(tmp_path, seed):
     # forward(..., adapter_names=[...]): one adapter per sample, through PEFT's own hooks.
     _, ref, ours = _pair(tmp_path, "llama", seed)
-    torch.manual_seed(seed + 1)
-    second = _lora(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
-    ref.add_adapter("other", second)
-    ours.add_adapter("other", copy.deepcopy(second))
-    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if "lora_" in k}, strict=False)
+    _add_second_adapter(ref, ours, seed)
     ref = exact_4bit_reference(ref).eval()  # PEFT refuses adapter_names in training mode
     ours.eval()
     ids = random_batch(256, batch=4, seed=seed)
