@@ -252,13 +252,18 @@ def _attach_adapter(model: nn.Module, cfg: TrainConfig, compute_dtype: torch.dty
                              "so packed examples would see each other; drop --packing")  # fmt: skip
     is_lora = isinstance(pcfg, peft.LoraConfig)
     try:
-        if is_lora and quantized:
-            pm = trilora.get_peft_model(model, pcfg, compute_dtype=compute_dtype,
-                                        fused_cross_entropy=cfg.fused_loss)  # fmt: skip
-        else:
-            # Other PEFT methods run over the 4-bit base unaccelerated (PEFT's own layers
-            # call Linear4bit.forward); LoRA on a 16-bit base is plain PEFT LoRA.
-            pm = peft.get_peft_model(model, pcfg)
+        with warnings.catch_warnings():
+            # PEFT reads transformers' deprecated `is_gradient_checkpointing` (upstream, not
+            # the user's doing): one line of noise at the top of every run otherwise.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                    category=FutureWarning)  # fmt: skip
+            if is_lora and quantized:
+                pm = trilora.get_peft_model(model, pcfg, compute_dtype=compute_dtype,
+                                            fused_cross_entropy=cfg.fused_loss)  # fmt: skip
+            else:
+                # Other PEFT methods run over the 4-bit base unaccelerated (PEFT's own
+                # layers call Linear4bit.forward); LoRA on a 16-bit base is plain PEFT LoRA.
+                pm = peft.get_peft_model(model, pcfg)
             from trilora.fused_norm import enable_fused_rms_norm
 
             if cfg.fused_loss:

@@ -146,7 +146,7 @@ def side_by_side(rows: list[tuple[str, str, str]], titles=("base", "tuned")) -> 
     width = shutil.get_terminal_size((120, 24)).columns
     out = []
     for i, (prompt, left, right) in enumerate(rows, 1):
-        out.append(f"--- held-out prompt {i}: {' '.join(prompt.split())[:200]}")
+        out.append(f"--- held-out question {i}: {' '.join(prompt.split())[:200]}")
         if width >= 100:
             col = (width - 3) // 2
             a = _wrap(left, col)
