@@ -24,15 +24,6 @@ from trilora.optim.adamw import host_kernel_is_fused
 ignore_unclipped = pytest.mark.filterwarnings("ignore::trilora.optim.UnclippedGradientsWarning")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread is fastest, and does not fight other processes for cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Net(nn.Module):
     """Two linears on every step; ``extra`` only on even steps, so it often has no grad."""
 
