@@ -7,17 +7,15 @@ trilora, with a LoRA adapter saved by PEFT (as tests/test_merge.py does).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
-import stat
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from helpers_files import mode, umask
 from helpers_models import random_batch, save_tiny_model
 
 import trilora
@@ -63,19 +61,6 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
     }
-
-
-@contextlib.contextmanager
-def umask(mask: int):
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(os.lstat(path).st_mode)
 
 
 def error_line(capsys) -> str:

@@ -4,15 +4,14 @@ the umask's permissions."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers_files import mode, umask
 
 from trilora.cli import main
 from trilora.io import UsageError
@@ -21,19 +20,6 @@ TINY = dict(
     model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=4096,
 )  # fmt: skip
-
-
-@contextlib.contextmanager
-def umask(mask: int):
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(os.lstat(path).st_mode)
 
 
 def one_error_line(capsys, prog: str) -> str:
