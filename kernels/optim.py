@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import AotSpec
+from .aot import AotSpec
 from .quantize import _cast_rne
 
 QBLOCK = 256

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import AotSpec
+from .aot import AotSpec
 from .quantize import ACT_DTYPES, Weight4bit, _dequant_gather, check_weight, weight_args
 
 _NUM_SMS = 132  # H100 SXM; only used to size split-K / split-M grids (2 waves).

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import AotSpec
+from .aot import AotSpec
 
 NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for the 8-bit absmax (double quantization)
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import AotSpec
+from .aot import AotSpec
 from .quantize import _cast_rne
 
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}

@@ -105,7 +105,7 @@ def _kernels(*argv: str) -> subprocess.CompletedProcess:
 
 
 def test_kernels_json_refuses_an_existing_file(tmp_path):
-    from trilora.kernels import all_aot_specs
+    from trilora.kernels.aot import all_aot_specs
 
     out = tmp_path / "k.json"
     out.write_text("mine")

@@ -1,6 +1,6 @@
 """``trilora kernels``: compile every shipped Triton kernel config ahead of time and check it.
 
-For each ``AotSpec`` from ``trilora.kernels.all_aot_specs()`` and each requested architecture,
+For each ``AotSpec`` from ``trilora.kernels.aot.all_aot_specs()`` and each requested architecture,
 the kernel is compiled with ``triton.compile`` for ``GPUTarget("cuda", arch, 32)`` (no GPU
 needed), the cubin is inspected with ``cuobjdump -res-usage``, and registers, spill bytes
 (STACK + LOCAL) and shared memory are reported. Exit status is non-zero when any config
@@ -100,7 +100,7 @@ def _check_index(job: tuple[int, int, str | None]) -> CheckResult:
 
 
 def _select_specs(filt: str | None) -> list:
-    from trilora.kernels import all_aot_specs
+    from trilora.kernels.aot import all_aot_specs
 
     specs = all_aot_specs()
     return [s for s in specs if filt is None or filt in s.name]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from trilora.kernels import AotSpec, all_aot_specs
+from trilora.kernels.aot import AotSpec, all_aot_specs
 
 # A representative subset: one config of every kernel family, both absmax kinds, both
 # activation dtypes, and every 16-bit quantize config (under triton 3.6 they once kept a
@@ -53,7 +53,7 @@ def test_every_kernel_has_specs():
     """Every ``_*_kernel`` of every registered kernel module ships AOT specs."""
     import importlib
 
-    from trilora.kernels import KERNEL_MODULES
+    from trilora.kernels.aot import KERNEL_MODULES
 
     defined = set()
     for module_name in KERNEL_MODULES:
@@ -67,7 +67,7 @@ def test_every_kernel_has_specs():
 _OVERSIZED = r"""
 import sys
 from trilora.kernel_check import check_spec
-from trilora.kernels import AotSpec
+from trilora.kernels.aot import AotSpec
 from trilora.kernels.quantize import AOT_SPECS
 
 base = next(s for s in AOT_SPECS if s.name.startswith("_dequantize_4bit_kernel"))

@@ -1,4 +1,8 @@
-"""Triton kernels of trilora (installed as ``trilora.kernels``).
+"""The registry of trilora's Triton kernels for ahead-of-time checks (``trilora.kernels.aot``).
+
+``kernels/`` is installed as ``trilora.kernels``. It has no ``__init__.py`` on purpose: a
+regular package named ``kernels`` at the repository root would shadow Hugging Face's
+``kernels`` distribution (which transformers imports) whenever the root is on ``sys.path``.
 
 One module per op family. Each module holds private ``@triton.jit`` kernels followed by
 launchers, and exports ``AOT_SPECS``: every (kernel, signature, constexprs) combination the
@@ -38,7 +42,7 @@ def all_aot_specs() -> list[AotSpec]:
     """Every shipped kernel configuration of every module listed in ``KERNEL_MODULES``."""
     specs: list[AotSpec] = []
     for name in KERNEL_MODULES:
-        module = importlib.import_module(f"{__name__}.{name}")
+        module = importlib.import_module(f"{__package__}.{name}")
         specs.extend(module.AOT_SPECS)
     return specs
 

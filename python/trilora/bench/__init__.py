@@ -17,9 +17,15 @@ Installed as ``trilora.bench``. Three levels, one harness:
 Results are rows of one fixed schema (:data:`trilora.bench.harness.CSV_FIELDS`), written as
 JSON, appended to one CSV, and rendered as a Markdown report with plots
 (:mod:`trilora.bench.report`). See ``docs/bench.md``.
+
+The modules live in the repository's top-level ``bench/`` folder, which has no
+``__init__.py`` so that no top-level package named ``bench`` can shadow an installed one; a
+wheel installs them here, and a source checkout reaches them through ``__path__``.
 """
 
-from __future__ import annotations
+from trilora._source_tree import extend_path
+
+__path__ = extend_path(__path__, __file__, "bench", marker="cli.py")
 
 LEVELS = ("kernels", "e2e", "mem", "optim", "train")
 """Benchmark levels in the order ``--level all`` runs them."""
