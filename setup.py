@@ -28,7 +28,9 @@ class BuildPy(build_py):
         modules = super().find_package_modules(package, package_dir)
         folder = MODULE_FOLDERS.get(package)
         if folder is not None:
-            modules += [(package, path.stem, str(path)) for path in sorted(Path(folder).glob("*.py"))]
+            modules += [
+                (package, path.stem, str(path)) for path in sorted(Path(folder).glob("*.py"))
+            ]
         return modules
 
 

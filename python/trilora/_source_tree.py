@@ -25,5 +25,7 @@ def extend_path(path: list[str], init_file: str, folder: str, *, marker: str) ->
         return path
     source = here.parents[2] / folder
     if not (source / marker).is_file():
-        raise ImportError(f"trilora's {folder}/ modules are neither installed nor in a checkout ({source})")
+        raise ImportError(
+            f"trilora's {folder}/ modules are neither installed nor in a checkout ({source})"
+        )
     return [*path, str(source)]
