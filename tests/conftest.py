@@ -3,6 +3,10 @@
 The Triton interpreter is selected when a kernel is *decorated*, so it has to be switched
 on before any kernel module is imported: with no GPU, every ``@triton.jit`` kernel then
 runs on CPU tensors through NumPy.
+
+The suite runs on every core through pytest-xdist (pyproject's addopts). Each worker gets
+its share of the cores as torch threads, and so do the processes tests start (through
+``OMP_NUM_THREADS``), so that N workers never run N times the machine's threads.
 """
 
 import os
@@ -12,7 +16,20 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    _threads = max(1, (os.cpu_count() or 1) // _workers)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files holding slow tests first: xdist hands out whole files in this order, so the
+    longest ones start at once instead of trailing at the end of the run."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 @pytest.fixture

@@ -21,9 +21,12 @@ def _trilora(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
-    """One full ``trilora selfcheck`` on the CPU (what CI runs), shared by the tests below."""
+    """One ``trilora selfcheck --quick`` on the CPU, shared by the tests below. Every case
+    family runs (one shape each); the values of every shape are the op and kernel tests'
+    job (tests/ops, tests/kernels), and test_quick_runs_every_kernel_and_dtype pins that the
+    quick plan leaves no kernel out."""
     out = tmp_path_factory.mktemp("selfcheck") / "out"
-    proc = _trilora("selfcheck", "--out", str(out), "--seed", "1234")
+    proc = _trilora("selfcheck", "--quick", "--out", str(out), "--seed", "1234")
     return out, proc
 
 
@@ -32,6 +35,7 @@ def test_cpu_selfcheck_passes(cpu_run):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     assert data["meta"]["exit_status"] == 0 and data["meta"]["seed"] == 1234
+    assert data["meta"]["quick"] is True
     sections = {s["name"]: s for s in data["sections"]}
     assert list(sections) == list(SECTION_NAMES)
     assert sections["environment"]["status"] == "pass"
@@ -65,6 +69,17 @@ def test_cpu_selfcheck_passes(cpu_run):
     assert not (out / ".state").exists()
     for name in ("environment", "correctness"):
         assert f"{name}: PASS" in proc.stdout
+
+
+def test_quick_runs_every_kernel_and_dtype(tmp_path):
+    from trilora.selfcheck import cases
+    from trilora.selfcheck.units import Context
+
+    for device in ("cpu", "cuda"):  # listing the units needs no device
+        every = cases.units(Context(device, 0, tmp_path))
+        quick = [u for u in every if u.tier == 0]
+        assert 0 < len(quick) < len(every)
+        assert {(u.kernel, u.dtype) for u in quick} == {(u.kernel, u.dtype) for u in every}
 
 
 def test_a_non_empty_out_is_refused_without_overwrite(cpu_run):

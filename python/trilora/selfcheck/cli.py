@@ -57,6 +57,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help=f"comma-separated subset of {','.join(SECTION_NAMES)} (default: all)",
     )
     p.add_argument(
+        "--quick",
+        action="store_true",
+        help="one shape of every case family (the first real projection in bf16 and fp16, "
+        "each other op once): every kernel and op still runs, in a fraction of the time "
+        "(default: off: every shape)",
+    )
+    p.add_argument(
         "--seed",
         type=int,
         default=None,
@@ -108,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         budget_s=float(args.budget_s),
         sections=sections,
         seed=seed,
+        quick=args.quick,
         command=command_line(sys.argv[1:])
         if sys.argv[1:2] == ["selfcheck"]
         else "trilora selfcheck",

@@ -54,6 +54,7 @@ class RunOptions:
     sections: tuple[str, ...] = SECTION_NAMES
     seed: int = 0
     command: str = "trilora selfcheck"
+    quick: bool = False
     isolate: bool = True
     # argv prefix that starts a worker; the section's arguments are appended
     worker_cmd: tuple[str, ...] = field(
@@ -115,7 +116,8 @@ def _kill(proc: subprocess.Popen) -> None:
 def _spawn(opts: RunOptions, name: str, state: Path, deadline: float, log_path: Path) -> tuple[int | None, bool]:  # fmt: skip
     """Run one worker; returns ``(exit status, stopped at the deadline)``."""
     cmd = [*opts.worker_cmd, "--section", name, "--state", str(state), "--deadline", repr(deadline),
-           "--device", "cuda" if opts.gpu else "cpu", "--seed", str(opts.seed), "--out", str(opts.out)]  # fmt: skip
+           "--device", "cuda" if opts.gpu else "cpu", "--seed", str(opts.seed), "--out", str(opts.out),
+           *(["--quick"] if opts.quick else [])]  # fmt: skip
     env = dict(os.environ)
     if opts.gpu:
         env.pop("TRITON_INTERPRET", None)
@@ -160,7 +162,8 @@ def run_section(opts: RunOptions, name: str, deadline: float, log: Callable[[str
         else:
             from trilora.selfcheck.units import Context
 
-            ctx = Context("cuda" if opts.gpu else "cpu", opts.seed, opts.out, deadline, log)
+            ctx = Context("cuda" if opts.gpu else "cpu", opts.seed, opts.out, deadline, log,
+                          quick=opts.quick)
             rc, timed_out = worker.run_units(name, ctx, state_path), False
         state = worker.load_state(state_path)
         if state.get("plan_error"):
@@ -251,6 +254,7 @@ def run_selfcheck(opts: RunOptions, log: Callable[[str], None] = print) -> int:
             "run_id": stamp.strftime("%Y%m%dT%H%M%SZ") + f"-selfcheck-{os.getpid()}",
             "budget_s": opts.budget_s,
             "seed": opts.seed,
+            "quick": opts.quick,
             "sections_selected": list(opts.sections),
             "python": sys.executable,
         },

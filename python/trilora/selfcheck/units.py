@@ -28,8 +28,9 @@ class Context:
     """Where and how a section runs.
 
     ``device`` is ``"cuda"`` (``--gpu``) or ``"cpu"`` (Triton interpreter, small shapes);
-    ``deadline`` is a ``time.time()`` value after which no new unit starts; ``cache`` holds
-    what units of one process share (e.g. the measured device peaks).
+    ``deadline`` is a ``time.time()`` value after which no new unit starts; ``quick``
+    (``--quick``) keeps the tier-0 units of each section only (one shape of every case
+    family); ``cache`` holds what units of one process share (e.g. the measured device peaks).
     """
 
     device: str
@@ -37,6 +38,7 @@ class Context:
     out_dir: Path
     deadline: float = math.inf
     log: Callable[[str], None] = print
+    quick: bool = False
     cache: dict[str, Any] = field(default_factory=dict)
 
     @property

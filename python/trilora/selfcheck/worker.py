@@ -60,6 +60,8 @@ def plan_units(section: str, ctx: Context) -> list[Unit]:
     """The units of ``section`` for ``ctx`` (imports the section's module)."""
     module = importlib.import_module(SECTION_MODULES[section])
     units = module.units(ctx)
+    if ctx.quick:
+        units = [u for u in units if u.tier == 0]
     ids = [u.id for u in units]
     if len(set(ids)) != len(ids):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
@@ -159,6 +161,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", required=True, choices=("cpu", "cuda"))
     p.add_argument("--seed", required=True, type=int)
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--quick", action="store_true", help="tier-0 units only")
     return p.parse_args(argv)
 
 
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(line: str) -> None:
         print(line, flush=True)
 
-    ctx = Context(args.device, args.seed, args.out, args.deadline, log)
+    ctx = Context(args.device, args.seed, args.out, args.deadline, log, quick=args.quick)
     return run_units(args.section, ctx, args.state)
 
 
