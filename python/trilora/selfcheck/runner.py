@@ -162,8 +162,9 @@ def run_section(opts: RunOptions, name: str, deadline: float, log: Callable[[str
         else:
             from trilora.selfcheck.units import Context
 
-            ctx = Context("cuda" if opts.gpu else "cpu", opts.seed, opts.out, deadline, log,
-                          quick=opts.quick)
+            ctx = Context(
+                "cuda" if opts.gpu else "cpu", opts.seed, opts.out, deadline, log, quick=opts.quick
+            )
             rc, timed_out = worker.run_units(name, ctx, state_path), False
         state = worker.load_state(state_path)
         if state.get("plan_error"):
