@@ -1,6 +1,6 @@
 """``trilora bench``: trilora against bitsandbytes + PEFT, with the hardware's speed-of-light.
 
-Installed as ``trilora.bench``. Three levels, one harness:
+Installed as ``trilora.bench``. Its levels, one harness:
 
 * ``kernels`` (:mod:`trilora.bench.kernels`): 4-bit quantize/dequantize throughput and the
   QLoRA linear's forward, backward and forward+backward at real Llama/Qwen projection shapes,
