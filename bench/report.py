@@ -69,7 +69,10 @@ def make_plots(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception as exc:
-        return [], [f"plots skipped: matplotlib unavailable ({type(exc).__name__}: {exc})"]
+        from trilora.io import install_hint
+
+        return [], [f"plots skipped: matplotlib unavailable ({type(exc).__name__}: {exc}); "
+                    f"to draw them: {install_hint('matplotlib')}"]  # fmt: skip
     plot_dir = Path(out_dir) / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     written: list[str] = []

@@ -120,7 +120,8 @@ def run(quick: bool, log=print) -> tuple[list[dict], list[str]]:
     for r in results:
         if "error" in r:
             skipped = r["provider"] == "trl_bnb_peft" and bool(missing)
-            note = f"needs {', '.join(missing)}" if skipped else r["error"]
+            note = (f"needs {', '.join(missing)}: pip install {' '.join(missing)}" if skipped
+                    else r["error"])  # fmt: skip
             rows.append(make_row(LEVEL, case, "peak_memory", r["provider"], "bytes",
                                  status="skipped" if skipped else "error", note=note))  # fmt: skip
         else:
