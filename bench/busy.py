@@ -98,6 +98,13 @@ def default_plan(quick: bool, competitors: int | None = None) -> BusyPlan:
     return BusyPlan("small", batch=4, seq_len=256, steps=3, warmup=1, rounds=2, competitors=n)
 
 
+def _load_average() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "?"
+
+
 def fair_slowdown(threads: int, competitors: int, ncores: int) -> float:
     """The slowdown a step gets from its fair share of the CPU (see the module docstring)."""
     return min(threads, ncores) * (competitors + threads) / (ncores * threads)
@@ -290,11 +297,12 @@ def run(plan: BusyPlan, device: torch.device, disabled: tuple[str, ...] = (),
             return rows, notes
         for provider in available:
             t = time.perf_counter()
+            load = _load_average()
             out = guarded(lambda p=provider: measure(p, built.value, plan, log))
             if out.status != "ok":
                 fail(provider, out.status, out.note)
                 continue
-            results[provider] = out.value
+            results[provider] = {**out.value, "load": (load, _load_average())}
             log(f"  {provider}: {time.perf_counter() - t:.0f} s")
     for provider, res in results.items():
         idle, busy = Stats.of(res["idle"]), Stats.of(res["busy"])
@@ -305,7 +313,9 @@ def run(plan: BusyPlan, device: torch.device, disabled: tuple[str, ...] = (),
         spin = f", GOMP_SPINCOUNT={res['gomp_spincount']}" if res["gomp_spincount"] else ""
         note = (f"{res['how']}; {res['threads']} torch threads, {plan.competitors} competing "
                 f"processes on {ncores} cores (fair share {fair:.2f}x); OMP_WAIT_POLICY="
-                f"{policy}{spin}; {plan.rounds} x {plan.steps} idle and busy steps")  # fmt: skip
+                f"{policy}{spin}; {plan.rounds} x {plan.steps} idle and busy steps; load average "
+                f"before / after {res['load'][0]} / {res['load'][1]} (other processes than "
+                "the competitors make the idle phase less idle)")  # fmt: skip
         rows.append(
             make_row(LEVEL, case, "step_time_idle", provider, "s", idle, note=note, **params)
         )
