@@ -276,7 +276,10 @@ def run(plan: BusyPlan, device: torch.device, disabled: tuple[str, ...] = (),
     available = []
     for provider in PROVIDERS:
         # Both providers load through transformers + bitsandbytes + PEFT (the e2e method).
-        ok, why = provider_status("bnb_peft", disabled)
+        ok, why = provider_status("bnb_peft", disabled if provider == "bnb_peft" else ())
+        if not ok and provider == "trilora":
+            why = why.replace("bnb_peft skipped", "trilora skipped (it loads through "
+                              "bitsandbytes + PEFT)")  # fmt: skip
         if ok and provider in disabled:
             ok, why = False, f"{provider} skipped: disabled with --skip-provider"
         if ok:

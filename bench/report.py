@@ -414,7 +414,7 @@ def _busy_table(rows: list[dict]) -> list[str]:
                 median = _fmt(row["median"], ".2f")
                 vals = (_bold(f"{median}x" if median else ""), _fmt(row["p20"], ".2f"),
                         _fmt(row["p80"], ".2f"))  # fmt: skip
-            out.append(f"| {case} | {name} | {' | '.join(vals)} | {row['note'][:200]} |")
+            out.append(f"| {case} | {name} | {' | '.join(vals)} | {row['note'][:320]} |")
     return out
 
 

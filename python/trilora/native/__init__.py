@@ -90,13 +90,19 @@ _MARKER = "trilora-build.json"  # written once a build in the folder has finishe
 _LOCK_FILE = "trilora-build.lock"  # flock'ed by the one process that builds in the folder
 
 
+# What a wheel installs of csrc/ (setup.py's package_data): a clone's other files (notes,
+# editor backups) must not make its build key differ from a wheel's of the same commit.
+_SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
+
+
 def _source_files(root: Path, sources: tuple[str, ...]) -> list[str]:
-    """The files a build reads, relative to ``root``: the sources and everything beside
-    them (the headers they include)."""
+    """The files a build reads, relative to ``root``: the sources and the C++/CUDA files
+    beside them (the headers they include)."""
     names = set(sources)
     for rel in sources:
         folder = (root / rel).parent
-        names.update(str(p.relative_to(root)) for p in folder.iterdir() if p.is_file())
+        names.update(str(p.relative_to(root)) for p in folder.iterdir()
+                     if p.is_file() and p.suffix in _SOURCE_SUFFIXES)  # fmt: skip
     return sorted(names)
 
 
