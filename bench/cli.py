@@ -19,8 +19,9 @@ swapped in when the run ends, and only then is the old folder removed (never the
 folder, one of its parents, your home or ``/``). ``--overwrite`` on a results folder starts
 it afresh the same way.
 
-Exit status: 0; 1 with ``--check`` when a case failed or produced a non-finite value; 2 for
-bad arguments (argparse lists the valid levels, presets and providers).
+Exit status: 0; 1 when a case failed (status ``error``: a level that errors fails the run),
+and with ``--check`` also when a case produced a non-finite value; 2 for bad arguments
+(argparse lists the valid levels, presets and providers).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-LEVEL_CHOICES = ("kernels", "e2e", "mem", "optim", "train", "all")
+LEVEL_CHOICES = ("kernels", "e2e", "busy", "mem", "optim", "train", "all")
 # == trilora.bench.e2e.MODEL_CHOICES: the random-weight presets, then the real models
 PRESET_CHOICES = ("tiny", "small", "medium", "1b", "3b", "8b", "smollm2-135m")
 SKIPPABLE = ("trilora", "bnb_peft", "bf16_peft")
@@ -43,6 +44,13 @@ SKIPPABLE = ("trilora", "bnb_peft", "bf16_peft")
 OUTPUT_NAMES = frozenset(
     {"results.csv", "latest.json", "report.md", "plots", "runs", "device_peaks.json"}
 )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -72,7 +80,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--check",
         action="store_true",
-        help="exit 1 if any case failed or produced a non-finite value",
+        help="also exit 1 if a case produced a non-finite value (a failed case always does)",
     )
     p.add_argument(
         "--device",
@@ -93,6 +101,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--batch", type=int, default=None, help="e2e batch size (default: the preset's)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="e2e sequence length (default: the preset's)")  # fmt: skip
+    p.add_argument("--competitors", type=_positive_int, default=None,
+                   help="busy level: competing CPU-bound processes beside the training step "
+                   "(default: one per CPU core)")  # fmt: skip
     p.add_argument(
         "--skip-provider",
         action="append",
@@ -240,6 +251,16 @@ def _run(args: argparse.Namespace, out_dir: Path) -> int:
                 else {f"{p} ({plan.preset})": c for p, c in plan_curves.items()}
             )
         notes.append(f"e2e level: {time.perf_counter() - t:.0f} s")
+    if "busy" in levels:
+        from trilora.bench import busy
+
+        t = time.perf_counter()
+        print("level busy")
+        plan = busy.default_plan(args.quick, args.competitors)
+        level_rows, level_notes = busy.run(plan, device, disabled)
+        rows += level_rows
+        notes += level_notes
+        notes.append(f"busy level: {time.perf_counter() - t:.0f} s")
     if "train" in levels:
         from trilora.bench import train as train_level
 
@@ -302,7 +323,15 @@ def _run(args: argparse.Namespace, out_dir: Path) -> int:
             f"FAILED: {row['level']} {row['case']} {row['metric']} {row['provider']}: {row['status']} {row['note']}",
             file=sys.stderr,
         )
-    if args.check and bad:
+    return exit_status(rows, args.check)
+
+
+def exit_status(rows: list[dict], check: bool) -> int:
+    """1 when a case failed (status ``error``; a level that cannot run here is ``skipped``
+    instead, with a note) or, with ``check``, produced a non-finite value; else 0."""
+    from trilora.bench.harness import bad_rows
+
+    if any(row["status"] == "error" for row in rows) or (check and bad_rows(rows)):
         return 1
     return 0
 

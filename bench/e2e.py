@@ -302,6 +302,18 @@ def chat_batch(real: RealModel, directory: Path) -> dict[str, torch.Tensor]:
     }
 
 
+def random_batches(plan: E2EPlan, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """``plan.n_batches`` seeded batches of random token ids for a :data:`PRESETS` plan:
+    ``input_ids`` and ``labels`` (the same tensor), int64 ``[plan.batch, plan.seq_len]``."""
+    with seeded(plan.seed + 2):
+        vocab = PRESETS[plan.preset]["vocab_size"]
+        batches = []
+        for _ in range(plan.n_batches):
+            ids = torch.randint(0, vocab, (plan.batch, plan.seq_len)).to(device)
+            batches.append({"input_ids": ids, "labels": ids})
+    return batches
+
+
 def _load_peft_model(plan: E2EPlan, path: Path, device: torch.device) -> nn.Module:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -445,12 +457,7 @@ def run(
             batches = [{k: v.to(device) for k, v in batch.items()}]
         else:
             tokens = plan.batch * plan.seq_len
-            with seeded(plan.seed + 2):
-                vocab = PRESETS[plan.preset]["vocab_size"]
-                batches = []
-                for _ in range(plan.n_batches):
-                    ids = torch.randint(0, vocab, (plan.batch, plan.seq_len)).to(device)
-                    batches.append({"input_ids": ids, "labels": ids})
+            batches = random_batches(plan, device)
         trainers: dict[str, _Trainer] = {}
         how: dict[str, str] = {}
         peaks: dict[str, float | None] = {}

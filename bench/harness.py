@@ -115,9 +115,12 @@ def provider_status(provider: str, disabled: Iterable[str] = ()) -> tuple[bool, 
         try:
             importlib.import_module(package)
         except Exception as exc:  # ImportError, or a broken install raising anything else
+            from trilora.io import install_hint
+
             return (
                 False,
-                f"{provider} skipped: cannot import {package} ({type(exc).__name__}: {exc})",
+                f"{provider} skipped: cannot import {package} ({type(exc).__name__}: {exc}); "
+                f"to run it: {install_hint(package)}",
             )
     return True, ""
 

@@ -69,7 +69,10 @@ def make_plots(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception as exc:
-        return [], [f"plots skipped: matplotlib unavailable ({type(exc).__name__}: {exc})"]
+        from trilora.io import install_hint
+
+        return [], [f"plots skipped: matplotlib unavailable ({type(exc).__name__}: {exc}); "
+                    f"to draw them: {install_hint('matplotlib')}"]  # fmt: skip
     plot_dir = Path(out_dir) / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
@@ -211,6 +214,12 @@ def _fmt(x: Any, spec: str = ".3g") -> str:
     return "" if v is None else format(v, spec)
 
 
+def _bold(text: str) -> str:
+    """``text`` in bold, or ``-`` when there is none (bold markers around nothing render as
+    a literal ``****``)."""
+    return f"**{text}**" if text else "-"
+
+
 def _fmt_time(x: Any) -> str:
     v = _num(x)
     if v is None:
@@ -276,6 +285,7 @@ def render_markdown(meta: dict, rows: list[dict], notes: Iterable[str], plots: l
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     out += _kernel_tables(rows, on_gpu)
     out += _e2e_table(rows, on_gpu)
+    out += _busy_table(rows)
     out += _mem_table(rows)
     out += optim.report_lines(rows)
     out += [
@@ -334,7 +344,7 @@ def _kernel_tables(rows: list[dict], on_gpu: bool) -> list[str]:
             fracs = " / ".join(_fmt(p.get("floor_frac"), ".2f") or "-" for p in (t, b, f))
             out.append(
                 f"| {case} | {metric} | {_cell(t, on_gpu)} | {_cell(b, on_gpu)} | {_cell(f, on_gpu)} | "
-                f"**{_fmt(t.get('speedup_vs_bnb_peft'), '.2f')}** | {_fmt(t.get('ratio_vs_bf16_peft'), '.2f')} | {fracs} |"
+                f"{_bold(_fmt(t.get('speedup_vs_bnb_peft'), '.2f'))} | {_fmt(t.get('ratio_vs_bf16_peft'), '.2f')} | {fracs} |"
             )
     return out
 
@@ -380,6 +390,31 @@ def _e2e_table(rows: list[dict], on_gpu: bool) -> list[str]:
             out.append(
                 f"| {case} | {metric} | {name} | {' | '.join(vals)} | {_fmt(row.get('speedup_vs_bnb_peft'), '.2f')} | {row['note'][:120]} |"
             )
+    return out
+
+
+def _busy_table(rows: list[dict]) -> list[str]:
+    table = _by(rows, "busy")
+    if not table:
+        return []
+    out = [
+        "",
+        "## Busy machine (training step beside competing CPU-bound processes)",
+        "",
+        "| case | provider | slowdown (busy / idle) | p20 | p80 | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (case, metric), prov in sorted(table.items()):
+        if metric != "slowdown":
+            continue
+        for name, row in sorted(prov.items()):
+            if row["status"] != "ok":
+                vals = (row["status"], "", "")
+            else:
+                median = _fmt(row["median"], ".2f")
+                vals = (_bold(f"{median}x" if median else ""), _fmt(row["p20"], ".2f"),
+                        _fmt(row["p80"], ".2f"))  # fmt: skip
+            out.append(f"| {case} | {name} | {' | '.join(vals)} | {row['note'][:320]} |")
     return out
 
 

@@ -87,23 +87,10 @@ FULL = {"hidden": 512, "layers": 4, "seq": 256, "pairs": 2}
 PROVIDERS = ("trilora", "trl_bnb_peft")
 
 
-def _tiny_lm_saver():
-    try:  # a source checkout: the tests' tiny-model helpers build the model
-        tests = Path(__file__).resolve().parents[1] / "tests"
-        sys.path[:0] = [str(tests), str(tests / "train")]
-        from train_helpers import save_tiny_lm
-
-        return save_tiny_lm
-    except ImportError:
-        return None
-
-
 def measure(hidden: int, layers: int, seq: int, pairs: int) -> list[dict]:
     """One entry per provider: ``{"provider", "peak_bytes", "kind"}`` or ``{"provider", "error"}``."""
-    save_tiny_lm = _tiny_lm_saver()
-    if save_tiny_lm is None:
-        return [{"provider": p, "error": "needs a source checkout (tests/train/train_helpers.py)"}
-                for p in PROVIDERS]  # fmt: skip
+    from trilora.train.tiny_model import save_tiny_lm
+
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         save_tiny_lm(root / "m", hidden=hidden, layers=layers, vocab=320,
@@ -133,7 +120,8 @@ def run(quick: bool, log=print) -> tuple[list[dict], list[str]]:
     for r in results:
         if "error" in r:
             skipped = r["provider"] == "trl_bnb_peft" and bool(missing)
-            note = f"needs {', '.join(missing)}" if skipped else r["error"]
+            note = (f"needs {', '.join(missing)}: pip install {' '.join(missing)}" if skipped
+                    else r["error"])  # fmt: skip
             rows.append(make_row(LEVEL, case, "peak_memory", r["provider"], "bytes",
                                  status="skipped" if skipped else "error", note=note))  # fmt: skip
         else:

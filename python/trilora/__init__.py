@@ -2,11 +2,20 @@
 
 Every public name imports on first use, so ``import trilora`` (and the ``trilora`` command's
 ``--help``) does not import torch, and never touches transformers or PEFT global state.
+
+Imported before torch, it sets ``OMP_WAIT_POLICY=PASSIVE`` unless the user chose an OpenMP
+wait policy (:mod:`trilora._openmp`): idle OpenMP threads then sleep instead of spinning,
+which on a busy machine keeps trilora's CPU work at its fair share. Imported after torch it
+changes nothing (``docs/cpu.md`` says how to get the same effect then).
 """
 
 from __future__ import annotations
 
 import importlib
+
+from trilora._openmp import prefer_passive_wait as _prefer_passive_wait
+
+_prefer_passive_wait()
 
 __version__ = "0.1.0"
 

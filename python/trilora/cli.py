@@ -12,6 +12,11 @@ errors; anything else is a bug and prints one line that asks for ``--debug``.
 ``--debug`` (or ``TRILORA_DEBUG=1``) re-raises with the full traceback instead. A flag
 argparse rejects also gets one line (no usage block) and exit status 2.
 
+Threads: :func:`main` sets ``OMP_WAIT_POLICY=PASSIVE`` before any command imports torch,
+unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` (:mod:`trilora._openmp`), so
+that OpenMP threads sleep instead of spinning while they wait; on a busy machine spinning
+threads cost trilora several times its share of the CPU (``docs/cpu.md``).
+
 Help: every option's help text ends with its default (:class:`HelpFormatter`); an option
 whose default is None says in its help what happens when it is left out.
 """
@@ -159,6 +164,11 @@ def report_error(prog: str, exc: BaseException) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trilora._openmp import prefer_passive_wait
+
+    # Before any command imports torch: idle OpenMP threads sleep instead of spinning
+    # (trilora._openmp; a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins).
+    prefer_passive_wait()
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = _debug_requested(argv)
     parser = build_parser(argv)

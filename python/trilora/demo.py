@@ -145,7 +145,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         rows.append(("bitsandbytes + PEFT", _bnb_peft_step(layer, x, dy, dtype)))
     except ImportError as exc:
-        baseline_note = f"bitsandbytes + PEFT not run: {exc}"
+        from trilora.io.extras import missing_message
+
+        baseline_note = "bitsandbytes + PEFT not run: " + missing_message(
+            "bitsandbytes", "the comparison", exc
+        )
 
     print(
         f"trilora {trilora.__version__} | device {device} | {dtype_name} | "

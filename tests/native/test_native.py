@@ -4,6 +4,9 @@ extension itself: managed memory and the 4-bit decode GEMV."""
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -13,6 +16,7 @@ import trilora
 from trilora.config import override
 from trilora.native import (
     NativeExtensionWarning,
+    build_directory,
     check_cuda,
     cuda_ext,
     load_extension,
@@ -156,3 +160,88 @@ def test_the_cpu_extension_is_built_in_its_torch_folder():
     if module is None:
         pytest.skip("no C++ toolchain here")
     assert build_directory(cpu_ext.NAME) in Path(module.__file__).parents
+
+
+# ---- build folders: one per source version, built once ---------------------------------------
+
+_PROBE = """
+#include <Python.h>
+static PyObject* answer(PyObject* self, PyObject* args) { return PyLong_FromLong(ANSWER); }
+static PyMethodDef methods[] = {{"answer", answer, METH_NOARGS, ""}, {NULL, NULL, 0, NULL}};
+static struct PyModuleDef definition = {PyModuleDef_HEAD_INIT, "NAME", NULL, -1, methods};
+PyMODINIT_FUNC PyInit_NAME(void) { return PyModule_Create(&definition); }
+"""
+
+
+def _probe_tree(root, name: str, answer: int):
+    """A source tree like csrc/ holding one tiny extension (plain CPython, no torch headers,
+    so that it compiles in a second) whose ``answer()`` returns ``answer``."""
+    (root / "probe").mkdir(parents=True)
+    (root / "probe" / "probe.cpp").write_text(
+        _PROBE.replace("NAME", name).replace("ANSWER", str(answer))
+    )
+    (root / "probe" / "probe.h").write_text("// a header beside the source is hashed too\n")
+    return root
+
+
+def _load_in_fresh_process(tree, name: str, extensions_dir) -> subprocess.CompletedProcess:
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom trilora.native import load_extension\n"
+        f"m = load_extension({name!r}, ('probe/probe.cpp',), cuda=False, root=Path(sys.argv[1]),"
+        " label='the probe', usual='a second')\n"
+        "print(m.answer())"
+    )
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("TRILORA_NO_NATIVE", "TRITON_INTERPRET")
+    }
+    env["TORCH_EXTENSIONS_DIR"] = str(extensions_dir)
+    return subprocess.Popen([sys.executable, "-c", code, str(tree)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+
+def _finish(proc) -> tuple[str, str]:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return out.strip(), err
+
+
+def test_build_folder_follows_the_source_contents(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    name = "trilora_probe_key"
+    a = _probe_tree(tmp_path / "a", name, 1)
+    clone = _probe_tree(tmp_path / "clone", name, 1)  # same contents, another place
+    b = _probe_tree(tmp_path / "b", name, 2)
+    folder = {t: build_directory(name, ("probe/probe.cpp",), cuda=False, root=t)
+              for t in (a, clone, b)}  # fmt: skip
+    assert folder[a] == folder[clone]
+    assert folder[a] != folder[b] and folder[a].parent == tmp_path / "ext"
+    (a / "probe" / "probe.h").write_text("// edited\n")  # a header counts
+    assert build_directory(name, ("probe/probe.cpp",), cuda=False, root=a) != folder[clone]
+    flags = build_directory(name, ("probe/probe.cpp",), cuda=False, root=b, extra_cflags=("-O1",))
+    assert flags != folder[b]
+
+
+def test_same_sources_build_once_and_load_silently(tmp_path):
+    """Two installs with the same sources (here: two copies of a tree) share one build: the
+    first says it builds, the second loads it and prints nothing (other sources get another
+    folder: test_build_folder_follows_the_source_contents)."""
+    name = "trilora_probe_once"
+    ext = tmp_path / "ext"
+    out, err = _finish(_load_in_fresh_process(_probe_tree(tmp_path / "venv", name, 7), name, ext))
+    assert out == "7"
+    assert "building the probe (once per version, a second)" in err and "built the probe" in err
+    out, err = _finish(_load_in_fresh_process(_probe_tree(tmp_path / "clone", name, 7), name, ext))
+    assert out == "7" and err == ""
+    assert len(list(ext.iterdir())) == 1
+
+
+def test_concurrent_processes_wait_for_one_build(tmp_path):
+    name = "trilora_probe_race"
+    ext = tmp_path / "ext"
+    trees = [_probe_tree(tmp_path / f"install{i}", name, 5) for i in range(2)]
+    procs = [_load_in_fresh_process(t, name, ext) for t in trees]
+    results = [_finish(p) for p in procs]
+    assert [out for out, _ in results] == ["5", "5"]
+    builds = sum(err.count("trilora: building the probe (") for _, err in results)
+    assert builds == 1, [err for _, err in results]  # the other waited, or came after it
+    assert len(list(ext.iterdir())) == 1

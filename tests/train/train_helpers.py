@@ -5,49 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIALS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
-
-
-def save_tokenizer(path: str | Path, chat: bool = True):
-    """A byte-level tokenizer: 256 byte tokens + 5 specials (ids 256..260)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    for i, s in enumerate(SPECIALS):
-        vocab[s] = 256 + i
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>",
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])  # fmt: skip
-    if chat:
-        fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(path)
-    return fast
-
-
-def save_tiny_lm(path: str | Path, chat: bool = True, seed: int = 0, **config) -> Path:
-    """A tiny Llama (vocab 320) plus tokenizer in ``path``."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from helpers_models import save_tiny_model
-
-    config.setdefault("vocab", 320)
-    config.setdefault("max_position_embeddings", 512)
-    save_tiny_model(path, seed=seed, **config)
-    save_tokenizer(path, chat)
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    cfg.update(bos_token_id=256, eos_token_id=257, pad_token_id=258)
-    (Path(path) / "config.json").write_text(json.dumps(cfg))
-    return Path(path)
+# The builders live in the package (trilora bench and the README's examples use them too).
+from trilora.train.tiny_model import CHAT_TEMPLATE, SPECIALS, save_tiny_lm, save_tokenizer  # noqa: F401
 
 
 def write_jsonl(path: str | Path, records: list) -> Path:

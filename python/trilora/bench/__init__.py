@@ -1,6 +1,6 @@
 """``trilora bench``: trilora against bitsandbytes + PEFT, with the hardware's speed-of-light.
 
-Installed as ``trilora.bench``. Three levels, one harness:
+Installed as ``trilora.bench``. Its levels, one harness:
 
 * ``kernels`` (:mod:`trilora.bench.kernels`): 4-bit quantize/dequantize throughput and the
   QLoRA linear's forward, backward and forward+backward at real Llama/Qwen projection shapes,
@@ -8,6 +8,8 @@ Installed as ``trilora.bench``. Three levels, one harness:
   with its analytical floor (bytes / measured bandwidth, FLOPs / measured matmul rate).
 * ``e2e`` (:mod:`trilora.bench.e2e`): training steps of a Llama-architecture model, trilora
   against transformers + bitsandbytes 4-bit + PEFT.
+* ``busy`` (:mod:`trilora.bench.busy`): the e2e level's CPU training step on an idle machine
+  and beside competing CPU-bound processes: each provider's slowdown against its fair share.
 * ``mem`` (:mod:`trilora.bench.mem`): rows from ``trilora.memory.bench_cases``.
 * ``optim`` (:mod:`trilora.bench.optim`): optimizer step time and state memory, torch's
   fused AdamW and bitsandbytes' PagedAdamW8bit against trilora's AdamW family.
@@ -27,7 +29,7 @@ from trilora._source_tree import extend_path
 
 __path__ = extend_path(__path__, __file__, "bench", marker="cli.py")
 
-LEVELS = ("kernels", "e2e", "mem", "optim", "train")
+LEVELS = ("kernels", "e2e", "busy", "mem", "optim", "train")
 """Benchmark levels in the order ``--level all`` runs them."""
 
 __all__ = ["LEVELS"]

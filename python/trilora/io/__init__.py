@@ -10,11 +10,14 @@
   :func:`atomic_write_json` write through a temporary sibling and a rename, so a reader sees
   the old content or the new one, never half of either; what they create follows the
   process umask, like any file the user creates by hand.
+* :func:`require` imports an optional package for a feature, or raises
+  :class:`MissingExtra` (a ``UserError``) naming the extra to install.
 
 This module imports no torch: the CLI uses it before any heavy import.
 """
 
 from trilora.io.errors import UsageError, UserError
+from trilora.io.extras import MissingExtra, install_hint, require
 from trilora.io.outputs import (
     atomic_directory,
     atomic_write_bytes,
@@ -27,6 +30,7 @@ from trilora.io.outputs import (
 )
 
 __all__ = [
+    "MissingExtra",
     "UsageError",
     "UserError",
     "atomic_directory",
@@ -37,4 +41,6 @@ __all__ = [
     "default_dir_mode",
     "default_file_mode",
     "follow_umask",
+    "install_hint",
+    "require",
 ]

@@ -230,10 +230,15 @@ _HOW = {
 
 
 def run(args) -> int:
-    from trilora.io import UsageError, atomic_write_json
+    from trilora.io import UsageError, atomic_write_json, require
 
     _check_outputs(args)
+    # Optional packages are checked before minutes of tracing, not after.
+    if args.baseline:
+        require("bitsandbytes", "trilora mem --baseline (the bitsandbytes + PEFT trace)")
     lens = _sweep_lengths(args.sweep) if args.sweep and args.budget is None else None
+    if lens:
+        require("matplotlib", "trilora mem --sweep (it plots to --plot)")
 
     from trilora.memory.profiler import (
         byte_unit,

@@ -2,7 +2,7 @@
 decode GEMV.
 
 ``trilora.cuda_ext.load()`` returns the compiled module (built with ninja on first use on a
-CUDA machine, cached across processes) or ``None`` (no CUDA device, no toolkit, or a failed
+CUDA machine, once per source version, see :mod:`trilora.native`) or ``None`` (no CUDA device, no toolkit, or a failed
 build; one warning says which). Its functions:
 
 * ``managed_zeros(nbytes, device) -> uint8 tensor`` on ``cuda:device`` backed by zeroed
@@ -24,11 +24,14 @@ from trilora.native import load_extension, unavailable_reason
 
 NAME = "trilora_cuda"
 SOURCES = ("cuda/ext.cpp", "cuda/managed.cu", "cuda/gemv_4bit.cu")
+CUDA = True
+LABEL = "trilora's CUDA extension"
+USUAL = "usually a few minutes"
 
 
 def load() -> ModuleType | None:
     """The compiled extension, or ``None`` when it cannot be built here (one warning)."""
-    return load_extension(NAME, SOURCES, cuda=True)
+    return load_extension(NAME, SOURCES, cuda=CUDA, label=LABEL, usual=USUAL)
 
 
 def available() -> bool:

@@ -7,7 +7,11 @@ does the same through torch's launcher. See ``docs/distributed.md``.
 
 import sys
 
-from trilora.train.parallel import worker_main
+from trilora._openmp import prefer_passive_wait
+
+prefer_passive_wait()  # before torch loads libgomp: see trilora._openmp
+
+from trilora.train.parallel import worker_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(worker_main())

@@ -75,6 +75,7 @@ def resolve(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve(args)
+    _require_extras(cfg, args)
     if args.print_config:
         sys.stdout.write(dump_yaml(cfg))
         return 0
@@ -92,6 +93,17 @@ def run(args: argparse.Namespace) -> int:
 
     train(cfg, resume=args.resume, overwrite=args.overwrite, device=args.device)
     return 0
+
+
+def _require_extras(cfg, args: argparse.Namespace) -> None:
+    """The optional packages this run needs, checked before anything loads (one line naming
+    the extra to install, not an error minutes in)."""
+    from trilora.io import require
+
+    if cfg.tensorboard:
+        require("tensorboard", "--tensorboard")
+    if args.demo or str(cfg.model or "").endswith(".gguf"):
+        require("gguf", "reading a .gguf model")
 
 
 def _launch(args: argparse.Namespace, cfg) -> int:

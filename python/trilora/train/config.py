@@ -283,7 +283,9 @@ def _parse_value(name: str, raw: Any) -> Any:
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a config file (YAML or JSON); keys are :class:`TrainConfig` field names."""
-    import yaml
+    from trilora.io import require
+
+    yaml = require("yaml", "--config")
 
     p = Path(path)
     try:
@@ -315,7 +317,9 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 def dump_yaml(config: TrainConfig) -> str:
     """The config as YAML, in field order, every setting spelled out."""
-    import yaml
+    from trilora.io import require
+
+    yaml = require("yaml", "trilora train (it writes the run's config.yaml)")
 
     return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False)
 

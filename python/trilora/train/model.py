@@ -51,6 +51,7 @@ def gguf_to_folder(gguf: Path, log=print) -> Path:
     target = cache_dir() / "gguf" / f"{gguf.stem}-{key[:12]}"
     if (target / "config.json").is_file():
         return target
+    check_gguf(gguf)
     log(f"reading {gguf.name} through transformers' GGUF loader (once; cached in {target})")
     try:
         extra = {}
@@ -64,10 +65,10 @@ def gguf_to_folder(gguf: Path, log=print) -> Path:
             gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16, **extra
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except ImportError as exc:
-        raise UserError(
-            f"reading a .gguf file needs the gguf package: pip install gguf ({exc})"
-        ) from None
+    except ImportError as exc:  # a gguf too old for this transformers, say
+        from trilora.io.extras import missing_message
+
+        raise UserError(missing_message("gguf", "reading a .gguf model", exc)) from None
     # The config remembers the GGUF quantization; the weights are already dequantized.
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
@@ -78,6 +79,31 @@ def gguf_to_folder(gguf: Path, log=print) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
+
+
+def check_gguf(path: Path) -> None:
+    """Raise :class:`UserError` (one line) unless ``path`` is a complete GGUF file: the
+    ``GGUF`` magic, a header and tensor index the ``gguf`` package reads, and every tensor's
+    data inside the file. A truncated download otherwise fails deep inside the loader."""
+    from trilora.io import require
+
+    expected = ("expected a complete GGUF model file (magic 'GGUF', header, tensor index and "
+                "all tensor data, as llama.cpp writes it)")  # fmt: skip
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise UserError(f"--model {path}: not a GGUF file (it starts with {magic!r}); {expected}")
+    gguf = require("gguf", "reading a .gguf model")
+    size = path.stat().st_size
+    try:
+        reader = gguf.GGUFReader(path)
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as exc:  # the reader's own errors say little: ValueError, struct.error
+        raise UserError(f"--model {path}: not a readable GGUF file, truncated or corrupt "
+                        f"({size:,} bytes; {type(exc).__name__}: {exc}); {expected}") from None  # fmt: skip
+    if end > size:
+        raise UserError(f"--model {path}: truncated GGUF file: its tensor data ends at byte "
+                        f"{end:,} but the file has {size:,} bytes; {expected}")  # fmt: skip
 
 
 def model_fingerprint(source: str) -> str:
@@ -138,9 +164,10 @@ def _load_peft_config(path: str):
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"--peft-config {path}: {exc.strerror}") from None
-    try:
-        import yaml
+    from trilora.io import require
 
+    yaml = require("yaml", "--peft-config")
+    try:
         data = yaml.safe_load(text)
     except Exception:
         raise UsageError(f"--peft-config {path}: not valid JSON or YAML") from None

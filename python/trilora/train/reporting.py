@@ -56,13 +56,11 @@ class MetricsLog:
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         self._tb = None
         if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                from trilora.io import UserError
+            from trilora.io import require
 
-                raise UserError("--tensorboard needs the tensorboard package: "
-                                "pip install 'trilora[train]'") from None  # fmt: skip
+            require("tensorboard", "--tensorboard")
+            from torch.utils.tensorboard import SummaryWriter
+
             self._tb = SummaryWriter(str(tensorboard_dir))
 
     def write(self, record: dict[str, Any]) -> None:
