@@ -124,6 +124,7 @@ def test_largest_fitting_is_exact(curve, guess):
     assert largest_fitting(fn, 10, 8, guess)[0] == 0
 
 
+@pytest.mark.slow  # our search logic; its traces (~20 s of CPU) are the ones tested above
 def test_budget_search(tiny):
     opts = MemOptions(seq_len=1024, r=8, offload_embeddings=True)
     budget = profile(tiny, opts).total + 1

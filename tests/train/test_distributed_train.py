@@ -12,6 +12,12 @@ The gradient norm is clipped (``--max-grad-norm 0.5``, below the norms seen), so
 must be the global one; with ``adamw_cpu_offload`` under FSDP2 it is computed by the
 optimizer over host copies of each rank's shards.
 
+Cost: each launch is three interpreters importing torch, transformers and PEFT (~30 s of
+CPU on 2 cores), so the training launches are slow tests: the lanes without slow tests see
+FSDP2, DDP and torch's distributed checkpoint through tests/distributed/test_training.py
+(one spawned pair for all of the library's 2-rank scenarios), and the ``--nproc`` launch
+through torch.distributed.run's API in ``test_a_worker_error_is_one_line``.
+
 Tolerances: 2 ranks differ from 1 process in the order of fp32 sums (each rank sums its
 rows, then the ranks average), ~1e-7 relative in the losses; Adam's normalisation can
 amplify a last-bit difference of a tiny gradient entry over 10 steps, so adapters are
@@ -149,6 +155,7 @@ def reference(setup):
     return {optim: root / f"single_{optim}" for optim in ("adamw", "adamw_cpu_offload")}
 
 
+@pytest.mark.slow  # a launch (see the module doc); test_a_worker_error_is_one_line launches --nproc too
 def test_nproc_fsdp_matches_one_process(setup, reference):
     """``trilora train --nproc 2 --fsdp`` with the CPU-offloaded optimizer: clipping over
     host copies of each rank's shards is global."""
@@ -172,6 +179,7 @@ def test_nproc_fsdp_matches_one_process(setup, reference):
     assert config["r"] == 4 and (out / "adapter" / "tokenizer_config.json").is_file()
 
 
+@pytest.mark.slow  # a launch (see the module doc)
 def test_torchrun_ddp_matches_one_process(setup, reference):
     root, seed = setup
     out = root / "torchrun_ddp"
@@ -203,10 +211,12 @@ def accelerate_fsdp(setup, reference):
     return out
 
 
+@pytest.mark.slow  # a launch (see the module doc)
 def test_accelerate_fsdp_checkpointing_matches_one_process(accelerate_fsdp, reference):
     _compare(accelerate_fsdp, reference["adamw"])
 
 
+@pytest.mark.slow  # needs the accelerate launch
 def test_saved_on_two_processes_resumes_on_one(setup, reference, accelerate_fsdp, capsys):
     """The step-5 checkpoint of the 2-process FSDP run, resumed by one process: steps 6-10
     and the adapter are the uninterrupted single-process run's."""
@@ -231,6 +241,7 @@ def test_saved_on_two_processes_resumes_on_one(setup, reference, accelerate_fsdp
     assert first == [r for r in _records(accelerate_fsdp) if r["step"] <= SAVE_AT]
 
 
+@pytest.mark.slow  # needs the accelerate launch
 def test_resuming_the_checkpoint_of_another_model_is_refused(setup, accelerate_fsdp, capsys):
     """Weights replaced in place (same files, same sizes: the run's own fingerprint cannot
     tell) are caught by the distributed state's checksum of every base tensor."""
