@@ -24,6 +24,10 @@ from trilora.distributed import smoke
 
 pytestmark = [
     pytest.mark.distributed,
+    # slow: a launch of three interpreters; the lanes without slow tests see FSDP2 and
+    # torch's distributed checkpoint in tests/distributed/test_training.py and torch's
+    # launcher in tests/train/test_distributed_train.py::test_a_worker_error_is_one_line
+    pytest.mark.slow,
     pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
 ]
 
