@@ -31,11 +31,17 @@ if _workers > 1:
 import pytest  # noqa: E402
 
 
+@pytest.hookimpl(trylast=True)  # after -m has deselected
 def pytest_collection_modifyitems(config, items):
-    """Files holding slow tests first: xdist hands out whole files in this order, so the
-    longest ones start at once instead of trailing at the end of the run."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
+    """Files holding slow tests, or tests that start processes (``distributed``), first:
+    xdist hands out whole files in this order, so the longest ones start at once instead of
+    trailing at the end of the run."""
+    long_files = {
+        item.path
+        for item in items
+        if item.get_closest_marker("slow") or item.get_closest_marker("distributed")
+    }
+    items.sort(key=lambda item: item.path not in long_files)
 
 
 def _cpu_seconds() -> tuple[float, float]:

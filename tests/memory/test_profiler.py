@@ -63,11 +63,11 @@ def test_depth_extrapolation_matches_full_trace(tiny):
 
 def test_offload_chunks_and_fused_loss_reduce_memory(tiny):
     t, h, v = 512, TINY["hidden_size"], TINY["vocab_size"]
-    best = profile_trilora(tiny, MemOptions(seq_len=t, r=8, mlp_chunks=8, offload_embeddings=True))
+    best = profile_trilora(tiny, MemOptions(seq_len=t, r=8, mlp_chunks=4, offload_embeddings=True))
     # every layer input but the last sits in host memory (bf16), and so does the table
     assert best.host_pinned == (TINY["num_hidden_layers"] - 1) * t * h * 2
     assert best.host_embedding == v * h * 2
-    no_offload = profile_trilora(tiny, MemOptions(seq_len=t, r=8, offload=False, mlp_chunks=8))
+    no_offload = profile_trilora(tiny, MemOptions(seq_len=t, r=8, offload=False, mlp_chunks=4))
     plain = profile_trilora(
         tiny, MemOptions(seq_len=t, r=8, offload=False, mlp_chunks=None, fused_ce=False)
     )

@@ -206,7 +206,10 @@ def _near_midpoint(normed: torch.Tensor, qmap: torch.Tensor, tol: float) -> torc
     return (normed[:, None] - mids[None, :]).abs().min(1)[0] < tol
 
 
-@pytest.mark.parametrize("backend,steps", [("auto", 100), ("triton", 6)])
+# Every step is checked from the exact state before it, so the steps are independent draws,
+# not accumulated error: 30 (the suite ran 100 until it was cut down) check thousands of
+# elements across the moments' growth from zero.
+@pytest.mark.parametrize("backend,steps", [("auto", 30), ("triton", 6)])
 def test_8bit_matches_a_float64_model_step_by_step(seed, backend, steps):
     batch = Batch(seed, steps, big=1 if backend == "triton" else 2)
     params = batch.params()
