@@ -9,8 +9,10 @@ its share of the cores as torch threads, and so do the processes tests start (th
 ``OMP_NUM_THREADS``), so that N workers never run N times the machine's threads.
 
 ``TRILORA_TEST_CPU=N`` prints the N tests that cost the most CPU time (this process's and
-its children's, setup and teardown included): unlike wall time, it does not grow when
-other jobs load the machine, so it is the figure to judge a test's cost by.
+the processes it waited for, setup and teardown included; a module fixture counts for the
+first test that uses it): it does not count the time a test waited for a core, so it is the
+figure to judge a test's cost by while other jobs load the machine (they still inflate it
+somewhat, through shared caches: up to ~2x seen on a 2-core machine at load 6).
 """
 
 import os
