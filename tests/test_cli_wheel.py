@@ -1,9 +1,12 @@
 """The wheel built from the repo's tracked files holds everything the commands need.
 
-The wheel is built from a copy of the tracked files (what a fresh clone has), installed with
-``pip install --no-deps --target`` into a folder (dependencies come from this environment),
-and the commands run from that copy in a folder outside the source tree. `.ci/run` does the
-full check: a clean venv, dependencies resolved by pip, `trilora --help`, `demo` and `mem`.
+The wheel is the one named by ``TRILORA_TEST_WHEEL`` when it is set (`.ci/run` builds the
+wheel once, from its fresh clone, and exports it), else one built here from a copy of the
+tracked files (what a fresh clone has). It is installed with ``pip install --no-deps
+--target`` into a folder (dependencies come from this environment), and the commands run
+from that copy in a folder outside the source tree. `.ci/run` adds what only a clean venv
+shows: the dependencies pip resolves from the wheel's metadata (`trilora --help` and
+`trilora mem` there).
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ def _tracked_files() -> list[str]:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    given = os.environ.get("TRILORA_TEST_WHEEL")
+    if given:
+        path = Path(given)
+        assert path.is_file() and path.name.startswith("trilora-") and path.suffix == ".whl", (
+            f"TRILORA_TEST_WHEEL={given}: not a trilora wheel file"
+        )
+        return path
     pytest.importorskip("build")
     src = tmp_path_factory.mktemp("clone")
     for name in _tracked_files():
@@ -58,12 +68,16 @@ def test_wheel_holds_every_source_file_and_the_package_data(wheel):
             expected.add(str(Path(*path.parts[1:])))
         elif kernel or bench:  # installed as trilora.kernels / trilora.bench
             expected.add(str(Path("trilora", *path.parts)))
+        elif path.parts[0] == "csrc" and path.suffix in (".cpp", ".h", ".cu", ".cuh"):
+            expected.add(str(Path("trilora", *path.parts)))  # built on first use
     assert any(n.startswith("trilora/presets/") and n.endswith(".json") for n in expected)
+    assert any(n.startswith("trilora/csrc/cpu/") for n in expected)
     assert sorted(expected - names) == []
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "trilora = trilora.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
+@pytest.mark.slow  # our packaging; ~30 s of CPU (mem and demo each import torch)
 def test_installed_wheel_runs_the_commands(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run(
@@ -75,6 +89,12 @@ def test_installed_wheel_runs_the_commands(wheel, tmp_path):
     outside.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
     env["PYTHONPATH"] = str(target)
+    # The demo runs on the torch fallback: built from the wheel's copy of csrc/, the native
+    # extension would be rebuilt in the build folder the source tree's tests share (one per
+    # torch version; the sources' paths differ), and again by the next test that uses it,
+    # ~70 s of CPU each. That the sources are in the wheel is checked above; the build
+    # itself by tests/native and tests/ops.
+    env["TRILORA_NO_NATIVE"] = "1"
 
     def trilora(*argv: str) -> subprocess.CompletedProcess:
         code = (

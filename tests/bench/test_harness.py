@@ -257,6 +257,19 @@ def test_cli_writes_json_csv_report(tmp_path):
     assert (tmp_path / "results.csv").read_text().splitlines()[0].split(",") == list(CSV_FIELDS)
     mem_note = [n for n in payload["notes"] if n.startswith("mem level")]
     assert mem_note  # either "skipped: ... not available" or the level's timing
+    # The level's rows are trilora.memory.bench_cases(quick=True)'s (formerly checked by a
+    # test of its own in tests/memory/test_profiler.py, which ran the same traces again).
+    rows = [r for r in payload["rows"] if r["level"] == "mem"]
+    assert rows and all(r["status"] == "ok" for r in rows), rows
+    assert {r["provider"] for r in rows} == {"trilora", "bnb_peft"}
+    assert len({r["seq_len"] for r in rows}) >= 2
+    assert all(r["median"] >= 0 for r in rows)
+    peak = {(r["provider"], r["seq_len"]): r["median"] for r in rows
+            if r["metric"] == "peak_device_memory"}  # fmt: skip
+    lens = sorted({t for _, t in peak})
+    for t in lens:
+        assert peak["trilora", t] < peak["bnb_peft", t]
+    assert peak["trilora", lens[0]] < peak["trilora", lens[-1]]
 
 
 # --- end to end ---------------------------------------------------------------------------------

@@ -423,6 +423,148 @@ def _scenario_ulysses(env, path, out, seed):
     }
 
 
+def _scenario_fully_shard_bf16(env, path, out, seed):
+    """torch's ``fully_shard`` called directly (as a user of plain FSDP2 would) on a
+    QLoraLinear whose packed bytes are stored as bf16, under a bf16 mixed-precision policy:
+    shards along dim 0, bytes untouched, outputs and LoRA gradients of the unsharded layer.
+    (Formerly tests/test_fsdp.py, with a spawned pair of its own.)"""
+    import gc
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    import trilora
+
+    torch.manual_seed(seed)  # same weights and inputs on every rank
+    layer = trilora.QLoraLinear.from_linear(
+        torch.nn.Linear(128, 64), r=4, lora_alpha=8, compute_dtype=torch.float32,
+        quant_storage=torch.bfloat16,
+    )  # fmt: skip
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    packed = layer.weight.detach().clone()
+    x = torch.randn(5, 128)
+    ref = layer(x).detach()
+    layer(x).sum().backward()
+    ref_grad = layer.lora_A.grad.clone()
+    layer.lora_A.grad = None
+
+    model = torch.nn.Sequential(layer)
+    fully_shard(
+        model,
+        mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
+    )
+    shard = model[0].weight.to_local()
+    y = model(x)
+    y.sum().backward()
+    grad = model[0].lora_A.grad.full_tensor()
+    full_packed = model[0].weight.full_tensor()
+    row = {
+        "shard_rows": shard.shape[0],
+        "total_rows": packed.shape[0],
+        "bytes_untouched": torch.equal(full_packed.view(torch.uint8), packed.view(torch.uint8)),
+        # LoRA runs in bf16 under the policy; the base path is unchanged
+        "y_err": ((y.float() - ref).abs().max() / ref.abs().max()).item(),
+        "grad_err": ((grad.float() - ref_grad).abs().max() / ref_grad.abs().max()).item(),
+    }
+    # the FSDP module graph is cyclic garbage that holds the process group: free it while
+    # the group is alive (gloo aborts at exit under torch 2.11 otherwise)
+    del model, layer, shard, y, grad, full_packed
+    gc.collect()
+    return row
+
+
+# trilora.optim's AdamW flavours through torch's own distributed checkpoint API (formerly
+# tests/optim/test_fsdp_resume.py, with a spawned pair of its own). bitsandbytes #1381: a
+# paged AdamW broke FSDP checkpoint resume (its ``step`` is an ``int`` that the checkpoint
+# code calls ``.cpu()`` on, and its quantization state is not sharded like the parameters).
+OPTIM_DCP_KINDS = {
+    "32": ({}, "auto"),
+    "8": ({"state_bits": 8, "min_8bit_size": 1024}, "auto"),
+    "8-paged": (
+        {"state_bits": 8, "min_8bit_size": 1024, "paging": "host", "page_bytes": 8192},
+        "triton",
+    ),
+}
+
+
+def _scenario_optim_dcp_resume(env, path, out, seed):
+    """Every AdamW flavour saves mid-run through ``get_state_dict`` +
+    ``torch.distributed.checkpoint.save``, loads into a fresh model and optimizer, and must
+    continue bit for bit like an uninterrupted run; a per-rank ``torch.save`` of
+    ``optimizer.state_dict()`` must round-trip too."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    from trilora.config import override
+    from trilora.optim import AdamW
+
+    rank = env.rank
+    rows = {}
+    for kind, (settings, backend) in OPTIM_DCP_KINDS.items():
+        tmp = out / "optim_dcp" / kind
+        if rank == 0:
+            tmp.mkdir(parents=True)
+        torch.distributed.barrier()
+
+        def build(init_seed: int, settings=settings):
+            torch.manual_seed(init_seed)
+            model = torch.nn.Sequential(
+                torch.nn.Linear(40, 67), torch.nn.Tanh(), torch.nn.Linear(67, 33)
+            )
+            for layer in (model[0], model[2]):
+                fully_shard(layer)
+            fully_shard(model)
+            return model, AdamW(model.parameters(), lr=1e-2, weight_decay=0.05, **settings)
+
+        def train_steps(model, opt, steps, backend=backend):
+            with override(backend=backend):
+                for t in steps:
+                    gen = torch.Generator().manual_seed(seed + 100 * t + rank)
+                    model(torch.randn(6, 40, generator=gen)).square().mean().backward()
+                    opt.step()
+                    opt.zero_grad()
+
+        def full(model):
+            return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+        model, opt = build(seed)
+        train_steps(model, opt, range(6))
+        want = full(model)
+
+        model, opt = build(seed)
+        train_steps(model, opt, range(3))
+        msd, osd = get_state_dict(model, opt)
+        step_types = sorted({type(e["step"]).__name__ for e in osd["state"].values()})
+        bits = sorted({8 if "state1" in e else 32 for e in osd["state"].values()})
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+        torch.save(opt.state_dict(), tmp / f"rank{rank}.pt")
+
+        model, opt = build(seed + 1)  # other weights: everything must come from the checkpoint
+        msd, osd = get_state_dict(model, opt)
+        dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+        set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+        train_steps(model, opt, range(3, 6))
+        dcp_ok = all(torch.equal(a, b) for a, b in zip(full(model), want))
+
+        # Per-rank torch.save / torch.load of the optimizer's own (sharded) state dict.
+        _, opt2 = build(seed + 2)
+        saved = torch.load(tmp / f"rank{rank}.pt", weights_only=False)
+        opt2.load_state_dict(saved)
+
+        def local(t):
+            return t.to_local() if hasattr(t, "to_local") else t
+
+        local_ok = all(
+            torch.equal(local(a), local(b))
+            for e1, e2 in zip(saved["state"].values(), opt2.state_dict()["state"].values())
+            for a, b in zip(e1.values(), e2.values())
+        )
+        rows[kind] = {"dcp_ok": dcp_ok, "local_ok": local_ok, "steps": step_types,
+                      "bits": bits}  # fmt: skip
+    return {"kinds": rows}
+
+
 def _linear4bit(model):
     return [m for _, m in _named4bit(model)]
 
@@ -448,6 +590,8 @@ SCENARIOS = {
     "missing_checkpoint": _scenario_missing_checkpoint,
     "blockwise_state": _scenario_blockwise_state,
     "ulysses": _scenario_ulysses,
+    "fully_shard_bf16": _scenario_fully_shard_bf16,
+    "optim_dcp_resume": _scenario_optim_dcp_resume,
 }
 
 

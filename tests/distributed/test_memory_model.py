@@ -146,6 +146,7 @@ def test_cli_reports_one_rank(tmp_path, capsys):
     assert exc.value.code == 2
 
 
+@pytest.mark.slow  # our search logic over traces the other tests here and in tests/memory run
 def test_largest_context_comes_from_the_fast_model():
     from dataclasses import replace
 

@@ -1,8 +1,11 @@
 """Training under DDP and FSDP2 on 2 CPU ranks (gloo) equals training in one process.
 
 One spawned pair of processes runs every 2-rank scenario of ``dist_workers`` (start-up is
-most of the cost on a 2-core machine); the tests then compare each scenario with the same
-training loop run here in a single process, with the same global batch of 4 sequences.
+most of the cost on a 2-core machine: ~10 s per process importing torch, transformers and
+PEFT); the tests then compare each scenario with the same training loop run here in a
+single process, with the same global batch of 4 sequences. The suite's other FSDP2 checks
+of the library (``fully_shard`` on a bf16-stored layer, trilora.optim through torch's
+distributed checkpoint API) are scenarios of the same pair.
 
 Tolerances: the 2-rank runs differ from one process only in the order of floating-point
 sums (each rank reduces its 2 rows, then the ranks average), so fp32 losses agree to ~1e-6
@@ -72,14 +75,22 @@ def run(tmp_path_factory) -> Run:
     model = save_tiny_model(root / "model", seed=seed, **MODEL)
     out = root / "out"
     out.mkdir()
-    results = mp.get_context("spawn").SimpleQueue()
+    # Forked, not spawned: the ranks inherit this process's imports of torch, transformers
+    # and PEFT instead of paying ~10 s of CPU each for them (what the ranks run does not
+    # depend on how they were started; DataLoader workers are forked the same way).
+    import peft  # noqa: F401  (imported here so that the ranks inherit it)
+
+    import trilora.distributed  # noqa: F401
+
+    results = mp.get_context("fork").SimpleQueue()
     names = ["ddp", "fsdp", "fsdp_checkpointing", "fsdp_bf16", "cpu_offload", "mixed_storage",
-             "blockwise_state", "ulysses", "missing_checkpoint", "trilora_optim"]  # fmt: skip
+             "blockwise_state", "ulysses", "missing_checkpoint", "trilora_optim",
+             "fully_shard_bf16", "optim_dcp_resume"]  # fmt: skip
     mp.start_processes(
         worker,
         args=(WORLD, str(root / "init"), str(model), str(out), seed, names, results),
         nprocs=WORLD,
-        start_method="spawn",
+        start_method="fork",
     )
     reports = dict(results.get() for _ in range(WORLD))
     for name in names:
@@ -279,3 +290,31 @@ def test_trilora_optimizers_step_fsdp_shards_natively(run):
     opt = build_optimizer(model, AdamW8bit, lr=1e-2, min_8bit_size=64)
     with pytest.raises(UserError, match=r"not elementwise \(blockwise.*cannot be resharded"):
         load_state(run.out / "state8", model, opt)
+
+
+def test_fully_shard_with_bf16_storage(run):
+    """FSDP2 shards the packed 4-bit weight untouched: torch's ``fully_shard`` directly, on
+    a layer whose packed bytes are stored as bf16, under a bf16 mixed-precision policy."""
+    for row in run.scenario("fully_shard_bf16"):
+        assert row["shard_rows"] * WORLD == row["total_rows"], row
+        assert row["bytes_untouched"], row
+        assert row["y_err"] < 2e-2, row
+        assert row["grad_err"] < 2e-2, row
+
+
+def test_fsdp2_checkpoint_resume_continues_exactly(run):
+    """trilora.optim's 32-bit, 8-bit and host-paged 8-bit AdamW on FSDP2 shards, saved with
+    ``get_state_dict`` + ``torch.distributed.checkpoint`` and loaded into a fresh model:
+    the run continues bit for bit (bitsandbytes #1381); per-rank ``torch.save`` round-trips."""
+    from dist_workers import OPTIM_DCP_KINDS
+
+    for rank, row in enumerate(run.scenario("optim_dcp_resume")):
+        assert sorted(row["kinds"]) == sorted(OPTIM_DCP_KINDS)
+        for kind, got in row["kinds"].items():
+            where = f"{kind} rank {rank}"
+            assert got["steps"] == ["Tensor"], (
+                where
+            )  # a tensor step, as torch's checkpointing expects
+            assert got["bits"] == ([32] if kind == "32" else [8, 32]), where  # biases: 32
+            assert got["dcp_ok"], f"{where}: the resumed run departed from the uninterrupted one"
+            assert got["local_ok"], f"{where}: the torch.save round trip changed the state"

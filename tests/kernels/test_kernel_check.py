@@ -28,25 +28,62 @@ def _env():
     return env
 
 
+_OVERSIZED = r"""
+from trilora.kernel_check import check_spec
+from trilora.kernels.aot import AotSpec
+from trilora.kernels.quantize import AOT_SPECS
+
+base = next(s for s in AOT_SPECS if s.name.startswith("_dequantize_4bit_kernel"))
+spec = AotSpec("oversized", base.fn, base.signature, {**base.constexprs, "PAIRS": 1 << 12},
+               {**base.options, "num_warps": 1})
+r = check_spec(spec, 90)
+print(r.ok, r.registers, r.spill_bytes, r.shared_bytes, r.error)
+"""
+
+# One process (the compiler needs one without the Triton interpreter, which is chosen when
+# a kernel is decorated) runs the command once per filter and then the oversized config:
+# importing triton and the kernels once instead of five times (~3 s of CPU each).
+_ALL_CHECKS = (
+    "import sys\n"
+    "from trilora.kernel_check import main\n"
+    "for filt in sys.argv[1:]:\n"
+    "    print(f'=== {filt}', flush=True)\n"
+    "    status = main(['--arch', '80', '90', '--filter', filt])\n"
+    "    print(f'=== exit status {status}', flush=True)\n"
+    "print('=== oversized', flush=True)\n" + _OVERSIZED
+)
+
+
+@pytest.fixture(scope="module")
+def checked() -> dict[str, tuple[int, str]]:
+    """{filter or "oversized": (exit status, output)} from one process."""
+    proc = subprocess.run([sys.executable, "-c", _ALL_CHECKS, *FILTERS], env=_env(),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    parts = proc.stdout.split("=== ")[1:]
+    out = {}
+    for i, filt in enumerate(FILTERS):
+        head, *body = parts[2 * i].split("\n", 1)
+        status = parts[2 * i + 1].split("\n", 1)[0]
+        assert head == filt and status.startswith("exit status "), proc.stdout
+        out[filt] = (int(status.removeprefix("exit status ")), "".join(body))
+    head, body = parts[-1].split("\n", 1)
+    assert head == "oversized", proc.stdout
+    out["oversized"] = (0, body)
+    return out
+
+
 @pytest.mark.parametrize("filt", FILTERS)
-def test_aot_subset_compiles_without_spills(filt):
+def test_aot_subset_compiles_without_spills(filt, checked):
     expected = [s.name for s in all_aot_specs() if filt in s.name]
     assert expected, filt
-    proc = subprocess.run(
-        [sys.executable, "-m", "trilora.kernel_check", "--arch", "80", "90", "--filter", filt],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    status, stdout = checked[filt]
+    assert status == 0, stdout
     for name in expected:
         kernel, _, config = name.partition("[")
         # exact columns: "fp16,bs4096" must not also count the "fp16,bs4096,partial" rows
-        rows = [
-            line for line in proc.stdout.splitlines() if line.split()[:2] == [kernel, config[:-1]]
-        ]
-        assert len(rows) == 2, (name, proc.stdout)  # one row per arch
+        rows = [line for line in stdout.splitlines() if line.split()[:2] == [kernel, config[:-1]]]
+        assert len(rows) == 2, (name, stdout)  # one row per arch
 
 
 def test_every_kernel_has_specs():
@@ -64,33 +101,11 @@ def test_every_kernel_has_specs():
     assert names == defined
 
 
-_OVERSIZED = r"""
-import sys
-from trilora.kernel_check import check_spec
-from trilora.kernels.aot import AotSpec
-from trilora.kernels.quantize import AOT_SPECS
-
-base = next(s for s in AOT_SPECS if s.name.startswith("_dequantize_4bit_kernel"))
-spec = AotSpec("oversized", base.fn, base.signature, {**base.constexprs, "PAIRS": 1 << 12},
-               {**base.options, "num_warps": 1})
-r = check_spec(spec, int(sys.argv[1]))
-print(r.ok, r.registers, r.spill_bytes, r.shared_bytes, r.error)
-sys.exit(0 if not r.ok else 3)
-"""
-
-
-def test_oversized_config_is_reported():
+def test_oversized_config_is_reported(checked):
     # 4096 bytes per program on one warp: 256 values per thread cannot fit in registers
     # (measured: 255 registers and 1360 spilled bytes on sm_90), and it compiles in seconds.
-    proc = subprocess.run(
-        [sys.executable, "-c", _OVERSIZED, "90"],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.startswith("False")
+    _, stdout = checked["oversized"]
+    assert stdout.startswith("False"), stdout
 
 
 def test_refuses_interpreter_in_process(monkeypatch):

@@ -206,7 +206,10 @@ def _near_midpoint(normed: torch.Tensor, qmap: torch.Tensor, tol: float) -> torc
     return (normed[:, None] - mids[None, :]).abs().min(1)[0] < tol
 
 
-@pytest.mark.parametrize("backend,steps", [("auto", 100), ("triton", 6)])
+# Every step is checked from the exact state before it, so the steps are independent draws,
+# not accumulated error: 30 (the suite ran 100 until it was cut down) check thousands of
+# elements across the moments' growth from zero.
+@pytest.mark.parametrize("backend,steps", [("auto", 30), ("triton", 6)])
 def test_8bit_matches_a_float64_model_step_by_step(seed, backend, steps):
     batch = Batch(seed, steps, big=1 if backend == "triton" else 2)
     params = batch.params()
@@ -357,9 +360,9 @@ def test_paged_state_uses_less_device_memory_and_does_not_grow(seed, bits):
     and the unpaged one grew at step 2. Ours: host-paged state keeps two page buffers on the
     device, the resident one exactly its state, both the same at every step."""
     batch = Batch(seed, 3, big=1)
-    # State several times larger than the two page buffers.
-    batch.init[0] = torch.randn(40_000) * 0.1
-    batch.grads = [[torch.randn(40_000) * 0.01, *g[1:]] for g in batch.grads]
+    # State several times larger than the two page buffers (8-bit: 48 KB against 16 KB).
+    batch.init[0] = torch.randn(24_000) * 0.1
+    batch.grads = [[torch.randn(24_000) * 0.01, *g[1:]] for g in batch.grads]
     sizes = {}
     for paging in ("off", "host"):
         params = batch.params()

@@ -19,6 +19,9 @@ def _trilora(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
                           text=True, env=env, cwd=cwd, timeout=900)  # fmt: skip
 
 
+# slow: ~40 s of CPU; every kernel and op it runs is tested in tests/ops and tests/kernels
+# (the lanes without slow tests run those), and the runner's own logic in
+# test_selfcheck_runner.py
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
     """One ``trilora selfcheck --quick`` on the CPU, shared by the tests below. Every case
@@ -30,6 +33,7 @@ def cpu_run(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow  # see cpu_run
 def test_cpu_selfcheck_passes(cpu_run):
     out, proc = cpu_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -82,8 +86,10 @@ def test_quick_runs_every_kernel_and_dtype(tmp_path):
         assert {(u.kernel, u.dtype) for u in quick} == {(u.kernel, u.dtype) for u in every}
 
 
-def test_a_non_empty_out_is_refused_without_overwrite(cpu_run):
-    out, _ = cpu_run
+def test_a_non_empty_out_is_refused_without_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"from": "an earlier run"}')
     before = (out / "results.json").read_text()
     proc = _trilora("selfcheck", "--out", str(out), "--sections", "environment")
     assert proc.returncode == 2
@@ -91,6 +97,7 @@ def test_a_non_empty_out_is_refused_without_overwrite(cpu_run):
     assert (out / "results.json").read_text() == before
 
 
+@pytest.mark.slow  # our own output-folder rules; a worker process runs the environment section
 def test_overwrite_replaces_the_folder(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -118,9 +125,11 @@ def test_bad_flags_are_one_line_usage_errors(tmp_path, args, message):
 @pytest.mark.skipif(
     __import__("torch").cuda.is_available(), reason="checks the message for a machine without CUDA"
 )
-def test_gpu_flag_without_cuda_says_so(tmp_path):
-    proc = _trilora("selfcheck", "--gpu", "--out", str(tmp_path / "o"))
-    assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr
+def test_gpu_flag_without_cuda_says_so(tmp_path, capsys):
+    from trilora.cli import main
+
+    assert main(["selfcheck", "--gpu", "--out", str(tmp_path / "o")]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
 
 
 def test_the_command_modules_import_no_torch():

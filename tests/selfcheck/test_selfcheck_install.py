@@ -17,6 +17,8 @@ import subprocess
 import venv
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 PREINSTALLED = ("torch", "triton", "transformers", "peft", "numpy", "safetensors", "setuptools", "pip")  # fmt: skip
 
@@ -31,6 +33,7 @@ def _site_dirs() -> list[str]:
     return dirs
 
 
+@pytest.mark.slow  # pip and our packaging (~16 s of CPU); no upstream library under test
 def test_offline_editable_install_runs_selfcheck(tmp_path):
     env_dir = tmp_path / "image"
     venv.EnvBuilder(with_pip=False).create(env_dir)

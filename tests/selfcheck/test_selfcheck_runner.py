@@ -58,10 +58,11 @@ def test_a_broken_case_is_named_and_the_next_section_still_runs(tmp_path, monkey
         return [wrong, raising]
 
     monkeypatch.setattr(cases, "FAMILIES", (broken, _small_real))
-    # Make a section after correctness runnable on the CPU: memory's CPU plan traces only.
+    # Make a section after correctness runnable on the CPU: e2e's CPU plan, a few steps of
+    # a tiny model (the cheapest; each section's CPU plan is test_selfcheck_sections.py's).
     monkeypatch.setattr(runner, "GPU_ONLY", ())
     opts = RunOptions(gpu=False, out=tmp_path, budget_s=600, seed=seed,
-                      sections=("correctness", "memory"), isolate=False)  # fmt: skip
+                      sections=("correctness", "e2e"), isolate=False)  # fmt: skip
     status = run_selfcheck(opts, log=lambda line: None)
     assert status == 1
     sections = _sections(tmp_path)
@@ -95,9 +96,9 @@ def test_a_broken_case_is_named_and_the_next_section_still_runs(tmp_path, monkey
         in failures
     )
     assert "| rms_norm | deliberately-raising | M=3 H=576 | bf16 | error | ValueError" in failures
-    # The next section ran: its predictions are recorded.
-    mem = sections["memory"]
-    assert mem["units"] and all(u["info"].get("predicted_bytes", 0) > 0 for u in mem["units"])
+    # The next section ran: its measurements are recorded.
+    e2e = sections["e2e"]
+    assert e2e["units"] and all(u["status"] == "pass" and u["rows"] for u in e2e["units"])
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["exit_status"] == 1
     assert (tmp_path / "results.csv").read_text().startswith("run_id,")
     mask = os.umask(0)
@@ -126,15 +127,15 @@ def test_the_budget_stops_a_section_and_the_next_one_runs(tmp_path, monkeypatch,
     monkeypatch.setattr(cases, "FAMILIES", (slow,))
     monkeypatch.setattr(runner, "GPU_ONLY", ())
     opts = RunOptions(gpu=False, out=tmp_path, budget_s=200, seed=seed, isolate=False,
-                      sections=("correctness", "memory"),
-                      shares={"correctness": 0.02, "memory": 0.98})  # fmt: skip
+                      sections=("correctness", "e2e"),
+                      shares={"correctness": 0.02, "e2e": 0.98})  # fmt: skip
     assert run_selfcheck(opts, log=lambda line: None) == 0  # out of time is not a failure
     sections = _sections(tmp_path)
     statuses = [u["status"] for u in sections["correctness"]["units"]]
     assert statuses == ["pass", "budget", "budget"] and ran == ["overrun"]
     assert sections["correctness"]["status"] == "incomplete"
     assert "2 of 3 units not run (out of time)" in sections["correctness"]["verdict"]
-    assert sections["memory"]["units"] and sections["memory"]["status"] != "incomplete"
+    assert sections["e2e"]["units"] and sections["e2e"]["status"] != "incomplete"
 
 
 def test_a_unit_that_needs_more_time_than_is_left_is_not_started(tmp_path, monkeypatch, seed):
@@ -157,6 +158,10 @@ def _worker_opts(tmp_path: Path, kind: str, seed: int, **kw) -> RunOptions:
                       worker_cmd=(sys.executable, str(INJECT), kind, "--"), **kw)  # fmt: skip
 
 
+# The worker-process tests start real processes (~5 s of CPU each, importing torch and
+# triton) to check our own process handling; the lanes without slow tests run the same
+# section code in-process (the tests above).
+@pytest.mark.slow  # our own process handling (see above)
 def test_a_crashing_unit_is_recorded_and_the_worker_restarted(tmp_path, seed):
     lines = []
     record = run_section(_worker_opts(tmp_path, "crash", seed), "correctness", time.time() + 300, lines.append)  # fmt: skip
@@ -170,6 +175,7 @@ def test_a_crashing_unit_is_recorded_and_the_worker_restarted(tmp_path, seed):
     assert any("restarting" in line for line in lines)
 
 
+@pytest.mark.slow  # our own process handling (see above); also waits 25 s for its deadline
 def test_a_hanging_unit_is_stopped_at_the_deadline(tmp_path, seed):
     opts = _worker_opts(tmp_path, "hang", seed, grace_s=1.0)
     start = time.time()

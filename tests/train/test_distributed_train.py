@@ -1,16 +1,25 @@
 """``trilora train`` on 2 CPU processes (gloo) against 1 process with the same global batch.
 
-Real launches, one per launcher: ``trilora train --nproc 2 --fsdp`` (torch.distributed.run
-called by the CLI), ``torchrun -m trilora.train`` (DDP) and ``accelerate launch --multi_gpu
--m trilora.train --fsdp --gradient-checkpointing``. Each 2-process run trains 10 steps of
-2 micro-batches of a global batch of 4 rows and is compared with one process on the same
-settings: every logged loss, gradient norm and held-out loss, and the final adapter.
+Real launches, one per way of starting the workers: ``trilora train --nproc 2 --fsdp
+--gradient-checkpointing`` (torch.distributed.run called by the CLI) and ``accelerate launch
+--multi_gpu -m trilora.train`` (DDP; accelerate runs torch.distributed.run in its own
+process, so the workers get what ``torchrun -m trilora.train`` gives them: a plain torchrun
+launch was a third launch until the suite was cut down). Each 2-process run trains 10
+steps of 2 micro-batches of a global batch of 4 rows and is compared with one process on
+the same settings: every logged loss, gradient norm and held-out loss, and the final
+adapter. The FSDP run's step-5 checkpoint then resumes in one process.
 
 The data are chosen so that the last micro-batch of each epoch holds one row: rank 1 then
 joins the step with a stand-in row at weight 0, and the evaluation's last batch likewise.
 The gradient norm is clipped (``--max-grad-norm 0.5``, below the norms seen), so the norm
 must be the global one; with ``adamw_cpu_offload`` under FSDP2 it is computed by the
 optimizer over host copies of each rank's shards.
+
+Cost: each launch is three interpreters importing torch, transformers and PEFT (~30 s of
+CPU on 2 cores), so the training launches are slow tests: the lanes without slow tests see
+FSDP2, DDP and torch's distributed checkpoint through tests/distributed/test_training.py
+(one spawned pair for all of the library's 2-rank scenarios), and the ``--nproc`` launch
+through torch.distributed.run's API in ``test_a_worker_error_is_one_line``.
 
 Tolerances: 2 ranks differ from 1 process in the order of fp32 sums (each rank sums its
 rows, then the ranks average), ~1e-7 relative in the losses; Adam's normalisation can
@@ -149,16 +158,25 @@ def reference(setup):
     return {optim: root / f"single_{optim}" for optim in ("adamw", "adamw_cpu_offload")}
 
 
-def test_nproc_fsdp_matches_one_process(setup, reference):
-    """``trilora train --nproc 2 --fsdp`` with the CPU-offloaded optimizer: clipping over
-    host copies of each rank's shards is global."""
+@pytest.fixture(scope="module")
+def nproc_fsdp(setup):
+    """``trilora train --nproc 2 --fsdp --gradient-checkpointing`` with the CPU-offloaded
+    optimizer; checkpoints at step 5."""
     root, seed = setup
     out = root / "nproc_fsdp"
     cmd = [sys.executable, "-m", "trilora.cli", "train",
            *_settings(root, seed, "adamw_cpu_offload"), "--out", str(out), "--nproc", "2",
-           "--fsdp"]  # fmt: skip
+           "--fsdp", "--gradient-checkpointing"]  # fmt: skip
     done = _launch(cmd)
     assert "2 processes, FSDP, cpu" in done.stderr
+    return out
+
+
+@pytest.mark.slow  # a launch (see the module doc); test_a_worker_error_is_one_line launches --nproc too
+def test_nproc_fsdp_matches_one_process(nproc_fsdp, reference):
+    """FSDP2 with activation checkpointing and the CPU-offloaded optimizer: clipping over
+    host copies of each rank's shards is global."""
+    out = nproc_fsdp
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["processes"], summary["strategy"]) == (2, "fsdp")
     worst = _compare(out, reference["adamw_cpu_offload"])
@@ -172,12 +190,18 @@ def test_nproc_fsdp_matches_one_process(setup, reference):
     assert config["r"] == 4 and (out / "adapter" / "tokenizer_config.json").is_file()
 
 
-def test_torchrun_ddp_matches_one_process(setup, reference):
+@pytest.mark.slow  # a launch (see the module doc)
+def test_accelerate_ddp_matches_one_process(setup, reference):
+    """``accelerate launch --multi_gpu`` (torchrun's variables; on the CPU here), DDP."""
+    pytest.importorskip("accelerate")
     root, seed = setup
-    out = root / "torchrun_ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+    out = root / "accelerate_ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            "-m", "trilora.train", *_settings(root, seed, "adamw"), "--out", str(out)]  # fmt: skip
-    done = _launch(cmd)
+    # a fresh HF_HOME: no accelerate config file of this machine applies
+    done = _launch(cmd, HF_HOME=str(root / "hf_home"))
     assert "2 processes, DDP, cpu" in done.stderr
     _compare(out, reference["adamw"])
     state = json.loads(
@@ -186,33 +210,13 @@ def test_torchrun_ddp_matches_one_process(setup, reference):
     assert (state["world_size"], state["strategy"]) == (2, "ddp")
 
 
-@pytest.fixture(scope="module")
-def accelerate_fsdp(setup, reference):
-    """``accelerate launch --multi_gpu`` (torchrun's variables; on the CPU here) with FSDP2
-    and activation checkpointing; checkpoints at step 5."""
-    pytest.importorskip("accelerate")
-    root, seed = setup
-    out = root / "accelerate_fsdp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "trilora.train", *_settings(root, seed, "adamw"), "--out", str(out),
-           "--fsdp", "--gradient-checkpointing"]  # fmt: skip
-    # a fresh HF_HOME: no accelerate config file of this machine applies
-    _launch(cmd, HF_HOME=str(root / "hf_home"))
-    return out
-
-
-def test_accelerate_fsdp_checkpointing_matches_one_process(accelerate_fsdp, reference):
-    _compare(accelerate_fsdp, reference["adamw"])
-
-
-def test_saved_on_two_processes_resumes_on_one(setup, reference, accelerate_fsdp, capsys):
+@pytest.mark.slow  # needs the --nproc launch
+def test_saved_on_two_processes_resumes_on_one(setup, reference, nproc_fsdp, capsys):
     """The step-5 checkpoint of the 2-process FSDP run, resumed by one process: steps 6-10
     and the adapter are the uninterrupted single-process run's."""
     root, seed = setup
     out = root / "resumed_on_one"
-    shutil.copytree(accelerate_fsdp, out)
+    shutil.copytree(nproc_fsdp, out)
     for later in sorted((out / "checkpoints").iterdir()):
         if int(later.name.split("-")[1]) > SAVE_AT:
             shutil.rmtree(later)
@@ -220,23 +224,24 @@ def test_saved_on_two_processes_resumes_on_one(setup, reference, accelerate_fsdp
     (out / "summary.json").unlink()
     capsys.readouterr()
     # --fsdp is allowed to change on resume; alone, it is a note
-    _single(out, _settings(root, seed, "adamw"), "--resume", "--gradient-checkpointing",
-            "--fsdp")  # fmt: skip
+    _single(out, _settings(root, seed, "adamw_cpu_offload"), "--resume",
+            "--gradient-checkpointing", "--fsdp")  # fmt: skip
     err = capsys.readouterr().err
     assert f"step {SAVE_AT} of {STEPS}; saved on 2 processes" in err
     assert "note: --fsdp shards the model across processes; this run is one process" in err
-    _compare(out, reference["adamw"], from_step=SAVE_AT)
+    _compare(out, reference["adamw_cpu_offload"], from_step=SAVE_AT)
     # steps 1-5 of the log are the 2-process run's own
     first = [r for r in _records(out) if r["step"] <= SAVE_AT]
-    assert first == [r for r in _records(accelerate_fsdp) if r["step"] <= SAVE_AT]
+    assert first == [r for r in _records(nproc_fsdp) if r["step"] <= SAVE_AT]
 
 
-def test_resuming_the_checkpoint_of_another_model_is_refused(setup, accelerate_fsdp, capsys):
+@pytest.mark.slow  # needs the --nproc launch
+def test_resuming_the_checkpoint_of_another_model_is_refused(setup, nproc_fsdp, capsys):
     """Weights replaced in place (same files, same sizes: the run's own fingerprint cannot
     tell) are caught by the distributed state's checksum of every base tensor."""
     root, seed = setup
     out = root / "other_model"
-    shutil.copytree(accelerate_fsdp, out)
+    shutil.copytree(nproc_fsdp, out)
     for later in sorted((out / "checkpoints").iterdir()):
         if int(later.name.split("-")[1]) > SAVE_AT:
             shutil.rmtree(later)
@@ -248,8 +253,8 @@ def test_resuming_the_checkpoint_of_another_model_is_refused(setup, accelerate_f
     try:
         shutil.copy(other / "model.safetensors", weights)
         capsys.readouterr()
-        status = main(["train", *_settings(root, seed, "adamw"), "--out", str(out), "--resume",
-                       "--gradient-checkpointing"])  # fmt: skip
+        status = main(["train", *_settings(root, seed, "adamw_cpu_offload"), "--out", str(out),
+                       "--resume", "--gradient-checkpointing"])  # fmt: skip
     finally:
         weights.write_bytes(original)
     err = capsys.readouterr().err.strip().splitlines()

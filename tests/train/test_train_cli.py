@@ -79,6 +79,7 @@ def test_data_check(tmp_path, capsys):
     assert "length histogram" in out and "1 have a longer prompt" in out
 
 
+@pytest.mark.slow  # one training process per value (~12 s of CPU each); our own tabulation
 def test_sweep_tabulates_each_value(tmp_path, capsys):
     save_tiny_lm(tmp_path / "m", layers=1, hidden=32)
     write_jsonl(tmp_path / "d.jsonl", sft_records(16))
