@@ -784,11 +784,11 @@ def _run(cfg: TrainConfig, env, device: torch.device, run_dir: Path, stopping: _
             if metrics is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps):
                 metrics.write(record)
             progress.update(record)
-            if stopping.folder is not None:
-                stopping.folder.keep()  # a step has ended: the folder is now a run to resume
             if not math.isfinite(loss_total):
                 raise UserError(f"the loss became {loss_total} at step {step + 1}; lower --lr or "
                                 "check the data")  # fmt: skip
+            if stopping.folder is not None:
+                stopping.folder.keep()  # a step has ended: the folder is now a run to resume
             if (
                 cfg.eval_every
                 and (step + 1) % cfg.eval_every == 0
