@@ -86,9 +86,12 @@ def _in_process(argv: list[str], hook: str = "", send=None) -> int:
             os.environ[HOOK_ENV] = previous
 
 
-def _wait_for(path: Path, timeout: float = 300) -> None:
+def _wait_for(path: Path, timeout: float = 300, proc: subprocess.Popen | None = None) -> None:
     t0 = time.monotonic()
     while not path.exists():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"exited ({proc.returncode}) before {path.name} appeared: "
+                                 + proc.communicate()[1][-3000:])  # fmt: skip
         assert time.monotonic() - t0 < timeout, f"{path} never appeared"
         time.sleep(0.02)
 
@@ -151,6 +154,7 @@ def reference(setup):
     return out
 
 
+@pytest.mark.slow  # a real process (Python startup, imports): ~15 s on 2 busy cores
 def test_sigterm_saves_the_step_in_progress_and_the_printed_command_resumes_bitwise(
     setup, reference, one_thread
 ):
@@ -158,10 +162,10 @@ def test_sigterm_saves_the_step_in_progress_and_the_printed_command_resumes_bitw
     proc = _spawn(setup, out, f"pause_in_step:{STOP_IN}")
     marker = out / ".test-paused-rank0"
     try:
-        _wait_for(marker)
+        _wait_for(marker, proc=proc)
     except AssertionError:
         proc.kill()
-        raise AssertionError(proc.communicate()[1][-3000:]) from None
+        raise
     os.kill(int(marker.read_text()), signal.SIGTERM)  # what `kill PID` sends
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr[-3000:]
@@ -179,32 +183,35 @@ def test_sigterm_saves_the_step_in_progress_and_the_printed_command_resumes_bitw
     assert _adapter_bytes(out) == _adapter_bytes(reference)
 
 
-def test_sigint_stops_at_the_step_boundary_in_process(setup, reference, one_thread, capsys):
-    out = setup / "sigint"
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_at_the_step_boundary_in_process(setup, reference, one_thread, capsys,
+                                                        signum):  # fmt: skip
+    out = setup / f"in-process-{signum.name}"
     marker = out / ".test-paused-rank0"
-    handler = signal.getsignal(signal.SIGINT)
+    handler = signal.getsignal(signum)
     status = _in_process(_argv(setup, out), f"pause_in_step:{STOP_IN}",
-                         _signal_self_when(marker, signal.SIGINT))  # fmt: skip
+                         _signal_self_when(marker, signum))  # fmt: skip
     stderr = capsys.readouterr().err
-    assert status == 130, stderr[-3000:]
+    assert status == 128 + signum, stderr[-3000:]
     line = _stop_line(stderr)
-    assert f"stopped by SIGINT after step {STOP_IN} of {STEPS}" in line
-    assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back
+    assert f"stopped by {signum.name} after step {STOP_IN} of {STEPS}" in line
+    assert signal.getsignal(signum) is handler  # the caller's handler is back
     assert _checkpoints(out) == ["step-00000003", "step-00000005"]
     assert main(_resume_words(line)) == 0
     assert _trajectory(out) == _trajectory(reference)
     assert _adapter_bytes(out) == _adapter_bytes(reference)
 
 
+@pytest.mark.slow  # a real process: the watchdog ends it without Python's cleanup
 def test_a_step_that_outlasts_the_grace_exits_without_a_checkpoint(setup, reference, one_thread):
     out = setup / "stalled"
     proc = _spawn(setup, out, f"stall_in_step:{STOP_IN}", "--stop-grace", "1")
     marker = out / ".test-paused-rank0"
     try:
-        _wait_for(marker)
+        _wait_for(marker, proc=proc)
     except AssertionError:
         proc.kill()
-        raise AssertionError(proc.communicate()[1][-3000:]) from None
+        raise
     t0 = time.monotonic()
     os.kill(proc.pid, signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
