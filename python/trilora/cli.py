@@ -10,7 +10,9 @@ Errors: a :class:`trilora.io.UserError` (bad input; ``UsageError`` for bad flags
 ``OSError`` (a missing file, a full disk) print one line and exit with 1, or 2 for usage
 errors; anything else is a bug and prints one line that asks for ``--debug``.
 ``--debug`` (or ``TRILORA_DEBUG=1``) re-raises with the full traceback instead. A flag
-argparse rejects also gets one line (no usage block) and exit status 2.
+argparse rejects also gets one line (no usage block) and exit status 2. A run stopped on
+request (:class:`trilora.io.RunStopped`: SIGTERM from a scheduler, Ctrl-C) prints the one
+line it carries and exits with 128 + the signal's number (143, 130).
 
 Threads: :func:`main` sets ``OMP_WAIT_POLICY=PASSIVE`` before any command imports torch,
 unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` (:mod:`trilora._openmp`), so
@@ -65,6 +67,33 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         ):
             return text
         return super()._get_help_string(action)
+
+
+class RawDescriptionHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """:class:`HelpFormatter` that keeps the description's layout: indented lines (example
+    commands, list items) stay one per line as written, blank lines stay, and the prose
+    between them is filled to the terminal's width."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        lines: list[str] = []
+        prose: list[str] = []
+
+        def fill() -> None:
+            if prose:
+                lines.extend(textwrap.wrap(" ".join(prose), width, initial_indent=indent,
+                                           subsequent_indent=indent))  # fmt: skip
+                prose.clear()
+
+        for line in text.splitlines():
+            if line.strip() and not line[:1].isspace():
+                prose.append(line.strip())
+                continue
+            fill()
+            lines.append(indent + line if line.strip() else "")
+        fill()
+        return "\n".join(lines)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -134,7 +163,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             # `trilora merge ... --debug` works as well as `trilora --debug merge ...`
             sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the full traceback on errors (also TRILORA_DEBUG=1)")  # fmt: skip
-            sub.formatter_class = HelpFormatter
+            # defaults in every option's help; a description laid out by hand (examples, one
+            # per line) keeps its line breaks
+            raw = issubclass(sub.formatter_class, argparse.RawDescriptionHelpFormatter)
+            sub.formatter_class = RawDescriptionHelpFormatter if raw else HelpFormatter
         else:
             sub = subparsers.add_parser(command, help=help_text, formatter_class=HelpFormatter)
         sub.set_defaults(_module=module)
@@ -177,10 +209,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     prog = f"trilora {args.command}"
+    args._argv = argv  # the command as typed (trilora train repeats it in a resume hint)
     if not debug:
         quiet_third_party_notices()
+    from trilora.io import RunStopped
+
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
+    except RunStopped as exc:  # asked to stop (SIGTERM, Ctrl-C): not an error, --debug or not
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         if debug:
             raise

@@ -690,7 +690,7 @@ def bnb_quantization_config(model: nn.Module) -> dict:
 
 
 def save_quantized(model: nn.Module, path: str | Path, max_shard_size: int = 5 * 1024**3, *,
-                   overwrite: bool = False) -> Path:  # fmt: skip
+                   overwrite: bool = False, add_files=None) -> Path:  # fmt: skip
     """Write ``model`` (with :class:`trilora.nn.Linear4bit` layers) as a bitsandbytes 4-bit
     checkpoint: safetensors with bitsandbytes keys plus ``config.json`` carrying the
     matching ``quantization_config``.
@@ -708,6 +708,8 @@ def save_quantized(model: nn.Module, path: str | Path, max_shard_size: int = 5 *
         overwrite: replace an existing non-empty ``path`` (after the new one is complete).
             Never allowed for the current directory or one of its parents, or for the folder
             the model was loaded from (``model.config.name_or_path``).
+        add_files: called with the temporary folder before it becomes ``path``, to write
+            more files into it (``trilora merge`` adds the tokenizer).
 
     Returns:
         ``path``.
@@ -734,4 +736,6 @@ def save_quantized(model: nn.Module, path: str | Path, max_shard_size: int = 5 *
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
+        if add_files is not None:
+            add_files(tmp)
     return path

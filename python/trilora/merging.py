@@ -12,6 +12,7 @@ This module imports torch only when a function runs, so ``trilora merge --help``
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["add_parser", "merge", "run"]
+__all__ = ["add_parser", "merge", "run", "save_tokenizer"]
 
 # --dtype / merge(dtype=...) names -> torch dtype attribute
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
@@ -161,7 +162,9 @@ def add_parser(subparsers) -> None:
         "that plain transformers loads. The output folder is written next to its final place "
         "and renamed at the end, so it is never half-written; an existing non-empty --out is "
         "refused unless --overwrite is given, and never replaced if it is the current folder, "
-        "one of its parents, or holds the adapter or the base. --requantize writes a "
+        "one of its parents, or holds the adapter or the base. The base's tokenizer (or, if it "
+        "has none, the adapter folder's) is saved with it, so the folder loads and generates "
+        "alone. --requantize writes a "
         "bitsandbytes 4-bit checkpoint instead (adds quantization error, see docs/peft.md).",
     )
     p.add_argument("adapter_dir", help="folder written by PeftModel.save_pretrained")
@@ -180,6 +183,48 @@ def add_parser(subparsers) -> None:
                    help="quantization block size of a full-precision base: 32, 64, ... 4096")  # fmt: skip
     p.add_argument("--no-double-quant", action="store_true",
                    help="the base was quantized without double quantization (8-bit absmax)")  # fmt: skip
+
+
+# Files that mark a folder as holding a tokenizer (fast, SentencePiece or BPE vocabularies).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def save_tokenizer(sources: list[str | Path | None], target: str | Path) -> str | None:
+    """Write the tokenizer of the first of ``sources`` that has one into ``target``, so that
+    a merged folder loads alone (``AutoTokenizer.from_pretrained(target)``); return that
+    source, or None when none has a tokenizer.
+
+    A source is a local folder (used when it holds tokenizer files: a Hugging Face folder,
+    one converted from GGUF, an adapter folder ``trilora train`` wrote) or a Hub id. The
+    tokenizer is loaded and saved by transformers rather than copied file by file, so the
+    folder gets exactly the files ``AutoTokenizer`` reads back (chat template included),
+    whatever kind of tokenizer it is. Both ``trilora merge`` and ``trilora train --merge``
+    write their tokenizer here.
+
+    Raises:
+        trilora.io.UserError: a local folder holds tokenizer files that cannot be read.
+    """
+    from transformers import AutoTokenizer
+
+    from trilora.io import UserError
+
+    for source in sources:
+        if source is None:
+            continue
+        path = Path(source)
+        local = path.exists()
+        if local and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            continue
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(source))
+        except (OSError, ValueError) as exc:
+            if not local:
+                continue  # a Hub id that is not reachable: try the next source
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"the tokenizer in {source} cannot be read ({first})") from exc
+        tokenizer.save_pretrained(str(target))
+        return str(source)
+    return None
 
 
 def _local_path(name: str) -> Path | None:
@@ -287,15 +332,20 @@ def run(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            _merge_and_write(args, adapter, out, config, dtype)
+            tokenizer_from = _merge_and_write(args, adapter, out, config, dtype)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
     print(f"merged {adapter} into {args.base} -> {args.out}")
+    if tokenizer_from is None:
+        print(f"note: neither {args.base} nor {adapter} holds a tokenizer, so {args.out} has "
+              "none; copy one into it to load it with AutoTokenizer", file=sys.stderr)  # fmt: skip
     return 0
 
 
-def _merge_and_write(args, adapter: Path, out: Path, config, dtype) -> None:
+def _merge_and_write(args, adapter: Path, out: Path, config, dtype) -> str | None:
+    """Merge and write ``out`` (model, generation config and tokenizer, in one atomic
+    folder); return where the tokenizer came from (None: nowhere)."""
     import torch
     from peft import PeftModel
 
@@ -318,8 +368,15 @@ def _merge_and_write(args, adapter: Path, out: Path, config, dtype) -> None:
             f"PEFT could not load adapter {adapter} (made for {made_for!r}) onto {args.base}: {first}"
         ) from exc
     model = merge(peft_model, dtype=dtype, requantize=args.requantize)
+    tokenizer_from: list[str | None] = [None]
+
+    def add_tokenizer(folder: Path) -> None:
+        tokenizer_from[0] = save_tokenizer([args.base, adapter], folder)
+
     if args.requantize:
-        save_quantized(model, out, overwrite=args.overwrite)
+        save_quantized(model, out, overwrite=args.overwrite, add_files=add_tokenizer)
     else:
         with atomic_directory(out, overwrite=args.overwrite) as tmp:
             model.save_pretrained(tmp)
+            add_tokenizer(tmp)
+    return tokenizer_from[0]

@@ -257,3 +257,39 @@ def test_compare_takes_the_first_records_that_have_a_prompt(tok, seed_):
         )
         assert got == with_prompt[:n]
         assert prompts == [r["prompt"] for r in with_prompt[:n]]
+
+
+@pytest.mark.parametrize("seed_", range(2))
+def test_docs_say_how_instruction_and_input_become_the_prompt(tok, plain_tok, seed_):
+    """docs/train.md spells out how an instruction record becomes the prompt (instruction
+    and input joined with a blank line; the Alpaca layout without a chat template); the
+    code is held to those words."""
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "train.md").read_text()
+    flat = " ".join(docs.split())  # line breaks in the docs are free
+    for phrase in ('`instruction + "\\n\\n" + input` (joined with one blank line)',
+                   '`"### Instruction:\\n" + instruction + "\\n\\n"`',
+                   '`"### Input:\\n" + input + "\\n\\n"`', '`"### Response:\\n"`',
+                   "an empty or `null` `input` is the same as none"):  # fmt: skip
+        assert phrase in flat, phrase
+    rng = random.Random(seed_)
+    words = ["lorem", "ipsum", "dolor", "sit", "amet", "\n", "x:"]
+    ins, inp, out = (" ".join(rng.choice(words) for _ in range(rng.randint(1, 7))).strip() or "q"
+                     for _ in range(3))  # fmt: skip
+    rec = {"instruction": ins, "input": inp, "output": out}
+    user = [{"role": "user", "content": f"{ins}\n\n{inp}"}]
+    assert D.prompt_text(tok, rec, "instruction") == tok.apply_chat_template(
+        user, tokenize=False, add_generation_prompt=True
+    )
+    assert D.prompt_text(plain_tok, rec, "instruction") == (
+        "### Instruction:\n" + ins + "\n\n" + "### Input:\n" + inp + "\n\n" + "### Response:\n"
+    )
+    for none in ("", None):
+        bare = {"instruction": ins, "input": none, "output": out}
+        assert D.prompt_text(plain_tok, bare, "instruction") == (
+            "### Instruction:\n" + ins + "\n\n" + "### Response:\n"
+        )
+        assert D.prompt_text(tok, bare, "instruction") == tok.apply_chat_template(
+            [{"role": "user", "content": ins}], tokenize=False, add_generation_prompt=True
+        )

@@ -81,3 +81,65 @@ def test_output_folder_holding_another_run(tiny, tmp_path):
     (other / "notes.txt").write_text("mine")
     with pytest.raises(UsageError, match="not empty; pass --overwrite"):
         train(_cfg(tiny, other, compare=0), quiet=True)
+
+
+def _standalone_generate(folder, prompt: str) -> str:
+    """Plain transformers, nothing of trilora: load, tokenize, generate, decode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    enc = tok(prompt, return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert out.shape[1] == enc["input_ids"].shape[1] + 5 or out[0, -1] == tok.eos_token_id
+    return tok.decode(out[0], skip_special_tokens=True)
+
+
+def test_merged_folders_load_and_generate_alone(tiny, tmp_path, capsys):
+    """`trilora merge` and `trilora train --merge` write the base's tokenizer beside the
+    merged weights, so the folder is a complete model for plain transformers."""
+    from transformers import AutoTokenizer
+
+    from trilora.cli import main
+
+    s = train(_cfg(tiny, tmp_path / "run", merge=True), quiet=True)
+    base_tok = AutoTokenizer.from_pretrained(tiny / "m")
+    cli_out = tmp_path / "merged-cli"
+    assert main(["merge", s["output"], "--base", str(tiny / "m"), "--out", str(cli_out),
+                 "--dtype", "fp32"]) == 0  # fmt: skip
+    assert "note:" not in capsys.readouterr().err
+    text = "repeat gamma delta"
+    for folder in (cli_out, tmp_path / "run" / "merged"):
+        tok = AutoTokenizer.from_pretrained(folder)
+        assert tok(text)["input_ids"] == base_tok(text)["input_ids"]
+        assert tok.chat_template == base_tok.chat_template
+        assert _standalone_generate(folder, text).startswith(text)
+    # --requantize writes the tokenizer too
+    requant = tmp_path / "merged-4bit"
+    assert main(["merge", s["output"], "--base", str(tiny / "m"), "--out", str(requant),
+                 "--requantize"]) == 0  # fmt: skip
+    assert AutoTokenizer.from_pretrained(requant)(text)["input_ids"] == base_tok(text)["input_ids"]
+
+
+def test_merge_takes_the_adapters_tokenizer_when_the_base_has_none(tiny, tmp_path, capsys):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from trilora.cli import main
+
+    s = train(_cfg(tiny, tmp_path / "run"), quiet=True)  # adapter/ holds the tokenizer
+    bare = tmp_path / "bare-base"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny / "m" / name, bare / name)
+    out = tmp_path / "merged"
+    assert main(["merge", s["output"], "--base", str(bare), "--out", str(out)]) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert AutoTokenizer.from_pretrained(out).chat_template
+    # neither has one: a note says so, the merge itself succeeds
+    for f in (tmp_path / "run" / "adapter").iterdir():
+        if "token" in f.name or f.suffix == ".jinja":
+            f.unlink()
+    assert main(["merge", s["output"], "--base", str(bare), "--out", str(tmp_path / "m2")]) == 0
+    assert "holds a tokenizer" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -74,7 +75,8 @@ def test_data_check(tmp_path, capsys):
     out = capsys.readouterr().out
     assert status == 1
     assert "d.jsonl:16: not valid JSON" in out
-    assert "exact duplicates: 1 records in 1 groups" in out
+    assert "exact duplicates: 2 records in 1 group (1 could go)" in out
+    assert "  " + f"{path}:1 = {path}:13" in out.splitlines()
     assert "near-duplicates" in out and "d.jsonl:14 ~ " in out and "d.jsonl:15 (0.78)" in out
     assert "length histogram" in out and "1 have a longer prompt" in out
 
@@ -93,3 +95,34 @@ def test_sweep_tabulates_each_value(tmp_path, capsys):
     assert rows[0]["trainable_params"] * 2 == rows[1]["trainable_params"]
     assert all(r["eval_loss"] > 0 and r["peak_memory"] > 0 for r in rows)
     assert "| lora_r | held-out loss | trainable params" in capsys.readouterr().out
+
+
+def test_data_check_counts_and_lists_every_copy(tmp_path, capsys):
+    recs = sft_records(9, seed=4)
+    copies = [2, 5, 6, 8, 11, 12]  # six identical records (line numbers), among others
+    others = iter(recs[1:])
+    lines = [recs[0] if n in copies else next(others) for n in range(1, 13)]
+    lines[9] = lines[3]  # and one pair
+    path = write_jsonl(tmp_path / "d.jsonl", lines)
+    assert main(["data", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "exact duplicates: 8 records in 2 groups (6 could go)" in out
+    listed = [x.strip() for x in out.splitlines() if " = " in x]
+    assert " = ".join(f"{path}:{n}" for n in copies) in listed
+    assert f"{path}:4 = {path}:10" in listed
+
+
+def test_help_shows_one_example_per_line():
+    """`trilora train --help` as a user sees it (an 80-column terminal): every example of
+    the description on its own line, as written."""
+    from trilora.train.cli import DESCRIPTION
+
+    examples = [x for x in DESCRIPTION.splitlines() if x.startswith("  ")]
+    assert len(examples) >= 5
+    env = {**os.environ, "COLUMNS": "80"}
+    shown = subprocess.run([sys.executable, "-m", "trilora.cli", "train", "--help"],
+                           capture_output=True, text=True, env=env, check=True).stdout  # fmt: skip
+    lines = shown.splitlines()
+    for example in examples:
+        assert example in lines, example
+    assert "examples:" in lines

@@ -2,7 +2,8 @@
 
 * :class:`UserError` / :class:`UsageError`: a mistake in what the user gave us. The CLI
   prints such errors as one line (no traceback unless ``--debug``); library callers catch
-  them as ``ValueError``.
+  them as ``ValueError``. :class:`RunStopped`: a run stopped on request (SIGTERM, Ctrl-C);
+  one line and exit status 128 + the signal's number.
 * :func:`check_output` refuses to overwrite what the user owns unless asked to, and never
   replaces a folder holding one of the command's inputs, the current directory or one of
   its parents.
@@ -16,7 +17,7 @@
 This module imports no torch: the CLI uses it before any heavy import.
 """
 
-from trilora.io.errors import UsageError, UserError
+from trilora.io.errors import RunStopped, UsageError, UserError
 from trilora.io.extras import MissingExtra, install_hint, require
 from trilora.io.outputs import (
     atomic_directory,
@@ -31,6 +32,7 @@ from trilora.io.outputs import (
 
 __all__ = [
     "MissingExtra",
+    "RunStopped",
     "UsageError",
     "UserError",
     "atomic_directory",

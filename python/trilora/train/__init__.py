@@ -9,6 +9,8 @@ Modules (data flows down only: this package -> loading/peft/memory/optim -> nn -
   other PEFT methods / full fine-tuning, trilora's memory options.
 * :mod:`~trilora.train.optim`: the one place optimizers and LR schedules are built.
 * :mod:`~trilora.train.loop`: the training loop, evaluation, resume.
+* :mod:`~trilora.train.stop`: SIGTERM / Ctrl-C: a checkpoint at the next step boundary, one
+  line, exit 143 / 130 (every rank stops at the same step).
 * :mod:`~trilora.train.dpo`: sequence log-probabilities and the DPO loss.
 * :mod:`~trilora.train.state`: run checkpoints (atomic, last K kept, resumable on any
   process count) and RNG state.

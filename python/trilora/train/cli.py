@@ -19,13 +19,16 @@ metrics.jsonl, resumable checkpoints, the adapter (PEFT format), a loss curve an
 base-vs-tuned comparison. See docs/train.md.
 
 examples:
-  trilora train --demo                                  # SmolLM2-135M-Instruct, bundled data
+  trilora train --demo                       # SmolLM2-135M-Instruct, bundled data
   trilora train --model ./llama --data train.jsonl --out run1
   trilora train --config run.yaml --lr 1e-4 --print-config
-  trilora train --config run.yaml --resume              # continue from the last checkpoint
+  trilora train --config run.yaml --resume   # continue from the last checkpoint
   trilora train --config run.yaml --sweep lora_r=4,8,16,32
-  trilora train --config run.yaml --nproc 2 --fsdp      # 2 GPUs, FSDP2 (docs/distributed.md)
+  trilora train --config run.yaml --nproc 2 --fsdp       # 2 GPUs, FSDP2
   torchrun --nproc-per-node 8 -m trilora.train --config run.yaml --fsdp
+
+A run stopped by SIGTERM or Ctrl-C saves a checkpoint at the end of the step in progress
+(--stop-grace) and prints the command that resumes it. Several GPUs: docs/distributed.md.
 """
 
 
@@ -73,6 +76,31 @@ def resolve(args: argparse.Namespace):
     return config_from_sources(args, {**extra, **file_values})
 
 
+# Set by `trilora train --nproc` for its workers: the command the user typed, which a run
+# stopped by a signal prints as the way to resume (the workers' own command line names a
+# temporary config file).
+COMMAND_ENV = "TRILORA_TRAIN_COMMAND"
+
+
+def resume_command(args: argparse.Namespace) -> str | None:
+    """The command that resumes this run: the one typed (``args._argv``, set by
+    :func:`trilora.cli.main`), with ``--resume`` and without ``--overwrite``."""
+    import os
+    import shlex
+
+    if os.environ.get(COMMAND_ENV):
+        return os.environ[COMMAND_ENV]
+    argv = getattr(args, "_argv", None)
+    if argv is None:
+        return None
+    words = [w for w in argv if w != "--overwrite"]
+    if "--resume" not in words:
+        words.append("--resume")
+    if "WORLD_SIZE" in os.environ:  # a worker of torchrun / accelerate launch
+        return f"the same launcher command with: -m trilora.train {shlex.join(words[1:])}"
+    return shlex.join(["trilora", *words])
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = resolve(args)
     _require_extras(cfg, args)
@@ -85,13 +113,16 @@ def run(args: argparse.Namespace) -> int:
         from trilora.train.sweep import run_sweep
 
         return run_sweep(cfg, args.sweep, overwrite=args.overwrite, device=args.device)
+    command = resume_command(args)
     if args.demo:
         from trilora.train.demo import run_demo
 
-        return run_demo(cfg, resume=args.resume, overwrite=args.overwrite, device=args.device)
+        return run_demo(cfg, resume=args.resume, overwrite=args.overwrite, device=args.device,
+                        resume_command=command)  # fmt: skip
     from trilora.train.loop import train
 
-    train(cfg, resume=args.resume, overwrite=args.overwrite, device=args.device)
+    train(cfg, resume=args.resume, overwrite=args.overwrite, device=args.device,
+          resume_command=command)  # fmt: skip
     return 0
 
 
@@ -125,4 +156,5 @@ def _launch(args: argparse.Namespace, cfg) -> int:
     debug = getattr(args, "debug", False) or os.environ.get("TRILORA_DEBUG", "") not in ("", "0")
     if debug:
         worker.append("--debug")
-    return launch(args.nproc, worker, dump_yaml(cfg), debug)
+    return launch(args.nproc, worker, dump_yaml(cfg), debug, resume_command=resume_command(args),
+                  stop_grace=cfg.stop_grace)  # fmt: skip

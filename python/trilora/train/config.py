@@ -140,6 +140,9 @@ class TrainConfig:
     save_every: int = _f(100, "write a resumable checkpoint every N steps (0: never)",
                          group="output")  # fmt: skip
     keep_last: int = _f(2, "checkpoints kept (older ones are deleted)", group="output")
+    stop_grace: float = _f(20.0, "on SIGTERM or SIGINT (Ctrl-C): seconds allowed for the step in "
+                           "progress to end and its checkpoint to start; past them the run "
+                           "exits without one (0: at once)", group="output")  # fmt: skip
     log_every: int = _f(1, "append a metrics.jsonl line every N steps", group="output")
     tensorboard: bool = _f(False, "also write TensorBoard logs (needs the tensorboard package)",
                            group="output")  # fmt: skip
@@ -172,7 +175,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("save_every", "eval_every", "compare", "max_new_tokens"):
+        for name in ("save_every", "eval_every", "compare", "max_new_tokens", "stop_grace"):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -225,7 +228,7 @@ class TrainConfig:
 # FSDP/DDP change it only by fp32 rounding: the state is resharded on load).
 RESUME_MAY_CHANGE = frozenset(
     {"out", "save_every", "keep_last", "log_every", "tensorboard", "compare", "max_new_tokens",
-     "merge", "progress", "fsdp", "cpu_offload"}
+     "merge", "progress", "fsdp", "cpu_offload", "stop_grace"}
 )  # fmt: skip
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}

@@ -153,9 +153,13 @@ def run(args: argparse.Namespace) -> int:
     for i, t in enumerate(texts):
         groups[hashlib.sha256(t.encode()).hexdigest()].append(i)
     dups = [g for g in groups.values() if len(g) > 1]
-    print(f"exact duplicates: {sum(len(g) - 1 for g in dups)} records in {len(dups)} groups")
-    for g in dups[: args.show]:
-        print("  " + " = ".join(where[i] for i in g[:4]))
+    in_dups = sum(len(g) for g in dups)
+    print(f"exact duplicates: {in_dups} records in {len(dups)} group{'' if len(dups) == 1 else 's'}"
+          + (f" ({in_dups - len(dups)} could go)" if dups else ""))  # fmt: skip
+    for g in dups[: args.show]:  # every copy of a group, on one line
+        print("  " + " = ".join(where[i] for i in g))
+    if len(dups) > args.show:
+        print(f"  ... and {len(dups) - args.show} more groups")
     near = near_duplicates(texts, args.near_dup)
     print(f"near-duplicates (word 3-gram Jaccard >= {args.near_dup}): {len(near)} pairs")
     for i, j, jac in near[: args.show]:

@@ -15,31 +15,36 @@ STYLE_PROMPTS = 12
 
 
 def run_demo(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
-             device: str | None = None) -> int:  # fmt: skip
+             device: str | None = None, resume_command: str | None = None) -> int:  # fmt: skip
     from trilora.train.demo_data import style_checks, style_score
     from trilora.train.loop import train
 
     if cfg.compare < STYLE_PROMPTS:
         cfg.compare = STYLE_PROMPTS
-    summary = train(cfg, resume=resume, overwrite=overwrite, device=device)
+    # The table below holds the held-out loss and perplexity next to the style scores, so
+    # the trainer's own loss table is left out (it would print the same numbers twice).
+    summary = train(cfg, resume=resume, overwrite=overwrite, device=device,
+                    resume_command=resume_command, loss_table=False)  # fmt: skip
     samples = summary["samples"]
-    if not samples:
-        return 0
-    base_scores = [style_score(s["base"]) for s in samples]
-    tuned_scores = [style_score(s["tuned"]) for s in samples]
-    full_base = sum(all(style_checks(s["base"]).values()) for s in samples)
-    full_tuned = sum(all(style_checks(s["tuned"]).values()) for s in samples)
     b, t = summary["base"], summary["tuned"]
     n = len(samples)
     print()
-    print(f"house style on {n} held-out questions (greeting, task line, numbered steps, sign-off):")
+    if samples:
+        print(f"house style on {n} held-out questions (greeting, task line, numbered steps, "
+              "sign-off):")  # fmt: skip
     print(f"{'':<26}{'base':>10}{'tuned':>10}")
-    print(f"{'held-out loss':<26}{b['eval_loss']:>10.3f}{t['eval_loss']:>10.3f}")
-    print(f"{'held-out perplexity':<26}{b['eval_ppl']:>10.2f}{t['eval_ppl']:>10.2f}")
-    print(f"{'style score':<26}{sum(base_scores) / n:>10.0%}{sum(tuned_scores) / n:>10.0%}")
-    print(f"{'answers fully in style':<26}{f'{full_base}/{n}':>10}{f'{full_tuned}/{n}':>10}")
-    wins = t["eval_loss"] < b["eval_loss"] and sum(tuned_scores) > sum(base_scores)
-    print("the tuned model wins on both" if wins else "the tuned model does not win on both yet "
-          "(more steps: --max-steps)")  # fmt: skip
+    if t:
+        print(f"{'held-out loss':<26}{b['eval_loss']:>10.3f}{t['eval_loss']:>10.3f}")
+        print(f"{'held-out perplexity':<26}{b['eval_ppl']:>10.2f}{t['eval_ppl']:>10.2f}")
+    if samples:
+        base_scores = [style_score(s["base"]) for s in samples]
+        tuned_scores = [style_score(s["tuned"]) for s in samples]
+        full_base = sum(all(style_checks(s["base"]).values()) for s in samples)
+        full_tuned = sum(all(style_checks(s["tuned"]).values()) for s in samples)
+        print(f"{'style score':<26}{sum(base_scores) / n:>10.0%}{sum(tuned_scores) / n:>10.0%}")
+        print(f"{'answers fully in style':<26}{f'{full_base}/{n}':>10}{f'{full_tuned}/{n}':>10}")
+        wins = t and t["eval_loss"] < b["eval_loss"] and sum(tuned_scores) > sum(base_scores)
+        print("the tuned model wins on both" if wins else "the tuned model does not win on both "
+              "yet (more steps: --max-steps)")  # fmt: skip
     print(f"total time {summary['total_time_s']:.0f} s (training {summary['train_time_s']:.0f} s)")
     return 0

@@ -19,6 +19,7 @@ for bit on the CPU.
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
 import sys
@@ -67,21 +68,25 @@ def _abs(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
-def _prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
-    """Check the output folder before any heavy work; write config.yaml into it."""
-    from trilora import __version__
-    from trilora.io import atomic_write_text
+def _fingerprints(cfg: TrainConfig) -> dict[str, str | None]:
     from trilora.train.model import model_fingerprint
-    from trilora.train.state import latest_checkpoint
 
-    run_dir = Path(cfg.out).expanduser()
-    inputs = [cfg.model, cfg.data, cfg.val_data, cfg.peft_config]
-    fingerprints = {
+    return {
         "model": model_fingerprint(cfg.model),
         "data": D.fingerprint_file(cfg.data) if Path(cfg.data).is_file() else None,
         "val_data": D.fingerprint_file(cfg.val_data)
         if cfg.val_data and Path(cfg.val_data).is_file() else None,
     }  # fmt: skip
+
+
+def _check_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
+    """Refuse an output folder that cannot take this run, before any heavy work. Writes
+    nothing: a new run's folder is written by :func:`_create_run_dir` once the data are
+    known to be good."""
+    from trilora.train.state import latest_checkpoint
+
+    run_dir = Path(cfg.out).expanduser()
+    inputs = [cfg.model, cfg.data, cfg.val_data, cfg.peft_config]
     holds_run = (run_dir / "run.json").is_file()
     if resume:
         if not holds_run:
@@ -91,6 +96,7 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
 
         saved = json.loads((run_dir / "run.json").read_text())
         diffs = config_differences(saved.get("config", {}), cfg)
+        fingerprints = _fingerprints(cfg)
         for key in ("model", "data", "val_data"):
             if saved.get("fingerprints", {}).get(key) != fingerprints[key]:
                 diffs.append(f"{key} files changed since the run started")
@@ -105,18 +111,89 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
         raise UsageError(f"--out {run_dir} holds another run; pass --resume to continue it or "
                          "--overwrite to replace it")  # fmt: skip
     check_output(run_dir, overwrite=overwrite, inputs=[i for i in inputs if i], flag="--out")
-    if run_dir.exists() and overwrite:
-        shutil.rmtree(run_dir)
+    return run_dir
+
+
+class _NewRunFolder:
+    """What a new run put in its output folder, taken away again if the run fails or is
+    stopped before its first step ends, so that the same command simply runs again.
+
+    Only this run's entries go (the files a run writes, and hidden temporaries); whatever
+    the folder held before stays. A folder replaced with ``--overwrite`` was moved aside,
+    not deleted: it comes back in that case, and is deleted once the first step has ended.
+    """
+
+    RUN_FILES = frozenset({"config.yaml", "run.json", "base.json", "metrics.jsonl",
+                           "tensorboard", "checkpoints", "ref_logps.pt", "loss_curve.png",
+                           "samples.md", "summary.json", "adapter", "model", "merged"})  # fmt: skip
+
+    def __init__(self, run_dir: Path, overwrite: bool) -> None:
+        self.run_dir = Path(os.path.abspath(run_dir))
+        self.replaced: Path | None = None
+        if overwrite and self.run_dir.exists() and any(self.run_dir.iterdir()):
+            aside = self.run_dir.parent / f".{self.run_dir.name}.replaced-{os.getpid()}"
+            os.replace(self.run_dir, aside)
+            self.replaced = aside
+        # the folder and any parents this run creates, deepest first
+        self.created: list[Path] = []
+        p = self.run_dir
+        while not p.exists():
+            self.created.append(p)
+            p = p.parent
+        self.before = set(os.listdir(self.run_dir)) if self.run_dir.is_dir() else set()
+        self.kept = False
+
+    def keep(self) -> None:
+        """The first step has ended: from here on the folder is a run to resume."""
+        if self.kept:
+            return
+        self.kept = True
+        if self.replaced is not None:
+            shutil.rmtree(self.replaced, ignore_errors=True)
+
+    def discard(self) -> None:
+        """Remove what this run added (nothing once :meth:`keep` was called)."""
+        if self.kept:
+            return
+        self.kept = True
+        if self.run_dir.is_dir():
+            for name in os.listdir(self.run_dir):
+                if name in self.before or not (name in self.RUN_FILES or name.startswith(".")):
+                    continue
+                path = self.run_dir / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        for folder in self.created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty: it holds something that is not ours
+        if self.replaced is not None and not self.run_dir.exists():
+            os.replace(self.replaced, self.run_dir)
+
+
+def _create_run_dir(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> _NewRunFolder:
+    """Write a new run's config.yaml and run.json (a folder replaced with ``--overwrite``
+    is moved aside first, see :class:`_NewRunFolder`)."""
+    from trilora import __version__
+    from trilora.io import atomic_write_text
+
+    folder = None
     try:
+        folder = _NewRunFolder(run_dir, overwrite)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
         atomic_write_json(run_dir / "run.json", {
             "format": FORMAT, "trilora": __version__, "config": config_fingerprint(cfg),
-            "fingerprints": fingerprints, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "fingerprints": _fingerprints(cfg), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         })  # fmt: skip
     except OSError as exc:
+        if folder is not None:
+            folder.discard()
         raise UserError(f"--out {run_dir}: cannot write there ({exc.strerror or exc})") from None
-    return run_dir
+    return folder
 
 
 def _check_free_space(run_dir: Path, trainable_bytes: int, keep_last: int) -> None:
@@ -380,12 +457,21 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
-          device: str | None = None, quiet: bool = False) -> dict[str, Any] | None:  # fmt: skip
+          device: str | None = None, quiet: bool = False, resume_command: str | None = None,
+          loss_table: bool = True) -> dict[str, Any] | None:  # fmt: skip
     """Run ``cfg`` to the end; return the summary (also written to ``OUT/summary.json``).
 
     Started by a launcher (``torchrun``, ``accelerate launch``, ``trilora train --nproc``),
     every process calls it: it joins the process group, trains its share, and rank 0 writes
     the run folder and returns the summary (the other ranks return None).
+
+    The data are read and tokenized before the model loads, so a bad file fails in seconds;
+    a run that fails or is stopped before its first step ends leaves nothing in ``cfg.out``
+    (:class:`_NewRunFolder`). SIGTERM and SIGINT stop the run at the next step boundary with
+    a checkpoint (:mod:`trilora.train.stop`): :class:`trilora.io.RunStopped` is raised, its
+    message naming the checkpoint and ``resume_command`` (default: ``trilora train --config
+    OUT/config.yaml --out OUT --resume``). ``loss_table=False`` leaves the held-out table
+    out of the printed summary (the demo prints its own, with the style scores).
     """
     from trilora.distributed import destroy_distributed
     from trilora.train.parallel import setup
@@ -394,36 +480,146 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     for name in ("model", "data", "val_data", "peft_config"):
         setattr(cfg, name, _abs(getattr(cfg, name)))
     env, dev, initialized_here = setup(device)
-    summary = _train(cfg, env, dev, resume=resume, overwrite=overwrite, quiet=quiet)
+    summary = _train(cfg, env, dev, resume=resume, overwrite=overwrite, quiet=quiet,
+                     resume_command=resume_command, loss_table=loss_table)  # fmt: skip
     if initialized_here:
         destroy_distributed()
     return summary
 
 
-def _train(cfg: TrainConfig, env, device: torch.device, *, resume: bool, overwrite: bool,
-           quiet: bool) -> dict[str, Any] | None:  # fmt: skip
-    from trilora.train import state as S
-    from trilora.train.losses import sft_loss
-    from trilora.train.model import apply_memory_options, base_model_mode, load_model
-    from trilora.train.optim import build_optimizer, build_scheduler, clip_gradients
-    from trilora.train.parallel import all_reduce, gradient_sync, on_main, strategy, wrap
+@dataclass
+class _Stopping:
+    """Where a run is, for the one line a stop prints (:mod:`trilora.train.stop`)."""
 
-    main = env.is_main
-    say = (lambda *_: None) if quiet or not main else _log
-    kind = strategy(env, cfg.fsdp)
+    run_dir: Path
+    command: str
+    main: bool
+    resume: bool
+    grace: float
+    folder: _NewRunFolder | None = None  # a new run's folder (rank 0)
+    step: int = 0  # optimizer steps ended
+    total: int = 0
+    finishing: bool = False  # past the last step: final evaluation, answers, saving
+
+    def _latest(self) -> str:
+        from trilora.train.state import latest_checkpoint
+
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return "no checkpoint exists yet (--resume starts again from step 0)"
+        return f"the latest checkpoint is {ckpt}"
+
+    def _doing(self) -> str:
+        if self.finishing:
+            return "the final evaluation and answers"
+        return f"step {self.step + 1} of {self.total}"
+
+    def saved(self, signum: int, ckpt: Path) -> str:
+        from trilora.train.stop import signal_name
+
+        return (f"stopped by {signal_name(signum)} after step {self.step} of {self.total}: "
+                f"checkpoint saved in {ckpt}; resume with: {self.command}")  # fmt: skip
+
+    def timed_out(self, signum: int) -> str | None:
+        from trilora.train.stop import signal_name
+
+        if not self.main:
+            return None
+        return (f"trilora train: stopped by {signal_name(signum)}: {self._doing()} did not end "
+                f"within --stop-grace {self.grace:g} s, so no checkpoint was written; "
+                f"{self._latest()}; resume with: {self.command}")  # fmt: skip
+
+    def at_once(self, exc, left_nothing: bool) -> str:
+        from trilora.train.stop import signal_name
+
+        name = signal_name(exc.signum)
+        if left_nothing:
+            return (f"stopped by {name} before the first step ended: nothing to save, and the "
+                    f"run left nothing in {self.run_dir}; run the same command to start "
+                    "again")  # fmt: skip
+        if exc.again:
+            return (f"stopped at once by a second {name}: no checkpoint written for "
+                    f"{self._doing()}; {self._latest()}; resume with: {self.command}")  # fmt: skip
+        return (f"stopped by {name} before training resumed; {self._latest()}; resume with: "
+                f"{self.command}")  # fmt: skip
+
+
+def _train(cfg: TrainConfig, env, device: torch.device, *, resume: bool, overwrite: bool,
+           quiet: bool, resume_command: str | None,
+           loss_table: bool = True) -> dict[str, Any] | None:  # fmt: skip
+    import shlex
+
+    from trilora.io import RunStopped
+    from trilora.train.parallel import on_main
+    from trilora.train.stop import StopNow, StopSignals
+
     if env.distributed and cfg.batch_size < env.world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} is the global micro-batch, split "
                          f"across the {env.world_size} processes: give at least "
                          f"{env.world_size} rows (one per process) or start fewer "
                          "processes")  # fmt: skip
-    run_dir = on_main(env, lambda: _prepare_run_dir(cfg, resume, overwrite))
+    run_dir = on_main(env, lambda: _check_run_dir(cfg, resume, overwrite))
+    if resume_command is None:
+        where = os.path.abspath(run_dir)
+        resume_command = shlex.join(["trilora", "train", "--config", f"{where}/config.yaml",
+                                     "--out", where, "--resume"])  # fmt: skip
+    stopping = _Stopping(run_dir, resume_command, env.is_main, resume, cfg.stop_grace)
+    stopper = StopSignals(cfg.stop_grace, stopping.timed_out)
+    with stopper:
+        try:
+            return _run(cfg, env, device, run_dir, stopping, stopper, resume=resume,
+                        overwrite=overwrite, quiet=quiet, loss_table=loss_table)  # fmt: skip
+        except StopNow as exc:
+            folder = stopping.folder
+            left_nothing = folder is not None and not folder.kept
+            if folder is not None:
+                folder.discard()
+            raise RunStopped(stopping.at_once(exc, left_nothing), exc.signum) from None
+        except BaseException:
+            if stopping.folder is not None:
+                stopping.folder.discard()  # nothing once the first step has ended
+            raise
+
+
+def _run(cfg: TrainConfig, env, device: torch.device, run_dir: Path, stopping: _Stopping,
+         stopper, *, resume: bool, overwrite: bool, quiet: bool,
+         loss_table: bool) -> dict[str, Any] | None:  # fmt: skip
+    from trilora.io import RunStopped
+    from trilora.train import state as S
+    from trilora.train.losses import sft_loss
+    from trilora.train.model import (
+        apply_memory_options,
+        base_model_mode,
+        load_model,
+        load_tokenizer,
+    )
+    from trilora.train.optim import build_optimizer, build_scheduler, clip_gradients
+    from trilora.train.parallel import all_reduce, gradient_sync, on_main, strategy, wrap
+    from trilora.train.stop import TestHook
+
+    main = env.is_main
+    say = (lambda *_: None) if quiet or not main else _log
+    hook = TestHook()
+    kind = strategy(env, cfg.fsdp)
     if kind is None and cfg.fsdp:
         say("note: --fsdp shards the model across processes; this run is one process, which "
             "holds the whole model (start several with --nproc N or torchrun)")  # fmt: skip
     t_start = time.perf_counter()
+    # The tokenizer loads in a second and the data in a few; the model takes much longer.
+    # Data mistakes (a malformed line, a prompt longer than --max-seq-len) fail here, before
+    # anything is written to the run folder.
+    folder_path, tokenizer = load_tokenizer(cfg, log=say)
+    data = _load_data(cfg, tokenizer)
+    if len(data.rows) < env.world_size:
+        raise UserError(f"{cfg.data}: {len(data.rows)} training rows for {env.world_size} "
+                        "processes; every process needs at least one row (more data, or "
+                        "fewer processes)")  # fmt: skip
+    if not resume:
+        created = on_main(env, lambda: _create_run_dir(cfg, run_dir, overwrite))
+        stopping.folder = created if main else None
+    hook("in_setup", 0, run_dir, env.rank, stopper)
     _seed_everything(cfg.seed)
-    lm = load_model(cfg, device, log=say, env=env)
-    tokenizer = lm.tokenizer
+    lm = load_model(cfg, device, log=say, env=env, tokenizer=tokenizer, folder=folder_path)
     model = wrap(lm.model, env, cfg)
     apply_memory_options(model, cfg)
     if env.rank > 0:
@@ -436,11 +632,6 @@ def _train(cfg: TrainConfig, env, device: torch.device, *, resume: bool, overwri
         torch.cuda.reset_peak_memory_stats()
     trainable_bytes = sum(p.numel() * 4 for p in lm.model.parameters() if p.requires_grad)
     on_main(env, lambda: _check_free_space(run_dir, trainable_bytes, cfg.keep_last))
-    data = _load_data(cfg, tokenizer)
-    if len(data.rows) < env.world_size:
-        raise UserError(f"{cfg.data}: {len(data.rows)} training rows for {env.world_size} "
-                        "processes; every process needs at least one row (more data, or "
-                        "fewer processes)")  # fmt: skip
     pad_id = tokenizer.pad_token_id
     stream = BatchStream(data, cfg, pad_id, env)
     if cfg.max_steps is not None:
@@ -448,6 +639,7 @@ def _train(cfg: TrainConfig, env, device: torch.device, *, resume: bool, overwri
     else:
         total_micro = max(1, math.floor(cfg.epochs * stream.per_epoch))
     total_steps = math.ceil(total_micro / cfg.grad_accum)
+    stopping.total = total_steps
     warmup = (
         cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total_steps)
     )
@@ -480,6 +672,8 @@ def _train(cfg: TrainConfig, env, device: torch.device, *, resume: bool, overwri
         say(f"resumed from {ckpt} (step {start_step} of {total_steps}"
             + (f"; saved on {saved_on} processes" if saved_on != env.world_size else "")
             + ")")  # fmt: skip
+    stopping.step = start_step
+    saved_step = start_step if ckpt is not None else None  # the newest checkpoint's step
     import json
 
     base_path = run_dir / "base.json"
@@ -512,7 +706,34 @@ def _train(cfg: TrainConfig, env, device: torch.device, *, resume: bool, overwri
     # the step's token-mean loss, so it is scaled back up by the rank count.
     scale = float(env.world_size)
     stat_keys = ("reward_accuracy", "reward_margin") if cfg.method == "dpo" else ()
+
+    def save(step: int) -> Path:
+        elapsed = elapsed_before + time.perf_counter() - t_loop
+        stopper.checkpoint_starting()
+        return S.save_checkpoint(run_dir, step, model, optimizer, scheduler,
+                                 {"format": FORMAT, "step": step, "micro_batches": micro_done,
+                                  "tokens_seen": tokens_seen, "elapsed": elapsed,
+                                  "world_size": env.world_size, "strategy": kind or "single"},
+                                 cfg.keep_last, env)  # fmt: skip
+
+    def stop_if_asked() -> None:
+        """Where a stop may happen: every rank learns whether any rank was signalled, and
+        all of them save the step that just ended, then stop."""
+        nonlocal saved_step
+        signum = stopper.agreed(env)
+        if not signum:
+            return
+        done = stopping.step
+        path = S.latest_checkpoint(run_dir) if main else None
+        if saved_step != done:
+            path = save(done)
+            saved_step = done
+        if metrics is not None:
+            metrics.close()
+        raise RunStopped(stopping.saved(signum, Path(path or run_dir)), signum)
+
     try:
+        stopper.training = True
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
             micro = [
@@ -544,6 +765,7 @@ def _train(cfg: TrainConfig, env, device: torch.device, *, resume: bool, overwri
                     if env.distributed:
                         loss = loss * (scale if mb.real else 0.0)
                     loss.backward()
+            hook("in_step", step + 1, run_dir, env.rank, stopper)
             grad_norm = clip_gradients(optimizer, model, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -565,6 +787,8 @@ def _train(cfg: TrainConfig, env, device: torch.device, *, resume: bool, overwri
             if not math.isfinite(loss_total):
                 raise UserError(f"the loss became {loss_total} at step {step + 1}; lower --lr or "
                                 "check the data")  # fmt: skip
+            if stopping.folder is not None:
+                stopping.folder.keep()  # a step has ended: the folder is now a run to resume
             if (
                 cfg.eval_every
                 and (step + 1) % cfg.eval_every == 0
@@ -578,32 +802,34 @@ def _train(cfg: TrainConfig, env, device: torch.device, *, resume: bool, overwri
                     metrics.write({"kind": "eval", "step": step + 1, **last_eval})
                     progress.write(f"step {step + 1}: held-out loss {last_eval['eval_loss']:.4f}")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-                elapsed = elapsed_before + time.perf_counter() - t_loop
-                S.save_checkpoint(run_dir, step + 1, model, optimizer, scheduler,
-                                  {"format": FORMAT, "step": step + 1,
-                                   "micro_batches": micro_done, "tokens_seen": tokens_seen,
-                                   "elapsed": elapsed, "world_size": env.world_size,
-                                   "strategy": kind or "single"},
-                                  cfg.keep_last, env)  # fmt: skip
+                save(step + 1)
+                saved_step = step + 1
+            stopping.step = step + 1
+            stop_if_asked()
     finally:
         progress.close()
     train_time = elapsed_before + time.perf_counter() - t_loop
 
+    stopping.finishing = True
     tuned: dict[str, Any] = {}
     if data.val:
         tuned = evaluate(model, data, cfg, pad_id, autocast_dtype,
                          base_mode=base_mode if cfg.method == "dpo" else None, env=env)  # fmt: skip
-        if main:
-            metrics.write({"kind": "eval", "step": total_steps, **tuned})
+    stop_if_asked()
     samples = _compare_answers(model, tokenizer, data, cfg, base_mode, base, run_dir,
                                lm.has_adapter, env)  # fmt: skip
+    # The final evaluation is logged only now: a run stopped before this point resumes at
+    # its last step and logs it then, once.
+    stop_if_asked()
+    if main and tuned:
+        metrics.write({"kind": "eval", "step": total_steps, **tuned})
     saved_to = _save_result(model, tokenizer, lm, cfg, run_dir, env)
     peak = int(all_reduce(env, [peak_memory_bytes(lm.device.type)], "max")[0])
     if not main:
         if cfg.merge:
             _merge(model, lm, cfg, run_dir, env)
         return None
-    curve = plot_loss_curve(metrics.records, run_dir / "loss_curve.png")
+    curve = plot_loss_curve(metrics.records, run_dir / "loss_curve.png", base)
     metrics.close()
     summary = {
         "steps": total_steps, "train_time_s": train_time,
@@ -623,7 +849,7 @@ def _train(cfg: TrainConfig, env, device: torch.device, *, resume: bool, overwri
         summary["merged"] = str(_merge(model, lm, cfg, run_dir, env))
     atomic_write_json(run_dir / "summary.json", summary)
     if not quiet:
-        _print_summary(summary, cfg)
+        _print_summary(summary, cfg, loss_table)
     return summary
 
 
@@ -748,6 +974,7 @@ def _merge(model, lm, cfg, run_dir: Path, env) -> Path:
     adapter just saved."""
     import trilora
     from trilora.distributed import unwrap
+    from trilora.merging import save_tokenizer
 
     target = run_dir / "merged"
     if not env.is_main:
@@ -763,7 +990,7 @@ def _merge(model, lm, cfg, run_dir: Path, env) -> Path:
     merged = trilora.merge(peft_model, dtype=dtype)
     with atomic_directory(target, overwrite=True) as tmp:
         merged.save_pretrained(tmp)
-        lm.tokenizer.save_pretrained(tmp)
+        save_tokenizer([lm.folder, run_dir / "adapter"], tmp)  # as `trilora merge` does
     return target
 
 
@@ -791,7 +1018,7 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _print_summary(s: dict[str, Any], cfg: TrainConfig) -> None:
+def _print_summary(s: dict[str, Any], cfg: TrainConfig, loss_table: bool = True) -> None:
     p = print
     if s["samples"]:
         shown = s["samples"][:SHOWN_SAMPLES]
@@ -801,7 +1028,7 @@ def _print_summary(s: dict[str, Any], cfg: TrainConfig) -> None:
         f"done: {s['steps']} steps in {s['train_time_s']:.1f} s ({s['tokens_per_s']:.0f} tokens/s), "
         f"peak memory {human_bytes(s['peak_memory'])} ({'CUDA' if s['device'] == 'cuda' else 'RSS'})"
     )
-    if s["tuned"]:
+    if s["tuned"] and loss_table:
         b, t = s["base"], s["tuned"]
         p(f"{'held-out':<22}{'base':>12}{'tuned':>12}")
         p(f"{'loss':<22}{_fmt(b.get('eval_loss')):>12}{_fmt(t.get('eval_loss')):>12}")

@@ -22,7 +22,15 @@ from torch import nn
 from trilora.io import UsageError, UserError
 from trilora.train.config import TrainConfig, cache_dir
 
-__all__ = ["LoadedModel", "gguf_to_folder", "load_model", "model_fingerprint"]
+__all__ = [
+    "LoadedModel",
+    "count_parameters",
+    "gguf_digest",
+    "gguf_to_folder",
+    "load_model",
+    "load_tokenizer",
+    "model_fingerprint",
+]
 
 # PEFT methods whose forward drops position ids (virtual tokens shift every position).
 _PROMPT_LEARNING = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
@@ -30,6 +38,12 @@ _PROMPT_LEARNING = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PRO
 
 @dataclass
 class LoadedModel:
+    """What :func:`load_model` returns. ``total_params`` counts the base model's weights as
+    the model defines them (a 4-bit weight of shape ``[N, K]`` is ``N * K`` parameters,
+    whatever its packed storage holds; tied weights once), without the adapter's;
+    ``trainable_params`` what trains (the adapter, or every weight with ``--finetune
+    full``)."""
+
     model: nn.Module
     tokenizer: Any
     folder: Path
@@ -40,15 +54,80 @@ class LoadedModel:
     total_params: int
 
 
+def _logical_numel(module: nn.Module) -> int | None:
+    """Elements of ``module.weight`` as the model sees it, when its storage is packed 4-bit
+    (trilora's ``Linear4bit``, or bitsandbytes' whose ``Params4bit`` keeps the shape in its
+    ``quant_state``); None for an ordinary weight."""
+    from trilora.nn import Linear4bit
+
+    if isinstance(module, Linear4bit):
+        return module.out_features * module.in_features
+    shape = getattr(getattr(getattr(module, "weight", None), "quant_state", None), "shape", None)
+    if shape is not None:
+        return int(torch.Size(shape).numel())
+    return None
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(all, trainable)`` parameters of ``model``, 4-bit weights counted by their logical
+    shape (``[N, K]``: ``N * K``), shared (tied) tensors once."""
+    logical: dict[int, int] = {}
+    for module in model.modules():
+        n = _logical_numel(module)
+        if n is not None:
+            logical[id(module.weight)] = n
+    total = trainable = 0
+    for p in model.parameters():  # each tensor once, however many modules share it
+        n = logical.get(id(p), p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return total, trainable
+
+
+def gguf_digest(gguf: Path) -> str:
+    """sha256 of the file's bytes (hex), read once per file: the digest is remembered in
+    ``$TRILORA_CACHE/gguf/digests.json`` under the file's absolute path, size and
+    modification time, so a later run finds it without reading the file again."""
+    from trilora.io import atomic_write_json
+
+    st = gguf.stat()
+    stamp = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    index_path = cache_dir() / "gguf" / "digests.json"
+
+    def read_index() -> dict[str, str]:
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return index if isinstance(index, dict) else {}
+
+    known = read_index().get(stamp)
+    if isinstance(known, str):
+        return known
+    h = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    digest = h.hexdigest()
+    index = read_index()  # another process may have added entries meanwhile
+    index[stamp] = digest
+    try:
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(index_path, index)
+    except OSError:
+        pass  # a read-only cache: the digest is computed again next time
+    return digest
+
+
 def gguf_to_folder(gguf: Path, log=print) -> Path:
-    """A bf16 Hugging Face folder holding the model and tokenizer of ``gguf`` (cached)."""
+    """A bf16 Hugging Face folder holding the model and tokenizer of ``gguf``, converted once
+    and cached under the file's content (:func:`gguf_digest`): every copy of the same file,
+    wherever it lies (one per virtual environment), shares one folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trilora.io import atomic_directory
 
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
-    target = cache_dir() / "gguf" / f"{gguf.stem}-{key[:12]}"
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{gguf_digest(gguf)[:12]}"
     if (target / "config.json").is_file():
         return target
     check_gguf(gguf)
@@ -181,9 +260,23 @@ def _load_peft_config(path: str):
         raise UsageError(f"--peft-config {path}: PEFT rejected it ({exc})") from None
 
 
+def load_tokenizer(cfg: TrainConfig, log=print) -> tuple[Path, Any]:
+    """The model folder (a .gguf file is converted once, see :func:`gguf_to_folder`) and its
+    tokenizer, with a pad token (EOS when it has none). A second or so: the trainer reads
+    and checks the data with it before the model loads."""
+    from transformers import AutoTokenizer
+
+    folder = resolve_source(cfg.model, log)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return folder, tokenizer
+
+
 def load_model(cfg: TrainConfig, device: torch.device | None = None, log=print,
-               env=None) -> LoadedModel:  # fmt: skip
-    """Base model + tokenizer + trainable part, as ``cfg`` says, on ``device``.
+               env=None, tokenizer=None, folder: Path | None = None) -> LoadedModel:  # fmt: skip
+    """Base model + tokenizer + trainable part, as ``cfg`` says, on ``device``
+    (``tokenizer`` and ``folder``: what :func:`load_tokenizer` returned, if it was called).
 
     In a distributed run (``env`` with several ranks) only rank 0 reads the 4-bit model,
     into host memory; the other ranks build it on the meta device
@@ -192,7 +285,7 @@ def load_model(cfg: TrainConfig, device: torch.device | None = None, log=print,
     base (``--quant none``) is read by every rank. The memory options
     (:func:`apply_memory_options`) come after wrapping.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     import trilora.distributed as td
 
@@ -204,10 +297,8 @@ def load_model(cfg: TrainConfig, device: torch.device | None = None, log=print,
         compute_dtype = torch.bfloat16
     else:
         compute_dtype = torch.float32
-    folder = resolve_source(cfg.model, log)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer is None or folder is None:
+        folder, tokenizer = load_tokenizer(cfg, log)
     attn = _attn_implementation(cfg, device)
     prequantized = _is_prequantized(folder)
     with warnings.catch_warnings():
@@ -238,10 +329,10 @@ def load_model(cfg: TrainConfig, device: torch.device | None = None, log=print,
         enable_fused_rms_norm(model)
     else:
         model = _attach_adapter(model, cfg, compute_dtype)
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    everything, trainable = count_parameters(model)
+    base = everything - trainable if has_adapter else everything
     return LoadedModel(model, tokenizer, folder, device, compute_dtype, has_adapter, trainable,
-                       total)  # fmt: skip
+                       base)  # fmt: skip
 
 
 def apply_memory_options(model: nn.Module, cfg: TrainConfig) -> None:

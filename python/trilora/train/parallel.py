@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from trilora.io import UsageError, UserError
+from trilora.io import RunStopped, UsageError, UserError
 
 __all__ = [
     "ERROR_DIR_ENV",
@@ -128,12 +130,19 @@ def _quiet_launcher_logs() -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def launch(nproc: int, worker_args: list[str], config_yaml: str, debug: bool = False) -> int:
+def launch(nproc: int, worker_args: list[str], config_yaml: str, debug: bool = False,
+           resume_command: str | None = None, stop_grace: float = 20.0) -> int:  # fmt: skip
     """Run ``trilora train`` on ``nproc`` local processes; return the exit status.
 
     ``config_yaml`` (the resolved settings) is written to a temporary file handed to every
     worker as ``--config``, followed by ``worker_args`` (run controls: ``--resume``, ...).
+    A SIGTERM or Ctrl-C of this process reaches every worker (torch's launcher passes it
+    on); they stop together at the next step boundary with a checkpoint, rank 0's line is
+    printed (it names ``resume_command``), and the status is 128 + the signal's number. The
+    launcher waits ``stop_grace`` plus a minute for that before it kills them.
     """
+    from trilora.train.cli import COMMAND_ENV
+
     _quiet_launcher_logs()
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser
@@ -148,27 +157,40 @@ def launch(nproc: int, worker_args: list[str], config_yaml: str, debug: bool = F
         argv = ["--standalone", f"--nproc-per-node={nproc}", "-m", "trilora.train",
                 "--config", str(config), *worker_args]  # fmt: skip
         args = get_args_parser().parse_args(argv)
-        previous = os.environ.get(ERROR_DIR_ENV)
-        os.environ[ERROR_DIR_ENV] = str(errors)
+        shutdown = str(max(30, math.ceil(stop_grace) + 60))
+        settings = {ERROR_DIR_ENV: str(errors), COMMAND_ENV: resume_command,
+                    # how long torch's launcher waits for stopping workers before SIGKILL
+                    # (read by torch >= 2.12; older ones wait 30 s)
+                    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": os.environ.get(
+                        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", shutdown)}  # fmt: skip
+        previous = {k: os.environ.get(k) for k in settings}
+        for k, v in settings.items():
+            if v is not None:
+                os.environ[k] = v
         try:
             torchrun(args)
         except ChildFailedError as exc:
             return _report_failures(errors, exc, debug)
         except Exception as exc:  # torch's SignalException: Ctrl-C or a kill of the launcher
             if type(exc).__name__ == "SignalException":
-                print("trilora train: interrupted", file=sys.stderr)
-                return 130
+                signum = int(getattr(exc, "sigval", signal.SIGINT))
+                # the workers stopped on the signal passed on to them; rank 0 said how
+                if not _print_reported(errors):
+                    print("trilora train: interrupted", file=sys.stderr)
+                return 128 + signum
             raise
         finally:
-            if previous is None:
-                os.environ.pop(ERROR_DIR_ENV, None)
-            else:
-                os.environ[ERROR_DIR_ENV] = previous
+            for k, v in previous.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     return 0
 
 
-def _report_failures(errors: Path, exc, debug: bool = False) -> int:
-    """Print each distinct worker error once (rank 0's first); return the exit status."""
+def _print_reported(errors: Path) -> list[tuple[int, int, str]]:
+    """Print each distinct line the workers left in ``errors`` once, rank 0's first; return
+    ``(rank, status, line)`` of each."""
     reported: list[tuple[int, int, str]] = []
     for f in errors.glob("rank-*"):
         status, _, line = f.read_text(encoding="utf-8").partition("\n")
@@ -179,6 +201,12 @@ def _report_failures(errors: Path, exc, debug: bool = False) -> int:
         if line not in seen:
             seen.add(line)
             print(line, file=sys.stderr)
+    return reported
+
+
+def _report_failures(errors: Path, exc, debug: bool = False) -> int:
+    """Print each distinct worker error once (rank 0's first); return the exit status."""
+    reported = _print_reported(errors)
     if reported:
         return reported[0][1]
     # no worker reported: killed by a signal, out of memory, a crash in native code
@@ -205,11 +233,16 @@ def worker_main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get("TRILORA_DEBUG", "") not in ("", "0")
     args = build_parser(["train", *argv]).parse_args(["train", *argv])
+    args._argv = ["train", *argv]
     if not debug:
         quiet_third_party_notices()
     rank = int(os.environ.get("RANK", "0") or 0)
     try:
         return int(run(args) or 0)
+    except RunStopped as exc:  # every rank stopped at the same step; rank 0 says so
+        if rank == 0:
+            _report_line(f"trilora train: {exc}", exc.exit_code, rank)
+        return exc.exit_code
     except KeyboardInterrupt:
         if debug:
             raise
@@ -222,17 +255,22 @@ def worker_main(argv: list[str] | None = None) -> int:
         buf = io.StringIO()
         with contextlib.redirect_stderr(buf):
             status = report_error("trilora train", exc)
-        line = buf.getvalue().strip()
-        folder = os.environ.get(ERROR_DIR_ENV)
-        if folder and Path(folder).is_dir():
-            from trilora.io import atomic_write_text
-
-            atomic_write_text(Path(folder) / f"rank-{rank}", f"{status}\n{line}\n")
-        else:
-            if rank > 0 and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-                line = line.replace("trilora train: ", f"trilora train [rank {rank}]: ", 1)
-            print(line, file=sys.stderr, flush=True)
+        _report_line(buf.getvalue().strip(), status, rank)
         return status
+
+
+def _report_line(line: str, status: int, rank: int) -> None:
+    """A worker's one line: into the launcher's folder (``trilora train --nproc`` prints
+    each distinct line once), else on stderr, tagged with the rank past rank 0."""
+    folder = os.environ.get(ERROR_DIR_ENV)
+    if folder and Path(folder).is_dir():
+        from trilora.io import atomic_write_text
+
+        atomic_write_text(Path(folder) / f"rank-{rank}", f"{status}\n{line}\n")
+        return
+    if rank > 0 and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        line = line.replace("trilora train: ", f"trilora train [rank {rank}]: ", 1)
+    print(line, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------

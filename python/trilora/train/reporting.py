@@ -12,7 +12,14 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLog", "Progress", "peak_memory_bytes", "plot_loss_curve", "side_by_side"]
+__all__ = [
+    "MetricsLog",
+    "Progress",
+    "loss_curve_points",
+    "peak_memory_bytes",
+    "plot_loss_curve",
+    "side_by_side",
+]
 
 
 def peak_memory_bytes(device_type: str) -> int:
@@ -74,9 +81,11 @@ class MetricsLog:
                     self._tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, step)
 
     def close(self) -> None:
+        """Close the file (and TensorBoard); calling it again does nothing."""
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
 
 
 class Progress:
@@ -111,8 +120,22 @@ class Progress:
             self.bar.close()
 
 
-def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> bool:
-    """Train (and eval) loss against step as a PNG; False when matplotlib is missing."""
+def loss_curve_points(records: list[dict[str, Any]], base: dict[str, Any] | None = None
+                      ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:  # fmt: skip
+    """``(train, held_out)`` points ``(step, loss)`` of a run's metrics records: the held-out
+    curve starts at step 0 with the base model's loss (``base["eval_loss"]``, measured before
+    training) and has every evaluation after it (each ``--eval-every`` and the final one)."""
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
+    held_out = [(r["step"], r["eval_loss"]) for r in records if r.get("kind") == "eval"]
+    if base and base.get("eval_loss") is not None:
+        held_out.insert(0, (0, base["eval_loss"]))
+    return train, held_out
+
+
+def plot_loss_curve(records: list[dict[str, Any]], path: Path,
+                    base: dict[str, Any] | None = None) -> bool:  # fmt: skip
+    """Train and held-out loss against step as a PNG (:func:`loss_curve_points`; the base
+    model's held-out loss at step 0); False when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -120,13 +143,14 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
-    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("kind") == "eval"]
+    train, held_out = loss_curve_points(records, base)
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="held-out loss")
+    if held_out:
+        ax.plot(*zip(*held_out), "o-", label="held-out loss")
+        if held_out[0][0] == 0:
+            ax.annotate("base", held_out[0], textcoords="offset points", xytext=(6, 4))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
