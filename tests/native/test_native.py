@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -199,6 +200,13 @@ def _load_in_fresh_process(tree, name: str, extensions_dir) -> subprocess.Comple
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
 
 
+def _without_torch_log(stderr: str) -> str:
+    """``stderr`` less torch's own log lines (``W1207 12:46:47.53 123 torch/...] ...``): torch
+    logs at import when it finds a CUDA toolkit without a CUDA runtime, as on CI's machine."""
+    lines = stderr.splitlines(keepends=True)
+    return "".join(ln for ln in lines if not re.match(r"[DIWEF]\d{4} [\d:.]+ +\d+ torch/", ln))
+
+
 def _finish(proc) -> tuple[str, str]:
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
@@ -231,7 +239,7 @@ def test_same_sources_build_once_and_load_silently(tmp_path):
     assert out == "7"
     assert "building the probe (once per version, a second)" in err and "built the probe" in err
     out, err = _finish(_load_in_fresh_process(_probe_tree(tmp_path / "clone", name, 7), name, ext))
-    assert out == "7" and err == ""
+    assert out == "7" and _without_torch_log(err) == ""
     assert len(list(ext.iterdir())) == 1
 
 
