@@ -7,7 +7,11 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trilora.checkpoint import disable_checkpointing, enable_checkpointing, find_decoder_layers
+from trilora.patches.activation_checkpointing import (
+    disable_checkpointing,
+    enable_checkpointing,
+    find_decoder_layers,
+)
 
 
 def _tiny_llama(seed: int) -> LlamaForCausalLM:

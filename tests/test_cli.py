@@ -126,7 +126,7 @@ def test_demo_help_shows_no_docstring_markup(capsys):
 
 
 def test_mem_help_lists_presets_and_the_search_time(capsys):
-    from trilora.memory.cli import preset_names
+    from trilora.commands.mem import preset_names
 
     with pytest.raises(SystemExit):
         main(["mem", "--help"])
@@ -140,14 +140,14 @@ def test_mem_help_lists_presets_and_the_search_time(capsys):
 
 def test_mem_presets_match_the_profiler():
     pytest.importorskip("torch")
+    from trilora.commands.mem import preset_names
     from trilora.memory import preset_names as profiler_presets
-    from trilora.memory.cli import preset_names
 
     assert preset_names() == profiler_presets()
 
 
 def test_merge_blocksizes_match_the_format():
-    from trilora.merging import _BLOCKSIZES
+    from trilora.commands.merge import _BLOCKSIZES
     from trilora.quant import BLOCKSIZES
 
     assert _BLOCKSIZES == BLOCKSIZES
@@ -190,7 +190,7 @@ def test_bad_flags_get_one_line_and_exit_2(argv, expected, capsys):
 
 
 def test_budget_units():
-    from trilora.memory.cli import parse_bytes
+    from trilora.commands.mem import parse_bytes
 
     assert parse_bytes("24GB") == 24 * 10**9
     assert parse_bytes("24 GiB") == 24 * 2**30
@@ -223,12 +223,12 @@ def test_user_error_is_one_line_exit_1_and_debug_shows_the_traceback(tmp_path, m
 
 
 def test_internal_errors_say_so_and_ask_for_debug(monkeypatch, capsys):
-    import trilora.demo
+    import trilora.commands.demo
 
     def broken(args):
         raise KeyError("bug")
 
-    monkeypatch.setattr(trilora.demo, "run", broken)
+    monkeypatch.setattr(trilora.commands.demo, "run", broken)
     assert main(["demo"]) == 1
     line = _one_line_error(capsys.readouterr().err, "trilora demo")
     assert "internal error: KeyError" in line and "--debug" in line

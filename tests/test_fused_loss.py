@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trilora.fused_loss import disable_fused_cross_entropy, enable_fused_cross_entropy
+from trilora.patches.fused_loss import disable_fused_cross_entropy, enable_fused_cross_entropy
 
 
 def _tiny_llama(seed: int, **extra) -> LlamaForCausalLM:

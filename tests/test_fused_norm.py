@@ -1,4 +1,4 @@
-"""trilora.fused_norm: which norms are swapped, and a whole model's parity with eager."""
+"""trilora.patches.fused_norm: which norms are swapped, and a whole model's parity with eager."""
 
 import pytest
 import torch
@@ -8,7 +8,11 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-from trilora.fused_norm import disable_fused_rms_norm, enable_fused_rms_norm, is_llama_rms_norm
+from trilora.patches.fused_norm import (
+    disable_fused_rms_norm,
+    enable_fused_rms_norm,
+    is_llama_rms_norm,
+)
 
 
 def test_structural_match():

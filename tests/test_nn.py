@@ -44,7 +44,7 @@ def test_matches_peft_lora_over_bitsandbytes(seed, dropout, use_rslora, bias):
     # PEFT's LoRA layer over bitsandbytes' Linear4bit holding our bytes, computed exactly
     # (float64 over the dequantized bytes): trilora's bf16 op must match it within bf16
     # rounding. bitsandbytes' own CPU forward is not the reference (see the module docstring).
-    from trilora.baseline import peft_lora_over_bnb
+    from trilora.bench.baselines import peft_lora_over_bnb
 
     pytest.importorskip("bitsandbytes")
     layer = _layer(

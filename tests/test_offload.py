@@ -4,7 +4,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trilora.offload import OffloadedEmbedding, offload_input_embeddings, restore_input_embeddings
+from trilora.patches.embedding_offload import (
+    OffloadedEmbedding,
+    offload_input_embeddings,
+    restore_input_embeddings,
+)
 
 
 def _model(tied: bool = False) -> LlamaForCausalLM:

@@ -32,20 +32,20 @@ import sys
 
 # subcommand -> (module providing add_parser() and run(), one-line help for `trilora --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("trilora.demo", "one layer through trilora and bitsandbytes + PEFT: errors and times"),
-    "mem": ("trilora.memory.cli", "peak GPU memory of a training step, traced without a GPU"),
-    "merge": ("trilora.merging", "merge a LoRA adapter into its base and write safetensors"),
-    "bench": ("trilora.bench.cli", "benchmark trilora against bitsandbytes + PEFT"),
+    "demo": ("trilora.commands.demo", "one layer through trilora and bitsandbytes + PEFT: errors and times"),
+    "mem": ("trilora.commands.mem", "peak GPU memory of a training step, traced without a GPU"),
+    "merge": ("trilora.commands.merge", "merge a LoRA adapter into its base and write safetensors"),
+    "bench": ("trilora.commands.bench", "benchmark trilora against bitsandbytes + PEFT"),
     "kernels": (
-        "trilora.kernel_check",
+        "trilora.commands.kernels",
         "compile every Triton kernel for sm_80/sm_90, check spills",
     ),
     "selfcheck": (
-        "trilora.selfcheck.cli",
+        "trilora.commands.selfcheck",
         "validate trilora here: versions, correctness, speed, memory, e2e (--gpu)",
     ),
-    "train": ("trilora.train.cli", "fine-tune from JSONL (SFT, DPO); --demo runs SmolLM2"),
-    "data": ("trilora.train.data_cli", "check a JSONL dataset: format, duplicates, token lengths"),
+    "train": ("trilora.commands.train", "fine-tune from JSONL (SFT, DPO); --demo runs SmolLM2"),
+    "data": ("trilora.commands.data", "check a JSONL dataset: format, duplicates, token lengths"),
 }
 
 VERSION = "0.1.0"  # == trilora.__version__ (kept here so --version imports nothing)

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trilora import patches
 from trilora.io import UserError
 from trilora.nn import Linear4bit, QLoraLinear
 from trilora.quant import BLOCKSIZES, QUANT_TYPES, quantize
@@ -519,12 +520,12 @@ def patch(peft_model: PeftModel, quant_type: str = "nf4", blocksize: int = 64, d
     ``load_adapter`` adds LoRA layers on modules that had none.
 
     With ``fused_cross_entropy`` (default) a causal LM computes its training loss straight
-    from the final hidden states (:func:`trilora.fused_loss.enable_fused_cross_entropy`): in
+    from the final hidden states (:func:`trilora.patches.fused_loss.enable_fused_cross_entropy`): in
     training mode with ``labels``, full ``[tokens, vocab]`` logits never exist and the
     output's ``logits`` is None. Eval mode and calls without labels are unchanged.
 
     With ``fused_rms_norm`` (default) every Llama-style RMSNorm (Llama, Qwen2/3, Mistral and
-    the other transformers norms with the same forward; see :mod:`trilora.fused_norm`) runs
+    the other transformers norms with the same forward; see :mod:`trilora.patches.fused_norm`) runs
     through :func:`trilora.ops.rms_norm`: same outputs, a fraction of the activation memory.
 
     Returns:
@@ -564,14 +565,10 @@ def patch(peft_model: PeftModel, quant_type: str = "nf4", blocksize: int = 64, d
             root.set_submodule(name, _bnb_to_trilora(module))
     for cfg in configs.values():
         _register(cfg, options)
-    if fused_cross_entropy and callable(getattr(root, "get_output_embeddings", None)):
-        from trilora.fused_loss import enable_fused_cross_entropy
-
-        enable_fused_cross_entropy(peft_model)
-    if fused_rms_norm:
-        from trilora.fused_norm import enable_fused_rms_norm
-
-        enable_fused_rms_norm(root)
+    patches.apply(
+        peft_model,
+        patches.PatchOptions(fused_cross_entropy=fused_cross_entropy, fused_rms_norm=fused_rms_norm),
+    )
     return peft_model
 
 

@@ -141,7 +141,7 @@ def _scenario_fsdp(env, path, out, seed):
     from torch.distributed.tensor import DTensor
 
     import trilora
-    import trilora.checkpoint
+    import trilora.patches.activation_checkpointing
     from trilora.distributed import (
         DistEnv,
         build_optimizer,
@@ -163,7 +163,7 @@ def _scenario_fsdp(env, path, out, seed):
     full = resident_bytes(single)
     model = wrap_fsdp(load_peft(path, seed, env), env=env)
     mine = resident_bytes(model)
-    layer0 = trilora.checkpoint.find_decoder_layers(model)[0]
+    layer0 = trilora.patches.activation_checkpointing.find_decoder_layers(model)[0]
     gathered_layer = []
 
     def count_gathered(module, args):

@@ -14,7 +14,8 @@ import torch
 
 from trilora.cli import main
 from trilora.memory.distributed import COMM_OVERHEAD, per_rank_memory, sharding_groups
-from trilora.memory.profiler import MemOptions, build_meta_model, load_config, static_breakdown
+from trilora.memory.report import MemOptions
+from trilora.memory.trace import build_meta_model, load_config, static_breakdown
 
 TINY = dict(
     model_type="llama", hidden_size=96, intermediate_size=200, num_hidden_layers=3,

@@ -245,8 +245,8 @@ def test_blockwise_optimizer_state_is_not_resharded(run):
 
 def test_memory_model_matches_the_real_shards(run):
     """trilora mem's per-rank model against what rank 0 of the 2-rank FSDP run held."""
-    from trilora.checkpoint import find_decoder_layers
     from trilora.memory.distributed import per_rank_memory, sharding_groups
+    from trilora.patches.activation_checkpointing import find_decoder_layers
 
     rows = run.scenario("fsdp")
     model = load_peft(run.model, run.seed)

@@ -29,7 +29,7 @@ def _env():
 
 
 _OVERSIZED = r"""
-from trilora.kernel_check import check_spec
+from trilora.commands.kernels import check_spec
 from trilora.kernels.aot import AotSpec
 from trilora.kernels.quantize import AOT_SPECS
 
@@ -45,7 +45,7 @@ print(r.ok, r.registers, r.spill_bytes, r.shared_bytes, r.error)
 # importing triton and the kernels once instead of five times (~3 s of CPU each).
 _ALL_CHECKS = (
     "import sys\n"
-    "from trilora.kernel_check import main\n"
+    "from trilora.commands.kernels import main\n"
     "for filt in sys.argv[1:]:\n"
     "    print(f'=== {filt}', flush=True)\n"
     "    status = main(['--arch', '80', '90', '--filter', filt])\n"
@@ -109,7 +109,7 @@ def test_oversized_config_is_reported(checked):
 
 
 def test_refuses_interpreter_in_process(monkeypatch):
-    from trilora.kernel_check import check_spec
+    from trilora.commands.kernels import check_spec
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     spec = all_aot_specs()[0]

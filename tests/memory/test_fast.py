@@ -23,20 +23,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from trilora.memory.depth import depth_samples, layer_period, trace
 from trilora.memory.fast import FastProfiler, Lattice
 from trilora.memory.optimizer_model import OPTIMIZER_NAMES, offloads_gradients, optimizer_bytes
-from trilora.memory.profiler import (
-    MemOptions,
-    depth_samples,
-    find_max,
-    format_bytes,
-    layer_period,
-    load_config,
-    profile,
-    trace,
-)
 from trilora.memory.progress import BarProgress, Progress
+from trilora.memory.report import MemOptions, format_bytes
+from trilora.memory.search import find_max, profile
 from trilora.memory.timeline import LengthModel, Timeline, TimelineMismatch, TimelineRecorder
+from trilora.memory.trace import load_config
 
 # A 65,536-token vocabulary makes the fused loss run in 1,024-token chunks, so the loss loop
 # grows with the length too (as for Llama-3.1-8B's 512-token chunks).
@@ -371,7 +365,7 @@ def test_units_follow_the_size(llama):
     assert format_bytes(3 * 1024 + 512) == "3.50 KiB"
     assert format_bytes(5 * 1024**2) == "5.00 MiB"
     assert format_bytes(int(2.25 * 1024**3)) == "2.25 GiB"
-    from trilora.memory.cli import format_reports
+    from trilora.commands.mem import format_reports
 
     rep = trace(llama, MemOptions(seq_len=64, r=8), "trilora", 2).report()  # any report
     table = format_reports([rep])

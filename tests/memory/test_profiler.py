@@ -10,17 +10,10 @@ from dataclasses import replace
 import pytest
 
 from trilora.cli import main
-from trilora.memory.profiler import (
-    EXTRAPOLATE_LAYERS,
-    MemOptions,
-    _extrapolate,
-    find_max,
-    largest_fitting,
-    load_config,
-    preset_names,
-    profile,
-    profile_trilora,
-)
+from trilora.memory.depth import EXTRAPOLATE_LAYERS
+from trilora.memory.report import MemOptions, extrapolate_depth
+from trilora.memory.search import find_max, largest_fitting, profile
+from trilora.memory.trace import load_config, preset_names, profile_trilora
 
 TINY = dict(
     model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -55,7 +48,7 @@ def test_depth_extrapolation_matches_full_trace(tiny):
     la, lb = EXTRAPOLATE_LAYERS
     opts = MemOptions(seq_len=1024, r=8, mlp_chunks=2)
     full = profile_trilora(tiny, opts, lb + 1)
-    ext = _extrapolate(profile_trilora(tiny, opts, la), profile_trilora(tiny, opts, lb), lb + 1)
+    ext = extrapolate_depth(profile_trilora(tiny, opts, la), profile_trilora(tiny, opts, lb), lb + 1)
     # exact, category by category (tests/memory/test_fast.py checks it at full length too)
     assert ext.categories == full.categories and ext.total == full.total
     assert ext.host_pinned == full.host_pinned == lb * 1024 * TINY["hidden_size"] * 2

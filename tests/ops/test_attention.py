@@ -7,19 +7,19 @@ from helpers_models import tiny_config
 from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import AutoModelForCausalLM
 
-from trilora import attention as integration
-from trilora.attention import (
-    NAME,
-    current_attn_implementation,
-    disable_grouped_attention,
-    enable_grouped_attention,
-)
 from trilora.ops import attention as ops_attention
 from trilora.ops.attention import (
     flash_attention_ops,
     flash_backward_workspace,
     grouped_causal_attention,
     is_fake_tensor,
+)
+from trilora.patches import grouped_attention as integration
+from trilora.patches.grouped_attention import (
+    NAME,
+    current_attn_implementation,
+    disable_grouped_attention,
+    enable_grouped_attention,
 )
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}

@@ -134,7 +134,7 @@ def test_gpu_flag_without_cuda_says_so(tmp_path, capsys):
 
 def test_the_command_modules_import_no_torch():
     code = (
-        "import sys, trilora.cli, trilora.selfcheck.cli, trilora.selfcheck.runner, "
+        "import sys, trilora.cli, trilora.commands.selfcheck, trilora.selfcheck.runner, "
         "trilora.selfcheck.report, trilora.selfcheck.worker, trilora.selfcheck.units\n"
         "trilora.cli.build_parser(['selfcheck', '--help'])\n"
         "assert 'torch' not in sys.modules, 'torch imported'"

@@ -79,7 +79,7 @@ def test_dpo_matches_float64_definition(tiny):
     ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     m64 = copy.deepcopy(model).double()
-    from trilora.fused_loss import disable_fused_cross_entropy
+    from trilora.patches.fused_loss import disable_fused_cross_entropy
 
     disable_fused_cross_entropy(m64)
     m64.zero_grad()

@@ -29,7 +29,7 @@ import torch
 from train_helpers import save_tiny_lm, sft_records, write_jsonl
 
 from trilora.cli import main
-from trilora.train.state import HOOK_ENV
+from trilora.train.checkpoints import HOOK_ENV
 
 STEPS = 8
 SAVE_EVERY = 3

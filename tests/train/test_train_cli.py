@@ -115,7 +115,7 @@ def test_data_check_counts_and_lists_every_copy(tmp_path, capsys):
 def test_help_shows_one_example_per_line():
     """`trilora train --help` as a user sees it (an 80-column terminal): every example of
     the description on its own line, as written."""
-    from trilora.train.cli import DESCRIPTION
+    from trilora.commands.train import DESCRIPTION
 
     examples = [x for x in DESCRIPTION.splitlines() if x.startswith("  ")]
     assert len(examples) >= 5

@@ -163,7 +163,7 @@ def _check_source(model: nn.Module, env: DistEnv) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def _comm_device(env: DistEnv) -> torch.device:
+def comm_device(env: DistEnv) -> torch.device:
     return env.device if env.backend == "nccl" else torch.device("cpu")
 
 
@@ -195,7 +195,7 @@ def _send_sharded(param, full: torch.Tensor | None, name: str, env: DistEnv) -> 
             f"{name}: rank {rank} holds {local.shape[0]} of {rows} rows, expected {mine} "
             "(FSDP2 sharding is not torch.chunk along dim 0 in this torch version)"
         )
-    device = _comm_device(env)
+    device = comm_device(env)
     recv = torch.empty((step, *local.shape[1:]), dtype=local.dtype, device=device)
     chunks = None
     if rank == 0:
@@ -214,7 +214,7 @@ def _send_sharded(param, full: torch.Tensor | None, name: str, env: DistEnv) -> 
 
 @torch.no_grad()
 def _send_full(local: torch.Tensor, full: torch.Tensor | None, env: DistEnv) -> None:
-    device = _comm_device(env)
+    device = comm_device(env)
     if env.rank == 0:
         buf = full.to(device=device, dtype=local.dtype).contiguous()
     else:
@@ -360,7 +360,7 @@ def wrap_fsdp(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
-    from trilora.checkpoint import find_decoder_layers
+    from trilora.patches.activation_checkpointing import find_decoder_layers
 
     env = env or current_env()
     policy = _mp_policy(mixed_precision)

@@ -73,7 +73,7 @@ def _is_dtensor(t: Any) -> bool:
     return isinstance(t, DTensor)
 
 
-def _comm_device(env: DistEnv) -> torch.device:
+def comm_device(env: DistEnv) -> torch.device:
     return env.device if env.backend == "nccl" else torch.device("cpu")
 
 
@@ -161,7 +161,7 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     table = torch.stack(sums) if sums else torch.zeros((0, 2), dtype=torch.int64)
     if env.distributed and any(sharded):
         mask = torch.tensor(sharded, dtype=torch.bool)
-        part = table[mask].to(_comm_device(env))
+        part = table[mask].to(comm_device(env))
         dist.all_reduce(part)
         table[mask] = part.cpu()
     frozen = {n: [int(a), int(b)] for n, (a, b) in zip(frozen_names, table.tolist())}

@@ -1,8 +1,11 @@
 """Memory ceilings of QLoRA training, computed without a GPU (``trilora mem``).
 
-See :mod:`trilora.memory.profiler` for how the step is traced, :mod:`trilora.memory.fast`
-for how long contexts are answered from short traces, and ``docs/memory.md`` for the user
-guide. The names below import on first use, so ``trilora.memory.cli`` (the command's
+Modules, bottom to top: :mod:`~trilora.memory.report` (the core types),
+:mod:`~trilora.memory.trace` (how the step is traced), :mod:`~trilora.memory.bnb_peft`
+(the same step in bitsandbytes + PEFT), :mod:`~trilora.memory.depth` (a whole model from
+two depths), :mod:`~trilora.memory.fast` (long contexts from short traces),
+:mod:`~trilora.memory.search` (budgets and sweeps), and ``docs/memory.md`` for the user
+guide. The names below import on first use, so ``trilora.commands.mem`` (the command's
 parser) loads without torch.
 """
 
@@ -14,14 +17,14 @@ import importlib
 _LAZY = {
     "bench_cases": "trilora.memory.bench",
     "FastProfiler": "trilora.memory.fast",
-    "MemOptions": "trilora.memory.profiler",
-    "MemReport": "trilora.memory.profiler",
-    "find_max": "trilora.memory.profiler",
-    "load_config": "trilora.memory.profiler",
-    "preset_names": "trilora.memory.profiler",
-    "profile": "trilora.memory.profiler",
-    "profile_trilora": "trilora.memory.profiler",
-    "sweep": "trilora.memory.profiler",
+    "MemOptions": "trilora.memory.report",
+    "MemReport": "trilora.memory.report",
+    "find_max": "trilora.memory.search",
+    "load_config": "trilora.memory.trace",
+    "preset_names": "trilora.memory.trace",
+    "profile": "trilora.memory.search",
+    "profile_trilora": "trilora.memory.trace",
+    "sweep": "trilora.memory.search",
 }
 
 __all__ = sorted(_LAZY)

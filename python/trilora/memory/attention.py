@@ -18,7 +18,7 @@ fp32 ``dq`` accumulator and, for grouped-query attention, ``dk``/``dv`` per quer
 per token for Llama-3.1-8B): :func:`flash_attention_forward` allocates it in a pre-hook of
 the attention's backward node and frees it in a post-hook, so the tracker sees it exactly
 then. ``register(grouped=True)`` traces trilora's grouped attention instead
-(:mod:`trilora.attention`), whose op allocates the workspace of one group at a time itself.
+(:mod:`trilora.patches.grouped_attention`), whose op allocates the workspace of one group at a time itself.
 """
 
 from __future__ import annotations
@@ -78,13 +78,13 @@ def _add_backward_workspace(node, query: torch.Tensor, key: torch.Tensor) -> Non
 def register(grouped: bool = False) -> str:
     """Register the traced attention with transformers (idempotent); returns its name.
 
-    ``grouped``: trilora's grouped flash attention (:mod:`trilora.attention`) rather than one
+    ``grouped``: trilora's grouped flash attention (:mod:`trilora.patches.grouped_attention`) rather than one
     flash call over all heads.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    from trilora.attention import grouped_attention_forward
+    from trilora.patches.grouped_attention import grouped_attention_forward
 
     # The user-facing grouped attention itself; with no mask (below) it always takes the
     # grouped path, as it does on CUDA for unpadded causal batches.

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from trilora.memory.profiler import GiB, MemOptions, load_config, profile
+from trilora.memory.report import GiB, MemOptions
+from trilora.memory.search import profile
+from trilora.memory.trace import load_config
 
 QUICK_SEQ_LENS = (1024, 2048)
 FULL_SEQ_LENS = (2048, 8192)

@@ -1,6 +1,6 @@
 """Per-rank device memory of a distributed QLoRA step (``trilora mem --world-size N [--fsdp]``).
 
-The single-device trace (:func:`trilora.memory.profiler.profile`) measures what one rank
+The single-device trace (:func:`trilora.memory.search.profile`) measures what one rank
 computes with: its activations and temporaries depend only on the *per-rank* batch, which
 data parallelism does not change. What changes with N ranks is who holds the model's own
 tensors. :func:`per_rank_memory` walks the model the way :func:`trilora.distributed.wrap_fsdp`
@@ -121,9 +121,9 @@ def sharding_groups(
 
     ``model`` may live on the meta device (shapes and dtypes are all that is read).
     """
-    from trilora.checkpoint import find_decoder_layers
     from trilora.distributed.sharding import fsdp_storage_dtypes
     from trilora.nn import Linear4bit
+    from trilora.patches.activation_checkpointing import find_decoder_layers
 
     packed_ids = {id(m.weight) for m in model.modules() if isinstance(m, Linear4bit)}
     # the dtype wrap_fsdp stores each packed weight in (float on a torch whose FSDP2 cannot
@@ -344,7 +344,7 @@ def per_rank_memory(
             config, math.ceil(seq_len / sequence_parallel), batch, dtype_bytes
         )
     if overheads is None:
-        from trilora.memory.profiler import OVERHEADS
+        from trilora.memory.report import OVERHEADS
 
         overheads = dict(OVERHEADS)
         if world_size > 1:
@@ -387,7 +387,7 @@ def rank_report(
     """Trace the step each rank runs (``opts.seq_len / sequence_parallel`` tokens of a
     ``opts.batch`` per-rank batch) and model rank 0's memory; returns it and the trace.
 
-    ``depth``: as :func:`trilora.memory.profiler.profile` (``"fast"``: the fast model, what
+    ``depth``: as :func:`trilora.memory.search.profile` (``"fast"``: the fast model, what
     ``trilora mem`` runs; ``"full"``: every layer traced). ``profiler``: a
     :class:`~trilora.memory.fast.FastProfiler` along ``seq_len`` of the same config and
     options to take the single-device report from instead (several lengths share its
@@ -396,7 +396,9 @@ def rank_report(
     """
     from dataclasses import replace
 
-    from trilora.memory.profiler import _dtype, build_meta_model, profile
+    from trilora.memory.report import compute_dtype
+    from trilora.memory.search import profile
+    from trilora.memory.trace import build_meta_model
 
     local = replace(opts, seq_len=max(2, math.ceil(opts.seq_len / sequence_parallel)))
     if profiler is not None:
@@ -409,7 +411,7 @@ def rank_report(
         model, world_size=world_size, strategy=strategy,
         activations=trace.categories.get("activations", 0),
         temporaries=trace.categories.get("temporaries", 0), optimizer=opts.optimizer,
-        param_dtype=_dtype(opts) if strategy == "fsdp" else None, cpu_offload=cpu_offload,
+        param_dtype=compute_dtype(opts) if strategy == "fsdp" else None, cpu_offload=cpu_offload,
         sequence_parallel=sequence_parallel, seq_len=opts.seq_len, batch=opts.batch,
     )  # fmt: skip
     report.host["pinned_activations"] = trace.host_pinned
@@ -436,7 +438,8 @@ def largest_context(
     from dataclasses import replace
 
     from trilora.memory.fast import FastProfiler
-    from trilora.memory.profiler import build_meta_model, largest_fitting
+    from trilora.memory.search import largest_fitting
+    from trilora.memory.trace import build_meta_model
 
     fast = FastProfiler(config, opts, dimension="seq_len")
     step = math.lcm(multiple, fast.period()) * sequence_parallel

@@ -5,7 +5,7 @@ Llama-3.1-8B on two cores), because the step is long loops: 32 layers, each runn
 MLP chunks three times. :class:`FastProfiler` removes both loops from the cost:
 
 * **depth**: layers are identical, so every category at the peak is affine in the number
-  of layers: trace :func:`~trilora.memory.profiler.depth_samples` layers (3 and 4; whole
+  of layers: trace :func:`~trilora.memory.depth.depth_samples` layers (3 and 4; whole
   layer patterns for Gemma's sliding/global layers) and extrapolate (as before);
 * **length**: on the lattice of *regular* lengths, multiples of :meth:`FastProfiler.period`
   tokens (2,048 with auto MLP chunks) at which every length-dependent loop has equal
@@ -34,18 +34,11 @@ import time
 import warnings
 from dataclasses import dataclass, replace
 
-from trilora.memory.profiler import (
-    MLP_CHUNK_TOKENS,
-    MemOptions,
-    MemReport,
-    StepTrace,
-    _extrapolate,
-    depth_samples,
-    profile,
-    trace,
-)
+from trilora.memory.depth import depth_samples, profile_depth, trace
 from trilora.memory.progress import as_progress
+from trilora.memory.report import MLP_CHUNK_TOKENS, MemOptions, MemReport, extrapolate_depth
 from trilora.memory.timeline import LengthModel, TimelineMismatch, TimelineRecorder
+from trilora.memory.trace import StepTrace
 
 # The lattice's first sample has at least this many tokens (B x T): small steps have
 # shape-dependent special cases (a loss chunk capped at the token count, single-row ops).
@@ -174,7 +167,7 @@ class FastProfiler:
                 return model.report(lattice.index(value), opts)
         if value not in self._direct:
             depth = "extrapolate" if self.depths else "full"
-            self._direct[value] = profile(
+            self._direct[value] = profile_depth(
                 self.config, opts, self.provider, depth, self.name, self.progress
             )
         return self._direct[value]
@@ -248,6 +241,6 @@ class _LatticeModel:
         reps = [m.report(n, opts, self.seconds) for m in self.depths]
         if len(reps) == 1:
             return reps[0]
-        rep = _extrapolate(reps[0], reps[1], self.fast.config.num_hidden_layers)
+        rep = extrapolate_depth(reps[0], reps[1], self.fast.config.num_hidden_layers)
         rep.trace_seconds = self.seconds
         return rep

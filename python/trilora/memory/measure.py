@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from trilora.memory.profiler import (
-    MemOptions,
-    apply_memory_options,
-    build_meta_model,
-    make_optimizer,
-)
+from trilora.memory.report import MemOptions
+from trilora.memory.trace import apply_memory_options, build_meta_model, make_optimizer
 
 
 def measure_cuda(config, opts: MemOptions) -> int:

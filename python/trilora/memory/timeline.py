@@ -124,10 +124,10 @@ def instrument_chunks(model, recorder: TimelineRecorder) -> None:
     """Mark every decoder layer's MLP call as one chunk (before checkpointing is enabled).
 
     The MLP's class is swapped for a subclass whose ``forward`` reports to ``recorder``:
-    :func:`trilora.checkpoint.enable_checkpointing` binds the class's ``forward`` for its
+    :func:`trilora.patches.activation_checkpointing.enable_checkpointing` binds the class's ``forward`` for its
     chunks, so each chunk, and each recompute of one, is marked. Memory is unaffected.
     """
-    from trilora.checkpoint import find_decoder_layers
+    from trilora.patches.activation_checkpointing import find_decoder_layers
 
     for i, layer in enumerate(find_decoder_layers(model)):
         mlp = getattr(layer, "mlp", None)
@@ -147,7 +147,7 @@ def instrument_chunks(model, recorder: TimelineRecorder) -> None:
 
 def instrument_loops(model, recorder: TimelineRecorder) -> None:
     """Mark every chunked MLP call as one loop (after checkpointing is enabled)."""
-    from trilora.checkpoint import find_decoder_layers
+    from trilora.patches.activation_checkpointing import find_decoder_layers
 
     for i, layer in enumerate(find_decoder_layers(model)):
         mlp = getattr(layer, "mlp", None)

@@ -21,7 +21,7 @@ Kernels: ``aten._scaled_dot_product_flash_attention`` (+ ``_backward``) on CUDA,
 private aten ops (no public op returns the logsumexp and RNG state a separate backward call
 needs), so they are looked up in one place, :func:`flash_attention_ops`, which returns None
 where a torch release no longer has them: :func:`grouped_causal_attention` then raises, and
-the transformers integration (``trilora.attention``) serves every call with transformers'
+the transformers integration (``trilora.patches.grouped_attention``) serves every call with transformers'
 SDPA attention instead. Under FakeTensorMode (``trilora mem``) the CPU kernels' meta
 functions run, which allocate only the outputs, so the CUDA kernel's internal workspace
 (:func:`flash_backward_workspace`) is allocated explicitly around each backward call.

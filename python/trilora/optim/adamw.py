@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import ParamsT
 
-from trilora.optim import checkpoint as _ckpt
+from trilora.optim import state_dict_layout as _ckpt
 from trilora.optim.blockwise import (
     MIN_8BIT_SIZE,
     StepScalars,
@@ -53,7 +53,7 @@ from trilora.optim.errors import (
     ParameterTypeError,
     StateDictLayoutError,
 )
-from trilora.optim.offload import HostUpdateMixin, remove_handles
+from trilora.optim.host_update import HostUpdateMixin, remove_handles
 from trilora.optim.paging import (
     DEFAULT_PAGE_BYTES,
     AutoTracker,

@@ -3,7 +3,7 @@
 For each configuration of a Llama-3.2-1B-shaped model (the ``1b`` preset of
 :mod:`trilora.bench.e2e`: hidden 2048, 16 layers, vocab 128,256, 8 KV heads; LoRA r=16 on
 every linear layer, batch 1, bf16) the unit traces the training step on fake tensors
-(:func:`trilora.memory.profiler.profile`, the prediction ``trilora mem`` prints as "traced
+(:func:`trilora.memory.search.profile`, the prediction ``trilora mem`` prints as "traced
 peak") and then runs the same step on the GPU (:func:`trilora.memory.measure.measure_cuda`,
 ``torch.cuda.max_memory_allocated`` over the second step). Both exclude the CUDA context
 and allocator overheads, so they compare directly; the relative error is
@@ -29,7 +29,7 @@ LEVEL = "mem"
 
 def _model_config(ctx: Context):
     from trilora.bench.e2e import PRESETS
-    from trilora.memory.profiler import load_config
+    from trilora.memory.trace import load_config
 
     preset = "1b" if ctx.gpu else "tiny"
     raw = {"model_type": "llama", **PRESETS[preset], "tie_word_embeddings": False,
@@ -55,7 +55,8 @@ def _unit(name: str, fields: dict[str, Any]):
         import gc
 
         from trilora.bench.harness import Stats, make_row
-        from trilora.memory.profiler import MemOptions, profile
+        from trilora.memory.report import MemOptions
+        from trilora.memory.search import profile
 
         preset, config = _model_config(ctx)
         opts = MemOptions(**fields)

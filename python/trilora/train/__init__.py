@@ -12,14 +12,16 @@ Modules (data flows down only: this package -> loading/peft/memory/optim -> nn -
 * :mod:`~trilora.train.stop`: SIGTERM / Ctrl-C: a checkpoint at the next step boundary, one
   line, exit 143 / 130 (every rank stops at the same step).
 * :mod:`~trilora.train.dpo`: sequence log-probabilities and the DPO loss.
-* :mod:`~trilora.train.state`: run checkpoints (atomic, last K kept, resumable on any
+* :mod:`~trilora.train.checkpoints`: run checkpoints (atomic, last K kept, resumable on any
   process count) and RNG state.
-* :mod:`~trilora.train.parallel`: several processes (``--nproc``, ``python -m
-  trilora.train`` under torchrun / accelerate launch), each rank's rows, cross-rank agreement.
+* :mod:`~trilora.train.launch`: several processes (``--nproc``); ``python -m trilora.train``
+  (:mod:`trilora.train.__main__`) is the worker entry point under torchrun / accelerate launch.
+* :mod:`~trilora.train.collectives`: the process group, wrapping, each rank's rows,
+  cross-rank agreement.
 * :mod:`~trilora.train.reporting`: progress bar, metrics.jsonl, TensorBoard, loss curve,
   base-vs-tuned comparison, summary.
 * :mod:`~trilora.train.demo`, :mod:`~trilora.train.demo_data`: ``trilora train --demo``.
-* :mod:`~trilora.train.cli`, :mod:`~trilora.train.data_cli`: the commands.
+* :mod:`~trilora.commands.train`, :mod:`~trilora.commands.data`: the commands.
 
 Importing this package is cheap (no torch): the CLI imports it for ``--help``.
 """

@@ -83,7 +83,7 @@ def _check_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     """Refuse an output folder that cannot take this run, before any heavy work. Writes
     nothing: a new run's folder is written by :func:`_create_run_dir` once the data are
     known to be good."""
-    from trilora.train.state import latest_checkpoint
+    from trilora.train.checkpoints import latest_checkpoint
 
     run_dir = Path(cfg.out).expanduser()
     inputs = [cfg.model, cfg.data, cfg.val_data, cfg.peft_config]
@@ -249,7 +249,7 @@ def _load_data(cfg: TrainConfig, tokenizer) -> Data:
 class MicroBatch:
     """This rank's rows of one global micro-batch: collated ``batch``, their row indices
     ``idx``, and ``real`` (False: a stand-in row at weight 0, see
-    :func:`trilora.train.parallel.rank_rows`)."""
+    :func:`trilora.train.collectives.rank_rows`)."""
 
     batch: dict[str, Any]
     idx: list[int]
@@ -272,7 +272,7 @@ class BatchStream:
         self._epoch, self._batches = -1, []
 
     def get(self, g: int) -> MicroBatch:
-        from trilora.train.parallel import rank_rows
+        from trilora.train.collectives import rank_rows
 
         epoch, index = divmod(g, self.per_epoch)
         if epoch != self._epoch:
@@ -301,8 +301,8 @@ def evaluate(model, data: Data, cfg: TrainConfig, pad_id: int, autocast_dtype,
     batch and the sums are all-reduced, so every rank returns the same numbers.
     """
     from trilora.distributed import DistEnv
+    from trilora.train.collectives import all_reduce, inference_model, rank_rows
     from trilora.train.losses import token_losses
-    from trilora.train.parallel import all_reduce, inference_model, rank_rows
 
     env = env or DistEnv()
     n_val = len(data.val)
@@ -364,8 +364,8 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int,
     (``synced_gpus``: a rank that finishes early keeps joining the all-gathers).
     """
     import trilora.distributed as td
+    from trilora.train.collectives import inference_model
     from trilora.train.losses import compute_device
-    from trilora.train.parallel import inference_model
 
     if not prompts:
         return []
@@ -413,8 +413,8 @@ def _seed_everything(seed: int) -> None:
 
 
 def _precompute_ref(model, data: Data, cfg, pad_id, autocast_dtype, base_mode, run_dir, env):
+    from trilora.train.collectives import gather_objects, inference_model, on_main, rank_rows
     from trilora.train.dpo import sequence_logps
-    from trilora.train.parallel import gather_objects, inference_model, on_main, rank_rows
 
     path = run_dir / "ref_logps.pt"
     cached = on_main(env, lambda: torch.load(path, weights_only=True) if path.is_file() else None)
@@ -450,7 +450,7 @@ def _precompute_ref(model, data: Data, cfg, pad_id, autocast_dtype, base_mode, r
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:
-    from trilora.train import state as S
+    from trilora.train import checkpoints as S
 
     S.remove_partial(run_dir)
     return S.latest_checkpoint(run_dir)
@@ -474,7 +474,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     out of the printed summary (the demo prints its own, with the style scores).
     """
     from trilora.distributed import destroy_distributed
-    from trilora.train.parallel import setup
+    from trilora.train.collectives import setup
 
     cfg.validate()
     for name in ("model", "data", "val_data", "peft_config"):
@@ -502,7 +502,7 @@ class _Stopping:
     finishing: bool = False  # past the last step: final evaluation, answers, saving
 
     def _latest(self) -> str:
-        from trilora.train.state import latest_checkpoint
+        from trilora.train.checkpoints import latest_checkpoint
 
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
@@ -550,7 +550,7 @@ def _train(cfg: TrainConfig, env, device: torch.device, *, resume: bool, overwri
     import shlex
 
     from trilora.io import RunStopped
-    from trilora.train.parallel import on_main
+    from trilora.train.collectives import on_main
     from trilora.train.stop import StopNow, StopSignals
 
     if env.distributed and cfg.batch_size < env.world_size:
@@ -585,7 +585,8 @@ def _run(cfg: TrainConfig, env, device: torch.device, run_dir: Path, stopping: _
          stopper, *, resume: bool, overwrite: bool, quiet: bool,
          loss_table: bool) -> dict[str, Any] | None:  # fmt: skip
     from trilora.io import RunStopped
-    from trilora.train import state as S
+    from trilora.train import checkpoints as S
+    from trilora.train.collectives import all_reduce, gradient_sync, on_main, strategy, wrap
     from trilora.train.losses import sft_loss
     from trilora.train.model import (
         apply_memory_options,
@@ -594,7 +595,6 @@ def _run(cfg: TrainConfig, env, device: torch.device, run_dir: Path, stopping: _
         load_tokenizer,
     )
     from trilora.train.optim import build_optimizer, build_scheduler, clip_gradients
-    from trilora.train.parallel import all_reduce, gradient_sync, on_main, strategy, wrap
     from trilora.train.stop import TestHook
 
     main = env.is_main
@@ -890,7 +890,7 @@ def _compare_prompts(tokenizer, data: Data, cfg) -> tuple[list[dict], list[str]]
 
 def _compare_answers(model, tokenizer, data: Data, cfg, base_mode, base: dict, run_dir: Path,
                      has_adapter: bool, env):  # fmt: skip
-    from trilora.train.parallel import on_main
+    from trilora.train.collectives import on_main
 
     records, prompts = _compare_prompts(tokenizer, data, cfg)
     if not prompts:
@@ -937,7 +937,7 @@ def _save_result(model, tokenizer, lm, cfg, run_dir: Path, env) -> Path:
     FSDP2 the shards are gathered to rank 0 one tensor at a time first.
     """
     import trilora.distributed as td
-    from trilora.train.parallel import on_main
+    from trilora.train.collectives import on_main
 
     target = run_dir / ("model" if cfg.finetune == "full" else "adapter")
     full = cfg.finetune == "full"
@@ -948,7 +948,7 @@ def _save_result(model, tokenizer, lm, cfg, run_dir: Path, env) -> Path:
             with atomic_directory(target, overwrite=True) as tmp:
                 inner = td.unwrap(model)
                 if full:
-                    from trilora.fused_loss import disable_fused_cross_entropy
+                    from trilora.patches.fused_loss import disable_fused_cross_entropy
 
                     disable_fused_cross_entropy(inner)
                     inner.save_pretrained(tmp, state_dict=gathered)

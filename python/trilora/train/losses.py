@@ -2,7 +2,7 @@
 
 Evaluation and DPO need per-token log-probabilities, not just the mean the model's own
 loss returns. :func:`token_losses` runs the model with its output head replaced by a
-stand-in that captures the head's input (as :mod:`trilora.fused_loss` does for training),
+stand-in that captures the head's input (as :mod:`trilora.patches.fused_loss` does for training),
 then scores the tokens with :func:`trilora.ops.linear_cross_entropy` in chunks, so memory
 stays at one chunk of logits whatever the vocabulary. Heads the fused op cannot serve
 (a bias, a quantized head, logit soft-capping) take the plain logits path.

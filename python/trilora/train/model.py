@@ -16,10 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import peft
 import torch
 from torch import nn
 
+import trilora.distributed as td
+from trilora import patches
 from trilora.io import UsageError, UserError
+from trilora.peft import get_peft_model
 from trilora.train.config import TrainConfig, cache_dir
 
 __all__ = [
@@ -281,13 +285,11 @@ def load_model(cfg: TrainConfig, device: torch.device | None = None, log=print,
     In a distributed run (``env`` with several ranks) only rank 0 reads the 4-bit model,
     into host memory; the other ranks build it on the meta device
     (:func:`trilora.distributed.load_pretrained`) and receive rank 0's tensors, LoRA
-    initialization included, when :func:`trilora.train.parallel.wrap` wraps it. A 16-bit
+    initialization included, when :func:`trilora.train.collectives.wrap` wraps it. A 16-bit
     base (``--quant none``) is read by every rank. The memory options
     (:func:`apply_memory_options`) come after wrapping.
     """
     from transformers import AutoModelForCausalLM
-
-    import trilora.distributed as td
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     distributed = env is not None and env.distributed
@@ -320,13 +322,9 @@ def load_model(cfg: TrainConfig, device: torch.device | None = None, log=print,
     if cfg.finetune == "full":
         model.requires_grad_(True)
         has_adapter = False
-        if cfg.fused_loss:
-            from trilora.fused_loss import enable_fused_cross_entropy
-
-            enable_fused_cross_entropy(model)
-        from trilora.fused_norm import enable_fused_rms_norm
-
-        enable_fused_rms_norm(model)
+        patches.apply(
+            model, patches.PatchOptions(fused_cross_entropy=cfg.fused_loss, fused_rms_norm=True)
+        )
     else:
         model = _attach_adapter(model, cfg, compute_dtype)
     everything, trainable = count_parameters(model)
@@ -338,21 +336,16 @@ def load_model(cfg: TrainConfig, device: torch.device | None = None, log=print,
 def apply_memory_options(model: nn.Module, cfg: TrainConfig) -> None:
     """Checkpointing (with offload and MLP chunks) and grouped attention, as ``cfg`` says;
     on the module inside a DDP wrapper, after FSDP2 has wrapped the layers."""
-    import trilora
-    from trilora.distributed import unwrap
-
-    inner = unwrap(model)
-    if cfg.gradient_checkpointing:
-        trilora.enable_checkpointing(inner, offload=cfg.offload, mlp_chunks=cfg.mlp_chunks)
-    if cfg.grouped_attention:
-        trilora.enable_grouped_attention(inner)
+    options = patches.PatchOptions(
+        checkpointing=cfg.gradient_checkpointing,
+        offload=cfg.offload,
+        mlp_chunks=cfg.mlp_chunks,
+        grouped_attention=cfg.grouped_attention,
+    )
+    patches.apply(td.unwrap(model), options)
 
 
 def _attach_adapter(model: nn.Module, cfg: TrainConfig, compute_dtype: torch.dtype) -> nn.Module:
-    import peft
-
-    import trilora
-
     quantized = cfg.quant != "none"
     if cfg.finetune == "lora":
         targets: Any = cfg.lora_targets
@@ -376,19 +369,17 @@ def _attach_adapter(model: nn.Module, cfg: TrainConfig, compute_dtype: torch.dty
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
                                     category=FutureWarning)  # fmt: skip
             if is_lora and quantized:
-                pm = trilora.get_peft_model(model, pcfg, compute_dtype=compute_dtype,
-                                            fused_cross_entropy=cfg.fused_loss)  # fmt: skip
+                # installs the fused loss and RMSNorm itself (trilora.peft.patch)
+                pm = get_peft_model(model, pcfg, compute_dtype=compute_dtype,
+                                    fused_cross_entropy=cfg.fused_loss)  # fmt: skip
             else:
                 # Other PEFT methods run over the 4-bit base unaccelerated (PEFT's own
                 # layers call Linear4bit.forward); LoRA on a 16-bit base is plain PEFT LoRA.
                 pm = peft.get_peft_model(model, pcfg)
-            from trilora.fused_norm import enable_fused_rms_norm
-
-            if cfg.fused_loss:
-                from trilora.fused_loss import enable_fused_cross_entropy
-
-                enable_fused_cross_entropy(pm)
-            enable_fused_rms_norm(pm.get_base_model())
+                options = patches.PatchOptions(
+                    fused_cross_entropy=cfg.fused_loss, fused_rms_norm=True
+                )
+                patches.apply(pm, options)
     except ValueError as exc:  # trilora.peft.UnsupportedLoraSetting, PEFT target errors
         raise UsageError(f"adapter setup failed: {exc}") from None
     for p in pm.parameters():

@@ -39,7 +39,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 def build_optimizer(name: str, model: torch.nn.Module, lr: float,
                     weight_decay: float) -> torch.optim.Optimizer:  # fmt: skip
     """The optimizer ``name`` over ``model``'s trainable parameters (``model`` plain, or
-    wrapped by :func:`trilora.train.parallel.wrap`: FSDP2 shards are stepped as they are).
+    wrapped by :func:`trilora.train.collectives.wrap`: FSDP2 shards are stepped as they are).
 
     Under DDP the ``*_cpu_offload`` optimizers run without gradient hooks: a hook would take
     each gradient to the host before DDP averages it across the ranks, so the averaged

@@ -16,7 +16,7 @@ is nothing to save, so a signal stops the run at once (:class:`StopNow`). A seco
 the same keypress, which a launcher may pass on to a process that already got it.
 
 Test hooks (tests/train/test_preemption.py; never set in normal use), read from
-``TRILORA_TRAIN_TEST_HOOK`` (:data:`trilora.train.state.HOOK_ENV`):
+``TRILORA_TRAIN_TEST_HOOK`` (:data:`trilora.train.checkpoints.HOOK_ENV`):
 ``pause_in_step:N`` waits inside step N (after its backward) until this process is asked to
 stop or the marker file ``OUT/.test-paused-rankR`` it writes (holding its pid) is deleted;
 ``stall_in_step:N`` writes the same marker and never lets step N end; ``pause_in_setup:0``
@@ -39,7 +39,7 @@ from trilora.io import RunStopped
 
 __all__ = ["SAME_KEYPRESS_S", "StopNow", "StopSignals", "TestHook", "signal_name"]
 
-HOOK_ENV = "TRILORA_TRAIN_TEST_HOOK"  # == trilora.train.state.HOOK_ENV (state imports torch)
+HOOK_ENV = "TRILORA_TRAIN_TEST_HOOK"  # == trilora.train.checkpoints.HOOK_ENV (state imports torch)
 SAME_KEYPRESS_S = 1.0
 _HANDLED = (signal.SIGTERM, signal.SIGINT)
 
@@ -134,7 +134,7 @@ class StopSignals:
         point (an all-reduce; the identity in a single process)."""
         if not getattr(env, "distributed", False):
             return self.signum
-        from trilora.train.parallel import all_reduce
+        from trilora.train.collectives import all_reduce
 
         return int(all_reduce(env, [float(self.signum)], "max")[0])
 

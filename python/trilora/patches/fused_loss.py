@@ -23,8 +23,8 @@ import warnings
 import torch
 from torch import nn
 
-from trilora.modeling import base_transformers_model
 from trilora.ops.linear_cross_entropy import linear_cross_entropy
+from trilora.patches.introspection import base_transformers_model
 
 __all__ = ["disable_fused_cross_entropy", "enable_fused_cross_entropy"]
 

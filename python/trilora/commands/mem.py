@@ -101,9 +101,9 @@ def add_parser(subparsers) -> None:
                    help="flash attention one key/value head group at a time "
                    "(trilora.enable_grouped_attention)")  # fmt: skip
     p.add_argument("--no-fused-norm", action="store_true",
-                   help="keep transformers' eager RMSNorm (trilora.fused_norm off)")  # fmt: skip
+                   help="keep transformers' eager RMSNorm (trilora.patches.fused_norm off)")  # fmt: skip
     p.add_argument("--offload-embeddings", action="store_true",
-                   help="keep the frozen input-embedding table in host memory (trilora.offload)")  # fmt: skip
+                   help="keep the frozen input-embedding table in host memory (trilora.patches.embedding_offload)")  # fmt: skip
     p.add_argument("--pin-memory-budget", type=parse_bytes, default=None,
                    help="cap on pinned host memory for offloaded layer inputs, e.g. 64GiB "
                    "(default: no cap)")  # fmt: skip
@@ -145,7 +145,7 @@ def add_parser(subparsers) -> None:
 
 
 def options_from_args(args):
-    from trilora.memory.profiler import MemOptions
+    from trilora.memory.report import MemOptions
 
     targets = (
         None if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
@@ -163,7 +163,7 @@ def options_from_args(args):
 def format_reports(reports) -> str:
     """Side-by-side table of one or more :class:`MemReport`, each value in its own unit
     (B, KiB, MiB or GiB, whichever keeps it >= 1: a tiny model's categories stay readable)."""
-    from trilora.memory.profiler import format_bytes
+    from trilora.memory.report import format_bytes
 
     heads = [
         f"{r.provider}{'' if r.options.get('checkpointing', True) else ' (no ckpt)'}"
@@ -240,16 +240,10 @@ def run(args) -> int:
     if lens:
         require("matplotlib", "trilora mem --sweep (it plots to --plot)")
 
-    from trilora.memory.profiler import (
-        byte_unit,
-        check_supported,
-        find_max,
-        format_bytes,
-        load_config,
-        profile,
-        sweep,
-    )
     from trilora.memory.progress import BarProgress
+    from trilora.memory.report import byte_unit, format_bytes
+    from trilora.memory.search import find_max, profile, sweep
+    from trilora.memory.trace import check_supported, load_config
 
     try:
         config = load_config(args.model)
@@ -342,7 +336,7 @@ def _plot(lens, reports, path, name) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from trilora.memory.profiler import byte_unit
+    from trilora.memory.report import byte_unit
 
     unit, size = byte_unit(max(max(r.total, r.host_pinned) for r in reports))
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -4,14 +4,14 @@
 swaps every targeted ``nn.Linear`` for trilora's :class:`~trilora.nn.QLoraLinear` (others
 for :class:`~trilora.nn.Linear4bit`), materializes it as *fake* CPU tensors
 (``FakeTensorMode``: shapes, dtypes and allocations, no data), installs
-:func:`~trilora.checkpoint.enable_checkpointing` and
-:func:`~trilora.fused_loss.enable_fused_cross_entropy`, and runs one real training step
+:func:`~trilora.patches.activation_checkpointing.enable_checkpointing` and
+:func:`~trilora.patches.fused_loss.enable_fused_cross_entropy`, and runs one real training step
 (forward, loss, backward, optimizer step) through trilora's own code under
 ``torch.distributed._tools.mem_tracker.MemTracker``. Every tensor the step allocates is
 seen, with its category (parameter, buffer, gradient, activation, temporary, optimizer
 state), and the peak is reported; nothing needs the weights or a GPU.
 
-What fake tensors cannot see is added as documented constants (:data:`OVERHEADS`):
+What fake tensors cannot see is added as documented constants (:data:`trilora.memory.report.OVERHEADS`):
 the CUDA context, cuBLAS workspaces, the caching allocator's fragmentation, and scratch
 buffers allocated *inside* custom ops (the dequantized weight of the cuBLAS fallback of
 ``qlora_linear`` when a call has more than ``fused_max_tokens`` rows). The optimizer side
@@ -24,53 +24,39 @@ T x T scores never exist. On CUDA that is FlashAttention-2 (or cuDNN/efficient a
 the same footprint); under the trace it is the CPU flash kernel's meta function with the
 same saved tensors.
 
-Three depths (``profile(depth=...)``):
-
-* ``"full"`` traces every layer (``trilora mem --confirm``);
-* ``"extrapolate"``: decoder layers are identical, so every category is affine in the
-  number of layers once the peak sits at the same point of the step; it traces
-  :func:`depth_samples` layers (3 and 4) at the full length and extrapolates;
-* ``"fast"`` (the default of the CLI): :class:`trilora.memory.fast.FastProfiler`, which
-  also extrapolates along the length, exactly, from three short traces
-  (:mod:`trilora.memory.timeline`): seconds for any length on the lattice of regular
-  lengths (multiples of 2,048 tokens with auto MLP chunks).
+Depths, the fast model and the search over budgets: :mod:`trilora.memory.depth`,
+:mod:`trilora.memory.fast` and :mod:`trilora.memory.search`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from trilora.memory import optimizer_model
+from trilora import patches, presets
+from trilora.config import config as runtime
+from trilora.memory import optimizer_model, timeline
+from trilora.memory.attention import register
 from trilora.memory.optimizer_model import OPTIMIZER_NAMES
-
-GiB = 1024**3
-MiB = 1024**2
-
-# --- allocator and runtime overheads that fake tensors cannot see ------------------------
-OVERHEADS = {
-    # CUDA context, loaded kernel images and the NCCL-free runtime of a torch 2.x process on
-    # H100/A100 with lazy module loading: typically 450-600 MiB (nvidia-smi minus
-    # torch.cuda.memory_reserved on an idle process).
-    "cuda_context": 600 * MiB,
-    # cuBLAS + cuBLASLt workspaces: torch's default CUBLAS_WORKSPACE_CONFIG on sm_90 is
-    # ":4096:8" (32 MiB) per handle; one handle for the main and one for the side stream.
-    "cublas_workspace": 64 * MiB,
-}
-# The caching allocator rounds and splits blocks; with transient activations that change
-# size every layer the reserved-minus-allocated gap is a few percent (less with
-# PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True). Charged on the dynamic part only:
-# weights and optimizer state are allocated once, in exact-sized blocks.
-FRAGMENTATION = 0.05
+from trilora.memory.report import (
+    MemOptions,
+    MemReport,
+    compute_dtype,
+    overheads_of,
+)
+from trilora.nn import Linear4bit, QLoraLinear
+from trilora.patches.activation_checkpointing import find_decoder_layers
 
 REQUIRED_FIELDS = (
     "model_type",
@@ -80,8 +66,6 @@ REQUIRED_FIELDS = (
     "intermediate_size",
     "vocab_size",
 )
-PROVIDERS = ("trilora", "bnb_peft")
-DEPTHS = ("full", "extrapolate", "fast")
 
 # ---------------------------------------------------------------------------------------
 # configs
@@ -90,8 +74,6 @@ DEPTHS = ("full", "extrapolate", "fast")
 
 def preset_names() -> list[str]:
     """Names of the bundled model configs (``python/trilora/presets/*.json``)."""
-    from trilora import presets
-
     return presets.names()
 
 
@@ -108,8 +90,6 @@ def load_config(source: str | os.PathLike | dict):
     Raises ValueError naming the missing field for a malformed config, and listing the
     presets for an unknown name.
     """
-    from transformers import AutoConfig
-
     if isinstance(source, dict):
         raw = dict(source)
     else:
@@ -150,119 +130,6 @@ def load_config(source: str | os.PathLike | dict):
         raise ValueError(f"unsupported model_type {model_type!r}: {exc}") from exc
 
 
-# ---------------------------------------------------------------------------------------
-# options and report
-# ---------------------------------------------------------------------------------------
-
-
-# "auto" MLP chunking: pieces of this many tokens per sequence. Each piece's intermediate
-# activations are [2048, intermediate_size] (56 MiB per tensor for Llama-3.1-8B in bf16),
-# constant in the context length; 2048 rows is also config.fused_max_tokens, so the chunk's
-# projections stay on the fused dequantize-matmul kernels (no dequantized weight scratch),
-# and its GEMMs (2048 x 4096 x 14336, 240 GFLOP) are still large enough to run near peak.
-MLP_CHUNK_TOKENS = 2048
-
-
-@dataclass
-class MemOptions:
-    """One training step to trace (see ``trilora mem --help`` for the meaning of each)."""
-
-    seq_len: int = 8192
-    batch: int = 1
-    r: int = 32
-    lora_alpha: float = 16.0
-    targets: tuple[str, ...] | None = None  # None: every nn.Linear in the decoder
-    optimizer: str = "adamw"
-    checkpointing: bool = True
-    offload: bool = True
-    # MLP sequence chunks: a count, None (off) or "auto" (pieces of MLP_CHUNK_TOKENS tokens)
-    mlp_chunks: int | str | None = "auto"
-    fused_ce: bool = True
-    # Llama-style RMSNorm layers run through trilora.ops.rms_norm (trilora.fused_norm)
-    fused_norm: bool = True
-    # attention one key/value head group at a time (trilora.enable_grouped_attention)
-    grouped_attention: bool = False
-    # the frozen input-embedding table stays in host memory (trilora.offload)
-    offload_embeddings: bool = False
-    pin_memory_budget: int | None = None
-    dtype: str = "bfloat16"
-    blocksize: int = 64
-    double_quant: bool = True
-
-    def resolved_mlp_chunks(self) -> int | None:
-        """The chunk count passed to :func:`~trilora.checkpoint.enable_checkpointing`."""
-        if self.mlp_chunks == "auto":
-            return max(1, math.ceil(self.seq_len / MLP_CHUNK_TOKENS))
-        return self.mlp_chunks
-
-    def validate(self) -> None:
-        if self.mlp_chunks not in (None, "auto") and (
-            not isinstance(self.mlp_chunks, int) or self.mlp_chunks < 0
-        ):
-            raise ValueError(
-                f"mlp_chunks must be an int >= 0, None or 'auto', got {self.mlp_chunks!r}"
-            )
-        if self.seq_len < 2 or self.batch < 1:
-            raise ValueError(
-                f"need seq_len >= 2 and batch >= 1, got {self.seq_len} and {self.batch}"
-            )
-        if self.optimizer not in OPTIMIZER_NAMES:
-            raise ValueError(
-                f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}, got {self.optimizer!r}"
-            )
-        if self.r < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.r}")
-        if self.dtype not in ("bfloat16", "float16"):
-            raise ValueError(f"dtype must be bfloat16 or float16, got {self.dtype}")
-
-
-@dataclass
-class MemReport:
-    """Peak device memory of one step, in bytes, by category."""
-
-    provider: str
-    model: str
-    options: dict
-    categories: dict[str, int]  # at the moment of the peak
-    overheads: dict[str, int]
-    host_pinned: int
-    by_module: dict[str, int] = field(default_factory=dict)  # each module's own peak
-    layers_traced: int = 0
-    layers: int = 0
-    trace_seconds: float = 0.0
-    host_embedding: int = 0  # pageable host bytes of an offloaded input-embedding table
-    host_optimizer: int = 0  # pinned + pageable host bytes of a CPU-offloaded optimizer
-    # how the numbers were obtained: "full" (every layer traced), "extrapolated" (depth
-    # extrapolated from a few layers at this length), "lattice" (also extrapolated along the
-    # length from short traces, trilora.memory.timeline)
-    method: str = "full"
-
-    @property
-    def traced_peak(self) -> int:
-        """Peak of the tensors the trace sees (what ``torch.cuda.max_memory_allocated`` reports)."""
-        return sum(self.categories.values())
-
-    @property
-    def total(self) -> int:
-        """Device memory needed: traced peak plus overheads."""
-        return self.traced_peak + sum(self.overheads.values())
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["traced_peak"] = self.traced_peak
-        d["total"] = self.total
-        return d
-
-
-# ---------------------------------------------------------------------------------------
-# model construction
-# ---------------------------------------------------------------------------------------
-
-
-def _dtype(opts: MemOptions) -> torch.dtype:
-    return getattr(torch, opts.dtype)
-
-
 def meta_causal_lm(config, opts: MemOptions, num_layers: int | None, make_linear) -> nn.Module:
     """``config``'s causal LM on the meta device (flash-style attention, no KV cache), every
     ``nn.Linear`` but the output head replaced by ``make_linear(name, linear, dtype)``.
@@ -270,13 +137,9 @@ def meta_causal_lm(config, opts: MemOptions, num_layers: int | None, make_linear
     Shared by the trilora trace and the bitsandbytes + PEFT baseline, so both trace the very
     same architecture.
     """
-    from transformers import AutoModelForCausalLM
-
-    from trilora.memory.attention import register
-
     config = _with_layers(config, num_layers)
     config.use_cache = False
-    dt = _dtype(opts)
+    dt = compute_dtype(opts)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(
@@ -292,8 +155,6 @@ def meta_causal_lm(config, opts: MemOptions, num_layers: int | None, make_linear
 
 def build_meta_model(config, opts: MemOptions, num_layers: int | None = None) -> nn.Module:
     """The causal LM on the meta device, with trilora 4-bit/LoRA layers in the decoder."""
-    from trilora.nn import Linear4bit, QLoraLinear
-
     def make(name: str, child: nn.Linear, dt: torch.dtype) -> nn.Module:
         common = dict(
             bias=child.bias is not None, blocksize=opts.blocksize, double_quant=opts.double_quant,
@@ -318,8 +179,6 @@ def build_meta_model(config, opts: MemOptions, num_layers: int | None = None) ->
 def _with_layers(config, num_layers):
     if num_layers is None:
         return config
-    import copy
-
     config = copy.deepcopy(config)
     config.num_hidden_layers = num_layers
     for name in ("layer_types", "mlp_only_layers"):
@@ -331,8 +190,6 @@ def _with_layers(config, num_layers):
 
 def static_breakdown(model: nn.Module) -> dict[str, int]:
     """Bytes of the model's own tensors: 4-bit weights, quantization state, LoRA, the rest."""
-    from trilora.nn import Linear4bit
-
     out = {"base_weights_4bit": 0, "quant_state": 0, "lora_params": 0, "other_frozen": 0}
     seen = set()
     for mod in model.modules():
@@ -485,8 +342,6 @@ def _init_optimizer_state(optimizer, params) -> None:
 
 def _linear_shapes(model: nn.Module) -> tuple[tuple[bool, int, int], ...]:
     """``(in the MLP, in_features, out_features)`` of every 4-bit linear layer."""
-    from trilora.nn import Linear4bit
-
     return tuple(
         (".mlp." in f".{name}.", mod.in_features, mod.out_features)
         for name, mod in model.named_modules()
@@ -501,15 +356,13 @@ def _internal_scratch(linears, opts: MemOptions) -> int:
     ``[N, K]`` buffer for cuBLAS (forward and backward); only one exists at a time.
     ``linears``: :func:`_linear_shapes` of the model.
     """
-    from trilora.config import config as runtime
-
     full = opts.batch * opts.seq_len
     chunks = opts.resolved_mlp_chunks() if opts.checkpointing else None
     mlp = opts.batch * math.ceil(opts.seq_len / chunks) if chunks else full
     biggest = 0
     for in_mlp, k, n in linears:
         if (mlp if in_mlp else full) > runtime.fused_max_tokens:
-            biggest = max(biggest, k * n * _dtype(opts).itemsize)
+            biggest = max(biggest, k * n * compute_dtype(opts).itemsize)
     return biggest
 
 
@@ -570,8 +423,6 @@ def layer_progress(model: nn.Module, tick):
     if tick is None:
         yield
         return
-    from trilora.checkpoint import find_decoder_layers
-
     seen: set = set()
 
     def once(key) -> None:
@@ -648,7 +499,7 @@ class StepTrace:
             model=self.name,
             options=_report_options(self.provider, opts),
             categories=categories,
-            overheads=_overheads(categories),
+            overheads=overheads_of(categories),
             host_pinned=self.host_pinned if host_pinned is None else host_pinned,
             by_module=_summarize_modules(self.by_module, self.layers) if cats is None else {},
             layers_traced=self.layers,
@@ -705,8 +556,6 @@ def trace_trilora(
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from trilora.memory import timeline
-
     opts.validate()
     check_supported(config, opts)
     t0 = time.perf_counter()
@@ -739,7 +588,7 @@ def trace_trilora(
         layers=layers,
         static=static,
         trainable_numels=tuple(p.numel() for p in params),
-        trainable_itemsize=_itemsize(params),
+        trainable_itemsize=trainable_itemsize(params),
         host_embedding=host_embedding,
         host_pinned=state.pinned_bytes if state is not None and opts.offload else 0,
         linears=linears,
@@ -749,7 +598,7 @@ def trace_trilora(
     )
 
 
-def _itemsize(params) -> int:
+def trainable_itemsize(params) -> int:
     """Bytes per element of the trainable tensors (the LoRA dtype; 4 when there are none)."""
     return params[0].element_size() if params else 4
 
@@ -778,46 +627,32 @@ def profile_trilora(
     return trace_trilora(config, opts, num_layers, name, fake).report()
 
 
+def patch_options(opts: MemOptions, simulate: bool = False) -> patches.PatchOptions:
+    """The :class:`trilora.patches.PatchOptions` of the memory features ``opts`` asks for
+    (the same patches a user installs); ``simulate`` marks a fake-tensor trace, whose
+    activation offload only accounts host bytes."""
+    return patches.PatchOptions(
+        checkpointing=opts.checkpointing,
+        offload=opts.offload,
+        pin_memory_budget=opts.pin_memory_budget,
+        mlp_chunks=opts.resolved_mlp_chunks() or None,
+        simulate_offload=simulate,
+        fused_cross_entropy=opts.fused_ce,
+        fused_rms_norm=opts.fused_norm,
+        offload_embeddings=opts.offload_embeddings,
+    )
+
+
 def apply_memory_options(
     model: nn.Module, opts: MemOptions, simulate: bool = False
-) -> tuple[object | None, int]:
-    """Install the memory features ``opts`` asks for on ``model`` (the same calls a user makes).
+) -> tuple[patches.activation_checkpointing.CheckpointState | None, int]:
+    """Install the memory features ``opts`` asks for on ``model`` (:func:`trilora.patches.apply`).
 
-    Returns the :class:`~trilora.checkpoint.CheckpointState` (None without checkpointing) and
-    the bytes of an input-embedding table moved to host memory. ``simulate`` marks a fake-
-    tensor trace, whose offload only accounts host bytes.
+    Returns the checkpointing state (None without checkpointing) and the bytes of an
+    input-embedding table moved to host memory.
     """
-    from trilora.checkpoint import enable_checkpointing
-    from trilora.fused_loss import enable_fused_cross_entropy
-    from trilora.fused_norm import enable_fused_rms_norm
-    from trilora.offload import offload_input_embeddings
-
-    state = None
-    if opts.checkpointing:
-        state = enable_checkpointing(
-            model,
-            offload=opts.offload,
-            pin_memory_budget=opts.pin_memory_budget,
-            mlp_chunks=opts.resolved_mlp_chunks() or None,
-        )
-        state.simulate = simulate
-    if opts.fused_ce:
-        enable_fused_cross_entropy(model)
-    if opts.fused_norm:
-        enable_fused_rms_norm(model)
-    host_embedding = 0
-    if opts.offload_embeddings and offload_input_embeddings(model) is not None:
-        host_embedding = _input_embedding_bytes(model)
-    return state, host_embedding
-
-
-def _input_embedding_bytes(model: nn.Module) -> int:
-    """Bytes of the input-embedding table, 0 when it is tied to the head (never offloaded)."""
-    emb = model.get_input_embeddings()
-    head = model.get_output_embeddings()
-    if head is not None and getattr(head, "weight", None) is emb.weight:
-        return 0
-    return _nbytes(emb.weight)
+    result = patches.apply(model, patch_options(opts, simulate))
+    return result.checkpoint_state, result.host_embedding_bytes
 
 
 def _categorize(cats: dict[str, int], static: dict[str, int]) -> dict[str, int]:
@@ -834,11 +669,6 @@ def _categorize(cats: dict[str, int], static: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def _overheads(categories: dict[str, int]) -> dict[str, int]:
-    dynamic = categories["activations"] + categories["temporaries"] + categories["gradients"]
-    return {**OVERHEADS, "fragmentation": int(FRAGMENTATION * dynamic)}
-
-
 def _summarize_modules(by_module: dict[str, int], layers: int) -> dict[str, int]:
     """Peaks of the top-level modules, the first and last decoder layer, and the loss head."""
     keep = {}
@@ -851,391 +681,3 @@ def _summarize_modules(by_module: dict[str, int], layers: int) -> dict[str, int]
         ):
             keep[name] = peak
     return keep
-
-
-# ---------------------------------------------------------------------------------------
-# depth extrapolation, search, sweep
-# ---------------------------------------------------------------------------------------
-
-
-def _extrapolate(a: MemReport, b: MemReport, layers: int) -> MemReport:
-    la, lb = a.layers_traced, b.layers_traced
-
-    def lin(x, y):
-        return round(x + (y - x) * (layers - la) / (lb - la))
-
-    cats = {k: max(0, lin(a.categories[k], b.categories[k])) for k in a.categories}
-    return replace(
-        b,
-        categories=cats,
-        overheads=_overheads(cats),
-        host_pinned=max(0, lin(a.host_pinned, b.host_pinned)),
-        host_optimizer=max(0, lin(a.host_optimizer, b.host_optimizer)),
-        host_embedding=b.host_embedding,
-        by_module={},
-        layers=layers,
-        trace_seconds=a.trace_seconds + b.trace_seconds,
-        method="lattice" if "lattice" in (a.method, b.method) else "extrapolated",
-    )
-
-
-# Layers traced for the depth extrapolation. Layers 0 .. n-3 are identical in what they
-# hold at the peak, but the last two are not: the last layer's input is never offloaded
-# and the layer before it is unpacked synchronously with no prefetch ahead of it, so a
-# 2-layer model lacks the prefetched input that every deeper model has at its peak. The
-# increment from 2 to 3 layers therefore overstates the per-layer cost (by one layer input
-# per layer, 11.9 GiB for Llama-3.1-8B at 50k tokens); from 3 to 4 it is exact.
-EXTRAPOLATE_LAYERS = (3, 4)
-
-
-def layer_period(config) -> int:
-    """Smallest ``p`` with ``config.layer_types[i] == layer_types[i % p]`` (1 without types).
-
-    Gemma-2 alternates sliding-window and global layers (p = 2), Gemma-3 has one global
-    layer in six (p = 6); their layers are identical only in steps of ``p``.
-    """
-    types = getattr(config, "layer_types", None)
-    if not isinstance(types, (list, tuple)) or not types:
-        return 1
-    for p in range(1, len(types) + 1):
-        if all(types[i] == types[i % p] for i in range(len(types))):
-            return p
-    return len(types)
-
-
-def depth_samples(config) -> tuple[int, int] | None:
-    """The two depths the depth extrapolation traces, or None when the model is not deeper.
-
-    :data:`EXTRAPOLATE_LAYERS` (3 and 4) for identical layers. With a layer pattern of
-    period ``p`` (:func:`layer_period`) the two depths are ``p`` apart and congruent to the
-    model's depth modulo ``p``, so the extra layers always come in whole patterns.
-    """
-    layers = config.num_hidden_layers
-    p = layer_period(config)
-    la = EXTRAPOLATE_LAYERS[0]
-    la += (layers - la) % p
-    lb = la + (EXTRAPOLATE_LAYERS[1] - EXTRAPOLATE_LAYERS[0]) * p
-    return None if layers <= lb else (la, lb)
-
-
-def trace(
-    config,
-    opts: MemOptions,
-    provider: str = "trilora",
-    num_layers: int | None = None,
-    name: str = "",
-    progress=None,
-    recorder=None,
-) -> StepTrace:
-    """One traced step of ``provider`` at ``num_layers`` layers (None: all), reported to
-    ``progress`` (:class:`trilora.memory.progress.Progress`) as a bar and one line."""
-    from trilora.memory.progress import as_progress
-
-    if provider not in PROVIDERS:
-        raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
-    progress = as_progress(progress)
-    fn = trace_trilora if provider == "trilora" else _baseline_trace()
-    layers = num_layers or config.num_hidden_layers
-    desc = f"{provider}: {layers} layers x {opts.batch} x {opts.seq_len:,} tokens"
-    with progress.trace(desc, 2 * layers) as tick:
-        return fn(config, opts, num_layers, name, recorder=recorder, on_layer=tick)
-
-
-def profile(
-    config,
-    opts: MemOptions,
-    provider: str = "trilora",
-    depth: str = "full",
-    name: str = "",
-    progress=None,
-) -> MemReport:
-    """Trace ``provider``'s step ("trilora" or "bnb_peft").
-
-    ``depth="full"`` traces every layer; ``depth="extrapolate"`` traces
-    :func:`depth_samples` (3 and 4) layers and extrapolates each category linearly;
-    ``depth="fast"`` also extrapolates along the length from short traces
-    (:class:`~trilora.memory.fast.FastProfiler`; exact on its lattice of lengths, and it traces
-    other lengths itself, depth-extrapolated).
-    """
-    if provider not in PROVIDERS:
-        raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
-    if depth not in DEPTHS:
-        raise ValueError(f"depth must be one of {DEPTHS}, got {depth!r}")
-    opts.validate()
-    if depth == "fast":
-        from trilora.memory.fast import FastProfiler
-
-        fast = FastProfiler(config, opts, provider, "seq_len", name, progress)
-        lattice = fast.lattice(opts.seq_len)
-        if lattice is None or lattice.index(opts.seq_len) > lattice.first + 2:
-            return fast.report(opts.seq_len)
-        # within the five short traces' own lengths: the two depth samples at this length
-        # are the cheaper exact answer
-        depth = "extrapolate"
-    depths = depth_samples(config) if depth == "extrapolate" else None
-    if depths is None:
-        return trace(config, opts, provider, None, name, progress).report()
-    la, lb = depths
-    a = trace(config, opts, provider, la, name, progress).report()
-    b = trace(config, opts, provider, lb, name, progress).report()
-    return _extrapolate(a, b, config.num_hidden_layers)
-
-
-def _baseline_trace():
-    from trilora.memory.baseline import trace_bnb_peft
-
-    return trace_bnb_peft
-
-
-def minimum_bytes(config, opts: MemOptions) -> int:
-    """Device bytes before any activation: weights, LoRA, gradients, optimizer state, overheads.
-
-    Built from the :func:`depth_samples` depths and extrapolated (every tensor of a model is
-    per layer or per model): a 70B model's full meta model takes seconds to build.
-    """
-
-    def floor(layers: int | None) -> int:
-        model = build_meta_model(config, opts, layers)
-        static = static_breakdown(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        state = optimizer_model.device_floor(
-            opts.optimizer, [p.numel() for p in params], _itemsize(params)
-        )
-        host = _input_embedding_bytes(model) if opts.offload_embeddings else 0
-        return sum(static.values()) - host + state
-
-    depths = depth_samples(config)
-    if depths is None:
-        fixed = floor(None)
-    else:
-        la, lb = depths
-        a, b = floor(la), floor(lb)
-        fixed = a + (b - a) * (config.num_hidden_layers - la) // (lb - la)
-    return fixed + sum(OVERHEADS.values())
-
-
-def largest_fitting(
-    fn, budget: int, step: int, guess: int, limit: int = 2**24
-) -> tuple[int, dict[int, int]]:
-    """Largest multiple ``v`` of ``step`` with ``fn(v) <= budget``, for a nondecreasing ``fn``.
-
-    ``fn`` maps a value to bytes and is expensive (a trace), so the search interpolates
-    linearly between the closest fitting and non-fitting values (peak memory is close to
-    piecewise affine in the sequence length and batch) and bisects when interpolation
-    stalls. It stops only when ``v`` fits and ``v + step`` does not (both evaluated), or at
-    ``limit``. Returns ``(v, {value: bytes evaluated})``; ``v`` is 0 if ``step`` does not fit.
-    """
-    seen: dict[int, int] = {}
-
-    def f(v: int) -> int:
-        if v not in seen:
-            seen[v] = fn(v)
-        return seen[v]
-
-    def snap(v: float) -> int:
-        return max(step, int(v) // step * step)
-
-    lo, hi = 0, None  # lo fits (0: nothing fits yet), hi does not fit
-    g = snap(guess)
-    interpolated = False  # was g an interpolated guess
-    rounds = 0
-    while True:
-        g = min(g, limit)
-        fits = f(g) <= budget
-        if fits:
-            lo = g
-            if g >= limit:
-                return lo, seen
-        else:
-            hi = g
-        if hi is not None and hi - lo <= step:
-            return lo, seen
-        if hi is None:
-            # Nothing too big yet: extrapolate upward from the two largest points (all fit).
-            xs = sorted(seen)
-            if len(xs) < 2:
-                # One point: its next step up (ends it when the guess was the answer).
-                g = lo + step
-            elif seen[xs[-1]] > seen[xs[-2]]:
-                slope = (seen[xs[-1]] - seen[xs[-2]]) / (xs[-1] - xs[-2])
-                g = snap(xs[-1] + (budget - seen[xs[-1]]) / slope) + step
-            else:
-                g = 2 * lo
-            g = max(g, lo + step)
-            continue
-        if lo == 0:
-            g = snap(hi / 2)
-            if g >= hi:
-                return 0, seen
-            continue
-        if fits and interpolated:
-            # An interpolated guess fits: the next step up usually does not, which ends it.
-            g, interpolated = lo + step, False
-            continue
-        rounds += 1
-        slope = (seen[hi] - seen[lo]) / (hi - lo)
-        if rounds > 3 or slope <= 0:
-            g, interpolated, rounds = snap((lo + hi) / 2), False, 0  # stalled: bisect
-        else:
-            g, interpolated = snap(lo + (budget - seen[lo]) / slope), True
-        g = min(max(g, lo + step), hi - step)
-
-
-def find_max(
-    config,
-    opts: MemOptions,
-    budget: int,
-    search: str = "seq_len",
-    provider: str = "trilora",
-    name: str = "",
-    multiple: int = 1024,
-    progress=None,
-    confirm: bool = False,
-    profiler=None,
-) -> tuple[int, MemReport | None]:
-    """Largest ``seq_len`` (or ``batch``) whose step fits ``budget`` bytes, and its report.
-
-    The search runs on :class:`~trilora.memory.fast.FastProfiler`: three short traces at a
-    few layers each, then every length on its lattice (multiples of 2,048 tokens with auto
-    MLP chunks) costs nothing and is exact, so the answer is the largest lattice value whose
-    step fits, and the next lattice value's does not, at the precision ``lcm(multiple,
-    lattice step)``. Values below the lattice's first samples are traced themselves at the
-    precision ``multiple`` (depth-extrapolated).
-
-    ``confirm``: then re-search on **full-depth** traces seeded with that answer, at the
-    precision ``multiple`` (1 for batch): the returned value's full-depth trace fits and the
-    full-depth trace of ``value + multiple`` does not (minutes per trace at long context).
-
-    The returned report's ``options["search"]`` records the precision, the next value and
-    its total, and every evaluated total. ``progress``: a
-    :class:`trilora.memory.progress.Progress` (or a callable taking one line per trace).
-    ``profiler``: a :class:`~trilora.memory.fast.FastProfiler` of the same config, options,
-    provider and ``search`` dimension whose traces to reuse (e.g. several budgets).
-
-    Raises ValueError when even the weights do not fit, naming the minimum.
-    """
-    from trilora.memory.fast import FastProfiler
-    from trilora.memory.progress import as_progress
-
-    if search not in ("seq_len", "batch"):
-        raise ValueError(f"search must be 'seq_len' or 'batch', got {search!r}")
-    if multiple < 1:
-        raise ValueError(f"multiple must be >= 1, got {multiple}")
-    opts.validate()
-    floor = minimum_bytes(config, opts)
-    if budget <= floor:
-        raise ValueError(
-            f"budget {format_bytes(budget)} is smaller than the model's fixed footprint "
-            f"(weights, LoRA, gradients, optimizer state, CUDA overheads) of "
-            f"{format_bytes(floor)}; the minimum budget is above {format_bytes(floor)}"
-        )
-    progress = as_progress(progress)
-    unit = multiple if search == "seq_len" else 1
-    if profiler is None:
-        fast = FastProfiler(config, opts, provider, search, name, progress)
-    elif (profiler.config, profiler.opts, profiler.provider, profiler.dimension) != (
-        config, opts, provider, search,
-    ):  # fmt: skip
-        raise ValueError("profiler was built for another model, options, provider or dimension")
-    else:
-        fast = profiler
-    evaluated: dict[int, int] = {}
-
-    def total(v: int) -> int:
-        if v not in evaluated:
-            rep = fast.report(v)
-            evaluated[v] = rep.total
-            verdict = "fits" if rep.total <= budget else "exceeds"
-            progress.line(f"{search}={v:,} ({_METHOD_NAMES[rep.method]}): "
-                          f"{format_bytes(rep.total)}, {verdict}")  # fmt: skip
-        return evaluated[v]
-
-    start = getattr(opts, search)
-    step = math.lcm(unit, fast.period())
-    value, _ = largest_fitting(total, budget, step, max(start, fast.first_regular()))
-    if value < fast.first_regular() and step > unit:
-        # below the lattice: the values are traced themselves, at the finer precision
-        value, _ = largest_fitting(total, budget, unit, max(value, unit))
-        step = unit
-    if value == 0:
-        return 0, None
-    info = {
-        "dimension": search,
-        "budget": budget,
-        "method": "fast",
-        "precision": step,
-        "next_value": value + step,
-        "next_total": total(value + step),
-        "evaluated": {str(k): v for k, v in sorted(evaluated.items())},
-    }
-    rep = fast.report(value)
-    if confirm:
-        reports: dict[int, MemReport] = {}
-
-        def full(v: int) -> int:
-            if v not in reports:
-                reports[v] = profile(config, replace(opts, **{search: v}), provider, "full", name,
-                                     progress)  # fmt: skip
-                verdict = "fits" if reports[v].total <= budget else "exceeds"
-                progress.line(f"{search}={v:,} (full depth): "
-                              f"{format_bytes(reports[v].total)}, {verdict} "
-                              f"[{reports[v].trace_seconds:.0f} s]")  # fmt: skip
-            return reports[v].total
-
-        fast_value = value
-        value, seen = largest_fitting(full, budget, unit, value)
-        if value == 0:
-            return 0, None
-        rep = reports[value]
-        info = {
-            **info,
-            "method": "full",
-            "precision": unit,
-            "fast_answer": fast_value,
-            "next_value": value + unit,
-            "next_total": seen.get(value + unit),
-            "full_depth_traces": {str(k): v for k, v in sorted(seen.items())},
-        }
-    rep.options["search"] = info
-    return value, rep
-
-
-_METHOD_NAMES = {"full": "full depth", "extrapolated": "traced", "lattice": "lattice"}
-
-
-def sweep(
-    config,
-    opts: MemOptions,
-    seq_lens: list[int],
-    provider: str = "trilora",
-    name: str = "",
-    depth: str = "fast",
-    progress=None,
-) -> list[MemReport]:
-    """Reports for each sequence length: ``depth="fast"`` shares one
-    :class:`~trilora.memory.fast.FastProfiler` (three short traces for every lattice length);
-    ``"extrapolate"`` or ``"full"`` traces each length."""
-    if depth != "fast":
-        return [profile(config, replace(opts, seq_len=t), provider, depth, name, progress)
-                for t in seq_lens]  # fmt: skip
-    from trilora.memory.fast import FastProfiler
-
-    fast = FastProfiler(config, opts, provider, "seq_len", name, progress)
-    return [fast.report(t) for t in seq_lens]
-
-
-def format_bytes(n: float) -> str:
-    """``n`` bytes in the largest binary unit that keeps it >= 1: ``"512 B"``,
-    ``"216.00 KiB"``, ``"3.25 GiB"`` (never ``"0.00 GiB"`` for a small tensor)."""
-    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def byte_unit(largest: float) -> tuple[str, int]:
-    """The unit (name, bytes) :func:`format_bytes` picks for ``largest``: one unit for a column."""
-    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
-        if abs(largest) >= size:
-            return unit, size
-    return "B", 1

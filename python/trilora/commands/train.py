@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from trilora.train.config import add_config_arguments, config_from_sources, dump_yaml, load_yaml
+from trilora.train.launch import COMMAND_ENV  # the command a stopped --nproc run repeats
 
 DESCRIPTION = """\
 Fine-tune a causal LM with LoRA on a 4-bit base (or other PEFT methods, or fully) from JSONL:
@@ -76,12 +77,6 @@ def resolve(args: argparse.Namespace):
     return config_from_sources(args, {**extra, **file_values})
 
 
-# Set by `trilora train --nproc` for its workers: the command the user typed, which a run
-# stopped by a signal prints as the way to resume (the workers' own command line names a
-# temporary config file).
-COMMAND_ENV = "TRILORA_TRAIN_COMMAND"
-
-
 def resume_command(args: argparse.Namespace) -> str | None:
     """The command that resumes this run: the one typed (``args._argv``, set by
     :func:`trilora.cli.main`), with ``--resume`` and without ``--overwrite``."""
@@ -140,7 +135,7 @@ def _require_extras(cfg, args: argparse.Namespace) -> None:
 def _launch(args: argparse.Namespace, cfg) -> int:
     """``--nproc N``: check, then start N workers with the resolved settings."""
     from trilora.io import UsageError
-    from trilora.train.parallel import check_launch, launch
+    from trilora.train.launch import check_launch, launch
 
     if args.sweep:
         raise UsageError("--sweep runs one training process per value; drop --nproc (or run "

@@ -24,16 +24,14 @@ import warnings
 import torch
 from torch import nn
 
-from trilora.memory.profiler import (
-    MemOptions,
-    MemReport,
+from trilora.memory.report import MemOptions, MemReport, compute_dtype
+from trilora.memory.trace import (
     StepTrace,
-    _dtype,
-    _itemsize,
     layer_progress,
     meta_causal_lm,
     provider_options,
     trace_training_step,
+    trainable_itemsize,
 )
 
 
@@ -95,7 +93,7 @@ def trace_bnb_peft(
 ) -> StepTrace:
     """Trace one transformers + bitsandbytes + PEFT QLoRA step on fake tensors.
 
-    ``recorder`` and ``on_layer`` as in :func:`trilora.memory.profiler.trace_trilora`.
+    ``recorder`` and ``on_layer`` as in :func:`trilora.memory.trace.trace_trilora`.
     """
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
@@ -104,7 +102,7 @@ def trace_bnb_peft(
     opts.validate()
     opts = provider_options("bnb_peft", opts)
     t0 = time.perf_counter()
-    dt = _dtype(opts)
+    dt = compute_dtype(opts)
 
     def make(_name: str, child: nn.Linear, dtype: torch.dtype) -> nn.Module:
         return bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
@@ -149,7 +147,7 @@ def trace_bnb_peft(
         layers=layers,
         static=static,
         trainable_numels=tuple(p.numel() for p in params),
-        trainable_itemsize=_itemsize(params),
+        trainable_itemsize=trainable_itemsize(params),
         host_embedding=0,
         host_pinned=0,
         linears=(),  # bitsandbytes dequantizes in its fake kernels: the trace sees it

@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _bnb_peft_step(layer, x, dy, dtype):
     """One forward + backward of PEFT's LoRA over bitsandbytes on ``layer``'s exact bytes."""
-    from trilora.baseline import peft_lora_over_bnb
+    from trilora.bench.baselines import peft_lora_over_bnb
 
     peft_model, lora = peft_lora_over_bnb(layer, dtype)
     lora_a, lora_b = lora.lora_A["default"].weight, lora.lora_B["default"].weight

@@ -169,7 +169,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 
 def _reexec_without_interpreter(args) -> int:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "trilora.kernel_check", "--arch", *map(str, args.arch)]
+    cmd = [sys.executable, "-m", "trilora.commands.kernels", "--arch", *map(str, args.arch)]
     if args.json:
         cmd += ["--json", args.json]
     if args.overwrite:
@@ -203,7 +203,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m trilora.kernel_check``: the command outside the ``trilora`` entry point."""
+    """``python -m trilora.commands.kernels``: the command outside the ``trilora`` entry point."""
     from trilora.cli import ArgumentParser, HelpFormatter, report_error
 
     p = ArgumentParser(

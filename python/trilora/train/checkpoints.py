@@ -150,7 +150,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler,
     """
     import trilora.distributed as td
     from trilora.distributed import DistEnv
-    from trilora.train.parallel import gather_objects, on_main
+    from trilora.train.collectives import gather_objects, on_main
 
     env = env or DistEnv()
     run_dir = Path(run_dir)

@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trilora.modeling import base_transformers_model
 from trilora.ops.attention import flash_attention_ops, grouped_causal_attention
+from trilora.patches.introspection import base_transformers_model
 
 __all__ = [
     "NAME",

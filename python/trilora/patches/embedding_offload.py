@@ -171,3 +171,14 @@ def restore_input_embeddings(model: nn.Module, device: torch.device | str | None
     inner = emb.inner
     inner.to(device if device is not None else emb.device)
     model.set_input_embeddings(inner)
+
+
+def input_embedding_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s input-embedding table (offloaded or not); 0 when it is tied to
+    the output head (never offloaded)."""
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is emb.weight:
+        return 0
+    weight = emb.weight
+    return weight.numel() * weight.element_size()
