@@ -339,11 +339,11 @@ def _make_provider(
     model = _load_peft_model(plan, path, device)
     if provider == "bnb_peft":
         return model, "transformers + bitsandbytes 4-bit + PEFT"
-    import trilora
+    from trilora.peft import patch
 
     # trilora's drop-in path: the same PEFT model, its LoRA layers swapped in place (same
     # 4-bit bytes, same adapter parameters), fused cross-entropy on.
-    return trilora.patch(model), "trilora.patch(peft_model)"
+    return patch(model), "trilora.patch(peft_model)"
 
 
 def _optimizer(plan: E2EPlan, params: list[torch.Tensor]) -> torch.optim.Optimizer:

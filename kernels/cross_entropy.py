@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .aot import AotSpec
-from .quantize import _cast_rne
+from .common import cast_rne
 
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -82,7 +82,7 @@ def _cross_entropy_kernel(
             x = tl.load(row_ptr + c, mask=c < n_cols, other=-float("inf")).to(tl.float32)
             g = tl.exp(x - lse) * zf
             g = tl.where(c == label, g - 1.0, g) * scale
-            tl.store(row_ptr + c, _cast_rne(g, out_ty), mask=c < n_cols)
+            tl.store(row_ptr + c, cast_rne(g, out_ty), mask=c < n_cols)
 
 
 # --------------------------------------------------------------------------------------------

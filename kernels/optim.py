@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .aot import AotSpec
-from .quantize import _cast_rne
+from .common import cast_rne
 
 QBLOCK = 256
 """Elements per absmax block of the 8-bit state (bitsandbytes' optimizer blocksize)."""
@@ -86,7 +86,7 @@ def _adamw32_kernel(
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
     p, m, v = _adamw_math(p, g, m, v, decay, w1, beta2, w2, step_size, bc2_sqrt, eps)
-    tl.store(p_ptr + offs, _cast_rne(p, p_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + offs, cast_rne(p, p_ptr.dtype.element_ty), mask=mask)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
 
@@ -121,7 +121,7 @@ def _adamw8bit_kernel(
     m = tl.load(map1_ptr + c1) * a1[:, None]
     v = tl.load(map2_ptr + c2) * a2[:, None]
     p, m, v = _adamw_math(p, g, m, v, decay, w1, beta2, w2, step_size, bc2_sqrt, eps)
-    tl.store(p_ptr + offs, _cast_rne(p, p_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + offs, cast_rne(p, p_ptr.dtype.element_ty), mask=mask)
     m = tl.where(mask, m, 0.0)
     v = tl.where(mask, v, 0.0)
     new_a1 = tl.max(tl.abs(m), axis=1)

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from .aot import AotSpec
-from .quantize import ACT_DTYPES, Weight4bit, _dequant_gather, check_weight, weight_args
+from .common import dequant_gather
+from .quantize import ACT_DTYPES, Weight4bit, check_weight, weight_args
 
 _NUM_SMS = 132  # H100 SXM; only used to size split-K / split-M grids (2 waves).
 _SPLITK_MAX_M = 16
@@ -102,7 +103,7 @@ def _qlora_fwd_tiled_kernel(
         )
         # W.T tile [BK, BN]: flat index n*K + k of the row-major [N, K] weight.
         wm = k_in[:, None] & n_in[None, :]
-        w = _dequant_gather(
+        w = dequant_gather(
             packed_ptr,
             absmax_ptr,
             code_ptr,
@@ -212,7 +213,7 @@ def _qlora_fwd_splitk_kernel(
                 mask=m_in[:, None] & k_in[None, :],
                 other=0.0,
             )
-            w = _dequant_gather(
+            w = dequant_gather(
                 packed_ptr,
                 absmax_ptr,
                 code_ptr,
@@ -381,7 +382,7 @@ def _qlora_bwd_input_kernel(
             mask=m_in[:, None] & n_in[None, :],
             other=0.0,
         )
-        w = _dequant_gather(
+        w = dequant_gather(
             packed_ptr,
             absmax_ptr,
             code_ptr,

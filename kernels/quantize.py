@@ -6,8 +6,9 @@ in quantization block ``i // blocksize``; its value is ``code[nibble] * scale[bl
 ``scale`` is the fp32 ``absmax`` or, double-quantized, ``nested_code[absmax_u8] *
 nested_absmax[block // 256] + offset``.
 
-The ``@triton.jit`` helpers ``_block_scale`` and ``_dequant_gather`` are shared with the fused
-QLoRA matmul kernels (``qlora_linear.py``), so every kernel decodes the format the same way.
+The ``@triton.jit`` helpers that decode the format (``dequant_gather``, ``block_scale``) live
+in ``common.py``, shared with the fused QLoRA matmul kernels, so every kernel decodes the
+format the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .aot import AotSpec
+from .common import block_scale, cast_rne
 
 NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for the 8-bit absmax (double quantization)
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -38,74 +40,6 @@ class Weight4bit(NamedTuple):
     blocksize: int
     n_rows: int  # N
     n_cols: int  # K
-
-
-# --------------------------------------------------------------------------------------------
-# Shared device helpers
-# --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _block_scale(
-    absmax_ptr, nabs_ptr, ncode_ptr, offset_ptr, blk, mask, DOUBLE_QUANT: tl.constexpr
-):
-    """fp32 scale of quantization blocks ``blk`` (any shape)."""
-    if DOUBLE_QUANT:
-        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        # Product then sum, each rounded, as bitsandbytes does; the dequantize kernel is
-        # compiled with enable_fp_fusion=False so this does not become an FMA there.
-        nested = tl.load(nabs_ptr + blk // 256, mask=mask, other=0.0)
-        scale = tl.load(ncode_ptr + q) * nested + tl.load(offset_ptr)
-    else:
-        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
-    return scale
-
-
-@triton.jit
-def _dequant_gather(
-    packed_ptr,
-    absmax_ptr,
-    code_ptr,
-    nabs_ptr,
-    ncode_ptr,
-    offset_ptr,
-    idx,
-    mask,
-    BLOCKSIZE: tl.constexpr,
-    DOUBLE_QUANT: tl.constexpr,
-):
-    """fp32 values of the elements at flat indices ``idx`` (any shape, int32).
-
-    A gather, not a byte-pair decode: the matmul tiles index ``n*K + k`` with arbitrary ``K``,
-    so two neighbours in a tile need not share a byte. Both nibbles of a byte are requested by
-    neighbouring lanes and served by the same L1 sector, so DRAM traffic stays at 0.5 B/elem.
-    """
-    byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
-    nib = (byte >> ((1 - (idx & 1)) * 4)) & 0xF
-    # 16-entry table: stays in L1, cheaper than a 16-way select in registers.
-    val = tl.load(code_ptr + nib)
-    scale = _block_scale(
-        absmax_ptr, nabs_ptr, ncode_ptr, offset_ptr, idx // BLOCKSIZE, mask, DOUBLE_QUANT
-    )
-    return val * scale
-
-
-@triton.jit
-def _cast_rne(v, dtype: tl.constexpr):
-    """Cast fp32 ``v`` to ``dtype`` rounding to nearest even, also under the interpreter.
-
-    The interpreter truncates fp32 -> bf16 casts; the GPU's cvt.rn rounds to nearest even. The
-    integer form below is what cvt.rn does for every non-NaN input (NaN stays NaN), so
-    dequantized bf16 matches bitsandbytes byte for byte in tests and on hardware, for four
-    integer ops per element in a memory-bound kernel.
-    """
-    if dtype == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        out = v.to(dtype)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,14 +130,14 @@ def _dequantize_4bit_kernel(
     j = pid * PAIRS + tl.arange(0, PAIRS)
     in_b = 2 * j < n
     byte = tl.load(packed_ptr + j, mask=in_b, other=0).to(tl.int32)
-    scale = _block_scale(
+    scale = block_scale(
         absmax_ptr, nabs_ptr, ncode_ptr, offset_ptr, (2 * j) // BLOCKSIZE, in_b, DOUBLE_QUANT
     )
     hi = tl.load(code_ptr + (byte >> 4)) * scale
     lo = tl.load(code_ptr + (byte & 0xF)) * scale
     vals = tl.interleave(hi, lo)
     offs = 2 * pid * PAIRS + tl.arange(0, 2 * PAIRS)
-    tl.store(out_ptr + offs, _cast_rne(vals, out_ptr.dtype.element_ty), mask=offs < n)
+    tl.store(out_ptr + offs, cast_rne(vals, out_ptr.dtype.element_ty), mask=offs < n)
 
 
 # --------------------------------------------------------------------------------------------

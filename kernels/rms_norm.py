@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .aot import AotSpec
-from .quantize import _cast_rne
+from .common import cast_rne
 
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 MIN_BLOCK = 512
@@ -61,8 +61,8 @@ def _rms_norm_fwd_kernel(
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     ty = y_ptr.dtype.element_ty
-    n = _cast_rne(x * rstd, ty).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + cols, _cast_rne(w * n, ty), mask=mask)
+    n = cast_rne(x * rstd, ty).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, cast_rne(w * n, ty), mask=mask)
     tl.store(rstd_ptr + row, rstd)
 
 
@@ -99,9 +99,9 @@ def _rms_norm_bwd_kernel(
             n = x * rstd
             dn = dy * w
             c = tl.sum(dn * n, axis=0) / n_cols
-            tl.store(dx_ptr + row * stride_dx + cols, _cast_rne(rstd * (dn - n * c), ty), mask=mask)
+            tl.store(dx_ptr + row * stride_dx + cols, cast_rne(rstd * (dn - n * c), ty), mask=mask)
             if HAS_DW:
-                dw += dy * _cast_rne(n, ty).to(tl.float32)
+                dw += dy * cast_rne(n, ty).to(tl.float32)
     if HAS_DW:
         tl.store(dw_ptr + pid * n_cols + cols, dw, mask=mask)
 

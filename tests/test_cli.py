@@ -241,7 +241,7 @@ def test_demo_runs_with_a_finite_ratio_and_without_the_bitsandbytes_notice():
     gemm_4bit_forward from kernels-community" at import on AVX512-BF16 CPUs without the
     Hugging Face `kernels` package; trilora's commands drop that line (--debug keeps it)."""
     pytest.importorskip("bitsandbytes")
-    from trilora.cli import _BNB_HUB_KERNEL_NOTICE
+    from trilora.commands import _BNB_HUB_KERNEL_NOTICE
 
     result = _run("demo", "--in-features", "64", "--out-features", "96", "--tokens", "3",
                   "--rank", "4", "--repeats", "1", cwd=os.path.expanduser("~"))  # fmt: skip

@@ -183,7 +183,7 @@ def checkpoint_files(path: str | Path) -> dict[str, SafetensorsFile]:
 
 
 @contextlib.contextmanager
-def _params_on_meta() -> Iterator[None]:
+def params_on_meta() -> Iterator[None]:
     """Create parameters on the meta device while buffers stay real.
 
     Non-persistent buffers (rotary tables) are computed in ``__init__`` and never stored in
@@ -422,7 +422,7 @@ def _build_and_load(path, config, files, dtype, trust, hf_kwargs, pre_quantized,
 
     quant_type, blocksize, double_quant, compute_dtype, storage = qopts
     try:
-        with _params_on_meta():
+        with params_on_meta():
             model = AutoModelForCausalLM.from_config(
                 config, dtype=dtype, trust_remote_code=trust, **hf_kwargs
             )

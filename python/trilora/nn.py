@@ -22,7 +22,7 @@ from torch import nn
 
 from trilora.ops.qlora_linear import qlora_linear
 from trilora.quant import QuantizedWeight, code_table, quantize
-from trilora.quant import _pack_storage as pack_storage
+from trilora.quant import pack_storage as pack_storage
 
 # buffer name -> QuantizedWeight field; bitsandbytes' checkpoint key is "weight." + suffix
 _STATE_BUFFERS = {

@@ -237,7 +237,7 @@ class QuantizedWeight:
         go to any other (e.g. fp32 -> bf16 for an odd byte count)."""
         code_bytes = (self.numel + 1) // 2
         packed_u8 = self.packed.reshape(-1).view(torch.uint8)[:code_bytes]
-        return replace(self, packed=_pack_storage(packed_u8, quant_storage))
+        return replace(self, packed=pack_storage(packed_u8, quant_storage))
 
     # --- serialization ------------------------------------------------------------------
 
@@ -358,7 +358,9 @@ class QuantizedWeight:
         )
 
 
-def _pack_storage(packed_u8: torch.Tensor, quant_storage: torch.dtype) -> torch.Tensor:
+def pack_storage(packed_u8: torch.Tensor, quant_storage: torch.dtype) -> torch.Tensor:
+    """Packed uint8 codes ``[nbytes]`` viewed as ``quant_storage`` elements, shaped
+    ``[nbytes // itemsize, 1]`` as bitsandbytes stores them."""
     _check_choice("quant_storage", quant_storage, STORAGE_DTYPES)
     itemsize = torch.empty((), dtype=quant_storage).element_size()
     pad = (-packed_u8.numel()) % itemsize
@@ -422,7 +424,7 @@ def quantize(
         nested_code = dynamic_map().to(weight.device)
         absmax, nested_absmax = quantize_blockwise_8bit(absmax - offset, nested_code)
     return QuantizedWeight(
-        packed=_pack_storage(packed, quant_storage),
+        packed=pack_storage(packed, quant_storage),
         absmax=absmax,
         code=code,
         quant_type=quant_type,

@@ -98,8 +98,9 @@ def _errors(y, grads, ref_y, ref_grads) -> dict[str, float]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    import trilora
+    from trilora import __version__
     from trilora.io import UsageError
+    from trilora.nn import QLoraLinear
 
     try:
         torch.device(args.device or "cpu")
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     k, n, m, r = args.in_features, args.out_features, args.tokens, args.rank
     linear = torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype)
-    layer = trilora.QLoraLinear.from_linear(linear, r=r, lora_alpha=args.alpha, compute_dtype=dtype)
+    layer = QLoraLinear.from_linear(linear, r=r, lora_alpha=args.alpha, compute_dtype=dtype)
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.02)  # a trained-looking adapter, so the LoRA path matters
     x = torch.randn(m, k, device=device, dtype=dtype)
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         )
 
     print(
-        f"trilora {trilora.__version__} | device {device} | {dtype_name} | "
+        f"trilora {__version__} | device {device} | {dtype_name} | "
         f"x [{m}, {k}] -> y [{m}, {n}], NF4 blocksize 64 + double quant, LoRA r={r}"
     )
     header = f"{'stack':<22}{'fwd+bwd ms':>12}{'rel err y':>12}{'dx':>11}{'dA':>11}{'dB':>11}"

@@ -204,7 +204,7 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m trilora.commands.kernels``: the command outside the ``trilora`` entry point."""
-    from trilora.cli import ArgumentParser, HelpFormatter, report_error
+    from trilora.commands import ArgumentParser, HelpFormatter, report_error
 
     p = ArgumentParser(
         prog="trilora kernels", description=_DESCRIPTION, formatter_class=HelpFormatter

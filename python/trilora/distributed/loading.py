@@ -66,13 +66,13 @@ def build_shell(description: dict[str, Any]) -> nn.Module:
     """
     from transformers import AutoModelForCausalLM
 
-    from trilora.loading import _params_on_meta
+    from trilora.loading import params_on_meta
     from trilora.nn import Linear4bit
 
     kwargs = {}
     if description.get("attn_implementation"):
         kwargs["attn_implementation"] = description["attn_implementation"]
-    with _params_on_meta(), warnings.catch_warnings():
+    with params_on_meta(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(
             description["config"], dtype=description["dtype"], **kwargs

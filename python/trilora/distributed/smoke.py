@@ -46,20 +46,21 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from peft import LoraConfig
 
-    import trilora
     import trilora.distributed as td
+    from trilora.patches.activation_checkpointing import enable_checkpointing
+    from trilora.peft import get_peft_model
 
     env = td.init_distributed()
     dtype = getattr(torch, args.dtype)
     model = td.load_pretrained(args.model, env=env, compute_dtype=dtype, dtype=dtype)
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
-    model = trilora.get_peft_model(model, lora, compute_dtype=dtype)
+    model = get_peft_model(model, lora, compute_dtype=dtype)
     if args.fsdp:
         model = td.wrap_fsdp(model, env=env, cpu_offload=args.cpu_offload,
                              mixed_precision=dtype if dtype != torch.float32 else None)  # fmt: skip
     else:
         model = td.wrap_ddp(model, env=env)
-    trilora.enable_checkpointing(td.unwrap(model), offload=env.device.type == "cuda")
+    enable_checkpointing(td.unwrap(model), offload=env.device.type == "cuda")
     model.train()
     opt = td.build_optimizer(model, torch.optim.AdamW, lr=args.lr)
     out = Path(args.out)

@@ -34,8 +34,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import trilora.ops.cpu_matmul as cpu_matmul
 from trilora.config import use_triton
-from trilora.ops import cpu_matmul
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _REDUCTIONS = ("mean", "sum", "none")

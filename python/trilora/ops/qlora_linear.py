@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import torch
 
+import trilora.ops.cpu_matmul as cpu_matmul
 from trilora.config import config, use_triton
-from trilora.ops import cpu_matmul
 from trilora.ops.quantize import dequantize_4bit_impl, kernel_weight
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -62,7 +62,7 @@ _LAZY = {
     "CPUOffloadAdamW": "adamw",
     "PAGING_MODES": "adamw",
     "STATE_BITS": "adamw",
-    "to_bitsandbytes": "checkpoint",
+    "to_bitsandbytes": "state_dict_layout",
     "OptimizerInputError": "errors",
     "ParameterTypeError": "errors",
     "StateDictLayoutError": "errors",

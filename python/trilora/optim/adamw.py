@@ -33,13 +33,12 @@ import warnings
 import weakref
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.optim.optimizer import ParamsT
 
-from trilora.optim import state_dict_layout as _ckpt
+import trilora.optim.state_dict_layout as _ckpt
 from trilora.optim.blockwise import (
     MIN_8BIT_SIZE,
     StepScalars,
@@ -53,7 +52,7 @@ from trilora.optim.errors import (
     ParameterTypeError,
     StateDictLayoutError,
 )
-from trilora.optim.host_update import HostUpdateMixin, remove_handles
+from trilora.optim.host_update import HostUpdater, remove_handles
 from trilora.optim.paging import (
     DEFAULT_PAGE_BYTES,
     AutoTracker,
@@ -66,6 +65,7 @@ from trilora.optim.paging import (
     page_ranges,
     state_nbytes,
 )
+from trilora.optim.slots import Slot
 from trilora.optim.tensors import check_grad, is_dtensor, local_tensor, stamp
 
 PAGING_MODES = ("off", "host", "uvm", "auto")
@@ -160,43 +160,7 @@ def _check_param(p: Any, owner: str) -> None:
         raise OptimizerInputError(f"{what}; got a meta tensor: materialize the model first")
 
 
-@dataclass(eq=False)
-class _Slot:
-    """One parameter ``param`` and everything the optimizer keeps for it.
-
-    ``numel`` / ``shape``: of the local tensor (the shard of a DTensor). ``bits``: of its
-    state (8 only for ``state_bits=8`` and at least ``min_8bit_size`` elements in the whole
-    tensor). Host-update mode (offloaded gradients, :class:`CPUOffloadAdamW`) adds:
-    ``master`` fp32 ``shape`` (pinned for CUDA parameters), the value the update steps;
-    ``grad`` fp32 ``shape``, the host gradient (accumulator when offloading, pinned D2H
-    target otherwise); ``staging``, pinned ``param.dtype``, the target of an offloaded CUDA
-    gradient's asynchronous copy, folded into ``grad`` once ``event`` completed; ``synced``,
-    the parameter's stamp when ``master`` last matched it.
-    """
-
-    param: torch.Tensor
-    index: int
-    numel: int
-    shape: torch.Size
-    bits: int
-    state: SlotState | None = None
-    master: torch.Tensor | None = None
-    grad: torch.Tensor | None = None
-    staging: torch.Tensor | None = None
-    event: Any = None
-    pending: bool = False
-    has_grad: bool = False
-    # The last step consumed ``grad``: torch would still have a ``p.grad`` here, which a
-    # ``zero_grad(set_to_none=False)`` turns into a zero gradient that steps the parameter.
-    consumed: bool = False
-    synced: tuple[int, int] | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return local_tensor(self.param).device
-
-
-class AdamW(HostUpdateMixin, torch.optim.Optimizer):
+class AdamW(torch.optim.Optimizer):
     """AdamW with 32- or 8-bit state, resident, paged or on the host (module docstring).
 
     Args:
@@ -262,13 +226,12 @@ class AdamW(HostUpdateMixin, torch.optim.Optimizer):
         self.page_bytes = int(page_bytes)
         self.min_8bit_size = int(min_8bit_size)
         self._host_update = self.offload_gradients or self._always_host_update
-        self._slots: list[_Slot] = []
-        self._slot_of: dict[int, _Slot] = {}
-        self._handles: list = []
-        self._side_streams: dict[torch.device, Any] = {}
-        self._copy_back_events: list = []
-        self._clip_called = False
-        self._warned_unclipped = False
+        self._slots: list[Slot] = []
+        self._slot_of: dict[int, Slot] = {}
+        # hooks, host gradients, clipping and the host step (offload_gradients, CPUOffloadAdamW)
+        self._host = HostUpdater(
+            type(self).__name__, self._slots, self._slot_of, self.offload_gradients
+        )
         self._streamers: dict[torch.device, HostPageStreamer] = {}
         self._pagers: dict[torch.device, ManagedPager] = {}
         self._trackers: dict[torch.device, AutoTracker] = {}
@@ -282,7 +245,48 @@ class AdamW(HostUpdateMixin, torch.optim.Optimizer):
             self.remove_hooks()
             raise
         # Hooks hold only a weak reference to the optimizer; drop them when it goes away.
-        weakref.finalize(self, remove_handles, self._handles)
+        weakref.finalize(self, remove_handles, self._host.handles)
+
+    # ---- host gradients (trilora.optim.host_update) -------------------------------------
+
+    def remove_hooks(self) -> None:
+        """Stop offloading gradients as they are produced.
+
+        Gradients then stay on ``p.grad`` until :meth:`step` or :meth:`clip_grad_norm`
+        moves them to the host, so training remains correct, only without the memory gain.
+        """
+        self._host.remove_hooks()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear ``p.grad`` (and, offloading, the host gradients).
+
+        ``set_to_none=False`` zeroes the gradients that exist instead (a zero gradient
+        still steps its parameter: moments decay and weight decay applies).
+        """
+        super().zero_grad(set_to_none=set_to_none)
+        self._host.zero_grad(set_to_none)
+
+    def clip_grad_norm(
+        self,
+        max_norm: float,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
+        foreach: bool | None = None,
+    ) -> torch.Tensor:
+        """Clip the gradients of all parameters as ``torch.nn.utils.clip_grad_norm_`` does.
+
+        Call it between the last backward and :meth:`step`. With offloaded gradients the
+        norm is taken over the host fp32 gradients; otherwise over ``p.grad``. For FSDP2's
+        ``DTensor`` parameters it is the norm of the whole gradients over all ranks (every
+        rank must call it), as torch's ``clip_grad_norm_`` gives for ``DTensor`` gradients.
+
+        Returns:
+            The total norm before clipping, a 0-dim fp32 tensor (on the CPU when
+            gradients are offloaded, else on the gradients' device).
+        """
+        return self._host.clip_grad_norm(
+            self.param_groups, max_norm, norm_type, error_if_nonfinite, foreach
+        )
 
     def _check_settings(
         self, state_bits, paging, device_budget, offload_gradients, page_bytes, min_8bit_size
@@ -356,7 +360,7 @@ class AdamW(HostUpdateMixin, torch.optim.Optimizer):
         super().add_param_group(group)  # fills defaults, rejects duplicates
         slots = [self._new_slot(p) for p in self.param_groups[-1]["params"]]
         if self.offload_gradients:
-            taken = sum(self._register_hook(slot) for slot in slots)
+            taken = sum(self._host.register_hook(slot) for slot in slots)
             if taken:
                 warnings.warn(
                     f"{taken} parameter(s) were offloaded by another optimizer; their gradients "
@@ -364,12 +368,12 @@ class AdamW(HostUpdateMixin, torch.optim.Optimizer):
                     stacklevel=3,
                 )
 
-    def _new_slot(self, p: torch.Tensor) -> _Slot:
+    def _new_slot(self, p: torch.Tensor) -> Slot:
         local = local_tensor(p)
         bits = 8 if self.state_bits == 8 and p.numel() >= self.min_8bit_size else 32
         if bits == 8 and is_dtensor(p):
             _ckpt.check_8bit_dtensor(p, type(self).__name__)
-        slot = _Slot(p, len(self._slots), local.numel(), local.shape, bits)
+        slot = Slot(p, len(self._slots), local.numel(), local.shape, bits)
         if self._host_update:
             on_cuda = local.device.type == "cuda"
             slot.master = torch.empty(local.shape, dtype=torch.float32, pin_memory=on_cuda)
@@ -383,10 +387,7 @@ class AdamW(HostUpdateMixin, torch.optim.Optimizer):
             if on_cuda and self.offload_gradients:
                 slot.staging = torch.empty(local.shape, dtype=local.dtype, pin_memory=True)
                 slot.event = torch.cuda.Event()
-                if local.device not in self._side_streams:
-                    # Created here, not lazily in the hook: hooks of CUDA gradients run on
-                    # autograd's device threads.
-                    self._side_streams[local.device] = torch.cuda.Stream(device=local.device)
+                self._host.add_side_stream(local.device)
         self._slots.append(slot)
         self._slot_of[id(p)] = slot
         return slot
@@ -424,7 +425,7 @@ class AdamW(HostUpdateMixin, torch.optim.Optimizer):
             if s.state is not None and s.state.home == "device" and s.device == device
         )
 
-    def _choose_home(self, slot: _Slot, placed: dict[torch.device, int]) -> str:
+    def _choose_home(self, slot: Slot, placed: dict[torch.device, int]) -> str:
         """Home of a state about to be allocated; ``placed``: bytes placed on each device
         during this call (``paging="auto"``), updated here."""
         device = slot.device
@@ -453,17 +454,17 @@ class AdamW(HostUpdateMixin, torch.optim.Optimizer):
             return "device"
         return "host"
 
-    def _allocate(self, slot: _Slot, placed: dict[torch.device, int]) -> SlotState:
+    def _allocate(self, slot: Slot, placed: dict[torch.device, int]) -> SlotState:
         home = self._choose_home(slot, placed)
         state = SlotState.allocate(slot.bits, slot.numel, home, slot.device, self._managed)
         self._set_state(slot, state)
         return state
 
-    def _set_state(self, slot: _Slot, state: SlotState) -> None:
+    def _set_state(self, slot: Slot, state: SlotState) -> None:
         slot.state = state
         self.state[slot.param] = self._export(slot)
 
-    def _export(self, slot: _Slot) -> dict[str, Any]:
+    def _export(self, slot: Slot) -> dict[str, Any]:
         """``step`` and the state tensors of ``slot`` shaped like the local parameter
         (absmax flat), aliasing the live storage: torch's ``optimizer.state[p]``."""
         st = slot.state
@@ -509,7 +510,7 @@ class AdamW(HostUpdateMixin, torch.optim.Optimizer):
             streamer.synchronize()
         for pager in self._pagers.values():
             pager.synchronize()
-        self._wait_copy_back()
+        self._host.wait_copy_back()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -524,7 +525,7 @@ class AdamW(HostUpdateMixin, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self._host_update:
-            self._host_update_step()
+            self._host.step(self.param_groups, self._allocate, self._cpu_update)
             return loss
         from trilora.config import use_triton
 
@@ -553,15 +554,15 @@ class AdamW(HostUpdateMixin, torch.optim.Optimizer):
             self._device_update(device_items)
         return loss
 
-    def _scalars(self, group: dict[str, Any], slot: _Slot) -> StepScalars:
+    def _scalars(self, group: dict[str, Any], slot: Slot) -> StepScalars:
         slot.state.step += 1
         return StepScalars.of(
             group["lr"], group["betas"], group["eps"], group["weight_decay"], float(slot.state.step)
         )
 
-    def _device_update(self, items: list[tuple[dict, _Slot]]) -> None:
+    def _device_update(self, items: list[tuple[dict, Slot]]) -> None:
         """Fused kernels: one launch per resident parameter, one per page of paged state."""
-        from trilora.kernels.optim import adamw_step_8bit, adamw_step_32bit
+        from trilora.ops.optim import adamw_step_8bit, adamw_step_32bit
 
         def launch(slot, p_flat, g_flat, tensors, sc):
             if slot.bits == 32:
@@ -609,11 +610,11 @@ class AdamW(HostUpdateMixin, torch.optim.Optimizer):
         for local, work in write_back:
             local.copy_(work)
 
-    def _cpu_update(self, items: list[tuple[dict, _Slot, torch.Tensor, torch.Tensor]]) -> None:
+    def _cpu_update(self, items: list[tuple[dict, Slot, torch.Tensor, torch.Tensor]]) -> None:
         """The update with torch ops (CPU tensors; any tensor when ``trilora.config.backend``
         is ``"torch"``): ``(group, slot, work, grad)``, ``work`` the tensor stepped in place
         (computed in fp32) and its gradient."""
-        batch: list[tuple[dict, torch.Tensor, torch.Tensor, _Slot]] = []
+        batch: list[tuple[dict, torch.Tensor, torch.Tensor, Slot]] = []
         write_back = []
         for group, slot, work, grad in items:
             target = work
@@ -639,7 +640,7 @@ class AdamW(HostUpdateMixin, torch.optim.Optimizer):
         for target, work in write_back:
             target.copy_(work)
 
-    def _torch_adamw32(self, batch: list[tuple[dict, torch.Tensor, torch.Tensor, _Slot]]) -> None:
+    def _torch_adamw32(self, batch: list[tuple[dict, torch.Tensor, torch.Tensor, Slot]]) -> None:
         """32-bit CPU update through torch's own AdamW kernel, on our state tensors."""
         if self._inner is None:
             probe = torch.zeros(1, requires_grad=True)
@@ -706,7 +707,7 @@ class AdamW(HostUpdateMixin, torch.optim.Optimizer):
                 continue
             entry = self._export(slot)
             if self._host_update and slot.param.dtype != torch.float32:
-                self._resync(slot)
+                self._host.resync(slot)
                 entry["master"] = slot.master
             if is_dtensor(slot.param):
                 entry = _ckpt.to_dtensors(entry, slot.param)
@@ -732,7 +733,7 @@ class AdamW(HostUpdateMixin, torch.optim.Optimizer):
                 f"loaded state dict has {len(saved_groups)} parameter groups, "
                 f"the optimizer has {len(self.param_groups)}"
             )
-        by_index: dict[Any, _Slot] = {}
+        by_index: dict[Any, Slot] = {}
         new_groups = []
         for group, saved in zip(self.param_groups, saved_groups):
             if len(group["params"]) != len(saved["params"]):

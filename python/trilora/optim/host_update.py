@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from trilora.optim.errors import UnclippedGradientsWarning
+from trilora.optim.slots import Slot
 from trilora.optim.tensors import check_grad, is_dtensor, local_tensor, stamp
-
-if TYPE_CHECKING:
-    from trilora.optim.adamw import _Slot
 
 # id(param) -> (weakref to param, weakref to optimizer, hook handle): the optimizer whose
 # gradient hook currently owns the parameter. Two offloading optimizers on one parameter
@@ -29,18 +29,44 @@ _HOOK_OWNERS: dict[int, tuple[weakref.ref, weakref.ref, Any]] = {}
 
 
 def remove_handles(handles: list) -> None:
+    """Remove every hook handle in ``handles`` and empty it."""
     for handle in handles:
         handle.remove()
     handles.clear()
 
 
-class HostUpdateMixin:
-    """Hooks, host gradients, clipping and the host-update step of :class:`AdamW` (which
-    provides ``_slots``, ``_slot_of``, ``_handles``, ``_side_streams``,
-    ``_copy_back_events``, ``_clip_called``, ``_warned_unclipped``, ``offload_gradients``,
-    ``_allocate`` and ``_cpu_update``)."""
+class HostUpdater:
+    """Hooks, host gradients, clipping and the host-update step of one
+    :class:`trilora.optim.AdamW`, which owns it and calls it through these methods.
 
-    def _register_hook(self, slot: _Slot) -> bool:
+    Args:
+        name: the optimizer's class name, for messages.
+        slots: the optimizer's slots, in parameter order; ``slot_of``: ``id(param)`` -> slot.
+            Both are the optimizer's own containers (it adds slots as groups are added).
+        offload_gradients: gradients move to the host as backward produces them (hooks);
+            otherwise :meth:`step` copies ``p.grad`` to the host.
+    """
+
+    def __init__(
+        self, name: str, slots: list[Slot], slot_of: dict[int, Slot], offload_gradients: bool
+    ) -> None:
+        self.name = name
+        self.slots = slots
+        self.slot_of = slot_of
+        self.offload_gradients = offload_gradients
+        self.handles: list = []
+        self.side_streams: dict[torch.device, Any] = {}
+        self.copy_back_events: list = []
+        self.clip_called = False
+        self.warned_unclipped = False
+
+    def add_side_stream(self, device: torch.device) -> None:
+        """Create ``device``'s copy stream now: hooks of CUDA gradients run on autograd's
+        device threads, where creating one is not safe."""
+        if device not in self.side_streams:
+            self.side_streams[device] = torch.cuda.Stream(device=device)
+
+    def register_hook(self, slot: Slot) -> bool:
         """Hook ``slot.param``; True when a live optimizer had it (its hook is removed)."""
         p = slot.param
         taken = False
@@ -53,10 +79,10 @@ class HostUpdateMixin:
         def hook(param: torch.Tensor) -> None:
             opt = owner()
             if opt is not None:
-                opt._grad_ready(param)
+                opt.grad_ready(param)
 
         handle = p.register_post_accumulate_grad_hook(hook)
-        self._handles.append(handle)
+        self.handles.append(handle)
         _HOOK_OWNERS[id(p)] = (weakref.ref(p), owner, handle)
         return taken
 
@@ -69,17 +95,17 @@ class HostUpdateMixin:
         for key, (_, owner, _) in list(_HOOK_OWNERS.items()):
             if owner() is self:
                 del _HOOK_OWNERS[key]
-        remove_handles(self._handles)
+        remove_handles(self.handles)
 
     # ---- offloaded gradients ----------------------------------------------------------
 
-    def _grad_ready(self, param: torch.Tensor) -> None:
+    def grad_ready(self, param: torch.Tensor) -> None:
         """Post-accumulate-grad hook: move ``param.grad`` to the host, free it on device."""
         grad = param.grad
-        slot = self._slot_of.get(id(param))
+        slot = self.slot_of.get(id(param))
         if grad is None or slot is None or slot.param is not param:
             return
-        check_grad(grad, type(self).__name__)
+        check_grad(grad, self.name)
         grad = local_tensor(grad)
         if grad.device.type == "cuda":
             # The staging buffer still holds the previous backward's copy of this gradient
@@ -89,9 +115,9 @@ class HostUpdateMixin:
                 slot.staging = torch.empty(grad.shape, dtype=grad.dtype, pin_memory=True)
                 slot.event = slot.event or torch.cuda.Event()
             producer = torch.cuda.current_stream(grad.device)
-            side = self._side_streams.get(grad.device)
+            side = self.side_streams.get(grad.device)
             if side is None:
-                side = self._side_streams[grad.device] = torch.cuda.Stream(device=grad.device)
+                side = self.side_streams[grad.device] = torch.cuda.Stream(device=grad.device)
             # The copy must not start before the kernels that wrote ``grad``; it runs on
             # the side stream so the rest of backward is not serialized behind it.
             side.wait_stream(producer)
@@ -107,7 +133,7 @@ class HostUpdateMixin:
         param.grad = None
 
     @staticmethod
-    def _accumulate(slot: _Slot, grad: torch.Tensor) -> None:
+    def _accumulate(slot: Slot, grad: torch.Tensor) -> None:
         if grad.device.type != "cpu":
             grad = grad.to("cpu")
         if slot.has_grad:
@@ -116,35 +142,35 @@ class HostUpdateMixin:
             slot.grad.copy_(grad)
             slot.has_grad = True
 
-    def _fold(self, slot: _Slot) -> None:
+    def _fold(self, slot: Slot) -> None:
         if slot.pending:
             slot.event.synchronize()
             slot.pending = False
             self._accumulate(slot, slot.staging)
 
-    def _offloaded_grads(self) -> list[_Slot]:
+    def _offloaded_grads(self) -> list[Slot]:
         """Finish all gradient copies; return the slots holding a host gradient."""
         with_grad = []
-        for slot in self._slots:
+        for slot in self.slots:
             self._fold(slot)
             # A gradient no hook took (hooks removed, or p.grad assigned by hand).
             stray = slot.param.grad
             if stray is not None:
-                check_grad(stray, type(self).__name__)
+                check_grad(stray, self.name)
                 self._accumulate(slot, local_tensor(stray))
                 slot.param.grad = None
             if slot.has_grad:
                 with_grad.append(slot)
         return with_grad
 
-    def _copied_grads(self) -> list[_Slot]:
+    def _copied_grads(self) -> list[Slot]:
         """Host update without offloading: copy every ``p.grad`` into its host buffer."""
         with_grad, devices = [], set()
-        for slot in self._slots:
+        for slot in self.slots:
             grad = slot.param.grad
             if grad is None:
                 continue
-            check_grad(grad, type(self).__name__)
+            check_grad(grad, self.name)
             grad = local_tensor(grad)
             slot.grad.copy_(grad, non_blocking=grad.is_cuda)
             if grad.is_cuda:
@@ -155,15 +181,14 @@ class HostUpdateMixin:
         return with_grad
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear ``p.grad`` (and, offloading, the host gradients).
+        """Clear the host gradients (``p.grad`` is the optimizer's to clear).
 
         ``set_to_none=False`` zeroes the gradients that exist instead (a zero gradient
         still steps its parameter: moments decay and weight decay applies).
         """
-        super().zero_grad(set_to_none=set_to_none)
         if not self.offload_gradients:
             return
-        for slot in self._slots:
+        for slot in self.slots:
             if slot.pending:
                 slot.event.synchronize()
                 slot.pending = False
@@ -178,6 +203,7 @@ class HostUpdateMixin:
     @torch.no_grad()
     def clip_grad_norm(
         self,
+        param_groups: list[dict],
         max_norm: float,
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
@@ -194,15 +220,15 @@ class HostUpdateMixin:
             The total norm before clipping, a 0-dim fp32 tensor (on the CPU when
             gradients are offloaded, else on the gradients' device).
         """
-        self._clip_called = True
+        self.clip_called = True
         if not self.offload_gradients:
-            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            params = [p for g in param_groups for p in g["params"] if p.grad is not None]
             total = torch.nn.utils.clip_grad_norm_(
                 params, max_norm, norm_type, error_if_nonfinite, foreach
             )
             return total.full_tensor() if is_dtensor(total) else total
         slots = self._offloaded_grads()
-        if any(is_dtensor(slot.param) for slot in self._slots):
+        if any(is_dtensor(slot.param) for slot in self.slots):
             return self._clip_sharded(slots, max_norm, norm_type, error_if_nonfinite)
         # The masters carry the host gradients as ``.grad`` only for this call, so the
         # clipping itself is torch's own.
@@ -217,7 +243,7 @@ class HostUpdateMixin:
                 slot.master.grad = None
 
     def _clip_sharded(
-        self, slots: list[_Slot], max_norm: float, norm_type: float, error_if_nonfinite: bool
+        self, slots: list[Slot], max_norm: float, norm_type: float, error_if_nonfinite: bool
     ) -> torch.Tensor:
         """Clip host gradients of FSDP2 shards by the norm of the *whole* gradients.
 
@@ -227,8 +253,6 @@ class HostUpdateMixin:
         maximum for the inf-norm), as torch's ``clip_grad_norm_`` does for ``DTensor``
         gradients. Every rank must call it (it is a collective).
         """
-        import torch.distributed as dist
-
         p = float(norm_type)
         if not (p == float("inf") or p > 0):
             raise ValueError(f"norm_type must be > 0 or inf for sharded parameters, got {p}")
@@ -237,7 +261,7 @@ class HostUpdateMixin:
         # (mesh, sharded mesh dims) -> this rank's partial, in one order on every rank:
         # the order of the optimizer's slots, which every rank builds alike.
         parts: dict[tuple, list] = {}
-        for slot in self._slots:
+        for slot in self.slots:
             param = slot.param
             if is_dtensor(param):
                 dims = tuple(i for i, pl in enumerate(param.placements) if pl.is_shard())
@@ -275,25 +299,30 @@ class HostUpdateMixin:
             slot.grad.mul_(coef)
         return total
 
-    def _wait_copy_back(self) -> None:
+    def wait_copy_back(self) -> None:
         # Masters are the source of in-flight H2D copies; they must not be written first.
-        for event in self._copy_back_events:
+        for event in self.copy_back_events:
             event.synchronize()
-        self._copy_back_events.clear()
+        self.copy_back_events.clear()
 
-    def _host_update_step(self) -> None:
+    def step(
+        self,
+        param_groups: list[dict],
+        allocate: Callable[[Slot, dict], Any],
+        update: Callable[[list], None],
+    ) -> None:
         """Host-update mode: gradients on the host, fp32 masters, the update on the CPU,
         parameters copied back (non-blocking on CUDA)."""
         slots = self._offloaded_grads() if self.offload_gradients else self._copied_grads()
         if (
             self.offload_gradients
             and slots
-            and not self._clip_called
-            and not self._warned_unclipped
+            and not self.clip_called
+            and not self.warned_unclipped
         ):
-            self._warned_unclipped = True
+            self.warned_unclipped = True
             warnings.warn(
-                f"{type(self).__name__}(offload_gradients=True) keeps gradients on the host, so "
+                f"{self.name}(offload_gradients=True) keeps gradients on the host, so "
                 "torch.nn.utils.clip_grad_norm_ and transformers.Trainer's max_grad_norm see "
                 "p.grad=None and clip nothing. Clip with optimizer.clip_grad_norm(max_norm) "
                 "before step() (with transformers.Trainer: callbacks=[trilora.optim."
@@ -303,22 +332,23 @@ class HostUpdateMixin:
             )
         if not slots:
             return
-        self._wait_copy_back()
-        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        self.wait_copy_back()
+        group_of = {id(p): g for g in param_groups for p in g["params"]}
         placed: dict[torch.device, int] = {}
         items = []
         for slot in slots:
             if slot.state is None:
-                self._allocate(slot, placed)
-            self._resync(slot)
+                allocate(slot, placed)
+            self.resync(slot)
             items.append((group_of[id(slot.param)], slot, slot.master, slot.grad))
-        self._cpu_update(items)
+        update(items)
         if self.offload_gradients:
             for slot in slots:
                 slot.has_grad, slot.consumed = False, True
         self._copy_back(slots)
 
-    def _resync(self, slot: _Slot) -> None:
+    def resync(self, slot: Slot) -> None:
+        """Copy ``slot.param`` into its fp32 master if it was written since the last sync."""
         current = stamp(slot.param)
         local = local_tensor(slot.param).detach()
         if current is None:
@@ -332,7 +362,7 @@ class HostUpdateMixin:
             slot.master.copy_(local)
             slot.synced = current
 
-    def _copy_back(self, slots: list[_Slot]) -> None:
+    def _copy_back(self, slots: list[Slot]) -> None:
         devices = set()
         for slot in slots:
             local = local_tensor(slot.param)
@@ -346,7 +376,7 @@ class HostUpdateMixin:
         for device in devices:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))
-            self._copy_back_events.append(event)
+            self.copy_back_events.append(event)
 
 
-__all__ = ["HostUpdateMixin"]
+__all__ = ["HostUpdater", "remove_handles"]

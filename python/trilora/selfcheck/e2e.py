@@ -75,7 +75,6 @@ def _native_unit(ctx: Context) -> dict[str, Any]:
     import torch
     from peft import LoraConfig
 
-    import trilora
     from trilora.bench.e2e import TARGET_MODULES, build_checkpoint
     from trilora.bench.harness import (
         Stats,
@@ -85,6 +84,9 @@ def _native_unit(ctx: Context) -> dict[str, Any]:
         seeded,
         synchronize,
     )
+    from trilora.loading import from_pretrained
+    from trilora.patches.activation_checkpointing import enable_checkpointing
+    from trilora.peft import get_peft_model
 
     plan = plan_for(ctx)
     device = torch.device(ctx.device)
@@ -94,15 +96,15 @@ def _native_unit(ctx: Context) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="trilora-selfcheck-") as tmp:
         path = build_checkpoint(plan, Path(tmp) / "model")
         reset_peak_memory(device)
-        model = trilora.from_pretrained(
+        model = from_pretrained(
             path, compute_dtype=plan.dtype, device=device, dtype=plan.dtype
         )
         lcfg = LoraConfig(r=plan.rank, lora_alpha=plan.lora_alpha, lora_dropout=0.0,
                           target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM")  # fmt: skip
         with seeded(plan.seed + 1):
-            pm = trilora.get_peft_model(model, lcfg)
+            pm = get_peft_model(model, lcfg)
         if plan.grad_ckpt:
-            trilora.enable_checkpointing(pm)
+            enable_checkpointing(pm)
         trainable = [p for p in pm.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=plan.lr)
         vocab = pm.config.vocab_size

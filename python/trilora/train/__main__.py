@@ -14,7 +14,8 @@ from trilora._openmp import prefer_passive_wait
 
 prefer_passive_wait()  # before torch loads libgomp: see trilora._openmp
 
-from trilora.cli import build_parser, quiet_third_party_notices, report_error  # noqa: E402
+from trilora.cli import build_parser  # noqa: E402
+from trilora.commands import quiet_third_party_notices, report_error  # noqa: E402
 from trilora.commands.train import run  # noqa: E402
 from trilora.io import RunStopped  # noqa: E402
 from trilora.train.launch import report_line  # noqa: E402

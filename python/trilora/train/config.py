@@ -250,7 +250,7 @@ def _kind(f: dataclasses.Field) -> type:
     return str
 
 
-def _parse_value(name: str, raw: Any) -> Any:
+def parse_value(name: str, raw: Any) -> Any:
     """A YAML or flag value, converted to the field's type."""
     f = _FIELDS[name]
     kind = _kind(f)
@@ -314,7 +314,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
             raise UsageError(
                 f"--config {os.fspath(path)}: unknown setting {key!r} (see trilora train --help)"
             )
-        out[name] = _parse_value(name, value)
+        out[name] = parse_value(name, value)
     return out
 
 
@@ -352,7 +352,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         g.add_argument(
             flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.metadata.get("metavar"),
             choices=f.metadata.get("choices"), help=help_text,
-            type=(lambda raw, _name=f.name: _parse_value(_name, raw)),
+            type=(lambda raw, _name=f.name: parse_value(_name, raw)),
         )  # fmt: skip
 
 

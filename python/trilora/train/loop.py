@@ -32,6 +32,8 @@ import numpy as np
 import torch
 
 from trilora.io import UsageError, UserError, atomic_directory, atomic_write_json, check_output
+from trilora.loading import from_pretrained
+from trilora.merging import merge
 from trilora.train import data as D
 from trilora.train.config import (
     TrainConfig,
@@ -972,7 +974,6 @@ def _merge(model, lm, cfg, run_dir: Path, env) -> Path:
     """``OUT/merged``: the 16-bit merged model, written by rank 0 (the other ranks return at
     once). Under FSDP2 rank 0 merges a fresh single-process copy: the base it read and the
     adapter just saved."""
-    import trilora
     from trilora.distributed import unwrap
     from trilora.merging import save_tokenizer
 
@@ -987,7 +988,7 @@ def _merge(model, lm, cfg, run_dir: Path, env) -> Path:
                 shutil.copy2(f, tmp / f.name)
         return target
     peft_model = _reload_adapter(cfg, lm, run_dir / "adapter") if _sharded(model) else unwrap(model)
-    merged = trilora.merge(peft_model, dtype=dtype)
+    merged = merge(peft_model, dtype=dtype)
     with atomic_directory(target, overwrite=True) as tmp:
         merged.save_pretrained(tmp)
         save_tokenizer([lm.folder, run_dir / "adapter"], tmp)  # as `trilora merge` does
@@ -1001,14 +1002,13 @@ def _reload_adapter(cfg, lm, adapter: Path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    import trilora
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*checkpoint tensors not used.*")
         if cfg.quant == "none":
             base = AutoModelForCausalLM.from_pretrained(lm.folder, dtype=lm.compute_dtype)
         else:
-            base = trilora.from_pretrained(lm.folder, quant_type=cfg.quant,
+            base = from_pretrained(lm.folder, quant_type=cfg.quant,
                                            compute_dtype=lm.compute_dtype,
                                            dtype=lm.compute_dtype, device="cpu")  # fmt: skip
     return PeftModel.from_pretrained(base, str(adapter))

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from trilora.io import UsageError, atomic_write_json, atomic_write_text, check_output
-from trilora.train.config import TrainConfig, _parse_value, dump_yaml
+from trilora.train.config import TrainConfig, dump_yaml, parse_value
 
 __all__ = ["parse_sweep", "run_sweep"]
 
@@ -35,7 +35,7 @@ def parse_sweep(spec: str) -> tuple[str, list]:
     items = [v.strip() for v in values.split(",") if v.strip()]
     if len(items) < 1:
         raise UsageError(f"--sweep {spec!r}: no values")
-    return name, [_parse_value(name, v) for v in items]
+    return name, [parse_value(name, v) for v in items]
 
 
 def run_sweep(

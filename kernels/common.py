@@ -1,0 +1,77 @@
+"""``@triton.jit`` helpers shared by the kernel files: decoding the bitsandbytes 4-bit format
+(:func:`dequant_gather`, :func:`block_scale`) and the fp32 -> 16-bit cast that rounds to
+nearest even also under the interpreter (:func:`cast_rne`).
+
+Public names, so that kernel files never import each other's private helpers.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["block_scale", "cast_rne", "dequant_gather"]
+
+
+
+@triton.jit
+def block_scale(
+    absmax_ptr, nabs_ptr, ncode_ptr, offset_ptr, blk, mask, DOUBLE_QUANT: tl.constexpr
+):
+    """fp32 scale of quantization blocks ``blk`` (any shape)."""
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        # Product then sum, each rounded, as bitsandbytes does; the dequantize kernel is
+        # compiled with enable_fp_fusion=False so this does not become an FMA there.
+        nested = tl.load(nabs_ptr + blk // 256, mask=mask, other=0.0)
+        scale = tl.load(ncode_ptr + q) * nested + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def dequant_gather(
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    nabs_ptr,
+    ncode_ptr,
+    offset_ptr,
+    idx,
+    mask,
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+):
+    """fp32 values of the elements at flat indices ``idx`` (any shape, int32).
+
+    A gather, not a byte-pair decode: the matmul tiles index ``n*K + k`` with arbitrary ``K``,
+    so two neighbours in a tile need not share a byte. Both nibbles of a byte are requested by
+    neighbouring lanes and served by the same L1 sector, so DRAM traffic stays at 0.5 B/elem.
+    """
+    byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
+    nib = (byte >> ((1 - (idx & 1)) * 4)) & 0xF
+    # 16-entry table: stays in L1, cheaper than a 16-way select in registers.
+    val = tl.load(code_ptr + nib)
+    scale = block_scale(
+        absmax_ptr, nabs_ptr, ncode_ptr, offset_ptr, idx // BLOCKSIZE, mask, DOUBLE_QUANT
+    )
+    return val * scale
+
+
+@triton.jit
+def cast_rne(v, dtype: tl.constexpr):
+    """Cast fp32 ``v`` to ``dtype`` rounding to nearest even, also under the interpreter.
+
+    The interpreter truncates fp32 -> bf16 casts; the GPU's cvt.rn rounds to nearest even. The
+    integer form below is what cvt.rn does for every non-NaN input (NaN stays NaN), so
+    dequantized bf16 matches bitsandbytes byte for byte in tests and on hardware, for four
+    integer ops per element in a memory-bound kernel.
+    """
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = v.to(dtype)
+    return out
