@@ -9,6 +9,7 @@ dependencies, never runtime ones.
 from __future__ import annotations
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from trilora.nn import Linear4bit, QLoraLinear
@@ -45,7 +46,6 @@ def peft_lora_over_bnb(layer: QLoraLinear, compute_dtype: torch.dtype | None = N
     Returns ``(peft_model, lora_layer)``: a one-module ``PeftModel`` and its LoRA layer
     (``lora_layer.lora_A["default"].weight`` etc.).
     """
-    from peft import LoraConfig, get_peft_model
 
     model = nn.Sequential()
     model.add_module("proj", bnb_linear4bit(layer, compute_dtype))

@@ -28,6 +28,7 @@ device the rows are skipped.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -41,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from trilora._openmp import prefer_passive_wait, user_environment
 from trilora.bench import e2e
 from trilora.bench.harness import Stats, guarded, make_row, provider_status
 
@@ -112,7 +114,6 @@ def fair_slowdown(threads: int, competitors: int, ncores: int) -> float:
 
 def provider_environment(provider: str) -> dict[str, str]:
     """The environment ``provider``'s process starts with (see the module docstring)."""
-    from trilora._openmp import prefer_passive_wait, user_environment
 
     env = user_environment()
     env.pop("TRITON_INTERPRET", None)  # a test run's setting; neither provider is a test
@@ -338,7 +339,6 @@ def run(plan: BusyPlan, device: torch.device, disabled: tuple[str, ...] = (),
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m trilora.bench.busy [--quick] [--competitors N]``: print the slowdowns."""
-    import argparse
 
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip

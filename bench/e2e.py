@@ -33,6 +33,7 @@ per provider.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import tempfile
 import time
@@ -41,7 +42,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from trilora.bench.harness import (
     Stats,
@@ -53,6 +62,10 @@ from trilora.bench.harness import (
     seeded,
     synchronize,
 )
+from trilora.io import UserError
+from trilora.peft import patch
+from trilora.train.demo_config import find_demo_gguf
+from trilora.train.model import gguf_to_folder
 
 LEVEL = "e2e"
 PROVIDERS = ("trilora", "bnb_peft")
@@ -221,7 +234,6 @@ def build_checkpoint(plan: E2EPlan, directory: Path) -> Path:
     tokenizer, converted once from its GGUF file; ``directory`` is then unused)."""
     if plan.real_model is not None:
         return _convert_real_model(plan.real_model)
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**PRESETS[plan.preset], max_position_embeddings=max(2048, plan.seq_len),
                       tie_word_embeddings=False, torch_dtype=plan.dtype)  # fmt: skip
@@ -236,8 +248,6 @@ def real_model_gguf(real: RealModel) -> Path | None:
     """``real``'s GGUF file, found where ``trilora train --demo`` finds it (the installed
     package, located and never imported, or trilora's cache, where the demo fetches it), or
     None when neither holds it."""
-    from trilora.io import UserError
-    from trilora.train.demo_config import find_demo_gguf
 
     try:
         found = find_demo_gguf(download=False)
@@ -249,7 +259,6 @@ def real_model_gguf(real: RealModel) -> Path | None:
 def real_model_status(real: RealModel) -> tuple[bool, str]:
     """Whether the real model's GGUF file and the ``gguf`` reader are installed, and if not,
     the note that says how to get them."""
-    import importlib.util
 
     missing = []
     if real_model_gguf(real) is None:
@@ -267,7 +276,6 @@ def real_model_status(real: RealModel) -> tuple[bool, str]:
 def _convert_real_model(real: RealModel) -> Path:
     """The real model as a Hugging Face folder (bf16 weights and its tokenizer): the one
     ``trilora train`` converts a GGUF file into and caches."""
-    from trilora.train.model import gguf_to_folder
 
     gguf = real_model_gguf(real)
     if gguf is None:
@@ -279,7 +287,6 @@ def chat_batch(real: RealModel, directory: Path) -> dict[str, torch.Tensor]:
     """The real model's examples, chat-formatted with the tokenizer saved in ``directory``,
     as one right-padded batch: ``input_ids`` and ``attention_mask`` ``[n, T]`` int64 and
     ``labels`` (the ids, -100 on padding)."""
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
     texts = []
@@ -315,8 +322,6 @@ def random_batches(plan: E2EPlan, device: torch.device) -> list[dict[str, torch.
 
 
 def _load_peft_model(plan: E2EPlan, path: Path, device: torch.device) -> nn.Module:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=plan.dtype)  # fmt: skip
@@ -339,7 +344,6 @@ def _make_provider(
     model = _load_peft_model(plan, path, device)
     if provider == "bnb_peft":
         return model, "transformers + bitsandbytes 4-bit + PEFT"
-    from trilora.peft import patch
 
     # trilora's drop-in path: the same PEFT model, its LoRA layers swapped in place (same
     # 4-bit bytes, same adapter parameters), fused cross-entropy on.

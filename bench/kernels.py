@@ -21,7 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from trilora.bench.harness import (
     Outcome,
@@ -37,6 +39,9 @@ from trilora.bench.harness import (
     seeded,
 )
 from trilora.bench.roofline import DevicePeaks
+from trilora.nn import QLoraLinear
+from trilora.ops.rms_norm import rms_norm
+from trilora.quant import quantize
 
 LEVEL = "kernels"
 LAYER_PROVIDERS = ("trilora", "bnb_peft", "bf16_peft")
@@ -234,7 +239,6 @@ def _float_linear(
 
 
 def _peft_wrap(base: nn.Module, r: int) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["proj"], bias="none")
     return get_peft_model(_Holder(base), cfg)
@@ -253,7 +257,6 @@ def build_layer(
     adapter's math is not trivially zero."""
     lin = _float_linear(shape, dtype, device, seed)
     if provider == "trilora":
-        from trilora.nn import QLoraLinear
 
         layer: nn.Module = QLoraLinear.from_linear(
             lin,
@@ -519,9 +522,7 @@ def run_norm_cases(
     Rows: ``time`` (s) and, on CUDA, ``peak_mem`` (bytes above the inputs), which is what
     the op is for: eager autograd keeps fp32 copies of the rows for backward.
     """
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from trilora.ops.rms_norm import rms_norm
 
     rows: list[dict] = []
     m = max(plan.tokens)
@@ -619,7 +620,6 @@ def _time_quant(provider: str, shape: LayerShape, plan: KernelPlan, device: torc
         ]
     kw = dict(warmup=plan.warmup, repeats=plan.repeats, budget_s=plan.budget_s)
     if provider == "trilora":
-        from trilora.quant import quantize
 
         qws = [quantize(w, "nf4", BLOCKSIZE, True) for w in ws]
         return {

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trilora.bench.harness import Stats, guarded, make_row, measure_interleaved, provider_status
+from trilora.optim import AdamW, CPUOffloadAdamW
 
 LEVEL = "optim"
 GPU_ONLY = ("trilora_32_host", "trilora_8_host", "trilora_32_uvm", "trilora_8_uvm")
@@ -96,7 +97,6 @@ def _state_bytes(opt, device: torch.device) -> tuple[int, int]:
 
 
 def _make(provider: str, params: list[torch.nn.Parameter]):
-    from trilora.optim import AdamW, CPUOffloadAdamW
 
     hp = {"lr": 1e-4, "weight_decay": 0.01}
     if provider == "torch_fused":

@@ -19,12 +19,16 @@ second bitsandbytes 4-bit copy as ``ref_model``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from trilora.bench.harness import Stats, make_row
+from trilora.train.tiny_model import save_tiny_lm
 
 _STEP = r"""
 import json, sys, torch
@@ -89,7 +93,6 @@ PROVIDERS = ("trilora", "trl_bnb_peft")
 
 def measure(hidden: int, layers: int, seq: int, pairs: int) -> list[dict]:
     """One entry per provider: ``{"provider", "peak_bytes", "kind"}`` or ``{"provider", "error"}``."""
-    from trilora.train.tiny_model import save_tiny_lm
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -106,9 +109,7 @@ def measure(hidden: int, layers: int, seq: int, pairs: int) -> list[dict]:
 
 def run(quick: bool, log=print) -> tuple[list[dict], list[str]]:
     """Rows of the DPO step's peak memory, for ``trilora bench --level train``."""
-    import importlib.util
 
-    from trilora.bench.harness import Stats, make_row
 
     size = QUICK if quick else FULL
     missing = [

@@ -24,7 +24,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from trilora.io import UserError, atomic_directory, check_output
 from trilora.nn import Linear4bit
@@ -274,7 +276,6 @@ def _resolve(name_or_path: str | Path, hf_kwargs: dict) -> Path:
         )
     if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
         raise CheckpointError(f"model folder {name_or_path} does not exist")
-    from huggingface_hub import snapshot_download
 
     try:
         return Path(
@@ -371,7 +372,6 @@ def from_pretrained(
         ValueError: a quantization config trilora cannot honour (8-bit, other methods,
             unsupported blocksize or quant type).
     """
-    from transformers import AutoConfig
 
     hf_kwargs = dict(hf_kwargs)
     path = _resolve(name_or_path, hf_kwargs)
@@ -418,7 +418,6 @@ def from_pretrained(
 
 def _build_and_load(path, config, files, dtype, trust, hf_kwargs, pre_quantized, skip_modules,
                     device, qopts):  # fmt: skip
-    from transformers import AutoModelForCausalLM
 
     quant_type, blocksize, double_quant, compute_dtype, storage = qopts
     try:

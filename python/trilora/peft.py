@@ -34,13 +34,15 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import peft
 import torch
 from torch import nn
 
 from trilora import patches
 from trilora.io import UserError
+from trilora.loading import default_skip_modules
 from trilora.nn import Linear4bit, QLoraLinear
-from trilora.quant import BLOCKSIZES, QUANT_TYPES, quantize
+from trilora.quant import BLOCKSIZES, QUANT_TYPES, QuantizedWeight, quantize
 
 try:  # PEFT is a dependency, but keep `import trilora.peft` failing with a clear message.
     from peft import LoraConfig, PeftModel
@@ -166,7 +168,6 @@ def _peft_hook(obj: Any, name: str, purpose: str) -> Any:
     """
     hook = getattr(obj, name, None)
     if not callable(hook):
-        import peft
 
         raise UserError(
             f"PEFT {peft.__version__} has no {type(obj).__name__}.{name}, which trilora needs "
@@ -194,7 +195,6 @@ def _is_bnb(module: nn.Module, name: str) -> bool:
 
 def _bnb_to_trilora(layer: nn.Module) -> Linear4bit:
     """A trilora ``Linear4bit`` over the exact bytes of a bitsandbytes ``Linear4bit``."""
-    from trilora.quant import QuantizedWeight
 
     weight = layer.weight
     state = getattr(weight, "quant_state", None)
@@ -221,7 +221,6 @@ def _full_precision_bases(model: nn.Module) -> frozenset[int]:
     """``id()`` of the plain ``nn.Linear`` layers of ``model`` that bitsandbytes never
     quantizes (its default skip list: output head, tied weights); LoRA on them keeps a
     16-bit base. Works on a bare model and on a PEFT-wrapped one."""
-    from trilora.loading import default_skip_modules
 
     ids = set()
     for name in default_skip_modules(model):

@@ -19,9 +19,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from trilora.distributed.env import DistEnv, bind_device, current_env
 from trilora.io import UserError
+from trilora.loading import CheckpointError, from_pretrained, params_on_meta
+from trilora.nn import Linear4bit
 
 __all__ = ["build_shell", "describe_model", "load_pretrained"]
 
@@ -30,7 +33,6 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
     """What another rank needs to rebuild ``model`` (a :func:`trilora.from_pretrained` result)
     on the meta device: its config, dtype and the construction settings of each 4-bit layer.
     """
-    from trilora.nn import Linear4bit
 
     layers = {}
     for name, m in model.named_modules():
@@ -64,10 +66,7 @@ def build_shell(description: dict[str, Any]) -> nn.Module:
     :func:`trilora.from_pretrained`; :func:`~trilora.distributed.wrap_fsdp` overwrites them
     with rank 0's anyway.
     """
-    from transformers import AutoModelForCausalLM
 
-    from trilora.loading import params_on_meta
-    from trilora.nn import Linear4bit
 
     kwargs = {}
     if description.get("attn_implementation"):
@@ -118,7 +117,6 @@ def load_pretrained(
             message; likewise in a single process); other failures of rank 0 are re-raised
             there and reported on the other ranks as a RuntimeError.
     """
-    from trilora.loading import CheckpointError, from_pretrained
 
     env = env or current_env()
     if not env.distributed:

@@ -29,19 +29,21 @@ under DDP it runs with ``offload_gradients=False`` (gradients move to the host i
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from trilora.distributed.sharding import parallel_info, unwrap
 from trilora.io import UserError
 
 __all__ = ["ShardedOptimizer", "build_optimizer", "clip_grad_norm"]
 
 
 def _is_dtensor(t: Any) -> bool:
-    from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
 
@@ -148,7 +150,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict, with per-element state as ``DTensor`` shards."""
-        from torch.distributed.tensor import DTensor
 
         self._sync_hparams()  # a scheduler may have changed the outer groups since the step
         sd = self.inner.state_dict()
@@ -190,7 +191,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
 
 def _trainable(model: nn.Module) -> list[torch.Tensor]:
-    from trilora.distributed.sharding import unwrap
 
     return [p for p in unwrap(model).parameters() if p.requires_grad]
 
@@ -203,7 +203,6 @@ def _steps_dtensors(optimizer_class: Any) -> bool:
 
 def _offloads_gradients(optimizer_class: Any, kwargs: dict[str, Any]) -> bool | None:
     """The ``offload_gradients`` the optimizer would use (None: it has no such switch)."""
-    import inspect
 
     try:
         param = inspect.signature(optimizer_class).parameters.get("offload_gradients")
@@ -234,7 +233,6 @@ def build_optimizer(
 
     ``params`` defaults to the parameters that require gradients.
     """
-    from trilora.distributed.sharding import parallel_info
 
     info = parallel_info(model)
     params = list(params) if params is not None else _trainable(model)

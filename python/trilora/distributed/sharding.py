@@ -39,9 +39,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 from trilora.distributed.env import DistEnv, bind_device, current_env
 from trilora.io import UserError
+from trilora.nn import Linear4bit
+from trilora.patches.activation_checkpointing import find_decoder_layers
 
 __all__ = [
     "ParallelInfo",
@@ -66,7 +72,6 @@ class ParallelInfo:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a ``DistributedDataParallel`` wrapper (FSDP2 wraps in place)."""
-    from torch.nn.parallel import DistributedDataParallel
 
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -82,7 +87,6 @@ def parallel_info(model: nn.Module) -> ParallelInfo | None:
 
 
 def _linear4bit_weights(model: nn.Module) -> dict[str, nn.Module]:
-    from trilora.nn import Linear4bit
 
     return {
         f"{name}.weight" if name else "weight": m
@@ -225,7 +229,6 @@ def _send_full(local: torch.Tensor, full: torch.Tensor | None, env: DistEnv) -> 
 
 
 def _fill_from_rank0(model: nn.Module, source: dict[str, torch.Tensor], env: DistEnv) -> None:
-    from torch.distributed.tensor import DTensor
 
     for name, p in model.named_parameters():
         full = source.get(name)
@@ -243,7 +246,6 @@ def _fill_from_rank0(model: nn.Module, source: dict[str, torch.Tensor], env: Dis
 
 
 def _mp_policy(mixed_precision):
-    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if mixed_precision is None:
         return MixedPrecisionPolicy()
@@ -357,10 +359,7 @@ def wrap_fsdp(
         UserError: the ranks built different models (or store the 4-bit bytes in
             different dtypes), or rank 0 holds no loaded model.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
-    from trilora.patches.activation_checkpointing import find_decoder_layers
 
     env = env or current_env()
     policy = _mp_policy(mixed_precision)
@@ -421,7 +420,6 @@ def wrap_ddp(model: nn.Module, *, env: DistEnv | None = None, **ddp_kwargs: Any)
         UserError: the ranks built different models, rank 0 holds no loaded model, or the
             model has no trainable parameter.
     """
-    from torch.nn.parallel import DistributedDataParallel
 
     env = env or current_env()
     if not any(p.requires_grad for p in model.parameters()):
@@ -465,7 +463,6 @@ def wrap_ddp(model: nn.Module, *, env: DistEnv | None = None, **ddp_kwargs: Any)
 
 
 def _local_nbytes(t: torch.Tensor) -> int:
-    from torch.distributed.tensor import DTensor
 
     if isinstance(t, DTensor):
         t = t.to_local()

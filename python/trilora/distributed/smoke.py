@@ -19,6 +19,15 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+from peft import LoraConfig
+
+import trilora.distributed as td
+from trilora.io import UserError
+from trilora.patches.activation_checkpointing import enable_checkpointing
+from trilora.peft import get_peft_model
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -43,12 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from peft import LoraConfig
 
-    import trilora.distributed as td
-    from trilora.patches.activation_checkpointing import enable_checkpointing
-    from trilora.peft import get_peft_model
 
     env = td.init_distributed()
     dtype = getattr(torch, args.dtype)
@@ -80,7 +84,6 @@ def run(args: argparse.Namespace) -> int:
         opt.zero_grad()
         value = loss.detach().float()
         if env.distributed:
-            import torch.distributed as dist
 
             dist.all_reduce(value)
             value /= env.world_size
@@ -102,7 +105,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trilora.io import UserError
 
     args = build_parser().parse_args(argv)
     try:

@@ -28,6 +28,7 @@ renames at the end; the folder must be on a filesystem every rank can write.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import warnings
@@ -37,7 +38,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from peft import PeftModel
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import empty as dtensor_empty
 
 from trilora.distributed.env import DistEnv, current_env
 from trilora.distributed.sharding import parallel_info, unwrap
@@ -68,7 +74,6 @@ def _env_of(model: nn.Module) -> DistEnv:
 
 
 def _is_dtensor(t: Any) -> bool:
-    from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
 
@@ -97,7 +102,6 @@ def _agree(env: DistEnv, error: BaseException | None) -> None:
 
 
 def _is_checkpoint_exception(exc: BaseException) -> bool:
-    from torch.distributed.checkpoint.api import CheckpointException
 
     return isinstance(exc, CheckpointException)
 
@@ -243,7 +247,6 @@ def save_adapter(
     """
     env = _env_of(model)
     m = unwrap(model)
-    from peft import PeftModel
 
     if not isinstance(m, PeftModel):
         raise UserError(
@@ -291,9 +294,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _dcp_kwargs(env: DistEnv) -> dict[str, Any]:
-    import inspect
 
-    import torch.distributed.checkpoint as dcp
 
     if env.has_group or "no_dist" not in inspect.signature(dcp.save).parameters:
         return {}  # older torch infers a single process from the missing process group
@@ -326,7 +327,6 @@ def save_state(
     Raises:
         UserError: ``path`` is taken and ``overwrite`` is false (on every rank).
     """
-    import torch.distributed.checkpoint as dcp
 
     env = _env_of(model)
     info = parallel_info(model)
@@ -465,7 +465,6 @@ def load_state(
             other LoRA settings, holds per-rank optimizer state saved on another number of
             ranks, or the optimizer's parameter groups differ from the saved ones.
     """
-    import torch.distributed.checkpoint as dcp
 
     env = _env_of(model)
     path = Path(path)
@@ -528,8 +527,6 @@ def load_state(
                 template = torch.empty(size, dtype=dtype, device=device)
             elif _is_dtensor(p):
                 # blockwise state of a shard: [ranks, ...] sharded along dim 0 on the mesh
-                from torch.distributed.tensor import Shard
-                from torch.distributed.tensor import empty as dtensor_empty
 
                 template = dtensor_empty(
                     *size, dtype=dtype, device_mesh=p.device_mesh, placements=[Shard(0)]

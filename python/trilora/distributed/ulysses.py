@@ -30,6 +30,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.nn.functional import all_to_all_single
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 __all__ = ["enable_ulysses", "shard_sequence", "ulysses_attention"]
 
@@ -39,7 +42,6 @@ ATTENTION_NAME = "trilora_ulysses"
 def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
     """``x`` ``[P, ...]``: chunk ``i`` goes to rank ``i``; returns ``[P, ...]`` where chunk
     ``i`` came from rank ``i``. Differentiable."""
-    from torch.distributed.nn.functional import all_to_all_single
 
     x = x.contiguous()
     return all_to_all_single(torch.empty_like(x), x, group=group)
@@ -134,8 +136,6 @@ def enable_ulysses(model: torch.nn.Module, group=None) -> str:
 
     Uses transformers' public ``AttentionInterface`` and ``set_attn_implementation``.
     """
-    from transformers import AttentionInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     previous = getattr(base.config, "_attn_implementation", None) or "sdpa"

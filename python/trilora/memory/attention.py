@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
 
 from trilora.ops.attention import flash_backward_workspace
+from trilora.patches.grouped_attention import grouped_attention_forward
 
 # No "flash", "flex" or "sdpa" in the name: transformers would check that the model supports
 # that kernel (Gemma-2 does not support SDPA) and look for flash_attn.
@@ -81,10 +83,8 @@ def register(grouped: bool = False) -> str:
     ``grouped``: trilora's grouped flash attention (:mod:`trilora.patches.grouped_attention`) rather than one
     flash call over all heads.
     """
-    from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    from trilora.patches.grouped_attention import grouped_attention_forward
 
     # The user-facing grouped attention itself; with no mask (below) it always takes the
     # grouped path, as it does on CUDA for unpadded causal batches.

@@ -22,6 +22,7 @@ import time
 import warnings
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from trilora.memory.report import MemOptions, MemReport, compute_dtype
@@ -96,7 +97,6 @@ def trace_bnb_peft(
     ``recorder`` and ``on_layer`` as in :func:`trilora.memory.trace.trace_trilora`.
     """
     import bitsandbytes as bnb
-    from peft import LoraConfig, get_peft_model
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     opts.validate()

@@ -43,11 +43,21 @@ peak is early in backward, when layers are being gathered and reduced).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
+
+from trilora.distributed.sharding import fsdp_storage_dtypes
+from trilora.io import UsageError, atomic_write_json
+from trilora.memory.fast import FastProfiler
+from trilora.memory.optimizer_model import optimizer_bytes
+from trilora.memory.report import OVERHEADS, compute_dtype
+from trilora.memory.search import largest_fitting, profile
+from trilora.memory.trace import build_meta_model
+from trilora.nn import Linear4bit
+from trilora.patches.activation_checkpointing import find_decoder_layers
 
 __all__ = [
     "COMM_OVERHEAD",
@@ -121,9 +131,6 @@ def sharding_groups(
 
     ``model`` may live on the meta device (shapes and dtypes are all that is read).
     """
-    from trilora.distributed.sharding import fsdp_storage_dtypes
-    from trilora.nn import Linear4bit
-    from trilora.patches.activation_checkpointing import find_decoder_layers
 
     packed_ids = {id(m.weight) for m in model.modules() if isinstance(m, Linear4bit)}
     # the dtype wrap_fsdp stores each packed weight in (float on a torch whose FSDP2 cannot
@@ -284,7 +291,6 @@ def per_rank_memory(
             _add(resident, cat, value)
     for cat, value in replicated.items():
         _add(device, cat, value)  # buffers stay on the device, offload or not
-    from trilora.memory.optimizer_model import optimizer_bytes
 
     # Optimizer state covers each rank's shard of every trainable tensor (all of it in DDP),
     # by the optimizer's own rules (8-bit blocks, paging, CPU offload).
@@ -344,7 +350,6 @@ def per_rank_memory(
             config, math.ceil(seq_len / sequence_parallel), batch, dtype_bytes
         )
     if overheads is None:
-        from trilora.memory.report import OVERHEADS
 
         overheads = dict(OVERHEADS)
         if world_size > 1:
@@ -394,11 +399,7 @@ def rank_report(
     traces). ``model``: the meta model of ``build_meta_model(config, opts)``, if already
     built (it does not depend on the length).
     """
-    from dataclasses import replace
 
-    from trilora.memory.report import compute_dtype
-    from trilora.memory.search import profile
-    from trilora.memory.trace import build_meta_model
 
     local = replace(opts, seq_len=max(2, math.ceil(opts.seq_len / sequence_parallel)))
     if profiler is not None:
@@ -435,11 +436,7 @@ def largest_context(
     per rank with auto MLP chunks); lengths off the lattice are traced themselves
     (depth-extrapolated).
     """
-    from dataclasses import replace
 
-    from trilora.memory.fast import FastProfiler
-    from trilora.memory.search import largest_fitting
-    from trilora.memory.trace import build_meta_model
 
     fast = FastProfiler(config, opts, dimension="seq_len")
     step = math.lcm(multiple, fast.period()) * sequence_parallel
@@ -483,7 +480,6 @@ def run_cli(args, config, opts, name: str, depth: str = "fast", progress=None) -
     ``depth``: of the single-device trace (``"fast"``, or ``"full"`` with ``--confirm``);
     ``progress``: a :class:`trilora.memory.progress.Progress` for its traces.
     """
-    from trilora.io import UsageError, atomic_write_json
 
     strategy = "fsdp" if args.fsdp else "ddp"
     if args.budget is not None or args.sweep or args.baseline or args.measure:

@@ -39,6 +39,7 @@ from trilora.memory.progress import as_progress
 from trilora.memory.report import MLP_CHUNK_TOKENS, MemOptions, MemReport, extrapolate_depth
 from trilora.memory.timeline import LengthModel, TimelineMismatch, TimelineRecorder
 from trilora.memory.trace import StepTrace
+from trilora.ops.linear_cross_entropy import default_chunk_size
 
 # The lattice's first sample has at least this many tokens (B x T): small steps have
 # shape-dependent special cases (a loss chunk capped at the token count, single-row ops).
@@ -101,7 +102,6 @@ class FastProfiler:
         """Tokens per full chunk of the fused loss (None when the loss is not chunked)."""
         if self.provider != "trilora" or not self.opts.fused_ce:
             return None
-        from trilora.ops.linear_cross_entropy import default_chunk_size
 
         return default_chunk_size(1 << 62, self.config.vocab_size)
 

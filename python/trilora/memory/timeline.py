@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from trilora.patches.activation_checkpointing import find_decoder_layers
+
 # The tracker's categories, in a fixed column order (torch.distributed._tools.mem_tracker's
 # _MemRefType values).
 COLUMNS = ("Parameter", "Buffer", "Gradient", "Activation", "Temp", "Optstate", "Other")
@@ -127,7 +129,6 @@ def instrument_chunks(model, recorder: TimelineRecorder) -> None:
     :func:`trilora.patches.activation_checkpointing.enable_checkpointing` binds the class's ``forward`` for its
     chunks, so each chunk, and each recompute of one, is marked. Memory is unaffected.
     """
-    from trilora.patches.activation_checkpointing import find_decoder_layers
 
     for i, layer in enumerate(find_decoder_layers(model)):
         mlp = getattr(layer, "mlp", None)
@@ -147,7 +148,6 @@ def instrument_chunks(model, recorder: TimelineRecorder) -> None:
 
 def instrument_loops(model, recorder: TimelineRecorder) -> None:
     """Mark every chunked MLP call as one loop (after checkpointing is enabled)."""
-    from trilora.patches.activation_checkpointing import find_decoder_layers
 
     for i, layer in enumerate(find_decoder_layers(model)):
         mlp = getattr(layer, "mlp", None)

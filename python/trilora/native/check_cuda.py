@@ -28,6 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
+
+from trilora.native import source_root
+
 DEFAULT_ARCHS = (80, 90)
 
 
@@ -47,7 +51,6 @@ def _nvcc() -> str | None:
 
 
 def _cxx_standard() -> str:
-    import torch
 
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
     return "c++20" if (major, minor) >= (2, 10) else "c++17"
@@ -55,7 +58,6 @@ def _cxx_standard() -> str:
 
 def common_flags() -> list[str]:
     """Include paths and defines shared by the nvcc and host-compiler checks."""
-    import torch
     from torch.utils import cpp_extension
 
     flags = [f"-I{p}" for p in cpp_extension.include_paths()]
@@ -127,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="files compiled at once (default: 2)")
     p.add_argument("--root", type=Path, default=None, help="csrc folder (default: trilora's)")
     args = p.parse_args(argv)
-    from trilora.native import source_root
 
     root = args.root or source_root()
     results = check(root, tuple(args.arch), max(1, args.jobs))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from trilora.config import config
+from trilora.native import cuda_ext
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -62,7 +63,6 @@ def decode_gemv_4bit(
     k = x.shape[-1]
     if not applies(x, k, n_out, packed, blocksize):
         return None
-    from trilora.native import cuda_ext
 
     ext = cuda_ext.load()
     if ext is None:

@@ -39,6 +39,9 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 import trilora.optim.state_dict_layout as _ckpt
+from trilora.config import use_triton
+from trilora.native import cuda_ext
+from trilora.ops.optim import adamw_step_8bit, adamw_step_32bit
 from trilora.optim.blockwise import (
     MIN_8BIT_SIZE,
     StepScalars,
@@ -399,7 +402,6 @@ class AdamW(torch.optim.Optimizer):
         (after one warning: the state is paged through pinned host memory instead)."""
         if self._managed is not None or self._uvm_failed:
             return self._managed
-        from trilora.native import cuda_ext
 
         ext, why = cuda_ext.load(), None
         if ext is None:
@@ -527,7 +529,6 @@ class AdamW(torch.optim.Optimizer):
         if self._host_update:
             self._host.step(self.param_groups, self._allocate, self._cpu_update)
             return loss
-        from trilora.config import use_triton
 
         device_items, host_items = [], []
         for group in self.param_groups:
@@ -562,7 +563,6 @@ class AdamW(torch.optim.Optimizer):
 
     def _device_update(self, items: list[tuple[dict, Slot]]) -> None:
         """Fused kernels: one launch per resident parameter, one per page of paged state."""
-        from trilora.ops.optim import adamw_step_8bit, adamw_step_32bit
 
         def launch(slot, p_flat, g_flat, tensors, sc):
             if slot.bits == 32:

@@ -28,6 +28,7 @@ import math
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor, Shard
 
 from trilora.optim.blockwise import nblocks, quant_maps
 from trilora.optim.errors import OptimizerInputError, StateDictLayoutError
@@ -160,7 +161,6 @@ def largest_shard_blocks(param: Any) -> int:
 
 def check_8bit_dtensor(param: Any, owner: str) -> None:
     """8-bit state of a DTensor parameter needs FSDP2's layout: one mesh dimension, Shard(0)."""
-    from torch.distributed.tensor import Shard
 
     placements = tuple(param.placements)
     if param.device_mesh.ndim != 1 or placements != (Shard(0),):
@@ -172,7 +172,6 @@ def check_8bit_dtensor(param: Any, owner: str) -> None:
 
 def to_dtensors(entry: dict[str, Any], param: Any) -> dict[str, Any]:
     """An exported entry of a DTensor parameter with DTensor values (module docstring)."""
-    from torch.distributed.tensor import DTensor, Shard
 
     mesh = param.device_mesh
     out: dict[str, Any] = {}

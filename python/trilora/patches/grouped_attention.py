@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
 
 from trilora.ops.attention import flash_attention_ops, grouped_causal_attention
 from trilora.patches.introspection import base_transformers_model
@@ -84,7 +85,6 @@ def grouped_attention_forward(
 
 def register() -> str:
     """Register :data:`NAME` with transformers (idempotent); returns the name."""
-    from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(NAME, grouped_attention_forward)

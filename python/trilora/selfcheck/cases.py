@@ -41,6 +41,7 @@ RMSNorm), run on both.
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,15 @@ from typing import Any
 
 import torch
 
+from trilora.config import config, override
+from trilora.ops.attention import grouped_causal_attention
+from trilora.ops.linear_cross_entropy import cross_entropy_inplace_, linear_cross_entropy
+from trilora.ops.qlora_linear import qlora_linear
+from trilora.ops.quantize import dequantize_4bit_reference, quantize_4bit, quantize_4bit_reference
+from trilora.ops.rms_norm import rms_norm
+from trilora.optim import AdamW, CPUOffloadAdamW, UnclippedGradientsWarning
+from trilora.optim.blockwise import QBLOCK, dequantize_blockwise, quant_maps
+from trilora.quant import QuantizedWeight, code_table, quantize
 from trilora.selfcheck.units import Context, Unit, check, describe_exception, verdict_of_checks
 
 # Max error relative to the reference's largest magnitude, per output dtype (see above).
@@ -142,7 +152,6 @@ def _case(
     def run(ctx: Context) -> dict[str, Any]:
         if uses_dot and dtype == "bf16" and not ctx.gpu:
             return {"status": "skipped", "message": INTERPRETER_BF16_DOT}
-        from trilora.config import override
 
         # "triton": the kernels on CUDA tensors, and on CPU tensors through the interpreter,
         # whatever TRILORA_BACKEND says.
@@ -171,8 +180,6 @@ def _random_weight(ctx: Context, g: torch.Generator, rows: int, cols: int, dtype
 
 
 def _quantize_checks(ctx, g, rows, cols, dtype, quant_type, blocksize, double) -> list[dict]:
-    from trilora.ops.quantize import quantize_4bit, quantize_4bit_reference
-    from trilora.quant import code_table, quantize
 
     w = _random_weight(ctx, g, rows, cols, dtype)
     code = code_table(quant_type, ctx.device)
@@ -235,8 +242,6 @@ def _bnb_cuda_vs_cpu(bnbf, w, blocksize, double, quant_type, b_packed, st) -> st
 
 
 def _dequantize_checks(ctx, g, rows, cols, dtype, quant_type, blocksize, double) -> list[dict]:
-    from trilora.ops.quantize import dequantize_4bit_reference
-    from trilora.quant import QuantizedWeight, quantize
 
     w = _random_weight(ctx, g, rows, cols, dtype)
     qw = quantize(w, quant_type, blocksize, double)
@@ -343,10 +348,6 @@ class QLoraConfig:
 
 
 def _qlora_checks(ctx, g, cfg: QLoraConfig, m: int, n: int, k: int, dtype) -> list[dict]:
-    from trilora.config import config, override
-    from trilora.ops.qlora_linear import qlora_linear
-    from trilora.ops.quantize import dequantize_4bit_reference
-    from trilora.quant import quantize
 
     dev = ctx.device
     w = (torch.randn(n, k, generator=g, device=dev) / math.sqrt(k)).to(dtype)
@@ -456,7 +457,6 @@ def qlora_cases(s: Shapes) -> list[Unit]:
 
 
 def _ce_kernel_checks(ctx, g, rows, vocab, dtype, per_row, z_loss) -> list[dict]:
-    from trilora.ops.linear_cross_entropy import cross_entropy_inplace_
 
     dev = ctx.device
     logits = (torch.randn(rows, vocab, generator=g, device=dev) * 2.0).to(dtype)
@@ -497,7 +497,6 @@ def _ce_kernel_checks(ctx, g, rows, vocab, dtype, per_row, z_loss) -> list[dict]
 
 
 def _linear_ce_checks(ctx, g, rows, hidden, vocab, dtype, chunk, reduction, z_loss) -> list[dict]:
-    from trilora.ops.linear_cross_entropy import linear_cross_entropy
 
     dev = ctx.device
     h = torch.randn(rows, hidden, generator=g, device=dev).to(dtype).requires_grad_()
@@ -555,7 +554,6 @@ def cross_entropy_cases(s: Shapes) -> list[Unit]:
 
 
 def _rms_norm_checks(ctx, g, rows, hidden, dtype) -> list[dict]:
-    from trilora.ops.rms_norm import rms_norm
 
     dev = ctx.device
     x = (torch.randn(rows, hidden, generator=g, device=dev) * 3).to(dtype).requires_grad_()
@@ -600,7 +598,6 @@ def rms_norm_cases(s: Shapes) -> list[Unit]:
 
 
 def _attention_checks(ctx, g, b, hq, hkv, t, d, dtype) -> list[dict]:
-    from trilora.ops.attention import grouped_causal_attention
 
     dev = ctx.device
     # q in the projections' layout, [B, T, Hq, D] viewed as [B, Hq, T, D]
@@ -664,9 +661,7 @@ def _adamw_reference(p0, grads, lr, betas, eps, wd):
 
 
 def _offload_adamw_checks(ctx, g, n, k, r, dtype, offload_gradients) -> list[dict]:
-    import warnings
 
-    from trilora.optim import CPUOffloadAdamW, UnclippedGradientsWarning
 
     dev = ctx.device
     shapes = [(r, k), (n, r), (n,)]
@@ -708,8 +703,6 @@ def _offload_adamw_checks(ctx, g, n, k, r, dtype, offload_gradients) -> list[dic
 def _adamw_fused_checks(ctx, g, n, k, r, dtype, bits) -> list[dict]:
     """``trilora.optim.AdamW`` with resident state: its fused Triton kernels (under the
     interpreter on the CPU), three steps against :func:`_adamw_reference`."""
-    from trilora.optim import AdamW
-    from trilora.optim.blockwise import dequantize_blockwise, quant_maps
 
     dev = ctx.device
     # bias [n]: at n = 64 a partial 256-element block of 8-bit state
@@ -791,7 +784,6 @@ def optimizer_cases(s: Shapes) -> list[Unit]:
     three steps and, each step, a tight one against the definition applied to the stored
     state. ``CPUOffloadAdamW``: the host update with offloaded gradients.
     """
-    from trilora.optim.blockwise import QBLOCK
 
     k = n = 4096 if s.gpu else 64
     label = f"A[16,{k}] B[{n},16] bias[{n}]"

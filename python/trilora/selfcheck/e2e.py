@@ -16,18 +16,36 @@ On the CPU (tests only) the plan is the bench's quick CPU plan (tiny preset, a f
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
+import torch
+from peft import LoraConfig
+
+from trilora.bench import e2e
+from trilora.bench.e2e import TARGET_MODULES, build_checkpoint
+from trilora.bench.harness import (
+    Stats,
+    make_row,
+    peak_memory_bytes,
+    provider_status,
+    reset_peak_memory,
+    seeded,
+    synchronize,
+)
+from trilora.bench.report import add_ratios
+from trilora.loading import from_pretrained
+from trilora.patches.activation_checkpointing import enable_checkpointing
+from trilora.peft import get_peft_model
 from trilora.selfcheck.units import Context, Unit
 
 LEVEL = "e2e"
 
 
 def plan_for(ctx: Context):
-    import torch
 
-    from trilora.bench import e2e
 
     device = torch.device(ctx.device)
     if ctx.gpu:
@@ -41,19 +59,15 @@ def plan_for(ctx: Context):
 
 
 def _bnb_available() -> tuple[bool, str]:
-    from trilora.bench.harness import provider_status
 
     return provider_status("bnb_peft")
 
 
 def _bench_unit(ctx: Context) -> dict[str, Any]:
-    import torch
 
-    from trilora.bench import e2e
 
     plan = plan_for(ctx)
     rows, notes, curves = e2e.run(plan, torch.device(ctx.device), (), lambda line: None)
-    from trilora.bench.report import add_ratios
 
     add_ratios(rows)
     bad = [r for r in rows if r["status"] in ("error", "oom")]
@@ -69,24 +83,8 @@ def _bench_unit(ctx: Context) -> dict[str, Any]:
 
 def _native_unit(ctx: Context) -> dict[str, Any]:
     """trilora alone (no bitsandbytes): its own loader, the same model and plan."""
-    import tempfile
-    from pathlib import Path
 
-    import torch
-    from peft import LoraConfig
 
-    from trilora.bench.e2e import TARGET_MODULES, build_checkpoint
-    from trilora.bench.harness import (
-        Stats,
-        make_row,
-        peak_memory_bytes,
-        reset_peak_memory,
-        seeded,
-        synchronize,
-    )
-    from trilora.loading import from_pretrained
-    from trilora.patches.activation_checkpointing import enable_checkpointing
-    from trilora.peft import get_peft_model
 
     plan = plan_for(ctx)
     device = torch.device(ctx.device)

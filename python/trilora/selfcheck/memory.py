@@ -20,16 +20,23 @@ runs, the measurement is reported as skipped.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
+import torch
+
+from trilora.bench.e2e import PRESETS
+from trilora.bench.harness import Stats, make_row
+from trilora.memory.measure import measure_cuda
+from trilora.memory.report import MemOptions
+from trilora.memory.search import profile
+from trilora.memory.trace import load_config
 from trilora.selfcheck.units import Context, Unit
 
 LEVEL = "mem"
 
 
 def _model_config(ctx: Context):
-    from trilora.bench.e2e import PRESETS
-    from trilora.memory.trace import load_config
 
     preset = "1b" if ctx.gpu else "tiny"
     raw = {"model_type": "llama", **PRESETS[preset], "tie_word_embeddings": False,
@@ -52,11 +59,7 @@ def configurations(ctx: Context) -> list[tuple[str, dict[str, Any]]]:
 
 def _unit(name: str, fields: dict[str, Any]):
     def run(ctx: Context) -> dict[str, Any]:
-        import gc
 
-        from trilora.bench.harness import Stats, make_row
-        from trilora.memory.report import MemOptions
-        from trilora.memory.search import profile
 
         preset, config = _model_config(ctx)
         opts = MemOptions(**fields)
@@ -76,9 +79,7 @@ def _unit(name: str, fields: dict[str, Any]):
         if not ctx.gpu:
             return {"status": "skipped", "rows": rows, "info": info,
                     "message": "measuring needs CUDA (--gpu); the prediction ran"}  # fmt: skip
-        import torch
 
-        from trilora.memory.measure import measure_cuda
 
         gc.collect()
         torch.cuda.empty_cache()

@@ -28,6 +28,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
+from trilora.bench.harness import (
+    environment,
+    make_row,
+    measure_interleaved,
+    provider_status,
+    seeded,
+)
+from trilora.bench.report import add_ratios
+from trilora.bench.roofline import load_or_measure
+from trilora.config import config, override
 from trilora.selfcheck.units import Context, Unit
 
 RANK = 16
@@ -38,7 +50,6 @@ LEVEL = "kernels"
 
 def plan_for(ctx: Context):
     """The :class:`trilora.bench.kernels.KernelPlan` of this section."""
-    import torch
 
     from trilora.bench.kernels import KernelPlan, projection_shapes
 
@@ -57,7 +68,6 @@ def plan_for(ctx: Context):
 
 
 def _device(ctx: Context):
-    import torch
 
     return torch.device(ctx.device)
 
@@ -66,8 +76,6 @@ def _peaks(ctx: Context):
     """Measured device peaks, shared by the units of one worker (reloaded from
     ``OUT/device_peaks.json`` after a restart)."""
     if "peaks" not in ctx.cache:
-        from trilora.bench.harness import environment
-        from trilora.bench.roofline import load_or_measure
 
         name = environment(_device(ctx))["device"]
         peaks, measured_now = load_or_measure(ctx.out_dir, _device(ctx), name)
@@ -77,7 +85,6 @@ def _peaks(ctx: Context):
 
 
 def _rows_result(rows: list[dict], info: dict | None = None) -> dict[str, Any]:
-    from trilora.bench.report import add_ratios
 
     add_ratios(rows)
     bad = [r for r in rows if r["status"] in ("error", "oom")]
@@ -100,7 +107,6 @@ def _peaks_unit(ctx: Context) -> dict[str, Any]:
 
 
 def _available(disabled: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
-    from trilora.bench.harness import provider_status
     from trilora.bench.kernels import LAYER_PROVIDERS
 
     available, notes = [], []
@@ -162,11 +168,8 @@ def crossover_point(ratios: dict[int, float]) -> dict[str, Any]:
 
 def _crossover_unit(shape):
     def run(ctx: Context) -> dict[str, Any]:
-        import torch
 
-        from trilora.bench.harness import make_row, measure_interleaved, seeded
         from trilora.bench.kernels import build_layer, layer_cost
-        from trilora.config import config, override
 
         plan = plan_for(ctx)
         device = _device(ctx)

@@ -22,6 +22,7 @@ Test hook (used by tests/train/test_resume.py, never set in normal use):
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import random
@@ -36,7 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
+import trilora.distributed as td
+from trilora.distributed import DistEnv
 from trilora.io import UserError, default_dir_mode
+from trilora.train.collectives import gather_objects, on_main
 
 __all__ = ["latest_checkpoint", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
 
@@ -130,7 +134,6 @@ def remove_partial(run_dir: Path) -> None:
 
 
 def _serialized_rng() -> bytes:
-    import io
 
     buf = io.BytesIO()
     torch.save(rng_state(), buf)
@@ -148,9 +151,6 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler,
         UserError: the write failed (full disk, unwritable folder), on every rank; the
             temporary folder is removed and earlier checkpoints are untouched.
     """
-    import trilora.distributed as td
-    from trilora.distributed import DistEnv
-    from trilora.train.collectives import gather_objects, on_main
 
     env = env or DistEnv()
     run_dir = Path(run_dir)
@@ -215,7 +215,6 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler,
 
 
 def _pack_rngs(rngs: list[bytes]) -> bytes:
-    import io
 
     buf = io.BytesIO()
     torch.save([torch.frombuffer(bytearray(r), dtype=torch.uint8) for r in rngs], buf)
@@ -223,7 +222,6 @@ def _pack_rngs(rngs: list[bytes]) -> bytes:
 
 
 def _rng_of_rank(folder: Path, rank: int) -> dict[str, Any] | None:
-    import io
 
     states = torch.load(folder / "rng.pt", weights_only=True)
     if rank >= len(states):
@@ -241,8 +239,6 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, env=None) -> dict
         UserError: the checkpoint is unreadable, from an older trilora, or from another
             model (:func:`trilora.distributed.load_state` names the difference).
     """
-    import trilora.distributed as td
-    from trilora.distributed import DistEnv
 
     env = env or DistEnv()
     folder = Path(folder)

@@ -30,6 +30,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from trilora.io import UserError
 
 __all__ = [
@@ -536,7 +538,6 @@ def collate(rows: list[list[Example]], pad_id: int) -> dict[str, Any]:
     from the position ids (SDPA/eager) or runs varlen flash attention (FlashAttention-2),
     so each example sees only itself. Padding forms its own segment with ignored labels.
     """
-    import torch
 
     packed = any(len(r) > 1 for r in rows)
     width = max(sum(len(e) for e in r) for r in rows)

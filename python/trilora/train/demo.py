@@ -10,14 +10,14 @@ next to the held-out loss of both.
 from __future__ import annotations
 
 from trilora.train.config import TrainConfig
+from trilora.train.demo_data import style_checks, style_score
+from trilora.train.loop import train
 
 STYLE_PROMPTS = 12
 
 
 def run_demo(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
              device: str | None = None, resume_command: str | None = None) -> int:  # fmt: skip
-    from trilora.train.demo_data import style_checks, style_score
-    from trilora.train.loop import train
 
     if cfg.compare < STYLE_PROMPTS:
         cfg.compare = STYLE_PROMPTS

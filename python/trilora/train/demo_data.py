@@ -24,6 +24,8 @@ import random
 import sys
 from pathlib import Path
 
+from trilora.io import atomic_write_text
+
 __all__ = ["DATA_DIR", "generate", "style_checks", "style_score"]
 
 DATA_DIR = Path(__file__).with_name("demo_dataset")
@@ -181,7 +183,6 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print("bundled demo data matches the generator")
         return 0
-    from trilora.io import atomic_write_text
 
     for name, text in files.items():
         atomic_write_text(args.out / name, text)

@@ -18,29 +18,68 @@ for bit on the CPU.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
+import shlex
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
-from trilora.io import UsageError, UserError, atomic_directory, atomic_write_json, check_output
+import trilora.distributed as td
+from trilora import __version__
+from trilora.distributed import DistEnv, destroy_distributed, parallel_info, unwrap
+from trilora.io import (
+    RunStopped,
+    UsageError,
+    UserError,
+    atomic_directory,
+    atomic_write_json,
+    atomic_write_text,
+    check_output,
+)
 from trilora.loading import from_pretrained
-from trilora.merging import merge
+from trilora.merging import merge, save_tokenizer
+from trilora.train import checkpoints as S
 from trilora.train import data as D
+from trilora.train.checkpoints import latest_checkpoint
+from trilora.train.collectives import (
+    all_reduce,
+    gather_objects,
+    gradient_sync,
+    inference_model,
+    on_main,
+    rank_rows,
+    setup,
+    strategy,
+    wrap,
+)
 from trilora.train.config import (
     TrainConfig,
     config_differences,
     config_fingerprint,
     dump_yaml,
 )
+from trilora.train.dpo import dpo_losses, sequence_logps
+from trilora.train.losses import compute_device, sft_loss, token_losses
+from trilora.train.model import (
+    apply_memory_options,
+    base_model_mode,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+)
+from trilora.train.optim import build_optimizer, build_scheduler, clip_gradients
 from trilora.train.reporting import (
     MetricsLog,
     Progress,
@@ -50,6 +89,7 @@ from trilora.train.reporting import (
     plot_loss_curve,
     side_by_side,
 )
+from trilora.train.stop import StopNow, StopSignals, TestHook, signal_name
 
 __all__ = ["train"]
 
@@ -71,7 +111,6 @@ def _abs(path: str | None) -> str | None:
 
 
 def _fingerprints(cfg: TrainConfig) -> dict[str, str | None]:
-    from trilora.train.model import model_fingerprint
 
     return {
         "model": model_fingerprint(cfg.model),
@@ -85,7 +124,6 @@ def _check_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     """Refuse an output folder that cannot take this run, before any heavy work. Writes
     nothing: a new run's folder is written by :func:`_create_run_dir` once the data are
     known to be good."""
-    from trilora.train.checkpoints import latest_checkpoint
 
     run_dir = Path(cfg.out).expanduser()
     inputs = [cfg.model, cfg.data, cfg.val_data, cfg.peft_config]
@@ -94,7 +132,6 @@ def _check_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
         if not holds_run:
             raise UsageError(f"--resume: {run_dir} holds no trilora run (no run.json); start a "
                              "new run without --resume")  # fmt: skip
-        import json
 
         saved = json.loads((run_dir / "run.json").read_text())
         diffs = config_differences(saved.get("config", {}), cfg)
@@ -179,8 +216,6 @@ class _NewRunFolder:
 def _create_run_dir(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> _NewRunFolder:
     """Write a new run's config.yaml and run.json (a folder replaced with ``--overwrite``
     is moved aside first, see :class:`_NewRunFolder`)."""
-    from trilora import __version__
-    from trilora.io import atomic_write_text
 
     folder = None
     try:
@@ -266,7 +301,6 @@ class BatchStream:
     """
 
     def __init__(self, data: Data, cfg: TrainConfig, pad_id: int, env=None):
-        from trilora.distributed import DistEnv
 
         self.data, self.cfg, self.pad_id = data, cfg, pad_id
         self.env = env or DistEnv()
@@ -274,7 +308,6 @@ class BatchStream:
         self._epoch, self._batches = -1, []
 
     def get(self, g: int) -> MicroBatch:
-        from trilora.train.collectives import rank_rows
 
         epoch, index = divmod(g, self.per_epoch)
         if epoch != self._epoch:
@@ -302,9 +335,6 @@ def evaluate(model, data: Data, cfg: TrainConfig, pad_id: int, autocast_dtype,
     In a distributed run every rank must call it: each scores its rows of every evaluation
     batch and the sums are all-reduced, so every rank returns the same numbers.
     """
-    from trilora.distributed import DistEnv
-    from trilora.train.collectives import all_reduce, inference_model, rank_rows
-    from trilora.train.losses import token_losses
 
     env = env or DistEnv()
     n_val = len(data.val)
@@ -365,9 +395,6 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int,
     ranks return ``[]``; under FSDP2 every rank must call it and runs the same generation
     (``synced_gpus``: a rank that finishes early keeps joining the all-gathers).
     """
-    import trilora.distributed as td
-    from trilora.train.collectives import inference_model
-    from trilora.train.losses import compute_device
 
     if not prompts:
         return []
@@ -415,8 +442,6 @@ def _seed_everything(seed: int) -> None:
 
 
 def _precompute_ref(model, data: Data, cfg, pad_id, autocast_dtype, base_mode, run_dir, env):
-    from trilora.train.collectives import gather_objects, inference_model, on_main, rank_rows
-    from trilora.train.dpo import sequence_logps
 
     path = run_dir / "ref_logps.pt"
     cached = on_main(env, lambda: torch.load(path, weights_only=True) if path.is_file() else None)
@@ -452,7 +477,6 @@ def _precompute_ref(model, data: Data, cfg, pad_id, autocast_dtype, base_mode, r
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:
-    from trilora.train import checkpoints as S
 
     S.remove_partial(run_dir)
     return S.latest_checkpoint(run_dir)
@@ -475,8 +499,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     OUT/config.yaml --out OUT --resume``). ``loss_table=False`` leaves the held-out table
     out of the printed summary (the demo prints its own, with the style scores).
     """
-    from trilora.distributed import destroy_distributed
-    from trilora.train.collectives import setup
 
     cfg.validate()
     for name in ("model", "data", "val_data", "peft_config"):
@@ -504,7 +526,6 @@ class _Stopping:
     finishing: bool = False  # past the last step: final evaluation, answers, saving
 
     def _latest(self) -> str:
-        from trilora.train.checkpoints import latest_checkpoint
 
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
@@ -517,13 +538,11 @@ class _Stopping:
         return f"step {self.step + 1} of {self.total}"
 
     def saved(self, signum: int, ckpt: Path) -> str:
-        from trilora.train.stop import signal_name
 
         return (f"stopped by {signal_name(signum)} after step {self.step} of {self.total}: "
                 f"checkpoint saved in {ckpt}; resume with: {self.command}")  # fmt: skip
 
     def timed_out(self, signum: int) -> str | None:
-        from trilora.train.stop import signal_name
 
         if not self.main:
             return None
@@ -532,7 +551,6 @@ class _Stopping:
                 f"{self._latest()}; resume with: {self.command}")  # fmt: skip
 
     def at_once(self, exc, left_nothing: bool) -> str:
-        from trilora.train.stop import signal_name
 
         name = signal_name(exc.signum)
         if left_nothing:
@@ -549,11 +567,7 @@ class _Stopping:
 def _train(cfg: TrainConfig, env, device: torch.device, *, resume: bool, overwrite: bool,
            quiet: bool, resume_command: str | None,
            loss_table: bool = True) -> dict[str, Any] | None:  # fmt: skip
-    import shlex
 
-    from trilora.io import RunStopped
-    from trilora.train.collectives import on_main
-    from trilora.train.stop import StopNow, StopSignals
 
     if env.distributed and cfg.batch_size < env.world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} is the global micro-batch, split "
@@ -586,18 +600,6 @@ def _train(cfg: TrainConfig, env, device: torch.device, *, resume: bool, overwri
 def _run(cfg: TrainConfig, env, device: torch.device, run_dir: Path, stopping: _Stopping,
          stopper, *, resume: bool, overwrite: bool, quiet: bool,
          loss_table: bool) -> dict[str, Any] | None:  # fmt: skip
-    from trilora.io import RunStopped
-    from trilora.train import checkpoints as S
-    from trilora.train.collectives import all_reduce, gradient_sync, on_main, strategy, wrap
-    from trilora.train.losses import sft_loss
-    from trilora.train.model import (
-        apply_memory_options,
-        base_model_mode,
-        load_model,
-        load_tokenizer,
-    )
-    from trilora.train.optim import build_optimizer, build_scheduler, clip_gradients
-    from trilora.train.stop import TestHook
 
     main = env.is_main
     say = (lambda *_: None) if quiet or not main else _log
@@ -676,7 +678,6 @@ def _run(cfg: TrainConfig, env, device: torch.device, run_dir: Path, stopping: _
             + ")")  # fmt: skip
     stopping.step = start_step
     saved_step = start_step if ckpt is not None else None  # the newest checkpoint's step
-    import json
 
     base_path = run_dir / "base.json"
     base = on_main(env, lambda: json.loads(base_path.read_text()) if base_path.is_file() else None)
@@ -856,7 +857,6 @@ def _run(cfg: TrainConfig, env, device: torch.device, run_dir: Path, stopping: _
 
 
 def _dpo_micro_step(model, batch, idx, num_pairs, cfg, autocast_dtype, ref_logps, base_mode):
-    from trilora.train.dpo import dpo_losses, sequence_logps
 
     if ref_logps is not None:
         ref = torch.cat([ref_logps[idx, 0], ref_logps[idx, 1]])
@@ -892,7 +892,6 @@ def _compare_prompts(tokenizer, data: Data, cfg) -> tuple[list[dict], list[str]]
 
 def _compare_answers(model, tokenizer, data: Data, cfg, base_mode, base: dict, run_dir: Path,
                      has_adapter: bool, env):  # fmt: skip
-    from trilora.train.collectives import on_main
 
     records, prompts = _compare_prompts(tokenizer, data, cfg)
     if not prompts:
@@ -919,14 +918,12 @@ def _compare_answers(model, tokenizer, data: Data, cfg, base_mode, base: dict, r
         rows.append({"prompt": p, "question": question, "base": a, "tuned": b, "reference": ref})
         md += [f"## {i}\n", "**prompt**\n", f"```\n{p}\n```\n", "**base**\n", f"{a}\n",
                "**tuned**\n", f"{b}\n", "**reference**\n", f"{ref}\n"]  # fmt: skip
-    from trilora.io import atomic_write_text
 
     atomic_write_text(run_dir / "samples.md", "\n".join(md))
     return rows
 
 
 def _sharded(model) -> bool:
-    from trilora.distributed import parallel_info
 
     info = parallel_info(model)
     return info is not None and info.strategy == "fsdp"
@@ -938,8 +935,6 @@ def _save_result(model, tokenizer, lm, cfg, run_dir: Path, env) -> Path:
     A single process or DDP's rank 0 holds the whole model and saves it as it is; under
     FSDP2 the shards are gathered to rank 0 one tensor at a time first.
     """
-    import trilora.distributed as td
-    from trilora.train.collectives import on_main
 
     target = run_dir / ("model" if cfg.finetune == "full" else "adapter")
     full = cfg.finetune == "full"
@@ -974,8 +969,6 @@ def _merge(model, lm, cfg, run_dir: Path, env) -> Path:
     """``OUT/merged``: the 16-bit merged model, written by rank 0 (the other ranks return at
     once). Under FSDP2 rank 0 merges a fresh single-process copy: the base it read and the
     adapter just saved."""
-    from trilora.distributed import unwrap
-    from trilora.merging import save_tokenizer
 
     target = run_dir / "merged"
     if not env.is_main:
@@ -997,10 +990,7 @@ def _merge(model, lm, cfg, run_dir: Path, env) -> Path:
 
 def _reload_adapter(cfg, lm, adapter: Path):
     """The base model read again in one process, with the saved adapter on it."""
-    import warnings
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
 
     with warnings.catch_warnings():

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trilora.distributed import parallel_info, unwrap
+from trilora.ops.linear_cross_entropy import linear_cross_entropy
 from trilora.train.data import IGNORE
 
 __all__ = ["compute_device", "sft_loss", "token_losses"]
@@ -25,7 +27,6 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
-    from trilora.distributed import unwrap
 
     model = unwrap(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -34,7 +35,6 @@ def _causal_lm(model: nn.Module) -> nn.Module:
 def compute_device(model: nn.Module) -> torch.device:
     """Where ``model`` computes: its process's device when wrapped for a distributed run
     (FSDP2's CPU offload keeps the parameters in host memory), else its parameters'."""
-    from trilora.distributed import parallel_info
 
     info = parallel_info(model)
     if info is not None:
@@ -59,7 +59,6 @@ def _score_head_input(head: nn.Module, labels: torch.Tensor, reduction: str, int
     "logits" ``[B, T, 1]``: a model output, so FSDP2's pre-backward hook gathers the head
     again before the op's backward needs it. ``"sum"`` (evaluation) is kept in ``into``.
     """
-    from trilora.ops.linear_cross_entropy import linear_cross_entropy
 
     def stand_in(hidden: torch.Tensor) -> torch.Tensor:
         weight = head.weight

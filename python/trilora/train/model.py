@@ -9,6 +9,7 @@ quantizes like any other folder.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import warnings
 from contextlib import contextmanager
@@ -18,11 +19,15 @@ from typing import Any
 
 import peft
 import torch
+from peft import get_peft_config
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import trilora.distributed as td
 from trilora import patches
-from trilora.io import UsageError, UserError
+from trilora.distributed import unwrap
+from trilora.io import UsageError, UserError, atomic_directory, atomic_write_json, require
+from trilora.nn import Linear4bit
 from trilora.peft import get_peft_model
 from trilora.train.config import TrainConfig, cache_dir
 
@@ -62,7 +67,6 @@ def _logical_numel(module: nn.Module) -> int | None:
     """Elements of ``module.weight`` as the model sees it, when its storage is packed 4-bit
     (trilora's ``Linear4bit``, or bitsandbytes' whose ``Params4bit`` keeps the shape in its
     ``quant_state``); None for an ordinary weight."""
-    from trilora.nn import Linear4bit
 
     if isinstance(module, Linear4bit):
         return module.out_features * module.in_features
@@ -92,7 +96,6 @@ def gguf_digest(gguf: Path) -> str:
     """sha256 of the file's bytes (hex), read once per file: the digest is remembered in
     ``$TRILORA_CACHE/gguf/digests.json`` under the file's absolute path, size and
     modification time, so a later run finds it without reading the file again."""
-    from trilora.io import atomic_write_json
 
     st = gguf.stat()
     stamp = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}"
@@ -127,9 +130,7 @@ def gguf_to_folder(gguf: Path, log=print) -> Path:
     """A bf16 Hugging Face folder holding the model and tokenizer of ``gguf``, converted once
     and cached under the file's content (:func:`gguf_digest`): every copy of the same file,
     wherever it lies (one per virtual environment), shares one folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trilora.io import atomic_directory
 
     target = cache_dir() / "gguf" / f"{gguf.stem}-{gguf_digest(gguf)[:12]}"
     if (target / "config.json").is_file():
@@ -168,7 +169,6 @@ def check_gguf(path: Path) -> None:
     """Raise :class:`UserError` (one line) unless ``path`` is a complete GGUF file: the
     ``GGUF`` magic, a header and tensor index the ``gguf`` package reads, and every tensor's
     data inside the file. A truncated download otherwise fails deep inside the loader."""
-    from trilora.io import require
 
     expected = ("expected a complete GGUF model file (magic 'GGUF', header, tensor index and "
                 "all tensor data, as llama.cpp writes it)")  # fmt: skip
@@ -231,23 +231,22 @@ def _attn_implementation(cfg: TrainConfig, device: torch.device) -> str:
     # Packed rows carry per-example position ids. FlashAttention-2 turns them into varlen
     # attention (transformers detects them); SDPA and eager get the block-diagonal mask
     # transformers builds from the same position ids.
-    if device.type == "cuda" and cfg.packing:
-        import importlib.util
-
-        if importlib.util.find_spec("flash_attn") is not None:
-            return "flash_attention_2"
+    if (
+        device.type == "cuda"
+        and cfg.packing
+        and importlib.util.find_spec("flash_attn") is not None
+    ):
+        return "flash_attention_2"
     return "sdpa"
 
 
 def _load_peft_config(path: str):
-    from peft import get_peft_config
 
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"--peft-config {path}: {exc.strerror}") from None
-    from trilora.io import require
 
     yaml = require("yaml", "--peft-config")
     try:
@@ -268,7 +267,6 @@ def load_tokenizer(cfg: TrainConfig, log=print) -> tuple[Path, Any]:
     """The model folder (a .gguf file is converted once, see :func:`gguf_to_folder`) and its
     tokenizer, with a pad token (EOS when it has none). A second or so: the trainer reads
     and checks the data with it before the model loads."""
-    from transformers import AutoTokenizer
 
     folder = resolve_source(cfg.model, log)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -289,7 +287,6 @@ def load_model(cfg: TrainConfig, device: torch.device | None = None, log=print,
     base (``--quant none``) is read by every rank. The memory options
     (:func:`apply_memory_options`) come after wrapping.
     """
-    from transformers import AutoModelForCausalLM
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     distributed = env is not None and env.distributed
@@ -391,7 +388,6 @@ def _attach_adapter(model: nn.Module, cfg: TrainConfig, compute_dtype: torch.dty
 @contextmanager
 def base_model_mode(model: nn.Module, has_adapter: bool):
     """Run ``model`` as the base: adapters disabled (no second copy of the model)."""
-    from trilora.distributed import unwrap
 
     inner = unwrap(model)
     if has_adapter and hasattr(inner, "disable_adapter"):

@@ -14,6 +14,12 @@ from typing import Any
 
 import torch
 
+import trilora.distributed as td
+from trilora.distributed import clip_grad_norm, unwrap
+from trilora.optim import OPTIMIZERS as SETTINGS
+from trilora.optim import AdamW
+from trilora.optim.errors import OptimizerInputError
+
 __all__ = ["OPTIMIZERS", "build_optimizer", "build_scheduler", "clip_gradients", "param_groups"]
 
 from trilora.train.config import OPTIMIZER_CHOICES as OPTIMIZERS
@@ -24,7 +30,6 @@ EPS = 1e-8
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters, in ``named_parameters`` order: matrices decay, vectors do not."""
-    from trilora.distributed import unwrap
 
     decay, no_decay = [], []
     for _, p in unwrap(model).named_parameters():
@@ -45,16 +50,12 @@ def build_optimizer(name: str, model: torch.nn.Module, lr: float,
     each gradient to the host before DDP averages it across the ranks, so the averaged
     gradients move to the host in ``step()`` instead (the update still runs on the CPU).
     """
-    import trilora.distributed as td
 
     groups = param_groups(model, weight_decay)
     if name == "torch_adamw":
         # foreach=False: the single-tensor path, identical on every device count and order.
         return td.build_optimizer(model, torch.optim.AdamW, params=groups, lr=lr, betas=BETAS,
                                   eps=EPS, foreach=False)  # fmt: skip
-    from trilora.optim import OPTIMIZERS as SETTINGS
-    from trilora.optim import AdamW
-    from trilora.optim.errors import OptimizerInputError
 
     if name not in SETTINGS:
         raise OptimizerInputError(f"unknown optimizer {name!r}; expected one of "
@@ -72,7 +73,6 @@ def clip_gradients(optimizer: torch.optim.Optimizer, model: torch.nn.Module,
     """Clip to ``max_norm`` (0: only measure) and return the norm before clipping: the norm
     over all ranks (every rank must call it). An optimizer's own ``clip_grad_norm`` is used
     when it has one (optimizers that keep gradients off ``p.grad`` do)."""
-    from trilora.distributed import clip_grad_norm
 
     limit = max_norm if max_norm > 0 else float("inf")
     return float(clip_grad_norm(model, limit, optimizer=optimizer, foreach=False))

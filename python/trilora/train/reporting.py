@@ -12,6 +12,10 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from trilora.io import atomic_write_text, require
+
 __all__ = [
     "MetricsLog",
     "Progress",
@@ -25,7 +29,6 @@ __all__ = [
 def peak_memory_bytes(device_type: str) -> int:
     """Peak device memory (CUDA allocator) or the process's peak resident set (CPU)."""
     if device_type == "cuda":
-        import torch
 
         return int(torch.cuda.max_memory_allocated())
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
@@ -57,13 +60,11 @@ class MetricsLog:
                     continue  # a line cut short by the kill
                 if rec.get("step", 0) <= keep_up_to_step and rec.get("kind") != "final":
                     self.records.append(rec)
-        from trilora.io import atomic_write_text
 
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         self._tb = None
         if tensorboard_dir is not None:
-            from trilora.io import require
 
             require("tensorboard", "--tensorboard")
             from torch.utils.tensorboard import SummaryWriter

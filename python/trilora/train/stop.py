@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from trilora.io import RunStopped
+from trilora.train.collectives import all_reduce
 
 __all__ = ["SAME_KEYPRESS_S", "StopNow", "StopSignals", "TestHook", "signal_name"]
 
@@ -134,7 +135,6 @@ class StopSignals:
         point (an all-reduce; the identity in a single process)."""
         if not getattr(env, "distributed", False):
             return self.signum
-        from trilora.train.collectives import all_reduce
 
         return int(all_reduce(env, [float(self.signum)], "max")[0])
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from trilora.io import UsageError, atomic_write_json, atomic_write_text, check_output
 from trilora.train.config import TrainConfig, dump_yaml, parse_value
+from trilora.train.reporting import human_bytes
 
 __all__ = ["parse_sweep", "run_sweep"]
 
@@ -41,7 +42,6 @@ def parse_sweep(spec: str) -> tuple[str, list]:
 def run_sweep(
     cfg: TrainConfig, spec: str, overwrite: bool = False, device: str | None = None
 ) -> int:
-    from trilora.train.reporting import human_bytes
 
     name, values = parse_sweep(spec)
     cfg.validate()

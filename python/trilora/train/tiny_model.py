@@ -16,6 +16,14 @@ import json
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 ARCHS = ("llama", "qwen2", "mistral")
 
@@ -34,7 +42,6 @@ def tiny_config(arch: str = "llama", hidden: int = 64, layers: int = 2, vocab: i
     Qwen2 has biases on q/k/v, so it exercises base-layer biases. ``overrides`` are further
     config fields (``max_position_embeddings`` defaults to 128).
     """
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
     if arch not in classes:
@@ -61,7 +68,6 @@ def save_tiny_model(path: str | Path, arch: str = "llama", dtype: torch.dtype = 
     Weights are drawn with a larger std than the default init so that logits differ
     visibly between tokens (a near-constant model would hide errors).
     """
-    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     config = tiny_config(arch, **config_kwargs)
@@ -82,8 +88,6 @@ def save_tiny_model(path: str | Path, arch: str = "llama", dtype: torch.dtype = 
 def save_tokenizer(path: str | Path, chat: bool = True):
     """Save a byte-level tokenizer to ``path`` and return it: 256 byte tokens + 5 specials
     (ids 256..260), with :data:`CHAT_TEMPLATE` when ``chat``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
