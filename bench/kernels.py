@@ -257,7 +257,6 @@ def build_layer(
     adapter's math is not trivially zero."""
     lin = _float_linear(shape, dtype, device, seed)
     if provider == "trilora":
-
         layer: nn.Module = QLoraLinear.from_linear(
             lin,
             r=r,
@@ -270,13 +269,21 @@ def build_layer(
         import bitsandbytes as bnb
 
         base = bnb.nn.Linear4bit(
-            shape.k_in, shape.n_out, bias=shape.bias, compute_dtype=dtype,
-            compress_statistics=True, quant_type="nf4", device="meta",
-        )  # fmt: skip
+            shape.k_in,
+            shape.n_out,
+            bias=shape.bias,
+            compute_dtype=dtype,
+            compress_statistics=True,
+            quant_type="nf4",
+            device="meta",
+        )
         base.weight = bnb.nn.Params4bit(
-            lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
-            compress_statistics=True, blocksize=BLOCKSIZE,
-        )  # fmt: skip
+            lin.weight.data.clone(),
+            requires_grad=False,
+            quant_type="nf4",
+            compress_statistics=True,
+            blocksize=BLOCKSIZE,
+        )
         if shape.bias:
             base.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
         # Moving a Params4bit to its device is what quantizes it (also on CPU).
@@ -382,14 +389,31 @@ def run_shape(
     even on a machine whose load changes during the run.
     """
     rows: list[dict] = []
-    params = dict(model=shape.model, layer=shape.layer, n_out=shape.n_out, k_in=shape.k_in, rank=r,
-                  dtype=str(plan.dtype).removeprefix("torch."))  # fmt: skip
+    params = dict(
+        model=shape.model,
+        layer=shape.layer,
+        n_out=shape.n_out,
+        k_in=shape.k_in,
+        rank=r,
+        dtype=str(plan.dtype).removeprefix("torch."),
+    )
     e = _itemsize(plan.dtype)
 
     def fail(provider: str, m: int, metrics, outcome: Outcome, what: str) -> None:
         for metric in metrics:
-            rows.append(make_row(LEVEL, _case_name(shape, r, m), metric, provider, "s", status=outcome.status,
-                                 note=f"{what}: {outcome.note}", tokens=m, **params))  # fmt: skip
+            rows.append(
+                make_row(
+                    LEVEL,
+                    _case_name(shape, r, m),
+                    metric,
+                    provider,
+                    "s",
+                    status=outcome.status,
+                    note=f"{what}: {outcome.note}",
+                    tokens=m,
+                    **params,
+                )
+            )
 
     # Rotate through enough (layer, input) sets that one pass over them exceeds twice the
     # last-level cache: a small projection would otherwise be timed from a hot cache.
@@ -459,8 +483,20 @@ def run_shape(
                     out.note
                     or "torch.cuda.max_memory_allocated over one fwd+bwd, stats reset before"
                 )
-                rows.append(make_row(LEVEL, case, "peak_mem", provider, "bytes", stats, status=out.status,
-                                     note=note, tokens=m, **params))  # fmt: skip
+                rows.append(
+                    make_row(
+                        LEVEL,
+                        case,
+                        "peak_mem",
+                        provider,
+                        "bytes",
+                        stats,
+                        status=out.status,
+                        note=note,
+                        tokens=m,
+                        **params,
+                    )
+                )
         del prepared
     del built
     return rows
@@ -476,8 +512,13 @@ def run_quant_cases(
     """Quantize and dequantize throughput: trilora against ``bitsandbytes.functional``."""
     rows: list[dict] = []
     for shape in plan.quant_shapes:
-        params = dict(model=shape.model, layer=shape.layer, n_out=shape.n_out, k_in=shape.k_in,
-                      dtype=str(plan.dtype).removeprefix("torch."))  # fmt: skip
+        params = dict(
+            model=shape.model,
+            layer=shape.layer,
+            n_out=shape.n_out,
+            k_in=shape.k_in,
+            dtype=str(plan.dtype).removeprefix("torch."),
+        )
         n = shape.n_out * shape.k_in
         e = _itemsize(plan.dtype)
         packed_bytes = n / 2 + n / BLOCKSIZE
@@ -488,8 +529,18 @@ def run_quant_cases(
                 ok, why = _bnb_only_status(disabled)
             if not ok:
                 for op in costs:
-                    rows.append(make_row(LEVEL, _quant_case(shape, op), "time", provider, "s", status="skipped",
-                                         note=why, **params))  # fmt: skip
+                    rows.append(
+                        make_row(
+                            LEVEL,
+                            _quant_case(shape, op),
+                            "time",
+                            provider,
+                            "s",
+                            status="skipped",
+                            note=why,
+                            **params,
+                        )
+                    )
                 continue
             log(f"  {provider} quantize/dequantize {shape.n_out}x{shape.k_in}")
             outcome = guarded(
@@ -499,13 +550,33 @@ def run_quant_cases(
             for op, nbytes in costs.items():
                 case = _quant_case(shape, op)
                 if outcome.status != "ok":
-                    rows.append(make_row(LEVEL, case, "time", provider, "s", status=outcome.status,
-                                         note=outcome.note, **params))  # fmt: skip
+                    rows.append(
+                        make_row(
+                            LEVEL,
+                            case,
+                            "time",
+                            provider,
+                            "s",
+                            status=outcome.status,
+                            note=outcome.note,
+                            **params,
+                        )
+                    )
                     continue
                 stats = outcome.value[op]
                 rows.append(_memory_bound_time_row(case, provider, stats, nbytes, peaks, **params))
-                rows.append(make_row(LEVEL, case, "throughput", provider, "GB/s",
-                                     _rate(stats, nbytes / 1e9), note="bytes moved / time", **params))  # fmt: skip
+                rows.append(
+                    make_row(
+                        LEVEL,
+                        case,
+                        "throughput",
+                        provider,
+                        "GB/s",
+                        _rate(stats, nbytes / 1e9),
+                        note="bytes moved / time",
+                        **params,
+                    )
+                )
     return rows
 
 
@@ -523,14 +594,18 @@ def run_norm_cases(
     the op is for: eager autograd keeps fp32 copies of the rows for backward.
     """
 
-
     rows: list[dict] = []
     m = max(plan.tokens)
     hidden = {s.model: s.k_in for s in plan.shapes if s.layer == "q_proj"}
     for model, h in hidden.items():
         case = f"{model}/rms_norm/M{m}"
-        params = dict(model=model, layer="rms_norm", k_in=h, tokens=m,
-                      dtype=str(plan.dtype).removeprefix("torch."))  # fmt: skip
+        params = dict(
+            model=model,
+            layer="rms_norm",
+            k_in=h,
+            tokens=m,
+            dtype=str(plan.dtype).removeprefix("torch."),
+        )
         # forward reads x, writes y; backward reads dy and x, writes dx
         nbytes = 5 * m * h * _itemsize(plan.dtype)
         norm = LlamaRMSNorm(h, eps=1e-5).to(device=device, dtype=plan.dtype)
@@ -544,22 +619,47 @@ def run_norm_cases(
                 continue
             ok, why = provider_status(provider, disabled)
             if not ok:
-                rows.append(make_row(LEVEL, case, "time", provider, "s", status="skipped",
-                                     note=why, **params))  # fmt: skip
+                rows.append(
+                    make_row(
+                        LEVEL, case, "time", provider, "s", status="skipped", note=why, **params
+                    )
+                )
                 continue
             log(f"  {provider} rms_norm {m}x{h}")
             outcome = guarded(lambda fn=fn, h=h: _time_norm(fn, m, h, plan, device), device)
             if outcome.status != "ok":
-                rows.append(make_row(LEVEL, case, "time", provider, "s", status=outcome.status,
-                                     note=outcome.note, **params))  # fmt: skip
+                rows.append(
+                    make_row(
+                        LEVEL,
+                        case,
+                        "time",
+                        provider,
+                        "s",
+                        status=outcome.status,
+                        note=outcome.note,
+                        **params,
+                    )
+                )
                 continue
             stats, peak = outcome.value
-            rows.append(_memory_bound_time_row(case, provider, stats, nbytes, peaks,
-                                               note="forward + backward", **params))  # fmt: skip
+            rows.append(
+                _memory_bound_time_row(
+                    case, provider, stats, nbytes, peaks, note="forward + backward", **params
+                )
+            )
             if peak is not None:
-                rows.append(make_row(LEVEL, case, "peak_mem", provider, "bytes",
-                                     Stats(peak, peak, peak, 1),
-                                     note="forward + backward, above the inputs", **params))  # fmt: skip
+                rows.append(
+                    make_row(
+                        LEVEL,
+                        case,
+                        "peak_mem",
+                        provider,
+                        "bytes",
+                        Stats(peak, peak, peak, 1),
+                        note="forward + backward, above the inputs",
+                        **params,
+                    )
+                )
     return rows
 
 
@@ -620,7 +720,6 @@ def _time_quant(provider: str, shape: LayerShape, plan: KernelPlan, device: torc
         ]
     kw = dict(warmup=plan.warmup, repeats=plan.repeats, budget_s=plan.budget_s)
     if provider == "trilora":
-
         qws = [quantize(w, "nf4", BLOCKSIZE, True) for w in ws]
         return {
             "quantize": measure(
@@ -669,10 +768,23 @@ def run(
                     continue
                 for m in plan.tokens:
                     for metric in METRICS:
-                        rows.append(make_row(LEVEL, _case_name(shape, r, m), metric, provider, "s",
-                                             status="skipped", note=provider_status(provider, disabled)[1],
-                                             model=shape.model, layer=shape.layer, n_out=shape.n_out,
-                                             k_in=shape.k_in, rank=r, tokens=m))  # fmt: skip
+                        rows.append(
+                            make_row(
+                                LEVEL,
+                                _case_name(shape, r, m),
+                                metric,
+                                provider,
+                                "s",
+                                status="skipped",
+                                note=provider_status(provider, disabled)[1],
+                                model=shape.model,
+                                layer=shape.layer,
+                                n_out=shape.n_out,
+                                k_in=shape.k_in,
+                                rank=r,
+                                tokens=m,
+                            )
+                        )
             log(
                 f"  {shape.model} {shape.layer} {shape.n_out}x{shape.k_in} r={r}: {', '.join(available)}"
             )

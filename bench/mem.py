@@ -39,8 +39,17 @@ def run(quick: bool, log: Callable[[str], None] = print) -> tuple[list[dict], li
             notes.append(
                 f"mem level: case #{i} lacks {missing} (expected keys {list(REQUIRED_KEYS)}): {case!r}"
             )
-            rows.append(make_row(LEVEL, f"case#{i}", "value", "trilora", "", status="error",
-                                 note=f"malformed bench_cases row, missing {missing}"))  # fmt: skip
+            rows.append(
+                make_row(
+                    LEVEL,
+                    f"case#{i}",
+                    "value",
+                    "trilora",
+                    "",
+                    status="error",
+                    note=f"malformed bench_cases row, missing {missing}",
+                )
+            )
             continue
         try:
             value = float(case["value"])
@@ -55,6 +64,16 @@ def run(quick: bool, log: Callable[[str], None] = print) -> tuple[list[dict], li
         if status not in ("ok", "oom", "error", "skipped"):
             status = "ok"
         stats = Stats(value, value, value, 1) if status == "ok" else None
-        rows.append(make_row(LEVEL, str(case["case"]), str(case["metric"]), str(case["provider"]),
-                             str(case["unit"]), stats, status=status, **extra))  # fmt: skip
+        rows.append(
+            make_row(
+                LEVEL,
+                str(case["case"]),
+                str(case["metric"]),
+                str(case["provider"]),
+                str(case["unit"]),
+                stats,
+                status=status,
+                **extra,
+            )
+        )
     return rows, notes

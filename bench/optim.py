@@ -34,13 +34,26 @@ from trilora.optim import AdamW, CPUOffloadAdamW
 
 LEVEL = "optim"
 GPU_ONLY = ("trilora_32_host", "trilora_8_host", "trilora_32_uvm", "trilora_8_uvm")
-PROVIDERS = ("torch_fused", "bnb_paged_8bit", "trilora_32", "trilora_8", *GPU_ONLY,
-             "trilora_cpu_offload")  # fmt: skip
+PROVIDERS = (
+    "torch_fused",
+    "bnb_paged_8bit",
+    "trilora_32",
+    "trilora_8",
+    *GPU_ONLY,
+    "trilora_cpu_offload",
+)
 UNMEASURED = "unmeasured: needs a CUDA GPU"
 
 # Llama-3.1-8B (config.json): hidden 4096, intermediate 14336, 8 KV heads of 128, 32 layers.
-_PROJ = {"q": (4096, 4096), "k": (4096, 1024), "v": (4096, 1024), "o": (4096, 4096),
-         "gate": (4096, 14336), "up": (4096, 14336), "down": (14336, 4096)}  # fmt: skip
+_PROJ = {
+    "q": (4096, 4096),
+    "k": (4096, 1024),
+    "v": (4096, 1024),
+    "o": (4096, 4096),
+    "gate": (4096, 14336),
+    "up": (4096, 14336),
+    "down": (14336, 4096),
+}
 
 
 def lora_shapes(layers: int = 32, rank: int = 32, scale: int = 1) -> list[tuple[int, int]]:
@@ -65,15 +78,23 @@ def default_plan(device: torch.device, quick: bool) -> OptimPlan:
     """Full LoRA of Llama-3.1-8B r=32 on a GPU; on a CPU dimensions / 8 and 2 (quick: 1) layers."""
     if device.type == "cuda":
         layers = 4 if quick else 32
-        return OptimPlan(lora_shapes(layers), f"llama-3.1-8b-lora-r32-{layers}layers",
-                         0.5 if quick else 3.0, 20 if quick else 50)  # fmt: skip
+        return OptimPlan(
+            lora_shapes(layers),
+            f"llama-3.1-8b-lora-r32-{layers}layers",
+            0.5 if quick else 3.0,
+            20 if quick else 50,
+        )
     layers = 1 if quick else 2
     return OptimPlan(
-        lora_shapes(layers, scale=8), f"llama-3.1-8b-lora-r32-{layers}layers-dim8",
-        0.3 if quick else 2.0, 5 if quick else 20,
-        ["optim level on CPU: Llama-3.1-8B LoRA shapes with dimensions divided by 8; paging "
-         "rows need a GPU and are unmeasured"],
-    )  # fmt: skip
+        lora_shapes(layers, scale=8),
+        f"llama-3.1-8b-lora-r32-{layers}layers-dim8",
+        0.3 if quick else 2.0,
+        5 if quick else 20,
+        [
+            "optim level on CPU: Llama-3.1-8B LoRA shapes with dimensions divided by 8; paging "
+            "rows need a GPU and are unmeasured"
+        ],
+    )
 
 
 def _state_bytes(opt, device: torch.device) -> tuple[int, int]:
@@ -138,12 +159,32 @@ def run(
                 ("state_device", "bytes"),
                 ("state_host", "bytes"),
             ):
-                rows.append(make_row(LEVEL, plan.case, metric, provider, unit, status="skipped",
-                                     note=UNMEASURED, **extra))  # fmt: skip
+                rows.append(
+                    make_row(
+                        LEVEL,
+                        plan.case,
+                        metric,
+                        provider,
+                        unit,
+                        status="skipped",
+                        note=UNMEASURED,
+                        **extra,
+                    )
+                )
             continue
         if provider == "bnb_paged_8bit" and not bnb_ok:
-            rows.append(make_row(LEVEL, plan.case, "step_time", provider, "s", status="skipped",
-                                 note=bnb_note, **extra))  # fmt: skip
+            rows.append(
+                make_row(
+                    LEVEL,
+                    plan.case,
+                    "step_time",
+                    provider,
+                    "s",
+                    status="skipped",
+                    note=bnb_note,
+                    **extra,
+                )
+            )
             continue
         params = [torch.nn.Parameter(t.clone().to(device)) for t in init]
 
@@ -160,8 +201,18 @@ def run(
 
         out = guarded(prepare, device)
         if out.status != "ok":
-            rows.append(make_row(LEVEL, plan.case, "step_time", provider, "s", status=out.status,
-                                 note=out.note, **extra))  # fmt: skip
+            rows.append(
+                make_row(
+                    LEVEL,
+                    plan.case,
+                    "step_time",
+                    provider,
+                    "s",
+                    status=out.status,
+                    note=out.note,
+                    **extra,
+                )
+            )
             continue
         opts[provider] = (out.value, params)
 
@@ -172,8 +223,12 @@ def run(
 
         fns[provider] = step
     log(f"  optim: {len(fns)} providers, {n / 1e6:.1f}M parameters in {len(plan.shapes)} tensors")
-    timed = guarded(lambda: measure_interleaved(fns, device, warmup=2, repeats=plan.repeats,
-                                                min_repeats=3, budget_s=plan.budget_s), device)  # fmt: skip
+    timed = guarded(
+        lambda: measure_interleaved(
+            fns, device, warmup=2, repeats=plan.repeats, min_repeats=3, budget_s=plan.budget_s
+        ),
+        device,
+    )
     if timed.status != "ok":
         notes.append(f"optim level timing failed: {timed.note}")
         return rows, notes
@@ -187,8 +242,18 @@ def run(
         )
         dev, host = _memory(provider, opt, device)
         for metric, value in (("state_device", dev), ("state_host", host)):
-            rows.append(make_row(LEVEL, plan.case, metric, provider, "bytes",
-                                 Stats(value, value, value, 1), note=note, **extra))  # fmt: skip
+            rows.append(
+                make_row(
+                    LEVEL,
+                    plan.case,
+                    metric,
+                    provider,
+                    "bytes",
+                    Stats(value, value, value, 1),
+                    note=note,
+                    **extra,
+                )
+            )
     rows += _paging_cost(plan, timed.value, opts, device, extra)
     return rows, notes
 
@@ -199,13 +264,32 @@ def _paging_cost(plan, stats, opts, device, extra) -> list[dict]:
         resident, host = f"trilora_{bits}", f"trilora_{bits}_host"
         metric = f"s_per_GiB_{bits}bit"
         if device.type != "cuda" or resident not in stats or host not in stats:
-            rows.append(make_row(LEVEL, "host_paging_cost", metric, "trilora", "s/GiB",
-                                 status="skipped", note=UNMEASURED, **extra))  # fmt: skip
+            rows.append(
+                make_row(
+                    LEVEL,
+                    "host_paging_cost",
+                    metric,
+                    "trilora",
+                    "s/GiB",
+                    status="skipped",
+                    note=UNMEASURED,
+                    **extra,
+                )
+            )
             continue
         gib = opts[host][0].host_memory()["state"] / 2**30
         value = (stats[host].median - stats[resident].median) / gib
-        rows.append(make_row(LEVEL, "host_paging_cost", metric, "trilora", "s/GiB",
-                             Stats(value, value, value, 1), **extra))  # fmt: skip
+        rows.append(
+            make_row(
+                LEVEL,
+                "host_paging_cost",
+                metric,
+                "trilora",
+                "s/GiB",
+                Stats(value, value, value, 1),
+                **extra,
+            )
+        )
     return rows
 
 
@@ -214,14 +298,20 @@ def report_lines(rows: list[dict]) -> list[str]:
     mine = [r for r in rows if r["level"] == LEVEL]
     if not mine:
         return []
-    out = ["", "## Optimizers (step time, state memory)", "",
-           "| case | metric | provider | median | unit | status | note |",
-           "|---|---|---|---|---|---|---|"]  # fmt: skip
+    out = [
+        "",
+        "## Optimizers (step time, state memory)",
+        "",
+        "| case | metric | provider | median | unit | status | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in mine:
         value = r["median"]
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-        out.append(f"| {r['case']} | {r['metric']} | {r['provider']} | {shown} | {r['unit']} | "
-                   f"{r['status']} | {r['note'][:100]} |")  # fmt: skip
+        out.append(
+            f"| {r['case']} | {r['metric']} | {r['provider']} | {shown} | {r['unit']} | "
+            f"{r['status']} | {r['note'][:100]} |"
+        )
     return out
 
 

@@ -71,8 +71,10 @@ def make_plots(
     except Exception as exc:
         from trilora.io import install_hint
 
-        return [], [f"plots skipped: matplotlib unavailable ({type(exc).__name__}: {exc}); "
-                    f"to draw them: {install_hint('matplotlib')}"]  # fmt: skip
+        return [], [
+            f"plots skipped: matplotlib unavailable ({type(exc).__name__}: {exc}); "
+            f"to draw them: {install_hint('matplotlib')}"
+        ]
     plot_dir = Path(out_dir) / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
@@ -412,8 +414,11 @@ def _busy_table(rows: list[dict]) -> list[str]:
                 vals = (row["status"], "", "")
             else:
                 median = _fmt(row["median"], ".2f")
-                vals = (_bold(f"{median}x" if median else ""), _fmt(row["p20"], ".2f"),
-                        _fmt(row["p80"], ".2f"))  # fmt: skip
+                vals = (
+                    _bold(f"{median}x" if median else ""),
+                    _fmt(row["p20"], ".2f"),
+                    _fmt(row["p80"], ".2f"),
+                )
             out.append(f"| {case} | {name} | {' | '.join(vals)} | {row['note'][:320]} |")
     return out
 

@@ -71,8 +71,12 @@ print(json.dumps({"cuda_peak": torch.cuda.max_memory_allocated() if cuda else No
 
 
 def _measure(root: Path, provider: str, pairs: int) -> dict:
-    proc = subprocess.Popen([sys.executable, "-c", _STEP, str(root), provider, str(pairs)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STEP, str(root), provider, str(pairs)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     out, err = proc.stdout.read(), proc.stderr.read()
     if os.waitstatus_to_exitcode(status) != 0:
@@ -81,8 +85,11 @@ def _measure(root: Path, provider: str, pairs: int) -> dict:
             "error": err.strip().splitlines()[-1] if err.strip() else "failed",
         }
     cuda = json.loads(out.strip().splitlines()[-1])["cuda_peak"]
-    return {"provider": provider, "peak_bytes": cuda if cuda is not None else usage.ru_maxrss * 1024,
-            "kind": "CUDA allocated" if cuda is not None else "peak RSS (whole process)"}  # fmt: skip
+    return {
+        "provider": provider,
+        "peak_bytes": cuda if cuda is not None else usage.ru_maxrss * 1024,
+        "kind": "CUDA allocated" if cuda is not None else "peak RSS (whole process)",
+    }
 
 
 LEVEL = "train"
@@ -96,20 +103,29 @@ def measure(hidden: int, layers: int, seq: int, pairs: int) -> list[dict]:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        save_tiny_lm(root / "m", hidden=hidden, layers=layers, vocab=320,
-                     intermediate=hidden * 3, max_position_embeddings=2 * seq + 64)  # fmt: skip
+        save_tiny_lm(
+            root / "m",
+            hidden=hidden,
+            layers=layers,
+            vocab=320,
+            intermediate=hidden * 3,
+            max_position_embeddings=2 * seq + 64,
+        )
         words = ["red", "green", "blue", "cyan", "magenta", "yellow", "black", "white"]
         with open(root / "pairs.jsonl", "w") as f:
             for i in range(pairs):
                 pick = lambda n, k=i: " ".join(words[(k + j) % 8] for j in range(n))  # noqa: E731
-                f.write(json.dumps({"prompt": pick(16), "chosen": pick(seq // 5),
-                                    "rejected": pick(seq // 6)}) + "\n")  # fmt: skip
+                f.write(
+                    json.dumps(
+                        {"prompt": pick(16), "chosen": pick(seq // 5), "rejected": pick(seq // 6)}
+                    )
+                    + "\n"
+                )
         return [_measure(root, name, pairs) for name in PROVIDERS]
 
 
 def run(quick: bool, log=print) -> tuple[list[dict], list[str]]:
     """Rows of the DPO step's peak memory, for ``trilora bench --level train``."""
-
 
     size = QUICK if quick else FULL
     missing = [
@@ -121,24 +137,48 @@ def run(quick: bool, log=print) -> tuple[list[dict], list[str]]:
     for r in results:
         if "error" in r:
             skipped = r["provider"] == "trl_bnb_peft" and bool(missing)
-            note = (f"needs {', '.join(missing)}: pip install {' '.join(missing)}" if skipped
-                    else r["error"])  # fmt: skip
-            rows.append(make_row(LEVEL, case, "peak_memory", r["provider"], "bytes",
-                                 status="skipped" if skipped else "error", note=note))  # fmt: skip
+            note = (
+                f"needs {', '.join(missing)}: pip install {' '.join(missing)}"
+                if skipped
+                else r["error"]
+            )
+            rows.append(
+                make_row(
+                    LEVEL,
+                    case,
+                    "peak_memory",
+                    r["provider"],
+                    "bytes",
+                    status="skipped" if skipped else "error",
+                    note=note,
+                )
+            )
         else:
-            rows.append(make_row(LEVEL, case, "peak_memory", r["provider"], "bytes",
-                                 Stats.of([float(r["peak_bytes"])]), note=r["kind"]))  # fmt: skip
+            rows.append(
+                make_row(
+                    LEVEL,
+                    case,
+                    "peak_memory",
+                    r["provider"],
+                    "bytes",
+                    Stats.of([float(r["peak_bytes"])]),
+                    note=r["kind"],
+                )
+            )
         log(f"  {r['provider']}: {r.get('peak_bytes', r.get('error'))}")
     ok = {r["provider"]: r["peak_bytes"] for r in results if "peak_bytes" in r}
     if len(ok) == len(PROVIDERS):
-        notes.append(f"train level: DPO step peak, trilora {ok['trilora'] / ok['trl_bnb_peft']:.0%} "
-                     f"of TRL + bitsandbytes + PEFT with a reference model ({results[0]['kind']})")  # fmt: skip
+        notes.append(
+            f"train level: DPO step peak, trilora {ok['trilora'] / ok['trl_bnb_peft']:.0%} "
+            f"of TRL + bitsandbytes + PEFT with a reference model ({results[0]['kind']})"
+        )
     return rows, notes
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--hidden", type=int, default=FULL["hidden"], help="model width (default: 512)")
     p.add_argument("--layers", type=int, default=FULL["layers"], help="decoder layers (default: 4)")
     p.add_argument(

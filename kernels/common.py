@@ -13,11 +13,8 @@ import triton.language as tl
 __all__ = ["block_scale", "cast_rne", "dequant_gather"]
 
 
-
 @triton.jit
-def block_scale(
-    absmax_ptr, nabs_ptr, ncode_ptr, offset_ptr, blk, mask, DOUBLE_QUANT: tl.constexpr
-):
+def block_scale(absmax_ptr, nabs_ptr, ncode_ptr, offset_ptr, blk, mask, DOUBLE_QUANT: tl.constexpr):
     """fp32 scale of quantization blocks ``blk`` (any shape)."""
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)

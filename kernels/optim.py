@@ -75,10 +75,20 @@ def _adamw_math(p, g, m, v, decay, w1, beta2, w2, step_size, bc2_sqrt, eps):
 
 @triton.jit
 def _adamw32_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, n,
-    decay, w1, beta2, w2, step_size, bc2_sqrt, eps,
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    n,
+    decay,
+    w1,
+    beta2,
+    w2,
+    step_size,
+    bc2_sqrt,
+    eps,
     BLOCK: tl.constexpr,
-):  # fmt: skip
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -104,10 +114,27 @@ def _nearest_code(x, bounds_ptr):
 
 @triton.jit
 def _adamw8bit_kernel(
-    p_ptr, g_ptr, q1_ptr, q2_ptr, a1_ptr, a2_ptr, map1_ptr, map2_ptr, bnd1_ptr, bnd2_ptr, n,
-    decay, w1, beta2, w2, step_size, bc2_sqrt, eps,
-    ROWS: tl.constexpr, QBLOCK: tl.constexpr,
-):  # fmt: skip
+    p_ptr,
+    g_ptr,
+    q1_ptr,
+    q2_ptr,
+    a1_ptr,
+    a2_ptr,
+    map1_ptr,
+    map2_ptr,
+    bnd1_ptr,
+    bnd2_ptr,
+    n,
+    decay,
+    w1,
+    beta2,
+    w2,
+    step_size,
+    bc2_sqrt,
+    eps,
+    ROWS: tl.constexpr,
+    QBLOCK: tl.constexpr,
+):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     offs = rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
     mask = offs < n
@@ -186,17 +213,26 @@ def adamw_step_32bit(
     """
     n = p.numel()
     g = _param_and_grad(p, g)
-    for name, t, dt in (("p", p, None), ("g", g, None), ("exp_avg", exp_avg, torch.float32),
-                        ("exp_avg_sq", exp_avg_sq, torch.float32)):  # fmt: skip
+    for name, t, dt in (
+        ("p", p, None),
+        ("g", g, None),
+        ("exp_avg", exp_avg, torch.float32),
+        ("exp_avg_sq", exp_avg_sq, torch.float32),
+    ):
         _check_flat(name, t, n, dt, p.device)
     if n == 0:
         return
     grid = (triton.cdiv(n, _BLOCK_32),)
     _adamw32_kernel[grid](
-        p, g, exp_avg, exp_avg_sq, n,
+        p,
+        g,
+        exp_avg,
+        exp_avg_sq,
+        n,
         *_scalars(decay, w1, beta2, w2, step_size, bc2_sqrt, eps),
-        BLOCK=_BLOCK_32, num_warps=_NUM_WARPS,
-    )  # fmt: skip
+        BLOCK=_BLOCK_32,
+        num_warps=_NUM_WARPS,
+    )
 
 
 def adamw_step_8bit(
@@ -244,10 +280,22 @@ def adamw_step_8bit(
         return
     grid = (triton.cdiv(blocks, _ROWS_8),)
     _adamw8bit_kernel[grid](
-        p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, bounds1, bounds2, n,
+        p,
+        g,
+        state1,
+        state2,
+        absmax1,
+        absmax2,
+        qmap1,
+        qmap2,
+        bounds1,
+        bounds2,
+        n,
         *_scalars(decay, w1, beta2, w2, step_size, bc2_sqrt, eps),
-        ROWS=_ROWS_8, QBLOCK=QBLOCK, num_warps=_NUM_WARPS,
-    )  # fmt: skip
+        ROWS=_ROWS_8,
+        QBLOCK=QBLOCK,
+        num_warps=_NUM_WARPS,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,8 +309,15 @@ def _aot_specs() -> list[AotSpec]:
     specs = []
     for p_dtype, g_dtype in _DTYPE_PAIRS:
         pt, gt = _TL_DTYPE[p_dtype], _TL_DTYPE[g_dtype]
-        sig32 = {"p_ptr": f"*{pt}", "g_ptr": f"*{gt}", "m_ptr": "*fp32", "v_ptr": "*fp32",
-                 "n": "i32", **dict.fromkeys(_SCALARS, "fp32"), "BLOCK": "constexpr"}  # fmt: skip
+        sig32 = {
+            "p_ptr": f"*{pt}",
+            "g_ptr": f"*{gt}",
+            "m_ptr": "*fp32",
+            "v_ptr": "*fp32",
+            "n": "i32",
+            **dict.fromkeys(_SCALARS, "fp32"),
+            "BLOCK": "constexpr",
+        }
         specs.append(
             AotSpec(
                 name=f"_adamw32_kernel[{pt},{gt}]",
@@ -272,11 +327,22 @@ def _aot_specs() -> list[AotSpec]:
                 options={"num_warps": _NUM_WARPS},
             )
         )
-        sig8 = {"p_ptr": f"*{pt}", "g_ptr": f"*{gt}", "q1_ptr": "*u8", "q2_ptr": "*u8",
-                "a1_ptr": "*fp32", "a2_ptr": "*fp32", "map1_ptr": "*fp32", "map2_ptr": "*fp32",
-                "bnd1_ptr": "*fp32", "bnd2_ptr": "*fp32", "n": "i32",
-                **dict.fromkeys(_SCALARS, "fp32"), "ROWS": "constexpr",
-                "QBLOCK": "constexpr"}  # fmt: skip
+        sig8 = {
+            "p_ptr": f"*{pt}",
+            "g_ptr": f"*{gt}",
+            "q1_ptr": "*u8",
+            "q2_ptr": "*u8",
+            "a1_ptr": "*fp32",
+            "a2_ptr": "*fp32",
+            "map1_ptr": "*fp32",
+            "map2_ptr": "*fp32",
+            "bnd1_ptr": "*fp32",
+            "bnd2_ptr": "*fp32",
+            "n": "i32",
+            **dict.fromkeys(_SCALARS, "fp32"),
+            "ROWS": "constexpr",
+            "QBLOCK": "constexpr",
+        }
         specs.append(
             AotSpec(
                 name=f"_adamw8bit_kernel[{pt},{gt}]",

@@ -223,14 +223,34 @@ def quantize_4bit(
     full = n // blocksize
     if full:
         _quantize_4bit_kernel[(triton.cdiv(full, group),)](
-            flat, bounds, order, packed, absmax, n, 0, full,
-            BLOCKSIZE=blocksize, GROUP=group, PARTIAL=False, num_warps=_QUANT_WARPS,
-        )  # fmt: skip
+            flat,
+            bounds,
+            order,
+            packed,
+            absmax,
+            n,
+            0,
+            full,
+            BLOCKSIZE=blocksize,
+            GROUP=group,
+            PARTIAL=False,
+            num_warps=_QUANT_WARPS,
+        )
     if full < nblocks:
         _quantize_4bit_kernel[(1,)](
-            flat, bounds, order, packed, absmax, n, full, nblocks,
-            BLOCKSIZE=blocksize, GROUP=1, PARTIAL=True, num_warps=_QUANT_WARPS,
-        )  # fmt: skip
+            flat,
+            bounds,
+            order,
+            packed,
+            absmax,
+            n,
+            full,
+            nblocks,
+            BLOCKSIZE=blocksize,
+            GROUP=1,
+            PARTIAL=True,
+            num_warps=_QUANT_WARPS,
+        )
     return packed, absmax
 
 

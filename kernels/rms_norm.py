@@ -156,9 +156,17 @@ def rms_norm_forward(
         return y, rstd
     block = _block(h)
     _rms_norm_fwd_kernel[(m,)](
-        x, weight.contiguous(), y, rstd, x.stride(0), y.stride(0), h, float(eps),
-        BLOCK=block, num_warps=_num_warps(block),
-    )  # fmt: skip
+        x,
+        weight.contiguous(),
+        y,
+        rstd,
+        x.stride(0),
+        y.stride(0),
+        h,
+        float(eps),
+        BLOCK=block,
+        num_warps=_num_warps(block),
+    )
     return y, rstd
 
 
@@ -197,10 +205,22 @@ def rms_norm_backward(
     partial = torch.empty((programs, h), dtype=torch.float32, device=x.device) if need_dw else rstd
     block = _block(h)
     _rms_norm_bwd_kernel[(programs,)](
-        dy, x, weight.contiguous(), rstd, dx, partial,
-        dy.stride(0), x.stride(0), dx.stride(0), m, h, per,
-        HAS_DW=need_dw, BLOCK=block, num_warps=_num_warps(block),
-    )  # fmt: skip
+        dy,
+        x,
+        weight.contiguous(),
+        rstd,
+        dx,
+        partial,
+        dy.stride(0),
+        x.stride(0),
+        dx.stride(0),
+        m,
+        h,
+        per,
+        HAS_DW=need_dw,
+        BLOCK=block,
+        num_warps=_num_warps(block),
+    )
     return dx, (partial.sum(0) if need_dw else None)
 
 
@@ -215,10 +235,16 @@ def _aot_specs() -> list[AotSpec]:
     while block <= MAX_BLOCK:
         for name in _TL_DTYPE.values():
             fwd_sig = {
-                "x_ptr": f"*{name}", "w_ptr": f"*{name}", "y_ptr": f"*{name}",
-                "rstd_ptr": "*fp32", "stride_x": "i32", "stride_y": "i32", "n_cols": "i32",
-                "eps": "fp32", "BLOCK": "constexpr",
-            }  # fmt: skip
+                "x_ptr": f"*{name}",
+                "w_ptr": f"*{name}",
+                "y_ptr": f"*{name}",
+                "rstd_ptr": "*fp32",
+                "stride_x": "i32",
+                "stride_y": "i32",
+                "n_cols": "i32",
+                "eps": "fp32",
+                "BLOCK": "constexpr",
+            }
             specs.append(
                 AotSpec(
                     name=f"_rms_norm_fwd_kernel[{name},{block}]",
@@ -230,12 +256,21 @@ def _aot_specs() -> list[AotSpec]:
             )
             for has_dw in (False, True):
                 bwd_sig = {
-                    "dy_ptr": f"*{name}", "x_ptr": f"*{name}", "w_ptr": f"*{name}",
-                    "rstd_ptr": "*fp32", "dx_ptr": f"*{name}", "dw_ptr": "*fp32",
-                    "stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32", "n_rows": "i32",
-                    "n_cols": "i32", "rows_per_program": "i32", "HAS_DW": "constexpr",
+                    "dy_ptr": f"*{name}",
+                    "x_ptr": f"*{name}",
+                    "w_ptr": f"*{name}",
+                    "rstd_ptr": "*fp32",
+                    "dx_ptr": f"*{name}",
+                    "dw_ptr": "*fp32",
+                    "stride_dy": "i32",
+                    "stride_x": "i32",
+                    "stride_dx": "i32",
+                    "n_rows": "i32",
+                    "n_cols": "i32",
+                    "rows_per_program": "i32",
+                    "HAS_DW": "constexpr",
                     "BLOCK": "constexpr",
-                }  # fmt: skip
+                }
                 specs.append(
                     AotSpec(
                         name=f"_rms_norm_bwd_kernel[{name},{block},{'dw' if has_dw else 'nodw'}]",

@@ -93,8 +93,10 @@ def pytest_terminal_summary(terminalreporter):
     own = sum(v[0] for v in _cpu_costs.values())
     kids = sum(v[1] for v in _cpu_costs.values())
     terminalreporter.section(f"CPU time: the {count} most expensive tests")
-    write(f"all {len(_cpu_costs)} tests: {own + kids:.1f} s CPU ({own:.1f} s in pytest, "
-          f"{kids:.1f} s in processes they started)")  # fmt: skip
+    write(
+        f"all {len(_cpu_costs)} tests: {own + kids:.1f} s CPU ({own:.1f} s in pytest, "
+        f"{kids:.1f} s in processes they started)"
+    )
     write("   cpu_s   own_s  child_s  wall_s  test")
     ranked = sorted(_cpu_costs.items(), key=lambda kv: -(kv[1][0] + kv[1][1]))
     for nodeid, (o, k, w) in ranked[:count]:

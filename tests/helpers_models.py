@@ -14,8 +14,13 @@ import torch
 from trilora.train.tiny_model import ARCHS, save_tiny_model, tiny_config  # noqa: F401
 
 
-def load_bnb_4bit(path: str | Path, quant_type: str = "nf4", double_quant: bool = True,
-                  compute_dtype: torch.dtype = torch.float32, dtype: torch.dtype = torch.float32):  # fmt: skip
+def load_bnb_4bit(
+    path: str | Path,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32,
+):
     """Load ``path`` with transformers + bitsandbytes 4-bit on the CPU (the baseline)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -71,9 +76,11 @@ def exact_4bit_reference(model: torch.nn.Module) -> torch.nn.Module:
         else:
             continue
         linear = torch.nn.Linear(
-            module.in_features, module.out_features, bias=module.bias is not None,
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
             dtype=torch.float64,
-        )  # fmt: skip
+        )
         linear.weight = torch.nn.Parameter(weight, requires_grad=False)
         if module.bias is not None:
             linear.bias = torch.nn.Parameter(
@@ -100,9 +107,11 @@ def bnb_cpu_dequantize_wrong(shapes, quant_type: str = "nf4", blocksize: int = 6
         weight = torch.randn(shape)
         for double_quant in (False, True):
             packed, state = bnbf.quantize_4bit(
-                weight, blocksize=blocksize, quant_type=quant_type,
+                weight,
+                blocksize=blocksize,
+                quant_type=quant_type,
                 compress_statistics=double_quant,
-            )  # fmt: skip
+            )
             exact = ref.expected(ref.dequantize_bnb(packed, state), torch.float32)
             if not torch.equal(bnbf.dequantize_4bit(packed, state), exact):
                 wrong.append(tuple(shape))

@@ -33,15 +33,44 @@ NESTED_BLOCKSIZE = 256
 # NF4: quantiles of N(0, 1) with an exact zero, normalized to [-1, 1] (QLoRA, Dettmers et
 # al. 2023, appendix E), in bit order.
 NF4 = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-)  # fmt: skip
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
 # FP4: sign bit 3, exponent bias 2, in bit order, divided by its largest magnitude. Code 8
 # is "-0"; checkpoints store it as +0.0 (bitsandbytes' table literal is the integer 0), and
 # the stored bytes are what must match.
-FP4 = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)  # fmt: skip
+FP4 = (
+    0.0,
+    0.0625,
+    8.0,
+    12.0,
+    4.0,
+    6.0,
+    2.0,
+    3.0,
+    0.0,
+    -0.0625,
+    -8.0,
+    -12.0,
+    -4.0,
+    -6.0,
+    -2.0,
+    -3.0,
+)
 
 
 def quant_map(quant_type: str) -> torch.Tensor:
@@ -100,19 +129,29 @@ def dequantize_bnb(packed: torch.Tensor, quant_state) -> torch.Tensor:
     """:func:`dequantize` of a bitsandbytes ``(packed, QuantState)`` pair (its fields only)."""
     nested = quant_state.nested
     return dequantize(
-        packed, quant_state.absmax, quant_state.code, quant_state.blocksize, quant_state.shape,
+        packed,
+        quant_state.absmax,
+        quant_state.code,
+        quant_state.blocksize,
+        quant_state.shape,
         quant_state.state2.absmax if nested else None,
         quant_state.state2.code if nested else None,
         quant_state.offset if nested else None,
-    )  # fmt: skip
+    )
 
 
 def dequantize_trilora(qw) -> torch.Tensor:
     """:func:`dequantize` of a ``trilora.QuantizedWeight`` (its stored tensors only)."""
     return dequantize(
-        qw.packed, qw.absmax, qw.code, qw.blocksize, qw.shape,
-        qw.nested_absmax, qw.nested_code, qw.offset,
-    )  # fmt: skip
+        qw.packed,
+        qw.absmax,
+        qw.code,
+        qw.blocksize,
+        qw.shape,
+        qw.nested_absmax,
+        qw.nested_code,
+        qw.offset,
+    )
 
 
 def expected(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -200,8 +200,10 @@ def test_only_ops_and_tools_launch_kernels():
             continue
         for line, target, text, _ in edges:
             if target.startswith("trilora") and group_of(target) == "kernels":
-                bad.append(f"{_where(module, line, text)}: only {sorted(KERNEL_CALLERS)} "
-                           "import trilora.kernels")  # fmt: skip
+                bad.append(
+                    f"{_where(module, line, text)}: only {sorted(KERNEL_CALLERS)} "
+                    "import trilora.kernels"
+                )
     assert not bad, "\n".join(bad)
 
 
@@ -242,17 +244,22 @@ def test_no_import_cycle():
     bad = []
     for component in _cycles():
         inside = set(component)
-        lines = [_where(m, line, text) for m in component
-                 for line, t, text, _ in EDGES[m] if t in inside]  # fmt: skip
+        lines = [
+            _where(m, line, text) for m in component for line, t, text, _ in EDGES[m] if t in inside
+        ]
         bad.append(f"cycle {component}:\n  " + "\n  ".join(lines))
     assert not bad, "import cycles (function-local imports count):\n" + "\n".join(bad)
 
 
 @pytest.mark.parametrize("folder", ["python", "kernels", "bench", "tests", "docs", "setup.py"])
 def test_no_fmt_skip(folder):
-    """The formatter formats: no ``# fmt: skip`` (one ``# fmt: off`` block per table is fine)."""
+    """The formatter formats: no skip markers (one ``# fmt: off`` block per table is fine)."""
     paths = [ROOT / folder] if folder.endswith(".py") else (ROOT / folder).rglob("*.py")
     marker = "# fmt: " + "skip"
-    bad = [f"{p.relative_to(ROOT)}:{i}" for p in paths
-           for i, line in enumerate(p.read_text().splitlines(), 1) if marker in line]  # fmt: skip
+    bad = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in paths
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if marker in line
+    ]
     assert not bad, f"{marker} lines: {bad[:20]} ({len(bad)} in all)"

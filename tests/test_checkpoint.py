@@ -17,10 +17,15 @@ from trilora.patches.activation_checkpointing import (
 def _tiny_llama(seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
         attn_implementation="eager",
-    )  # fmt: skip
+    )
     return LlamaForCausalLM(cfg).double().train()
 
 
@@ -124,9 +129,14 @@ def test_training_loop_with_grouped_attention_keeps_no_kv_cache(seed, pass_use_c
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     ref = LlamaForCausalLM(cfg).train()
     model = copy.deepcopy(ref)
     for m in (ref, model):

@@ -243,14 +243,30 @@ def test_demo_runs_with_a_finite_ratio_and_without_the_bitsandbytes_notice():
     pytest.importorskip("bitsandbytes")
     from trilora.commands import _BNB_HUB_KERNEL_NOTICE
 
-    result = _run("demo", "--in-features", "64", "--out-features", "96", "--tokens", "3",
-                  "--rank", "4", "--repeats", "1", cwd=os.path.expanduser("~"))  # fmt: skip
+    result = _run(
+        "demo",
+        "--in-features",
+        "64",
+        "--out-features",
+        "96",
+        "--tokens",
+        "3",
+        "--rank",
+        "4",
+        "--repeats",
+        "1",
+        cwd=os.path.expanduser("~"),
+    )
     assert result.returncode == 0, result.stderr
     ratio = [line for line in result.stdout.splitlines() if "time ratio" in line]
     assert len(ratio) == 1 and float(ratio[0].rsplit(":", 1)[1]) > 0
     assert _BNB_HUB_KERNEL_NOTICE not in result.stderr
     # Where bitsandbytes does log it (this development machine does), the line above is
     # the filter's doing: a plain import shows it.
-    probe = subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True,
-                           text=True, cwd=os.path.expanduser("~"))  # fmt: skip
+    probe = subprocess.run(
+        [sys.executable, "-c", "import bitsandbytes"],
+        capture_output=True,
+        text=True,
+        cwd=os.path.expanduser("~"),
+    )
     print("bitsandbytes import notice present:", _BNB_HUB_KERNEL_NOTICE in probe.stderr)

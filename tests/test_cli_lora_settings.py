@@ -83,9 +83,9 @@ def test_base_rewriting_inits_quantize_peft_residual(init, seed):
         assert torch.equal(packed(base), expect.packed.view(torch.uint8)), name
     # The function at initialization is the full-precision model's up to the 4-bit rounding
     # of the residual: comparable to plain QLoRA's rounding of W (PiSSA's is usually smaller).
-    plain = trilora.get_peft_model(fp_model(seed),
-                                   LoraConfig(r=8, target_modules=list(PROJ)),
-                                   compute_dtype=torch.float32)  # fmt: skip
+    plain = trilora.get_peft_model(
+        fp_model(seed), LoraConfig(r=8, target_modules=list(PROJ)), compute_dtype=torch.float32
+    )
     ids = random_batch(256, seed=seed)
     with torch.no_grad():
         exact = fp_model(seed)(ids).logits
@@ -101,9 +101,13 @@ def _loftq_config(r: int, iters: int, bits: int = 4) -> LoraConfig:
     try:
         from peft import LoftQConfig
 
-        return LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(PROJ),
-                          init_lora_weights="loftq",
-                          loftq_config=LoftQConfig(loftq_bits=bits, loftq_iter=iters))  # fmt: skip
+        return LoraConfig(
+            r=r,
+            lora_alpha=2 * r,
+            target_modules=list(PROJ),
+            init_lora_weights="loftq",
+            loftq_config=LoftQConfig(loftq_bits=bits, loftq_iter=iters),
+        )
     except ImportError:
         cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(PROJ))
         cfg.init_lora_weights = "loftq"
@@ -163,8 +167,9 @@ def test_loftq_other_than_4_bits_raises():
 
 def _head_config(seed: int) -> LoraConfig:
     torch.manual_seed(seed)
-    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"],
-                      init_lora_weights=False)  # fmt: skip
+    return LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False
+    )
 
 
 def test_lm_head_lora_keeps_a_16bit_head(tmp_path, seed):
@@ -178,8 +183,9 @@ def test_lm_head_lora_keeps_a_16bit_head(tmp_path, seed):
     assert isinstance(head, TriloraLoraLayer)
     base = head.get_base_layer()
     assert type(base) is nn.Linear and torch.equal(base.weight, head_weight)
-    assert isinstance(pm.base_model.model.model.layers[0].self_attn.q_proj.get_base_layer(),
-                      trilora.Linear4bit)  # fmt: skip
+    assert isinstance(
+        pm.base_model.model.model.layers[0].self_attn.q_proj.get_base_layer(), trilora.Linear4bit
+    )
     # forward: PEFT's lora.Linear formula on the exact head weight
     x = torch.randn(3, 5, 64)
     a, b = head.lora_A["default"].weight, head.lora_B["default"].weight

@@ -42,8 +42,7 @@ def models(tmp_path_factory):
     with torch.no_grad():
         ids = random_batch(256, seed=4)
         logits = pm(ids).logits
-    return {"base": base, "other": other, "adapter": root / "adapter", "ids": ids,
-            "logits": logits}  # fmt: skip
+    return {"base": base, "other": other, "adapter": root / "adapter", "ids": ids, "logits": logits}
 
 
 @pytest.fixture
@@ -99,8 +98,12 @@ def test_merge_out_dot_keeps_the_working_folder(work, models, capsys, overwrite)
 
 @pytest.mark.parametrize("target", ["adapter", "base", "parent", "home"])
 def test_merge_never_replaces_an_input_or_a_parent(work, models, capsys, target):
-    out = {"adapter": work / "ad", "base": models["base"], "parent": work.parent,
-           "home": Path.home()}[target]  # fmt: skip
+    out = {
+        "adapter": work / "ad",
+        "base": models["base"],
+        "parent": work.parent,
+        "home": Path.home(),
+    }[target]
     watched = work if target in ("adapter", "parent") else models["base"]
     before = snapshot(watched) if target != "home" else None
     argv = ["merge", "ad", "--base", str(models["base"]), "--out", str(out), "--overwrite"]
@@ -236,8 +239,11 @@ def test_merge_mistakes_are_one_line(work, models, capsys, case, expected):
     elif case == "bad-json":
         config_file.write_text("{not json")
     elif case == "not-lora":
-        config_file.write_text(json.dumps({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4,
-                                           "task_type": "CAUSAL_LM"}))  # fmt: skip
+        config_file.write_text(
+            json.dumps(
+                {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4, "task_type": "CAUSAL_LM"}
+            )
+        )
     elif case in ("dora", "pissa"):
         config.update({"use_dora": True} if case == "dora" else {"init_lora_weights": "pissa"})
         config_file.write_text(json.dumps(config))
@@ -255,8 +261,9 @@ def test_merge_mistakes_are_one_line(work, models, capsys, case, expected):
 
 
 def test_merge_library_takes_dtype_names(models):
-    model = trilora.from_pretrained(models["base"], compute_dtype=torch.float32,
-                                    dtype=torch.float32)  # fmt: skip
+    model = trilora.from_pretrained(
+        models["base"], compute_dtype=torch.float32, dtype=torch.float32
+    )
     from peft import PeftModel
 
     pm = PeftModel.from_pretrained(model, str(models["adapter"]))

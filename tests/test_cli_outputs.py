@@ -17,9 +17,15 @@ from trilora.cli import main
 from trilora.io import UsageError
 
 TINY = dict(
-    model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=4096,
-)  # fmt: skip
+    model_type="llama",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=4096,
+)
 
 
 def one_error_line(capsys, prog: str) -> str:
@@ -100,8 +106,13 @@ def _kernels(*argv: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     code = "import sys; from trilora.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, "kernels", *argv], capture_output=True,
-                          text=True, env=env, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", code, "kernels", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_kernels_json_refuses_an_existing_file(tmp_path):

@@ -50,8 +50,11 @@ def wheel(tmp_path_factory) -> Path:
     # recent one); .ci/run builds with isolation, as a user's `python -m build` does.
     result = subprocess.run(
         [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), "."],
-        cwd=src, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=src,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (whl,) = dist.glob("trilora-*.whl")
     return whl
@@ -81,10 +84,23 @@ def test_wheel_holds_every_source_file_and_the_package_data(wheel):
 def test_installed_wheel_runs_the_commands(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet",
-         "--target", str(target), str(wheel)],
-        check=True, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--quiet",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
@@ -102,8 +118,14 @@ def test_installed_wheel_runs_the_commands(wheel, tmp_path):
             f"assert trilora.__file__.startswith({str(target)!r}), trilora.__file__\n"
             "sys.exit(trilora.cli.main(sys.argv[1:]))"
         )
-        return subprocess.run([sys.executable, "-c", code, *argv], cwd=outside, env=env,
-                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-c", code, *argv],
+            cwd=outside,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     for argv in (["--help"], ["--version"], ["mem", "--help"], ["demo", "--help"]):
         result = trilora(*argv)
@@ -112,7 +134,8 @@ def test_installed_wheel_runs_the_commands(wheel, tmp_path):
     mem = trilora("mem", "qwen2.5-7b", "--seq-len", "256", "-r", "8")
     assert mem.returncode == 0, mem.stderr
     assert "device total" in mem.stdout
-    demo = trilora("demo", "--in-features", "64", "--out-features", "64", "--tokens", "2",
-                   "--repeats", "1")  # fmt: skip
+    demo = trilora(
+        "demo", "--in-features", "64", "--out-features", "64", "--tokens", "2", "--repeats", "1"
+    )
     assert demo.returncode == 0, demo.stderr
     assert "trilora" in demo.stdout

@@ -20,24 +20,36 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-_BLOCK = re.compile(r"(?:<!--\s*doc-test:\s*(?P<mark>run|skip)\s*(?P<why>.*?)\s*-->\s*\n)?"
-                    r"```python\n(?P<code>.*?)```", re.DOTALL)  # fmt: skip
+_BLOCK = re.compile(
+    r"(?:<!--\s*doc-test:\s*(?P<mark>run|skip)\s*(?P<why>.*?)\s*-->\s*\n)?"
+    r"```python\n(?P<code>.*?)```",
+    re.DOTALL,
+)
 
 
 def python_blocks(path: Path) -> list[tuple[str, str, str | None, str]]:
     """``(file:line, code, mark, reason)`` of every ```python block of ``path``: ``mark`` is
     its ``doc-test`` mark (``run``, ``skip`` or None), ``reason`` what follows a ``skip``."""
     text = path.read_text(encoding="utf-8")
-    return [(f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start('code')) + 1}",
-             m.group("code"), m.group("mark"), m.group("why"))
-            for m in _BLOCK.finditer(text)]  # fmt: skip
+    return [
+        (
+            f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start('code')) + 1}",
+            m.group("code"),
+            m.group("mark"),
+            m.group("why"),
+        )
+        for m in _BLOCK.finditer(text)
+    ]
 
 
 README_BLOCKS = python_blocks(README)
-DOC_BLOCKS = [b for doc in sorted((ROOT / "docs").glob("*.md")) for b in python_blocks(doc)
-              if b[2] == "run"]  # fmt: skip
-BLOCKS = [(where, code, why if mark == "skip" else None) for where, code, mark, why in
-          [*README_BLOCKS, *DOC_BLOCKS]]  # fmt: skip
+DOC_BLOCKS = [
+    b for doc in sorted((ROOT / "docs").glob("*.md")) for b in python_blocks(doc) if b[2] == "run"
+]
+BLOCKS = [
+    (where, code, why if mark == "skip" else None)
+    for where, code, mark, why in [*README_BLOCKS, *DOC_BLOCKS]
+]
 
 
 def test_every_readme_block_is_found():

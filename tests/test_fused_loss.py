@@ -11,9 +11,15 @@ from trilora.patches.fused_loss import disable_fused_cross_entropy, enable_fused
 def _tiny_llama(seed: int, **extra) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=151, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager", **extra,
-    )  # fmt: skip
+        vocab_size=151,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="eager",
+        **extra,
+    )
     return LlamaForCausalLM(cfg).train()
 
 

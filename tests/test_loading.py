@@ -289,8 +289,11 @@ def _peak(mode: str, path: Path) -> dict[str, int]:
     env = {**os.environ, "TRITON_INTERPRET": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(
         [sys.executable, "-c", _MEASURE, mode, str(path)],
-        capture_output=True, text=True, check=True, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -45,8 +45,10 @@ def test_merge_accuracy_and_requantize_error(tmp_path, seed):
         e_unmerged = _rel(unmerged, exact)
         e_bf16 = _rel(bf16(ids).logits, exact)
         e_requant = _rel(requant(ids).logits, exact)
-    print(f"logits rel. error vs fp64 merge: unmerged fp32 {e_unmerged:.2e}, bf16 merge {e_bf16:.2e}, "
-          f"requantized 4-bit {e_requant:.2e}")  # fmt: skip
+    print(
+        f"logits rel. error vs fp64 merge: unmerged fp32 {e_unmerged:.2e}, bf16 merge {e_bf16:.2e}, "
+        f"requantized 4-bit {e_requant:.2e}"
+    )
     assert e_unmerged < 1e-5  # the fp32 QLoRA model computes the same function
     assert e_bf16 < 2e-2  # bf16 weights and activations: a few 2^-8 roundings per layer
     assert e_requant > 2 * e_bf16  # re-quantizing adds the NF4 error of the whole weight
@@ -60,15 +62,30 @@ def test_cli_merge_writes_plain_checkpoint(tmp_path, seed):
     path = save_tiny_model(tmp_path / "m", "qwen2", seed=seed)
     base = trilora.from_pretrained(path, compute_dtype=torch.float32, dtype=torch.float32)
     torch.manual_seed(seed)
-    pm = trilora.get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                 init_lora_weights=False), compute_dtype=torch.float32)  # fmt: skip
+    pm = trilora.get_peft_model(
+        base,
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+        compute_dtype=torch.float32,
+    )
     pm.save_pretrained(tmp_path / "ad")
     ids = random_batch(256, seed=seed)
     with torch.no_grad():
         expect = pm(ids).logits
-    assert main([
-        "merge", str(tmp_path / "ad"), "--base", str(path), "--out", str(tmp_path / "out"), "--dtype", "fp32",
-    ]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "merge",
+                str(tmp_path / "ad"),
+                "--base",
+                str(path),
+                "--out",
+                str(tmp_path / "out"),
+                "--dtype",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     assert getattr(merged.config, "quantization_config", None) is None
     assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear

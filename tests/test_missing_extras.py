@@ -51,15 +51,23 @@ def test_train_config_without_yaml(monkeypatch, capsys, tmp_path):
 @pytest.mark.parametrize(
     "hidden, flags",
     [("tensorboard", ["--tensorboard"]), ("gguf", [])],
-)  # fmt: skip
+)
 def test_train_checks_extras_before_loading(hidden, flags, monkeypatch, capsys, tmp_path):
     model = tmp_path / "model.gguf"
     model.write_bytes(b"GGUF" + bytes(60))
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
     monkeypatch.setitem(sys.modules, hidden, None)
-    argv = ["train", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "run"),
-            *flags]  # fmt: skip
+    argv = [
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        *flags,
+    ]
     err = _one_line_error(capsys, argv)
     assert hidden in err and "pip install" in err
     assert not (tmp_path / "run").exists()

@@ -67,9 +67,16 @@ def test_matches_peft_lora_over_bitsandbytes(seed, dropout, use_rslora, bias):
     lora.lora_dropout["default"] = SameMask()
     xa = x.clone().requires_grad_()
     ya = qlora_linear(
-        xa, layer.quantized_weight(), layer.lora_A, layer.lora_B, layer.scaling, layer.bias,
-        dropout_p=dropout, training=True, dropout_mask=mask if dropout else None,
-    )  # fmt: skip
+        xa,
+        layer.quantized_weight(),
+        layer.lora_A,
+        layer.lora_B,
+        layer.scaling,
+        layer.bias,
+        dropout_p=dropout,
+        training=True,
+        dropout_mask=mask if dropout else None,
+    )
     xb = x.double().requires_grad_()
     yb = peft_model(xb)
     dy = torch.randn_like(ya)
@@ -123,8 +130,15 @@ def test_state_dict_round_trip(seed, storage):
         "weight.quant_map",
         "weight.quant_state.bitsandbytes__nf4",
     } <= set(sd)
-    fresh = QLoraLinear(layer.in_features, layer.out_features, r=8, lora_alpha=16, compute_dtype=torch.float32,
-                        weight_dtype=torch.float32, quant_storage=storage)  # fmt: skip
+    fresh = QLoraLinear(
+        layer.in_features,
+        layer.out_features,
+        r=8,
+        lora_alpha=16,
+        compute_dtype=torch.float32,
+        weight_dtype=torch.float32,
+        quant_storage=storage,
+    )
     fresh.load_state_dict(sd)
     x = torch.randn(5, layer.in_features)
     torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
@@ -144,8 +158,11 @@ def test_state_dict_is_a_bitsandbytes_checkpoint(seed, quant_type, double_quant)
     )
     qw = layer.quantized_weight()
     assert (state.quant_type, state.blocksize, tuple(state.shape), state.dtype) == (
-        qw.quant_type, qw.blocksize, tuple(qw.shape), qw.dtype,
-    )  # fmt: skip
+        qw.quant_type,
+        qw.blocksize,
+        tuple(qw.shape),
+        qw.dtype,
+    )
     assert ref.same_bytes(state.absmax, qw.absmax) and ref.same_bytes(state.code, qw.code)
     assert state.nested == double_quant
     if double_quant:

@@ -13,9 +13,15 @@ from trilora.patches.embedding_offload import (
 
 def _model(tied: bool = False) -> LlamaForCausalLM:
     cfg = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=97, tie_word_embeddings=tied, pad_token_id=0,
-    )  # fmt: skip
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=97,
+        tie_word_embeddings=tied,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).double()  # float64 reference numerics
     model.model.embed_tokens.weight.requires_grad_(False)

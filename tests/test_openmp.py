@@ -27,8 +27,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _libgomp_settings(argv: list[str], env: dict[str, str] | None = None,
-                      status: int | None = None) -> dict[str, str]:  # fmt: skip
+def _libgomp_settings(
+    argv: list[str], env: dict[str, str] | None = None, status: int | None = None
+) -> dict[str, str]:
     """Run ``argv`` with libgomp printing its settings; returns them (name -> value).
     ``status``: the exit status it must end with (any when None)."""
     full = {k: v for k, v in os.environ.items() if k not in _openmp.USER_SETTINGS}
@@ -57,9 +58,11 @@ def test_cli_sets_passive_before_torch_loads():
 
 @pytest.mark.parametrize(
     "user, expected",
-    [({"OMP_WAIT_POLICY": "ACTIVE"}, ("ACTIVE", "30000000000")),
-     ({"GOMP_SPINCOUNT": "12345"}, (None, "12345"))],
-)  # fmt: skip
+    [
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, ("ACTIVE", "30000000000")),
+        ({"GOMP_SPINCOUNT": "12345"}, (None, "12345")),
+    ],
+)
 def test_cli_leaves_a_users_setting_alone(user, expected):
     settings = _libgomp_settings(_trilora_command(), user)
     policy, spin = expected
@@ -70,8 +73,17 @@ def test_cli_leaves_a_users_setting_alone(user, expected):
 
 def test_launcher_entry_point_sets_passive():
     # What torchrun and accelerate launch start: `python -m trilora.train ...`
-    argv = [sys.executable, "-m", "trilora.train", "--model", "/nonexistent-model-folder",
-            "--data", "/nonexistent.jsonl", "--out", "/nonexistent-out"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "trilora.train",
+        "--model",
+        "/nonexistent-model-folder",
+        "--data",
+        "/nonexistent.jsonl",
+        "--out",
+        "/nonexistent-out",
+    ]
     assert _libgomp_settings(argv)["GOMP_SPINCOUNT"] == "0"
 
 

@@ -71,10 +71,17 @@ def test_trainer_with_gradient_checkpointing(tmp_path, seed):
     # One repeated sequence: a tiny model can overfit it within a few steps.
     train = [{"input_ids": ids, "labels": ids} for _ in range(16)]
     args = TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=8, per_device_train_batch_size=4,
-        learning_rate=5e-3, gradient_checkpointing=True, logging_steps=1, report_to=[],
-        save_strategy="no", use_cpu=True, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(tmp_path / "out"),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        gradient_checkpointing=True,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=pm, args=args, train_dataset=train)
     trainer.train()
     assert pm.base_model.model.is_gradient_checkpointing
@@ -111,14 +118,24 @@ def test_trl_sft_trainer_with_peft_config(tmp_path, seed):
     text = " ".join(f"t{i}" for i in ids)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     args = SFTConfig(
-        output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=4,
-        learning_rate=5e-3, gradient_checkpointing=True, logging_steps=1, report_to=[],
-        save_strategy="no", use_cpu=True, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(tmp_path / "out"),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        gradient_checkpointing=True,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list([{"text": text}] * 24),
-        processing_class=_word_tokenizer(256), peft_config=cfg,
-    )  # fmt: skip
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{"text": text}] * 24),
+        processing_class=_word_tokenizer(256),
+        peft_config=cfg,
+    )
     trilora.patch(trainer.model)
     layers = [m for m in trainer.model.modules() if isinstance(m, TriloraLoraLayer)]
     assert len(layers) == 2 * 7  # every linear of both decoder layers

@@ -36,9 +36,12 @@ def eager_bitsandbytes():
 
 def _bnb(x, quant_type, blocksize, double_quant, storage=torch.uint8):
     return bnbf.quantize_4bit(
-        x, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type,
+        x,
+        blocksize=blocksize,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
         quant_storage=storage,
-    )  # fmt: skip
+    )
 
 
 def _random_weight(shape, dtype):

@@ -27,8 +27,10 @@ def by_hand(packed: torch.Tensor, state) -> torch.Tensor:
 
 
 def main() -> None:
-    print(f"torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
     torch.manual_seed(0)
     print("type  weight   blocksize  dtype     max |bitsandbytes - by hand|")
     for quant_type in ("nf4", "fp4"):

@@ -72,5 +72,11 @@ def user_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]
     return env
 
 
-__all__ = ["USER_SETTINGS", "VALUE", "VARIABLE", "prefer_passive_wait", "set_by_trilora",
-           "user_environment"]  # fmt: skip
+__all__ = [
+    "USER_SETTINGS",
+    "VALUE",
+    "VARIABLE",
+    "prefer_passive_wait",
+    "set_by_trilora",
+    "user_environment",
+]

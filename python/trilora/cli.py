@@ -40,7 +40,10 @@ from trilora.commands import (
 
 # subcommand -> (module providing add_parser() and run(), one-line help for `trilora --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("trilora.commands.demo", "one layer through trilora and bitsandbytes + PEFT: errors and times"),
+    "demo": (
+        "trilora.commands.demo",
+        "one layer through trilora and bitsandbytes + PEFT: errors and times",
+    ),
     "mem": ("trilora.commands.mem", "peak GPU memory of a training step, traced without a GPU"),
     "merge": ("trilora.commands.merge", "merge a LoRA adapter into its base and write safetensors"),
     "bench": ("trilora.commands.bench", "benchmark trilora against bitsandbytes + PEFT"),
@@ -106,8 +109,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             importlib.import_module(module).add_parser(subparsers)
             sub = subparsers.choices[command]
             # `trilora merge ... --debug` works as well as `trilora --debug merge ...`
-            sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                             help="show the full traceback on errors (also TRILORA_DEBUG=1)")  # fmt: skip
+            sub.add_argument(
+                "--debug",
+                action="store_true",
+                default=argparse.SUPPRESS,
+                help="show the full traceback on errors (also TRILORA_DEBUG=1)",
+            )
             # defaults in every option's help; a description laid out by hand (examples, one
             # per line) keeps its line breaks
             raw = issubclass(sub.formatter_class, argparse.RawDescriptionHelpFormatter)

@@ -40,11 +40,19 @@ _QUANT_STATE = ".quant_state.bitsandbytes__"
 _BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
+}
 # The largest header we accept; real headers are kilobytes to a few MB.
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -280,10 +288,11 @@ def _resolve(name_or_path: str | Path, hf_kwargs: dict) -> Path:
     try:
         return Path(
             snapshot_download(
-                str(name_or_path), revision=hf_kwargs.pop("revision", None),
+                str(name_or_path),
+                revision=hf_kwargs.pop("revision", None),
                 allow_patterns=["*.json", "*.safetensors"],
             )
-        )  # fmt: skip
+        )
     except Exception as exc:  # offline, unknown repo, gated, bad id: all mean "not found"
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise CheckpointError(
@@ -296,8 +305,12 @@ def _resolve(name_or_path: str | Path, hf_kwargs: dict) -> Path:
 # default (hidden_size=4096 for Llama), and the checkpoint then fails to match in some
 # unrelated-looking place (an lm_head shape). Named in the error instead.
 _SIZE_FIELDS = (
-    "hidden_size", "vocab_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-)  # fmt: skip
+    "hidden_size",
+    "vocab_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
 
 
 def _unset_size_fields(path: Path, config) -> list[str]:
@@ -409,15 +422,24 @@ def from_pretrained(
 
     try:
         return _build_and_load(
-            path, config, files, dtype, trust, hf_kwargs, pre_quantized, skip_modules, device,
+            path,
+            config,
+            files,
+            dtype,
+            trust,
+            hf_kwargs,
+            pre_quantized,
+            skip_modules,
+            device,
             (quant_type, blocksize, double_quant, compute_dtype, storage),
-        )  # fmt: skip
+        )
     except CheckpointError as exc:
         raise _explain_mismatch(path, config, exc) from exc
 
 
-def _build_and_load(path, config, files, dtype, trust, hf_kwargs, pre_quantized, skip_modules,
-                    device, qopts):  # fmt: skip
+def _build_and_load(
+    path, config, files, dtype, trust, hf_kwargs, pre_quantized, skip_modules, device, qopts
+):
 
     quant_type, blocksize, double_quant, compute_dtype, storage = qopts
     try:
@@ -463,16 +485,30 @@ def _build_and_load(path, config, files, dtype, trust, hf_kwargs, pre_quantized,
                 f"checkpoint has 4-bit weights for {name!r}, which is a {type(old).__name__}"
             )
         shell = Linear4bit(
-            old.in_features, old.out_features, bias=old.bias is not None, quant_type=quant_type,
-            blocksize=blocksize, double_quant=double_quant, quant_storage=storage,
-            compute_dtype=compute_dtype, weight_dtype=dtype, device="meta",
-        )  # fmt: skip
+            old.in_features,
+            old.out_features,
+            bias=old.bias is not None,
+            quant_type=quant_type,
+            blocksize=blocksize,
+            double_quant=double_quant,
+            quant_storage=storage,
+            compute_dtype=compute_dtype,
+            weight_dtype=dtype,
+            device="meta",
+        )
         if old.bias is not None:
             shell.bias = nn.Parameter(old.bias, requires_grad=False)
         model.set_submodule(name, shell)
 
-    _stream_into(model, files, model_key, set(quantized), device, dtype,
-                 (quant_type, blocksize, double_quant, storage))  # fmt: skip
+    _stream_into(
+        model,
+        files,
+        model_key,
+        set(quantized),
+        device,
+        dtype,
+        (quant_type, blocksize, double_quant, storage),
+    )
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     missing = [
@@ -600,8 +636,12 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
     return shards
 
 
-def write_safetensors(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int,
-                      metadata: dict[str, str] | None = None) -> None:  # fmt: skip
+def write_safetensors(
+    state: dict[str, torch.Tensor],
+    directory: Path,
+    max_shard_bytes: int,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write ``state`` as ``model.safetensors`` or numbered shards plus an index."""
     from safetensors.torch import save_file
 
@@ -688,8 +728,14 @@ def bnb_quantization_config(model: nn.Module) -> dict:
     }
 
 
-def save_quantized(model: nn.Module, path: str | Path, max_shard_size: int = 5 * 1024**3, *,
-                   overwrite: bool = False, add_files=None) -> Path:  # fmt: skip
+def save_quantized(
+    model: nn.Module,
+    path: str | Path,
+    max_shard_size: int = 5 * 1024**3,
+    *,
+    overwrite: bool = False,
+    add_files=None,
+) -> Path:
     """Write ``model`` (with :class:`trilora.nn.Linear4bit` layers) as a bitsandbytes 4-bit
     checkpoint: safetensors with bitsandbytes keys plus ``config.json`` carrying the
     matching ``quantization_config``.
@@ -718,9 +764,14 @@ def save_quantized(model: nn.Module, path: str | Path, max_shard_size: int = 5 *
             folder that must never be replaced.
     """
     source = getattr(getattr(model, "config", None), "name_or_path", None)
-    check_output(path, overwrite=overwrite, kind="dir", flag="path",
-                 inputs=[source] if source and Path(source).exists() else [],
-                 overwrite_hint="pass overwrite=True to replace it")  # fmt: skip
+    check_output(
+        path,
+        overwrite=overwrite,
+        kind="dir",
+        flag="path",
+        inputs=[source] if source and Path(source).exists() else [],
+        overwrite_hint="pass overwrite=True to replace it",
+    )
     qc = bnb_quantization_config(model)
     state = _dedup_tied(model, model.state_dict())
     config = model.config.to_dict()

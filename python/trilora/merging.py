@@ -60,8 +60,12 @@ def _base_weight_fp32(layer: nn.Module) -> torch.Tensor:
     )
 
 
-def merge(peft_model: nn.Module, dtype: torch.dtype | str = "bf16", requantize: bool = False,
-          adapter_names: list[str] | None = None) -> nn.Module:  # fmt: skip
+def merge(
+    peft_model: nn.Module,
+    dtype: torch.dtype | str = "bf16",
+    requantize: bool = False,
+    adapter_names: list[str] | None = None,
+) -> nn.Module:
     """Fold the LoRA adapters into the base model and return the plain transformers model.
 
     Consumes ``peft_model`` (like PEFT's ``merge_and_unload``). Works on a model patched by
@@ -97,8 +101,13 @@ def merge(peft_model: nn.Module, dtype: torch.dtype | str = "bf16", requantize: 
         if not torch.isfinite(weight).all():
             raise ValueError(f"merged weight of {name} has NaN/Inf values")
         if requantize and isinstance(base, Linear4bit):
-            qw = quantize(weight.to(base.weight_dtype), base.quant_type, base.blocksize,
-                          base.weight_nested_absmax is not None, base.weight.dtype)  # fmt: skip
+            qw = quantize(
+                weight.to(base.weight_dtype),
+                base.quant_type,
+                base.blocksize,
+                base.weight_nested_absmax is not None,
+                base.weight.dtype,
+            )
             merged = Linear4bit.from_quantized(qw, None, base.compute_dtype)
             merged.bias = base.bias
         else:

@@ -247,9 +247,15 @@ class Linear4bit(nn.Linear):
         cdt = x.dtype if self.compute_dtype is None else self.compute_dtype
         bias = None if self.bias is None else self.bias.to(cdt)
         y = qlora_linear(
-            x.to(cdt), self.quantized_weight(), lora_a, lora_b, scale, bias,
-            dropout_p=dropout_p, training=self.training if training is None else training,
-        )  # fmt: skip
+            x.to(cdt),
+            self.quantized_weight(),
+            lora_a,
+            lora_b,
+            scale,
+            bias,
+            dropout_p=dropout_p,
+            training=self.training if training is None else training,
+        )
         return y.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -168,7 +168,6 @@ def _peft_hook(obj: Any, name: str, purpose: str) -> Any:
     """
     hook = getattr(obj, name, None)
     if not callable(hook):
-
         raise UserError(
             f"PEFT {peft.__version__} has no {type(obj).__name__}.{name}, which trilora needs "
             f"for {purpose}; install a PEFT release that has it (trilora is tested with 0.20 "
@@ -266,9 +265,12 @@ def to_trilora_base(layer: nn.Module, options: QuantOptions) -> Linear4bit:
         return _bnb_to_trilora(layer)
     if type(layer) is nn.Linear:
         new = Linear4bit.from_linear(
-            layer, options.quant_type, options.blocksize, options.double_quant,
+            layer,
+            options.quant_type,
+            options.blocksize,
+            options.double_quant,
             compute_dtype=options.compute_dtype,
-        )  # fmt: skip
+        )
         if layer.bias is not None:
             new.bias = nn.Parameter(layer.bias.detach(), requires_grad=False)
         return new
@@ -297,8 +299,15 @@ class TriloraLoraLayer(nn.Module, LoraLayer):
     ``lora.Linear`` forward over it.
     """
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig,
-                 r: int = 0, lora_alpha: int = 1, **kwargs) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: LoraConfig,
+        r: int = 0,
+        lora_alpha: int = 1,
+        **kwargs,
+    ) -> None:
         check_lora_config(config)
         options = getattr(config, "_trilora_quant_options", None) or QuantOptions()
         super().__init__()
@@ -332,8 +341,12 @@ class TriloraLoraLayer(nn.Module, LoraLayer):
         weight = base.weight.detach().float()
         low_rank = torch.zeros_like(weight)
         for _ in range(iters):
-            qw = quantize((weight - low_rank).to(base.weight.dtype), options.quant_type,
-                          options.blocksize, options.double_quant)  # fmt: skip
+            qw = quantize(
+                (weight - low_rank).to(base.weight.dtype),
+                options.quant_type,
+                options.blocksize,
+                options.double_quant,
+            )
             u, sv, vh = torch.linalg.svd(weight - qw.dequantize(torch.float32), full_matrices=False)
             root = (sv[:r] / scale).sqrt()
             lora_b, lora_a = u[:, :r] * root, root[:, None] * vh[:r]
@@ -465,9 +478,13 @@ class TriloraLoraLayer(nn.Module, LoraLayer):
         else:
             first, rest = active[0], active[1:]
             y = base.lora_forward(
-                x, self.lora_A[first].weight, self.lora_B[first].weight, self.scaling[first],
-                _dropout_p(self.lora_dropout[first]), self.training,
-            )  # fmt: skip
+                x,
+                self.lora_A[first].weight,
+                self.lora_B[first].weight,
+                self.scaling[first],
+                _dropout_p(self.lora_dropout[first]),
+                self.training,
+            )
         for name in rest:
             a = self.lora_A[name]
             out = (
@@ -505,9 +522,15 @@ def _lora_configs(peft_model: PeftModel) -> dict[str, LoraConfig]:
     return configs
 
 
-def patch(peft_model: PeftModel, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-          compute_dtype: torch.dtype | None = torch.bfloat16,
-          fused_cross_entropy: bool = True, fused_rms_norm: bool = True) -> PeftModel:  # fmt: skip
+def patch(
+    peft_model: PeftModel,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = torch.bfloat16,
+    fused_cross_entropy: bool = True,
+    fused_rms_norm: bool = True,
+) -> PeftModel:
     """Swap trilora in as the compute backend of a PEFT LoRA model, in place.
 
     Every LoRA layer becomes a :class:`TriloraLoraLayer` with the same adapter modules, so
@@ -539,8 +562,9 @@ def patch(peft_model: PeftModel, quant_type: str = "nf4", blocksize: int = 64, d
     for cfg in configs.values():
         check_lora_config(cfg)
     root = peft_model.base_model.model
-    options = QuantOptions(quant_type, blocksize, double_quant, compute_dtype,
-                           _full_precision_bases(root))  # fmt: skip
+    options = QuantOptions(
+        quant_type, blocksize, double_quant, compute_dtype, _full_precision_bases(root)
+    )
     lora_layers = []
     for name, module in root.named_modules():
         if isinstance(module, LoraLayer) and not isinstance(module, TriloraLoraLayer):
@@ -566,15 +590,24 @@ def patch(peft_model: PeftModel, quant_type: str = "nf4", blocksize: int = 64, d
         _register(cfg, options)
     patches.apply(
         peft_model,
-        patches.PatchOptions(fused_cross_entropy=fused_cross_entropy, fused_rms_norm=fused_rms_norm),
+        patches.PatchOptions(
+            fused_cross_entropy=fused_cross_entropy, fused_rms_norm=fused_rms_norm
+        ),
     )
     return peft_model
 
 
-def get_peft_model(model: nn.Module, lora_config: LoraConfig, adapter_name: str = "default",
-                   quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                   compute_dtype: torch.dtype | None = torch.bfloat16, fused_cross_entropy: bool = True,
-                   **kwargs) -> PeftModel:  # fmt: skip
+def get_peft_model(
+    model: nn.Module,
+    lora_config: LoraConfig,
+    adapter_name: str = "default",
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = torch.bfloat16,
+    fused_cross_entropy: bool = True,
+    **kwargs,
+) -> PeftModel:
     """``peft.get_peft_model`` with trilora LoRA layers.
 
     ``model``'s targeted linear layers may be trilora or bitsandbytes ``Linear4bit`` or plain
@@ -589,8 +622,12 @@ def get_peft_model(model: nn.Module, lora_config: LoraConfig, adapter_name: str 
         UnsupportedLoraSetting: ``lora_config`` uses a setting trilora does not implement.
     """
     check_lora_config(lora_config)
-    _register(lora_config, QuantOptions(quant_type, blocksize, double_quant, compute_dtype,
-                                        _full_precision_bases(model)))  # fmt: skip
+    _register(
+        lora_config,
+        QuantOptions(
+            quant_type, blocksize, double_quant, compute_dtype, _full_precision_bases(model)
+        ),
+    )
     peft_model = _peft_get_peft_model(model, lora_config, adapter_name=adapter_name, **kwargs)
     return patch(
         peft_model, quant_type, blocksize, double_quant, compute_dtype, fused_cross_entropy

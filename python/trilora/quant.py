@@ -45,11 +45,23 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
 
 _NF4 = [
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-]  # fmt: skip
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+]
 # FP4 with sign bit 3 and exponent bias 2, listed in bit order. Code 8 is "-0", but
 # bitsandbytes stores it as +0.0 (its table literal is the integer 0); so do we, so that a
 # checkpoint's quant_map bytes are identical. Both zeros decode to the same value.
@@ -210,25 +222,42 @@ class QuantizedWeight:
         # float64 serves as the reference in tests; it runs on the torch path only.
         _check_choice("dtype", dtype, (*FLOAT_DTYPES, torch.float64))
         return dequantize_4bit(
-            self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code,
-            self.offset, self.blocksize, list(self.shape), dtype,
-        )  # fmt: skip
+            self.packed,
+            self.absmax,
+            self.code,
+            self.nested_absmax,
+            self.nested_code,
+            self.offset,
+            self.blocksize,
+            list(self.shape),
+            dtype,
+        )
 
     def kernel_args(self):
         """The tensors and sizes the Triton launchers take (``trilora.kernels.quantize.Weight4bit``)."""
         return kernel_weight(
-            self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code,
-            self.offset, self.blocksize, self.shape,
-        )  # fmt: skip
+            self.packed,
+            self.absmax,
+            self.code,
+            self.nested_absmax,
+            self.nested_code,
+            self.offset,
+            self.blocksize,
+            self.shape,
+        )
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
         """A copy with every tensor on ``device``."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(
-            self, packed=move(self.packed), absmax=move(self.absmax), code=move(self.code),
-            nested_absmax=move(self.nested_absmax), nested_code=move(self.nested_code),
+            self,
+            packed=move(self.packed),
+            absmax=move(self.absmax),
+            code=move(self.code),
+            nested_absmax=move(self.nested_absmax),
+            nested_code=move(self.nested_code),
             offset=move(self.offset),
-        )  # fmt: skip
+        )
 
     def with_storage(self, quant_storage: torch.dtype) -> QuantizedWeight:
         """The same bytes viewed as ``quant_storage`` (e.g. bf16 so FSDP can shard them).

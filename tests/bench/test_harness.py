@@ -191,8 +191,14 @@ def test_error_case_is_recorded_not_raised():
 def _meta():
     from trilora.bench.harness import environment
 
-    return {"run_id": "test", "command": "trilora bench", "levels": ["kernels"], "quick": True,
-            "env": environment(CPU), "wall_s": 1.0}  # fmt: skip
+    return {
+        "run_id": "test",
+        "command": "trilora bench",
+        "levels": ["kernels"],
+        "quick": True,
+        "env": environment(CPU),
+        "wall_s": 1.0,
+    }
 
 
 def test_rows_follow_the_schema_and_csv_appends(tmp_path):
@@ -264,8 +270,11 @@ def test_cli_writes_json_csv_report(tmp_path):
     assert {r["provider"] for r in rows} == {"trilora", "bnb_peft"}
     assert len({r["seq_len"] for r in rows}) >= 2
     assert all(r["median"] >= 0 for r in rows)
-    peak = {(r["provider"], r["seq_len"]): r["median"] for r in rows
-            if r["metric"] == "peak_device_memory"}  # fmt: skip
+    peak = {
+        (r["provider"], r["seq_len"]): r["median"]
+        for r in rows
+        if r["metric"] == "peak_device_memory"
+    }
     lens = sorted({t for _, t in peak})
     for t in lens:
         assert peak["trilora", t] < peak["bnb_peft", t]
@@ -295,9 +304,14 @@ def test_e2e_tiny_both_providers_train_identically(tmp_path, monkeypatch):
     if wrong:
         pytest.skip(f"bitsandbytes' CPU dequantization is wrong here for weights {wrong}")
     plan = e2e.E2EPlan(
-        "tiny-aligned", batch=1, seq_len=16, steps=2, warmup_steps=0, dtype=torch.float32,
+        "tiny-aligned",
+        batch=1,
+        seq_len=16,
+        steps=2,
+        warmup_steps=0,
+        dtype=torch.float32,
         interleave=True,
-    )  # fmt: skip
+    )
     rows, _, curves = e2e.run(plan, CPU, log=lambda s: None, workdir=tmp_path)
     ok = [r for r in rows if r["status"] == "ok"]
     assert {r["provider"] for r in ok} == {"trilora", "bnb_peft"}

@@ -20,8 +20,14 @@ from trilora.cli import main
 def _meta():
     env = dict.fromkeys(ENV_FIELDS, "test")
     env["device_type"] = "cpu"
-    return {"run_id": "test", "command": "trilora bench", "levels": ["kernels", "busy"],
-            "quick": True, "env": env, "wall_s": 1.0}  # fmt: skip
+    return {
+        "run_id": "test",
+        "command": "trilora bench",
+        "levels": ["kernels", "busy"],
+        "quick": True,
+        "env": env,
+        "wall_s": 1.0,
+    }
 
 
 def test_each_provider_gets_the_environment_a_user_gets(monkeypatch):
@@ -85,8 +91,9 @@ def test_a_failed_case_fails_the_run():
     ok = make_row("e2e", "c", "step_time", "trilora", "s", Stats(1.0, 1.0, 1.0, 1))
     skipped = make_row("train", "c", "peak_memory", "trl_bnb_peft", "bytes", status="skipped")
     failed = guarded(lambda: 1 / 0)
-    error = make_row("train", "c", "peak_memory", "trilora", "bytes", status=failed.status,
-                     note=failed.note)  # fmt: skip
+    error = make_row(
+        "train", "c", "peak_memory", "trilora", "bytes", status=failed.status, note=failed.note
+    )
     nan = make_row("e2e", "c", "loss_final", "trilora", "loss", Stats(*[float("nan")] * 3, 1))
     assert exit_status([ok, skipped], check=True) == 0
     assert exit_status([ok, error], check=False) == 1

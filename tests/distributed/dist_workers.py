@@ -26,8 +26,15 @@ LR = 1e-2
 # Awkward on purpose: 3 heads of 10 over 1 KV head, and an odd MLP width, so the packed
 # 4-bit MLP weights have an odd number of rows (30 * 43 / 2 = 645): 2 ranks do not divide
 # them and FSDP2 pads.
-MODEL = dict(hidden=30, layers=2, vocab=VOCAB, intermediate=43, num_attention_heads=3,
-             num_key_value_heads=1, head_dim=10)  # fmt: skip
+MODEL = dict(
+    hidden=30,
+    layers=2,
+    vocab=VOCAB,
+    intermediate=43,
+    num_attention_heads=3,
+    num_key_value_heads=1,
+    head_dim=10,
+)
 
 
 def lora_config():
@@ -178,16 +185,22 @@ def _scenario_fsdp(env, path, out, seed):
     hook = layer0.input_layernorm.register_forward_pre_hook(count_gathered)
     untouched = same_real_bytes(model, reference)
     odd_rows = sorted(
-        n for n, m in model.named_modules() if isinstance(m, trilora.Linear4bit)
-        and m.weight.shape[0] % env.world_size
-    )  # fmt: skip
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, trilora.Linear4bit) and m.weight.shape[0] % env.world_size
+    )
     opt = build_optimizer(model, torch.optim.AdamW, lr=LR)
     losses = train(model, opt, batches(seed), env)
     hook.remove()
     save_adapter(model, out / "fsdp_adapter")
-    return {"losses": losses, "resident": mine, "resident_single": full,
-            "gathered_layer0": gathered_layer[0],
-            "bytes_untouched": untouched, "odd_row_layers": len(odd_rows)}  # fmt: skip
+    return {
+        "losses": losses,
+        "resident": mine,
+        "resident_single": full,
+        "gathered_layer0": gathered_layer[0],
+        "bytes_untouched": untouched,
+        "odd_row_layers": len(odd_rows),
+    }
 
 
 def _scenario_fsdp_checkpointing(env, path, out, seed):
@@ -254,8 +267,12 @@ def _scenario_trilora_optim(env, path, out, seed):
     model, opt = eight_bit(seed + 1)
     step = load_state(out / "state8", model, opt)["step"]
     resumed = train(model, opt, data, env, step)
-    return {"losses": losses, "optimizer": kind, "eight_bit": first + rest,
-            "eight_bit_resumed": resumed}  # fmt: skip
+    return {
+        "losses": losses,
+        "optimizer": kind,
+        "eight_bit": first + rest,
+        "eight_bit_resumed": resumed,
+    }
 
 
 def _scenario_fsdp_bf16(env, path, out, seed):
@@ -264,8 +281,9 @@ def _scenario_fsdp_bf16(env, path, out, seed):
 
     qc = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_storage": "float32"}
     reference = packed_weights(load_peft(path, seed, DistEnv(), quantization_config=qc))
-    model = wrap_fsdp(load_peft(path, seed, env, quantization_config=qc), env=env,
-                      mixed_precision=torch.bfloat16)  # fmt: skip
+    model = wrap_fsdp(
+        load_peft(path, seed, env, quantization_config=qc), env=env, mixed_precision=torch.bfloat16
+    )
     storages = sorted({str(m.weight.dtype) for m in _linear4bit(model)})
     untouched = same_real_bytes(model, reference)
     opt = build_optimizer(model, torch.optim.AdamW, lr=LR)
@@ -302,10 +320,16 @@ def _scenario_mixed_storage(env, path, out, seed):
 
     # Every rank loads by itself here (the mistake: two different load settings).
     model = trilora.get_peft_model(
-        trilora.from_pretrained(path, compute_dtype=torch.float32, dtype=torch.float32,
-                                device="cpu", quantization_config=qc),
-        lora_config(), compute_dtype=torch.float32,
-    )  # fmt: skip
+        trilora.from_pretrained(
+            path,
+            compute_dtype=torch.float32,
+            dtype=torch.float32,
+            device="cpu",
+            quantization_config=qc,
+        ),
+        lora_config(),
+        compute_dtype=torch.float32,
+    )
     try:
         wrap_fsdp(model, env=env)
     except UserError as exc:
@@ -382,8 +406,9 @@ def _scenario_ulysses(env, path, out, seed):
     if r == 0:
         save_tiny_model(path, seed=seed, vocab=VOCAB)
     torch.distributed.barrier()
-    kw = dict(compute_dtype=torch.float32, dtype=torch.float32, device="cpu",
-              attn_implementation="sdpa")  # fmt: skip
+    kw = dict(
+        compute_dtype=torch.float32, dtype=torch.float32, device="cpu", attn_implementation="sdpa"
+    )
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=gen)
     w = torch.randn(2, SEQ, VOCAB, generator=gen)
 
@@ -436,9 +461,12 @@ def _scenario_fully_shard_bf16(env, path, out, seed):
 
     torch.manual_seed(seed)  # same weights and inputs on every rank
     layer = trilora.QLoraLinear.from_linear(
-        torch.nn.Linear(128, 64), r=4, lora_alpha=8, compute_dtype=torch.float32,
+        torch.nn.Linear(128, 64),
+        r=4,
+        lora_alpha=8,
+        compute_dtype=torch.float32,
         quant_storage=torch.bfloat16,
-    )  # fmt: skip
+    )
     with torch.no_grad():
         layer.lora_B.normal_()
     packed = layer.weight.detach().clone()
@@ -560,8 +588,7 @@ def _scenario_optim_dcp_resume(env, path, out, seed):
             for e1, e2 in zip(saved["state"].values(), opt2.state_dict()["state"].values())
             for a, b in zip(e1.values(), e2.values())
         )
-        rows[kind] = {"dcp_ok": dcp_ok, "local_ok": local_ok, "steps": step_types,
-                      "bits": bits}  # fmt: skip
+        rows[kind] = {"dcp_ok": dcp_ok, "local_ok": local_ok, "steps": step_types, "bits": bits}
     return {"kinds": rows}
 
 
@@ -605,8 +632,13 @@ def worker(rank: int, world: int, init_file: str, path: str, out: str, seed: int
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     # A bounded timeout: a rank that fails inside a collective makes the other raise
     # instead of waiting forever.
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     from trilora.distributed import current_env
 
     env = current_env()

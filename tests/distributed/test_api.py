@@ -76,8 +76,9 @@ def test_launcher_mistakes_are_user_errors(monkeypatch, values, message):
 
 
 def test_unknown_backend(monkeypatch):
-    for key, value in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="x",
-                           MASTER_PORT="1").items():  # fmt: skip
+    for key, value in dict(
+        WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="x", MASTER_PORT="1"
+    ).items():
         monkeypatch.setenv(key, value)
     with pytest.raises(UserError, match="backend must be 'nccl' or 'gloo'"):
         init_distributed(backend="mpi")
@@ -112,10 +113,19 @@ def test_sharded_optimizer_equals_its_inner_optimizer(model_dir, seed):
     state round trips included."""
     a = _peft(model_dir, seed)
     b = _peft(model_dir, seed)  # not a deepcopy: trilora's patched forwards are per instance
-    ours = ShardedOptimizer([p for p in a.parameters() if p.requires_grad], CPUOffloadAdamW,
-                            lr=1e-2, weight_decay=0.1, offload_gradients=False)  # fmt: skip
-    ref = CPUOffloadAdamW([p for p in b.parameters() if p.requires_grad], lr=1e-2,
-                          weight_decay=0.1, offload_gradients=False)  # fmt: skip
+    ours = ShardedOptimizer(
+        [p for p in a.parameters() if p.requires_grad],
+        CPUOffloadAdamW,
+        lr=1e-2,
+        weight_decay=0.1,
+        offload_gradients=False,
+    )
+    ref = CPUOffloadAdamW(
+        [p for p in b.parameters() if p.requires_grad],
+        lr=1e-2,
+        weight_decay=0.1,
+        offload_gradients=False,
+    )
     assert "offload_gradients" not in ours.param_groups[0]  # a switch, not a hyperparameter
     sched_a = torch.optim.lr_scheduler.StepLR(ours, step_size=1, gamma=0.5)
     sched_b = torch.optim.lr_scheduler.StepLR(ref, step_size=1, gamma=0.5)
@@ -129,8 +139,12 @@ def test_sharded_optimizer_equals_its_inner_optimizer(model_dir, seed):
         assert la == lb
         if i == 1:  # round-trip the state through a fresh adapter
             state = ours.state_dict()
-            ours = ShardedOptimizer([p for p in a.parameters() if p.requires_grad],
-                                    CPUOffloadAdamW, lr=9.0, offload_gradients=False)  # fmt: skip
+            ours = ShardedOptimizer(
+                [p for p in a.parameters() if p.requires_grad],
+                CPUOffloadAdamW,
+                lr=9.0,
+                offload_gradients=False,
+            )
             ours.load_state_dict(state)
             sched_a = torch.optim.lr_scheduler.StepLR(ours, step_size=1, gamma=0.5)
             sched_a.load_state_dict(sched_b.state_dict())
@@ -195,10 +209,12 @@ def test_load_state_mismatches(model_dir, tmp_path):
     from peft import LoraConfig
 
     other_r = trilora.get_peft_model(
-        trilora.from_pretrained(model_dir, compute_dtype=torch.float32, dtype=torch.float32,
-                                device="cpu"),
-        LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"), compute_dtype=torch.float32,
-    )  # fmt: skip
+        trilora.from_pretrained(
+            model_dir, compute_dtype=torch.float32, dtype=torch.float32, device="cpu"
+        ),
+        LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"),
+        compute_dtype=torch.float32,
+    )
     with pytest.raises(UserError, match=r"other LoRA settings.*has shape"):
         load_state(tmp_path / "no_opt", other_r)
 
@@ -215,8 +231,9 @@ def test_save_adapter_loads_in_peft(model_dir, tmp_path):
 
     model = _peft(model_dir, 5)
     save_adapter(model, tmp_path / "adapter")
-    base = trilora.from_pretrained(model_dir, compute_dtype=torch.float32, dtype=torch.float32,
-                                   device="cpu")  # fmt: skip
+    base = trilora.from_pretrained(
+        model_dir, compute_dtype=torch.float32, dtype=torch.float32, device="cpu"
+    )
     loaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
     got = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
     want = {n: p for n, p in model.named_parameters() if "lora_" in n}

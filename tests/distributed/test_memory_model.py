@@ -18,9 +18,15 @@ from trilora.memory.report import MemOptions
 from trilora.memory.trace import build_meta_model, load_config, static_breakdown
 
 TINY = dict(
-    model_type="llama", hidden_size=96, intermediate_size=200, num_hidden_layers=3,
-    num_attention_heads=6, num_key_value_heads=2, vocab_size=300, max_position_embeddings=4096,
-)  # fmt: skip
+    model_type="llama",
+    hidden_size=96,
+    intermediate_size=200,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    vocab_size=300,
+    max_position_embeddings=4096,
+)
 
 
 @pytest.fixture(scope="module")

@@ -83,9 +83,20 @@ def run(tmp_path_factory) -> Run:
     import trilora.distributed  # noqa: F401
 
     results = mp.get_context("fork").SimpleQueue()
-    names = ["ddp", "fsdp", "fsdp_checkpointing", "fsdp_bf16", "cpu_offload", "mixed_storage",
-             "blockwise_state", "ulysses", "missing_checkpoint", "trilora_optim",
-             "fully_shard_bf16", "optim_dcp_resume"]  # fmt: skip
+    names = [
+        "ddp",
+        "fsdp",
+        "fsdp_checkpointing",
+        "fsdp_bf16",
+        "cpu_offload",
+        "mixed_storage",
+        "blockwise_state",
+        "ulysses",
+        "missing_checkpoint",
+        "trilora_optim",
+        "fully_shard_bf16",
+        "optim_dcp_resume",
+    ]
     mp.start_processes(
         worker,
         args=(WORLD, str(root / "init"), str(model), str(out), seed, names, results),

@@ -57,8 +57,13 @@ _ALL_CHECKS = (
 @pytest.fixture(scope="module")
 def checked() -> dict[str, tuple[int, str]]:
     """{filter or "oversized": (exit status, output)} from one process."""
-    proc = subprocess.run([sys.executable, "-c", _ALL_CHECKS, *FILTERS], env=_env(),
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _ALL_CHECKS, *FILTERS],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     parts = proc.stdout.split("=== ")[1:]
     out = {}

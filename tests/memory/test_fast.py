@@ -35,20 +35,32 @@ from trilora.memory.trace import load_config
 # A 65,536-token vocabulary makes the fused loss run in 1,024-token chunks, so the loss loop
 # grows with the length too (as for Llama-3.1-8B's 512-token chunks).
 LLAMA = dict(
-    model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-    num_attention_heads=4, num_key_value_heads=2, vocab_size=65536,
+    model_type="llama",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=65536,
     max_position_embeddings=1 << 20,
-)  # fmt: skip
+)
 # Gemma-3's sliding-window and global layers, alternating here (one in six in the real
 # models): with grouped attention they trace differently (sliding windows fall back to
 # transformers' SDPA), so the depth extrapolation must move in whole patterns. Seven layers
 # (S F S F S F S): the samples are 3 and 5 layers, two layers (one pattern) apart.
 GEMMA3 = dict(
-    model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=7,
-    head_dim=16, num_attention_heads=4, num_key_value_heads=2, vocab_size=4096,
-    max_position_embeddings=1 << 20, sliding_window=256,
+    model_type="gemma3_text",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=7,
+    head_dim=16,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=4096,
+    max_position_embeddings=1 << 20,
+    sliding_window=256,
     layer_types=["sliding_attention", "full_attention"] * 3 + ["sliding_attention"],
-)  # fmt: skip
+)
 # The options of the README's 24 GB figure.
 FIGURE = MemOptions(r=8, grouped_attention=True, offload_embeddings=True)
 

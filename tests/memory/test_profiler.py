@@ -16,9 +16,15 @@ from trilora.memory.search import find_max, largest_fitting, profile
 from trilora.memory.trace import load_config, preset_names, profile_trilora
 
 TINY = dict(
-    model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=8192,
-)  # fmt: skip
+    model_type="llama",
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=8192,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +54,9 @@ def test_depth_extrapolation_matches_full_trace(tiny):
     la, lb = EXTRAPOLATE_LAYERS
     opts = MemOptions(seq_len=1024, r=8, mlp_chunks=2)
     full = profile_trilora(tiny, opts, lb + 1)
-    ext = extrapolate_depth(profile_trilora(tiny, opts, la), profile_trilora(tiny, opts, lb), lb + 1)
+    ext = extrapolate_depth(
+        profile_trilora(tiny, opts, la), profile_trilora(tiny, opts, lb), lb + 1
+    )
     # exact, category by category (tests/memory/test_fast.py checks it at full length too)
     assert ext.categories == full.categories and ext.total == full.total
     assert ext.host_pinned == full.host_pinned == lb * 1024 * TINY["hidden_size"] * 2

@@ -76,8 +76,9 @@ def test_gemv_is_only_for_cuda_decode():
     x = torch.randn(2, 64)
     packed = torch.zeros(32 * 64 // 2, dtype=torch.uint8)
     assert not applies(x, 64, 32, packed, 64)
-    out = decode_gemv_4bit(x, packed, torch.ones(32), torch.zeros(16), None, None, None, 64, 32,
-                           None, None, 1.0, None)  # fmt: skip
+    out = decode_gemv_4bit(
+        x, packed, torch.ones(32), torch.zeros(16), None, None, None, 64, 32, None, None, 1.0, None
+    )
     assert out is None
     with (
         pytest.raises(ValueError, match="decode_gemv_max_tokens"),
@@ -120,14 +121,33 @@ def test_gemv_matches_dequantize_then_matmul(seed, m, quant_type, double, dtype)
     if cuda_ext.load() is None:
         pytest.skip(f"extension unavailable: {cuda_ext.reason()}")
     n, k, r = 136, 320, 8
-    w = quantize(torch.randn(n, k, device="cuda", dtype=dtype), quant_type=quant_type,
-                 blocksize=64, double_quant=double)  # fmt: skip
+    w = quantize(
+        torch.randn(n, k, device="cuda", dtype=dtype),
+        quant_type=quant_type,
+        blocksize=64,
+        double_quant=double,
+    )
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     a = torch.randn(r, k, device="cuda") * 0.1
     b = torch.randn(n, r, device="cuda") * 0.1
     bias = torch.randn(n, device="cuda", dtype=dtype)
-    args = (x, w.packed, w.absmax, w.code, w.nested_absmax, w.nested_code, w.offset, 64, n, a, b,
-            0.5, bias, None, 1.0)  # fmt: skip
+    args = (
+        x,
+        w.packed,
+        w.absmax,
+        w.code,
+        w.nested_absmax,
+        w.nested_code,
+        w.offset,
+        64,
+        n,
+        a,
+        b,
+        0.5,
+        bias,
+        None,
+        1.0,
+    )
     got = decode_gemv_4bit(*args[:13])
     assert got is not None
     with override(decode_gemv_max_tokens=0):
@@ -196,8 +216,13 @@ def _load_in_fresh_process(tree, name: str, extensions_dir) -> subprocess.Comple
         k: v for k, v in os.environ.items() if k not in ("TRILORA_NO_NATIVE", "TRITON_INTERPRET")
     }
     env["TORCH_EXTENSIONS_DIR"] = str(extensions_dir)
-    return subprocess.Popen([sys.executable, "-c", code, str(tree)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(tree)],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _without_torch_log(stderr: str) -> str:
@@ -219,8 +244,9 @@ def test_build_folder_follows_the_source_contents(tmp_path, monkeypatch):
     a = _probe_tree(tmp_path / "a", name, 1)
     clone = _probe_tree(tmp_path / "clone", name, 1)  # same contents, another place
     b = _probe_tree(tmp_path / "b", name, 2)
-    folder = {t: build_directory(name, ("probe/probe.cpp",), cuda=False, root=t)
-              for t in (a, clone, b)}  # fmt: skip
+    folder = {
+        t: build_directory(name, ("probe/probe.cpp",), cuda=False, root=t) for t in (a, clone, b)
+    }
     assert folder[a] == folder[clone]
     assert folder[a] != folder[b] and folder[a].parent == tmp_path / "ext"
     (a / "probe" / "probe.h").write_text("// edited\n")  # a header counts

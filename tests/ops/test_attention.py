@@ -55,8 +55,12 @@ def test_matches_reference(seed, dtype, heads):
 
 def test_backward_workspace_is_one_group_under_fake_tensors():
     b, hq, hkv, t, d = 1, 8, 2, 256, 64
-    full = sum(torch.Size(s).numel() * dt.itemsize for s, dt in flash_backward_workspace(
-        torch.empty(b, hq, t, d, dtype=torch.bfloat16), torch.empty(b, hkv, t, d)))  # fmt: skip
+    full = sum(
+        torch.Size(s).numel() * dt.itemsize
+        for s, dt in flash_backward_workspace(
+            torch.empty(b, hq, t, d, dtype=torch.bfloat16), torch.empty(b, hkv, t, d)
+        )
+    )
     seen = []
     with FakeTensorMode():
         q = torch.empty(b, hq, t, d, dtype=torch.bfloat16, requires_grad=True)

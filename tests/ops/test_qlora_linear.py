@@ -124,7 +124,12 @@ def test_triton_path_without_lora_and_large_m_scratch(seed):
         y_base = qlora_linear(x, qw, bias=bias)
     yr, xd, ad, bd = _reference(qw, x, a, b, bias, 0.5, None, 0.0)
     yr.backward(dy.double())
-    for actual, expected, what in ((y, yr, "y"), (xi.grad, xd.grad, "dx"), (ai.grad, ad.grad, "dA"), (bi.grad, bd.grad, "dB")):  # fmt: skip
+    for actual, expected, what in (
+        (y, yr, "y"),
+        (xi.grad, xd.grad, "dx"),
+        (ai.grad, ad.grad, "dA"),
+        (bi.grad, bd.grad, "dB"),
+    ):
         _assert_close(actual, expected, torch.float16, what)
     base_ref = x.double() @ qw.dequantize(torch.float16).double().t() + bias.double()
     _assert_close(y_base, base_ref, torch.float16, "y without LoRA")
@@ -210,8 +215,23 @@ def test_torch_compile_fullgraph(seed):
 
 def test_opcheck(seed):
     qw, x, a, b, bias = _case((3, 64, 16, 4), torch.float32, torch.float32)
-    args = (x.reshape(-1, 64), qw.packed, qw.absmax, qw.code, qw.nested_absmax, qw.nested_code,
-            qw.offset, qw.blocksize, 16, a.requires_grad_(), b.requires_grad_(), 0.5, bias, None, 1.0)  # fmt: skip
+    args = (
+        x.reshape(-1, 64),
+        qw.packed,
+        qw.absmax,
+        qw.code,
+        qw.nested_absmax,
+        qw.nested_code,
+        qw.offset,
+        qw.blocksize,
+        16,
+        a.requires_grad_(),
+        b.requires_grad_(),
+        0.5,
+        bias,
+        None,
+        1.0,
+    )
     torch.library.opcheck(torch.ops.trilora.qlora_linear_fwd.default, args)
 
 

@@ -93,9 +93,24 @@ def test_lora_less_backward_returns_distinct_outputs(seed):
     torch.testing.assert_close(xi.grad.double(), expected, rtol=1e-5, atol=1e-6)
     dy = torch.randn(5, 40)
     dx, da, db = Q.qlora_linear_bwd(
-        dy, torch.randn(5, 136), qw.packed, qw.absmax, qw.code, qw.nested_absmax, qw.nested_code,
-        qw.offset, 64, None, None, torch.empty(5, 0), 1.0, None, 1.0, True, False,
-    )  # fmt: skip
+        dy,
+        torch.randn(5, 136),
+        qw.packed,
+        qw.absmax,
+        qw.code,
+        qw.nested_absmax,
+        qw.nested_code,
+        qw.offset,
+        64,
+        None,
+        None,
+        torch.empty(5, 0),
+        1.0,
+        None,
+        1.0,
+        True,
+        False,
+    )
     assert dx.shape == (5, 136) and da.numel() == 0 and db.numel() == 0 and da is not db
 
 
@@ -131,8 +146,10 @@ def test_stacked_layers_share_the_scratch_buffer_safely(seed, dtype):
     """Each dequantized weight lives in one reused per-thread buffer: layers of different
     sizes in a chain, forward then backward, against float64."""
     sizes = [96, 200, 64, 130]
-    weights = [trilora.quantize((torch.randn(n, k) / math.sqrt(k)).to(dtype), "nf4", 64, True)
-               for k, n in itertools.pairwise(sizes)]  # fmt: skip
+    weights = [
+        trilora.quantize((torch.randn(n, k) / math.sqrt(k)).to(dtype), "nf4", 64, True)
+        for k, n in itertools.pairwise(sizes)
+    ]
     loras = [
         (torch.randn(4, k) * 0.1, torch.randn(n, 4) * 0.1) for k, n in itertools.pairwise(sizes)
     ]

@@ -106,8 +106,9 @@ def test_native_matches_definition_every_isa(seed, dtype, double_quant, n):
             out = torch.empty(n, dtype=dtype)
             packed, absmax, code, nested_absmax, nested_code, offset = state
             off = 0.0 if offset is None else float(offset)
-            ext.dequantize_4bit_out(packed, absmax, code, nested_absmax, nested_code, off, NESTED,
-                                    blocksize, out, isa)  # fmt: skip
+            ext.dequantize_4bit_out(
+                packed, absmax, code, nested_absmax, nested_code, off, NESTED, blocksize, out, isa
+            )
             _assert_identical(out, expected, f"isa={isa} blocksize={blocksize}")
 
 
@@ -142,8 +143,17 @@ def test_packed_storage_dtypes(seed, storage):
     shape = (19, 70)
     w = trilora.quantize(torch.randn(shape), "nf4", 64, True, quant_storage=storage)
     assert w.packed.dtype == storage
-    expected = reference_dequantize(w.packed, w.absmax, w.code, w.nested_absmax, w.nested_code,
-                                    w.offset, 64, math.prod(shape), torch.bfloat16)  # fmt: skip
+    expected = reference_dequantize(
+        w.packed,
+        w.absmax,
+        w.code,
+        w.nested_absmax,
+        w.nested_code,
+        w.offset,
+        64,
+        math.prod(shape),
+        torch.bfloat16,
+    )
     _assert_identical(w.dequantize(torch.bfloat16), expected.view(shape))
 
 
@@ -154,8 +164,10 @@ def test_extreme_scales_round_like_a_cast(seed):
     packed = torch.randint(0, 256, (n // 2,), dtype=torch.uint8)
     code = code_table("nf4")
     absmax = torch.tensor([1e5, 7e4, 1e-6, 3e-8, 0.0, float("nan"), 1.0 + 2**-9, 2.0**-130])
-    expected = {dt: reference_dequantize(packed, absmax, code, None, None, None, blocksize, n, dt)
-                for dt in OUT_DTYPES}  # fmt: skip
+    expected = {
+        dt: reference_dequantize(packed, absmax, code, None, None, None, blocksize, n, dt)
+        for dt in OUT_DTYPES
+    }
     assert torch.isinf(expected[torch.float16]).any() and torch.isnan(expected[torch.float32]).any()
     for isa in _isas():
         for dtype in OUT_DTYPES:
@@ -168,8 +180,9 @@ def test_extreme_scales_round_like_a_cast(seed):
 
 def test_float64_output_uses_the_torch_path(seed):
     w = trilora.quantize(torch.randn(12, 40), "fp4", 32, True)
-    expected = reference_dequantize(w.packed, w.absmax, w.code, w.nested_absmax, w.nested_code,
-                                     w.offset, 32, 480, torch.float32).double()  # fmt: skip
+    expected = reference_dequantize(
+        w.packed, w.absmax, w.code, w.nested_absmax, w.nested_code, w.offset, 32, 480, torch.float32
+    ).double()
     _assert_identical(w.dequantize(torch.float64), expected.view(12, 40))
 
 
@@ -236,8 +249,11 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path):
     env = dict(os.environ, TRILORA_NO_NATIVE="1")
     proc = subprocess.run(
         [sys.executable, "-c", _FALLBACK_SCRIPT.format(path=str(path))],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     count, message = proc.stdout.strip().splitlines()[-2:]
     assert count == "1"

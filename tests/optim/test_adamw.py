@@ -220,14 +220,24 @@ def test_8bit_matches_a_float64_model_step_by_step(seed, backend, steps):
     with override(backend=backend):
         for t in range(steps):
             batch.feed(params, t)
-            before = {i: (params[i].detach().clone(), copy.deepcopy(opt.state[params[i]]))
-                      for i in eight if params[i].grad is not None and params[i] in opt.state}  # fmt: skip
+            before = {
+                i: (params[i].detach().clone(), copy.deepcopy(opt.state[params[i]]))
+                for i in eight
+                if params[i].grad is not None and params[i] in opt.state
+            }
             opt.step()
             for i, (p0, st) in before.items():
                 st = {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
                 p64, (c1, a1, n1), (c2, a2, n2) = model.step(
-                    p0, params[i].grad, st, HP["lr"], HP["betas"], HP["eps"], HP["weight_decay"], t + 1
-                )  # fmt: skip
+                    p0,
+                    params[i].grad,
+                    st,
+                    HP["lr"],
+                    HP["betas"],
+                    HP["eps"],
+                    HP["weight_decay"],
+                    t + 1,
+                )
                 new = opt.state[params[i]]
                 # The parameter: fp32 rounding of the float64 value (a few ulps).
                 err = (params[i].detach().reshape(-1).double() - p64).abs()
@@ -235,8 +245,10 @@ def test_8bit_matches_a_float64_model_step_by_step(seed, backend, steps):
                 torch.testing.assert_close(new["absmax1"].double(), a1, rtol=4 * EPS32, atol=0)
                 torch.testing.assert_close(new["absmax2"].double(), a2, rtol=4 * EPS32, atol=0)
                 # Codes: the nearest ones, except within fp32 rounding of a midpoint.
-                for ours, want, normed, qmap in ((new["state1"], c1, n1, model.q1),
-                                                 (new["state2"], c2, n2, model.q2)):  # fmt: skip
+                for ours, want, normed, qmap in (
+                    (new["state1"], c1, n1, model.q1),
+                    (new["state2"], c2, n2, model.q2),
+                ):
                     wrong = ours.reshape(-1).long() != want
                     assert _near_midpoint(normed[wrong], qmap, 1e-6).all(), f"step {t}"
 
@@ -366,8 +378,9 @@ def test_paged_state_uses_less_device_memory_and_does_not_grow(seed, bits):
     sizes = {}
     for paging in ("off", "host"):
         params = batch.params()
-        opt = AdamW(params, **HP, state_bits=bits, min_8bit_size=QBLOCK, paging=paging,
-                    page_bytes=PAGE)  # fmt: skip
+        opt = AdamW(
+            params, **HP, state_bits=bits, min_8bit_size=QBLOCK, paging=paging, page_bytes=PAGE
+        )
         seen = []
         with override(backend="triton"):
             for t in range(3):
@@ -460,9 +473,13 @@ def test_state_dict_round_trip_continues_exactly(seed, kind, backend):
         "8": {"state_bits": 8},
         "32-host": {"paging": "host", "page_bytes": PAGE},
         "8-host": {"state_bits": 8, "paging": "host", "page_bytes": PAGE},
-        "8-budget": {"state_bits": 8, "paging": "host", "page_bytes": PAGE,
-                     "device_budget": 2 * PAGE + 20_000},
-    }[kind]  # fmt: skip
+        "8-budget": {
+            "state_bits": 8,
+            "paging": "host",
+            "page_bytes": PAGE,
+            "device_budget": 2 * PAGE + 20_000,
+        },
+    }[kind]
     opt = _resume(seed, lambda ps: AdamW(ps, **HP, min_8bit_size=QBLOCK, **settings), backend)
     sd = opt.state_dict()
     keys = {"step", "state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2"}

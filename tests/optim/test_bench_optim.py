@@ -33,8 +33,14 @@ def test_optim_level_rows(seed):
     assert len(cost) == 2 and all(r["status"] == "skipped" for r in cost)
     assert optim.report_lines(rows)[1].startswith("## Optimizers")
     # report.md renders the level: its section, one table line per row
-    meta = {"run_id": "t", "command": "trilora bench --level optim", "levels": ["optim"],
-            "quick": True, "env": environment(torch.device("cpu")), "wall_s": 1.0}  # fmt: skip
+    meta = {
+        "run_id": "t",
+        "command": "trilora bench --level optim",
+        "levels": ["optim"],
+        "quick": True,
+        "env": environment(torch.device("cpu")),
+        "wall_s": 1.0,
+    }
     md = report.render_markdown(meta, rows, [], []).splitlines()
     start = md.index("## Optimizers (step time, state memory)")
     sep = next(i for i in range(start, len(md)) if md[i].startswith("|---"))

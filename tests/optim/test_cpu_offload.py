@@ -394,10 +394,18 @@ def _trainer_run(tmp_path, seed, model, optimizer, callbacks):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (4 * STEPS, 12), generator=gen)
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=2,
-        gradient_accumulation_steps=2, max_grad_norm=0.05, logging_steps=1, report_to=[],
-        save_strategy="no", use_cpu=True, disable_tqdm=True, seed=seed,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        max_steps=STEPS,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_grad_norm=0.05,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=seed,
+    )
     trainer = Trainer(
         model=model,
         args=args,

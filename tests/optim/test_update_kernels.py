@@ -61,9 +61,13 @@ def _moments(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize(
     "p_dtype,g_dtype",
-    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-     (torch.float16, torch.float16), (torch.bfloat16, torch.float32)],
-)  # fmt: skip
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.float32),
+    ],
+)
 def test_32bit_kernel_matches_torch(seed, n, p_dtype, g_dtype):
     gen = torch.Generator().manual_seed(seed)
     # beta1 < 0.5 takes torch's other lerp formula; wd = 0 skips the decay in torch.
@@ -110,8 +114,9 @@ def test_8bit_kernel_matches_torch(seed, n, p_dtype):
     if n > QBLOCK:
         g[:QBLOCK] = 0
     k = [t.clone() for t in (p, q1, q2, a1, a2)]
-    adamw_step_8bit(k[0], g, *k[1:], maps.qmap1, maps.qmap2, maps.bounds1, maps.bounds2,
-                    **sc.kernel_args())  # fmt: skip
+    adamw_step_8bit(
+        k[0], g, *k[1:], maps.qmap1, maps.qmap2, maps.bounds1, maps.bounds2, **sc.kernel_args()
+    )
     r = [t.clone() for t in (p, q1, q2, a1, a2)]
     adamw_8bit_(r[0], g, *r[1:], maps, sc)
     _assert_codes_close(k[1], r[1])
@@ -144,8 +149,19 @@ def test_kernels_reject_bad_shapes():
         adamw_step_32bit(p, g, torch.zeros(299), torch.zeros(300), **sc)
     q = torch.zeros(300, dtype=torch.uint8)
     with pytest.raises(ValueError, match="absmax1 must be a contiguous 1-D tensor of 2"):
-        adamw_step_8bit(p, g, q, q.clone(), torch.zeros(1), torch.zeros(2), maps.qmap1,
-                        maps.qmap2, maps.bounds1, maps.bounds2, **sc)  # fmt: skip
+        adamw_step_8bit(
+            p,
+            g,
+            q,
+            q.clone(),
+            torch.zeros(1),
+            torch.zeros(2),
+            maps.qmap1,
+            maps.qmap2,
+            maps.bounds1,
+            maps.bounds2,
+            **sc,
+        )
     with pytest.raises(ValueError, match="p must be fp32, bf16 or fp16"):
         adamw_step_32bit(p.double(), g, torch.zeros(300), torch.zeros(300), **sc)
 
@@ -177,8 +193,11 @@ def test_nearest_code_is_the_definition(seed, signed):
     wrong = codes.long() != expect
     assert (mid_dist[wrong] < 1e-7).all()
     # Every code's own value maps back to itself.
-    own, _ = quantize_blockwise(torch.cat([qmap, torch.zeros(QBLOCK - 256 % QBLOCK or 0)])[:256], bounds,
-                                absmax=torch.ones(1))  # fmt: skip
+    own, _ = quantize_blockwise(
+        torch.cat([qmap, torch.zeros(QBLOCK - 256 % QBLOCK or 0)])[:256],
+        bounds,
+        absmax=torch.ones(1),
+    )
     assert torch.equal(own.long(), torch.arange(256))
 
 

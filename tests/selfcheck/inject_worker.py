@@ -37,8 +37,16 @@ def main() -> int:
     assert sep == "--" and kind in KINDS, sys.argv
 
     def injected(shapes):
-        return [Unit(f"injected {kind}", KINDS[kind], kernel="qlora_linear.tiled",
-                     config=f"injected-{kind}", shape="M=3 N=5 K=7", dtype="bf16")]  # fmt: skip
+        return [
+            Unit(
+                f"injected {kind}",
+                KINDS[kind],
+                kernel="qlora_linear.tiled",
+                config=f"injected-{kind}",
+                shape="M=3 N=5 K=7",
+                dtype="bf16",
+            )
+        ]
 
     def real(shapes):
         return [u for u in cases.quantize_cases(shapes) if u.shape == "33x96"]

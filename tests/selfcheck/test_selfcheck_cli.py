@@ -15,8 +15,14 @@ from trilora.selfcheck import GPU_ONLY, SECTION_NAMES
 
 def _trilora(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-m", "trilora.cli", *args], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=900)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "trilora.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=900,
+    )
 
 
 # slow: ~40 s of CPU; every kernel and op it runs is tested in tests/ops and tests/kernels
@@ -49,9 +55,19 @@ def test_cpu_selfcheck_passes(cpu_run):
     units = corr["units"]
     passed = [u for u in units if u["status"] == "pass"]
     kernels = {u["kernel"] for u in passed}
-    for k in ("quantize_4bit", "dequantize_4bit", "qlora_linear.splitk", "qlora_linear.tiled",
-              "qlora_linear.scratch", "cross_entropy", "linear_cross_entropy", "rms_norm",
-              "grouped_attention", "CPUOffloadAdamW", "adamw_fused"):  # fmt: skip
+    for k in (
+        "quantize_4bit",
+        "dequantize_4bit",
+        "qlora_linear.splitk",
+        "qlora_linear.tiled",
+        "qlora_linear.scratch",
+        "cross_entropy",
+        "linear_cross_entropy",
+        "rms_norm",
+        "grouped_attention",
+        "CPUOffloadAdamW",
+        "adamw_fused",
+    ):
         assert k in kernels, k
     assert {u["config"] for u in passed if u["kernel"] == "adamw_fused"} == {
         "32bit",

@@ -46,23 +46,40 @@ def test_deadlines_are_cumulative_shares_of_the_budget():
 
 def test_a_broken_case_is_named_and_the_next_section_still_runs(tmp_path, monkeypatch, seed):
     def broken(shapes):
-        wrong = Unit("wrong", lambda ctx: verdict_of_checks([check("y", 0.5, 4e-3)]),
-                     kernel="qlora_linear.tiled", config="deliberately-wrong", shape="M=20 N=24 K=64",
-                     dtype="fp16")  # fmt: skip
+        wrong = Unit(
+            "wrong",
+            lambda ctx: verdict_of_checks([check("y", 0.5, 4e-3)]),
+            kernel="qlora_linear.tiled",
+            config="deliberately-wrong",
+            shape="M=20 N=24 K=64",
+            dtype="fp16",
+        )
 
         def boom(ctx):
             raise ValueError("kernel exploded")
 
-        raising = Unit("raising", boom, kernel="rms_norm", config="deliberately-raising",
-                       shape="M=3 H=576", dtype="bf16")  # fmt: skip
+        raising = Unit(
+            "raising",
+            boom,
+            kernel="rms_norm",
+            config="deliberately-raising",
+            shape="M=3 H=576",
+            dtype="bf16",
+        )
         return [wrong, raising]
 
     monkeypatch.setattr(cases, "FAMILIES", (broken, _small_real))
     # Make a section after correctness runnable on the CPU: e2e's CPU plan, a few steps of
     # a tiny model (the cheapest; each section's CPU plan is test_selfcheck_sections.py's).
     monkeypatch.setattr(runner, "GPU_ONLY", ())
-    opts = RunOptions(gpu=False, out=tmp_path, budget_s=600, seed=seed,
-                      sections=("correctness", "e2e"), isolate=False)  # fmt: skip
+    opts = RunOptions(
+        gpu=False,
+        out=tmp_path,
+        budget_s=600,
+        seed=seed,
+        sections=("correctness", "e2e"),
+        isolate=False,
+    )
     status = run_selfcheck(opts, log=lambda line: None)
     assert status == 1
     sections = _sections(tmp_path)
@@ -120,15 +137,23 @@ def test_the_budget_stops_a_section_and_the_next_one_runs(tmp_path, monkeypatch,
             ran.append("quick")
             return {"status": "pass"}
 
-        return [Unit("overrun", overrun, kernel="slow", dtype="bf16"),
-                Unit("after-1", quick, kernel="quick", dtype="bf16"),
-                Unit("after-2", quick, kernel="quick", dtype="bf16")]  # fmt: skip
+        return [
+            Unit("overrun", overrun, kernel="slow", dtype="bf16"),
+            Unit("after-1", quick, kernel="quick", dtype="bf16"),
+            Unit("after-2", quick, kernel="quick", dtype="bf16"),
+        ]
 
     monkeypatch.setattr(cases, "FAMILIES", (slow,))
     monkeypatch.setattr(runner, "GPU_ONLY", ())
-    opts = RunOptions(gpu=False, out=tmp_path, budget_s=200, seed=seed, isolate=False,
-                      sections=("correctness", "e2e"),
-                      shares={"correctness": 0.02, "e2e": 0.98})  # fmt: skip
+    opts = RunOptions(
+        gpu=False,
+        out=tmp_path,
+        budget_s=200,
+        seed=seed,
+        isolate=False,
+        sections=("correctness", "e2e"),
+        shares={"correctness": 0.02, "e2e": 0.98},
+    )
     assert run_selfcheck(opts, log=lambda line: None) == 0  # out of time is not a failure
     sections = _sections(tmp_path)
     statuses = [u["status"] for u in sections["correctness"]["units"]]
@@ -145,8 +170,9 @@ def test_a_unit_that_needs_more_time_than_is_left_is_not_started(tmp_path, monke
         return [big, small]
 
     monkeypatch.setattr(cases, "FAMILIES", (family,))
-    opts = RunOptions(gpu=False, out=tmp_path, budget_s=600, seed=seed,
-                      sections=("correctness",), isolate=False)  # fmt: skip
+    opts = RunOptions(
+        gpu=False, out=tmp_path, budget_s=600, seed=seed, sections=("correctness",), isolate=False
+    )
     run_selfcheck(opts, log=lambda line: None)
     units = _sections(tmp_path)["correctness"]["units"]
     assert [u["status"] for u in units] == ["budget", "pass"]
@@ -154,8 +180,13 @@ def test_a_unit_that_needs_more_time_than_is_left_is_not_started(tmp_path, monke
 
 
 def _worker_opts(tmp_path: Path, kind: str, seed: int, **kw) -> RunOptions:
-    return RunOptions(gpu=False, out=tmp_path, seed=seed,
-                      worker_cmd=(sys.executable, str(INJECT), kind, "--"), **kw)  # fmt: skip
+    return RunOptions(
+        gpu=False,
+        out=tmp_path,
+        seed=seed,
+        worker_cmd=(sys.executable, str(INJECT), kind, "--"),
+        **kw,
+    )
 
 
 # The worker-process tests start real processes (~5 s of CPU each, importing torch and
@@ -164,7 +195,9 @@ def _worker_opts(tmp_path: Path, kind: str, seed: int, **kw) -> RunOptions:
 @pytest.mark.slow  # our own process handling (see above)
 def test_a_crashing_unit_is_recorded_and_the_worker_restarted(tmp_path, seed):
     lines = []
-    record = run_section(_worker_opts(tmp_path, "crash", seed), "correctness", time.time() + 300, lines.append)  # fmt: skip
+    record = run_section(
+        _worker_opts(tmp_path, "crash", seed), "correctness", time.time() + 300, lines.append
+    )
     units = {u["id"]: u for u in record["units"]}
     crashed = units["injected crash"]
     assert crashed["status"] == "crashed"

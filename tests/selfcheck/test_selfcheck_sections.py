@@ -53,14 +53,23 @@ def test_speed_section_on_its_cpu_plan(tmp_path, seed):
     cross = record["units"][-1]["info"]
     assert set(cross["ratios_fused_over_scratch"]) == {"8", "32"}
     assert "crossover_tokens" in cross
-    for part in ("the time of bf16 LoRA", "faster than bitsandbytes + PEFT", "of the roofline", "crossover"):  # fmt: skip
+    for part in (
+        "the time of bf16 LoRA",
+        "faster than bitsandbytes + PEFT",
+        "of the roofline",
+        "crossover",
+    ):
         assert part in record["verdict"], record["verdict"]
 
 
 def test_memory_section_predicts_on_the_cpu(tmp_path, seed):
     record = _run("memory", tmp_path, seed)
     units = record["units"]
-    assert [u["config"] for u in units] == ["defaults", "no checkpointing", "grouped attention + adamw_cpu_offload"]  # fmt: skip
+    assert [u["config"] for u in units] == [
+        "defaults",
+        "no checkpointing",
+        "grouped attention + adamw_cpu_offload",
+    ]
     for u in units:
         assert u["status"] == "skipped" and "needs CUDA" in u["message"]
         assert u["info"]["predicted_bytes"] > 0
@@ -121,7 +130,9 @@ def test_bitsandbytes_cross_check_counts_differences(seed):
 
     w = torch.randn(40, 96)
     packed, st = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-    assert "in 0 packed bytes and 0 absmax values" in _bnb_cuda_vs_cpu(bnbf, w, 64, True, "nf4", packed, st)  # fmt: skip
+    assert "in 0 packed bytes and 0 absmax values" in _bnb_cuda_vs_cpu(
+        bnbf, w, 64, True, "nf4", packed, st
+    )
     packed = packed.clone()
     packed.view(-1)[3] ^= 0xFF
     assert "in 1 packed bytes" in _bnb_cuda_vs_cpu(bnbf, w, 64, True, "nf4", packed, st)

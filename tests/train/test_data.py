@@ -90,8 +90,12 @@ def test_question_is_what_the_user_asked_and_inside_the_prompt(tok, plain_tok, s
 
 
 def test_every_assistant_turn_is_learned(tok):
-    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "first reply"},
-            {"role": "user", "content": "b"}, {"role": "assistant", "content": "second reply"}]  # fmt: skip
+    msgs = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "first reply"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "second reply"},
+    ]
     ex = D.encode_sft({"messages": msgs}, "messages", tok, 512, "f:1")
     learned = _decode_labels(tok, ex)
     assert "first reply" in learned and "second reply" in learned
@@ -132,9 +136,13 @@ def test_non_utf8_bytes(tmp_path, tok):
 
 @pytest.mark.parametrize(
     ("record", "field"),
-    [({"instruction": "x"}, "output"), ({"prompt": "x"}, "completion"),
-     ({"completion": "x"}, "prompt"), ({"foo": 1}, None)],
-)  # fmt: skip
+    [
+        ({"instruction": "x"}, "output"),
+        ({"prompt": "x"}, "completion"),
+        ({"completion": "x"}, "prompt"),
+        ({"foo": 1}, None),
+    ],
+)
 def test_missing_field_names_field_and_shapes(tmp_path, tok, record, field):
     path = write_jsonl(tmp_path / "d.jsonl", [record])
     with pytest.raises(UserError) as info:
@@ -159,8 +167,11 @@ def test_empty_after_filtering(tmp_path, tok):
 
 def test_prompt_longer_than_max_seq_len(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p" * 100, "completion": "c"}])
-    with pytest.raises(UserError, match=r"d\.jsonl:1: the prompt is 100 tokens, longer than "
-                       r"--max-seq-len 32"):  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=r"d\.jsonl:1: the prompt is 100 tokens, longer than "
+        r"--max-seq-len 32",
+    ):
         D.load_dataset(path, tok, 32)
     pair = write_jsonl(
         tmp_path / "p.jsonl", [{"prompt": "p" * 100, "chosen": "a", "rejected": "b"}]
@@ -170,8 +181,13 @@ def test_prompt_longer_than_max_seq_len(tmp_path, tok):
 
 
 def test_pairs_share_the_prompt(tmp_path, tok):
-    recs = [{"prompt": [{"role": "user", "content": "pick"}], "chosen": "good one",
-             "rejected": [{"role": "assistant", "content": "bad"}]}]  # fmt: skip
+    recs = [
+        {
+            "prompt": [{"role": "user", "content": "pick"}],
+            "chosen": "good one",
+            "rejected": [{"role": "assistant", "content": "bad"}],
+        }
+    ]
     (pair,), _, _ = D.load_dataset(write_jsonl(tmp_path / "p.jsonl", recs), tok, 128, "dpo")
     c, r = pair.chosen, pair.rejected
     n = next(i for i, lab in enumerate(c.labels) if lab != D.IGNORE)
@@ -182,8 +198,10 @@ def test_pairs_share_the_prompt(tmp_path, tok):
 
 def test_packing_keeps_every_example_once(seed):
     rng = random.Random(seed)
-    examples = [D.Example(list(range(n)), list(range(n)), f"x:{i}")
-                for i, n in enumerate(rng.randint(1, 40) for _ in range(60))]  # fmt: skip
+    examples = [
+        D.Example(list(range(n)), list(range(n)), f"x:{i}")
+        for i, n in enumerate(rng.randint(1, 40) for _ in range(60))
+    ]
     rows = D.pack(examples, 64)
     assert sorted(id(e) for r in rows for e in r) == sorted(id(e) for e in examples)
     assert all(sum(len(e) for e in r) <= 64 for r in rows)
@@ -268,15 +286,20 @@ def test_docs_say_how_instruction_and_input_become_the_prompt(tok, plain_tok, se
 
     docs = (Path(__file__).resolve().parents[2] / "docs" / "train.md").read_text()
     flat = " ".join(docs.split())  # line breaks in the docs are free
-    for phrase in ('`instruction + "\\n\\n" + input` (joined with one blank line)',
-                   '`"### Instruction:\\n" + instruction + "\\n\\n"`',
-                   '`"### Input:\\n" + input + "\\n\\n"`', '`"### Response:\\n"`',
-                   "an empty or `null` `input` is the same as none"):  # fmt: skip
+    for phrase in (
+        '`instruction + "\\n\\n" + input` (joined with one blank line)',
+        '`"### Instruction:\\n" + instruction + "\\n\\n"`',
+        '`"### Input:\\n" + input + "\\n\\n"`',
+        '`"### Response:\\n"`',
+        "an empty or `null` `input` is the same as none",
+    ):
         assert phrase in flat, phrase
     rng = random.Random(seed_)
     words = ["lorem", "ipsum", "dolor", "sit", "amet", "\n", "x:"]
-    ins, inp, out = (" ".join(rng.choice(words) for _ in range(rng.randint(1, 7))).strip() or "q"
-                     for _ in range(3))  # fmt: skip
+    ins, inp, out = (
+        " ".join(rng.choice(words) for _ in range(rng.randint(1, 7))).strip() or "q"
+        for _ in range(3)
+    )
     rec = {"instruction": ins, "input": inp, "output": out}
     user = [{"role": "user", "content": f"{ins}\n\n{inp}"}]
     assert D.prompt_text(tok, rec, "instruction") == tok.apply_chat_template(

@@ -58,21 +58,54 @@ SAVE_AT = 5
 LOSS_RTOL = 1e-5
 # 3 query heads of 10 over 1 KV head, MLP width 43: the packed 4-bit MLP weights have an
 # odd number of rows (30 * 43 / 2 = 645), so FSDP2 pads the second rank's shards.
-MODEL = dict(layers=2, hidden=30, intermediate=43, num_attention_heads=3,
-             num_key_value_heads=1, head_dim=10)  # fmt: skip
+MODEL = dict(
+    layers=2, hidden=30, intermediate=43, num_attention_heads=3, num_key_value_heads=1, head_dim=10
+)
 # 37 records: 4 held out (eval batches of 3 and 1), 33 train rows = 8 batches of 4 and
 # one of 1 per epoch
 RECORDS = 37
 
 
 def _settings(root: Path, seed: int, optim: str) -> list[str]:
-    return ["--model", str(root / "model"), "--data", str(root / "data.jsonl"),
-            "--max-steps", str(STEPS), "--batch-size", "4", "--grad-accum", "2",
-            "--lora-r", "4", "--lora-dropout", "0", "--lr", "0.01", "--seed", str(seed),
-            "--val-fraction", "0.1", "--eval-batch-size", "3", "--eval-every", "5",
-            "--max-grad-norm", "0.5", "--optim", optim, "--save-every", str(SAVE_AT),
-            "--keep-last", "5", "--compare", "1", "--max-new-tokens", "3",
-            "--no-progress"]  # fmt: skip
+    return [
+        "--model",
+        str(root / "model"),
+        "--data",
+        str(root / "data.jsonl"),
+        "--max-steps",
+        str(STEPS),
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--lora-r",
+        "4",
+        "--lora-dropout",
+        "0",
+        "--lr",
+        "0.01",
+        "--seed",
+        str(seed),
+        "--val-fraction",
+        "0.1",
+        "--eval-batch-size",
+        "3",
+        "--eval-every",
+        "5",
+        "--max-grad-norm",
+        "0.5",
+        "--optim",
+        optim,
+        "--save-every",
+        str(SAVE_AT),
+        "--keep-last",
+        "5",
+        "--compare",
+        "1",
+        "--max-new-tokens",
+        "3",
+        "--no-progress",
+    ]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -131,8 +164,9 @@ def _compare(got: Path, want: Path, from_step: int = 0) -> dict[str, float]:
     for x, y in zip(a, b):
         for key in worst:
             if key in y:
-                worst[key] = max(worst[key], _close(x[key], y[key], LOSS_RTOL,
-                                                    f"{key} at step {y['step']}"))  # fmt: skip
+                worst[key] = max(
+                    worst[key], _close(x[key], y[key], LOSS_RTOL, f"{key} at step {y['step']}")
+                )
     worst.update(assert_adapters_close(_adapter(got), _adapter(want)))
     print(f"{got.name} vs {want.name}: worst relative differences {worst}")
     return worst
@@ -164,9 +198,19 @@ def nproc_fsdp(setup):
     optimizer; checkpoints at step 5."""
     root, seed = setup
     out = root / "nproc_fsdp"
-    cmd = [sys.executable, "-m", "trilora.cli", "train",
-           *_settings(root, seed, "adamw_cpu_offload"), "--out", str(out), "--nproc", "2",
-           "--fsdp", "--gradient-checkpointing"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "trilora.cli",
+        "train",
+        *_settings(root, seed, "adamw_cpu_offload"),
+        "--out",
+        str(out),
+        "--nproc",
+        "2",
+        "--fsdp",
+        "--gradient-checkpointing",
+    ]
     done = _launch(cmd)
     assert "2 processes, FSDP, cpu" in done.stderr
     return out
@@ -196,10 +240,27 @@ def test_accelerate_ddp_matches_one_process(setup, reference):
     pytest.importorskip("accelerate")
     root, seed = setup
     out = root / "accelerate_ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "trilora.train", *_settings(root, seed, "adamw"), "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "trilora.train",
+        *_settings(root, seed, "adamw"),
+        "--out",
+        str(out),
+    ]
     # a fresh HF_HOME: no accelerate config file of this machine applies
     done = _launch(cmd, HF_HOME=str(root / "hf_home"))
     assert "2 processes, DDP, cpu" in done.stderr
@@ -224,8 +285,13 @@ def test_saved_on_two_processes_resumes_on_one(setup, reference, nproc_fsdp, cap
     (out / "summary.json").unlink()
     capsys.readouterr()
     # --fsdp is allowed to change on resume; alone, it is a note
-    _single(out, _settings(root, seed, "adamw_cpu_offload"), "--resume",
-            "--gradient-checkpointing", "--fsdp")  # fmt: skip
+    _single(
+        out,
+        _settings(root, seed, "adamw_cpu_offload"),
+        "--resume",
+        "--gradient-checkpointing",
+        "--fsdp",
+    )
     err = capsys.readouterr().err
     assert f"step {SAVE_AT} of {STEPS}; saved on 2 processes" in err
     assert "note: --fsdp shards the model across processes; this run is one process" in err
@@ -253,8 +319,16 @@ def test_resuming_the_checkpoint_of_another_model_is_refused(setup, nproc_fsdp, 
     try:
         shutil.copy(other / "model.safetensors", weights)
         capsys.readouterr()
-        status = main(["train", *_settings(root, seed, "adamw_cpu_offload"), "--out", str(out),
-                       "--resume", "--gradient-checkpointing"])  # fmt: skip
+        status = main(
+            [
+                "train",
+                *_settings(root, seed, "adamw_cpu_offload"),
+                "--out",
+                str(out),
+                "--resume",
+                "--gradient-checkpointing",
+            ]
+        )
     finally:
         weights.write_bytes(original)
     err = capsys.readouterr().err.strip().splitlines()
@@ -265,36 +339,65 @@ def test_resuming_the_checkpoint_of_another_model_is_refused(setup, nproc_fsdp, 
 def test_a_worker_error_is_one_line(setup):
     """The same mistake on both ranks is printed once, without tracebacks or launcher logs."""
     root, seed = setup
-    cmd = [sys.executable, "-m", "trilora.cli", "train",
-           *_settings(root, seed, "adamw"), "--model", str(root / "no_such_model"),
-           "--out", str(root / "bad_model"), "--nproc", "2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "trilora.cli",
+        "train",
+        *_settings(root, seed, "adamw"),
+        "--model",
+        str(root / "no_such_model"),
+        "--out",
+        str(root / "bad_model"),
+        "--nproc",
+        "2",
+    ]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 1
     lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
     errors = [ln for ln in lines if "error" in ln.lower()]
-    assert errors == [f"trilora train: error: --model {root / 'no_such_model'}: no such folder "
-                      "or .gguf file"], done.stderr  # fmt: skip
+    assert errors == [
+        f"trilora train: error: --model {root / 'no_such_model'}: no such folder or .gguf file"
+    ], done.stderr
     assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize(
     ("extra", "status", "message"),
     [
-        (["--nproc", "2", "--batch-size", "1"], 2,
-         "--batch-size 1 is the global micro-batch, split across the 2 processes"),
+        (
+            ["--nproc", "2", "--batch-size", "1"],
+            2,
+            "--batch-size 1 is the global micro-batch, split across the 2 processes",
+        ),
         (["--nproc", "0"], 2, "--nproc: must be >= 1"),
-        (["--nproc", "4096", "--batch-size", "4096", "--device", "cpu"], 1,
-         "--nproc 4096 on the CPU: this machine has"),
+        (
+            ["--nproc", "4096", "--batch-size", "4096", "--device", "cpu"],
+            1,
+            "--nproc 4096 on the CPU: this machine has",
+        ),
         (["--cpu-offload"], 2, "--cpu-offload: FSDP2's CPU offload shards across processes"),
         (["--nproc", "2", "--sweep", "lora_r=2,4"], 2, "--sweep runs one training process"),
-        (["--fsdp", "--finetune", "peft", "--peft-config", "x.json"], 2, "--fsdp: --finetune "
-         "peft runs PEFT's own layers"),
+        (
+            ["--fsdp", "--finetune", "peft", "--peft-config", "x.json"],
+            2,
+            "--fsdp: --finetune peft runs PEFT's own layers",
+        ),
     ],
-)  # fmt: skip
-def test_bad_process_settings_fail_before_any_process_starts(tmp_path, capsys, extra, status,
-                                                              message):  # fmt: skip
-    argv = ["train", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"),
-            "--out", str(tmp_path / "out"), *extra]  # fmt: skip
+)
+def test_bad_process_settings_fail_before_any_process_starts(
+    tmp_path, capsys, extra, status, message
+):
+    argv = [
+        "train",
+        "--model",
+        str(tmp_path / "m"),
+        "--data",
+        str(tmp_path / "d.jsonl"),
+        "--out",
+        str(tmp_path / "out"),
+        *extra,
+    ]
     t0 = time.perf_counter()
     assert main(argv) == status
     err = capsys.readouterr().err.strip().splitlines()
@@ -305,8 +408,19 @@ def test_bad_process_settings_fail_before_any_process_starts(tmp_path, capsys, e
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
 def test_nproc_with_cuda_on_a_machine_without_gpus(tmp_path, capsys):
-    argv = ["train", "--model", "m", "--data", "d.jsonl", "--out", str(tmp_path / "o"),
-            "--nproc", "2", "--device", "cuda"]  # fmt: skip
+    argv = [
+        "train",
+        "--model",
+        "m",
+        "--data",
+        "d.jsonl",
+        "--out",
+        str(tmp_path / "o"),
+        "--nproc",
+        "2",
+        "--device",
+        "cuda",
+    ]
     assert main(argv) == 1
     assert "--device cuda: no CUDA GPU is visible" in capsys.readouterr().err
 
@@ -314,8 +428,19 @@ def test_nproc_with_cuda_on_a_machine_without_gpus(tmp_path, capsys):
 @pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA GPU")
 def test_nproc_beyond_the_gpus_of_this_machine(tmp_path, capsys):
     n = torch.cuda.device_count() + 1
-    argv = ["train", "--model", "m", "--data", "d.jsonl", "--out", str(tmp_path / "o"),
-            "--nproc", str(n), "--batch-size", str(n)]  # fmt: skip
+    argv = [
+        "train",
+        "--model",
+        "m",
+        "--data",
+        "d.jsonl",
+        "--out",
+        str(tmp_path / "o"),
+        "--nproc",
+        str(n),
+        "--batch-size",
+        str(n),
+    ]
     assert main(argv) == 1
     assert f"this machine shows {n - 1} GPU(s)" in capsys.readouterr().err
 
@@ -325,7 +450,16 @@ def test_launched_by_mpi_without_torchrun_variables(tmp_path, capsys, monkeypatc
     would train the whole run alone; refused."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
-    argv = ["train", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"),
-            "--out", str(tmp_path / "o"), "--max-steps", "1"]  # fmt: skip
+    argv = [
+        "train",
+        "--model",
+        str(tmp_path / "m"),
+        "--data",
+        str(tmp_path / "d.jsonl"),
+        "--out",
+        str(tmp_path / "o"),
+        "--max-steps",
+        "1",
+    ]
     assert main(argv) == 1
     assert "started by MPI (OMPI_COMM_WORLD_SIZE is set)" in capsys.readouterr().err

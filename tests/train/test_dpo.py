@@ -42,8 +42,14 @@ def tiny(tmp_path_factory):
 
 
 def _lm(tiny, quant):
-    cfg = TrainConfig(model=str(tiny / "m"), data=str(tiny / "p.jsonl"), method="dpo",
-                      quant=quant, lora_dropout=0.0, lora_r=4)  # fmt: skip
+    cfg = TrainConfig(
+        model=str(tiny / "m"),
+        data=str(tiny / "p.jsonl"),
+        method="dpo",
+        quant=quant,
+        lora_dropout=0.0,
+        lora_r=4,
+    )
     torch.manual_seed(0)
     lm = load_model(cfg, "cpu", log=lambda *_: None)
     with torch.no_grad():
@@ -112,12 +118,22 @@ def test_dpo_matches_trl_dpo_trainer(tiny, tmp_path):
     records = [json.loads(x) for x in (tiny / "p.jsonl").read_text().splitlines()]
     records = [r for r in records if isinstance(r["prompt"], str)][:3]
     beta = 0.2
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, report_to=[],
-                     per_device_train_batch_size=len(records), use_cpu=True, max_length=None)  # fmt: skip
+    args = DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        beta=beta,
+        report_to=[],
+        per_device_train_batch_size=len(records),
+        use_cpu=True,
+        max_length=None,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(records),
-                             processing_class=lm.tokenizer)  # fmt: skip
+        trainer = DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(records),
+            processing_class=lm.tokenizer,
+        )
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad and "lora_A" in n:
@@ -130,8 +146,11 @@ def test_dpo_matches_trl_dpo_trainer(tiny, tmp_path):
     trl_loss.backward()
     trl_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
-             "labels": inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, D.IGNORE)}  # fmt: skip
+    batch = {
+        "input_ids": inputs["input_ids"],
+        "attention_mask": inputs["attention_mask"],
+        "labels": inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, D.IGNORE),
+    }
     model.zero_grad()
     # TRL treats an adapter that is not freshly initialised (ours has a random lora_B, so
     # that the loss is not log 2) as one being re-trained and loads a frozen copy of it as
@@ -156,9 +175,20 @@ def test_dpo_matches_trl_dpo_trainer(tiny, tmp_path):
 def test_dpo_run_end_to_end(tiny, tmp_path):
     from trilora.train.loop import train
 
-    common = dict(model=str(tiny / "m"), data=str(tiny / "p.jsonl"), method="dpo", lora_r=4,
-                  lora_dropout=0.0, max_steps=2, batch_size=2, val_fraction=0.25, compare=0,
-                  save_every=0, progress=False, lr=1e-2)  # fmt: skip
+    common = dict(
+        model=str(tiny / "m"),
+        data=str(tiny / "p.jsonl"),
+        method="dpo",
+        lora_r=4,
+        lora_dropout=0.0,
+        max_steps=2,
+        batch_size=2,
+        val_fraction=0.25,
+        compare=0,
+        save_every=0,
+        progress=False,
+        lr=1e-2,
+    )
     a = train(TrainConfig(**common, out=str(tmp_path / "a")), quiet=True)
     b = train(TrainConfig(**common, precompute_ref=True, out=str(tmp_path / "b")), quiet=True)
     assert (tmp_path / "b" / "ref_logps.pt").is_file()

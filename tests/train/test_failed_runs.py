@@ -34,9 +34,25 @@ def models(tmp_path_factory):
 
 
 def _train(model: Path, data: Path, out: Path, *extra: str) -> int:
-    return main(["train", "--model", str(model), "--data", str(data), "--out", str(out),
-                 "--max-steps", "1", "--compare", "0", "--val-fraction", "0.25",
-                 "--no-progress", *extra])  # fmt: skip
+    return main(
+        [
+            "train",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--max-steps",
+            "1",
+            "--compare",
+            "0",
+            "--val-fraction",
+            "0.25",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def _snapshot(folder: Path) -> dict[str, bytes] | None:
@@ -46,8 +62,9 @@ def _snapshot(folder: Path) -> dict[str, bytes] | None:
 
 
 @pytest.mark.parametrize("problem", ["malformed", "empty", "missing", "prompt-too-long"])
-def test_bad_data_fails_before_the_model_loads_and_leaves_nothing(models, tmp_path, capsys,
-                                                                  problem):  # fmt: skip
+def test_bad_data_fails_before_the_model_loads_and_leaves_nothing(
+    models, tmp_path, capsys, problem
+):
     data = tmp_path / "d.jsonl"
     extra: list[str] = []
     if problem == "malformed":
@@ -79,8 +96,9 @@ def test_bad_data_fails_before_the_model_loads_and_leaves_nothing(models, tmp_pa
 
 
 @pytest.mark.parametrize("existing", ["none", "empty-folder", "replaced-run"])
-def test_a_run_failing_before_its_first_step_leaves_the_folder_as_it_was(models, tmp_path,
-                                                                         capsys, existing):  # fmt: skip
+def test_a_run_failing_before_its_first_step_leaves_the_folder_as_it_was(
+    models, tmp_path, capsys, existing
+):
     data = write_jsonl(tmp_path / "d.jsonl", sft_records(12))
     out = tmp_path / "nested" / "run"
     extra: list[str] = []

@@ -45,12 +45,18 @@ def test_truncated_file_is_one_clear_error(gguf_file, where, seed):
     first_data = min(int(t.data_offset) for t in reader.tensors)
     del reader
     rnd = random.Random(seed)
-    cut = {"header": rnd.randrange(5, 24), "index": rnd.randrange(40, first_data - 8),
-           "data": rnd.randrange(first_data + 4, len(data) - 64),
-           "last_bytes": len(data) - rnd.randrange(1, 8)}[where]  # fmt: skip
+    cut = {
+        "header": rnd.randrange(5, 24),
+        "index": rnd.randrange(40, first_data - 8),
+        "data": rnd.randrange(first_data + 4, len(data) - 64),
+        "last_bytes": len(data) - rnd.randrange(1, 8),
+    }[where]
     gguf_file.write_bytes(data[:cut])
-    with pytest.raises(UserError, match=r"(truncated|not a readable GGUF file).*expected a "
-                       r"complete GGUF model file") as exc:  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=r"(truncated|not a readable GGUF file).*expected a "
+        r"complete GGUF model file",
+    ) as exc:
         check_gguf(gguf_file)
     assert "\n" not in str(exc.value)
 
@@ -62,15 +68,15 @@ def test_not_a_gguf_file(tmp_path):
         check_gguf(path)
 
 
-def test_train_cli_reports_a_truncated_gguf_in_one_line(gguf_file, tmp_path, capsys,
-                                                       monkeypatch):  # fmt: skip
+def test_train_cli_reports_a_truncated_gguf_in_one_line(gguf_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TRILORA_CACHE", str(tmp_path / "cache"))  # converted models go there
     data = gguf_file.read_bytes()
     gguf_file.write_bytes(data[: len(data) // 2])
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
-    rc = main(["train", "--model", str(gguf_file), "--data", str(jsonl),
-               "--out", str(tmp_path / "run")])  # fmt: skip
+    rc = main(
+        ["train", "--model", str(gguf_file), "--data", str(jsonl), "--out", str(tmp_path / "run")]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1, err
     assert "internal error" not in err and "GGUF" in err and str(gguf_file) in err

@@ -23,8 +23,9 @@ def tiny(tmp_path_factory):
 
 
 def _model(tiny, quant="nf4", seed=0):
-    cfg = TrainConfig(model=str(tiny / "m"), data=str(tiny / "d.jsonl"), quant=quant,
-                      lora_dropout=0.0, lora_r=4)  # fmt: skip
+    cfg = TrainConfig(
+        model=str(tiny / "m"), data=str(tiny / "d.jsonl"), quant=quant, lora_dropout=0.0, lora_r=4
+    )
     torch.manual_seed(seed)
     lm = load_model(cfg, "cpu", log=lambda *_: None)
     with torch.no_grad():  # non-zero B so that both LoRA factors get gradients
@@ -73,11 +74,19 @@ def test_packed_loss_and_gradients_equal_unpacked(tiny, quant):
     per_u = [tu[b][unpacked["labels"][b].roll(-1) != D.IGNORE] for b in range(len(exs))]
     mask_p = packed["labels"].roll(-1, dims=1) != D.IGNORE
     mask_p[:, -1] = False
-    torch.testing.assert_close(torch.cat([tp[b][mask_p[b]] for b in range(len(rows))]).sort()[0],
-                               torch.cat(per_u).sort()[0], rtol=1e-5, atol=1e-6)  # fmt: skip
+    torch.testing.assert_close(
+        torch.cat([tp[b][mask_p[b]] for b in range(len(rows))]).sort()[0],
+        torch.cat(per_u).sort()[0],
+        rtol=1e-5,
+        atol=1e-6,
+    )
     # the test can fail: positions that do not restart per example change the loss
-    wrong = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1]).expand_as(
-        packed["input_ids"]).contiguous())  # fmt: skip
+    wrong = dict(
+        packed,
+        position_ids=torch.arange(packed["input_ids"].shape[1])
+        .expand_as(packed["input_ids"])
+        .contiguous(),
+    )
     with torch.no_grad():
         assert not torch.allclose(sft_loss(lm.model, wrong, n), lu, rtol=1e-4)
 
@@ -109,10 +118,23 @@ def test_loop_accumulation_matches_one_big_batch(tiny, tmp_path):
     from trilora.train.loop import train
 
     def run(batch, accum, out):
-        cfg = TrainConfig(model=str(tiny / "m"), data=str(tiny / "d.jsonl"), quant="nf4",
-                          lora_dropout=0.0, lora_r=4, batch_size=batch, grad_accum=accum,
-                          max_steps=3, group_by_length=False, val_fraction=0.0, save_every=0,
-                          compare=0, out=str(tmp_path / out), progress=False, lr=1e-2)  # fmt: skip
+        cfg = TrainConfig(
+            model=str(tiny / "m"),
+            data=str(tiny / "d.jsonl"),
+            quant="nf4",
+            lora_dropout=0.0,
+            lora_r=4,
+            batch_size=batch,
+            grad_accum=accum,
+            max_steps=3,
+            group_by_length=False,
+            val_fraction=0.0,
+            save_every=0,
+            compare=0,
+            out=str(tmp_path / out),
+            progress=False,
+            lr=1e-2,
+        )
         train(cfg, quiet=True)
         return [json.loads(x) for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
 

@@ -22,19 +22,34 @@ def tiny(tmp_path_factory):
 
 
 def _cfg(tiny, out, **kw):
-    base = dict(model=str(tiny / "m"), data=str(tiny / "d.jsonl"), max_steps=2, batch_size=4,
-                compare=1, max_new_tokens=4, save_every=0, progress=False, val_fraction=0.25,
-                out=str(out), lr=1e-2)  # fmt: skip
+    base = dict(
+        model=str(tiny / "m"),
+        data=str(tiny / "d.jsonl"),
+        max_steps=2,
+        batch_size=4,
+        compare=1,
+        max_new_tokens=4,
+        save_every=0,
+        progress=False,
+        val_fraction=0.25,
+        out=str(out),
+        lr=1e-2,
+    )
     return TrainConfig(**{**base, **kw})
 
 
 @pytest.mark.parametrize(
     "peft_config",
-    [{"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "down_proj"],
-      "feedforward_modules": ["down_proj"]},
-     {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}],
+    [
+        {
+            "peft_type": "IA3",
+            "target_modules": ["k_proj", "v_proj", "down_proj"],
+            "feedforward_modules": ["down_proj"],
+        },
+        {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4},
+    ],
     ids=["ia3", "prefix"],
-)  # fmt: skip
+)
 def test_other_peft_methods_save_a_normal_adapter(tiny, tmp_path, peft_config):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -105,8 +120,21 @@ def test_merged_folders_load_and_generate_alone(tiny, tmp_path, capsys):
     s = train(_cfg(tiny, tmp_path / "run", merge=True), quiet=True)
     base_tok = AutoTokenizer.from_pretrained(tiny / "m")
     cli_out = tmp_path / "merged-cli"
-    assert main(["merge", s["output"], "--base", str(tiny / "m"), "--out", str(cli_out),
-                 "--dtype", "fp32"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "merge",
+                s["output"],
+                "--base",
+                str(tiny / "m"),
+                "--out",
+                str(cli_out),
+                "--dtype",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     assert "note:" not in capsys.readouterr().err
     text = "repeat gamma delta"
     for folder in (cli_out, tmp_path / "run" / "merged"):
@@ -116,8 +144,12 @@ def test_merged_folders_load_and_generate_alone(tiny, tmp_path, capsys):
         assert _standalone_generate(folder, text).startswith(text)
     # --requantize writes the tokenizer too
     requant = tmp_path / "merged-4bit"
-    assert main(["merge", s["output"], "--base", str(tiny / "m"), "--out", str(requant),
-                 "--requantize"]) == 0  # fmt: skip
+    assert (
+        main(
+            ["merge", s["output"], "--base", str(tiny / "m"), "--out", str(requant), "--requantize"]
+        )
+        == 0
+    )
     assert AutoTokenizer.from_pretrained(requant)(text)["input_ids"] == base_tok(text)["input_ids"]
 
 

@@ -90,8 +90,10 @@ def _wait_for(path: Path, timeout: float = 300, proc: subprocess.Popen | None = 
     t0 = time.monotonic()
     while not path.exists():
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"exited ({proc.returncode}) before {path.name} appeared: "
-                                 + proc.communicate()[1][-3000:])  # fmt: skip
+            raise AssertionError(
+                f"exited ({proc.returncode}) before {path.name} appeared: "
+                + proc.communicate()[1][-3000:]
+            )
         assert time.monotonic() - t0 < timeout, f"{path} never appeared"
         time.sleep(0.02)
 
@@ -109,15 +111,29 @@ def _signal_self_when(marker: Path, *signums: int, gap: float = 0.0):
 
 def _spawn(root: Path, out: Path, hook: str, *extra: str) -> subprocess.Popen:
     env = {**os.environ, HOOK_ENV: hook, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "trilora.cli", *_argv(root, out, *extra)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=env)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "trilora.cli", *_argv(root, out, *extra)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _trajectory(out: Path) -> list[tuple]:
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["kind"], r["step"], r.get("loss"), r.get("grad_norm"), r.get("lr"),
-             r.get("eval_loss"), r.get("tokens")) for r in recs]  # fmt: skip
+    return [
+        (
+            r["kind"],
+            r["step"],
+            r.get("loss"),
+            r.get("grad_norm"),
+            r.get("lr"),
+            r.get("eval_loss"),
+            r.get("tokens"),
+        )
+        for r in recs
+    ]
 
 
 def _adapter_bytes(out: Path) -> bytes:
@@ -171,8 +187,10 @@ def test_sigterm_saves_the_step_in_progress_and_the_printed_command_resumes_bitw
     assert proc.returncode == 143, stderr[-3000:]
     line = _stop_line(stderr)
     ckpt = out / "checkpoints" / f"step-{STOP_IN:08d}"
-    assert line.startswith(f"trilora train: stopped by SIGTERM after step {STOP_IN} of {STEPS}: "
-                           f"checkpoint saved in {ckpt}; resume with: ")  # fmt: skip
+    assert line.startswith(
+        f"trilora train: stopped by SIGTERM after step {STOP_IN} of {STEPS}: "
+        f"checkpoint saved in {ckpt}; resume with: "
+    )
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == STOP_IN
     assert _checkpoints(out) == ["step-00000003", "step-00000005"]  # nothing half-written
     assert not (out / "adapter").exists()
@@ -184,13 +202,15 @@ def test_sigterm_saves_the_step_in_progress_and_the_printed_command_resumes_bitw
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_stops_at_the_step_boundary_in_process(setup, reference, one_thread, capsys,
-                                                        signum):  # fmt: skip
+def test_a_signal_stops_at_the_step_boundary_in_process(
+    setup, reference, one_thread, capsys, signum
+):
     out = setup / f"in-process-{signum.name}"
     marker = out / ".test-paused-rank0"
     handler = signal.getsignal(signum)
-    status = _in_process(_argv(setup, out), f"pause_in_step:{STOP_IN}",
-                         _signal_self_when(marker, signum))  # fmt: skip
+    status = _in_process(
+        _argv(setup, out), f"pause_in_step:{STOP_IN}", _signal_self_when(marker, signum)
+    )
     stderr = capsys.readouterr().err
     assert status == 128 + signum, stderr[-3000:]
     line = _stop_line(stderr)
@@ -219,9 +239,11 @@ def test_a_step_that_outlasts_the_grace_exits_without_a_checkpoint(setup, refere
     assert proc.returncode == 143, stderr[-3000:]
     assert 1.0 <= waited < 30, waited
     line = _stop_line(stderr)
-    assert (f"stopped by SIGTERM: step {STOP_IN} of {STEPS} did not end within --stop-grace 1 s, "
-            "so no checkpoint was written; the latest checkpoint is "
-            f"{out / 'checkpoints' / 'step-00000003'}; resume with: ") in line  # fmt: skip
+    assert (
+        f"stopped by SIGTERM: step {STOP_IN} of {STEPS} did not end within --stop-grace 1 s, "
+        "so no checkpoint was written; the latest checkpoint is "
+        f"{out / 'checkpoints' / 'step-00000003'}; resume with: "
+    ) in line
     assert _checkpoints(out) == ["step-00000003"]  # no temporary folder either
     assert main(_resume_words(line)) == 0
     assert _trajectory(out) == _trajectory(reference)
@@ -233,8 +255,11 @@ def test_a_second_sigint_stops_at_once(setup, one_thread, capsys):
     marker = out / ".test-paused-rank0"
     t0 = time.monotonic()
     # the step never ends, and the grace would wait a minute: only the second Ctrl-C ends it
-    status = _in_process(_argv(setup, out, "--stop-grace", "60"), f"stall_in_step:{STOP_IN}",
-                         _signal_self_when(marker, signal.SIGINT, signal.SIGINT, gap=1.5))  # fmt: skip
+    status = _in_process(
+        _argv(setup, out, "--stop-grace", "60"),
+        f"stall_in_step:{STOP_IN}",
+        _signal_self_when(marker, signal.SIGINT, signal.SIGINT, gap=1.5),
+    )
     elapsed = time.monotonic() - t0
     stderr = capsys.readouterr().err
     assert status == 130, stderr[-3000:]
@@ -245,8 +270,7 @@ def test_a_second_sigint_stops_at_once(setup, one_thread, capsys):
 
 
 @pytest.mark.parametrize("existing", ["none", "empty", "replaced"])
-def test_a_signal_before_the_first_step_leaves_nothing_behind(setup, one_thread, capsys,
-                                                              existing):  # fmt: skip
+def test_a_signal_before_the_first_step_leaves_nothing_behind(setup, one_thread, capsys, existing):
     out = setup / f"early-{existing}"
     extra: list[str] = []
     if existing == "empty":
@@ -258,8 +282,9 @@ def test_a_signal_before_the_first_step_leaves_nothing_behind(setup, one_thread,
         extra = ["--overwrite"]
     before = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else None
     marker = out / ".test-paused-rank0"
-    status = _in_process(_argv(setup, out, *extra), "pause_in_setup:0",
-                         _signal_self_when(marker, signal.SIGTERM))  # fmt: skip
+    status = _in_process(
+        _argv(setup, out, *extra), "pause_in_setup:0", _signal_self_when(marker, signal.SIGTERM)
+    )
     stderr = capsys.readouterr().err
     assert status == 143, stderr[-3000:]
     assert "stopped by SIGTERM before the first step ended" in _stop_line(stderr)
@@ -310,14 +335,19 @@ def test_two_processes_stop_together_when_one_is_signalled(setup, reference_two)
     assert proc.returncode == 143, stderr[-3000:]
     line = _stop_line(stderr)
     assert f"stopped by SIGTERM after step {STOP_IN} of {STEPS}: checkpoint saved" in line
-    state = json.loads((out / "checkpoints" / f"step-{STOP_IN:08d}" / "trainer_state.json")
-                       .read_text())  # fmt: skip
+    state = json.loads(
+        (out / "checkpoints" / f"step-{STOP_IN:08d}" / "trainer_state.json").read_text()
+    )
     assert (state["step"], state["world_size"]) == (STOP_IN, 2)
     words = _resume_words(line)
     assert words[words.index("--nproc") + 1] == "2"
-    resumed = subprocess.run([sys.executable, "-m", "trilora.cli", *words], capture_output=True,
-                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                             timeout=600)  # fmt: skip
+    resumed = subprocess.run(
+        [sys.executable, "-m", "trilora.cli", *words],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _trajectory(out) == _trajectory(reference_two)
     assert _adapter_bytes(out) == _adapter_bytes(reference_two)

@@ -27,16 +27,34 @@ def _one_thread():
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     # awkward widths: 3 heads of 10, MLP 43 wide, odd element counts in the 4-bit weights
-    save_tiny_lm(root / "m", layers=2, hidden=30, intermediate=43, num_attention_heads=3,
-                 num_key_value_heads=1, head_dim=10, tie=True)  # fmt: skip
+    save_tiny_lm(
+        root / "m",
+        layers=2,
+        hidden=30,
+        intermediate=43,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=10,
+        tie=True,
+    )
     write_jsonl(root / "d.jsonl", sft_records(20, seed=3))
     return root
 
 
 def _cfg(tiny, out, **kw) -> TrainConfig:
-    base = dict(model=str(tiny / "m"), data=str(tiny / "d.jsonl"), max_steps=4, batch_size=4,
-                compare=0, save_every=0, progress=False, val_fraction=0.25, out=str(out),
-                lr=1e-2, lora_r=4)  # fmt: skip
+    base = dict(
+        model=str(tiny / "m"),
+        data=str(tiny / "d.jsonl"),
+        max_steps=4,
+        batch_size=4,
+        compare=0,
+        save_every=0,
+        progress=False,
+        val_fraction=0.25,
+        out=str(out),
+        lr=1e-2,
+        lora_r=4,
+    )
     return TrainConfig(**{**base, **kw})
 
 

@@ -42,14 +42,29 @@ def setup(tmp_path_factory):
 
 
 def _cmd(root: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "trilora.cli", "train", "--config", str(root / "run.yaml"),
-            "--out", str(out), *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "trilora.cli",
+        "train",
+        "--config",
+        str(root / "run.yaml"),
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _run(root, out, *extra, env=None, preexec=None, check=True):
     """``trilora train`` in a process of its own."""
-    p = subprocess.run(_cmd(root, out, *extra), capture_output=True, text=True,
-                       env={**os.environ, **(env or {})}, preexec_fn=preexec, timeout=600)  # fmt: skip
+    p = subprocess.run(
+        _cmd(root, out, *extra),
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        preexec_fn=preexec,
+        timeout=600,
+    )
     if check:
         assert p.returncode == 0, p.stderr[-3000:]
     return p
@@ -64,8 +79,18 @@ def _train(capsys, root: Path, out: Path, *extra: str) -> tuple[int, str]:
 
 def _trajectory(out: Path) -> list[tuple]:
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["kind"], r["step"], r.get("loss"), r.get("grad_norm"), r.get("lr"),
-             r.get("eval_loss"), r.get("tokens")) for r in recs]  # fmt: skip
+    return [
+        (
+            r["kind"],
+            r["step"],
+            r.get("loss"),
+            r.get("grad_norm"),
+            r.get("lr"),
+            r.get("eval_loss"),
+            r.get("tokens"),
+        )
+        for r in recs
+    ]
 
 
 def _adapter_bytes(out: Path) -> bytes:
@@ -93,8 +118,10 @@ def test_resume_from_a_checkpoint_is_bitwise(setup, reference, capsys):
     steps 7 and 8 and the adapter are the uninterrupted run's, bit for bit."""
     out = setup / "resumed_at_6"
     shutil.copytree(reference, out, symlinks=True)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004",
-                                                                       "step-00000006"]  # fmt: skip
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-00000004",
+        "step-00000006",
+    ]
     shutil.rmtree(out / "adapter")
     (out / "summary.json").unlink()
     assert _train(capsys, setup, out, "--resume")[0] == 0
@@ -117,8 +144,9 @@ def killed_in_save(setup):
     tests below resume copies of it)."""
     out = setup / "killed_in_save"
     env = {**os.environ, "TRILORA_TRAIN_TEST_HOOK": "pause_in_save:4"}
-    proc = subprocess.Popen(_cmd(setup, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        _cmd(setup, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+    )
     _wait_for(lambda: (out / ".test-paused").is_file(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -145,8 +173,10 @@ def test_sigkill_inside_a_checkpoint_write(setup, reference, killed_in_save, cap
     assert not any(p.name.startswith(".") for p in (out / "checkpoints").iterdir())
     assert _trajectory(out) == _trajectory(reference)
     assert _adapter_bytes(out) == _adapter_bytes(reference)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004",
-                                                                       "step-00000006"]  # fmt: skip
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-00000004",
+        "step-00000006",
+    ]
 
 
 @pytest.mark.slow  # our own checkpoint files (see above)

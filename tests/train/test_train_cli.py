@@ -15,10 +15,12 @@ from trilora.cli import main
 
 
 def test_help_imports_no_torch_and_documents_defaults():
-    code = ("import sys, time; t = time.perf_counter(); from trilora.cli import build_parser;"
-            "p = build_parser(['train']); h = p._subparsers._group_actions[0].choices['train']"
-            ".format_help(); build_parser(['data']); print(time.perf_counter() - t);"
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; print(h)")  # fmt: skip
+    code = (
+        "import sys, time; t = time.perf_counter(); from trilora.cli import build_parser;"
+        "p = build_parser(['train']); h = p._subparsers._group_actions[0].choices['train']"
+        ".format_help(); build_parser(['data']); print(time.perf_counter() - t);"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; print(h)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     seconds, help_text = out.stdout.split("\n", 1)
     assert float(seconds) < 0.5
@@ -46,9 +48,12 @@ def test_flags_override_yaml_and_print_config(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("lora_rank: 8\n", "unknown setting 'lora_rank'"), ("lora_r: eight\n", "lora_r: expected int"),
-     ("- a\n", "expected a mapping")],
-)  # fmt: skip
+    [
+        ("lora_rank: 8\n", "unknown setting 'lora_rank'"),
+        ("lora_r: eight\n", "lora_r: expected int"),
+        ("- a\n", "expected a mapping"),
+    ],
+)
 def test_bad_config_file(tmp_path, capsys, text, message):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(text)
@@ -70,8 +75,19 @@ def test_data_check(tmp_path, capsys):
     recs += [recs[0], {"text": near}, {"text": near.replace("sunny", "rainy")}, "{broken"]
     recs.append({"prompt": "p" * 300, "completion": "c"})
     path = write_jsonl(tmp_path / "d.jsonl", recs)
-    status = main(["data", "check", str(path), "--model", str(tmp_path / "m"), "--max-seq-len", "64",
-                   "--near-dup", "0.6"])  # fmt: skip
+    status = main(
+        [
+            "data",
+            "check",
+            str(path),
+            "--model",
+            str(tmp_path / "m"),
+            "--max-seq-len",
+            "64",
+            "--near-dup",
+            "0.6",
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 1
     assert "d.jsonl:16: not valid JSON" in out
@@ -86,9 +102,25 @@ def test_sweep_tabulates_each_value(tmp_path, capsys):
     save_tiny_lm(tmp_path / "m", layers=1, hidden=32)
     write_jsonl(tmp_path / "d.jsonl", sft_records(16))
     out = tmp_path / "sweep"
-    status = main(["train", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"),
-                   "--max-steps", "1", "--compare", "0", "--val-fraction", "0.25", "--out", str(out),
-                   "--sweep", "lora_r=2,4"])  # fmt: skip
+    status = main(
+        [
+            "train",
+            "--model",
+            str(tmp_path / "m"),
+            "--data",
+            str(tmp_path / "d.jsonl"),
+            "--max-steps",
+            "1",
+            "--compare",
+            "0",
+            "--val-fraction",
+            "0.25",
+            "--out",
+            str(out),
+            "--sweep",
+            "lora_r=2,4",
+        ]
+    )
     assert status == 0
     rows = json.loads((out / "sweep.json").read_text())
     assert [r["lora_r"] for r in rows] == [2, 4]
@@ -120,8 +152,13 @@ def test_help_shows_one_example_per_line():
     examples = [x for x in DESCRIPTION.splitlines() if x.startswith("  ")]
     assert len(examples) >= 5
     env = {**os.environ, "COLUMNS": "80"}
-    shown = subprocess.run([sys.executable, "-m", "trilora.cli", "train", "--help"],
-                           capture_output=True, text=True, env=env, check=True).stdout  # fmt: skip
+    shown = subprocess.run(
+        [sys.executable, "-m", "trilora.cli", "train", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
     lines = shown.splitlines()
     for example in examples:
         assert example in lines, example

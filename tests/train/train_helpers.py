@@ -32,8 +32,9 @@ def sft_records(n: int = 24, seed: int = 0) -> list[dict]:
         elif kind == 1:
             out.append({"prompt": f"Q: {q}\nA: ", "completion": a})
         elif kind == 2:
-            out.append({"messages": [{"role": "user", "content": q},
-                                     {"role": "assistant", "content": a}]})  # fmt: skip
+            out.append(
+                {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            )
         else:
             out.append({"text": f"{q} -> {a}"})
     return out

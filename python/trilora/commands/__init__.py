@@ -49,8 +49,11 @@ class RawDescriptionHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpForm
 
         def fill() -> None:
             if prose:
-                lines.extend(textwrap.wrap(" ".join(prose), width, initial_indent=indent,
-                                           subsequent_indent=indent))  # fmt: skip
+                lines.extend(
+                    textwrap.wrap(
+                        " ".join(prose), width, initial_indent=indent, subsequent_indent=indent
+                    )
+                )
                 prose.clear()
 
         for line in text.splitlines():
@@ -113,5 +116,3 @@ def report_error(prog: str, exc: BaseException) -> int:
     message = " ".join(str(message).split()) or type(exc).__name__
     print(f"{prog}: error: {message}", file=sys.stderr)
     return status
-
-

@@ -28,33 +28,61 @@ _BANDS = 16
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "data", help="check a JSONL dataset: format, duplicates, token lengths",
-        description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True,
-                           help="what to do: check (the only action so far)")  # fmt: skip
-    c = sub.add_parser("check", help="validate FILE and report duplicates and lengths",
-                       description=_DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        "data",
+        help="check a JSONL dataset: format, duplicates, token lengths",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(
+        dest="data_command",
+        metavar="ACTION",
+        required=True,
+        help="what to do: check (the only action so far)",
+    )
+    c = sub.add_parser(
+        "check",
+        help="validate FILE and report duplicates and lengths",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     c.add_argument("file", metavar="FILE", help="the JSONL file")
-    c.add_argument("--method", choices=("sft", "dpo"), default="sft",
-                   help="which shapes are valid: sft (four shapes) or dpo (pairs) (default: sft)")  # fmt: skip
-    c.add_argument("--model", default=None, metavar="PATH",
-                   help="tokenizer source (HF folder or .gguf) for token counts (default: none, "
-                   "counts words instead)")  # fmt: skip
-    c.add_argument("--max-seq-len", type=int, default=1024,
-                   help="report how many examples this length truncates (default: 1024)")  # fmt: skip
-    c.add_argument("--near-dup", type=float, default=0.8,
-                   help="Jaccard similarity of word 3-grams counted as a near-duplicate "
-                   "(default: 0.8)")  # fmt: skip
-    c.add_argument("--show", type=int, default=5,
-                   help="examples of each problem to list (default: 5)")  # fmt: skip
+    c.add_argument(
+        "--method",
+        choices=("sft", "dpo"),
+        default="sft",
+        help="which shapes are valid: sft (four shapes) or dpo (pairs) (default: sft)",
+    )
+    c.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH",
+        help="tokenizer source (HF folder or .gguf) for token counts (default: none, "
+        "counts words instead)",
+    )
+    c.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=1024,
+        help="report how many examples this length truncates (default: 1024)",
+    )
+    c.add_argument(
+        "--near-dup",
+        type=float,
+        default=0.8,
+        help="Jaccard similarity of word 3-grams counted as a near-duplicate (default: 0.8)",
+    )
+    c.add_argument(
+        "--show", type=int, default=5, help="examples of each problem to list (default: 5)"
+    )
     return p
 
 
 def _text(record: dict) -> str:
-    return json.dumps({k: v for k, v in record.items() if not k.startswith("_")},
-                      sort_keys=True, ensure_ascii=False)  # fmt: skip
+    return json.dumps(
+        {k: v for k, v in record.items() if not k.startswith("_")},
+        sort_keys=True,
+        ensure_ascii=False,
+    )
 
 
 def _shingles(text: str) -> set[str]:
@@ -68,8 +96,12 @@ def _minhash(shingles: set[str]) -> list[int]:
     sig = []
     for seed in range(_NUM_PERM):
         salt = seed.to_bytes(2, "little")
-        sig.append(min(int.from_bytes(hashlib.blake2b(salt + s.encode(), digest_size=8).digest(),
-                                      "little") for s in shingles))  # fmt: skip
+        sig.append(
+            min(
+                int.from_bytes(hashlib.blake2b(salt + s.encode(), digest_size=8).digest(), "little")
+                for s in shingles
+            )
+        )
     return sig
 
 
@@ -108,8 +140,10 @@ def _histogram(lengths: list[int], width: int = 40) -> list[str]:
     edges = list(range(0, top + step, step))
     counts = [sum(lo <= n < lo + step for n in lengths) for lo in edges[:-1]] or [len(lengths)]
     peak = max(counts)
-    return [f"  {lo:>6}-{lo + step - 1:<6} {c:>6} {'#' * max(1 if c else 0, round(width * c / peak))}"
-            for lo, c in zip(edges, counts)]  # fmt: skip
+    return [
+        f"  {lo:>6}-{lo + step - 1:<6} {c:>6} {'#' * max(1 if c else 0, round(width * c / peak))}"
+        for lo, c in zip(edges, counts)
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -141,8 +175,9 @@ def run(args: argparse.Namespace) -> int:
         records.append((loc, record, shape))
         texts.append(_text(record))
         where.append(loc)
-    print(f"{path}: {stats.lines} lines, {len(records)} usable records, "
-          f"{len(problems)} with problems")  # fmt: skip
+    print(
+        f"{path}: {stats.lines} lines, {len(records)} usable records, {len(problems)} with problems"
+    )
     if stats.shapes:
         print("shapes: " + ", ".join(f"{k} {v}" for k, v in stats.shapes.most_common()))
     for msg in problems[: args.show]:
@@ -154,8 +189,10 @@ def run(args: argparse.Namespace) -> int:
         groups[hashlib.sha256(t.encode()).hexdigest()].append(i)
     dups = [g for g in groups.values() if len(g) > 1]
     in_dups = sum(len(g) for g in dups)
-    print(f"exact duplicates: {in_dups} records in {len(dups)} group{'' if len(dups) == 1 else 's'}"
-          + (f" ({in_dups - len(dups)} could go)" if dups else ""))  # fmt: skip
+    print(
+        f"exact duplicates: {in_dups} records in {len(dups)} group{'' if len(dups) == 1 else 's'}"
+        + (f" ({in_dups - len(dups)} could go)" if dups else "")
+    )
     for g in dups[: args.show]:  # every copy of a group, on one line
         print("  " + " = ".join(where[i] for i in g))
     if len(dups) > args.show:
@@ -191,21 +228,31 @@ def run(args: argparse.Namespace) -> int:
             if first >= args.max_seq_len:
                 too_long.append(loc)
         if lengths:
-            print(f"tokens: {sum(lengths)} total; per example min {min(lengths)}, median "
-                  f"{statistics.median(lengths):.0f}, mean {statistics.mean(lengths):.1f}, "
-                  f"max {max(lengths)}")  # fmt: skip
+            print(
+                f"tokens: {sum(lengths)} total; per example min {min(lengths)}, median "
+                f"{statistics.median(lengths):.0f}, mean {statistics.mean(lengths):.1f}, "
+                f"max {max(lengths)}"
+            )
             print("length histogram (tokens):")
             print("\n".join(_histogram(lengths)))
-            print(f"--max-seq-len {args.max_seq_len}: {truncated} examples would be truncated"
-                  + (f", {len(too_long)} have a longer prompt (fatal in training): "
-                     f"{', '.join(too_long[:args.show])}" if too_long else ""))  # fmt: skip
+            print(
+                f"--max-seq-len {args.max_seq_len}: {truncated} examples would be truncated"
+                + (
+                    f", {len(too_long)} have a longer prompt (fatal in training): "
+                    f"{', '.join(too_long[: args.show])}"
+                    if too_long
+                    else ""
+                )
+            )
             if too_long:
                 problems.append("prompts longer than --max-seq-len")
     else:
         words = [len(t.split()) for t in texts]
         if words:
-            print(f"words per record: min {min(words)}, median {statistics.median(words):.0f}, "
-                  f"max {max(words)} (pass --model for token counts and truncation)")  # fmt: skip
+            print(
+                f"words per record: min {min(words)}, median {statistics.median(words):.0f}, "
+                f"max {max(words)} (pass --model for token counts and truncation)"
+            )
     if not records:
         print("no usable records")
         return 1

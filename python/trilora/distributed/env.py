@@ -65,7 +65,11 @@ def _int_var(name: str) -> int:
 def current_env() -> DistEnv:
     """The :class:`DistEnv` of an already initialized process group (or a single process)."""
     if not (dist.is_available() and dist.is_initialized()):
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")  # fmt: skip
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
         return DistEnv(device=device)
     backend = str(dist.get_backend())
     local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))

@@ -38,11 +38,16 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
     for name, m in model.named_modules():
         if isinstance(m, Linear4bit):
             layers[name] = dict(
-                in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None,
-                quant_type=m.quant_type, blocksize=m.blocksize,
-                double_quant=m.weight_nested_absmax is not None, quant_storage=m.weight.dtype,
-                compute_dtype=m.compute_dtype, weight_dtype=m.weight_dtype,
-            )  # fmt: skip
+                in_features=m.in_features,
+                out_features=m.out_features,
+                bias=m.bias is not None,
+                quant_type=m.quant_type,
+                blocksize=m.blocksize,
+                double_quant=m.weight_nested_absmax is not None,
+                quant_storage=m.weight.dtype,
+                compute_dtype=m.compute_dtype,
+                weight_dtype=m.weight_dtype,
+            )
     dtypes = {p.dtype for n, p in model.named_parameters() if p.is_floating_point()}
     non_quantized = [
         p.dtype
@@ -66,7 +71,6 @@ def build_shell(description: dict[str, Any]) -> nn.Module:
     :func:`trilora.from_pretrained`; :func:`~trilora.distributed.wrap_fsdp` overwrites them
     with rank 0's anyway.
     """
-
 
     kwargs = {}
     if description.get("attn_implementation"):

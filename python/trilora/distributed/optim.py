@@ -166,9 +166,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     and value.shape == local_shape
                 ):
                     value = DTensor.from_local(
-                        value, p.device_mesh, p.placements, run_check=False,
-                        shape=p.shape, stride=p.stride(),
-                    )  # fmt: skip
+                        value,
+                        p.device_mesh,
+                        p.placements,
+                        run_check=False,
+                        shape=p.shape,
+                        stride=p.stride(),
+                    )
                 out[key] = value
             state[index] = out
         return {"state": state, "param_groups": sd["param_groups"]}

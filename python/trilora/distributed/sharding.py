@@ -150,10 +150,12 @@ def check_same_model(model: nn.Module, env: DistEnv) -> None:
 def _check_source(model: nn.Module, env: DistEnv) -> None:
     meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if env.rank == 0 and meta:
-        found: list[Any] = [UserError(
-            f"rank 0 holds meta tensors ({meta[0]}, ...): rank 0 must hold the loaded model; "
-            "load it with trilora.distributed.load_pretrained"
-        )]  # fmt: skip
+        found: list[Any] = [
+            UserError(
+                f"rank 0 holds meta tensors ({meta[0]}, ...): rank 0 must hold the loaded model; "
+                "load it with trilora.distributed.load_pretrained"
+            )
+        ]
     else:
         found = [None]
     if env.distributed:
@@ -359,7 +361,6 @@ def wrap_fsdp(
         UserError: the ranks built different models (or store the 4-bit bytes in
             different dtypes), or rank 0 holds no loaded model.
     """
-
 
     env = env or current_env()
     policy = _mp_policy(mixed_precision)

@@ -44,8 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     p.add_argument("-r", "--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                   help="compute and mixed-precision dtype")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="compute and mixed-precision dtype",
+    )
     p.add_argument("--resume", action="store_true", help="load OUT/state first")
     p.add_argument("--overwrite", action="store_true", help="replace OUT/state and OUT/adapter")
     return p
@@ -53,15 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
 
-
     env = td.init_distributed()
     dtype = getattr(torch, args.dtype)
     model = td.load_pretrained(args.model, env=env, compute_dtype=dtype, dtype=dtype)
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
     model = get_peft_model(model, lora, compute_dtype=dtype)
     if args.fsdp:
-        model = td.wrap_fsdp(model, env=env, cpu_offload=args.cpu_offload,
-                             mixed_precision=dtype if dtype != torch.float32 else None)  # fmt: skip
+        model = td.wrap_fsdp(
+            model,
+            env=env,
+            cpu_offload=args.cpu_offload,
+            mixed_precision=dtype if dtype != torch.float32 else None,
+        )
     else:
         model = td.wrap_ddp(model, env=env)
     enable_checkpointing(td.unwrap(model), offload=env.device.type == "cuda")
@@ -84,7 +91,6 @@ def run(args: argparse.Namespace) -> int:
         opt.zero_grad()
         value = loss.detach().float()
         if env.distributed:
-
             dist.all_reduce(value)
             value /= env.world_size
         if env.is_main:
@@ -93,10 +99,17 @@ def run(args: argparse.Namespace) -> int:
                 if env.device.type == "cuda"
                 else ""
             )
-            print(f"step {step + 1}: loss {value.item():.4f}, grad norm {float(norm):.3f}{peak}",
-                  flush=True)  # fmt: skip
-    td.save_state(out / "state", model, opt, extra={"step": start + args.steps},
-                  overwrite=args.overwrite or args.resume)  # fmt: skip
+            print(
+                f"step {step + 1}: loss {value.item():.4f}, grad norm {float(norm):.3f}{peak}",
+                flush=True,
+            )
+    td.save_state(
+        out / "state",
+        model,
+        opt,
+        extra={"step": start + args.steps},
+        overwrite=args.overwrite or args.resume,
+    )
     td.save_adapter(model, out / "adapter", overwrite=args.overwrite or args.resume)
     if env.is_main:
         print(f"wrote {out / 'state'} and {out / 'adapter'} ({env.world_size} rank(s))")

@@ -62,10 +62,16 @@ STATE_FILE = "trilora_state.json"
 FORMAT = "trilora-distributed-state"
 VERSION = 1
 _ARCH_FIELDS = (
-    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
     "tie_word_embeddings",
-)  # fmt: skip
+)
 
 
 def _env_of(model: nn.Module) -> DistEnv:
@@ -295,7 +301,6 @@ def _jsonable(value: Any) -> Any:
 
 def _dcp_kwargs(env: DistEnv) -> dict[str, Any]:
 
-
     if env.has_group or "no_dist" not in inspect.signature(dcp.save).parameters:
         return {}  # older torch infers a single process from the missing process group
     return {"no_dist": True}
@@ -338,10 +343,14 @@ def save_state(
         if p.requires_grad:
             sd[f"model/{name}"] = p.detach()
     meta: dict[str, Any] = {
-        "format": FORMAT, "version": VERSION, "world_size": env.world_size,
-        "strategy": info.strategy if info is not None else "single", "fingerprint": fingerprint,
-        "optimizer": None, "extra": {},
-    }  # fmt: skip
+        "format": FORMAT,
+        "version": VERSION,
+        "world_size": env.world_size,
+        "strategy": info.strategy if info is not None else "single",
+        "fingerprint": fingerprint,
+        "optimizer": None,
+        "extra": {},
+    }
     if optimizer is not None:
         fqns = _optimizer_params(optimizer, names)
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -372,9 +381,11 @@ def save_state(
             groups.append({**hp, "params": fqns[start : start + n]})
             start += n
         meta["optimizer"] = {
-            "class": type(optimizer).__name__, "param_groups": groups, "scalars": scalars,
+            "class": type(optimizer).__name__,
+            "param_groups": groups,
+            "scalars": scalars,
             "layout_bound": layout_bound,
-        }  # fmt: skip
+        }
     for key, value in (extra or {}).items():
         if isinstance(value, torch.Tensor):
             if env.rank == 0:  # rank 0's value, whatever the others hold

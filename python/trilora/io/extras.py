@@ -48,8 +48,10 @@ def missing_message(module: str, feature: str, exc: BaseException | None = None)
     top = module.split(".")[0]
     if exc is None or (isinstance(exc, ModuleNotFoundError) and exc.name in (top, module)):
         return f"{feature} needs the {dist} package, which is not installed: {install_hint(module)}"
-    return (f"{feature} needs the {dist} package, which is installed but does not import "
-            f"({type(exc).__name__}: {exc}); reinstall it: {install_hint(module)}")  # fmt: skip
+    return (
+        f"{feature} needs the {dist} package, which is installed but does not import "
+        f"({type(exc).__name__}: {exc}); reinstall it: {install_hint(module)}"
+    )
 
 
 def require(module: str, feature: str) -> ModuleType:

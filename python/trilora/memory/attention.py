@@ -54,9 +54,14 @@ def flash_attention_forward(
     if attention_mask is not None:
         raise ValueError(f"{NAME} assumes causal attention without a padding mask")
     out = F.scaled_dot_product_attention(
-        query, key, value, dropout_p=dropout if module.training else 0.0, scale=scaling,
-        is_causal=True, enable_gqa=key.shape[1] != query.shape[1],
-    )  # fmt: skip
+        query,
+        key,
+        value,
+        dropout_p=dropout if module.training else 0.0,
+        scale=scaling,
+        is_causal=True,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )
     if out.grad_fn is not None:
         _add_backward_workspace(out.grad_fn, query, key)
     return out.transpose(1, 2).contiguous(), None
@@ -84,7 +89,6 @@ def register(grouped: bool = False) -> str:
     flash call over all heads.
     """
     from transformers.masking_utils import AttentionMaskInterface
-
 
     # The user-facing grouped attention itself; with no mask (below) it always takes the
     # grouped path, as it does on CUDA for unpadded causal batches.

@@ -105,8 +105,14 @@ def trace_bnb_peft(
     dt = compute_dtype(opts)
 
     def make(_name: str, child: nn.Linear, dtype: torch.dtype) -> nn.Module:
-        return bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                 compute_dtype=dtype, quant_type="nf4", device="meta")  # fmt: skip
+        return bnb.nn.Linear4bit(
+            child.in_features,
+            child.out_features,
+            bias=child.bias is not None,
+            compute_dtype=dtype,
+            quant_type="nf4",
+            device="meta",
+        )
 
     model = meta_causal_lm(config, opts, num_layers, make)
     layers = model.config.num_hidden_layers

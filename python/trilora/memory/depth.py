@@ -73,6 +73,7 @@ def trace(
     with progress.trace(desc, 2 * layers) as tick:
         return fn(config, opts, num_layers, name, recorder=recorder, on_layer=tick)
 
+
 def profile_depth(
     config,
     opts: MemOptions,

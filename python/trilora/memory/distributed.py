@@ -350,7 +350,6 @@ def per_rank_memory(
             config, math.ceil(seq_len / sequence_parallel), batch, dtype_bytes
         )
     if overheads is None:
-
         overheads = dict(OVERHEADS)
         if world_size > 1:
             overheads["communication"] = COMM_OVERHEAD
@@ -364,11 +363,14 @@ def per_rank_memory(
     device.update(overheads)
     device["fragmentation"] = int(fragmentation * dynamic)
     options = dict(
-        strategy=strategy, world_size=world_size, optimizer=optimizer,
+        strategy=strategy,
+        world_size=world_size,
+        optimizer=optimizer,
         param_dtype=None if param_dtype is None else str(param_dtype).removeprefix("torch."),
-        cpu_offload=cpu_offload, reshard_after_forward=reshard_after_forward,
+        cpu_offload=cpu_offload,
+        reshard_after_forward=reshard_after_forward,
         sequence_parallel=sequence_parallel,
-    )  # fmt: skip
+    )
     return RankReport(strategy, world_size, options, device, host)
 
 
@@ -400,7 +402,6 @@ def rank_report(
     built (it does not depend on the length).
     """
 
-
     local = replace(opts, seq_len=max(2, math.ceil(opts.seq_len / sequence_parallel)))
     if profiler is not None:
         trace = profiler.report(local.seq_len)
@@ -409,12 +410,18 @@ def rank_report(
     if model is None:
         model = build_meta_model(config, opts)
     report = per_rank_memory(
-        model, world_size=world_size, strategy=strategy,
+        model,
+        world_size=world_size,
+        strategy=strategy,
         activations=trace.categories.get("activations", 0),
-        temporaries=trace.categories.get("temporaries", 0), optimizer=opts.optimizer,
-        param_dtype=compute_dtype(opts) if strategy == "fsdp" else None, cpu_offload=cpu_offload,
-        sequence_parallel=sequence_parallel, seq_len=opts.seq_len, batch=opts.batch,
-    )  # fmt: skip
+        temporaries=trace.categories.get("temporaries", 0),
+        optimizer=opts.optimizer,
+        param_dtype=compute_dtype(opts) if strategy == "fsdp" else None,
+        cpu_offload=cpu_offload,
+        sequence_parallel=sequence_parallel,
+        seq_len=opts.seq_len,
+        batch=opts.batch,
+    )
     report.host["pinned_activations"] = trace.host_pinned
     return report, trace
 
@@ -437,15 +444,21 @@ def largest_context(
     (depth-extrapolated).
     """
 
-
     fast = FastProfiler(config, opts, dimension="seq_len")
     step = math.lcm(multiple, fast.period()) * sequence_parallel
     model = build_meta_model(config, opts)
     reports: dict[int, RankReport] = {}
 
     def total(v: int) -> int:
-        rep, _ = rank_report(config, replace(opts, seq_len=v), world_size, strategy,
-                             sequence_parallel, profiler=fast, model=model)  # fmt: skip
+        rep, _ = rank_report(
+            config,
+            replace(opts, seq_len=v),
+            world_size,
+            strategy,
+            sequence_parallel,
+            profiler=fast,
+            model=model,
+        )
         reports[v] = rep
         return rep.total
 

@@ -219,8 +219,9 @@ class _LatticeModel:
             for k in (n, n + 1, n + 2) if i == 0 else (n, n + 1):
                 opts = replace(fast.opts, **{fast.dimension: k * lattice.step})
                 recorder = TimelineRecorder()
-                step = trace(fast.config, opts, fast.provider, layers, fast.name, fast.progress,
-                             recorder)  # fmt: skip
+                step = trace(
+                    fast.config, opts, fast.provider, layers, fast.name, fast.progress, recorder
+                )
                 traced.append((step, recorder.timeline()))
             lengths = LengthModel.fit(traced[0][1], traced[1][1], n)
             if len(traced) == 3:

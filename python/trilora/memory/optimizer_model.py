@@ -81,10 +81,13 @@ def optimizer_bytes(
         return OptimizerBytes(state, 0, gradients_on_device=True)
     # Two buffers of the largest page (a page: a multiple of 256 elements within page_bytes).
     page = max(
-        (page_buffer_nbytes(b, min(n, page_elems(b, page_bytes))) for n in numels
-         for b in [_bits(n, bits)]),
+        (
+            page_buffer_nbytes(b, min(n, page_elems(b, page_bytes)))
+            for n in numels
+            for b in [_bits(n, bits)]
+        ),
         default=0,
-    )  # fmt: skip
+    )
     return OptimizerBytes(2 * page, state, gradients_on_device=True)
 
 

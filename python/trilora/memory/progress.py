@@ -53,10 +53,15 @@ class BarProgress(Progress):
 
             # A terminal that reports no size (a bare pty) would hide the bar.
             size = shutil.get_terminal_size((100, 24))
-            self._bar = tqdm(total=0, unit="layer", file=self.stream, leave=False,
-                             ncols=min(size.columns or 100, 120), nrows=max(size.lines, 2),
-                             bar_format="{desc} {bar} {n}/{total} layer passes "
-                             "[{elapsed}<{remaining}]")  # fmt: skip
+            self._bar = tqdm(
+                total=0,
+                unit="layer",
+                file=self.stream,
+                leave=False,
+                ncols=min(size.columns or 100, 120),
+                nrows=max(size.lines, 2),
+                bar_format="{desc} {bar} {n}/{total} layer passes [{elapsed}<{remaining}]",
+            )
 
     def _write(self, text: str) -> None:
         if self._bar is not None:

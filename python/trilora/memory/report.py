@@ -34,8 +34,6 @@ PROVIDERS = ("trilora", "bnb_peft")
 DEPTHS = ("full", "extrapolate", "fast")
 
 
-
-
 # "auto" MLP chunking: pieces of this many tokens per sequence. Each piece's intermediate
 # activations are [2048, intermediate_size] (56 MiB per tensor for Llama-3.1-8B in bf16),
 # constant in the context length; 2048 rows is also config.fused_max_tokens, so the chunk's
@@ -135,8 +133,6 @@ class MemReport:
         return d
 
 
-
-
 def compute_dtype(opts: MemOptions) -> torch.dtype:
     """The torch dtype of ``opts.dtype`` (the model's compute dtype)."""
     return getattr(torch, opts.dtype)
@@ -146,8 +142,6 @@ def overheads_of(categories: dict[str, int]) -> dict[str, int]:
     """:data:`OVERHEADS` plus the allocator's fragmentation of the dynamic categories."""
     dynamic = categories["activations"] + categories["temporaries"] + categories["gradients"]
     return {**OVERHEADS, "fragmentation": int(FRAGMENTATION * dynamic)}
-
-
 
 
 def extrapolate_depth(a: MemReport, b: MemReport, layers: int) -> MemReport:

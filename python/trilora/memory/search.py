@@ -58,10 +58,6 @@ def profile(
     return profile_depth(config, opts, provider, depth, name, progress)
 
 
-
-
-
-
 def minimum_bytes(config, opts: MemOptions) -> int:
     """Device bytes before any activation: weights, LoRA, gradients, optimizer state, overheads.
 
@@ -206,8 +202,11 @@ def find_max(
     if profiler is None:
         fast = FastProfiler(config, opts, provider, search, name, progress)
     elif (profiler.config, profiler.opts, profiler.provider, profiler.dimension) != (
-        config, opts, provider, search,
-    ):  # fmt: skip
+        config,
+        opts,
+        provider,
+        search,
+    ):
         raise ValueError("profiler was built for another model, options, provider or dimension")
     else:
         fast = profiler
@@ -218,8 +217,10 @@ def find_max(
             rep = fast.report(v)
             evaluated[v] = rep.total
             verdict = "fits" if rep.total <= budget else "exceeds"
-            progress.line(f"{search}={v:,} ({_METHOD_NAMES[rep.method]}): "
-                          f"{format_bytes(rep.total)}, {verdict}")  # fmt: skip
+            progress.line(
+                f"{search}={v:,} ({_METHOD_NAMES[rep.method]}): "
+                f"{format_bytes(rep.total)}, {verdict}"
+            )
         return evaluated[v]
 
     start = getattr(opts, search)
@@ -246,12 +247,15 @@ def find_max(
 
         def full(v: int) -> int:
             if v not in reports:
-                reports[v] = profile(config, replace(opts, **{search: v}), provider, "full", name,
-                                     progress)  # fmt: skip
+                reports[v] = profile(
+                    config, replace(opts, **{search: v}), provider, "full", name, progress
+                )
                 verdict = "fits" if reports[v].total <= budget else "exceeds"
-                progress.line(f"{search}={v:,} (full depth): "
-                              f"{format_bytes(reports[v].total)}, {verdict} "
-                              f"[{reports[v].trace_seconds:.0f} s]")  # fmt: skip
+                progress.line(
+                    f"{search}={v:,} (full depth): "
+                    f"{format_bytes(reports[v].total)}, {verdict} "
+                    f"[{reports[v].trace_seconds:.0f} s]"
+                )
             return reports[v].total
 
         fast_value = value
@@ -288,7 +292,9 @@ def sweep(
     :class:`~trilora.memory.fast.FastProfiler` (three short traces for every lattice length);
     ``"extrapolate"`` or ``"full"`` traces each length."""
     if depth != "fast":
-        return [profile(config, replace(opts, seq_len=t), provider, depth, name, progress)
-                for t in seq_lens]  # fmt: skip
+        return [
+            profile(config, replace(opts, seq_len=t), provider, depth, name, progress)
+            for t in seq_lens
+        ]
     fast = FastProfiler(config, opts, provider, "seq_len", name, progress)
     return [fast.report(t) for t in seq_lens]

@@ -155,11 +155,16 @@ def meta_causal_lm(config, opts: MemOptions, num_layers: int | None, make_linear
 
 def build_meta_model(config, opts: MemOptions, num_layers: int | None = None) -> nn.Module:
     """The causal LM on the meta device, with trilora 4-bit/LoRA layers in the decoder."""
+
     def make(name: str, child: nn.Linear, dt: torch.dtype) -> nn.Module:
         common = dict(
-            bias=child.bias is not None, blocksize=opts.blocksize, double_quant=opts.double_quant,
-            compute_dtype=dt, weight_dtype=dt, device="meta",
-        )  # fmt: skip
+            bias=child.bias is not None,
+            blocksize=opts.blocksize,
+            double_quant=opts.double_quant,
+            compute_dtype=dt,
+            weight_dtype=dt,
+            device="meta",
+        )
         if opts.targets is None or name in opts.targets:
             return QLoraLinear(
                 child.in_features,

@@ -101,8 +101,11 @@ def _source_files(root: Path, sources: tuple[str, ...]) -> list[str]:
     names = set(sources)
     for rel in sources:
         folder = (root / rel).parent
-        names.update(str(p.relative_to(root)) for p in folder.iterdir()
-                     if p.is_file() and p.suffix in _SOURCE_SUFFIXES)  # fmt: skip
+        names.update(
+            str(p.relative_to(root))
+            for p in folder.iterdir()
+            if p.is_file() and p.suffix in _SOURCE_SUFFIXES
+        )
     return sorted(names)
 
 
@@ -155,12 +158,18 @@ def build_key(
         digest.update(f"{rel}\0{len(data)}\0".encode())
         digest.update(data)
     setting = {
-        "name": name, "sources": list(sources), "cuda": cuda, "cflags": list(extra_cflags),
-        "cuda_cflags": list(extra_cuda_cflags) if cuda else [], "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda, "git": getattr(torch.version, "git_version", ""),
-        "compiler": _compiler_identity(cuda), "machine": platform.machine(),
+        "name": name,
+        "sources": list(sources),
+        "cuda": cuda,
+        "cflags": list(extra_cflags),
+        "cuda_cflags": list(extra_cuda_cflags) if cuda else [],
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "git": getattr(torch.version, "git_version", ""),
+        "compiler": _compiler_identity(cuda),
+        "machine": platform.machine(),
         "python": sysconfig.get_config_var("SOABI") or sys.implementation.cache_tag,
-    }  # fmt: skip
+    }
     digest.update(json.dumps(setting, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
@@ -191,8 +200,14 @@ def build_directory(
         sources = loader.SOURCES
         cuda = loader.CUDA if cuda is None else cuda
         extra_cflags = getattr(loader, "CFLAGS", ()) if extra_cflags is None else extra_cflags
-    key = build_key(name, sources, cuda=bool(cuda), extra_cflags=tuple(extra_cflags or ()),
-                    extra_cuda_cflags=extra_cuda_cflags, root=root)  # fmt: skip
+    key = build_key(
+        name,
+        sources,
+        cuda=bool(cuda),
+        extra_cflags=tuple(extra_cflags or ()),
+        extra_cuda_cflags=extra_cuda_cflags,
+        root=root,
+    )
     base = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     tag = "".join(c if c.isalnum() or c in "._-" else "_" for c in torch.__version__)
     return Path(base) / f"trilora-{name}-torch{tag}-{key}"
@@ -251,9 +266,18 @@ def _stage_sources(root: Path, files: list[str], staged: Path) -> None:
         os.replace(tmp, target)
 
 
-def _build_or_load(name: str, sources: tuple[str, ...], root: Path, build_dir: Path, *,
-                   cuda: bool, cflags: list[str], cuda_cflags: list[str] | None, label: str,
-                   usual: str) -> ModuleType:  # fmt: skip
+def _build_or_load(
+    name: str,
+    sources: tuple[str, ...],
+    root: Path,
+    build_dir: Path,
+    *,
+    cuda: bool,
+    cflags: list[str],
+    cuda_cflags: list[str] | None,
+    label: str,
+    usual: str,
+) -> ModuleType:
     """Under the folder's lock: import the finished build, or build it first (saying so
     on stderr, with how long it usually takes, and when it is done)."""
     import time
@@ -281,8 +305,12 @@ def _build_or_load(name: str, sources: tuple[str, ...], root: Path, build_dir: P
             verbose=os.environ.get("TRILORA_NATIVE_VERBOSE", "") not in ("", "0"),
         )
         seconds = time.perf_counter() - start
-        marker = {"name": name, "seconds": round(seconds, 1), "sources": str(root),
-                  "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+        marker = {
+            "name": name,
+            "seconds": round(seconds, 1),
+            "sources": str(root),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         tmp = build_dir / f".{_MARKER}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(marker) + "\n")
         os.replace(tmp, build_dir / _MARKER)
@@ -319,14 +347,26 @@ def load_extension(
         if reason is None:
             try:
                 src = source_root() if root is None else Path(root)
-                build_dir = build_directory(name, sources, cuda=cuda, extra_cflags=extra_cflags,
-                                            extra_cuda_cflags=extra_cuda_cflags, root=src)  # fmt: skip
+                build_dir = build_directory(
+                    name,
+                    sources,
+                    cuda=cuda,
+                    extra_cflags=extra_cflags,
+                    extra_cuda_cflags=extra_cuda_cflags,
+                    root=src,
+                )
                 build_dir.mkdir(parents=True, exist_ok=True)
                 module = _build_or_load(
-                    name, sources, src, build_dir, cuda=cuda, cflags=["-O3", *extra_cflags],
+                    name,
+                    sources,
+                    src,
+                    build_dir,
+                    cuda=cuda,
+                    cflags=["-O3", *extra_cflags],
                     cuda_cflags=["-O3", *extra_cuda_cflags] if cuda else None,
-                    label=label or f"trilora's native extension {name}", usual=usual,
-                )  # fmt: skip
+                    label=label or f"trilora's native extension {name}",
+                    usual=usual,
+                )
             except Exception as exc:  # a failed build must not take the caller down
                 lines = [ln for ln in str(exc).splitlines() if ln.strip()]
                 reason = f"the build failed ({type(exc).__name__}: {lines[0] if lines else ''})"

@@ -87,8 +87,14 @@ def nvcc_command(nvcc: str, source: Path, out: Path, archs: tuple[int, ...]) -> 
 
 def host_command(source: Path) -> list[str]:
     compiler = os.environ.get("CXX", "c++")
-    return [compiler, "-fsyntax-only", f"-std={_cxx_standard()}", "-fPIC", *common_flags(),
-            str(source)]  # fmt: skip
+    return [
+        compiler,
+        "-fsyntax-only",
+        f"-std={_cxx_standard()}",
+        "-fPIC",
+        *common_flags(),
+        str(source),
+    ]
 
 
 def sources(root: Path) -> tuple[list[Path], list[Path]]:
@@ -102,8 +108,12 @@ def _run(cmd: list[str], path: Path, root: Path) -> Result:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
-    return Result(str(path.relative_to(root.parent)), seconds, proc.returncode == 0,
-                  (proc.stdout + proc.stderr).strip())  # fmt: skip
+    return Result(
+        str(path.relative_to(root.parent)),
+        seconds,
+        proc.returncode == 0,
+        (proc.stdout + proc.stderr).strip(),
+    )
 
 
 def check(root: Path, archs: tuple[int, ...], jobs: int) -> list[Result] | None:
@@ -122,10 +132,16 @@ def check(root: Path, archs: tuple[int, ...], jobs: int) -> list[Result] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trilora.native.check_cuda",
-                                description=__doc__.split("\n\n")[0])  # fmt: skip
-    p.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS),
-                   help="SM versions (default: 80 90)")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m trilora.native.check_cuda", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--arch",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_ARCHS),
+        help="SM versions (default: 80 90)",
+    )
     p.add_argument("--jobs", type=int, default=2, help="files compiled at once (default: 2)")
     p.add_argument("--root", type=Path, default=None, help="csrc folder (default: trilora's)")
     args = p.parse_args(argv)

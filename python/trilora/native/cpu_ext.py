@@ -64,8 +64,9 @@ def load() -> ModuleType | None:
                 # The shared loader's warning names what is missing; add what it costs here.
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    module = load_extension(NAME, SOURCES, cuda=CUDA, extra_cflags=CFLAGS,
-                                            label=LABEL, usual=USUAL)  # fmt: skip
+                    module = load_extension(
+                        NAME, SOURCES, cuda=CUDA, extra_cflags=CFLAGS, label=LABEL, usual=USUAL
+                    )
                 for w in caught:
                     if issubclass(w.category, NativeExtensionWarning):
                         warnings.warn(f"{w.message} {FALLBACK_NOTE}", w.category, stacklevel=2)
@@ -115,9 +116,17 @@ def dequantize_4bit_into(
         return False
     off = 0.0 if offset is None else float(offset.reshape(()).item())
     ext.dequantize_4bit_out(
-        packed, absmax, code, nested_absmax, nested_code, off, nested_blocksize, blocksize, out,
+        packed,
+        absmax,
+        code,
+        nested_absmax,
+        nested_code,
+        off,
+        nested_blocksize,
+        blocksize,
+        out,
         isa,
-    )  # fmt: skip
+    )
     return True
 
 

@@ -77,11 +77,20 @@ def decode_gemv_4bit(
     else:
         xa, b = None, None
     y = ext.gemv_4bit(
-        x, packed.reshape(-1).view(torch.uint8), absmax.contiguous(), code.contiguous(),
-        nested_absmax, nested_code, offset.reshape(1) if offset is not None else None,
-        blocksize, n_out, None if bias is None else bias.to(x.dtype).contiguous(), xa, b,
+        x,
+        packed.reshape(-1).view(torch.uint8),
+        absmax.contiguous(),
+        code.contiguous(),
+        nested_absmax,
+        nested_code,
+        offset.reshape(1) if offset is not None else None,
+        blocksize,
+        n_out,
+        None if bias is None else bias.to(x.dtype).contiguous(),
+        xa,
+        b,
         float(scale),
-    )  # fmt: skip
+    )
     return y, (xa if xa is not None else x.new_empty((x.shape[0], 0), dtype=torch.float32))
 
 

@@ -153,14 +153,23 @@ class _GroupedCausalAttention(torch.autograd.Function):
             qi, ki, vi = q[:, heads], k[:, i : i + 1], v[:, i : i + 1]
             # Memory traces: what the CUDA kernel allocates inside, for this group only.
             workspace = (
-                [torch.empty(s, dtype=dt, device=q.device) for s, dt in flash_backward_workspace(qi, ki)]
+                [
+                    torch.empty(s, dtype=dt, device=q.device)
+                    for s, dt in flash_backward_workspace(qi, ki)
+                ]
                 if fake
                 else []
-            )  # fmt: skip
+            )
             gq, gk, gv = _flash_backward(
-                dout[:, :, heads].transpose(1, 2), qi, ki, vi,
-                out[:, :, heads].transpose(1, 2), lse[i], ctx.states[i], ctx.scale,
-            )  # fmt: skip
+                dout[:, :, heads].transpose(1, 2),
+                qi,
+                ki,
+                vi,
+                out[:, :, heads].transpose(1, 2),
+                lse[i],
+                ctx.states[i],
+                ctx.scale,
+            )
             dq[:, heads].copy_(gq)
             dk[:, i : i + 1].copy_(gk)
             dv[:, i : i + 1].copy_(gv)

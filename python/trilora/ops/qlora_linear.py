@@ -86,8 +86,21 @@ def _forward(
         # Decode: the CUDA extension's GEMV when it builds (see trilora.config).
         from trilora.native.gemv import decode_gemv_4bit
 
-        out = decode_gemv_4bit(x, packed, absmax, code, nested_absmax, nested_code, offset,
-                               blocksize, n_out, lora_a, lora_b, scale, bias)  # fmt: skip
+        out = decode_gemv_4bit(
+            x,
+            packed,
+            absmax,
+            code,
+            nested_absmax,
+            nested_code,
+            offset,
+            blocksize,
+            n_out,
+            lora_a,
+            lora_b,
+            scale,
+            bias,
+        )
         if out is not None:
             return out
     if _use_fused(x):
@@ -101,9 +114,17 @@ def _forward(
     # The dequantized weight lives in a reused per-thread buffer (no page faults), consumed
     # by the GEMM before anything else dequantizes.
     weight = dequantize_4bit_impl(
-        packed, absmax, code, nested_absmax, nested_code, offset, blocksize, [n_out, k], x.dtype,
+        packed,
+        absmax,
+        code,
+        nested_absmax,
+        nested_code,
+        offset,
+        blocksize,
+        [n_out, k],
+        x.dtype,
         scratch=True,
-    )  # fmt: skip
+    )
     y = cpu_matmul.linear(x, weight)
     del weight
     if bias is not None:
@@ -125,8 +146,23 @@ qlora_linear_fwd = torch.library.custom_op("trilora::qlora_linear_fwd", _forward
 
 
 @qlora_linear_fwd.register_fake
-def _(x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n_out, lora_a, lora_b,
-      scale, bias, dropout_mask, dropout_scale):  # fmt: skip
+def _(
+    x,
+    packed,
+    absmax,
+    code,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    n_out,
+    lora_a,
+    lora_b,
+    scale,
+    bias,
+    dropout_mask,
+    dropout_scale,
+):
     r = 0 if lora_a is None else lora_a.shape[0]
     return x.new_empty((x.shape[0], n_out)), x.new_empty((x.shape[0], r), dtype=torch.float32)
 
@@ -198,9 +234,17 @@ def _backward_compute(
     dx = _no_grad(x)
     if needs_input_grad:
         weight = dequantize_4bit_impl(
-            packed, absmax, code, nested_absmax, nested_code, offset, blocksize, [n_out, k],
-            dy.dtype, scratch=True,
-        )  # fmt: skip
+            packed,
+            absmax,
+            code,
+            nested_absmax,
+            nested_code,
+            offset,
+            blocksize,
+            [n_out, k],
+            dy.dtype,
+            scratch=True,
+        )
         dx = cpu_matmul.matmul(dy, weight)
         del weight
     if not has_lora:
@@ -227,8 +271,25 @@ qlora_linear_bwd = torch.library.custom_op(
 
 
 @qlora_linear_bwd.register_fake
-def _(dy, x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, lora_a, lora_b, xa,
-      scale, dropout_mask, dropout_scale, needs_input_grad, needs_lora_grad):  # fmt: skip
+def _(
+    dy,
+    x,
+    packed,
+    absmax,
+    code,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    lora_a,
+    lora_b,
+    xa,
+    scale,
+    dropout_mask,
+    dropout_scale,
+    needs_input_grad,
+    needs_lora_grad,
+):
     dx = x.new_empty(x.shape) if needs_input_grad else _no_grad(x)
     if lora_a is None or not needs_lora_grad:
         return dx, _no_grad(x), _no_grad(x)
@@ -243,8 +304,23 @@ def _(dy, x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize
 
 
 def _setup_context(ctx, inputs, output):
-    (x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, _n_out, lora_a, lora_b,
-     scale, bias, dropout_mask, dropout_scale) = inputs  # fmt: skip
+    (
+        x,
+        packed,
+        absmax,
+        code,
+        nested_absmax,
+        nested_code,
+        offset,
+        blocksize,
+        _n_out,
+        lora_a,
+        lora_b,
+        scale,
+        bias,
+        dropout_mask,
+        dropout_scale,
+    ) = inputs
     _, xa = output
     ctx.blocksize, ctx.scale, ctx.dropout_scale = blocksize, scale, dropout_scale
     ctx.has_lora, ctx.has_bias = lora_a is not None, bias is not None
@@ -262,14 +338,44 @@ def _backward(ctx, dy, _dxa, compute=qlora_linear_bwd):
     needs = ctx.needs_input_grad
     needs_lora = ctx.has_lora and (needs[9] or needs[10])
     dx, da, db = compute(
-        dy.contiguous(), x, packed, absmax, code, nested_absmax, nested_code, offset, ctx.blocksize,
-        lora_a, lora_b, xa, ctx.scale, dropout_mask, ctx.dropout_scale, needs[0], needs_lora,
-    )  # fmt: skip
+        dy.contiguous(),
+        x,
+        packed,
+        absmax,
+        code,
+        nested_absmax,
+        nested_code,
+        offset,
+        ctx.blocksize,
+        lora_a,
+        lora_b,
+        xa,
+        ctx.scale,
+        dropout_mask,
+        ctx.dropout_scale,
+        needs[0],
+        needs_lora,
+    )
     grad_a = da.to(lora_a.dtype) if needs_lora and needs[9] else None
     grad_b = db.to(lora_b.dtype) if needs_lora and needs[10] else None
     grad_bias = dy.sum(0) if ctx.has_bias and needs[12] else None
-    return (dx if needs[0] else None, None, None, None, None, None, None, None, None,
-            grad_a, grad_b, None, grad_bias, None, None)  # fmt: skip
+    return (
+        dx if needs[0] else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        grad_a,
+        grad_b,
+        None,
+        grad_bias,
+        None,
+        None,
+    )
 
 
 qlora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -365,10 +471,22 @@ def qlora_linear(
             mask = dropout_mask.reshape(-1, k).to(torch.bool)
     op = _EagerCPU.apply if _eager_cpu(x2) else qlora_linear_fwd
     y, _ = op(
-        x2, weight.packed, weight.absmax, weight.code, weight.nested_absmax, weight.nested_code,
-        weight.offset, weight.blocksize, n_out, lora_a, lora_b, float(scale), bias, mask,
+        x2,
+        weight.packed,
+        weight.absmax,
+        weight.code,
+        weight.nested_absmax,
+        weight.nested_code,
+        weight.offset,
+        weight.blocksize,
+        n_out,
+        lora_a,
+        lora_b,
+        float(scale),
+        bias,
+        mask,
         dropout_scale,
-    )  # fmt: skip
+    )
     return y.reshape(*lead, n_out)
 
 

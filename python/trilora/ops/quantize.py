@@ -228,9 +228,16 @@ def kernel_weight(
 
     n_cols = shape[-1] if len(shape) else 1
     return Weight4bit(
-        packed.reshape(-1).view(torch.uint8), absmax, code, nested_absmax, nested_code, offset,
-        blocksize, math.prod(shape) // n_cols, n_cols,
-    )  # fmt: skip
+        packed.reshape(-1).view(torch.uint8),
+        absmax,
+        code,
+        nested_absmax,
+        nested_code,
+        offset,
+        blocksize,
+        math.prod(shape) // n_cols,
+        n_cols,
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -296,9 +303,17 @@ def dequantize_4bit_cpu_native(
     else:
         out = torch.empty(shape, dtype=dtype, device=packed.device)
     cpu_ext.dequantize_4bit_into(
-        out, packed.reshape(-1).view(torch.uint8).contiguous(), absmax.contiguous(), code.contiguous(),
-        nested_absmax, nested_code, offset, blocksize, NESTED_BLOCKSIZE, isa,
-    )  # fmt: skip
+        out,
+        packed.reshape(-1).view(torch.uint8).contiguous(),
+        absmax.contiguous(),
+        code.contiguous(),
+        nested_absmax,
+        nested_code,
+        offset,
+        blocksize,
+        NESTED_BLOCKSIZE,
+        isa,
+    )
     return out
 
 
@@ -351,9 +366,17 @@ def dequantize_4bit_impl(
         )
         return launch(w, dtype).reshape(shape)
     out = dequantize_4bit_cpu_native(
-        packed, absmax, code, nested_absmax, nested_code, offset, blocksize, shape, dtype,
+        packed,
+        absmax,
+        code,
+        nested_absmax,
+        nested_code,
+        offset,
+        blocksize,
+        shape,
+        dtype,
         scratch=scratch,
-    )  # fmt: skip
+    )
     if out is not None:
         return out
     return dequantize_4bit_reference(

@@ -28,11 +28,19 @@ OPTIMIZERS: dict[str, dict[str, Any]] = {
     "adamw_8bit_host": {"state_bits": 8, "paging": "host", "device_budget": 0},
     "adamw_uvm": {"state_bits": 32, "paging": "uvm"},
     "adamw_8bit_uvm": {"state_bits": 8, "paging": "uvm"},
-    "adamw_cpu_offload": {"state_bits": 32, "paging": "host", "device_budget": 0,
-                          "offload_gradients": True},
-    "adamw_8bit_cpu_offload": {"state_bits": 8, "paging": "host", "device_budget": 0,
-                               "offload_gradients": True},
-}  # fmt: skip
+    "adamw_cpu_offload": {
+        "state_bits": 32,
+        "paging": "host",
+        "device_budget": 0,
+        "offload_gradients": True,
+    },
+    "adamw_8bit_cpu_offload": {
+        "state_bits": 8,
+        "paging": "host",
+        "device_budget": 0,
+        "offload_gradients": True,
+    },
+}
 """Optimizer names and the :class:`AdamW` settings each stands for: ``*_8bit*`` 8-bit state;
 ``paged_*`` resident until memory gets tight (bitsandbytes' names); ``*_host`` all state in
 pinned host memory, streamed through the device a page at a time; ``*_uvm`` CUDA managed

@@ -220,8 +220,9 @@ class AdamW(torch.optim.Optimizer):
                 "page_bytes and min_8bit_size"
             )
         _check_hparams(lr, betas, eps, weight_decay)
-        self._check_settings(state_bits, paging, device_budget, offload_gradients, page_bytes,
-                             min_8bit_size)  # fmt: skip
+        self._check_settings(
+            state_bits, paging, device_budget, offload_gradients, page_bytes, min_8bit_size
+        )
         self.state_bits = int(state_bits)
         self.paging = paging
         self.device_budget = None if device_budget is None else int(device_budget)
@@ -482,9 +483,10 @@ class AdamW(torch.optim.Optimizer):
         """``paging="auto"``: move states between device and host as memory pressure says."""
         tracker = self._trackers.setdefault(device, AutoTracker())
         slots = [
-            s for s in self._slots
+            s
+            for s in self._slots
             if s.state is not None and s.device == device and s.state.home in ("device", "host")
-        ]  # fmt: skip
+        ]
         if not slots:
             return
         slack, headroom = tracker.slack(device)
@@ -572,10 +574,18 @@ class AdamW(torch.optim.Optimizer):
             else:
                 maps = quant_maps(p_flat.device)
                 adamw_step_8bit(
-                    p_flat, g_flat, tensors["state1"], tensors["state2"], tensors["absmax1"],
-                    tensors["absmax2"], maps.qmap1, maps.qmap2, maps.bounds1, maps.bounds2,
+                    p_flat,
+                    g_flat,
+                    tensors["state1"],
+                    tensors["state2"],
+                    tensors["absmax1"],
+                    tensors["absmax2"],
+                    maps.qmap1,
+                    maps.qmap2,
+                    maps.bounds1,
+                    maps.bounds2,
                     **sc.kernel_args(),
-                )  # fmt: skip
+                )
 
         write_back = []
         streamed: dict[torch.device, list[Page]] = defaultdict(list)
@@ -595,10 +605,15 @@ class AdamW(torch.optim.Optimizer):
             pages = streamed if st.home == "host" else managed
             for start, stop in page_ranges(slot.numel, page_elems(slot.bits, self.page_bytes)):
                 pages[slot.device].append(
-                    Page(st, start, stop, functools.partial(
-                        _launch_page, launch, slot, p_flat[start:stop], g_flat[start:stop], sc
-                    ))
-                )  # fmt: skip
+                    Page(
+                        st,
+                        start,
+                        stop,
+                        functools.partial(
+                            _launch_page, launch, slot, p_flat[start:stop], g_flat[start:stop], sc
+                        ),
+                    )
+                )
         for device, pages in streamed.items():
             if device not in self._streamers:
                 self._streamers[device] = HostPageStreamer(device)
@@ -625,16 +640,25 @@ class AdamW(torch.optim.Optimizer):
             t = slot.state.tensors
             if slot.bits == 8:
                 adamw_8bit_(
-                    work.view(-1), grad.reshape(-1), t["state1"], t["state2"], t["absmax1"],
-                    t["absmax2"], quant_maps(work.device), self._scalars(group, slot),
-                )  # fmt: skip
+                    work.view(-1),
+                    grad.reshape(-1),
+                    t["state1"],
+                    t["state2"],
+                    t["absmax1"],
+                    t["absmax2"],
+                    quant_maps(work.device),
+                    self._scalars(group, slot),
+                )
             elif work.device.type == "cpu":
                 batch.append((group, work, grad, slot))
             else:  # a CUDA tensor under config.backend == "torch": the reference ops
                 adamw_32bit_(
-                    work, grad, t["exp_avg"].view(work.shape), t["exp_avg_sq"].view(work.shape),
+                    work,
+                    grad,
+                    t["exp_avg"].view(work.shape),
+                    t["exp_avg_sq"].view(work.shape),
                     self._scalars(group, slot),
-                )  # fmt: skip
+                )
         if batch:
             self._torch_adamw32(batch)
         for target, work in write_back:
@@ -644,8 +668,11 @@ class AdamW(torch.optim.Optimizer):
         """32-bit CPU update through torch's own AdamW kernel, on our state tensors."""
         if self._inner is None:
             probe = torch.zeros(1, requires_grad=True)
-            self._inner = torch.optim.AdamW([probe], fused=True if host_kernel_is_fused() else None,
-                                            foreach=None if host_kernel_is_fused() else False)  # fmt: skip
+            self._inner = torch.optim.AdamW(
+                [probe],
+                fused=True if host_kernel_is_fused() else None,
+                foreach=None if host_kernel_is_fused() else False,
+            )
         inner = self._inner
         groups: dict[int, dict[str, Any]] = {}
         inner.state = defaultdict(dict)
@@ -835,8 +862,15 @@ def _launch_page(launch, slot, p_page, g_page, sc, tensors) -> None:
 class AdamW8bit(AdamW):
     """:class:`AdamW` with 8-bit state (bitsandbytes' ``AdamW8bit``), resident."""
 
-    def __init__(self, params: ParamsT, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
-                 weight_decay=1e-2, **kwargs: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        params: ParamsT,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=1e-2,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("state_bits", 8)
         super().__init__(params, lr, betas, eps, weight_decay, **kwargs)
 
@@ -846,8 +880,15 @@ class PagedAdamW(AdamW):
     to host memory under memory pressure (``paging="auto"``), as bitsandbytes users expect of
     ``PagedAdamW``. Pass ``paging="uvm"`` for managed memory, as bitsandbytes does it."""
 
-    def __init__(self, params: ParamsT, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
-                 weight_decay=1e-2, **kwargs: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        params: ParamsT,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=1e-2,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("paging", "auto")
         super().__init__(params, lr, betas, eps, weight_decay, **kwargs)
 
@@ -855,8 +896,15 @@ class PagedAdamW(AdamW):
 class PagedAdamW8bit(AdamW):
     """:class:`PagedAdamW` with 8-bit state (bitsandbytes' ``PagedAdamW8bit``)."""
 
-    def __init__(self, params: ParamsT, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
-                 weight_decay=1e-2, **kwargs: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        params: ParamsT,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=1e-2,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("state_bits", 8)
         kwargs.setdefault("paging", "auto")
         super().__init__(params, lr, betas, eps, weight_decay, **kwargs)
@@ -927,9 +975,16 @@ class CPUOffloadAdamW(AdamW):
                 "lr, betas, eps, weight_decay, offload_gradients and state_bits"
             )
         super().__init__(
-            params, lr, betas, eps, weight_decay, state_bits=state_bits, paging="host",
-            device_budget=0, offload_gradients=offload_gradients,
-        )  # fmt: skip
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            state_bits=state_bits,
+            paging="host",
+            device_budget=0,
+            offload_gradients=offload_gradients,
+        )
 
 
 __all__ = [

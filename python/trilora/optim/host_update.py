@@ -314,12 +314,7 @@ class HostUpdater:
         """Host-update mode: gradients on the host, fp32 masters, the update on the CPU,
         parameters copied back (non-blocking on CUDA)."""
         slots = self._offloaded_grads() if self.offload_gradients else self._copied_grads()
-        if (
-            self.offload_gradients
-            and slots
-            and not self.clip_called
-            and not self.warned_unclipped
-        ):
+        if self.offload_gradients and slots and not self.clip_called and not self.warned_unclipped:
             self.warned_unclipped = True
             warnings.warn(
                 f"{self.name}(offload_gradients=True) keeps gradients on the host, so "

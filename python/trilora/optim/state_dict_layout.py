@@ -178,17 +178,25 @@ def to_dtensors(entry: dict[str, Any], param: Any) -> dict[str, Any]:
     for key, value in entry.items():
         if key in _SHAPED:
             out[key] = DTensor.from_local(
-                value.view(param.to_local().shape), mesh, param.placements, run_check=False,
-                shape=param.shape, stride=param.stride(),
-            )  # fmt: skip
+                value.view(param.to_local().shape),
+                mesh,
+                param.placements,
+                run_check=False,
+                shape=param.shape,
+                stride=param.stride(),
+            )
         elif key.startswith("absmax"):
             world, width = mesh.size(), largest_shard_blocks(param)
             row = torch.zeros((1, width), dtype=torch.float32, device=value.device)
             row[0, : value.numel()] = value
             out[key] = DTensor.from_local(
-                row, mesh, [Shard(0)], run_check=False, shape=torch.Size((world, width)),
+                row,
+                mesh,
+                [Shard(0)],
+                run_check=False,
+                shape=torch.Size((world, width)),
                 stride=(width, 1),
-            )  # fmt: skip
+            )
         else:
             out[key] = value
     return out

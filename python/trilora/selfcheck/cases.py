@@ -94,13 +94,14 @@ def shapes_for(ctx: Context) -> Shapes:
         else ("q_proj", "gate_proj", "down_proj")
     )
     projections = tuple(
-        (s.layer, s.n_out, s.k_in) for s in projection_shapes("llama-3.1-8b", 1 if ctx.gpu else 64, layers)
-    )  # fmt: skip
+        (s.layer, s.n_out, s.k_in)
+        for s in projection_shapes("llama-3.1-8b", 1 if ctx.gpu else 64, layers)
+    )
     if ctx.gpu:
         return Shapes(
             True, projections, (1, 16, 512, 4096), 128256, 4096, (1, 32, 8, 2048, 128), 512
         )
-    return Shapes(False, projections, (1, 16, 40, 80), 128256 // 64, 64, (1, 8, 2, 64, 32), 16)  # fmt: skip
+    return Shapes(False, projections, (1, 16, 40, 80), 128256 // 64, 64, (1, 8, 2, 64, 32), 16)
 
 
 # ---------------------------------------------------------------------------------------
@@ -192,9 +193,13 @@ def _quantize_checks(ctx, g, rows, cols, dtype, quant_type, blocksize, double) -
     bnbf = _bitsandbytes_functional()
     info: dict[str, Any] = {"bitsandbytes": "not importable"} if bnbf is None else {}
     try:
-        b_packed, st = bnbf.quantize_4bit(
-            w, blocksize=blocksize, compress_statistics=double, quant_type=quant_type
-        ) if bnbf is not None else (None, None)  # fmt: skip
+        b_packed, st = (
+            bnbf.quantize_4bit(
+                w, blocksize=blocksize, compress_statistics=double, quant_type=quant_type
+            )
+            if bnbf is not None
+            else (None, None)
+        )
     except Exception as exc:  # a baseline limitation is not a trilora failure
         b_packed = None
         info["bitsandbytes"] = f"quantize_4bit raised {describe_exception(exc)}"
@@ -203,10 +208,12 @@ def _quantize_checks(ctx, g, rows, cols, dtype, quant_type, blocksize, double) -
         checks.append(
             check(
                 "packed bytes differing from bitsandbytes",
-                _differing(qw.packed.reshape(-1).view(torch.uint8), b_packed.reshape(-1).view(torch.uint8)),
+                _differing(
+                    qw.packed.reshape(-1).view(torch.uint8), b_packed.reshape(-1).view(torch.uint8)
+                ),
                 0,
             )
-        )  # fmt: skip
+        )
         checks.append(
             check("absmax differing from bitsandbytes", _differing(qw.absmax, st.absmax), 0)
         )
@@ -248,9 +255,16 @@ def _dequantize_checks(ctx, g, rows, cols, dtype, quant_type, blocksize, double)
     out = qw.dequantize(dtype)
     # The definition: code * scale in fp32, then one round-to-nearest-even cast.
     ref = dequantize_4bit_reference(
-        qw.packed, qw.absmax, qw.code, qw.nested_absmax, qw.nested_code, qw.offset,
-        qw.blocksize, list(qw.shape), torch.float32,
-    ).to(dtype)  # fmt: skip
+        qw.packed,
+        qw.absmax,
+        qw.code,
+        qw.nested_absmax,
+        qw.nested_code,
+        qw.offset,
+        qw.blocksize,
+        list(qw.shape),
+        torch.float32,
+    ).to(dtype)
     checks = [check("values differing from the definition (bits)", _differing(out, ref), 0)]
     bnbf = _bitsandbytes_functional()
     info: dict[str, Any] = {}
@@ -376,17 +390,32 @@ def _qlora_checks(ctx, g, cfg: QLoraConfig, m: int, n: int, k: int, dtype) -> li
     dy = torch.randn(m, n, generator=g, device=dev).to(dtype)
     alpha = 2.0 * max(r, 1)
     scale = alpha / math.sqrt(r) if cfg.rslora and r else alpha / max(r, 1)
-    limit = {"scratch": 0, "splitk": max(m, config.fused_max_tokens), "tiled": max(m, config.fused_max_tokens)}  # fmt: skip
+    limit = {
+        "scratch": 0,
+        "splitk": max(m, config.fused_max_tokens),
+        "tiled": max(m, config.fused_max_tokens),
+    }
     with override(fused_max_tokens=limit[cfg.path]):
         y = qlora_linear(x, qw, a, b, scale, bias, dropout_p=p, training=bool(p), dropout_mask=mask)
         y.backward(dy)
 
     # float64 reference on the weight the kernels see: the definition's fp32 value rounded
     # to the activation dtype (the fused kernels cast each tile, the scratch path the buffer).
-    w_ref = dequantize_4bit_reference(
-        qw.packed, qw.absmax, qw.code, qw.nested_absmax, qw.nested_code, qw.offset,
-        qw.blocksize, [n, k], torch.float32,
-    ).to(dtype).double()  # fmt: skip
+    w_ref = (
+        dequantize_4bit_reference(
+            qw.packed,
+            qw.absmax,
+            qw.code,
+            qw.nested_absmax,
+            qw.nested_code,
+            qw.offset,
+            qw.blocksize,
+            [n, k],
+            torch.float32,
+        )
+        .to(dtype)
+        .double()
+    )
     x64, dy64 = x.detach().double(), dy.double()
     keep = mask.double() / (1.0 - p) if mask is not None else 1.0
     y_ref = x64 @ w_ref.t()
@@ -425,22 +454,56 @@ def qlora_cases(s: Shapes) -> list[Unit]:
         )
 
     # Real shapes, the PEFT-typical adapter: r=16, fp32 factors, dropout, NF4 + double quant.
-    paths = [("splitk", decode), ("splitk", small), ("tiled", mid), ("tiled", large), ("scratch", large)]  # fmt: skip
+    paths = [
+        ("splitk", decode),
+        ("splitk", small),
+        ("tiled", mid),
+        ("tiled", large),
+        ("scratch", large),
+    ]
     for dt in ("bf16", "fp16"):
         for i, (name, n, k) in enumerate(s.projections):
             for path, m in paths:
-                add(QLoraConfig(path), m, n, k, dt, f"llama-3.1-8b {name} M={m} N={n} K={k}", 0 if i == 0 else 1)  # fmt: skip
+                add(
+                    QLoraConfig(path),
+                    m,
+                    n,
+                    k,
+                    dt,
+                    f"llama-3.1-8b {name} M={m} N={n} K={k}",
+                    0 if i == 0 else 1,
+                )
     # Odd shapes: sizes off every block, K not a multiple of the quantization blocksize,
     # blocks across row ends, ranks that pad, every feature; bf16 on the GPU, fp16 on both.
     odd = [
-        (QLoraConfig("splitk", r=33, lora_dtype="act", bias=True, dropout=0.1, rslora=True, quant_type="fp4", blocksize=128, double=False), 3, 333, 200),
+        (
+            QLoraConfig(
+                "splitk",
+                r=33,
+                lora_dtype="act",
+                bias=True,
+                dropout=0.1,
+                rslora=True,
+                quant_type="fp4",
+                blocksize=128,
+                double=False,
+            ),
+            3,
+            333,
+            200,
+        ),
         (QLoraConfig("tiled", r=8, bias=True, dropout=0.1, rslora=True), 37, 130, 200),
-        (QLoraConfig("scratch", r=16, lora_dtype="act", bias=True, dropout=0.1, double=False), 50, 70, 136),
+        (
+            QLoraConfig("scratch", r=16, lora_dtype="act", bias=True, dropout=0.1, double=False),
+            50,
+            70,
+            136,
+        ),
         (QLoraConfig("tiled", r=256, dropout=0.0, blocksize=32), 24, 72, 96),
         (QLoraConfig("splitk", r=0, bias=True, dropout=0.0), 5, 48, 64),
         (QLoraConfig("tiled", r=0, bias=True, dropout=0.0), 40, 24, 72),
         (QLoraConfig("splitk", r=4, lora_dtype="act", dropout=0.0, transposed_x=True), 6, 20, 96),
-    ]  # fmt: skip
+    ]
     for i, (cfg, m, n, k) in enumerate(odd):
         for dt in ("bf16", "fp16"):
             # fp16 for the first three on the GPU (the interpreter already covers fp16 of
@@ -529,22 +592,46 @@ def cross_entropy_cases(s: Shapes) -> list[Unit]:
     units = []
     for dt in ("bf16", "fp16", "fp32"):
         units.append(
-            _case("cross_entropy", "mean-scale", f"M={s.ce_rows} V={s.vocab}", dt,
-                  lambda ctx, g, dt=dt: _ce_kernel_checks(ctx, g, s.ce_rows, s.vocab, _DTYPES[dt], False, 0.0))
-        )  # fmt: skip
+            _case(
+                "cross_entropy",
+                "mean-scale",
+                f"M={s.ce_rows} V={s.vocab}",
+                dt,
+                lambda ctx, g, dt=dt: _ce_kernel_checks(
+                    ctx, g, s.ce_rows, s.vocab, _DTYPES[dt], False, 0.0
+                ),
+            )
+        )
     units.append(
-        _case("cross_entropy", "per-row-scale,z-loss", "M=37 V=1000", "bf16",
-              lambda ctx, g: _ce_kernel_checks(ctx, g, 37, 1000, torch.bfloat16, True, 1e-4))
-    )  # fmt: skip
+        _case(
+            "cross_entropy",
+            "per-row-scale,z-loss",
+            "M=37 V=1000",
+            "bf16",
+            lambda ctx, g: _ce_kernel_checks(ctx, g, 37, 1000, torch.bfloat16, True, 1e-4),
+        )
+    )
     rows = 256 if s.gpu else 32
     units.append(
-        _case("linear_cross_entropy", "mean,chunk64", f"M={rows} H={s.hidden} V={s.vocab}", "bf16",
-              lambda ctx, g: _linear_ce_checks(ctx, g, rows, s.hidden, s.vocab, torch.bfloat16, 64, "mean", 0.0))
-    )  # fmt: skip
+        _case(
+            "linear_cross_entropy",
+            "mean,chunk64",
+            f"M={rows} H={s.hidden} V={s.vocab}",
+            "bf16",
+            lambda ctx, g: _linear_ce_checks(
+                ctx, g, rows, s.hidden, s.vocab, torch.bfloat16, 64, "mean", 0.0
+            ),
+        )
+    )
     units.append(
-        _case("linear_cross_entropy", "sum,chunk16,z-loss", "M=37 H=72 V=1000", "fp16",
-              lambda ctx, g: _linear_ce_checks(ctx, g, 37, 72, 1000, torch.float16, 16, "sum", 1e-4))
-    )  # fmt: skip
+        _case(
+            "linear_cross_entropy",
+            "sum,chunk16,z-loss",
+            "M=37 H=72 V=1000",
+            "fp16",
+            lambda ctx, g: _linear_ce_checks(ctx, g, 37, 72, 1000, torch.float16, 16, "sum", 1e-4),
+        )
+    )
     return units
 
 
@@ -586,10 +673,15 @@ def rms_norm_cases(s: Shapes) -> list[Unit]:
         ("M=3 H=576", 3, 576, "fp32"),
     ]
     return [
-        _case("rms_norm", "fwd+bwd,eps1e-5", label, dt,
-              lambda ctx, g, m=m, h=h, dt=dt: _rms_norm_checks(ctx, g, m, h, _DTYPES[dt]))
+        _case(
+            "rms_norm",
+            "fwd+bwd,eps1e-5",
+            label,
+            dt,
+            lambda ctx, g, m=m, h=h, dt=dt: _rms_norm_checks(ctx, g, m, h, _DTYPES[dt]),
+        )
         for label, m, h, dt in configs
-    ]  # fmt: skip
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -633,10 +725,15 @@ def attention_cases(s: Shapes) -> list[Unit]:
         ("B=2 Hq=12 Hkv=4 T=77 D=64", (2, 12, 4, 77, 64), "bf16"),
     ]
     return [
-        _case("grouped_attention", "causal", label, dt,
-              lambda ctx, g, dims=dims, dt=dt: _attention_checks(ctx, g, *dims, _DTYPES[dt]))
+        _case(
+            "grouped_attention",
+            "causal",
+            label,
+            dt,
+            lambda ctx, g, dims=dims, dt=dt: _attention_checks(ctx, g, *dims, _DTYPES[dt]),
+        )
         for label, dims, dt in configs
-    ]  # fmt: skip
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -661,7 +758,6 @@ def _adamw_reference(p0, grads, lr, betas, eps, wd):
 
 
 def _offload_adamw_checks(ctx, g, n, k, r, dtype, offload_gradients) -> list[dict]:
-
 
     dev = ctx.device
     shapes = [(r, k), (n, r), (n,)]
@@ -695,7 +791,11 @@ def _offload_adamw_checks(ctx, g, n, k, r, dtype, offload_gradients) -> list[dic
             # fp32 master, device copy rounded once: at most one ulp of the parameter dtype
             ulp = 2.0 ** -(7 if dtype == torch.bfloat16 else 10)  # spacing at the top binade
             err = float((p.detach().double() - ref.to(dtype).double()).abs().max())
-            checks.append(check(f"param {i} {list(p.shape)} (ulps)", err / (ulp * float(ref.abs().max())), 1.0))  # fmt: skip
+            checks.append(
+                check(
+                    f"param {i} {list(p.shape)} (ulps)", err / (ulp * float(ref.abs().max())), 1.0
+                )
+            )
     opt.remove_hooks()
     return checks
 
@@ -719,8 +819,12 @@ def _adamw_fused_checks(ctx, g, n, k, r, dtype, bits) -> list[dict]:
         for i, p in enumerate(params):
             p.grad = torch.randn(p.shape, generator=g, device=dev).to(dtype)
             grads[i].append(p.grad.clone())
-        before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
-                  if p in opt.state else None for p in params]  # fmt: skip
+        before = [
+            (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+            if p in opt.state
+            else None
+            for p in params
+        ]
         opt.step()
         if bits != 8:
             continue
@@ -758,7 +862,11 @@ def _adamw_fused_checks(ctx, g, n, k, r, dtype, bits) -> list[dict]:
             # reference
             ulp = 2.0 ** -(7 if dtype == torch.bfloat16 else 10)  # spacing at the top binade
             err = float((p.detach().double() - ref.to(dtype).double()).abs().max())
-            checks.append(check(f"param {i} {list(p.shape)} (ulps)", err / (ulp * float(ref.abs().max())), 2.0))  # fmt: skip
+            checks.append(
+                check(
+                    f"param {i} {list(p.shape)} (ulps)", err / (ulp * float(ref.abs().max())), 2.0
+                )
+            )
             continue
         state = opt.state[p]
         if "state1" not in state:
@@ -769,9 +877,12 @@ def _adamw_fused_checks(ctx, g, n, k, r, dtype, bits) -> list[dict]:
         # away from plain AdamW on random data; each single step is exact to fp32 (~2e-5)
         checks.append(check(f"param {i} {list(p.shape)} (update-relative, 3 steps)", err, 0.1))
         checks.append(
-            check(f"param {i} {list(p.shape)} (update-relative, each step from the stored state)",
-                  step_errs[i], 1e-4)
-        )  # fmt: skip
+            check(
+                f"param {i} {list(p.shape)} (update-relative, each step from the stored state)",
+                step_errs[i],
+                1e-4,
+            )
+        )
     return checks
 
 
@@ -789,16 +900,28 @@ def optimizer_cases(s: Shapes) -> list[Unit]:
     label = f"A[16,{k}] B[{n},16] bias[{n}]"
     fused = [(32, "fp32"), (32, "bf16"), (8, "fp32")]
     units = [
-        _case("adamw_fused", "32bit" if bits == 32 else f"8bit,blocksize{QBLOCK}", label, dt,
-              lambda ctx, g, dt=dt, bits=bits: _adamw_fused_checks(ctx, g, n, k, 16, _DTYPES[dt], bits))
+        _case(
+            "adamw_fused",
+            "32bit" if bits == 32 else f"8bit,blocksize{QBLOCK}",
+            label,
+            dt,
+            lambda ctx, g, dt=dt, bits=bits: _adamw_fused_checks(
+                ctx, g, n, k, 16, _DTYPES[dt], bits
+            ),
+        )
         for bits, dt in fused
-    ]  # fmt: skip
+    ]
     configs = [("fp32", True), ("bf16", True), ("fp32", False)]
     units += [
-        _case("CPUOffloadAdamW", f"offload_gradients={og}", label, dt,
-              lambda ctx, g, dt=dt, og=og: _offload_adamw_checks(ctx, g, n, k, 16, _DTYPES[dt], og))
+        _case(
+            "CPUOffloadAdamW",
+            f"offload_gradients={og}",
+            label,
+            dt,
+            lambda ctx, g, dt=dt, og=og: _offload_adamw_checks(ctx, g, n, k, 16, _DTYPES[dt], og),
+        )
         for dt, og in configs
-    ]  # fmt: skip
+    ]
     return units
 
 

@@ -46,7 +46,6 @@ LEVEL = "e2e"
 
 def plan_for(ctx: Context):
 
-
     device = torch.device(ctx.device)
     if ctx.gpu:
         plan = e2e.default_plan(device, quick=False, preset="1b")
@@ -65,14 +64,16 @@ def _bnb_available() -> tuple[bool, str]:
 
 def _bench_unit(ctx: Context) -> dict[str, Any]:
 
-
     plan = plan_for(ctx)
     rows, notes, curves = e2e.run(plan, torch.device(ctx.device), (), lambda line: None)
 
     add_ratios(rows)
     bad = [r for r in rows if r["status"] in ("error", "oom")]
-    res: dict[str, Any] = {"status": "pass", "rows": rows,
-                           "info": {"notes": notes, "loss_curves": curves}}  # fmt: skip
+    res: dict[str, Any] = {
+        "status": "pass",
+        "rows": rows,
+        "info": {"notes": notes, "loss_curves": curves},
+    }
     if bad:
         res["status"] = "error"
         res["message"] = (
@@ -84,21 +85,28 @@ def _bench_unit(ctx: Context) -> dict[str, Any]:
 def _native_unit(ctx: Context) -> dict[str, Any]:
     """trilora alone (no bitsandbytes): its own loader, the same model and plan."""
 
-
-
     plan = plan_for(ctx)
     device = torch.device(ctx.device)
     case = f"{plan.preset}/b{plan.batch}xs{plan.seq_len}/r{plan.rank}"
-    params = dict(model=plan.preset, rank=plan.rank, batch=plan.batch, seq_len=plan.seq_len,
-                  tokens=plan.batch * plan.seq_len, dtype=str(plan.dtype).removeprefix("torch."))  # fmt: skip
+    params = dict(
+        model=plan.preset,
+        rank=plan.rank,
+        batch=plan.batch,
+        seq_len=plan.seq_len,
+        tokens=plan.batch * plan.seq_len,
+        dtype=str(plan.dtype).removeprefix("torch."),
+    )
     with tempfile.TemporaryDirectory(prefix="trilora-selfcheck-") as tmp:
         path = build_checkpoint(plan, Path(tmp) / "model")
         reset_peak_memory(device)
-        model = from_pretrained(
-            path, compute_dtype=plan.dtype, device=device, dtype=plan.dtype
+        model = from_pretrained(path, compute_dtype=plan.dtype, device=device, dtype=plan.dtype)
+        lcfg = LoraConfig(
+            r=plan.rank,
+            lora_alpha=plan.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=list(TARGET_MODULES),
+            task_type="CAUSAL_LM",
         )
-        lcfg = LoraConfig(r=plan.rank, lora_alpha=plan.lora_alpha, lora_dropout=0.0,
-                          target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM")  # fmt: skip
         with seeded(plan.seed + 1):
             pm = get_peft_model(model, lcfg)
         if plan.grad_ckpt:
@@ -107,7 +115,9 @@ def _native_unit(ctx: Context) -> dict[str, Any]:
         opt = torch.optim.AdamW(trainable, lr=plan.lr)
         vocab = pm.config.vocab_size
         with seeded(plan.seed + 2):
-            batches = [torch.randint(0, vocab, (plan.batch, plan.seq_len)).to(device) for _ in range(2)]  # fmt: skip
+            batches = [
+                torch.randint(0, vocab, (plan.batch, plan.seq_len)).to(device) for _ in range(2)
+            ]
         pm.train()
         times, losses = [], []
         for i in range(plan.warmup_steps + plan.steps):
@@ -128,19 +138,49 @@ def _native_unit(ctx: Context) -> dict[str, Any]:
     )
     rows = [
         make_row(LEVEL, case, "step_time", "trilora", "s", stats, note=note, **params),
-        make_row(LEVEL, case, "tokens_per_s", "trilora", "tok/s",
-                 Stats(tokens / stats.median, tokens / stats.p80, tokens / stats.p20, stats.repeats),
-                 note=note, **params),
-        make_row(LEVEL, case, "loss_final", "trilora", "loss", Stats(losses[-1], losses[-1], losses[-1], 1),
-                 note=f"first {losses[0]:.4f}", **params),
-    ]  # fmt: skip
+        make_row(
+            LEVEL,
+            case,
+            "tokens_per_s",
+            "trilora",
+            "tok/s",
+            Stats(tokens / stats.median, tokens / stats.p80, tokens / stats.p20, stats.repeats),
+            note=note,
+            **params,
+        ),
+        make_row(
+            LEVEL,
+            case,
+            "loss_final",
+            "trilora",
+            "loss",
+            Stats(losses[-1], losses[-1], losses[-1], 1),
+            note=f"first {losses[0]:.4f}",
+            **params,
+        ),
+    ]
     if peak is not None:
-        rows.append(make_row(LEVEL, case, "peak_mem", "trilora", "bytes", Stats(peak, peak, peak, 1),
-                             note="torch.cuda.max_memory_allocated from loading through the last step",
-                             **params))  # fmt: skip
+        rows.append(
+            make_row(
+                LEVEL,
+                case,
+                "peak_mem",
+                "trilora",
+                "bytes",
+                Stats(peak, peak, peak, 1),
+                note="torch.cuda.max_memory_allocated from loading through the last step",
+                **params,
+            )
+        )
     why = _bnb_available()[1]
-    return {"status": "pass", "rows": rows, "info": {"loss_curves": {"trilora": losses},
-            "notes": [f"{why}: trilora alone (carry the bitsandbytes wheel, docs/gpu-check.md)"]}}  # fmt: skip
+    return {
+        "status": "pass",
+        "rows": rows,
+        "info": {
+            "loss_curves": {"trilora": losses},
+            "notes": [f"{why}: trilora alone (carry the bitsandbytes wheel, docs/gpu-check.md)"],
+        },
+    }
 
 
 def _run(ctx: Context) -> dict[str, Any]:
@@ -149,12 +189,17 @@ def _run(ctx: Context) -> dict[str, Any]:
 
 def units(ctx: Context) -> list[Unit]:
     return [
-        Unit("e2e", _run, kernel="training step",
-             config="r16, gradient checkpointing; trilora.patch vs bitsandbytes + PEFT "
-             "(trilora alone when bitsandbytes is missing)",
-             shape="1b, batch 1 x 2048 tokens" if ctx.gpu else "tiny (CPU plan)",
-             dtype="bf16" if ctx.gpu else "fp32", min_s=30.0 if ctx.gpu else 0.0)
-    ]  # fmt: skip
+        Unit(
+            "e2e",
+            _run,
+            kernel="training step",
+            config="r16, gradient checkpointing; trilora.patch vs bitsandbytes + PEFT "
+            "(trilora alone when bitsandbytes is missing)",
+            shape="1b, batch 1 x 2048 tokens" if ctx.gpu else "tiny (CPU plan)",
+            dtype="bf16" if ctx.gpu else "fp32",
+            min_s=30.0 if ctx.gpu else 0.0,
+        )
+    ]
 
 
 __all__ = ["plan_for", "units"]

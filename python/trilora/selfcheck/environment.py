@@ -24,7 +24,10 @@ def _collect(ctx: Context) -> dict[str, Any]:
     from trilora.config import config
 
     if ctx.gpu and not torch.cuda.is_available():
-        return {"status": "error", "message": "--gpu was given but torch.cuda.is_available() is False"}  # fmt: skip
+        return {
+            "status": "error",
+            "message": "--gpu was given but torch.cuda.is_available() is False",
+        }
     device = torch.device(ctx.device)
     info: dict[str, Any] = dict(environment(device))
     info.update(

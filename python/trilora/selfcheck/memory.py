@@ -39,8 +39,12 @@ LEVEL = "mem"
 def _model_config(ctx: Context):
 
     preset = "1b" if ctx.gpu else "tiny"
-    raw = {"model_type": "llama", **PRESETS[preset], "tie_word_embeddings": False,
-           "max_position_embeddings": 8192}  # fmt: skip
+    raw = {
+        "model_type": "llama",
+        **PRESETS[preset],
+        "tie_word_embeddings": False,
+        "max_position_embeddings": 8192,
+    }
     return preset, load_config(raw)
 
 
@@ -49,17 +53,25 @@ def configurations(ctx: Context) -> list[tuple[str, dict[str, Any]]]:
     long, short = (4096, 2048) if ctx.gpu else (256, 128)
     return [
         ("defaults", {"seq_len": long, "r": 16}),
-        ("no checkpointing", {"seq_len": short, "r": 16, "checkpointing": False,
-                              "offload": False, "mlp_chunks": None}),
-        ("grouped attention + adamw_cpu_offload", {"seq_len": long, "r": 16,
-                                                   "grouped_attention": True,
-                                                   "optimizer": "adamw_cpu_offload"}),
-    ]  # fmt: skip
+        (
+            "no checkpointing",
+            {
+                "seq_len": short,
+                "r": 16,
+                "checkpointing": False,
+                "offload": False,
+                "mlp_chunks": None,
+            },
+        ),
+        (
+            "grouped attention + adamw_cpu_offload",
+            {"seq_len": long, "r": 16, "grouped_attention": True, "optimizer": "adamw_cpu_offload"},
+        ),
+    ]
 
 
 def _unit(name: str, fields: dict[str, Any]):
     def run(ctx: Context) -> dict[str, Any]:
-
 
         preset, config = _model_config(ctx)
         opts = MemOptions(**fields)
@@ -67,27 +79,50 @@ def _unit(name: str, fields: dict[str, Any]):
         rep = profile(config, opts, "trilora", "full", preset)
         predicted = int(rep.traced_peak)
         case = f"{preset} r{opts.r} T={opts.seq_len} [{name}]"
-        common = dict(model=preset, rank=opts.r, batch=opts.batch, seq_len=opts.seq_len,
-                      tokens=opts.batch * opts.seq_len, dtype=opts.dtype)  # fmt: skip
+        common = dict(
+            model=preset,
+            rank=opts.r,
+            batch=opts.batch,
+            seq_len=opts.seq_len,
+            tokens=opts.batch * opts.seq_len,
+            dtype=opts.dtype,
+        )
 
         def row(metric: str, value: float, unit: str, note: str) -> dict:
-            return make_row(LEVEL, case, metric, "trilora", unit, Stats(value, value, value, 1),
-                            note=note, **common)  # fmt: skip
+            return make_row(
+                LEVEL,
+                case,
+                metric,
+                "trilora",
+                unit,
+                Stats(value, value, value, 1),
+                note=note,
+                **common,
+            )
 
         rows = [row("predicted_peak", predicted, "bytes", "trilora mem traced peak (fake tensors)")]
         info: dict[str, Any] = {"predicted_bytes": predicted, "options": fields}
         if not ctx.gpu:
-            return {"status": "skipped", "rows": rows, "info": info,
-                    "message": "measuring needs CUDA (--gpu); the prediction ran"}  # fmt: skip
-
+            return {
+                "status": "skipped",
+                "rows": rows,
+                "info": info,
+                "message": "measuring needs CUDA (--gpu); the prediction ran",
+            }
 
         gc.collect()
         torch.cuda.empty_cache()
         resident = torch.cuda.memory_allocated()
         measured = int(measure_cuda(config, opts))
         rel = (measured - predicted) / measured
-        rows.append(row("measured_peak", measured, "bytes",
-                        "torch.cuda.max_memory_allocated over the second training step"))  # fmt: skip
+        rows.append(
+            row(
+                "measured_peak",
+                measured,
+                "bytes",
+                "torch.cuda.max_memory_allocated over the second training step",
+            )
+        )
         rows.append(row("relative_error", rel, "ratio", "(measured - predicted) / measured"))
         info.update(measured_bytes=measured, relative_error=rel, resident_before_bytes=resident)
         return {"status": "pass", "rows": rows, "info": info}
@@ -98,11 +133,17 @@ def _unit(name: str, fields: dict[str, Any]):
 def units(ctx: Context) -> list[Unit]:
     preset = "1b" if ctx.gpu else "tiny"
     return [
-        Unit(f"mem {name}", _unit(name, fields), kernel="trilora mem --measure", config=name,
-             shape=f"{preset} T={fields['seq_len']} r={fields['r']}", dtype="bf16",
-             min_s=8.0 if ctx.gpu else 0.0)
+        Unit(
+            f"mem {name}",
+            _unit(name, fields),
+            kernel="trilora mem --measure",
+            config=name,
+            shape=f"{preset} T={fields['seq_len']} r={fields['r']}",
+            dtype="bf16",
+            min_s=8.0 if ctx.gpu else 0.0,
+        )
         for name, fields in configurations(ctx)
-    ]  # fmt: skip
+    ]
 
 
 __all__ = ["configurations", "units"]

@@ -107,10 +107,17 @@ def verdict_environment(record: dict[str, Any]) -> str:
     dev = info.get("device", "?")
     if info.get("capability"):
         dev += f" ({info['capability']}, {info.get('memory_gib', '?')} GiB)"
-    cuda = f", driver {info.get('driver') or '?'}, CUDA {info.get('cuda') or '?'}" if info.get("device_type") == "cuda" else " (Triton interpreter)" if info.get("triton_interpreter") else ""  # fmt: skip
+    cuda = (
+        f", driver {info.get('driver') or '?'}, CUDA {info.get('cuda') or '?'}"
+        if info.get("device_type") == "cuda"
+        else " (Triton interpreter)"
+        if info.get("triton_interpreter")
+        else ""
+    )
     libs = ", ".join(
-        f"{name} {info.get(name, '?')}" for name in ("torch", "triton", "transformers", "peft", "bitsandbytes")
-    )  # fmt: skip
+        f"{name} {info.get(name, '?')}"
+        for name in ("torch", "triton", "transformers", "peft", "bitsandbytes")
+    )
     commit = f" @{info['git_commit']}" if info.get("git_commit") else ""
     return f"{dev}{cuda}; {libs}; trilora {info.get('trilora', '?')}{commit}"
 
@@ -154,18 +161,32 @@ def _worst_ratio(u: dict[str, Any]) -> float:
 
 def verdict_speed(record: dict[str, Any]) -> str:
     rows = [r for r in _rows(record) if r.get("status") == "ok"]
-    layer_rows = [r for r in rows if r["level"] == "kernels" and r["metric"] == "fwd_bwd"
-                  and r["provider"] == "trilora" and not str(r["case"]).endswith("crossover")]  # fmt: skip
+    layer_rows = [
+        r
+        for r in rows
+        if r["level"] == "kernels"
+        and r["metric"] == "fwd_bwd"
+        and r["provider"] == "trilora"
+        and not str(r["case"]).endswith("crossover")
+    ]
     parts = []
     ratios = [x for r in layer_rows if (x := _num(r.get("ratio_vs_bf16_peft"))) is not None]
     if ratios:
         top = max(int(r["tokens"]) for r in layer_rows)
-        at_top = [x for r in layer_rows if int(r["tokens"]) == top and (x := _num(r.get("ratio_vs_bf16_peft"))) is not None]  # fmt: skip
+        at_top = [
+            x
+            for r in layer_rows
+            if int(r["tokens"]) == top and (x := _num(r.get("ratio_vs_bf16_peft"))) is not None
+        ]
         text = f"fwd+bwd {_range(ratios)}x the time of bf16 LoRA"
         if at_top:
             text += f" ({_range(at_top)}x at M={top}; target <= 1.15x at M >= 4096)"
         parts.append(text)
-    small = [x for r in layer_rows if int(r["tokens"]) <= 16 and (x := _num(r.get("speedup_vs_bnb_peft"))) is not None]  # fmt: skip
+    small = [
+        x
+        for r in layer_rows
+        if int(r["tokens"]) <= 16 and (x := _num(r.get("speedup_vs_bnb_peft"))) is not None
+    ]
     if small:
         parts.append(f"{_range(small)}x faster than bitsandbytes + PEFT at M <= 16 (target >= 3x)")
     elif layer_rows:
@@ -200,7 +221,9 @@ def verdict_memory(record: dict[str, Any]) -> str:
             parts.append(
                 f"predicted {fmt_gib(info['predicted_bytes'])}, not measured ({u.get('config')})"
             )
-    text = ("(measured - predicted) / measured: " if any("%" in p for p in parts) else "") + "; ".join(parts)  # fmt: skip
+    text = (
+        "(measured - predicted) / measured: " if any("%" in p for p in parts) else ""
+    ) + "; ".join(parts)
     return _failures(record) + (text or "nothing measured") + _tail(record)
 
 
@@ -278,9 +301,20 @@ def _section_correctness(record: dict[str, Any]) -> list[str]:
     failed = [u for u in units if u["status"] in FAILED]
     if failed:
         out += ["### Failures", ""]
-        out += _table(["kernel", "config", "shape", "dtype", "status", "error"],
-                      [[u.get("kernel"), u.get("config"), u.get("shape"), u.get("dtype"), u["status"],
-                        u.get("message", "")] for u in failed])  # fmt: skip
+        out += _table(
+            ["kernel", "config", "shape", "dtype", "status", "error"],
+            [
+                [
+                    u.get("kernel"),
+                    u.get("config"),
+                    u.get("shape"),
+                    u.get("dtype"),
+                    u["status"],
+                    u.get("message", ""),
+                ]
+                for u in failed
+            ],
+        )
         out.append("")
     by_kernel: dict[str, list[dict]] = defaultdict(list)
     for u in units:
@@ -289,16 +323,42 @@ def _section_correctness(record: dict[str, Any]) -> list[str]:
     for kernel, us in by_kernel.items():
         c = Counter(u["status"] for u in us)
         worst = max((_worst_ratio(u) for u in us if u["status"] in ("pass", *FAILED)), default=None)
-        summary.append([kernel, len(us), c["pass"], sum(c[s] for s in FAILED), c["skipped"], c["budget"],
-                        "-" if worst is None else f"{worst:.2f}"])  # fmt: skip
-    out += ["### By kernel", "", "Worst error is the largest measured error divided by its tolerance (<= 1 passes).", ""]  # fmt: skip
+        summary.append(
+            [
+                kernel,
+                len(us),
+                c["pass"],
+                sum(c[s] for s in FAILED),
+                c["skipped"],
+                c["budget"],
+                "-" if worst is None else f"{worst:.2f}",
+            ]
+        )
+    out += [
+        "### By kernel",
+        "",
+        "Worst error is the largest measured error divided by its tolerance (<= 1 passes).",
+        "",
+    ]
     out += _table(
         ["kernel", "cases", "pass", "fail", "skipped", "not run", "worst error / tol"], summary
     )
     out += ["", "<details><summary>Every case (measured error / tolerance)</summary>", ""]
-    out += _table(["status", "kernel", "config", "shape", "dtype", "checks", "s"],
-                  [[u["status"], u.get("kernel"), u.get("config"), u.get("shape"), u.get("dtype"),
-                    _checks_text(u), f"{u.get('seconds', 0):.1f}"] for u in units])  # fmt: skip
+    out += _table(
+        ["status", "kernel", "config", "shape", "dtype", "checks", "s"],
+        [
+            [
+                u["status"],
+                u.get("kernel"),
+                u.get("config"),
+                u.get("shape"),
+                u.get("dtype"),
+                _checks_text(u),
+                f"{u.get('seconds', 0):.1f}",
+            ]
+            for u in units
+        ],
+    )
     out += ["", "</details>", ""]
     return out
 
@@ -308,8 +368,11 @@ def _section_speed(record: dict[str, Any]) -> list[str]:
     out: list[str] = []
     info = next((u.get("info") for u in record.get("units", []) if u["id"] == "device peaks"), None)
     if info:
-        out += [f"Device peaks: {info.get('bandwidth', 0) / 1e12:.2f} TB/s copy bandwidth, "
-                f"{info.get('matmul_rate', 0) / 1e12:.0f} TFLOP/s {info.get('matmul_dtype', '')} matmul.", ""]  # fmt: skip
+        out += [
+            f"Device peaks: {info.get('bandwidth', 0) / 1e12:.2f} TB/s copy bandwidth, "
+            f"{info.get('matmul_rate', 0) / 1e12:.0f} TFLOP/s {info.get('matmul_dtype', '')} matmul.",
+            "",
+        ]
     by = defaultdict(dict)
     for r in rows:
         if (
@@ -321,16 +384,33 @@ def _section_speed(record: dict[str, Any]) -> list[str]:
     table = []
     for (layer, m), provs in sorted(by.items()):
         t = provs.get("trilora", {})
-        table.append([layer, m, fmt_time(_num(t.get("median"))),
-                      fmt_time(_num(provs.get("bf16_peft", {}).get("median"))),
-                      fmt_time(_num(provs.get("bnb_peft", {}).get("median"))),
-                      f"{x:.2f}x" if (x := _num(t.get("ratio_vs_bf16_peft"))) else "-",
-                      f"{x:.2f}x" if (x := _num(t.get("speedup_vs_bnb_peft"))) else "-",
-                      f"{100 * x:.0f} %" if (x := _num(t.get("floor_frac"))) else "-"])  # fmt: skip
+        table.append(
+            [
+                layer,
+                m,
+                fmt_time(_num(t.get("median"))),
+                fmt_time(_num(provs.get("bf16_peft", {}).get("median"))),
+                fmt_time(_num(provs.get("bnb_peft", {}).get("median"))),
+                f"{x:.2f}x" if (x := _num(t.get("ratio_vs_bf16_peft"))) else "-",
+                f"{x:.2f}x" if (x := _num(t.get("speedup_vs_bnb_peft"))) else "-",
+                f"{100 * x:.0f} %" if (x := _num(t.get("floor_frac"))) else "-",
+            ]
+        )
     if table:
         out += ["### QLoRA linear, forward + backward (r=16)", ""]
-        out += _table(["projection", "M", "trilora", "bf16 LoRA", "bnb + PEFT", "trilora / bf16 LoRA",
-                       "speedup vs bnb + PEFT", "roofline"], table)  # fmt: skip
+        out += _table(
+            [
+                "projection",
+                "M",
+                "trilora",
+                "bf16 LoRA",
+                "bnb + PEFT",
+                "trilora / bf16 LoRA",
+                "speedup vs bnb + PEFT",
+                "roofline",
+            ],
+            table,
+        )
         out.append("")
     cross = [r for r in rows if str(r["case"]).endswith("crossover")]
     if cross:
@@ -338,20 +418,38 @@ def _section_speed(record: dict[str, Any]) -> list[str]:
         for r in cross:
             pairs[(r["layer"], int(r["tokens"]))][r["provider"]] = _num(r.get("median"))
         out += ["### fused_max_tokens crossover (fwd + bwd)", ""]
-        out += _table(["projection", "M", "fused", "scratch + cuBLAS", "fused / scratch"],
-                      [[layer, m, fmt_time(p.get("trilora_fused")), fmt_time(p.get("trilora_scratch")),
-                        f"{p['trilora_fused'] / p['trilora_scratch']:.2f}"
-                        if p.get("trilora_fused") and p.get("trilora_scratch") else "-"]
-                       for (layer, m), p in sorted(pairs.items())])  # fmt: skip
+        out += _table(
+            ["projection", "M", "fused", "scratch + cuBLAS", "fused / scratch"],
+            [
+                [
+                    layer,
+                    m,
+                    fmt_time(p.get("trilora_fused")),
+                    fmt_time(p.get("trilora_scratch")),
+                    f"{p['trilora_fused'] / p['trilora_scratch']:.2f}"
+                    if p.get("trilora_fused") and p.get("trilora_scratch")
+                    else "-",
+                ]
+                for (layer, m), p in sorted(pairs.items())
+            ],
+        )
         out.append("")
     other = [r for r in rows if r["metric"] == "time"]
     if other:
         out += ["### Quantize, dequantize, RMSNorm", ""]
-        out += _table(["case", "provider", "time", "speedup vs bitsandbytes", "roofline"],
-                      [[r["case"], r["provider"], fmt_time(_num(r["median"])),
-                        f"{x:.2f}x" if (x := _num(r.get("speedup_vs_bnb_peft"))) else "-",
-                        f"{100 * x:.0f} %" if (x := _num(r.get("floor_frac"))) else "-"]
-                       for r in other])  # fmt: skip
+        out += _table(
+            ["case", "provider", "time", "speedup vs bitsandbytes", "roofline"],
+            [
+                [
+                    r["case"],
+                    r["provider"],
+                    fmt_time(_num(r["median"])),
+                    f"{x:.2f}x" if (x := _num(r.get("speedup_vs_bnb_peft"))) else "-",
+                    f"{100 * x:.0f} %" if (x := _num(r.get("floor_frac"))) else "-",
+                ]
+                for r in other
+            ],
+        )
         out.append("")
     return out
 
@@ -361,11 +459,27 @@ def _section_memory(record: dict[str, Any]) -> list[str]:
     for u in record.get("units", []):
         info = u.get("info", {})
         rel = info.get("relative_error")
-        rows.append([u.get("config"), u.get("shape"), fmt_gib(info.get("predicted_bytes")),
-                     fmt_gib(info.get("measured_bytes")), "-" if rel is None else f"{100 * rel:+.1f} %",
-                     u["status"]])  # fmt: skip
-    out = _table(["configuration", "model", "predicted (traced peak)", "measured (max allocated)",
-                  "(measured - predicted) / measured", "status"], rows)  # fmt: skip
+        rows.append(
+            [
+                u.get("config"),
+                u.get("shape"),
+                fmt_gib(info.get("predicted_bytes")),
+                fmt_gib(info.get("measured_bytes")),
+                "-" if rel is None else f"{100 * rel:+.1f} %",
+                u["status"],
+            ]
+        )
+    out = _table(
+        [
+            "configuration",
+            "model",
+            "predicted (traced peak)",
+            "measured (max allocated)",
+            "(measured - predicted) / measured",
+            "status",
+        ],
+        rows,
+    )
     return [*out, ""]
 
 
@@ -374,10 +488,16 @@ def _section_e2e(record: dict[str, Any]) -> list[str]:
     by: dict[str, dict] = defaultdict(dict)
     for r in rows:
         by[r["provider"]][r["metric"]] = _num(r.get("median"))
-    table = [[p, f"{m['tokens_per_s']:,.0f}" if m.get("tokens_per_s") else "-",
-              fmt_time(m.get("step_time")), fmt_gib(m.get("peak_mem")),
-              f"{m['loss_final']:.4f}" if m.get("loss_final") is not None else "-"]
-             for p, m in by.items()]  # fmt: skip
+    table = [
+        [
+            p,
+            f"{m['tokens_per_s']:,.0f}" if m.get("tokens_per_s") else "-",
+            fmt_time(m.get("step_time")),
+            fmt_gib(m.get("peak_mem")),
+            f"{m['loss_final']:.4f}" if m.get("loss_final") is not None else "-",
+        ]
+        for p, m in by.items()
+    ]
     out = _table(["provider", "tokens/s", "step time", "peak memory", "final loss"], table)
     notes = [n for u in record.get("units", []) for n in u.get("info", {}).get("notes", [])]
     return [*out, "", *(f"- {n}" for n in notes), ""]
@@ -400,14 +520,28 @@ def render(results: dict[str, Any]) -> str:
         f"started {meta.get('started', '?')}; {meta.get('elapsed_s', 0):.0f} s of a "
         f"{meta.get('budget_s', 0):.0f} s budget; seed {meta.get('seed')}; "
         f"{'finished, exit status ' + str(meta['exit_status']) if 'exit_status' in meta else 'RUNNING (partial report)'}."
-    )  # fmt: skip
-    out += ["", "Exit status 1 means a correctness case failed, errored or crashed. Files: "
-            "`results.json` (every unit and check), `results.csv` (the `trilora bench` rows), "
-            "`logs/` (each section's stderr).", ""]  # fmt: skip
+    )
+    out += [
+        "",
+        "Exit status 1 means a correctness case failed, errored or crashed. Files: "
+        "`results.json` (every unit and check), `results.csv` (the `trilora bench` rows), "
+        "`logs/` (each section's stderr).",
+        "",
+    ]
     sections = results.get("sections", [])
-    out += _table(["section", "status", "time", "share", "verdict"],
-                  [[s["name"], s.get("status", "?"), f"{s.get('seconds', 0):.0f} s",
-                    f"{s.get('share_s', 0):.0f} s", s.get("verdict", "")] for s in sections])  # fmt: skip
+    out += _table(
+        ["section", "status", "time", "share", "verdict"],
+        [
+            [
+                s["name"],
+                s.get("status", "?"),
+                f"{s.get('seconds', 0):.0f} s",
+                f"{s.get('share_s', 0):.0f} s",
+                s.get("verdict", ""),
+            ]
+            for s in sections
+        ],
+    )
     out.append("")
     for i, s in enumerate(sections, start=1):
         out += [f"## {i}. {s['name']}: {s.get('status', '?')}", "", s.get("verdict", ""), ""]

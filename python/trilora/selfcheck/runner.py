@@ -69,8 +69,11 @@ class RunOptions:
 def plan_deadlines(opts: RunOptions, start: float) -> dict[str, tuple[float, float]]:
     """``{section: (share in seconds, deadline as time.time())}`` for the sections that run."""
     shares = {name: share for name, share, _ in SECTIONS} | (opts.shares or {})
-    runnable = [(name, shares[name]) for name in SECTION_NAMES
-                if name in opts.sections and (opts.gpu or name not in GPU_ONLY)]  # fmt: skip
+    runnable = [
+        (name, shares[name])
+        for name in SECTION_NAMES
+        if name in opts.sections and (opts.gpu or name not in GPU_ONLY)
+    ]
     total = sum(share for _, share in runnable) or 1.0
     out, cumulative = {}, 0.0
     for name, share in runnable:
@@ -113,11 +116,26 @@ def _kill(proc: subprocess.Popen) -> None:
             continue
 
 
-def _spawn(opts: RunOptions, name: str, state: Path, deadline: float, log_path: Path) -> tuple[int | None, bool]:  # fmt: skip
+def _spawn(
+    opts: RunOptions, name: str, state: Path, deadline: float, log_path: Path
+) -> tuple[int | None, bool]:
     """Run one worker; returns ``(exit status, stopped at the deadline)``."""
-    cmd = [*opts.worker_cmd, "--section", name, "--state", str(state), "--deadline", repr(deadline),
-           "--device", "cuda" if opts.gpu else "cpu", "--seed", str(opts.seed), "--out", str(opts.out),
-           *(["--quick"] if opts.quick else [])]  # fmt: skip
+    cmd = [
+        *opts.worker_cmd,
+        "--section",
+        name,
+        "--state",
+        str(state),
+        "--deadline",
+        repr(deadline),
+        "--device",
+        "cuda" if opts.gpu else "cpu",
+        "--seed",
+        str(opts.seed),
+        "--out",
+        str(opts.out),
+        *(["--quick"] if opts.quick else []),
+    ]
     env = dict(os.environ)
     if opts.gpu:
         env.pop("TRITON_INTERPRET", None)
@@ -127,8 +145,9 @@ def _spawn(opts: RunOptions, name: str, state: Path, deadline: float, log_path: 
     with open(log_path, "ab") as log:
         # cwd: the output folder, not wherever the user stands: a checkout's root would put
         # its kernels/ and bench/ folders on sys.path as top-level packages.
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=log, env=env, cwd=opts.out,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stderr=log, env=env, cwd=opts.out, start_new_session=True
+        )
         try:
             return proc.wait(timeout=max(1.0, deadline - time.time() + opts.grace_s)), False
         except subprocess.TimeoutExpired:
@@ -145,7 +164,9 @@ def _mark_pending(state: dict[str, Any], status: str, message: str) -> None:
             state["results"][u["id"]] = {**u, "status": status, "message": message, "seconds": 0.0}
 
 
-def run_section(opts: RunOptions, name: str, deadline: float, log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+def run_section(
+    opts: RunOptions, name: str, deadline: float, log: Callable[[str], None]
+) -> dict[str, Any]:
     """Run one section to completion, crash or deadline; returns its record (without status
     and verdict)."""
     from trilora.selfcheck import worker
@@ -181,23 +202,34 @@ def run_section(opts: RunOptions, name: str, deadline: float, log: Callable[[str
         running = planned.get(current) if current and current not in state["results"] else None
         if timed_out:
             if running:
-                state["results"][current] = {**running, "status": "budget", "seconds": 0.0,
-                                             "message": "stopped: the section's share of the budget "
-                                             "ran out while this unit ran"}  # fmt: skip
+                state["results"][current] = {
+                    **running,
+                    "status": "budget",
+                    "seconds": 0.0,
+                    "message": "stopped: the section's share of the budget "
+                    "ran out while this unit ran",
+                }
             _mark_pending(state, "budget", "not run: the section's share of the budget ran out")
             worker.save_state(state_path, state)
             break
         if rc == worker.EXIT_DONE:
             break
         if running:
-            state["results"][current] = {**running, "status": "crashed", "seconds": 0.0,
-                                         "message": f"the worker process died while running it "
-                                         f"({_describe_exit(rc)}){_log_tail(log_path)}"}  # fmt: skip
+            state["results"][current] = {
+                **running,
+                "status": "crashed",
+                "seconds": 0.0,
+                "message": f"the worker process died while running it "
+                f"({_describe_exit(rc)}){_log_tail(log_path)}",
+            }
         state["current"] = None
         record["restarts"] += 1
         if not opts.isolate or record["restarts"] > opts.max_restarts:
-            _mark_pending(state, "error", f"not run: the worker failed ({_describe_exit(rc)}) "
-                          f"{record['restarts']} time(s)")  # fmt: skip
+            _mark_pending(
+                state,
+                "error",
+                f"not run: the worker failed ({_describe_exit(rc)}) {record['restarts']} time(s)",
+            )
             worker.save_state(state_path, state)
             break
         worker.save_state(state_path, state)
@@ -207,7 +239,9 @@ def run_section(opts: RunOptions, name: str, deadline: float, log: Callable[[str
             break
         log(f"  restarting the {name} worker ({_describe_exit(rc)})")
     if state.get("planned"):
-        record["units"] = [state["results"][u["id"]] for u in state["planned"] if u["id"] in state["results"]]  # fmt: skip
+        record["units"] = [
+            state["results"][u["id"]] for u in state["planned"] if u["id"] in state["results"]
+        ]
     return record
 
 
@@ -229,7 +263,9 @@ def write_outputs(out: Path, results: dict[str, Any]) -> None:
     results["meta"]["elapsed_s"] = time.time() - results["meta"]["start_time"]
     atomic_write_json(out / "results.json", results, indent=1)
     atomic_write_text(out / "report.md", render(results))
-    rows = [dict(r) for s in results["sections"] for u in s.get("units", []) for r in u.get("rows", [])]  # fmt: skip
+    rows = [
+        dict(r) for s in results["sections"] for u in s.get("units", []) for r in u.get("rows", [])
+    ]
     if rows:
         from trilora.bench.harness import append_csv, finalize_rows
 
@@ -272,8 +308,11 @@ def run_selfcheck(opts: RunOptions, log: Callable[[str], None] = print) -> int:
                 record = run_section(opts, name, deadline, log)
             else:
                 share = 0.0
-                record = {"name": name, "units": [],
-                          "skipped": "needs --gpu (a CUDA device); not run on the CPU"}  # fmt: skip
+                record = {
+                    "name": name,
+                    "units": [],
+                    "skipped": "needs --gpu (a CUDA device); not run on the CPU",
+                }
             record.update(description=desc, share_s=share, seconds=time.time() - t0)
             record["status"] = section_status(record)
             record["verdict"] = verdict(record)
@@ -297,4 +336,11 @@ def command_line(argv: list[str]) -> str:
     return "trilora " + " ".join(shlex.quote(a) for a in argv)
 
 
-__all__ = ["RunOptions", "command_line", "plan_deadlines", "run_section", "run_selfcheck", "write_outputs"]  # fmt: skip
+__all__ = [
+    "RunOptions",
+    "command_line",
+    "plan_deadlines",
+    "run_section",
+    "run_selfcheck",
+    "write_outputs",
+]

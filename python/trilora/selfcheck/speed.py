@@ -55,16 +55,29 @@ def plan_for(ctx: Context):
 
     if ctx.gpu:
         return KernelPlan(
-            shapes=projection_shapes("llama-3.1-8b", 1, ("q_proj", "k_proj", "gate_proj", "down_proj")),
-            ranks=(RANK,), tokens=(1, 16, 512, 4096),
+            shapes=projection_shapes(
+                "llama-3.1-8b", 1, ("q_proj", "k_proj", "gate_proj", "down_proj")
+            ),
+            ranks=(RANK,),
+            tokens=(1, 16, 512, 4096),
             quant_shapes=projection_shapes("llama-3.1-8b", 1, ("down_proj",)),
-            dtype=torch.bfloat16, budget_s=0.1, repeats=40, warmup=2, max_sets=8,
-        )  # fmt: skip
+            dtype=torch.bfloat16,
+            budget_s=0.1,
+            repeats=40,
+            warmup=2,
+            max_sets=8,
+        )
     return KernelPlan(
-        shapes=projection_shapes("llama-3.1-8b", 64, ("q_proj",)), ranks=(RANK,), tokens=(1, 16),
+        shapes=projection_shapes("llama-3.1-8b", 64, ("q_proj",)),
+        ranks=(RANK,),
+        tokens=(1, 16),
         quant_shapes=projection_shapes("llama-3.1-8b", 64, ("down_proj",)),
-        dtype=torch.float32, budget_s=0.02, repeats=3, warmup=1, max_sets=1,
-    )  # fmt: skip
+        dtype=torch.float32,
+        budget_s=0.02,
+        repeats=3,
+        warmup=1,
+        max_sets=1,
+    )
 
 
 def _device(ctx: Context):
@@ -76,7 +89,6 @@ def _peaks(ctx: Context):
     """Measured device peaks, shared by the units of one worker (reloaded from
     ``OUT/device_peaks.json`` after a restart)."""
     if "peaks" not in ctx.cache:
-
         name = environment(_device(ctx))["device"]
         peaks, measured_now = load_or_measure(ctx.out_dir, _device(ctx), name)
         ctx.cache["peaks"] = peaks
@@ -199,14 +211,29 @@ def _crossover_unit(shape):
                 fns, device, warmup=plan.warmup, repeats=plan.repeats, budget_s=plan.budget_s
             )
             case = f"{shape.model}/{shape.layer}/r{RANK}/M{m}/crossover"
-            nbytes, flops = layer_cost("fwd_bwd", m, shape.n_out, shape.k_in, RANK, "trilora", plan.dtype)  # fmt: skip
+            nbytes, flops = layer_cost(
+                "fwd_bwd", m, shape.n_out, shape.k_in, RANK, "trilora", plan.dtype
+            )
             floor = peaks.floor_s(nbytes, flops)
             for provider, st in stats.items():
-                row = make_row(LEVEL, case, "fwd_bwd", provider, "s", st, model=shape.model,
-                               layer=shape.layer, n_out=shape.n_out, k_in=shape.k_in, rank=RANK,
-                               tokens=m, dtype=dtype_name,
-                               note="fused kernels forced" if provider.endswith("fused")
-                               else "dequantize-to-scratch + cuBLAS forced")  # fmt: skip
+                row = make_row(
+                    LEVEL,
+                    case,
+                    "fwd_bwd",
+                    provider,
+                    "s",
+                    st,
+                    model=shape.model,
+                    layer=shape.layer,
+                    n_out=shape.n_out,
+                    k_in=shape.k_in,
+                    rank=RANK,
+                    tokens=m,
+                    dtype=dtype_name,
+                    note="fused kernels forced"
+                    if provider.endswith("fused")
+                    else "dequantize-to-scratch + cuBLAS forced",
+                )
                 row.update(floor=floor, floor_frac=floor / st.median)
                 rows.append(row)
             ratios[m] = stats["trilora_fused"].median / stats["trilora_scratch"].median
@@ -228,29 +255,51 @@ def units(ctx: Context) -> list[Unit]:
     gpu_s = 3.0 if ctx.gpu else 0.0
     out = [
         Unit("device peaks", _peaks_unit, kernel="roofline", config="copy bandwidth, matmul rate"),
-        Unit("quantize", _quant_unit, kernel="quantize/dequantize", config="nf4,bs64,dq",
-             shape=" ".join(f"{s.n_out}x{s.k_in}" for s in plan.quant_shapes), dtype=dtype),
-        Unit("rms_norm", _norm_unit, kernel="rms_norm", config="fwd+bwd",
-             shape=f"M={max(plan.tokens)}", dtype=dtype),
-    ]  # fmt: skip
+        Unit(
+            "quantize",
+            _quant_unit,
+            kernel="quantize/dequantize",
+            config="nf4,bs64,dq",
+            shape=" ".join(f"{s.n_out}x{s.k_in}" for s in plan.quant_shapes),
+            dtype=dtype,
+        ),
+        Unit(
+            "rms_norm",
+            _norm_unit,
+            kernel="rms_norm",
+            config="fwd+bwd",
+            shape=f"M={max(plan.tokens)}",
+            dtype=dtype,
+        ),
+    ]
     for shape in plan.shapes:
         out.append(
-            Unit(f"qlora_linear {shape.layer}", _shape_unit(shape), kernel="qlora_linear",
-                 config=f"r{RANK},fwd/bwd/fwd_bwd vs bnb_peft and bf16_peft",
-                 shape=f"{shape.model} {shape.layer} N={shape.n_out} K={shape.k_in} M={tokens}",
-                 dtype=dtype, min_s=gpu_s)
-        )  # fmt: skip
+            Unit(
+                f"qlora_linear {shape.layer}",
+                _shape_unit(shape),
+                kernel="qlora_linear",
+                config=f"r{RANK},fwd/bwd/fwd_bwd vs bnb_peft and bf16_peft",
+                shape=f"{shape.model} {shape.layer} N={shape.n_out} K={shape.k_in} M={tokens}",
+                dtype=dtype,
+                min_s=gpu_s,
+            )
+        )
     by_layer = {s.layer: s for s in plan.shapes}
     for layer in ("q_proj", "gate_proj"):
         if layer in by_layer:
             shape = by_layer[layer]
             ms = CROSSOVER_TOKENS_GPU if ctx.gpu else CROSSOVER_TOKENS_CPU
             out.append(
-                Unit(f"crossover {layer}", _crossover_unit(shape), kernel="qlora_linear",
-                     config=f"r{RANK},fused vs scratch",
-                     shape=f"{shape.model} {layer} N={shape.n_out} K={shape.k_in} M={','.join(map(str, ms))}",
-                     dtype=dtype, min_s=gpu_s)
-            )  # fmt: skip
+                Unit(
+                    f"crossover {layer}",
+                    _crossover_unit(shape),
+                    kernel="qlora_linear",
+                    config=f"r{RANK},fused vs scratch",
+                    shape=f"{shape.model} {layer} N={shape.n_out} K={shape.k_in} M={','.join(map(str, ms))}",
+                    dtype=dtype,
+                    min_s=gpu_s,
+                )
+            )
     return out
 
 

@@ -122,9 +122,13 @@ def run_units(section: str, ctx: Context, state_path: Path, units: list[Unit] | 
             continue
         left = ctx.time_left()
         if left <= 0 or left < unit.min_s:
-            res = {**unit.describe(), "status": "budget", "seconds": 0.0,
-                   "message": f"not run: {max(left, 0):.0f} s left of the section's share, "
-                   f"the unit needs about {unit.min_s:.0f} s"}  # fmt: skip
+            res = {
+                **unit.describe(),
+                "status": "budget",
+                "seconds": 0.0,
+                "message": f"not run: {max(left, 0):.0f} s left of the section's share, "
+                f"the unit needs about {unit.min_s:.0f} s",
+            }
             state["results"][unit.id] = res
             continue
         state["current"] = unit.id

@@ -53,6 +53,5 @@ def worker_main(argv: list[str] | None = None) -> int:
         return status
 
 
-
 if __name__ == "__main__":
     sys.exit(worker_main())

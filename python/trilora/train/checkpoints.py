@@ -140,8 +140,16 @@ def _serialized_rng() -> bytes:
     return buf.getvalue()
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler,
-                    trainer_state: dict[str, Any], keep_last: int, env=None) -> Path:  # fmt: skip
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    trainer_state: dict[str, Any],
+    keep_last: int,
+    env=None,
+) -> Path:
     """Write checkpoint ``step`` atomically and prune to the last ``keep_last``.
 
     Every rank must call it (the trainable tensors and optimizer state are written by all
@@ -159,8 +167,11 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler,
 
     def failed(exc: BaseException) -> UserError:
         previous = latest_checkpoint(run_dir)
-        kept = f"the previous checkpoint ({previous.name}) is intact" if previous else (
-            "no earlier checkpoint exists")  # fmt: skip
+        kept = (
+            f"the previous checkpoint ({previous.name}) is intact"
+            if previous
+            else ("no earlier checkpoint exists")
+        )
         reason = getattr(exc, "strerror", None) or exc
         return UserError(f"could not write checkpoint step {step} in {root}: {reason}; {kept}")
 
@@ -243,9 +254,11 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, env=None) -> dict
     env = env or DistEnv()
     folder = Path(folder)
     if not (folder / "state").is_dir():
-        raise UserError(f"checkpoint {folder} has no state/ folder: it was written by an older "
-                        "trilora; resume with the version that wrote it, or start the run "
-                        "again")  # fmt: skip
+        raise UserError(
+            f"checkpoint {folder} has no state/ folder: it was written by an older "
+            "trilora; resume with the version that wrote it, or start the run "
+            "again"
+        )
     try:
         trainer_state = json.loads((folder / "trainer_state.json").read_text())
         td.load_state(folder / "state", model, optimizer)
@@ -254,6 +267,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, env=None) -> dict
     except UserError:
         raise
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        raise UserError(f"checkpoint {folder} cannot be read ({exc}); delete it to resume "
-                        "from the one before") from None  # fmt: skip
+        raise UserError(
+            f"checkpoint {folder} cannot be read ({exc}); delete it to resume from the one before"
+        ) from None
     return trainer_state

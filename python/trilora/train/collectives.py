@@ -61,9 +61,11 @@ def setup(device: str | None):
     if "WORLD_SIZE" not in os.environ:
         launched = [v for v in _MPI_WORLD_VARS if int(os.environ.get(v, "1") or 1) > 1]
         if launched:
-            raise UserError(f"this process was started by MPI ({launched[0]} is set) without "
-                            "torchrun's variables; start trilora train with torchrun, "
-                            "accelerate launch --multi_gpu, or trilora train --nproc N")  # fmt: skip
+            raise UserError(
+                f"this process was started by MPI ({launched[0]} is set) without "
+                "torchrun's variables; start trilora train with torchrun, "
+                "accelerate launch --multi_gpu, or trilora train --nproc N"
+            )
         if device is None and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
             device = "cpu"  # accelerate launch --cpu (one process)
     if device is None:
@@ -75,8 +77,10 @@ def setup(device: str | None):
     env = td.init_distributed(backend="nccl" if kind == "cuda" else "gloo")
     if env.has_group:
         if env.device.type != kind:
-            raise UserError(f"--device {device}: the process group ({env.backend}) computes on "
-                            f"{env.device.type}; start it with the matching device")  # fmt: skip
+            raise UserError(
+                f"--device {device}: the process group ({env.backend}) computes on "
+                f"{env.device.type}; start it with the matching device"
+            )
         device = str(env.device)
     return env, torch.device(device), env.has_group and not was_initialized
 

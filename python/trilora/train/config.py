@@ -41,8 +41,14 @@ __all__ = [
 ]
 
 
-def _f(default: Any, help: str, *, choices: tuple | None = None, group: str = "",
-       metavar: str | None = None) -> Any:  # fmt: skip
+def _f(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    group: str = "",
+    metavar: str | None = None,
+) -> Any:
     meta = {"help": help, "choices": choices, "group": group, "metavar": metavar}
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -54,103 +60,190 @@ class TrainConfig:
     """Everything that defines a run. ``None`` means "not set" where the help says so."""
 
     # --- model -------------------------------------------------------------------------
-    model: str | None = _f(None, "base model: a local Hugging Face folder (full precision or "
-                           "bitsandbytes 4-bit) or a .gguf file", group="model", metavar="PATH")  # fmt: skip
-    quant: str = _f("nf4", "base weights: nf4 / fp4 (4-bit, trilora) or none (16-bit base)",
-                    choices=("nf4", "fp4", "none"), group="model")  # fmt: skip
-    finetune: str = _f("lora", "what trains: lora (adapters), peft (the PEFT config given by "
-                       "--peft-config, e.g. (IA)3 or prefix tuning) or full (every weight; "
-                       "needs --quant none)", choices=("lora", "peft", "full"), group="model")  # fmt: skip
-    peft_config: str | None = _f(None, "PEFT config file (JSON or YAML, as PeftConfig.to_dict() "
-                                 "writes it, with peft_type) for --finetune peft", group="model",
-                                 metavar="FILE")  # fmt: skip
+    model: str | None = _f(
+        None,
+        "base model: a local Hugging Face folder (full precision or "
+        "bitsandbytes 4-bit) or a .gguf file",
+        group="model",
+        metavar="PATH",
+    )
+    quant: str = _f(
+        "nf4",
+        "base weights: nf4 / fp4 (4-bit, trilora) or none (16-bit base)",
+        choices=("nf4", "fp4", "none"),
+        group="model",
+    )
+    finetune: str = _f(
+        "lora",
+        "what trains: lora (adapters), peft (the PEFT config given by "
+        "--peft-config, e.g. (IA)3 or prefix tuning) or full (every weight; "
+        "needs --quant none)",
+        choices=("lora", "peft", "full"),
+        group="model",
+    )
+    peft_config: str | None = _f(
+        None,
+        "PEFT config file (JSON or YAML, as PeftConfig.to_dict() "
+        "writes it, with peft_type) for --finetune peft",
+        group="model",
+        metavar="FILE",
+    )
     lora_r: int = _f(16, "LoRA rank", group="model")
-    lora_alpha: float = _f(32.0, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)",
-                           group="model")  # fmt: skip
+    lora_alpha: float = _f(
+        32.0, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)", group="model"
+    )
     lora_dropout: float = _f(0.05, "dropout on the LoRA input", group="model")
-    lora_targets: str = _f("all-linear", "LoRA target modules: all-linear, or comma-separated "
-                           "module names (q_proj,v_proj)", group="model")  # fmt: skip
+    lora_targets: str = _f(
+        "all-linear",
+        "LoRA target modules: all-linear, or comma-separated module names (q_proj,v_proj)",
+        group="model",
+    )
     rslora: bool = _f(False, "rank-stabilized LoRA scale alpha / sqrt(r)", group="model")
-    dtype: str = _f("auto", "compute dtype: auto (bf16 autocast on CUDA, fp32 on CPU), bf16, "
-                    "fp32", choices=("auto", "bf16", "fp32"), group="model")  # fmt: skip
+    dtype: str = _f(
+        "auto",
+        "compute dtype: auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32",
+        choices=("auto", "bf16", "fp32"),
+        group="model",
+    )
     # --- data --------------------------------------------------------------------------
-    data: str | None = _f(None, "training data, JSONL (shapes: docs/train.md)", group="data",
-                          metavar="FILE")  # fmt: skip
-    val_data: str | None = _f(None, "held-out data, JSONL (default: --val-fraction of --data)",
-                              group="data", metavar="FILE")  # fmt: skip
-    val_fraction: float = _f(0.05, "fraction of --data held out when --val-data is not given "
-                             "(0 disables evaluation)", group="data")  # fmt: skip
-    max_seq_len: int = _f(1024, "tokens per example; longer ones are truncated (counted and "
-                          "reported)", group="data")  # fmt: skip
-    packing: bool = _f(False, "pack short examples into max_seq_len rows (positions and "
-                       "attention stay per example)", group="data")  # fmt: skip
-    group_by_length: bool = _f(True, "batch examples of similar length together (less padding)",
-                               group="data")  # fmt: skip
-    skip_bad_lines: bool = _f(False, "skip (and count) malformed JSONL lines instead of failing",
-                              group="data")  # fmt: skip
+    data: str | None = _f(
+        None, "training data, JSONL (shapes: docs/train.md)", group="data", metavar="FILE"
+    )
+    val_data: str | None = _f(
+        None,
+        "held-out data, JSONL (default: --val-fraction of --data)",
+        group="data",
+        metavar="FILE",
+    )
+    val_fraction: float = _f(
+        0.05,
+        "fraction of --data held out when --val-data is not given (0 disables evaluation)",
+        group="data",
+    )
+    max_seq_len: int = _f(
+        1024, "tokens per example; longer ones are truncated (counted and reported)", group="data"
+    )
+    packing: bool = _f(
+        False,
+        "pack short examples into max_seq_len rows (positions and attention stay per example)",
+        group="data",
+    )
+    group_by_length: bool = _f(
+        True, "batch examples of similar length together (less padding)", group="data"
+    )
+    skip_bad_lines: bool = _f(
+        False, "skip (and count) malformed JSONL lines instead of failing", group="data"
+    )
     # --- loop --------------------------------------------------------------------------
-    method: str = _f("sft", "sft (instruction tuning) or dpo (preference pairs {prompt, "
-                     "chosen, rejected})", choices=("sft", "dpo"), group="loop")  # fmt: skip
+    method: str = _f(
+        "sft",
+        "sft (instruction tuning) or dpo (preference pairs {prompt, chosen, rejected})",
+        choices=("sft", "dpo"),
+        group="loop",
+    )
     epochs: float = _f(3.0, "passes over the training data (fractions allowed)", group="loop")
-    max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides --epochs)",
-                               group="loop")  # fmt: skip
+    max_steps: int | None = _f(
+        None, "stop after this many optimizer steps (overrides --epochs)", group="loop"
+    )
     batch_size: int = _f(4, "rows per micro-batch (packed rows with --packing)", group="loop")
-    grad_accum: int = _f(1, "micro-batches per optimizer step; the loss is normalised by the "
-                         "real token count across them", group="loop")  # fmt: skip
+    grad_accum: int = _f(
+        1,
+        "micro-batches per optimizer step; the loss is normalised by the "
+        "real token count across them",
+        group="loop",
+    )
     lr: float = _f(2e-4, "peak learning rate", group="loop")
     weight_decay: float = _f(0.0, "AdamW weight decay", group="loop")
     warmup_ratio: float = _f(0.03, "fraction of the steps spent in linear warmup", group="loop")
     warmup_steps: int | None = _f(None, "warmup steps (overrides --warmup-ratio)", group="loop")
-    scheduler: str = _f("cosine", "decay after warmup", choices=("cosine", "linear", "constant"),
-                        group="loop")  # fmt: skip
+    scheduler: str = _f(
+        "cosine", "decay after warmup", choices=("cosine", "linear", "constant"), group="loop"
+    )
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0 disables)", group="loop")
-    optim: str = _f("adamw", "optimizer: trilora's AdamW family (adamw: fused, 32-bit state; "
-                    "*_8bit: 8-bit state; paged_*: resident until memory is tight; *_host / "
-                    "*_uvm: state in host / managed memory; *_cpu_offload: state and gradients "
-                    "on the host, update on the CPU; docs/optimizer.md) or torch_adamw",
-                    choices=OPTIMIZER_CHOICES, group="loop")  # fmt: skip
+    optim: str = _f(
+        "adamw",
+        "optimizer: trilora's AdamW family (adamw: fused, 32-bit state; "
+        "*_8bit: 8-bit state; paged_*: resident until memory is tight; *_host / "
+        "*_uvm: state in host / managed memory; *_cpu_offload: state and gradients "
+        "on the host, update on the CPU; docs/optimizer.md) or torch_adamw",
+        choices=OPTIMIZER_CHOICES,
+        group="loop",
+    )
     seed: int = _f(42, "seed of every random draw (init, shuffling, dropout)", group="loop")
-    gradient_checkpointing: bool = _f(False, "recompute each decoder layer in backward "
-                                      "(trilora.enable_checkpointing)", group="loop")  # fmt: skip
-    offload: bool = _f(False, "with checkpointing: keep layer inputs in pinned host memory "
-                       "(CUDA)", group="loop")  # fmt: skip
-    mlp_chunks: int | None = _f(None, "with checkpointing: run each MLP in this many sequence "
-                                "chunks", group="loop")  # fmt: skip
-    fused_loss: bool = _f(True, "fused linear cross-entropy (no [tokens, vocab] logits)",
-                          group="loop")  # fmt: skip
-    grouped_attention: bool = _f(False, "grouped flash attention (CUDA; less backward "
-                                 "workspace)", group="loop")  # fmt: skip
-    eval_every: int = _f(0, "evaluate held-out loss every N steps (0: at the end only)",
-                         group="loop")  # fmt: skip
+    gradient_checkpointing: bool = _f(
+        False,
+        "recompute each decoder layer in backward (trilora.enable_checkpointing)",
+        group="loop",
+    )
+    offload: bool = _f(
+        False, "with checkpointing: keep layer inputs in pinned host memory (CUDA)", group="loop"
+    )
+    mlp_chunks: int | None = _f(
+        None, "with checkpointing: run each MLP in this many sequence chunks", group="loop"
+    )
+    fused_loss: bool = _f(
+        True, "fused linear cross-entropy (no [tokens, vocab] logits)", group="loop"
+    )
+    grouped_attention: bool = _f(
+        False, "grouped flash attention (CUDA; less backward workspace)", group="loop"
+    )
+    eval_every: int = _f(
+        0, "evaluate held-out loss every N steps (0: at the end only)", group="loop"
+    )
     eval_batch_size: int = _f(8, "rows per evaluation batch", group="loop")
     # --- several processes (--nproc, torchrun, accelerate launch) -----------------------
-    fsdp: bool = _f(False, "with several processes: shard the model with FSDP2 (each holds 1/N "
-                    "of the 4-bit base, the adapters and the optimizer state) instead of DDP (a "
-                    "full copy each); a single process ignores it", group="distributed")  # fmt: skip
-    cpu_offload: bool = _f(False, "with --fsdp: FSDP2's CPUOffloadPolicy (sharded parameters, "
-                           "gradients and optimizer state in host memory)",
-                           group="distributed")  # fmt: skip
+    fsdp: bool = _f(
+        False,
+        "with several processes: shard the model with FSDP2 (each holds 1/N "
+        "of the 4-bit base, the adapters and the optimizer state) instead of DDP (a "
+        "full copy each); a single process ignores it",
+        group="distributed",
+    )
+    cpu_offload: bool = _f(
+        False,
+        "with --fsdp: FSDP2's CPUOffloadPolicy (sharded parameters, "
+        "gradients and optimizer state in host memory)",
+        group="distributed",
+    )
     # --- DPO ---------------------------------------------------------------------------
     beta: float = _f(0.1, "DPO beta (sigmoid loss)", group="dpo")
-    precompute_ref: bool = _f(False, "compute the reference log-probs once before training "
-                              "(then the reference costs nothing per step)", group="dpo")  # fmt: skip
+    precompute_ref: bool = _f(
+        False,
+        "compute the reference log-probs once before training "
+        "(then the reference costs nothing per step)",
+        group="dpo",
+    )
     # --- outputs -----------------------------------------------------------------------
-    out: str = _f("trilora-run", "run folder: config, metrics.jsonl, checkpoints, adapter",
-                  group="output", metavar="DIR")  # fmt: skip
-    save_every: int = _f(100, "write a resumable checkpoint every N steps (0: never)",
-                         group="output")  # fmt: skip
+    out: str = _f(
+        "trilora-run",
+        "run folder: config, metrics.jsonl, checkpoints, adapter",
+        group="output",
+        metavar="DIR",
+    )
+    save_every: int = _f(
+        100, "write a resumable checkpoint every N steps (0: never)", group="output"
+    )
     keep_last: int = _f(2, "checkpoints kept (older ones are deleted)", group="output")
-    stop_grace: float = _f(20.0, "on SIGTERM or SIGINT (Ctrl-C): seconds allowed for the step in "
-                           "progress to end and its checkpoint to start; past them the run "
-                           "exits without one (0: at once)", group="output")  # fmt: skip
+    stop_grace: float = _f(
+        20.0,
+        "on SIGTERM or SIGINT (Ctrl-C): seconds allowed for the step in "
+        "progress to end and its checkpoint to start; past them the run "
+        "exits without one (0: at once)",
+        group="output",
+    )
     log_every: int = _f(1, "append a metrics.jsonl line every N steps", group="output")
-    tensorboard: bool = _f(False, "also write TensorBoard logs (needs the tensorboard package)",
-                           group="output")  # fmt: skip
-    compare: int = _f(3, "held-out prompts answered by the base and the tuned model at the "
-                      "end (0: none)", group="output")  # fmt: skip
+    tensorboard: bool = _f(
+        False, "also write TensorBoard logs (needs the tensorboard package)", group="output"
+    )
+    compare: int = _f(
+        3,
+        "held-out prompts answered by the base and the tuned model at the end (0: none)",
+        group="output",
+    )
     max_new_tokens: int = _f(96, "tokens generated per compared answer", group="output")
-    merge: bool = _f(False, "also write the merged 16-bit model (trilora.merge) to OUT/merged",
-                     group="output")  # fmt: skip
+    merge: bool = _f(
+        False, "also write the merged 16-bit model (trilora.merge) to OUT/merged", group="output"
+    )
     progress: bool = _f(True, "live progress bar on stderr", group="output")
 
     # ------------------------------------------------------------------------------------
@@ -170,8 +263,15 @@ class TrainConfig:
             raise bad("model", "no base model given (a Hugging Face folder or a .gguf file)")
         if self.data is None:
             raise bad("data", "no training data given (a JSONL file)")
-        positive = ("lora_r", "max_seq_len", "batch_size", "grad_accum", "eval_batch_size",
-                    "log_every", "keep_last")  # fmt: skip
+        positive = (
+            "lora_r",
+            "max_seq_len",
+            "batch_size",
+            "grad_accum",
+            "eval_batch_size",
+            "log_every",
+            "keep_last",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
@@ -207,17 +307,28 @@ class TrainConfig:
         if self.method == "dpo" and self.packing:
             raise bad("packing", "packing applies to SFT; DPO scores whole sequences")
         if self.method == "dpo" and self.finetune == "full" and not self.precompute_ref:
-            raise bad("finetune", "DPO's reference is the base with adapters disabled; full "
-                      "fine-tuning has no adapter, so add --precompute-ref")  # fmt: skip
+            raise bad(
+                "finetune",
+                "DPO's reference is the base with adapters disabled; full "
+                "fine-tuning has no adapter, so add --precompute-ref",
+            )
         if self.cpu_offload and not self.fsdp:
-            raise bad("cpu_offload", "FSDP2's CPU offload shards across processes; add --fsdp "
-                      "(for the optimizer on the CPU: --optim adamw_cpu_offload)")  # fmt: skip
+            raise bad(
+                "cpu_offload",
+                "FSDP2's CPU offload shards across processes; add --fsdp "
+                "(for the optimizer on the CPU: --optim adamw_cpu_offload)",
+            )
         if self.fsdp and self.finetune == "peft":
-            raise bad("fsdp", "--finetune peft runs PEFT's own layers, which FSDP2 is not "
-                      "tested with; drop --fsdp (DDP) or train LoRA")  # fmt: skip
+            raise bad(
+                "fsdp",
+                "--finetune peft runs PEFT's own layers, which FSDP2 is not "
+                "tested with; drop --fsdp (DDP) or train LoRA",
+            )
         if self.offload and not self.gradient_checkpointing:
-            raise bad("offload", "activation offload works through checkpointing; add "
-                      "--gradient-checkpointing")  # fmt: skip
+            raise bad(
+                "offload",
+                "activation offload works through checkpointing; add --gradient-checkpointing",
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -227,9 +338,21 @@ class TrainConfig:
 # Fields a resumed run may change without changing its trajectory (the process count and
 # FSDP/DDP change it only by fp32 rounding: the state is resharded on load).
 RESUME_MAY_CHANGE = frozenset(
-    {"out", "save_every", "keep_last", "log_every", "tensorboard", "compare", "max_new_tokens",
-     "merge", "progress", "fsdp", "cpu_offload", "stop_grace"}
-)  # fmt: skip
+    {
+        "out",
+        "save_every",
+        "keep_last",
+        "log_every",
+        "tensorboard",
+        "compare",
+        "max_new_tokens",
+        "merge",
+        "progress",
+        "fsdp",
+        "cpu_offload",
+        "stop_grace",
+    }
+)
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 _GROUPS = {
@@ -346,20 +469,30 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = help_text.replace("%", "%%")
         kind = _kind(f)
         if kind is bool:
-            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=argparse.SUPPRESS, help=help_text)  # fmt: skip
+            g.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
             continue
         g.add_argument(
-            flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.metadata.get("metavar"),
-            choices=f.metadata.get("choices"), help=help_text,
+            flag,
+            dest=f.name,
+            default=argparse.SUPPRESS,
+            metavar=f.metadata.get("metavar"),
+            choices=f.metadata.get("choices"),
+            help=help_text,
             type=(lambda raw, _name=f.name: parse_value(_name, raw)),
-        )  # fmt: skip
+        )
 
 
 def config_from_sources(
-    args: argparse.Namespace, file_values: dict[str, Any] | None = None,
+    args: argparse.Namespace,
+    file_values: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
-) -> TrainConfig:  # fmt: skip
+) -> TrainConfig:
     """Defaults, then ``file_values`` (the YAML), then ``extra``, then the given flags."""
     values: dict[str, Any] = {}
     values.update(file_values or {})

@@ -108,8 +108,9 @@ class DataStats:
 # ---------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False,
-               stats: DataStats | None = None) -> list[tuple[int, dict]]:  # fmt: skip
+def read_jsonl(
+    path: str | os.PathLike, skip_bad_lines: bool = False, stats: DataStats | None = None
+) -> list[tuple[int, dict]]:
     """``(line number, object)`` for every non-blank line of ``path``.
 
     Raises:
@@ -147,8 +148,10 @@ def read_jsonl_line(raw: bytes, path: str, number: int) -> dict:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        problem = (f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
-                   "re-encode the file as UTF-8")  # fmt: skip
+        problem = (
+            f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+            "re-encode the file as UTF-8"
+        )
     else:
         try:
             obj = json.loads(text)
@@ -171,12 +174,15 @@ def record_shape(record: dict, where: str, method: str = "sft") -> str:
 
     def need(name: str, kinds: tuple, shape: str) -> None:
         if name not in record:
-            raise UserError(f"{where}: missing field {name!r} for the {shape} shape; "
-                            f"accepted shapes: {accepted}")  # fmt: skip
+            raise UserError(
+                f"{where}: missing field {name!r} for the {shape} shape; "
+                f"accepted shapes: {accepted}"
+            )
         if not isinstance(record[name], kinds):
             kind = " or ".join(k.__name__ for k in kinds)
-            raise UserError(f"{where}: field {name!r} must be {kind}, got "
-                            f"{type(record[name]).__name__}")  # fmt: skip
+            raise UserError(
+                f"{where}: field {name!r} must be {kind}, got {type(record[name]).__name__}"
+            )
 
     if method == "dpo":
         accepted = DPO_SHAPE
@@ -193,8 +199,9 @@ def record_shape(record: dict, where: str, method: str = "sft") -> str:
                 or not isinstance(m.get("role"), str)
                 or not isinstance(m.get("content"), str)
             ):
-                raise UserError(f"{where}: messages[{i}] must be an object with string 'role' "
-                                "and 'content'")  # fmt: skip
+                raise UserError(
+                    f"{where}: messages[{i}] must be an object with string 'role' and 'content'"
+                )
         if not any(m["role"] == "assistant" for m in msgs):
             raise UserError(f"{where}: messages has no assistant turn, so nothing to learn")
         return "messages"
@@ -214,8 +221,9 @@ def record_shape(record: dict, where: str, method: str = "sft") -> str:
     if "completion" in record or "output" in record:
         missing = "prompt" if "completion" in record else "instruction"
         raise UserError(f"{where}: missing field {missing!r}; accepted shapes: {accepted}")
-    raise UserError(f"{where}: no known fields (found {sorted(record)[:6]}); accepted shapes: "
-                    f"{accepted}")  # fmt: skip
+    raise UserError(
+        f"{where}: no known fields (found {sorted(record)[:6]}); accepted shapes: {accepted}"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,15 +245,19 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool, where: str
             messages, tokenize=False, add_generation_prompt=generation_prompt
         )
     except Exception as exc:  # jinja errors: the template rejected the conversation
-        raise UserError(f"{where}: the tokenizer's chat template rejected the messages "
-                        f"({type(exc).__name__}: {exc})") from None  # fmt: skip
+        raise UserError(
+            f"{where}: the tokenizer's chat template rejected the messages "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _chat_segments(tokenizer, messages: list[dict], where: str) -> list[tuple[str, bool]]:
     """Text pieces of the rendered conversation, flagged True for assistant turns."""
     if not _has_chat_template(tokenizer):
-        raise UserError(f"{where}: the messages shape needs a tokenizer with a chat template, "
-                        "and this model's tokenizer has none")  # fmt: skip
+        raise UserError(
+            f"{where}: the messages shape needs a tokenizer with a chat template, "
+            "and this model's tokenizer has none"
+        )
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, m in enumerate(messages):
@@ -254,8 +266,10 @@ def _chat_segments(tokenizer, messages: list[dict], where: str) -> list[tuple[st
         head = _render(tokenizer, messages[:i], True, where)
         full = _render(tokenizer, messages[: i + 1], False, where)
         if not (head.startswith(done) and full.startswith(head)):
-            raise UserError(f"{where}: the chat template does not render conversations "
-                            "prefix by prefix, so assistant turns cannot be located")  # fmt: skip
+            raise UserError(
+                f"{where}: the chat template does not render conversations "
+                "prefix by prefix, so assistant turns cannot be located"
+            )
         segments.append((head[len(done) :], False))
         segments.append((full[len(head) :], True))
         done = full
@@ -316,8 +330,10 @@ def _instruction_segments(tokenizer, record: dict, where: str) -> list[tuple[str
     if record.get("input"):
         user = f"{user}\n\n{record['input']}"
     if _has_chat_template(tokenizer):
-        msgs = [{"role": "user", "content": user},
-                {"role": "assistant", "content": record["output"]}]  # fmt: skip
+        msgs = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": record["output"]},
+        ]
         return _chat_segments(tokenizer, msgs, where)
     head = ALPACA_INSTRUCTION.format(instruction=record["instruction"])
     if record.get("input"):
@@ -369,9 +385,11 @@ def encode_sft(record: dict, shape: str, tokenizer, max_seq_len: int, where: str
     if first_target is None:
         raise UserError(f"{where}: the response is empty, so nothing to learn")
     if first_target >= max_seq_len:
-        raise UserError(f"{where}: the prompt is {first_target} tokens, longer than "
-                        f"--max-seq-len {max_seq_len}; raise --max-seq-len or shorten the "
-                        "prompt")  # fmt: skip
+        raise UserError(
+            f"{where}: the prompt is {first_target} tokens, longer than "
+            f"--max-seq-len {max_seq_len}; raise --max-seq-len or shorten the "
+            "prompt"
+        )
     truncated = len(ids) > max_seq_len
     return Example(ids[:max_seq_len], labels[:max_seq_len], where, truncated)
 
@@ -379,8 +397,12 @@ def encode_sft(record: dict, shape: str, tokenizer, max_seq_len: int, where: str
 def _completion_text(value: Any, where: str, name: str) -> str:
     if isinstance(value, str):
         return value
-    if (isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict)
-            and isinstance(value[0].get("content"), str)):  # fmt: skip
+    if (
+        isinstance(value, list)
+        and len(value) == 1
+        and isinstance(value[0], dict)
+        and isinstance(value[0].get("content"), str)
+    ):
         return value[0]["content"]
     raise UserError(f"{where}: {name!r} must be text or a list with one assistant message")
 
@@ -391,8 +413,7 @@ def encode_pair(record: dict, tokenizer, max_seq_len: int, where: str) -> PairEx
     if isinstance(prompt, list):
         for i, m in enumerate(prompt):
             if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                raise UserError(f"{where}: prompt[{i}] must be an object with 'role' and "
-                                "'content'")  # fmt: skip
+                raise UserError(f"{where}: prompt[{i}] must be an object with 'role' and 'content'")
     out = []
     truncated_any = False
     for name in ("chosen", "rejected"):
@@ -418,17 +439,24 @@ def encode_pair(record: dict, tokenizer, max_seq_len: int, where: str) -> PairEx
         if first_target is None:
             raise UserError(f"{where}: {name!r} is empty")
         if first_target >= max_seq_len:
-            raise UserError(f"{where}: the prompt is {first_target} tokens, longer than "
-                            f"--max-seq-len {max_seq_len}; raise --max-seq-len or shorten "
-                            "the prompt")  # fmt: skip
+            raise UserError(
+                f"{where}: the prompt is {first_target} tokens, longer than "
+                f"--max-seq-len {max_seq_len}; raise --max-seq-len or shorten "
+                "the prompt"
+            )
         truncated = len(ids) > max_seq_len
         truncated_any |= truncated
         out.append(Example(ids[:max_seq_len], labels[:max_seq_len], where, truncated))
     return PairExample(out[0], out[1], where)
 
 
-def load_dataset(path: str | os.PathLike, tokenizer, max_seq_len: int, method: str = "sft",
-                 skip_bad_lines: bool = False) -> tuple[list, list[dict], DataStats]:  # fmt: skip
+def load_dataset(
+    path: str | os.PathLike,
+    tokenizer,
+    max_seq_len: int,
+    method: str = "sft",
+    skip_bad_lines: bool = False,
+) -> tuple[list, list[dict], DataStats]:
     """Read and tokenize ``path``: ``(examples, records, stats)``.
 
     Raises:
@@ -503,8 +531,9 @@ def pack(examples: list[Example], max_seq_len: int) -> list[list[Example]]:
     return rows
 
 
-def batches_for_epoch(lengths: list[int], batch_size: int, seed: int, epoch: int,
-                      group_by_length: bool) -> list[list[int]]:  # fmt: skip
+def batches_for_epoch(
+    lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool
+) -> list[list[int]]:
     """The micro-batches (row indices) of one epoch, a pure function of its arguments.
 
     With ``group_by_length`` rows are shuffled, cut into mega-batches of 64 batches, sorted

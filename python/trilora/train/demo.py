@@ -16,22 +16,36 @@ from trilora.train.loop import train
 STYLE_PROMPTS = 12
 
 
-def run_demo(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
-             device: str | None = None, resume_command: str | None = None) -> int:  # fmt: skip
+def run_demo(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str | None = None,
+    resume_command: str | None = None,
+) -> int:
 
     if cfg.compare < STYLE_PROMPTS:
         cfg.compare = STYLE_PROMPTS
     # The table below holds the held-out loss and perplexity next to the style scores, so
     # the trainer's own loss table is left out (it would print the same numbers twice).
-    summary = train(cfg, resume=resume, overwrite=overwrite, device=device,
-                    resume_command=resume_command, loss_table=False)  # fmt: skip
+    summary = train(
+        cfg,
+        resume=resume,
+        overwrite=overwrite,
+        device=device,
+        resume_command=resume_command,
+        loss_table=False,
+    )
     samples = summary["samples"]
     b, t = summary["base"], summary["tuned"]
     n = len(samples)
     print()
     if samples:
-        print(f"house style on {n} held-out questions (greeting, task line, numbered steps, "
-              "sign-off):")  # fmt: skip
+        print(
+            f"house style on {n} held-out questions (greeting, task line, numbered steps, "
+            "sign-off):"
+        )
     print(f"{'':<26}{'base':>10}{'tuned':>10}")
     if t:
         print(f"{'held-out loss':<26}{b['eval_loss']:>10.3f}{t['eval_loss']:>10.3f}")
@@ -44,7 +58,10 @@ def run_demo(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         print(f"{'style score':<26}{sum(base_scores) / n:>10.0%}{sum(tuned_scores) / n:>10.0%}")
         print(f"{'answers fully in style':<26}{f'{full_base}/{n}':>10}{f'{full_tuned}/{n}':>10}")
         wins = t and t["eval_loss"] < b["eval_loss"] and sum(tuned_scores) > sum(base_scores)
-        print("the tuned model wins on both" if wins else "the tuned model does not win on both "
-              "yet (more steps: --max-steps)")  # fmt: skip
+        print(
+            "the tuned model wins on both"
+            if wins
+            else "the tuned model does not win on both yet (more steps: --max-steps)"
+        )
     print(f"total time {summary['total_time_s']:.0f} s (training {summary['train_time_s']:.0f} s)")
     return 0

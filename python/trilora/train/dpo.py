@@ -26,14 +26,16 @@ from trilora.train.losses import token_losses
 __all__ = ["dpo_losses", "sequence_logps"]
 
 
-def sequence_logps(model: nn.Module, batch: dict[str, Any],
-                   autocast_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+def sequence_logps(
+    model: nn.Module, batch: dict[str, Any], autocast_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """fp32 ``[rows]``: the summed log-probability of each row's completion tokens."""
     return -token_losses(model, batch, "none", autocast_dtype).sum(dim=-1)
 
 
-def dpo_losses(policy: torch.Tensor, reference: torch.Tensor, beta: float
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def dpo_losses(
+    policy: torch.Tensor, reference: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair sigmoid DPO losses and the chosen / rejected implicit rewards.
 
     Args:

@@ -63,13 +63,17 @@ def check_launch(nproc: int, device: str | None, batch_size: int) -> str:
     if nproc < 1:
         raise UsageError(f"--nproc: must be >= 1, got {nproc}")
     if "WORLD_SIZE" in os.environ:
-        raise UsageError("--nproc: this process was already started by a launcher (torchrun, "
-                         "accelerate launch); leave --nproc out, the launcher sets the "
-                         "process count")  # fmt: skip
+        raise UsageError(
+            "--nproc: this process was already started by a launcher (torchrun, "
+            "accelerate launch); leave --nproc out, the launcher sets the "
+            "process count"
+        )
     if batch_size < nproc:
-        raise UsageError(f"--batch-size {batch_size} is the global micro-batch, split across "
-                         f"the {nproc} processes: give at least {nproc} rows (one per "
-                         "process) or start fewer processes")  # fmt: skip
+        raise UsageError(
+            f"--batch-size {batch_size} is the global micro-batch, split across "
+            f"the {nproc} processes: give at least {nproc} rows (one per "
+            "process) or start fewer processes"
+        )
     kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
     kind = torch.device(kind).type
     if kind == "cuda":
@@ -77,15 +81,19 @@ def check_launch(nproc: int, device: str | None, batch_size: int) -> str:
         if count == 0:
             raise UserError("--device cuda: no CUDA GPU is visible")
         if nproc > count:
-            raise UserError(f"--nproc {nproc}: this machine shows {count} GPU(s); start at most "
-                            f"{count} processes per machine (several machines: torchrun "
-                            "--nnodes, see docs/distributed.md)")  # fmt: skip
+            raise UserError(
+                f"--nproc {nproc}: this machine shows {count} GPU(s); start at most "
+                f"{count} processes per machine (several machines: torchrun "
+                "--nnodes, see docs/distributed.md)"
+            )
     elif kind == "cpu":
         cores = _cpu_count()
         if nproc > cores:
-            raise UserError(f"--nproc {nproc} on the CPU: this machine has {cores} core(s) for "
-                            f"this process; start at most {cores} (CPU runs of several "
-                            "processes are for testing; train on GPUs)")  # fmt: skip
+            raise UserError(
+                f"--nproc {nproc} on the CPU: this machine has {cores} core(s) for "
+                f"this process; start at most {cores} (CPU runs of several "
+                "processes are for testing; train on GPUs)"
+            )
     else:
         raise UserError(f"--device {device}: distributed runs use cuda or cpu")
     return kind
@@ -102,8 +110,14 @@ def _quiet_launcher_logs() -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def launch(nproc: int, worker_args: list[str], config_yaml: str, debug: bool = False,
-           resume_command: str | None = None, stop_grace: float = 20.0) -> int:  # fmt: skip
+def launch(
+    nproc: int,
+    worker_args: list[str],
+    config_yaml: str,
+    debug: bool = False,
+    resume_command: str | None = None,
+    stop_grace: float = 20.0,
+) -> int:
     """Run ``trilora train`` on ``nproc`` local processes; return the exit status.
 
     ``config_yaml`` (the resolved settings) is written to a temporary file handed to every
@@ -125,15 +139,26 @@ def launch(nproc: int, worker_args: list[str], config_yaml: str, debug: bool = F
         errors.mkdir()
         config = Path(tmp) / "config.yaml"
         config.write_text(config_yaml, encoding="utf-8")
-        argv = ["--standalone", f"--nproc-per-node={nproc}", "-m", "trilora.train",
-                "--config", str(config), *worker_args]  # fmt: skip
+        argv = [
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "trilora.train",
+            "--config",
+            str(config),
+            *worker_args,
+        ]
         args = get_args_parser().parse_args(argv)
         shutdown = str(max(30, math.ceil(stop_grace) + 60))
-        settings = {ERROR_DIR_ENV: str(errors), COMMAND_ENV: resume_command,
-                    # how long torch's launcher waits for stopping workers before SIGKILL
-                    # (read by torch >= 2.12; older ones wait 30 s)
-                    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": os.environ.get(
-                        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", shutdown)}  # fmt: skip
+        settings = {
+            ERROR_DIR_ENV: str(errors),
+            COMMAND_ENV: resume_command,
+            # how long torch's launcher waits for stopping workers before SIGKILL
+            # (read by torch >= 2.12; older ones wait 30 s)
+            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": os.environ.get(
+                "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", shutdown
+            ),
+        }
         previous = {k: os.environ.get(k) for k in settings}
         for k, v in settings.items():
             if v is not None:
@@ -190,8 +215,11 @@ def _report_failures(errors: Path, exc, debug: bool = False) -> int:
             f"rank {rank}: {f'killed by signal {-code}' if killed else f'exit code {code}'}"
         )
     hint = "its traceback is above" if debug else "rerun with --debug for the traceback"
-    print(f"trilora train: error: a process failed without a message "
-          f"({', '.join(parts) or exc}); {hint}", file=sys.stderr)  # fmt: skip
+    print(
+        f"trilora train: error: a process failed without a message "
+        f"({', '.join(parts) or exc}); {hint}",
+        file=sys.stderr,
+    )
     return 1
 
 

@@ -116,8 +116,9 @@ def _fingerprints(cfg: TrainConfig) -> dict[str, str | None]:
         "model": model_fingerprint(cfg.model),
         "data": D.fingerprint_file(cfg.data) if Path(cfg.data).is_file() else None,
         "val_data": D.fingerprint_file(cfg.val_data)
-        if cfg.val_data and Path(cfg.val_data).is_file() else None,
-    }  # fmt: skip
+        if cfg.val_data and Path(cfg.val_data).is_file()
+        else None,
+    }
 
 
 def _check_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
@@ -130,8 +131,10 @@ def _check_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     holds_run = (run_dir / "run.json").is_file()
     if resume:
         if not holds_run:
-            raise UsageError(f"--resume: {run_dir} holds no trilora run (no run.json); start a "
-                             "new run without --resume")  # fmt: skip
+            raise UsageError(
+                f"--resume: {run_dir} holds no trilora run (no run.json); start a "
+                "new run without --resume"
+            )
 
         saved = json.loads((run_dir / "run.json").read_text())
         diffs = config_differences(saved.get("config", {}), cfg)
@@ -140,15 +143,20 @@ def _check_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
             if saved.get("fingerprints", {}).get(key) != fingerprints[key]:
                 diffs.append(f"{key} files changed since the run started")
         if diffs:
-            raise UsageError(f"--resume: {run_dir} was started with another model or config ("
-                             + "; ".join(diffs[:6]) + "); resume with the same settings or "
-                             "start a new run in another folder")  # fmt: skip
+            raise UsageError(
+                f"--resume: {run_dir} was started with another model or config ("
+                + "; ".join(diffs[:6])
+                + "); resume with the same settings or "
+                "start a new run in another folder"
+            )
         if latest_checkpoint(run_dir) is None:
             _log(f"{run_dir} has no complete checkpoint yet; starting it again from step 0")
         return run_dir
     if holds_run and not overwrite:
-        raise UsageError(f"--out {run_dir} holds another run; pass --resume to continue it or "
-                         "--overwrite to replace it")  # fmt: skip
+        raise UsageError(
+            f"--out {run_dir} holds another run; pass --resume to continue it or "
+            "--overwrite to replace it"
+        )
     check_output(run_dir, overwrite=overwrite, inputs=[i for i in inputs if i], flag="--out")
     return run_dir
 
@@ -162,9 +170,23 @@ class _NewRunFolder:
     not deleted: it comes back in that case, and is deleted once the first step has ended.
     """
 
-    RUN_FILES = frozenset({"config.yaml", "run.json", "base.json", "metrics.jsonl",
-                           "tensorboard", "checkpoints", "ref_logps.pt", "loss_curve.png",
-                           "samples.md", "summary.json", "adapter", "model", "merged"})  # fmt: skip
+    RUN_FILES = frozenset(
+        {
+            "config.yaml",
+            "run.json",
+            "base.json",
+            "metrics.jsonl",
+            "tensorboard",
+            "checkpoints",
+            "ref_logps.pt",
+            "loss_curve.png",
+            "samples.md",
+            "summary.json",
+            "adapter",
+            "model",
+            "merged",
+        }
+    )
 
     def __init__(self, run_dir: Path, overwrite: bool) -> None:
         self.run_dir = Path(os.path.abspath(run_dir))
@@ -222,10 +244,16 @@ def _create_run_dir(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> _NewRun
         folder = _NewRunFolder(run_dir, overwrite)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-        atomic_write_json(run_dir / "run.json", {
-            "format": FORMAT, "trilora": __version__, "config": config_fingerprint(cfg),
-            "fingerprints": _fingerprints(cfg), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        })  # fmt: skip
+        atomic_write_json(
+            run_dir / "run.json",
+            {
+                "format": FORMAT,
+                "trilora": __version__,
+                "config": config_fingerprint(cfg),
+                "fingerprints": _fingerprints(cfg),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+        )
     except OSError as exc:
         if folder is not None:
             folder.discard()
@@ -239,8 +267,10 @@ def _check_free_space(run_dir: Path, trainable_bytes: int, keep_last: int) -> No
     need = trainable_bytes * 3 * (keep_last + 1) + trainable_bytes + (1 << 20)
     free = shutil.disk_usage(run_dir).free
     if free < need:
-        raise UserError(f"--out {run_dir}: {human_bytes(free)} free, but checkpoints need about "
-                        f"{human_bytes(need)}; free some space or lower --keep-last")  # fmt: skip
+        raise UserError(
+            f"--out {run_dir}: {human_bytes(free)} free, but checkpoints need about "
+            f"{human_bytes(need)}; free some space or lower --keep-last"
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,12 +290,14 @@ class Data:
 
 
 def _load_data(cfg: TrainConfig, tokenizer) -> Data:
-    examples, records, stats = D.load_dataset(cfg.data, tokenizer, cfg.max_seq_len, cfg.method,
-                                              cfg.skip_bad_lines)  # fmt: skip
+    examples, records, stats = D.load_dataset(
+        cfg.data, tokenizer, cfg.max_seq_len, cfg.method, cfg.skip_bad_lines
+    )
     val_stats = None
     if cfg.val_data:
-        val, val_records, val_stats = D.load_dataset(cfg.val_data, tokenizer, cfg.max_seq_len,
-                                                     cfg.method, cfg.skip_bad_lines)  # fmt: skip
+        val, val_records, val_stats = D.load_dataset(
+            cfg.val_data, tokenizer, cfg.max_seq_len, cfg.method, cfg.skip_bad_lines
+        )
         train = examples
     else:
         train_idx, val_idx = D.split_validation(len(examples), cfg.val_fraction, cfg.seed)
@@ -311,13 +343,19 @@ class BatchStream:
 
         epoch, index = divmod(g, self.per_epoch)
         if epoch != self._epoch:
-            self._batches = D.batches_for_epoch(self.data.lengths, self.cfg.batch_size,
-                                                self.cfg.seed, epoch, self.cfg.group_by_length)  # fmt: skip
+            self._batches = D.batches_for_epoch(
+                self.data.lengths,
+                self.cfg.batch_size,
+                self.cfg.seed,
+                epoch,
+                self.cfg.group_by_length,
+            )
             self._epoch = epoch
         idx, real = rank_rows(self._batches[index], self.env)
         if self.cfg.method == "dpo":
-            return MicroBatch(D.collate_pairs([self.data.rows[i] for i in idx], self.pad_id),
-                              idx, real)  # fmt: skip
+            return MicroBatch(
+                D.collate_pairs([self.data.rows[i] for i in idx], self.pad_id), idx, real
+            )
         return MicroBatch(D.collate([self.data.rows[i] for i in idx], self.pad_id), idx, real)
 
 
@@ -327,9 +365,16 @@ class BatchStream:
 
 
 @torch.no_grad()
-def evaluate(model, data: Data, cfg: TrainConfig, pad_id: int, autocast_dtype,
-             ref_logps: torch.Tensor | None = None, base_mode=None,
-             env=None) -> dict[str, float]:  # fmt: skip
+def evaluate(
+    model,
+    data: Data,
+    cfg: TrainConfig,
+    pad_id: int,
+    autocast_dtype,
+    ref_logps: torch.Tensor | None = None,
+    base_mode=None,
+    env=None,
+) -> dict[str, float]:
     """Held-out loss and perplexity (SFT) or DPO loss and preference accuracy.
 
     In a distributed run every rank must call it: each scores its rows of every evaluation
@@ -380,15 +425,19 @@ def evaluate(model, data: Data, cfg: TrainConfig, pad_id: int, autocast_dtype,
                 margins += float((pol[:b] - pol[b:]).sum())
             losses, wins, margins = all_reduce(env, [losses, wins, margins])
             n = max(n_val, 1)
-            return {"eval_loss": losses / n, "eval_chosen_preferred": wins / n,
-                    "eval_logp_margin": margins / n}  # fmt: skip
+            return {
+                "eval_loss": losses / n,
+                "eval_chosen_preferred": wins / n,
+                "eval_logp_margin": margins / n,
+            }
         finally:
             m.train(was_training)
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int,
-                     batch_size: int = 16, env=None) -> list[str]:  # fmt: skip
+def generate_answers(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16, env=None
+) -> list[str]:
     """Greedy answers to ``prompts`` (left-padded batches).
 
     Distributed: under DDP rank 0 answers alone (it holds the whole model) and the other
@@ -415,11 +464,21 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int,
             for s in range(0, len(prompts), batch_size):
                 chunk = prompts[s : s + batch_size]
                 # Chat-rendered prompts spell out their special tokens.
-                enc = tokenizer(chunk, return_tensors="pt", padding=True,
-                                add_special_tokens=not getattr(tokenizer, "chat_template", None))  # fmt: skip
+                enc = tokenizer(
+                    chunk,
+                    return_tensors="pt",
+                    padding=True,
+                    add_special_tokens=not getattr(tokenizer, "chat_template", None),
+                )
                 enc = {k: v.to(device) for k, v in enc.items()}
-                out = m.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, use_cache=True, **extra)  # fmt: skip
+                out = m.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    use_cache=True,
+                    **extra,
+                )
                 new = out[:, enc["input_ids"].shape[1] :]
                 answers += [
                     t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -482,9 +541,16 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
     return S.latest_checkpoint(run_dir)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
-          device: str | None = None, quiet: bool = False, resume_command: str | None = None,
-          loss_table: bool = True) -> dict[str, Any] | None:  # fmt: skip
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str | None = None,
+    quiet: bool = False,
+    resume_command: str | None = None,
+    loss_table: bool = True,
+) -> dict[str, Any] | None:
     """Run ``cfg`` to the end; return the summary (also written to ``OUT/summary.json``).
 
     Started by a launcher (``torchrun``, ``accelerate launch``, ``trilora train --nproc``),
@@ -504,8 +570,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     for name in ("model", "data", "val_data", "peft_config"):
         setattr(cfg, name, _abs(getattr(cfg, name)))
     env, dev, initialized_here = setup(device)
-    summary = _train(cfg, env, dev, resume=resume, overwrite=overwrite, quiet=quiet,
-                     resume_command=resume_command, loss_table=loss_table)  # fmt: skip
+    summary = _train(
+        cfg,
+        env,
+        dev,
+        resume=resume,
+        overwrite=overwrite,
+        quiet=quiet,
+        resume_command=resume_command,
+        loss_table=loss_table,
+    )
     if initialized_here:
         destroy_distributed()
     return summary
@@ -539,52 +613,82 @@ class _Stopping:
 
     def saved(self, signum: int, ckpt: Path) -> str:
 
-        return (f"stopped by {signal_name(signum)} after step {self.step} of {self.total}: "
-                f"checkpoint saved in {ckpt}; resume with: {self.command}")  # fmt: skip
+        return (
+            f"stopped by {signal_name(signum)} after step {self.step} of {self.total}: "
+            f"checkpoint saved in {ckpt}; resume with: {self.command}"
+        )
 
     def timed_out(self, signum: int) -> str | None:
 
         if not self.main:
             return None
-        return (f"trilora train: stopped by {signal_name(signum)}: {self._doing()} did not end "
-                f"within --stop-grace {self.grace:g} s, so no checkpoint was written; "
-                f"{self._latest()}; resume with: {self.command}")  # fmt: skip
+        return (
+            f"trilora train: stopped by {signal_name(signum)}: {self._doing()} did not end "
+            f"within --stop-grace {self.grace:g} s, so no checkpoint was written; "
+            f"{self._latest()}; resume with: {self.command}"
+        )
 
     def at_once(self, exc, left_nothing: bool) -> str:
 
         name = signal_name(exc.signum)
         if left_nothing:
-            return (f"stopped by {name} before the first step ended: nothing to save, and the "
-                    f"run left nothing in {self.run_dir}; run the same command to start "
-                    "again")  # fmt: skip
+            return (
+                f"stopped by {name} before the first step ended: nothing to save, and the "
+                f"run left nothing in {self.run_dir}; run the same command to start "
+                "again"
+            )
         if exc.again:
-            return (f"stopped at once by a second {name}: no checkpoint written for "
-                    f"{self._doing()}; {self._latest()}; resume with: {self.command}")  # fmt: skip
-        return (f"stopped by {name} before training resumed; {self._latest()}; resume with: "
-                f"{self.command}")  # fmt: skip
+            return (
+                f"stopped at once by a second {name}: no checkpoint written for "
+                f"{self._doing()}; {self._latest()}; resume with: {self.command}"
+            )
+        return (
+            f"stopped by {name} before training resumed; {self._latest()}; resume with: "
+            f"{self.command}"
+        )
 
 
-def _train(cfg: TrainConfig, env, device: torch.device, *, resume: bool, overwrite: bool,
-           quiet: bool, resume_command: str | None,
-           loss_table: bool = True) -> dict[str, Any] | None:  # fmt: skip
-
+def _train(
+    cfg: TrainConfig,
+    env,
+    device: torch.device,
+    *,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+    resume_command: str | None,
+    loss_table: bool = True,
+) -> dict[str, Any] | None:
 
     if env.distributed and cfg.batch_size < env.world_size:
-        raise UsageError(f"--batch-size {cfg.batch_size} is the global micro-batch, split "
-                         f"across the {env.world_size} processes: give at least "
-                         f"{env.world_size} rows (one per process) or start fewer "
-                         "processes")  # fmt: skip
+        raise UsageError(
+            f"--batch-size {cfg.batch_size} is the global micro-batch, split "
+            f"across the {env.world_size} processes: give at least "
+            f"{env.world_size} rows (one per process) or start fewer "
+            "processes"
+        )
     run_dir = on_main(env, lambda: _check_run_dir(cfg, resume, overwrite))
     if resume_command is None:
         where = os.path.abspath(run_dir)
-        resume_command = shlex.join(["trilora", "train", "--config", f"{where}/config.yaml",
-                                     "--out", where, "--resume"])  # fmt: skip
+        resume_command = shlex.join(
+            ["trilora", "train", "--config", f"{where}/config.yaml", "--out", where, "--resume"]
+        )
     stopping = _Stopping(run_dir, resume_command, env.is_main, resume, cfg.stop_grace)
     stopper = StopSignals(cfg.stop_grace, stopping.timed_out)
     with stopper:
         try:
-            return _run(cfg, env, device, run_dir, stopping, stopper, resume=resume,
-                        overwrite=overwrite, quiet=quiet, loss_table=loss_table)  # fmt: skip
+            return _run(
+                cfg,
+                env,
+                device,
+                run_dir,
+                stopping,
+                stopper,
+                resume=resume,
+                overwrite=overwrite,
+                quiet=quiet,
+                loss_table=loss_table,
+            )
         except StopNow as exc:
             folder = stopping.folder
             left_nothing = folder is not None and not folder.kept
@@ -597,17 +701,29 @@ def _train(cfg: TrainConfig, env, device: torch.device, *, resume: bool, overwri
             raise
 
 
-def _run(cfg: TrainConfig, env, device: torch.device, run_dir: Path, stopping: _Stopping,
-         stopper, *, resume: bool, overwrite: bool, quiet: bool,
-         loss_table: bool) -> dict[str, Any] | None:  # fmt: skip
+def _run(
+    cfg: TrainConfig,
+    env,
+    device: torch.device,
+    run_dir: Path,
+    stopping: _Stopping,
+    stopper,
+    *,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+    loss_table: bool,
+) -> dict[str, Any] | None:
 
     main = env.is_main
     say = (lambda *_: None) if quiet or not main else _log
     hook = TestHook()
     kind = strategy(env, cfg.fsdp)
     if kind is None and cfg.fsdp:
-        say("note: --fsdp shards the model across processes; this run is one process, which "
-            "holds the whole model (start several with --nproc N or torchrun)")  # fmt: skip
+        say(
+            "note: --fsdp shards the model across processes; this run is one process, which "
+            "holds the whole model (start several with --nproc N or torchrun)"
+        )
     t_start = time.perf_counter()
     # The tokenizer loads in a second and the data in a few; the model takes much longer.
     # Data mistakes (a malformed line, a prompt longer than --max-seq-len) fail here, before
@@ -615,9 +731,11 @@ def _run(cfg: TrainConfig, env, device: torch.device, run_dir: Path, stopping: _
     folder_path, tokenizer = load_tokenizer(cfg, log=say)
     data = _load_data(cfg, tokenizer)
     if len(data.rows) < env.world_size:
-        raise UserError(f"{cfg.data}: {len(data.rows)} training rows for {env.world_size} "
-                        "processes; every process needs at least one row (more data, or "
-                        "fewer processes)")  # fmt: skip
+        raise UserError(
+            f"{cfg.data}: {len(data.rows)} training rows for {env.world_size} "
+            "processes; every process needs at least one row (more data, or "
+            "fewer processes)"
+        )
     if not resume:
         created = on_main(env, lambda: _create_run_dir(cfg, run_dir, overwrite))
         stopping.folder = created if main else None
@@ -656,13 +774,15 @@ def _run(cfg: TrainConfig, env, device: torch.device, run_dir: Path, stopping: _
     placement = f"{lm.device.type}"
     if kind is not None:
         placement = f"{env.world_size} processes, {kind.upper()}, {lm.device.type}"
-    say(f"model {cfg.model}: {lm.total_params / 1e6:.1f}M parameters, "
+    say(
+        f"model {cfg.model}: {lm.total_params / 1e6:.1f}M parameters, "
         f"{lm.trainable_params / 1e6:.2f}M trainable ({cfg.finetune}, base {cfg.quant}, "
         f"{placement}); data: {len(data.train)} train / {len(data.val)} held-out examples, "
         f"{data.stats.truncated} truncated at {cfg.max_seq_len} tokens"
         + (f", {data.stats.bad_lines} bad lines skipped" if data.stats.bad_lines else "")
         + (f", packed into {len(data.rows)} rows" if cfg.packing else "")
-        + f"; {total_steps} steps")  # fmt: skip
+        + f"; {total_steps} steps"
+    )
 
     start_step, micro_done, tokens_seen, elapsed_before = 0, 0, 0, 0.0
     ckpt = on_main(env, lambda: _latest_checkpoint(run_dir)) if resume else None
@@ -673,9 +793,11 @@ def _run(cfg: TrainConfig, env, device: torch.device, run_dir: Path, stopping: _
         if st["rng"] is not None:
             S.set_rng_state(st["rng"])
         saved_on = st.get("world_size", 1)
-        say(f"resumed from {ckpt} (step {start_step} of {total_steps}"
+        say(
+            f"resumed from {ckpt} (step {start_step} of {total_steps}"
             + (f"; saved on {saved_on} processes" if saved_on != env.world_size else "")
-            + ")")  # fmt: skip
+            + ")"
+        )
     stopping.step = start_step
     saved_step = start_step if ckpt is not None else None  # the newest checkpoint's step
 
@@ -689,18 +811,23 @@ def _run(cfg: TrainConfig, env, device: torch.device, run_dir: Path, stopping: _
                 base.update(evaluate(model, data, cfg, pad_id, autocast_dtype, env=env))
             _, prompts = _compare_prompts(tokenizer, data, cfg)
             if prompts:
-                base["answers"] = generate_answers(model, tokenizer, prompts, cfg.max_new_tokens,
-                                                   env=env)  # fmt: skip
+                base["answers"] = generate_answers(
+                    model, tokenizer, prompts, cfg.max_new_tokens, env=env
+                )
         on_main(env, lambda: atomic_write_json(base_path, base))
     ref_logps = None
     if cfg.method == "dpo" and cfg.precompute_ref:
-        ref_logps = _precompute_ref(model, data, cfg, pad_id, autocast_dtype, base_mode, run_dir,
-                                    env)  # fmt: skip
+        ref_logps = _precompute_ref(
+            model, data, cfg, pad_id, autocast_dtype, base_mode, run_dir, env
+        )
 
     metrics = None
     if main:
-        metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if ckpt is not None else 0,
-                             run_dir / "tensorboard" if cfg.tensorboard else None)  # fmt: skip
+        metrics = MetricsLog(
+            run_dir / "metrics.jsonl",
+            start_step if ckpt is not None else 0,
+            run_dir / "tensorboard" if cfg.tensorboard else None,
+        )
     progress = Progress(total_steps, start_step, cfg.progress and not quiet and main)
     model.train()
     t_loop = time.perf_counter()
@@ -713,11 +840,24 @@ def _run(cfg: TrainConfig, env, device: torch.device, run_dir: Path, stopping: _
     def save(step: int) -> Path:
         elapsed = elapsed_before + time.perf_counter() - t_loop
         stopper.checkpoint_starting()
-        return S.save_checkpoint(run_dir, step, model, optimizer, scheduler,
-                                 {"format": FORMAT, "step": step, "micro_batches": micro_done,
-                                  "tokens_seen": tokens_seen, "elapsed": elapsed,
-                                  "world_size": env.world_size, "strategy": kind or "single"},
-                                 cfg.keep_last, env)  # fmt: skip
+        return S.save_checkpoint(
+            run_dir,
+            step,
+            model,
+            optimizer,
+            scheduler,
+            {
+                "format": FORMAT,
+                "step": step,
+                "micro_batches": micro_done,
+                "tokens_seen": tokens_seen,
+                "elapsed": elapsed,
+                "world_size": env.world_size,
+                "strategy": kind or "single",
+            },
+            cfg.keep_last,
+            env,
+        )
 
     def stop_if_asked() -> None:
         """Where a stop may happen: every rank learns whether any rank was signalled, and
@@ -744,8 +884,9 @@ def _run(cfg: TrainConfig, env, device: torch.device, run_dir: Path, stopping: _
                 for g in range(micro_done, min(micro_done + cfg.grad_accum, total_micro))
             ]
             if cfg.method == "sft":
-                local_items = sum(int((mb.batch["labels"][:, 1:] != D.IGNORE).sum())
-                                  for mb in micro if mb.real)  # fmt: skip
+                local_items = sum(
+                    int((mb.batch["labels"][:, 1:] != D.IGNORE).sum()) for mb in micro if mb.real
+                )
             else:
                 local_items = sum(len(mb.idx) for mb in micro if mb.real)
             local_tokens = sum(int(mb.batch["input_ids"].numel()) for mb in micro if mb.real)
@@ -758,8 +899,16 @@ def _run(cfg: TrainConfig, env, device: torch.device, run_dir: Path, stopping: _
                     if cfg.method == "sft":
                         loss = sft_loss(model, mb.batch, num_items, autocast_dtype)
                     else:
-                        loss, stats = _dpo_micro_step(model, mb.batch, mb.idx, num_items, cfg,
-                                                      autocast_dtype, ref_logps, base_mode)  # fmt: skip
+                        loss, stats = _dpo_micro_step(
+                            model,
+                            mb.batch,
+                            mb.idx,
+                            num_items,
+                            cfg,
+                            autocast_dtype,
+                            ref_logps,
+                            base_mode,
+                        )
                         if mb.real:
                             for key, v in stats.items():
                                 extra[key] += v
@@ -780,16 +929,25 @@ def _run(cfg: TrainConfig, env, device: torch.device, run_dir: Path, stopping: _
             tokens_seen += step_tokens
             peak = int(all_reduce(env, [peak_memory_bytes(lm.device.type)], "max")[0])
             dt = time.perf_counter() - t0
-            record = {"kind": "train", "step": step + 1, "loss": loss_total, "lr": lr,
-                      "grad_norm": grad_norm, "tokens": tokens_seen,
-                      "tokens_per_s": step_tokens / max(dt, 1e-9), "peak_memory": peak,
-                      "epoch": micro_done / stream.per_epoch, **extra}  # fmt: skip
+            record = {
+                "kind": "train",
+                "step": step + 1,
+                "loss": loss_total,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": tokens_seen,
+                "tokens_per_s": step_tokens / max(dt, 1e-9),
+                "peak_memory": peak,
+                "epoch": micro_done / stream.per_epoch,
+                **extra,
+            }
             if metrics is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps):
                 metrics.write(record)
             progress.update(record)
             if not math.isfinite(loss_total):
-                raise UserError(f"the loss became {loss_total} at step {step + 1}; lower --lr or "
-                                "check the data")  # fmt: skip
+                raise UserError(
+                    f"the loss became {loss_total} at step {step + 1}; lower --lr or check the data"
+                )
             if stopping.folder is not None:
                 stopping.folder.keep()  # a step has ended: the folder is now a run to resume
             if (
@@ -798,9 +956,15 @@ def _run(cfg: TrainConfig, env, device: torch.device, run_dir: Path, stopping: _
                 and data.val
                 and step + 1 < total_steps
             ):
-                last_eval = evaluate(model, data, cfg, pad_id, autocast_dtype,
-                                     base_mode=base_mode if cfg.method == "dpo" else None,
-                                     env=env)  # fmt: skip
+                last_eval = evaluate(
+                    model,
+                    data,
+                    cfg,
+                    pad_id,
+                    autocast_dtype,
+                    base_mode=base_mode if cfg.method == "dpo" else None,
+                    env=env,
+                )
                 if main:
                     metrics.write({"kind": "eval", "step": step + 1, **last_eval})
                     progress.write(f"step {step + 1}: held-out loss {last_eval['eval_loss']:.4f}")
@@ -816,11 +980,19 @@ def _run(cfg: TrainConfig, env, device: torch.device, run_dir: Path, stopping: _
     stopping.finishing = True
     tuned: dict[str, Any] = {}
     if data.val:
-        tuned = evaluate(model, data, cfg, pad_id, autocast_dtype,
-                         base_mode=base_mode if cfg.method == "dpo" else None, env=env)  # fmt: skip
+        tuned = evaluate(
+            model,
+            data,
+            cfg,
+            pad_id,
+            autocast_dtype,
+            base_mode=base_mode if cfg.method == "dpo" else None,
+            env=env,
+        )
     stop_if_asked()
-    samples = _compare_answers(model, tokenizer, data, cfg, base_mode, base, run_dir,
-                               lm.has_adapter, env)  # fmt: skip
+    samples = _compare_answers(
+        model, tokenizer, data, cfg, base_mode, base, run_dir, lm.has_adapter, env
+    )
     # The final evaluation is logged only now: a run stopped before this point resumes at
     # its last step and logs it then, once.
     stop_if_asked()
@@ -835,19 +1007,32 @@ def _run(cfg: TrainConfig, env, device: torch.device, run_dir: Path, stopping: _
     curve = plot_loss_curve(metrics.records, run_dir / "loss_curve.png", base)
     metrics.close()
     summary = {
-        "steps": total_steps, "train_time_s": train_time,
-        "total_time_s": time.perf_counter() - t_start, "tokens": tokens_seen,
-        "tokens_per_s": tokens_seen / max(train_time, 1e-9), "peak_memory": peak,
-        "final_train_loss": next((r["loss"] for r in reversed(metrics.records)
-                                  if r.get("kind") == "train"), None),
-        "base": base, "tuned": tuned, "trainable_params": lm.trainable_params,
-        "total_params": lm.total_params, "truncated": data.stats.truncated,
-        "bad_lines": data.stats.bad_lines, "train_examples": len(data.train),
-        "val_examples": len(data.val), "output": str(saved_to), "run_dir": str(run_dir),
-        "device": lm.device.type, "processes": env.world_size, "strategy": kind or "single",
-        "samples": samples, "base_folder": str(lm.folder),
+        "steps": total_steps,
+        "train_time_s": train_time,
+        "total_time_s": time.perf_counter() - t_start,
+        "tokens": tokens_seen,
+        "tokens_per_s": tokens_seen / max(train_time, 1e-9),
+        "peak_memory": peak,
+        "final_train_loss": next(
+            (r["loss"] for r in reversed(metrics.records) if r.get("kind") == "train"), None
+        ),
+        "base": base,
+        "tuned": tuned,
+        "trainable_params": lm.trainable_params,
+        "total_params": lm.total_params,
+        "truncated": data.stats.truncated,
+        "bad_lines": data.stats.bad_lines,
+        "train_examples": len(data.train),
+        "val_examples": len(data.val),
+        "output": str(saved_to),
+        "run_dir": str(run_dir),
+        "device": lm.device.type,
+        "processes": env.world_size,
+        "strategy": kind or "single",
+        "samples": samples,
+        "base_folder": str(lm.folder),
         "loss_curve": str(run_dir / "loss_curve.png") if curve else None,
-    }  # fmt: skip
+    }
     if cfg.merge:
         summary["merged"] = str(_merge(model, lm, cfg, run_dir, env))
     atomic_write_json(run_dir / "summary.json", summary)
@@ -890,8 +1075,9 @@ def _compare_prompts(tokenizer, data: Data, cfg) -> tuple[list[dict], list[str]]
     return [r for r, _ in pairs], [p for _, p in pairs]
 
 
-def _compare_answers(model, tokenizer, data: Data, cfg, base_mode, base: dict, run_dir: Path,
-                     has_adapter: bool, env):  # fmt: skip
+def _compare_answers(
+    model, tokenizer, data: Data, cfg, base_mode, base: dict, run_dir: Path, has_adapter: bool, env
+):
 
     records, prompts = _compare_prompts(tokenizer, data, cfg)
     if not prompts:
@@ -916,8 +1102,17 @@ def _compare_answers(model, tokenizer, data: Data, cfg, base_mode, base: dict, r
         ref = D.reference_answer(records[i - 1], records[i - 1]["_shape"])
         question = D.question_text(records[i - 1], records[i - 1]["_shape"]) or p
         rows.append({"prompt": p, "question": question, "base": a, "tuned": b, "reference": ref})
-        md += [f"## {i}\n", "**prompt**\n", f"```\n{p}\n```\n", "**base**\n", f"{a}\n",
-               "**tuned**\n", f"{b}\n", "**reference**\n", f"{ref}\n"]  # fmt: skip
+        md += [
+            f"## {i}\n",
+            "**prompt**\n",
+            f"```\n{p}\n```\n",
+            "**base**\n",
+            f"{a}\n",
+            "**tuned**\n",
+            f"{b}\n",
+            "**reference**\n",
+            f"{ref}\n",
+        ]
 
     atomic_write_text(run_dir / "samples.md", "\n".join(md))
     return rows
@@ -991,16 +1186,18 @@ def _merge(model, lm, cfg, run_dir: Path, env) -> Path:
 def _reload_adapter(cfg, lm, adapter: Path):
     """The base model read again in one process, with the saved adapter on it."""
 
-
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*checkpoint tensors not used.*")
         if cfg.quant == "none":
             base = AutoModelForCausalLM.from_pretrained(lm.folder, dtype=lm.compute_dtype)
         else:
-            base = from_pretrained(lm.folder, quant_type=cfg.quant,
-                                           compute_dtype=lm.compute_dtype,
-                                           dtype=lm.compute_dtype, device="cpu")  # fmt: skip
+            base = from_pretrained(
+                lm.folder,
+                quant_type=cfg.quant,
+                compute_dtype=lm.compute_dtype,
+                dtype=lm.compute_dtype,
+                device="cpu",
+            )
     return PeftModel.from_pretrained(base, str(adapter))
 
 
@@ -1027,8 +1224,10 @@ def _print_summary(s: dict[str, Any], cfg: TrainConfig, loss_table: bool = True)
                 f"{'perplexity':<22}{_fmt(b.get('eval_ppl'), '.2f'):>12}{_fmt(t.get('eval_ppl'), '.2f'):>12}"
             )
         if "eval_chosen_preferred" in t:
-            p(f"{'chosen preferred':<22}{_fmt(b.get('eval_chosen_preferred'), '.1%'):>12}"
-              f"{_fmt(t.get('eval_chosen_preferred'), '.1%'):>12}")  # fmt: skip
+            p(
+                f"{'chosen preferred':<22}{_fmt(b.get('eval_chosen_preferred'), '.1%'):>12}"
+                f"{_fmt(t.get('eval_chosen_preferred'), '.1%'):>12}"
+            )
     if s["truncated"]:
         p(f"{s['truncated']} training examples were truncated at --max-seq-len {cfg.max_seq_len}")
     p(

@@ -82,8 +82,12 @@ def _inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tens
     return {k: v.to(device) for k, v in batch.items() if k != "labels"}
 
 
-def token_losses(model: nn.Module, batch: dict[str, Any], reduction: str = "none",
-                 autocast_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+def token_losses(
+    model: nn.Module,
+    batch: dict[str, Any],
+    reduction: str = "none",
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Cross-entropy of every next token: fp32 ``[B, T]`` (0 where ignored), or its sum.
 
     ``batch`` holds ``input_ids``, ``labels`` and ``attention_mask`` or ``position_ids``
@@ -92,8 +96,11 @@ def token_losses(model: nn.Module, batch: dict[str, Any], reduction: str = "none
     lm = _causal_lm(model)
     device = compute_device(model)
     labels = batch["labels"].to(device)
-    ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-           else torch.autocast(device.type, enabled=False))  # fmt: skip
+    ctx = (
+        torch.autocast(device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else torch.autocast(device.type, enabled=False)
+    )
     if _fusable(lm):
         head = lm.get_output_embeddings()
         scored: list[torch.Tensor] = []
@@ -103,13 +110,18 @@ def token_losses(model: nn.Module, batch: dict[str, Any], reduction: str = "none
     with ctx:
         logits = model(**_inputs(batch, device), use_cache=False).logits
     shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
-    losses = F.cross_entropy(logits.float().transpose(1, 2), shifted, ignore_index=IGNORE,
-                             reduction="none")  # fmt: skip
+    losses = F.cross_entropy(
+        logits.float().transpose(1, 2), shifted, ignore_index=IGNORE, reduction="none"
+    )
     return losses.sum() if reduction == "sum" else losses
 
 
-def sft_loss(model: nn.Module, batch: dict[str, Any], num_items: int,
-             autocast_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+def sft_loss(
+    model: nn.Module,
+    batch: dict[str, Any],
+    num_items: int,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Summed next-token cross-entropy of ``batch`` divided by ``num_items``.
 
     ``num_items`` is the number of loss tokens in the whole optimizer step (every
@@ -119,8 +131,11 @@ def sft_loss(model: nn.Module, batch: dict[str, Any], num_items: int,
     """
     device = compute_device(model)
     inputs = {k: v.to(device) for k, v in batch.items()}
-    ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-           else torch.autocast(device.type, enabled=False))  # fmt: skip
+    ctx = (
+        torch.autocast(device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else torch.autocast(device.type, enabled=False)
+    )
     with ctx:
         out = model(**inputs, num_items_in_batch=num_items, use_cache=False)
     return out.loss

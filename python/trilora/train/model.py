@@ -131,7 +131,6 @@ def gguf_to_folder(gguf: Path, log=print) -> Path:
     and cached under the file's content (:func:`gguf_digest`): every copy of the same file,
     wherever it lies (one per virtual environment), shares one folder."""
 
-
     target = cache_dir() / "gguf" / f"{gguf.stem}-{gguf_digest(gguf)[:12]}"
     if (target / "config.json").is_file():
         return target
@@ -170,8 +169,10 @@ def check_gguf(path: Path) -> None:
     ``GGUF`` magic, a header and tensor index the ``gguf`` package reads, and every tensor's
     data inside the file. A truncated download otherwise fails deep inside the loader."""
 
-    expected = ("expected a complete GGUF model file (magic 'GGUF', header, tensor index and "
-                "all tensor data, as llama.cpp writes it)")  # fmt: skip
+    expected = (
+        "expected a complete GGUF model file (magic 'GGUF', header, tensor index and "
+        "all tensor data, as llama.cpp writes it)"
+    )
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
@@ -182,11 +183,15 @@ def check_gguf(path: Path) -> None:
         reader = gguf.GGUFReader(path)
         end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     except Exception as exc:  # the reader's own errors say little: ValueError, struct.error
-        raise UserError(f"--model {path}: not a readable GGUF file, truncated or corrupt "
-                        f"({size:,} bytes; {type(exc).__name__}: {exc}); {expected}") from None  # fmt: skip
+        raise UserError(
+            f"--model {path}: not a readable GGUF file, truncated or corrupt "
+            f"({size:,} bytes; {type(exc).__name__}: {exc}); {expected}"
+        ) from None
     if end > size:
-        raise UserError(f"--model {path}: truncated GGUF file: its tensor data ends at byte "
-                        f"{end:,} but the file has {size:,} bytes; {expected}")  # fmt: skip
+        raise UserError(
+            f"--model {path}: truncated GGUF file: its tensor data ends at byte "
+            f"{end:,} but the file has {size:,} bytes; {expected}"
+        )
 
 
 def model_fingerprint(source: str) -> str:
@@ -218,8 +223,9 @@ def resolve_source(source: str, log) -> Path:
     if p.is_file() and p.suffix == ".gguf":
         return gguf_to_folder(p, log)
     if p.is_file():
-        raise UserError(f"--model {source}: a file, but not .gguf; give a Hugging Face folder "
-                        "or a .gguf file")  # fmt: skip
+        raise UserError(
+            f"--model {source}: a file, but not .gguf; give a Hugging Face folder or a .gguf file"
+        )
     if not p.is_dir():
         raise UserError(f"--model {source}: no such folder or .gguf file")
     if not (p / "config.json").is_file():
@@ -231,11 +237,7 @@ def _attn_implementation(cfg: TrainConfig, device: torch.device) -> str:
     # Packed rows carry per-example position ids. FlashAttention-2 turns them into varlen
     # attention (transformers detects them); SDPA and eager get the block-diagonal mask
     # transformers builds from the same position ids.
-    if (
-        device.type == "cuda"
-        and cfg.packing
-        and importlib.util.find_spec("flash_attn") is not None
-    ):
+    if device.type == "cuda" and cfg.packing and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
 
@@ -254,8 +256,10 @@ def _load_peft_config(path: str):
     except Exception:
         raise UsageError(f"--peft-config {path}: not valid JSON or YAML") from None
     if not isinstance(data, dict) or "peft_type" not in data:
-        raise UsageError(f"--peft-config {path}: expected a mapping with 'peft_type' (e.g. "
-                         "IA3, PREFIX_TUNING, LORA), as PeftConfig.to_dict() writes it")  # fmt: skip
+        raise UsageError(
+            f"--peft-config {path}: expected a mapping with 'peft_type' (e.g. "
+            "IA3, PREFIX_TUNING, LORA), as PeftConfig.to_dict() writes it"
+        )
     data.setdefault("task_type", "CAUSAL_LM")
     try:
         return get_peft_config(data)
@@ -275,8 +279,14 @@ def load_tokenizer(cfg: TrainConfig, log=print) -> tuple[Path, Any]:
     return folder, tokenizer
 
 
-def load_model(cfg: TrainConfig, device: torch.device | None = None, log=print,
-               env=None, tokenizer=None, folder: Path | None = None) -> LoadedModel:  # fmt: skip
+def load_model(
+    cfg: TrainConfig,
+    device: torch.device | None = None,
+    log=print,
+    env=None,
+    tokenizer=None,
+    folder: Path | None = None,
+) -> LoadedModel:
     """Base model + tokenizer + trainable part, as ``cfg`` says, on ``device``
     (``tokenizer`` and ``folder``: what :func:`load_tokenizer` returned, if it was called).
 
@@ -304,16 +314,23 @@ def load_model(cfg: TrainConfig, device: torch.device | None = None, log=print,
         warnings.filterwarnings("ignore", message=".*checkpoint tensors not used.*")
         if cfg.quant == "none":
             if prequantized:
-                raise UsageError(f"--quant none: {cfg.model} holds 4-bit weights; use --quant "
-                                 "nf4 (its bytes are kept) or a full-precision checkpoint")  # fmt: skip
+                raise UsageError(
+                    f"--quant none: {cfg.model} holds 4-bit weights; use --quant "
+                    "nf4 (its bytes are kept) or a full-precision checkpoint"
+                )
             model = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=compute_dtype, attn_implementation=attn
             ).to(load_device)
         else:
             model = td.load_pretrained(
-                folder, env=env, quant_type=cfg.quant, compute_dtype=compute_dtype,
-                dtype=compute_dtype, device=load_device, attn_implementation=attn,
-            )  # fmt: skip
+                folder,
+                env=env,
+                quant_type=cfg.quant,
+                compute_dtype=compute_dtype,
+                dtype=compute_dtype,
+                device=load_device,
+                attn_implementation=attn,
+            )
     model.config.use_cache = False
     has_adapter = True
     if cfg.finetune == "full":
@@ -326,8 +343,9 @@ def load_model(cfg: TrainConfig, device: torch.device | None = None, log=print,
         model = _attach_adapter(model, cfg, compute_dtype)
     everything, trainable = count_parameters(model)
     base = everything - trainable if has_adapter else everything
-    return LoadedModel(model, tokenizer, folder, device, compute_dtype, has_adapter, trainable,
-                       base)  # fmt: skip
+    return LoadedModel(
+        model, tokenizer, folder, device, compute_dtype, has_adapter, trainable, base
+    )
 
 
 def apply_memory_options(model: nn.Module, cfg: TrainConfig) -> None:
@@ -349,26 +367,35 @@ def _attach_adapter(model: nn.Module, cfg: TrainConfig, compute_dtype: torch.dty
         if targets != "all-linear":
             targets = [t.strip() for t in targets.split(",") if t.strip()]
         pcfg = peft.LoraConfig(
-            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=targets, use_rslora=cfg.rslora, bias="none", task_type="CAUSAL_LM",
-        )  # fmt: skip
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets,
+            use_rslora=cfg.rslora,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
     else:
         pcfg = _load_peft_config(cfg.peft_config)
         kind = str(getattr(pcfg.peft_type, "value", pcfg.peft_type))
         if cfg.packing and kind in _PROMPT_LEARNING:
-            raise UsageError(f"--packing: {kind} adds virtual tokens and ignores position ids, "
-                             "so packed examples would see each other; drop --packing")  # fmt: skip
+            raise UsageError(
+                f"--packing: {kind} adds virtual tokens and ignores position ids, "
+                "so packed examples would see each other; drop --packing"
+            )
     is_lora = isinstance(pcfg, peft.LoraConfig)
     try:
         with warnings.catch_warnings():
             # PEFT reads transformers' deprecated `is_gradient_checkpointing` (upstream, not
             # the user's doing): one line of noise at the top of every run otherwise.
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
-                                    category=FutureWarning)  # fmt: skip
+            warnings.filterwarnings(
+                "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+            )
             if is_lora and quantized:
                 # installs the fused loss and RMSNorm itself (trilora.peft.patch)
-                pm = get_peft_model(model, pcfg, compute_dtype=compute_dtype,
-                                    fused_cross_entropy=cfg.fused_loss)  # fmt: skip
+                pm = get_peft_model(
+                    model, pcfg, compute_dtype=compute_dtype, fused_cross_entropy=cfg.fused_loss
+                )
             else:
                 # Other PEFT methods run over the 4-bit base unaccelerated (PEFT's own
                 # layers call Linear4bit.forward); LoRA on a 16-bit base is plain PEFT LoRA.

@@ -41,8 +41,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return groups
 
 
-def build_optimizer(name: str, model: torch.nn.Module, lr: float,
-                    weight_decay: float) -> torch.optim.Optimizer:  # fmt: skip
+def build_optimizer(
+    name: str, model: torch.nn.Module, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
     """The optimizer ``name`` over ``model``'s trainable parameters (``model`` plain, or
     wrapped by :func:`trilora.train.collectives.wrap`: FSDP2 shards are stepped as they are).
 
@@ -54,22 +55,24 @@ def build_optimizer(name: str, model: torch.nn.Module, lr: float,
     groups = param_groups(model, weight_decay)
     if name == "torch_adamw":
         # foreach=False: the single-tensor path, identical on every device count and order.
-        return td.build_optimizer(model, torch.optim.AdamW, params=groups, lr=lr, betas=BETAS,
-                                  eps=EPS, foreach=False)  # fmt: skip
+        return td.build_optimizer(
+            model, torch.optim.AdamW, params=groups, lr=lr, betas=BETAS, eps=EPS, foreach=False
+        )
 
     if name not in SETTINGS:
-        raise OptimizerInputError(f"unknown optimizer {name!r}; expected one of "
-                                  f"{', '.join(OPTIMIZERS)}")  # fmt: skip
+        raise OptimizerInputError(
+            f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}"
+        )
     settings = dict(SETTINGS[name])
     info = td.parallel_info(model)
     if info is not None and info.strategy == "ddp" and settings.get("offload_gradients"):
         settings["offload_gradients"] = False
-    return td.build_optimizer(model, AdamW, params=groups, lr=lr, betas=BETAS, eps=EPS,
-                              **settings)  # fmt: skip
+    return td.build_optimizer(model, AdamW, params=groups, lr=lr, betas=BETAS, eps=EPS, **settings)
 
 
-def clip_gradients(optimizer: torch.optim.Optimizer, model: torch.nn.Module,
-                   max_norm: float) -> float:  # fmt: skip
+def clip_gradients(
+    optimizer: torch.optim.Optimizer, model: torch.nn.Module, max_norm: float
+) -> float:
     """Clip to ``max_norm`` (0: only measure) and return the norm before clipping: the norm
     over all ranks (every rank must call it). An optimizer's own ``clip_grad_norm`` is used
     when it has one (optimizers that keep gradients off ``p.grad`` do)."""
@@ -91,8 +94,9 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                    kind: str) -> torch.optim.lr_scheduler.LambdaLR:  # fmt: skip
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, kind: str
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup for ``warmup_steps``, then ``kind`` decay (cosine, linear, constant)."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, kind)

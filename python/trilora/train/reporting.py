@@ -29,7 +29,6 @@ __all__ = [
 def peak_memory_bytes(device_type: str) -> int:
     """Peak device memory (CUDA allocator) or the process's peak resident set (CPU)."""
     if device_type == "cuda":
-
         return int(torch.cuda.max_memory_allocated())
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
@@ -65,7 +64,6 @@ class MetricsLog:
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         self._tb = None
         if tensorboard_dir is not None:
-
             require("tensorboard", "--tensorboard")
             from torch.utils.tensorboard import SummaryWriter
 
@@ -97,8 +95,15 @@ class Progress:
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step",
-                            dynamic_ncols=True, file=sys.stderr, smoothing=0.1)  # fmt: skip
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                desc=desc,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                smoothing=0.1,
+            )
 
     def update(self, record: dict[str, Any]) -> None:
         if self.bar is None:
@@ -121,8 +126,9 @@ class Progress:
             self.bar.close()
 
 
-def loss_curve_points(records: list[dict[str, Any]], base: dict[str, Any] | None = None
-                      ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:  # fmt: skip
+def loss_curve_points(
+    records: list[dict[str, Any]], base: dict[str, Any] | None = None
+) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """``(train, held_out)`` points ``(step, loss)`` of a run's metrics records: the held-out
     curve starts at step 0 with the base model's loss (``base["eval_loss"]``, measured before
     training) and has every evaluation after it (each ``--eval-every`` and the final one)."""
@@ -133,8 +139,9 @@ def loss_curve_points(records: list[dict[str, Any]], base: dict[str, Any] | None
     return train, held_out
 
 
-def plot_loss_curve(records: list[dict[str, Any]], path: Path,
-                    base: dict[str, Any] | None = None) -> bool:  # fmt: skip
+def plot_loss_curve(
+    records: list[dict[str, Any]], path: Path, base: dict[str, Any] | None = None
+) -> bool:
     """Train and held-out loss against step as a PNG (:func:`loss_curve_points`; the base
     model's held-out loss at step 0); False when matplotlib is missing."""
     try:

@@ -148,8 +148,9 @@ class TestHook:
         self.action = action
         self.at = int(at) if at.isdigit() else None
 
-    def __call__(self, point: str, step: int, run_dir: Path, rank: int,
-                 stopper: StopSignals) -> None:  # fmt: skip
+    def __call__(
+        self, point: str, step: int, run_dir: Path, rank: int, stopper: StopSignals
+    ) -> None:
         if self.at != step or self.action not in (f"pause_{point}", f"stall_{point}"):
             return
         marker = Path(run_dir) / f".test-paused-rank{rank}"

@@ -29,8 +29,10 @@ def parse_sweep(spec: str) -> tuple[str, list]:
     name = name.strip().replace("-", "_")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     if not sep or name not in fields:
-        raise UsageError(f"--sweep {spec!r}: expected NAME=V1,V2,... with NAME a setting such as "
-                         "lora_r, lr or max_seq_len")  # fmt: skip
+        raise UsageError(
+            f"--sweep {spec!r}: expected NAME=V1,V2,... with NAME a setting such as "
+            "lora_r, lr or max_seq_len"
+        )
     if name in ("out", "model", "data"):
         raise UsageError(f"--sweep: {name} cannot be swept")
     items = [v.strip() for v in values.split(",") if v.strip()]
@@ -49,8 +51,9 @@ def run_sweep(
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for value in values:
-        run_cfg = dataclasses.replace(cfg, **{name: value}, out=str(root / f"{name}-{value}"),
-                                      progress=False)  # fmt: skip
+        run_cfg = dataclasses.replace(
+            cfg, **{name: value}, out=str(root / f"{name}-{value}"), progress=False
+        )
         run_cfg.validate()
         cfg_file = root / f".{name}-{value}.yaml"
         atomic_write_text(cfg_file, dump_yaml(run_cfg))
@@ -71,12 +74,19 @@ def run_sweep(
             continue
         summary = json.loads((Path(run_cfg.out) / "summary.json").read_text())
         peak = summary["peak_memory"] if summary["device"] == "cuda" else usage.ru_maxrss * 1024
-        rows.append({name: value, "status": "ok",
-                     "eval_loss": summary["tuned"].get("eval_loss"),
-                     "base_eval_loss": summary["base"].get("eval_loss"),
-                     "trainable_params": summary["trainable_params"], "peak_memory": peak,
-                     "peak_memory_kind": "CUDA allocated" if summary["device"] == "cuda" else "RSS",
-                     "train_time_s": summary["train_time_s"], "time_s": wall})  # fmt: skip
+        rows.append(
+            {
+                name: value,
+                "status": "ok",
+                "eval_loss": summary["tuned"].get("eval_loss"),
+                "base_eval_loss": summary["base"].get("eval_loss"),
+                "trainable_params": summary["trainable_params"],
+                "peak_memory": peak,
+                "peak_memory_kind": "CUDA allocated" if summary["device"] == "cuda" else "RSS",
+                "train_time_s": summary["train_time_s"],
+                "time_s": wall,
+            }
+        )
     head = f"| {name} | held-out loss | trainable params | peak memory | train time | total time |"
     lines = [head, "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -84,9 +94,11 @@ def run_sweep(
             lines.append(f"| {r[name]} | {r['status']} | | | | {r['time_s']:.1f} s |")
             continue
         loss = "-" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}"
-        lines.append(f"| {r[name]} | {loss} | {r['trainable_params']:,} | "
-                     f"{human_bytes(r['peak_memory'])} ({r['peak_memory_kind']}) | "
-                     f"{r['train_time_s']:.1f} s | {r['time_s']:.1f} s |")  # fmt: skip
+        lines.append(
+            f"| {r[name]} | {loss} | {r['trainable_params']:,} | "
+            f"{human_bytes(r['peak_memory'])} ({r['peak_memory_kind']}) | "
+            f"{r['train_time_s']:.1f} s | {r['time_s']:.1f} s |"
+        )
     table = "\n".join(lines)
     print(table)
     atomic_write_text(root / "sweep.md", table + "\n")

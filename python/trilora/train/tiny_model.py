@@ -35,8 +35,15 @@ SPECIALS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 """The tokenizer's special tokens, ids 256..260 after the 256 byte tokens."""
 
 
-def tiny_config(arch: str = "llama", hidden: int = 64, layers: int = 2, vocab: int = 256,
-                intermediate: int | None = None, tie: bool = False, **overrides):  # fmt: skip
+def tiny_config(
+    arch: str = "llama",
+    hidden: int = 64,
+    layers: int = 2,
+    vocab: int = 256,
+    intermediate: int | None = None,
+    tie: bool = False,
+    **overrides,
+):
     """A tiny ``LlamaConfig`` / ``Qwen2Config`` / ``MistralConfig`` (4 heads, 2 KV heads).
 
     Qwen2 has biases on q/k/v, so it exercises base-layer biases. ``overrides`` are further
@@ -60,8 +67,14 @@ def tiny_config(arch: str = "llama", hidden: int = 64, layers: int = 2, vocab: i
     return classes[arch](**kwargs)
 
 
-def save_tiny_model(path: str | Path, arch: str = "llama", dtype: torch.dtype = torch.float32,
-                    seed: int = 0, max_shard_size: str | None = None, **config_kwargs) -> Path:  # fmt: skip
+def save_tiny_model(
+    path: str | Path,
+    arch: str = "llama",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    **config_kwargs,
+) -> Path:
     """Build a randomly initialized tiny model (:func:`tiny_config`) and ``save_pretrained``
     it (safetensors, weights in ``dtype``) to ``path``; no tokenizer.
 
@@ -96,9 +109,13 @@ def save_tokenizer(path: str | Path, chat: bool = True):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>",
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])  # fmt: skip
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
     if chat:
         fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
@@ -118,5 +135,12 @@ def save_tiny_lm(path: str | Path, chat: bool = True, seed: int = 0, **config) -
     return Path(path)
 
 
-__all__ = ["ARCHS", "CHAT_TEMPLATE", "SPECIALS", "save_tiny_lm", "save_tiny_model",
-           "save_tokenizer", "tiny_config"]  # fmt: skip
+__all__ = [
+    "ARCHS",
+    "CHAT_TEMPLATE",
+    "SPECIALS",
+    "save_tiny_lm",
+    "save_tiny_model",
+    "save_tokenizer",
+    "tiny_config",
+]
