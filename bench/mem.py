@@ -1,17 +1,16 @@
 """Memory level: memory-ceiling rows from ``trilora.memory.bench_cases``.
 
-The memory engineer owns the cases; this level only runs them through the harness: it
-validates each row, stamps the schema's columns on it, and turns a missing
-``trilora.memory`` (not yet landed, or broken) into a note instead of a crash.
+The memory model owns the cases (:func:`trilora.memory.bench.bench_cases`); this level only
+runs them through the harness: it validates each row and stamps the schema's columns on it.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 
 from trilora.bench.harness import Stats, guarded, make_row
+from trilora.memory.bench import bench_cases
 
 LEVEL = "mem"
 REQUIRED_KEYS = ("case", "metric", "provider", "value", "unit")
@@ -19,13 +18,6 @@ REQUIRED_KEYS = ("case", "metric", "provider", "value", "unit")
 
 def run(quick: bool, log: Callable[[str], None] = print) -> tuple[list[dict], list[str]]:
     """Rows of ``trilora.memory.bench_cases(quick)``; returns ``(rows, notes)``."""
-    try:
-        memory = importlib.import_module("trilora.memory")
-        bench_cases = memory.bench_cases
-    except Exception as exc:
-        note = f"mem level skipped: trilora.memory.bench_cases is not available ({type(exc).__name__}: {exc})"
-        log(f"  {note}")
-        return [], [note]
     out = guarded(lambda: list(bench_cases(quick)))
     if out.status != "ok":
         row = make_row(

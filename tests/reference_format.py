@@ -1,6 +1,6 @@
 """The 4-bit format's definition, as the reference every dequantization is checked against.
 
-Written from the format's specification (``design.md``: the bitsandbytes NF4/FP4 layout),
+Written from the format's specification (``docs/architecture.md``, "Quantized format": the bitsandbytes NF4/FP4 layout),
 not from trilora's code and not from bitsandbytes' dequantizer, which is wrong on some CPUs
 (``docs/bitsandbytes-cpu.md``). bitsandbytes' *quantizer* is right, so tests compare bytes
 with ``bitsandbytes.functional.quantize_4bit`` and values with :func:`dequantize`.

@@ -1,7 +1,7 @@
 """CPU 4-bit dequantization (native extension and torch fallback) against the format's definition.
 
 The reference below is written from the specification (docs/architecture.md,
-design.md), not from either implementation: element ``e`` is nibble ``e`` of the packed
+"Quantized format"), not from either implementation: element ``e`` is nibble ``e`` of the packed
 bytes, the first element of a byte in its high nibble, and its value is
 ``code[nibble] * scale[e // blocksize]``: one fp32 product, then one cast to the output dtype.
 With double quantization ``scale[i] = nested_code[q[i]] * nested_absmax[i // 256] + offset``,

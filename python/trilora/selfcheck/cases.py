@@ -12,7 +12,8 @@ Families and the kernels they launch:
 * ``quantize_4bit`` / ``dequantize_4bit``: ``_quantize_4bit_kernel`` (full and partial
   blocks), ``_dequantize_4bit_kernel``; bytes must equal the format's definition
   (:func:`trilora.ops.quantize.quantize_4bit_reference`) and bitsandbytes' when it imports
-  (its CPU dequantizer is wrong on some CPUs, design.md, so that comparison is GPU-only).
+  (its CPU dequantizer is wrong on some CPUs, docs/bitsandbytes-cpu.md, so that comparison
+  is GPU-only).
 * ``qlora_linear.splitk`` (M <= 16: ``_qlora_fwd_splitk_kernel``, its epilogue,
   ``_qlora_bwd_input_kernel``, ``_lora_tn_grad_kernel``), ``qlora_linear.tiled``
   (``_qlora_fwd_tiled_kernel`` instead) and ``qlora_linear.scratch`` (above
@@ -233,7 +234,7 @@ def _quantize_checks(ctx, g, rows, cols, dtype, quant_type, blocksize, double) -
 
 def _bnb_cuda_vs_cpu(bnbf, w, blocksize, double, quant_type, b_packed, st) -> str:
     """Whose rounding differs: bitsandbytes' CUDA quantizer against its own CPU path (which
-    matches the format's definition, design.md)."""
+    matches the format's definition, docs/architecture.md)."""
     try:
         c_packed, c_st = bnbf.quantize_4bit(
             w.cpu(), blocksize=blocksize, compress_statistics=double, quant_type=quant_type
@@ -269,7 +270,7 @@ def _dequantize_checks(ctx, g, rows, cols, dtype, quant_type, blocksize, double)
     bnbf = _bitsandbytes_functional()
     info: dict[str, Any] = {}
     # bitsandbytes' CPU dequantizer is wrong on AVX-512 CPUs when a block crosses a row end
-    # (design.md): compare with it on the GPU only.
+    # (docs/bitsandbytes-cpu.md): compare with it on the GPU only.
     if bnbf is None:
         info["bitsandbytes"] = "not importable"
     elif not ctx.gpu:
