@@ -15,7 +15,10 @@
 // (each row starts on a 16-byte boundary and a 32-weight chunk never straddles an absmax block,
 // blocksizes being powers of two >= 32), 16-byte aligned packed bytes and activation rows.
 
-#include <ATen/ATen.h>
+// The tensor class and the one operator used (at::empty), not <ATen/ATen.h>: every
+// operator's declarations would triple the compile time (nvcc parses them once per arch).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -10,7 +10,10 @@
 // The runtime API changed in CUDA 13: cudaMemAdvise and cudaMemPrefetchAsync take a
 // cudaMemLocation (12.2 had them as *_v2); both spellings are handled below.
 
-#include <ATen/ATen.h>
+// The tensor class and the one operator used (at::from_blob), not <ATen/ATen.h>: every
+// operator's declarations would triple the compile time (nvcc parses them once per arch).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
