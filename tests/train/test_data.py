@@ -156,7 +156,7 @@ def test_missing_field_names_field_and_shapes(tmp_path, tok, record, field):
 def test_dpo_missing_field(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x", "chosen": "y"}])
     with pytest.raises(UserError, match=r"missing field 'rejected'.*prompt.*chosen.*rejected"):
-        D.load_dataset(path, tok, 128, method="dpo")
+        D.load_dataset(path, tok, 128, records=D.PAIR_RECORDS)
 
 
 def test_empty_after_filtering(tmp_path, tok):
@@ -177,7 +177,7 @@ def test_prompt_longer_than_max_seq_len(tmp_path, tok):
         tmp_path / "p.jsonl", [{"prompt": "p" * 100, "chosen": "a", "rejected": "b"}]
     )
     with pytest.raises(UserError, match="longer than --max-seq-len 32"):
-        D.load_dataset(pair, tok, 32, method="dpo")
+        D.load_dataset(pair, tok, 32, records=D.PAIR_RECORDS)
 
 
 def test_pairs_share_the_prompt(tmp_path, tok):
@@ -188,7 +188,9 @@ def test_pairs_share_the_prompt(tmp_path, tok):
             "rejected": [{"role": "assistant", "content": "bad"}],
         }
     ]
-    (pair,), _, _ = D.load_dataset(write_jsonl(tmp_path / "p.jsonl", recs), tok, 128, "dpo")
+    (pair,), _, _ = D.load_dataset(
+        write_jsonl(tmp_path / "p.jsonl", recs), tok, 128, D.PAIR_RECORDS
+    )
     c, r = pair.chosen, pair.rejected
     n = next(i for i, lab in enumerate(c.labels) if lab != D.IGNORE)
     assert c.input_ids[:n] == r.input_ids[:n]

@@ -13,7 +13,8 @@ from train_helpers import save_tiny_lm, write_jsonl
 
 from trilora.train import data as D
 from trilora.train.config import TrainConfig
-from trilora.train.dpo import dpo_losses, sequence_logps
+from trilora.train.losses import sequence_logps
+from trilora.train.methods.dpo import dpo_losses
 from trilora.train.model import base_model_mode, load_model
 
 
@@ -72,7 +73,7 @@ def _reference_logps(model, batch):
 
 def test_dpo_matches_float64_definition(tiny):
     lm = _lm(tiny, "none")
-    pairs, _, _ = D.load_dataset(tiny / "p.jsonl", lm.tokenizer, 128, "dpo")
+    pairs, _, _ = D.load_dataset(tiny / "p.jsonl", lm.tokenizer, 128, D.PAIR_RECORDS)
     batch = D.collate_pairs(pairs, lm.tokenizer.pad_token_id)
     beta = 0.3
     model = lm.model

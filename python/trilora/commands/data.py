@@ -18,6 +18,8 @@ import os
 import statistics
 from collections import defaultdict
 
+from trilora.train.methods.settings import METHODS
+
 __all__ = ["add_parser", "near_duplicates", "run"]
 
 # --help shows the module docstring without its reStructuredText literal markup
@@ -48,9 +50,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("file", metavar="FILE", help="the JSONL file")
     c.add_argument(
         "--method",
-        choices=("sft", "dpo"),
+        choices=METHODS,
         default="sft",
-        help="which shapes are valid: sft (four shapes) or dpo (pairs) (default: sft)",
+        help="which shapes are valid: sft (four shapes), dpo (pairs) or grpo (prompts) "
+        "(default: sft)",
     )
     c.add_argument(
         "--model",
@@ -149,7 +152,9 @@ def _histogram(lengths: list[int], width: int = 40) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from trilora.io import UserError
     from trilora.train import data as D
+    from trilora.train.methods import record_format
 
+    fmt = record_format(args.method)
     path = args.file
     stats = D.DataStats(os.fspath(path))
     rows = D.read_jsonl(path, skip_bad_lines=True, stats=stats)
@@ -167,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     for number, record in rows:
         loc = f"{path}:{number}"
         try:
-            shape = D.record_shape(record, loc, args.method)
+            shape = fmt.shape(record, loc)
         except UserError as exc:
             problems.append(str(exc))
             continue
@@ -211,14 +216,12 @@ def run(args: argparse.Namespace) -> int:
         lengths, truncated, too_long = [], 0, []
         for loc, record, shape in records:
             try:
-                if args.method == "dpo":
-                    ex = D.encode_pair(record, tok, 10**9, loc)
-                    n = len(ex)
-                    first = next(i for i, lab in enumerate(ex.chosen.labels) if lab != D.IGNORE)
-                else:
-                    ex = D.encode_sft(record, shape, tok, 10**9, loc)
-                    n = len(ex)
-                    first = next(i for i, lab in enumerate(ex.labels) if lab != D.IGNORE)
+                ex = fmt.encode(record, shape, tok, 10**9, loc)
+                n = len(ex)
+                # where the loss starts: the first labelled token (a prompt has none: its end)
+                part = fmt.parts(ex)[0]
+                labels = getattr(part, "labels", None) or [D.IGNORE] * len(part)
+                first = next((i for i, lab in enumerate(labels) if lab != D.IGNORE), len(part))
             except UserError as exc:
                 problems.append(str(exc))
                 print(f"  problem: {exc}")

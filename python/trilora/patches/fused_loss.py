@@ -12,7 +12,8 @@ Nothing is model-specific: the head is ``get_output_embeddings()``, and a PeftMo
 unwrapped with ``get_base_model()`` (PEFT's forward calls the base model's forward, so the
 patch is on the path). Models whose logits are transformed after the head (Gemma-2's
 ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's ``logits_scaling``) or whose
-head has a bias or is quantized keep the standard loss, with a warning.
+head has a bias or is quantized keep the standard loss, with a warning
+(:func:`fused_head_unsupported`, the rule evaluation and log-probabilities follow too).
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ from torch import nn
 from trilora.ops.linear_cross_entropy import linear_cross_entropy
 from trilora.patches.introspection import base_transformers_model
 
-__all__ = ["disable_fused_cross_entropy", "enable_fused_cross_entropy"]
+__all__ = [
+    "HeadScorer",
+    "disable_fused_cross_entropy",
+    "enable_fused_cross_entropy",
+    "fused_head_unsupported",
+]
 
 # config attributes that change logits after the head: the fused loss would be wrong
 _LOGIT_TRANSFORMS = (
@@ -41,19 +47,26 @@ def _causal_lm(model: nn.Module) -> nn.Module:
     return base_transformers_model(model, "get_output_embeddings", "a transformers causal LM")
 
 
-def _unsupported(lm: nn.Module, head: nn.Module | None) -> str | None:
+def fused_head_unsupported(lm: nn.Module) -> str | None:
+    """Why ``lm``'s output head cannot be scored from its input with the fused op, or None.
+
+    The one rule for every fused path (the training loss, evaluation, log-probabilities):
+    the head must be exactly ``h @ W.T`` with a float ``[vocab, hidden]`` weight: a plain
+    ``nn.Linear`` (a subclass may change its forward; trilora's 4-bit layers are one), no
+    bias, and no config setting that transforms the logits after it.
+    """
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     if head is None:
         return "the model has no output embeddings"
-    weight = getattr(head, "weight", None)
-    if not isinstance(head, nn.Linear) or type(head).__name__ in ("Linear4bit", "QLoraLinear"):
+    if type(head) is not nn.Linear:
         return f"the output head is a {type(head).__name__}, not a float nn.Linear"
-    if (
-        weight is None
-        or not weight.is_floating_point()
-        or tuple(weight.shape) != (head.out_features, head.in_features)
+    weight = head.weight
+    if not weight.is_floating_point() or tuple(weight.shape) != (
+        head.out_features,
+        head.in_features,
     ):
         return "the output head's weight is not a [vocab, hidden] float tensor (quantized head?)"
-    if getattr(head, "bias", None) is not None:
+    if head.bias is not None:
         return "the output head has a bias"
     cfg = getattr(lm, "config", None)
     for name in _LOGIT_TRANSFORMS:
@@ -61,6 +74,89 @@ def _unsupported(lm: nn.Module, head: nn.Module | None) -> str | None:
         if value not in (None, 1, 1.0, 0, 0.0):
             return f"config.{name}={value} transforms the logits after the head"
     return None
+
+
+class HeadScorer:
+    """Stands in for ``lm``'s output head during one forward and scores the head's input
+    against ``labels`` with :func:`~trilora.ops.linear_cross_entropy.linear_cross_entropy`
+    (position ``t`` scores ``labels[t + 1]``), so ``[tokens, vocab]`` logits never exist.
+
+    Use as a context manager around the forward, then :meth:`result` on its output.
+    The scores are computed inside the forward, where FSDP2 holds the head's full weight.
+    ``reduction="none"`` (per-token losses, differentiated by DPO and GRPO) comes back
+    through the model output as its "logits" ``[B, T, 1]``, so FSDP2's pre-backward hook
+    gathers the head again before the op's backward needs it; ``"sum"`` and ``"mean"`` are
+    kept aside (the logits are zero-width). ``after_forward=True`` (the training loss,
+    whose backward runs through the model's own output hooks) keeps the hidden states and
+    scores them in :meth:`result` instead. ``temperature`` divides the logits
+    (``(h / t) @ W.T``), as sampling at that temperature does.
+    """
+
+    def __init__(
+        self,
+        lm: nn.Module,
+        labels: torch.Tensor,
+        reduction: str,
+        *,
+        ignore_index: int = -100,
+        chunk_size: int | None = None,
+        z_loss: float = 0.0,
+        temperature: float = 1.0,
+        after_forward: bool = False,
+    ) -> None:
+        self.head = lm.get_output_embeddings()
+        self.after_forward = after_forward
+        self.scored: torch.Tensor | None = None
+        self.labels, self.reduction = labels, reduction
+        self.ignore_index, self.chunk_size, self.z_loss = ignore_index, chunk_size, z_loss
+        self.temperature = temperature
+        self.hidden: torch.Tensor | None = None
+
+    def _score(self, hidden: torch.Tensor, reduction: str) -> torch.Tensor:
+        weight = self.head.weight
+        if hidden.shape[:-1] != self.labels.shape:
+            raise ValueError(
+                f"labels have shape {tuple(self.labels.shape)} but the hidden states cover "
+                f"{tuple(hidden.shape[:-1])} positions (logits_to_keep is not supported with "
+                "labels)"
+            )
+        h = hidden if hidden.dtype == weight.dtype else hidden.to(weight.dtype)
+        if self.temperature != 1.0:
+            h = h / self.temperature
+        labels = self.labels.to(h.device)
+        with torch.autocast(h.device.type, enabled=False):  # the op picks its own precision
+            return linear_cross_entropy(
+                h, weight, labels, self.ignore_index, reduction, self.chunk_size, self.z_loss
+            )
+
+    def _stand_in(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.reduction == "none":
+            # a copy, not a view: FSDP2 warns that in-place ops on views would lose its hook
+            return self._score(hidden, "none").unsqueeze(-1).clone()
+        if self.after_forward:
+            self.hidden = hidden
+        else:
+            self.scored = self._score(hidden, self.reduction)
+        # zero-width logits: whatever the model does to them afterwards costs nothing
+        return hidden.new_empty((*hidden.shape[:-1], 0))
+
+    def __enter__(self) -> HeadScorer:
+        self.head.forward = self._stand_in
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.head.forward
+
+    def result(self, out) -> torch.Tensor:
+        """fp32 ``[B, T]`` per-token losses (``"none"``, 0 where ignored) or the reduced
+        loss, from the forward's output ``out``."""
+        if self.reduction == "none":
+            logits = out[0] if isinstance(out, tuple) else out.logits
+            return logits.squeeze(-1)
+        if self.scored is not None:
+            return self.scored
+        assert self.hidden is not None, "the output head was not called in the forward"
+        return self._score(self.hidden, self.reduction)
 
 
 def _fused_forward(orig, lm: nn.Module, z_loss: float, chunk_size: int | None, *args, **kwargs):
@@ -72,42 +168,25 @@ def _fused_forward(orig, lm: nn.Module, z_loss: float, chunk_size: int | None, *
         # training-step problem
         return orig(*args, **kwargs)
     kwargs.pop("labels")
-    head = lm.get_output_embeddings()
-    captured: list[torch.Tensor] = []
-
-    def stand_in(hidden: torch.Tensor) -> torch.Tensor:
-        captured.append(hidden)
-        # zero-width logits: whatever the model does to them afterwards costs nothing
-        return hidden.new_empty((*hidden.shape[:-1], 0))
-
-    head.forward = stand_in
-    try:
-        out = orig(*args, **kwargs)
-    finally:
-        del head.forward
-    hidden = captured[-1]
-    weight = head.weight
-    if hidden.dtype != weight.dtype:
-        hidden = hidden.to(weight.dtype)
-    if hidden.shape[:-1] != labels.shape:
-        raise ValueError(
-            f"labels have shape {tuple(labels.shape)} but the hidden states cover "
-            f"{tuple(hidden.shape[:-1])} positions (logits_to_keep is not supported with labels)"
-        )
-    ignore_index = kwargs.get("ignore_index", -100)
     num_items = kwargs.get("num_items_in_batch")
-    labels = labels.to(hidden.device)
+    # Hugging Face's gradient-accumulation convention: with num_items_in_batch, the sum
+    # divided by the token count of the whole accumulated batch.
+    scorer = HeadScorer(
+        lm,
+        labels,
+        "sum" if num_items is not None else "mean",
+        ignore_index=kwargs.get("ignore_index", -100),
+        chunk_size=chunk_size,
+        z_loss=z_loss,
+        after_forward=True,
+    )
+    with scorer:
+        out = orig(*args, **kwargs)
+    loss = scorer.result(out)
     if num_items is not None:
-        # Hugging Face's gradient-accumulation convention: sum, divided by the token count of
-        # the whole accumulated batch.
-        loss = linear_cross_entropy(hidden, weight, labels, ignore_index, "sum", chunk_size, z_loss)
         if isinstance(num_items, torch.Tensor):
             num_items = num_items.to(loss.device)
         loss = loss / num_items
-    else:
-        loss = linear_cross_entropy(
-            hidden, weight, labels, ignore_index, "mean", chunk_size, z_loss
-        )
     if isinstance(out, tuple):
         return (loss, *out[1:])
     out["loss"] = loss
@@ -134,7 +213,7 @@ def enable_fused_cross_entropy(
     and ``logits`` is None. Undo with :func:`disable_fused_cross_entropy`.
     """
     lm = _causal_lm(model)
-    why = _unsupported(lm, lm.get_output_embeddings())
+    why = fused_head_unsupported(lm)
     if why is not None:
         warnings.warn(
             f"trilora fused cross-entropy not enabled: {why}", RuntimeWarning, stacklevel=2

@@ -11,7 +11,11 @@ Modules (data flows down only: this package -> loading/peft/memory/optim -> nn -
 * :mod:`~trilora.train.loop`: the training loop, evaluation, resume.
 * :mod:`~trilora.train.stop`: SIGTERM / Ctrl-C: a checkpoint at the next step boundary, one
   line, exit 143 / 130 (every rank stops at the same step).
-* :mod:`~trilora.train.dpo`: sequence log-probabilities and the DPO loss.
+* :mod:`~trilora.train.methods`: one module per training method (``sft``, ``dpo``) behind
+  :class:`~trilora.train.methods.base.Method`: how its records are read, how a batch is
+  built, its loss, statistics and evaluation; the loop never branches on the method.
+* :mod:`~trilora.train.losses`: per-token losses and sequence log-probabilities through the
+  fused head (:class:`trilora.patches.fused_loss.HeadScorer`).
 * :mod:`~trilora.train.checkpoints`: run checkpoints (atomic, last K kept, resumable on any
   process count) and RNG state.
 * :mod:`~trilora.train.launch`: several processes (``--nproc``); ``python -m trilora.train``

@@ -21,6 +21,7 @@ from typing import Any
 
 from trilora.io import UsageError
 from trilora.optim import OPTIMIZERS as _OPTIMIZER_FAMILY  # names only: no torch
+from trilora.train.methods.settings import METHODS, check_settings
 
 OPTIMIZER_CHOICES = (*_OPTIMIZER_FAMILY, "torch_adamw")
 
@@ -137,15 +138,18 @@ class TrainConfig:
     # --- loop --------------------------------------------------------------------------
     method: str = _f(
         "sft",
-        "sft (instruction tuning) or dpo (preference pairs {prompt, chosen, rejected})",
-        choices=("sft", "dpo"),
+        "sft (instruction tuning), dpo (preference pairs {prompt, chosen, rejected}) or "
+        "grpo (prompts, sampled completions scored by --reward functions)",
+        choices=METHODS,
         group="loop",
     )
     epochs: float = _f(3.0, "passes over the training data (fractions allowed)", group="loop")
     max_steps: int | None = _f(
         None, "stop after this many optimizer steps (overrides --epochs)", group="loop"
     )
-    batch_size: int = _f(4, "rows per micro-batch (packed rows with --packing)", group="loop")
+    batch_size: int = _f(
+        4, "rows per micro-batch (packed rows with --packing; GRPO: prompts)", group="loop"
+    )
     grad_accum: int = _f(
         1,
         "micro-batches per optimizer step; the loss is normalised by the "
@@ -206,12 +210,82 @@ class TrainConfig:
         group="distributed",
     )
     # --- DPO ---------------------------------------------------------------------------
-    beta: float = _f(0.1, "DPO beta (sigmoid loss)", group="dpo")
+    beta: float | None = _f(
+        None,
+        "DPO: the temperature of the preference loss (IPO's tau), default 0.1; GRPO: the "
+        "weight of the KL term to the reference (the model with its adapters disabled), "
+        "default 0 (as TRL's)",
+        group="dpo",
+    )
+    loss_type: str | None = _f(
+        None,
+        "DPO: sigmoid, ipo (length-normalised, squared) or robust (with "
+        "--label-smoothing); GRPO: dapo (token mean over the step), grpo (per-completion "
+        "mean) or dr_grpo (over completions x --max-completion-length) (TRL's names; "
+        "none: sigmoid / dapo)",
+        group="dpo",
+    )
+    rpo_alpha: float | None = _f(
+        None,
+        "DPO: add this times the NLL of the chosen answers (RPO, TRL's rpo_alpha; keeps "
+        "the chosen answer likely)",
+        group="dpo",
+    )
+    label_smoothing: float = _f(
+        0.0,
+        "DPO robust loss: the probability that a preference is flipped, in [0, 0.5)",
+        group="dpo",
+    )
     precompute_ref: bool = _f(
         False,
         "compute the reference log-probs once before training "
         "(then the reference costs nothing per step)",
         group="dpo",
+    )
+    # --- GRPO --------------------------------------------------------------------------
+    reward: str | None = _f(
+        None,
+        "GRPO reward functions, ;-separated: json[:a|b] (parses as JSON, optionally an "
+        "object with fields a, b), regex:PATTERN, equals:FIELD / contains:FIELD (the record's "
+        "FIELD), length:MIN-MAX (characters), path/to/file.py:function or module:function "
+        "(TRL's calling convention; docs/train.md)",
+        group="grpo",
+        metavar="SPEC",
+    )
+    reward_weights: str | None = _f(
+        None, "GRPO: one weight per reward function, ,-separated (default: 1 each)", group="grpo"
+    )
+    num_generations: int = _f(
+        4,
+        "GRPO: completions sampled per prompt (the group); --batch-size counts prompts",
+        group="grpo",
+    )
+    max_completion_length: int = _f(256, "GRPO: tokens per sampled completion", group="grpo")
+    temperature: float = _f(1.0, "GRPO: sampling temperature", group="grpo")
+    top_p: float = _f(1.0, "GRPO: nucleus sampling probability mass", group="grpo")
+    epsilon: float = _f(0.2, "GRPO: the clip range's low side, ratio >= 1 - epsilon", group="grpo")
+    epsilon_high: float | None = _f(
+        None,
+        "GRPO: the clip range's high side, ratio <= 1 + epsilon_high (none: --epsilon)",
+        group="grpo",
+    )
+    scale_rewards: str = _f(
+        "group",
+        "GRPO: group (divide advantages by the group's reward std) or none (Dr. GRPO)",
+        choices=("group", "none"),
+        group="grpo",
+    )
+    mask_truncated_completions: bool = _f(
+        False, "GRPO: completions cut at --max-completion-length add no loss", group="grpo"
+    )
+    num_iterations: int = _f(
+        1,
+        "GRPO: optimizer steps per generation batch (the importance ratio corrects for the "
+        "policy moving)",
+        group="grpo",
+    )
+    generation_batch_size: int = _f(
+        32, "GRPO: sequences generated at once (memory of the KV cache)", group="grpo"
     )
     # --- outputs -----------------------------------------------------------------------
     out: str = _f(
@@ -294,8 +368,6 @@ class TrainConfig:
             raise bad("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if self.max_grad_norm < 0:
             raise bad("max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
-        if not self.beta > 0:
-            raise bad("beta", f"must be > 0, got {self.beta}")
         if self.mlp_chunks is not None and self.mlp_chunks < 1:
             raise bad("mlp_chunks", f"must be >= 1, got {self.mlp_chunks}")
         if self.finetune == "full" and self.quant != "none":
@@ -304,14 +376,7 @@ class TrainConfig:
             raise bad("peft_config", "--finetune peft needs a PEFT config file")
         if self.finetune != "peft" and self.peft_config:
             raise bad("peft_config", "only used with --finetune peft")
-        if self.method == "dpo" and self.packing:
-            raise bad("packing", "packing applies to SFT; DPO scores whole sequences")
-        if self.method == "dpo" and self.finetune == "full" and not self.precompute_ref:
-            raise bad(
-                "finetune",
-                "DPO's reference is the base with adapters disabled; full "
-                "fine-tuning has no adapter, so add --precompute-ref",
-            )
+        check_settings(self, bad)
         if self.cpu_offload and not self.fsdp:
             raise bad(
                 "cpu_offload",
@@ -360,7 +425,8 @@ _GROUPS = {
     "data": "data",
     "loop": "training loop",
     "distributed": "several processes (--nproc N, torchrun, accelerate launch)",
-    "dpo": "DPO",
+    "dpo": "DPO (--beta and --loss-type serve GRPO too)",
+    "grpo": "GRPO (TRL's names)",
     "output": "outputs",
 }
 
@@ -515,6 +581,8 @@ def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]
     for key in sorted(set(saved) | set(now)):
         if key in RESUME_MAY_CHANGE:
             continue
+        if key not in saved and key in _FIELDS and now.get(key) == _FIELDS[key].default:
+            continue  # a setting newer than the run, left at its default
         a, b = saved.get(key), now.get(key)
         if json.dumps(a) != json.dumps(b):
             diffs.append(f"{key}: {a!r} -> {b!r}")

@@ -8,6 +8,11 @@ Accepted shapes (one JSON object per line):
   assistant turns), except for ``text``, where every token counts.
 * DPO: ``{"prompt", "chosen", "rejected"}``; ``prompt`` is text or a list of messages,
   ``chosen`` / ``rejected`` text (or a list holding one assistant message).
+* GRPO: ``{"prompt", ...}``; ``prompt`` is text or a list of messages, every other field
+  is passed to the reward functions.
+
+Each training method names its :class:`RecordFormat` (``SFT_RECORDS``, ``PAIR_RECORDS``,
+``PROMPT_RECORDS``): how a record is checked and tokenized.
 
 Every example is a list of token ids plus labels (``-100`` where no loss falls). The label
 of an example's first token is always ``-100``: the causal shift would otherwise make the
@@ -27,6 +32,7 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,16 +42,24 @@ from trilora.io import UserError
 
 __all__ = [
     "IGNORE",
+    "PAIR_RECORDS",
+    "PROMPT_RECORDS",
+    "SFT_RECORDS",
     "DataStats",
     "Example",
     "PairExample",
+    "PromptExample",
+    "RecordFormat",
     "batches_for_epoch",
     "collate",
     "collate_pairs",
     "encode_pair",
+    "encode_prompt",
     "encode_sft",
     "load_dataset",
     "pack",
+    "pair_shape",
+    "prompt_shape",
     "read_jsonl",
     "record_shape",
     "split_validation",
@@ -57,6 +71,7 @@ SFT_SHAPES = (
     '{"messages": [{"role", "content"}, ...]} or {"text"}'
 )
 DPO_SHAPE = '{"prompt", "chosen", "rejected"}'
+PROMPT_SHAPE = '{"prompt": text or messages, any other fields}'
 
 
 @dataclass
@@ -164,8 +179,50 @@ def read_jsonl_line(raw: bytes, path: str, number: int) -> dict:
     raise UserError(f"{path}:{number}: {problem} (or pass --skip-bad-lines)")
 
 
-def record_shape(record: dict, where: str, method: str = "sft") -> str:
-    """``"instruction"``, ``"prompt_completion"``, ``"messages"``, ``"text"`` or ``"pair"``.
+def _need(record: dict, where: str, name: str, kinds: tuple, shape: str, accepted: str) -> None:
+    if name not in record:
+        raise UserError(
+            f"{where}: missing field {name!r} for the {shape} shape; accepted shapes: {accepted}"
+        )
+    if not isinstance(record[name], kinds):
+        kind = " or ".join(k.__name__ for k in kinds)
+        raise UserError(
+            f"{where}: field {name!r} must be {kind}, got {type(record[name]).__name__}"
+        )
+
+
+def pair_shape(record: dict, where: str) -> str:
+    """``"pair"`` for a ``{"prompt", "chosen", "rejected"}`` record.
+
+    Raises:
+        UserError: a field is missing or has the wrong type.
+    """
+    for name in ("prompt", "chosen", "rejected"):
+        _need(record, where, name, (str, list), "preference", DPO_SHAPE)
+    return "pair"
+
+
+def prompt_shape(record: dict, where: str) -> str:
+    """``"prompt"`` for a ``{"prompt": text or messages, ...}`` record (the other fields
+    are the record's own, passed to reward functions).
+
+    Raises:
+        UserError: ``prompt`` is missing, empty, or not text / a list of messages.
+    """
+    _need(record, where, "prompt", (str, list), "prompt", PROMPT_SHAPE)
+    prompt = record["prompt"]
+    if isinstance(prompt, list):
+        for i, m in enumerate(prompt):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                raise UserError(f"{where}: prompt[{i}] must be an object with 'role' and 'content'")
+    if not prompt:
+        raise UserError(f"{where}: 'prompt' is empty")
+    return "prompt"
+
+
+def record_shape(record: dict, where: str) -> str:
+    """The SFT shape of ``record``: ``"instruction"``, ``"prompt_completion"``,
+    ``"messages"`` or ``"text"``.
 
     Raises:
         UserError: a field is missing or has the wrong type; the message names the field
@@ -173,22 +230,8 @@ def record_shape(record: dict, where: str, method: str = "sft") -> str:
     """
 
     def need(name: str, kinds: tuple, shape: str) -> None:
-        if name not in record:
-            raise UserError(
-                f"{where}: missing field {name!r} for the {shape} shape; "
-                f"accepted shapes: {accepted}"
-            )
-        if not isinstance(record[name], kinds):
-            kind = " or ".join(k.__name__ for k in kinds)
-            raise UserError(
-                f"{where}: field {name!r} must be {kind}, got {type(record[name]).__name__}"
-            )
+        _need(record, where, name, kinds, shape, accepted)
 
-    if method == "dpo":
-        accepted = DPO_SHAPE
-        for name in ("prompt", "chosen", "rejected"):
-            need(name, (str, list), "preference")
-        return "pair"
     accepted = SFT_SHAPES
     if "messages" in record:
         need("messages", (list,), "messages")
@@ -287,7 +330,7 @@ def prompt_text(tokenizer, record: dict, shape: str) -> str:
         return _render(tokenizer, msgs[:last], True, "prompt")
     if shape == "instruction":
         return _instruction_segments(tokenizer, record, "prompt")[0][0]
-    if shape in ("prompt_completion", "pair"):
+    if shape in ("prompt_completion", "pair", "prompt"):
         p = record["prompt"]
         return _render(tokenizer, p, True, "prompt") if isinstance(p, list) else p
     return ""
@@ -303,7 +346,7 @@ def question_text(record: dict, shape: str) -> str:
     if shape == "instruction":
         extra = record.get("input")
         return f"{record['instruction']}\n\n{extra}" if extra else record["instruction"]
-    if shape in ("prompt_completion", "pair"):
+    if shape in ("prompt_completion", "pair", "prompt"):
         p = record["prompt"]
         if isinstance(p, list):
             users = [m for m in p if m.get("role") == "user"]
@@ -450,14 +493,72 @@ def encode_pair(record: dict, tokenizer, max_seq_len: int, where: str) -> PairEx
     return PairExample(out[0], out[1], where)
 
 
+@dataclass
+class PromptExample:
+    """One tokenized prompt (GRPO): the ids the model continues, nothing to learn yet."""
+
+    input_ids: list[int]
+    source: str
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode_prompt(record: dict, tokenizer, max_seq_len: int, where: str) -> PromptExample:
+    """Tokenize a prompt record as the model sees it at generation time.
+
+    Raises:
+        UserError: the prompt alone fills ``max_seq_len`` (no room for a completion).
+    """
+    prompt = record["prompt"]
+    if isinstance(prompt, list):
+        ids = _tokenize(tokenizer, _render(tokenizer, prompt, True, where), first=False)
+    else:
+        ids = _tokenize(tokenizer, prompt, first=True)
+    if len(ids) >= max_seq_len:
+        raise UserError(
+            f"{where}: the prompt is {len(ids)} tokens, longer than --max-seq-len "
+            f"{max_seq_len}; raise --max-seq-len or shorten the prompt"
+        )
+    return PromptExample(ids, where)
+
+
+@dataclass(frozen=True)
+class RecordFormat:
+    """How one training method's JSONL records are checked and tokenized.
+
+    ``shape(record, where) -> str`` validates a record (raising :class:`UserError`) and
+    names its shape; ``encode(record, shape, tokenizer, max_seq_len, where)`` tokenizes it;
+    ``parts(example)`` lists the token sequences it holds (for the statistics).
+    """
+
+    shape: Callable[[dict, str], str]
+    encode: Callable[[dict, str, Any, int, str], Any]
+    parts: Callable[[Any], list]
+
+
+SFT_RECORDS = RecordFormat(record_shape, encode_sft, lambda ex: [ex])
+PAIR_RECORDS = RecordFormat(
+    pair_shape,
+    lambda record, _shape, tok, n, where: encode_pair(record, tok, n, where),
+    lambda ex: [ex.chosen, ex.rejected],
+)
+PROMPT_RECORDS = RecordFormat(
+    prompt_shape,
+    lambda record, _shape, tok, n, where: encode_prompt(record, tok, n, where),
+    lambda ex: [ex],
+)
+
+
 def load_dataset(
     path: str | os.PathLike,
     tokenizer,
     max_seq_len: int,
-    method: str = "sft",
+    records: RecordFormat = SFT_RECORDS,
     skip_bad_lines: bool = False,
 ) -> tuple[list, list[dict], DataStats]:
-    """Read and tokenize ``path``: ``(examples, records, stats)``.
+    """Read and tokenize ``path`` as ``records`` describes: ``(examples, records, stats)``.
 
     Raises:
         UserError: bad lines (see :func:`read_jsonl`), missing fields, prompts longer than
@@ -465,27 +566,25 @@ def load_dataset(
     """
     stats = DataStats(os.fspath(path))
     rows = read_jsonl(path, skip_bad_lines, stats)
-    examples, records = [], []
+    examples, kept = [], []
     for number, record in rows:
         where = f"{os.fspath(path)}:{number}"
-        shape = record_shape(record, where, method)
+        shape = records.shape(record, where)
         stats.shapes[shape] += 1
-        if method == "dpo":
-            ex = encode_pair(record, tokenizer, max_seq_len, where)
-            parts = [ex.chosen, ex.rejected]
-        else:
-            ex = encode_sft(record, shape, tokenizer, max_seq_len, where)
-            parts = [ex]
+        ex = records.encode(record, shape, tokenizer, max_seq_len, where)
+        parts = records.parts(ex)
         stats.truncated += any(p.truncated for p in parts)
         stats.tokens += sum(len(p) for p in parts)
-        stats.loss_tokens += sum(sum(lab != IGNORE for lab in p.labels) for p in parts)
+        stats.loss_tokens += sum(
+            sum(lab != IGNORE for lab in getattr(p, "labels", ())) for p in parts
+        )
         examples.append(ex)
-        records.append({**record, "_shape": shape, "_source": where})
+        kept.append({**record, "_shape": shape, "_source": where})
     stats.records = len(examples)
     if not examples:
         skipped = f", {stats.bad_lines} skipped as malformed" if stats.bad_lines else ""
         raise UserError(f"{os.fspath(path)}: no usable examples ({stats.lines} lines{skipped})")
-    return examples, records, stats
+    return examples, kept, stats
 
 
 def split_validation(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

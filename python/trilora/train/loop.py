@@ -27,7 +27,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,6 @@ from trilora.train import data as D
 from trilora.train.checkpoints import latest_checkpoint
 from trilora.train.collectives import (
     all_reduce,
-    gather_objects,
     gradient_sync,
     inference_model,
     on_main,
@@ -70,8 +69,9 @@ from trilora.train.config import (
     config_fingerprint,
     dump_yaml,
 )
-from trilora.train.dpo import dpo_losses, sequence_logps
-from trilora.train.losses import compute_device, sft_loss, token_losses
+from trilora.train.losses import compute_device
+from trilora.train.methods import build_method
+from trilora.train.methods.base import Method, MicroBatch, RunContext
 from trilora.train.model import (
     apply_memory_options,
     base_model_mode,
@@ -85,7 +85,6 @@ from trilora.train.reporting import (
     Progress,
     human_bytes,
     peak_memory_bytes,
-    perplexity,
     plot_loss_curve,
     side_by_side,
 )
@@ -283,46 +282,32 @@ class Data:
     train: list
     val: list
     val_records: list[dict]
-    rows: list[list]  # SFT: rows of examples (packed or one each); DPO: pairs
+    rows: list  # the method's training rows (SFT: rows of examples; DPO: pairs)
     lengths: list[int]
     stats: D.DataStats
     val_stats: D.DataStats | None
+    train_records: list[dict] = field(default_factory=list)
 
 
-def _load_data(cfg: TrainConfig, tokenizer) -> Data:
+def _load_data(cfg: TrainConfig, tokenizer, method: Method) -> Data:
     examples, records, stats = D.load_dataset(
-        cfg.data, tokenizer, cfg.max_seq_len, cfg.method, cfg.skip_bad_lines
+        cfg.data, tokenizer, cfg.max_seq_len, method.records, cfg.skip_bad_lines
     )
     val_stats = None
     if cfg.val_data:
         val, val_records, val_stats = D.load_dataset(
-            cfg.val_data, tokenizer, cfg.max_seq_len, cfg.method, cfg.skip_bad_lines
+            cfg.val_data, tokenizer, cfg.max_seq_len, method.records, cfg.skip_bad_lines
         )
-        train = examples
+        train, train_records = examples, records
     else:
         train_idx, val_idx = D.split_validation(len(examples), cfg.val_fraction, cfg.seed)
         train = [examples[i] for i in train_idx]
+        train_records = [records[i] for i in train_idx]
         val = [examples[i] for i in val_idx]
         val_records = [records[i] for i in val_idx]
-    if cfg.method == "dpo":
-        rows = train
-    elif cfg.packing:
-        rows = D.pack(train, cfg.max_seq_len)
-    else:
-        rows = [[e] for e in train]
-    lengths = [len(r) if cfg.method == "dpo" else sum(len(e) for e in r) for r in rows]
-    return Data(train, val, val_records, rows, lengths, stats, val_stats)
-
-
-@dataclass
-class MicroBatch:
-    """This rank's rows of one global micro-batch: collated ``batch``, their row indices
-    ``idx``, and ``real`` (False: a stand-in row at weight 0, see
-    :func:`trilora.train.collectives.rank_rows`)."""
-
-    batch: dict[str, Any]
-    idx: list[int]
-    real: bool = True
+    rows = method.rows(train)
+    lengths = [method.row_length(r) for r in rows]
+    return Data(train, val, val_records, rows, lengths, stats, val_stats, train_records)
 
 
 class BatchStream:
@@ -332,9 +317,9 @@ class BatchStream:
     and keeps its own rows of each.
     """
 
-    def __init__(self, data: Data, cfg: TrainConfig, pad_id: int, env=None):
+    def __init__(self, data: Data, cfg: TrainConfig, pad_id: int, method: Method, env=None):
 
-        self.data, self.cfg, self.pad_id = data, cfg, pad_id
+        self.data, self.cfg, self.pad_id, self.method = data, cfg, pad_id, method
         self.env = env or DistEnv()
         self.per_epoch = math.ceil(len(data.rows) / cfg.batch_size)
         self._epoch, self._batches = -1, []
@@ -352,11 +337,8 @@ class BatchStream:
             )
             self._epoch = epoch
         idx, real = rank_rows(self._batches[index], self.env)
-        if self.cfg.method == "dpo":
-            return MicroBatch(
-                D.collate_pairs([self.data.rows[i] for i in idx], self.pad_id), idx, real
-            )
-        return MicroBatch(D.collate([self.data.rows[i] for i in idx], self.pad_id), idx, real)
+        batch = self.method.collate([self.data.rows[i] for i in idx], self.pad_id)
+        return MicroBatch(batch, idx, real, g)
 
 
 # ---------------------------------------------------------------------------------------
@@ -366,70 +348,29 @@ class BatchStream:
 
 @torch.no_grad()
 def evaluate(
-    model,
-    data: Data,
-    cfg: TrainConfig,
-    pad_id: int,
-    autocast_dtype,
-    ref_logps: torch.Tensor | None = None,
-    base_mode=None,
-    env=None,
+    method: Method, run: RunContext, data: Data, as_base: bool = False
 ) -> dict[str, float]:
-    """Held-out loss and perplexity (SFT) or DPO loss and preference accuracy.
+    """The method's held-out figures (SFT: loss and perplexity; DPO: loss and preference
+    accuracy). ``as_base``: the caller runs the model as the base already.
 
     In a distributed run every rank must call it: each scores its rows of every evaluation
     batch and the sums are all-reduced, so every rank returns the same numbers.
     """
 
-    env = env or DistEnv()
+    env, cfg = run.env, run.cfg
     n_val = len(data.val)
 
     def chunks():
         for s in range(0, n_val, cfg.eval_batch_size):
             yield rank_rows(list(range(s, min(s + cfg.eval_batch_size, n_val))), env)
 
-    with inference_model(model) as m:
+    with inference_model(run.model) as m:
         was_training = m.training
         m.eval()
         try:
-            if cfg.method == "sft":
-                total, count = 0.0, 0
-                for rows, real in chunks():
-                    batch = D.collate([[data.val[i]] for i in rows], pad_id)
-                    loss = float(token_losses(m, batch, "sum", autocast_dtype))
-                    if real:
-                        total += loss
-                        count += int((batch["labels"][:, 1:] != D.IGNORE).sum())
-                total, count = all_reduce(env, [total, count])
-                count = int(count)
-                loss = total / max(count, 1)
-                return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": count}
-            from trilora.train.dpo import dpo_losses, sequence_logps
-
-            losses, wins, margins = 0.0, 0, 0.0
-            for rows, real in chunks():
-                pairs = [data.val[i] for i in rows]
-                batch = D.collate_pairs(pairs, pad_id)
-                pol = sequence_logps(m, batch, autocast_dtype)
-                if base_mode is not None:
-                    with base_mode():
-                        ref = sequence_logps(m, batch, autocast_dtype)
-                else:
-                    ref = pol
-                if not real:
-                    continue
-                loss, _, _ = dpo_losses(pol, ref, cfg.beta)
-                losses += sum(loss.tolist())
-                b = len(pairs)
-                wins += int((pol[:b] > pol[b:]).sum())
-                margins += float((pol[:b] - pol[b:]).sum())
-            losses, wins, margins = all_reduce(env, [losses, wins, margins])
-            n = max(n_val, 1)
-            return {
-                "eval_loss": losses / n,
-                "eval_chosen_preferred": wins / n,
-                "eval_logp_margin": margins / n,
-            }
+            return method.evaluate(
+                run, m, data.val, chunks(), lambda values: all_reduce(env, values), as_base
+            )
         finally:
             m.train(was_training)
 
@@ -498,41 +439,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _precompute_ref(model, data: Data, cfg, pad_id, autocast_dtype, base_mode, run_dir, env):
-
-    path = run_dir / "ref_logps.pt"
-    cached = on_main(env, lambda: torch.load(path, weights_only=True) if path.is_file() else None)
-    if cached is not None:
-        return cached
-    n = len(data.rows)
-    values: dict[int, tuple[float, float]] = {}
-    with inference_model(model) as m:
-        was_training = m.training
-        m.eval()
-        with torch.no_grad(), base_mode():
-            for s in range(0, n, cfg.eval_batch_size):
-                rows, real = rank_rows(list(range(s, min(s + cfg.eval_batch_size, n))), env)
-                pairs = [data.rows[i] for i in rows]
-                lp = sequence_logps(m, D.collate_pairs(pairs, pad_id), autocast_dtype)
-                lp = lp.float().cpu()
-                b = len(pairs)
-                if real:
-                    values.update((i, (lp[j].item(), lp[b + j].item())) for j, i in enumerate(rows))
-        m.train(was_training)
-    out = torch.empty(n, 2)
-    for part in gather_objects(env, values):
-        for i, (chosen, rejected) in part.items():
-            out[i, 0], out[i, 1] = chosen, rejected
-
-    def save() -> None:
-        tmp = run_dir / ".ref_logps.pt.tmp"
-        torch.save(out, tmp)
-        tmp.replace(path)
-
-    on_main(env, save)
-    return out
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:
@@ -714,350 +620,393 @@ def _run(
     quiet: bool,
     loss_table: bool,
 ) -> dict[str, Any] | None:
+    """The phases of a run: data, model, resume, base figures, steps, final results."""
 
-    main = env.is_main
-    say = (lambda *_: None) if quiet or not main else _log
-    hook = TestHook()
-    kind = strategy(env, cfg.fsdp)
-    if kind is None and cfg.fsdp:
-        say(
-            "note: --fsdp shards the model across processes; this run is one process, which "
-            "holds the whole model (start several with --nproc N or torchrun)"
-        )
-    t_start = time.perf_counter()
-    # The tokenizer loads in a second and the data in a few; the model takes much longer.
-    # Data mistakes (a malformed line, a prompt longer than --max-seq-len) fail here, before
-    # anything is written to the run folder.
-    folder_path, tokenizer = load_tokenizer(cfg, log=say)
-    data = _load_data(cfg, tokenizer)
-    if len(data.rows) < env.world_size:
-        raise UserError(
-            f"{cfg.data}: {len(data.rows)} training rows for {env.world_size} "
-            "processes; every process needs at least one row (more data, or "
-            "fewer processes)"
-        )
+    session = _Session(cfg, env, run_dir, stopping, stopper, quiet)
+    session.load_data()
     if not resume:
         created = on_main(env, lambda: _create_run_dir(cfg, run_dir, overwrite))
-        stopping.folder = created if main else None
-    hook("in_setup", 0, run_dir, env.rank, stopper)
-    _seed_everything(cfg.seed)
-    lm = load_model(cfg, device, log=say, env=env, tokenizer=tokenizer, folder=folder_path)
-    model = wrap(lm.model, env, cfg)
-    apply_memory_options(model, cfg)
-    if env.rank > 0:
-        # Rank 0 keeps the single-process stream; the others draw their own dropout masks.
-        torch.manual_seed((cfg.seed + 1_000_003 * env.rank) % 2**63)
-    autocast_dtype = (
-        torch.bfloat16 if lm.device.type == "cuda" and lm.compute_dtype == torch.bfloat16 else None
-    )
-    if lm.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    trainable_bytes = sum(p.numel() * 4 for p in lm.model.parameters() if p.requires_grad)
-    on_main(env, lambda: _check_free_space(run_dir, trainable_bytes, cfg.keep_last))
-    pad_id = tokenizer.pad_token_id
-    stream = BatchStream(data, cfg, pad_id, env)
-    if cfg.max_steps is not None:
-        total_micro = cfg.max_steps * cfg.grad_accum
-    else:
-        total_micro = max(1, math.floor(cfg.epochs * stream.per_epoch))
-    total_steps = math.ceil(total_micro / cfg.grad_accum)
-    stopping.total = total_steps
-    warmup = (
-        cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total_steps)
-    )
-    optimizer = build_optimizer(cfg.optim, model, cfg.lr, cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, total_steps, warmup, cfg.scheduler)
+        stopping.folder = created if session.main else None
+    session.hook("in_setup", 0, run_dir, env.rank, stopper)
+    session.build_model(device)
+    if resume:
+        session.resume()
+    session.base_figures()
+    session.method.prepare(session.run)
+    session.train_steps()
+    return session.finish(loss_table)
 
-    def base_mode():
-        return base_model_mode(model, lm.has_adapter)
 
-    placement = f"{lm.device.type}"
-    if kind is not None:
-        placement = f"{env.world_size} processes, {kind.upper()}, {lm.device.type}"
-    say(
-        f"model {cfg.model}: {lm.total_params / 1e6:.1f}M parameters, "
-        f"{lm.trainable_params / 1e6:.2f}M trainable ({cfg.finetune}, base {cfg.quant}, "
-        f"{placement}); data: {len(data.train)} train / {len(data.val)} held-out examples, "
-        f"{data.stats.truncated} truncated at {cfg.max_seq_len} tokens"
-        + (f", {data.stats.bad_lines} bad lines skipped" if data.stats.bad_lines else "")
-        + (f", packed into {len(data.rows)} rows" if cfg.packing else "")
-        + f"; {total_steps} steps"
-    )
+class _Session:
+    """One run's state, advanced phase by phase by :func:`_run`."""
 
-    start_step, micro_done, tokens_seen, elapsed_before = 0, 0, 0, 0.0
-    ckpt = on_main(env, lambda: _latest_checkpoint(run_dir)) if resume else None
-    if ckpt is not None:
-        st = S.load_checkpoint(ckpt, model, optimizer, scheduler, env)
-        start_step, micro_done = st["step"], st["micro_batches"]
-        tokens_seen, elapsed_before = st["tokens_seen"], st["elapsed"]
+    def __init__(self, cfg: TrainConfig, env, run_dir: Path, stopping: _Stopping, stopper, quiet):
+        self.cfg, self.env, self.run_dir = cfg, env, run_dir
+        self.stopping, self.stopper, self.quiet = stopping, stopper, quiet
+        self.main = env.is_main
+        self.say = (lambda *_: None) if quiet or not self.main else _log
+        self.hook = TestHook()
+        self.kind = strategy(env, cfg.fsdp)
+        if self.kind is None and cfg.fsdp:
+            self.say(
+                "note: --fsdp shards the model across processes; this run is one process, "
+                "which holds the whole model (start several with --nproc N or torchrun)"
+            )
+        self.t_start = time.perf_counter()
+        self.method = build_method(cfg)
+        # where the run is: optimizer steps and micro-batches done, tokens seen, train time
+        # before this process started
+        self.start_step, self.micro_done, self.tokens_seen, self.elapsed_before = 0, 0, 0, 0.0
+        self.resumed_from: Path | None = None
+        self.saved_step: int | None = None  # the newest checkpoint's step
+        self.metrics: MetricsLog | None = None
+        self.base: dict[str, Any] = {}
+
+    # --- phases -------------------------------------------------------------------------
+
+    def load_data(self) -> None:
+        """The tokenizer loads in a second and the data in a few; the model takes much
+        longer. Data mistakes (a malformed line, a prompt longer than --max-seq-len) fail
+        here, before anything is written to the run folder."""
+        cfg, env = self.cfg, self.env
+        self.folder_path, self.tokenizer = load_tokenizer(cfg, log=self.say)
+        self.data = _load_data(cfg, self.tokenizer, self.method)
+        if len(self.data.rows) < env.world_size:
+            raise UserError(
+                f"{cfg.data}: {len(self.data.rows)} training rows for {env.world_size} "
+                "processes; every process needs at least one row (more data, or "
+                "fewer processes)"
+            )
+
+    def build_model(self, device: torch.device) -> None:
+        """The model, the optimizer and scheduler, the batch stream, the step count."""
+        cfg, env, data = self.cfg, self.env, self.data
+        _seed_everything(cfg.seed)
+        lm = load_model(
+            cfg, device, log=self.say, env=env, tokenizer=self.tokenizer, folder=self.folder_path
+        )
+        self.lm = lm
+        model = self.model = wrap(lm.model, env, cfg)
+        apply_memory_options(model, cfg)
+        if env.rank > 0:
+            # Rank 0 keeps the single-process stream; the others draw their own dropout masks.
+            torch.manual_seed((cfg.seed + 1_000_003 * env.rank) % 2**63)
+        self.autocast_dtype = (
+            torch.bfloat16
+            if lm.device.type == "cuda" and lm.compute_dtype == torch.bfloat16
+            else None
+        )
+        if lm.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        trainable_bytes = sum(p.numel() * 4 for p in lm.model.parameters() if p.requires_grad)
+        on_main(env, lambda: _check_free_space(self.run_dir, trainable_bytes, cfg.keep_last))
+        self.pad_id = self.tokenizer.pad_token_id
+        self.stream = BatchStream(data, cfg, self.pad_id, self.method, env)
+        # total_micro: the micro-batches of data the run consumes; each optimizer step
+        # takes grad_accum of them, and a method may use them for several steps (repeats)
+        repeats = self.method.repeats
+        if cfg.max_steps is not None:
+            self.total_micro = math.ceil(cfg.max_steps / repeats) * cfg.grad_accum
+            self.total_steps = cfg.max_steps
+        else:
+            self.total_micro = max(1, math.floor(cfg.epochs * self.stream.per_epoch))
+            self.total_steps = math.ceil(self.total_micro / cfg.grad_accum) * repeats
+        self.stopping.total = self.total_steps
+        warmup = (
+            cfg.warmup_steps
+            if cfg.warmup_steps is not None
+            else round(cfg.warmup_ratio * self.total_steps)
+        )
+        self.optimizer = build_optimizer(cfg.optim, model, cfg.lr, cfg.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, warmup, cfg.scheduler)
+
+        def base_mode():
+            return base_model_mode(model, lm.has_adapter)
+
+        self.run = RunContext(
+            model=model,
+            cfg=cfg,
+            tokenizer=self.tokenizer,
+            autocast_dtype=self.autocast_dtype,
+            base_mode=base_mode,
+            env=env,
+            pad_id=self.pad_id,
+            run_dir=self.run_dir,
+            rows=data.rows,
+            records=data.train_records,
+            val_records=data.val_records,
+        )
+        placement = f"{lm.device.type}"
+        if self.kind is not None:
+            placement = f"{env.world_size} processes, {self.kind.upper()}, {lm.device.type}"
+        self.say(
+            f"model {cfg.model}: {lm.total_params / 1e6:.1f}M parameters, "
+            f"{lm.trainable_params / 1e6:.2f}M trainable ({cfg.finetune}, base {cfg.quant}, "
+            f"{placement}); data: {len(data.train)} train / {len(data.val)} held-out "
+            f"examples, {data.stats.truncated} truncated at {cfg.max_seq_len} tokens"
+            + (f", {data.stats.bad_lines} bad lines skipped" if data.stats.bad_lines else "")
+            + (f", packed into {len(data.rows)} rows" if cfg.packing else "")
+            + f"; {self.total_steps} steps"
+        )
+
+    def resume(self) -> None:
+        """Load the latest complete checkpoint, if there is one."""
+        env = self.env
+        ckpt = on_main(env, lambda: _latest_checkpoint(self.run_dir))
+        if ckpt is None:
+            return
+        st = S.load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, env)
+        self.start_step, self.micro_done = st["step"], st["micro_batches"]
+        self.tokens_seen, self.elapsed_before = st["tokens_seen"], st["elapsed"]
         if st["rng"] is not None:
             S.set_rng_state(st["rng"])
+        self.method.load_state(st.get("method"))
         saved_on = st.get("world_size", 1)
-        say(
-            f"resumed from {ckpt} (step {start_step} of {total_steps}"
+        self.say(
+            f"resumed from {ckpt} (step {self.start_step} of {self.total_steps}"
             + (f"; saved on {saved_on} processes" if saved_on != env.world_size else "")
             + ")"
         )
-    stopping.step = start_step
-    saved_step = start_step if ckpt is not None else None  # the newest checkpoint's step
+        self.resumed_from = ckpt
+        self.saved_step = self.start_step
+        self.stopping.step = self.start_step
 
-    base_path = run_dir / "base.json"
-    base = on_main(env, lambda: json.loads(base_path.read_text()) if base_path.is_file() else None)
-    if base is None:
-        base = {}
-        # Before any step: for full fine-tuning this is the only moment the base exists.
-        with base_mode():
-            if data.val:
-                base.update(evaluate(model, data, cfg, pad_id, autocast_dtype, env=env))
-            _, prompts = _compare_prompts(tokenizer, data, cfg)
-            if prompts:
-                base["answers"] = generate_answers(
-                    model, tokenizer, prompts, cfg.max_new_tokens, env=env
-                )
-        on_main(env, lambda: atomic_write_json(base_path, base))
-    ref_logps = None
-    if cfg.method == "dpo" and cfg.precompute_ref:
-        ref_logps = _precompute_ref(
-            model, data, cfg, pad_id, autocast_dtype, base_mode, run_dir, env
+    def base_figures(self) -> None:
+        """The base model's held-out figures and answers (``OUT/base.json``), before any
+        step: for full fine-tuning this is the only moment the base exists."""
+        env, data, run = self.env, self.data, self.run
+        base_path = self.run_dir / "base.json"
+        base = on_main(
+            env, lambda: json.loads(base_path.read_text()) if base_path.is_file() else None
         )
+        if base is None:
+            base = {}
+            with run.base_mode():
+                if data.val:
+                    base.update(evaluate(self.method, run, data, as_base=True))
+                _, prompts = _compare_prompts(self.tokenizer, data, self.cfg)
+                if prompts:
+                    base["answers"] = generate_answers(
+                        self.model, self.tokenizer, prompts, self.cfg.max_new_tokens, env=env
+                    )
+            on_main(env, lambda: atomic_write_json(base_path, base))
+        self.base = base
 
-    metrics = None
-    if main:
-        metrics = MetricsLog(
-            run_dir / "metrics.jsonl",
-            start_step if ckpt is not None else 0,
-            run_dir / "tensorboard" if cfg.tensorboard else None,
-        )
-    progress = Progress(total_steps, start_step, cfg.progress and not quiet and main)
-    model.train()
-    t_loop = time.perf_counter()
-    last_eval: dict[str, Any] = {}
-    # DDP and FSDP2 average the gradients over the ranks; each rank's loss is its share of
-    # the step's token-mean loss, so it is scaled back up by the rank count.
-    scale = float(env.world_size)
-    stat_keys = ("reward_accuracy", "reward_margin") if cfg.method == "dpo" else ()
-
-    def save(step: int) -> Path:
-        elapsed = elapsed_before + time.perf_counter() - t_loop
-        stopper.checkpoint_starting()
+    def save(self, step: int) -> Path:
+        elapsed = self.elapsed_before + time.perf_counter() - self.t_loop
+        self.stopper.checkpoint_starting()
         return S.save_checkpoint(
-            run_dir,
+            self.run_dir,
             step,
-            model,
-            optimizer,
-            scheduler,
+            self.model,
+            self.optimizer,
+            self.scheduler,
             {
                 "format": FORMAT,
                 "step": step,
-                "micro_batches": micro_done,
-                "tokens_seen": tokens_seen,
+                "micro_batches": self.micro_done,
+                "tokens_seen": self.tokens_seen,
                 "elapsed": elapsed,
-                "world_size": env.world_size,
-                "strategy": kind or "single",
+                "world_size": self.env.world_size,
+                "strategy": self.kind or "single",
+                "method": self.method.state(),
             },
-            cfg.keep_last,
-            env,
+            self.cfg.keep_last,
+            self.env,
         )
 
-    def stop_if_asked() -> None:
+    def stop_if_asked(self) -> None:
         """Where a stop may happen: every rank learns whether any rank was signalled, and
         all of them save the step that just ended, then stop."""
-        nonlocal saved_step
-        signum = stopper.agreed(env)
+        signum = self.stopper.agreed(self.env)
         if not signum:
             return
-        done = stopping.step
-        path = S.latest_checkpoint(run_dir) if main else None
-        if saved_step != done:
-            path = save(done)
-            saved_step = done
-        if metrics is not None:
-            metrics.close()
-        raise RunStopped(stopping.saved(signum, Path(path or run_dir)), signum)
+        done = self.stopping.step
+        path = S.latest_checkpoint(self.run_dir) if self.main else None
+        if self.saved_step != done:
+            path = self.save(done)
+            self.saved_step = done
+        if self.metrics is not None:
+            self.metrics.close()
+        raise RunStopped(self.stopping.saved(signum, Path(path or self.run_dir)), signum)
 
-    try:
-        stopper.training = True
-        for step in range(start_step, total_steps):
-            t0 = time.perf_counter()
-            micro = [
-                stream.get(g)
-                for g in range(micro_done, min(micro_done + cfg.grad_accum, total_micro))
-            ]
-            if cfg.method == "sft":
-                local_items = sum(
-                    int((mb.batch["labels"][:, 1:] != D.IGNORE).sum()) for mb in micro if mb.real
-                )
-            else:
-                local_items = sum(len(mb.idx) for mb in micro if mb.real)
-            local_tokens = sum(int(mb.batch["input_ids"].numel()) for mb in micro if mb.real)
-            num_items = int(all_reduce(env, [local_items])[0])
-            lr = optimizer.param_groups[0]["lr"]
-            loss_total = 0.0
-            extra = dict.fromkeys(stat_keys, 0.0)
-            for k, mb in enumerate(micro):
-                with gradient_sync(model, k == len(micro) - 1):
-                    if cfg.method == "sft":
-                        loss = sft_loss(model, mb.batch, num_items, autocast_dtype)
-                    else:
-                        loss, stats = _dpo_micro_step(
-                            model,
-                            mb.batch,
-                            mb.idx,
-                            num_items,
-                            cfg,
-                            autocast_dtype,
-                            ref_logps,
-                            base_mode,
-                        )
-                        if mb.real:
-                            for key, v in stats.items():
-                                extra[key] += v
-                    if mb.real:
-                        loss_total += float(loss.detach())
-                    if env.distributed:
-                        loss = loss * (scale if mb.real else 0.0)
-                    loss.backward()
-            hook("in_step", step + 1, run_dir, env.rank, stopper)
-            grad_norm = clip_gradients(optimizer, model, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            micro_done += len(micro)
-            sums = all_reduce(env, [loss_total, local_tokens, *extra.values()])
-            loss_total, step_tokens = sums[0], int(sums[1])
-            extra = dict(zip(stat_keys, sums[2:]))
-            tokens_seen += step_tokens
-            peak = int(all_reduce(env, [peak_memory_bytes(lm.device.type)], "max")[0])
-            dt = time.perf_counter() - t0
-            record = {
-                "kind": "train",
-                "step": step + 1,
-                "loss": loss_total,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens": tokens_seen,
-                "tokens_per_s": step_tokens / max(dt, 1e-9),
-                "peak_memory": peak,
-                "epoch": micro_done / stream.per_epoch,
-                **extra,
-            }
-            if metrics is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps):
-                metrics.write(record)
-            progress.update(record)
-            if not math.isfinite(loss_total):
-                raise UserError(
-                    f"the loss became {loss_total} at step {step + 1}; lower --lr or check the data"
-                )
-            if stopping.folder is not None:
-                stopping.folder.keep()  # a step has ended: the folder is now a run to resume
-            if (
-                cfg.eval_every
-                and (step + 1) % cfg.eval_every == 0
-                and data.val
-                and step + 1 < total_steps
-            ):
-                last_eval = evaluate(
-                    model,
-                    data,
-                    cfg,
-                    pad_id,
-                    autocast_dtype,
-                    base_mode=base_mode if cfg.method == "dpo" else None,
-                    env=env,
-                )
-                if main:
-                    metrics.write({"kind": "eval", "step": step + 1, **last_eval})
-                    progress.write(f"step {step + 1}: held-out loss {last_eval['eval_loss']:.4f}")
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-                save(step + 1)
-                saved_step = step + 1
-            stopping.step = step + 1
-            stop_if_asked()
-    finally:
-        progress.close()
-    train_time = elapsed_before + time.perf_counter() - t_loop
+    def train_steps(self) -> None:
+        """The optimizer steps from the resumed one to the last, with the periodic
+        evaluations and checkpoints."""
+        cfg = self.cfg
+        if self.main:
+            self.metrics = MetricsLog(
+                self.run_dir / "metrics.jsonl",
+                self.start_step if self.resumed_from is not None else 0,
+                self.run_dir / "tensorboard" if cfg.tensorboard else None,
+            )
+        self.progress = Progress(
+            self.total_steps, self.start_step, cfg.progress and not self.quiet and self.main
+        )
+        self.model.train()
+        self.t_loop = time.perf_counter()
+        try:
+            self.stopper.training = True
+            for step in range(self.start_step, self.total_steps):
+                record = self.one_step(step)
+                if self.metrics is not None and (
+                    (step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps
+                ):
+                    self.metrics.write(record)
+                self.progress.update(record, self.method.bar_text(record))
+                self.method.after_step(self.run, record, self.progress.write)
+                if not math.isfinite(record["loss"]):
+                    raise UserError(
+                        f"the loss became {record['loss']} at step {step + 1}; lower --lr or "
+                        "check the data"
+                    )
+                if self.stopping.folder is not None:
+                    self.stopping.folder.keep()  # a step has ended: the folder is a run now
+                self.periodic(step + 1)
+                self.stopping.step = step + 1
+                self.stop_if_asked()
+        finally:
+            self.progress.close()
+        self.train_time = self.elapsed_before + time.perf_counter() - self.t_loop
 
-    stopping.finishing = True
-    tuned: dict[str, Any] = {}
-    if data.val:
-        tuned = evaluate(
+    def one_step(self, step: int) -> dict[str, Any]:
+        """Optimizer step ``step`` (0-based): its micro-batches' losses and gradients, the
+        update, and the record logged for it."""
+        cfg, env, method = self.cfg, self.env, self.method
+        t0 = time.perf_counter()
+        first = (step // method.repeats) * cfg.grad_accum
+        last = min(first + cfg.grad_accum, self.total_micro)
+        micro = [self.stream.get(g) for g in range(first, last)]
+        method.prepare_step(self.run, step, micro)
+        counts = [method.loss_items(mb) for mb in micro if mb.real]
+        local_items = [sum(c) for c in zip(*counts)] if counts else [0] * method.item_kinds
+        local_tokens = sum(int(mb.batch["input_ids"].numel()) for mb in micro if mb.real)
+        num_items = [int(n) for n in all_reduce(env, local_items)]
+        lr = self.optimizer.param_groups[0]["lr"]
+        loss_total = 0.0
+        extra = dict.fromkeys(method.stat_keys, 0.0)
+        # DDP and FSDP2 average the gradients over the ranks; each rank's loss is its share
+        # of the step's mean loss, so it is scaled back up by the rank count.
+        scale = float(env.world_size)
+        for k, mb in enumerate(micro):
+            with gradient_sync(self.model, k == len(micro) - 1):
+                loss, stats = method.micro_loss(self.run, mb, num_items)
+                if mb.real:
+                    for key, v in stats.items():
+                        extra[key] += v
+                    loss_total += float(loss.detach())
+                if env.distributed:
+                    loss = loss * (scale if mb.real else 0.0)
+                loss.backward()
+        self.hook("in_step", step + 1, self.run_dir, env.rank, self.stopper)
+        grad_norm = clip_gradients(self.optimizer, self.model, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.micro_done = last
+        sums = all_reduce(env, [loss_total, local_tokens, *extra.values()])
+        loss_total, step_tokens = sums[0], int(sums[1])
+        extra = dict(zip(method.stat_keys, sums[2:]))
+        self.tokens_seen += step_tokens
+        peak = int(all_reduce(env, [peak_memory_bytes(self.lm.device.type)], "max")[0])
+        dt = time.perf_counter() - t0
+        return {
+            "kind": "train",
+            "step": step + 1,
+            "loss": loss_total,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": self.tokens_seen,
+            "tokens_per_s": step_tokens / max(dt, 1e-9),
+            "peak_memory": peak,
+            "epoch": self.micro_done / self.stream.per_epoch,
+            **extra,
+        }
+
+    def periodic(self, done: int) -> None:
+        """The evaluation and checkpoint due after ``done`` steps (not after the last)."""
+        cfg = self.cfg
+        if (
+            cfg.eval_every
+            and done % cfg.eval_every == 0
+            and self.data.val
+            and done < self.total_steps
+        ):
+            figures = evaluate(self.method, self.run, self.data)
+            if self.main:
+                self.metrics.write({"kind": "eval", "step": done, **figures})
+                self.progress.write(f"step {done}: {self.method.eval_line(figures)}")
+        if cfg.save_every and done % cfg.save_every == 0 and done < self.total_steps:
+            self.save(done)
+            self.saved_step = done
+
+    def finish(self, loss_table: bool) -> dict[str, Any] | None:
+        """The final evaluation and answers, the saved result, the summary (rank 0)."""
+        cfg, env, lm, data, model = self.cfg, self.env, self.lm, self.data, self.model
+        self.stopping.finishing = True
+        tuned: dict[str, Any] = {}
+        if data.val:
+            tuned = evaluate(self.method, self.run, data)
+        self.stop_if_asked()
+        samples = _compare_answers(
             model,
+            self.tokenizer,
             data,
             cfg,
-            pad_id,
-            autocast_dtype,
-            base_mode=base_mode if cfg.method == "dpo" else None,
-            env=env,
+            self.run.base_mode,
+            self.base,
+            self.run_dir,
+            lm.has_adapter,
+            env,
         )
-    stop_if_asked()
-    samples = _compare_answers(
-        model, tokenizer, data, cfg, base_mode, base, run_dir, lm.has_adapter, env
-    )
-    # The final evaluation is logged only now: a run stopped before this point resumes at
-    # its last step and logs it then, once.
-    stop_if_asked()
-    if main and tuned:
-        metrics.write({"kind": "eval", "step": total_steps, **tuned})
-    saved_to = _save_result(model, tokenizer, lm, cfg, run_dir, env)
-    peak = int(all_reduce(env, [peak_memory_bytes(lm.device.type)], "max")[0])
-    if not main:
+        # The final evaluation is logged only now: a run stopped before this point resumes
+        # at its last step and logs it then, once.
+        self.stop_if_asked()
+        metrics = self.metrics
+        if self.main and tuned:
+            metrics.write({"kind": "eval", "step": self.total_steps, **tuned})
+        saved_to = _save_result(model, self.tokenizer, lm, cfg, self.run_dir, env)
+        peak = int(all_reduce(env, [peak_memory_bytes(lm.device.type)], "max")[0])
+        if not self.main:
+            if cfg.merge:
+                _merge(model, lm, cfg, self.run_dir, env)
+            return None
+        curve = plot_loss_curve(metrics.records, self.run_dir / "loss_curve.png", self.base)
+        metrics.close()
+        run_dir = self.run_dir
+        summary = {
+            "steps": self.total_steps,
+            "train_time_s": self.train_time,
+            "total_time_s": time.perf_counter() - self.t_start,
+            "tokens": self.tokens_seen,
+            "tokens_per_s": self.tokens_seen / max(self.train_time, 1e-9),
+            "peak_memory": peak,
+            "final_train_loss": next(
+                (r["loss"] for r in reversed(metrics.records) if r.get("kind") == "train"), None
+            ),
+            "base": self.base,
+            "tuned": tuned,
+            "trainable_params": lm.trainable_params,
+            "total_params": lm.total_params,
+            "truncated": data.stats.truncated,
+            "bad_lines": data.stats.bad_lines,
+            "train_examples": len(data.train),
+            "val_examples": len(data.val),
+            "output": str(saved_to),
+            "run_dir": str(run_dir),
+            "device": lm.device.type,
+            "processes": env.world_size,
+            "strategy": self.kind or "single",
+            "samples": samples,
+            "base_folder": str(lm.folder),
+            "loss_curve": str(run_dir / "loss_curve.png") if curve else None,
+        }
         if cfg.merge:
-            _merge(model, lm, cfg, run_dir, env)
-        return None
-    curve = plot_loss_curve(metrics.records, run_dir / "loss_curve.png", base)
-    metrics.close()
-    summary = {
-        "steps": total_steps,
-        "train_time_s": train_time,
-        "total_time_s": time.perf_counter() - t_start,
-        "tokens": tokens_seen,
-        "tokens_per_s": tokens_seen / max(train_time, 1e-9),
-        "peak_memory": peak,
-        "final_train_loss": next(
-            (r["loss"] for r in reversed(metrics.records) if r.get("kind") == "train"), None
-        ),
-        "base": base,
-        "tuned": tuned,
-        "trainable_params": lm.trainable_params,
-        "total_params": lm.total_params,
-        "truncated": data.stats.truncated,
-        "bad_lines": data.stats.bad_lines,
-        "train_examples": len(data.train),
-        "val_examples": len(data.val),
-        "output": str(saved_to),
-        "run_dir": str(run_dir),
-        "device": lm.device.type,
-        "processes": env.world_size,
-        "strategy": kind or "single",
-        "samples": samples,
-        "base_folder": str(lm.folder),
-        "loss_curve": str(run_dir / "loss_curve.png") if curve else None,
-    }
-    if cfg.merge:
-        summary["merged"] = str(_merge(model, lm, cfg, run_dir, env))
-    atomic_write_json(run_dir / "summary.json", summary)
-    if not quiet:
-        _print_summary(summary, cfg, loss_table)
-    return summary
-
-
-def _dpo_micro_step(model, batch, idx, num_pairs, cfg, autocast_dtype, ref_logps, base_mode):
-
-    if ref_logps is not None:
-        ref = torch.cat([ref_logps[idx, 0], ref_logps[idx, 1]])
-    else:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad(), base_mode():
-            ref = sequence_logps(model, batch, autocast_dtype)
-        model.train(was_training)
-    policy = sequence_logps(model, batch, autocast_dtype)
-    losses, chosen_r, rejected_r = dpo_losses(policy, ref.to(policy.device), cfg.beta)
-    stats = {
-        "reward_accuracy": float((chosen_r > rejected_r).float().sum()) / num_pairs,
-        "reward_margin": float((chosen_r - rejected_r).sum()) / num_pairs,
-    }
-    return losses.sum() / num_pairs, stats
+            summary["merged"] = str(_merge(model, lm, cfg, run_dir, env))
+        atomic_write_json(run_dir / "summary.json", summary)
+        if not self.quiet:
+            _print_summary(summary, cfg, loss_table)
+        return summary
 
 
 def _compare_prompts(tokenizer, data: Data, cfg) -> tuple[list[dict], list[str]]:
@@ -1222,6 +1171,11 @@ def _print_summary(s: dict[str, Any], cfg: TrainConfig, loss_table: bool = True)
         if "eval_ppl" in t:
             p(
                 f"{'perplexity':<22}{_fmt(b.get('eval_ppl'), '.2f'):>12}{_fmt(t.get('eval_ppl'), '.2f'):>12}"
+            )
+        if "eval_reward" in t:
+            p(
+                f"{'mean reward':<22}{_fmt(b.get('eval_reward')):>12}"
+                f"{_fmt(t.get('eval_reward')):>12}"
             )
         if "eval_chosen_preferred" in t:
             p(

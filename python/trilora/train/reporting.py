@@ -105,12 +105,16 @@ class Progress:
                 smoothing=0.1,
             )
 
-    def update(self, record: dict[str, Any]) -> None:
+    def update(self, record: dict[str, Any], extra: str = "") -> None:
+        """Advance one step; ``extra``: the training method's own figures, shown after the
+        loss."""
         if self.bar is None:
             return
         self.bar.set_postfix_str(
-            f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
-            f"{record['tokens_per_s']:.0f} tok/s peak {human_bytes(record['peak_memory'])}",
+            f"loss {record['loss']:.4f} "
+            + (f"{extra} " if extra else "")
+            + f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s "
+            f"peak {human_bytes(record['peak_memory'])}",
             refresh=False,
         )
         self.bar.update(1)
@@ -133,7 +137,9 @@ def loss_curve_points(
     curve starts at step 0 with the base model's loss (``base["eval_loss"]``, measured before
     training) and has every evaluation after it (each ``--eval-every`` and the final one)."""
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
-    held_out = [(r["step"], r["eval_loss"]) for r in records if r.get("kind") == "eval"]
+    held_out = [
+        (r["step"], r["eval_loss"]) for r in records if r.get("kind") == "eval" and "eval_loss" in r
+    ]
     if base and base.get("eval_loss") is not None:
         held_out.insert(0, (0, base["eval_loss"]))
     return train, held_out
@@ -143,7 +149,8 @@ def plot_loss_curve(
     records: list[dict[str, Any]], path: Path, base: dict[str, Any] | None = None
 ) -> bool:
     """Train and held-out loss against step as a PNG (:func:`loss_curve_points`; the base
-    model's held-out loss at step 0); False when matplotlib is missing."""
+    model's held-out loss at step 0), and the mean reward on a second axis when the records
+    carry one (GRPO); False when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -162,7 +169,26 @@ def plot_loss_curve(
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left")
+    # reward-driven methods (GRPO): the mean reward on a second axis, held-out from the base
+    reward = [
+        (r["step"], r["reward"]) for r in records if r.get("kind") == "train" and "reward" in r
+    ]
+    held_reward = [
+        (r["step"], r["eval_reward"])
+        for r in records
+        if r.get("kind") == "eval" and "eval_reward" in r
+    ]
+    if base and base.get("eval_reward") is not None:
+        held_reward.insert(0, (0, base["eval_reward"]))
+    if reward or held_reward:
+        ax2 = ax.twinx()
+        if reward:
+            ax2.plot(*zip(*reward), color="tab:green", linewidth=1, label="mean reward")
+        if held_reward:
+            ax2.plot(*zip(*held_reward), "s-", color="tab:red", label="held-out mean reward")
+        ax2.set_ylabel("reward")
+        ax2.legend(loc="upper right")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)

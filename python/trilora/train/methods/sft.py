@@ -1,0 +1,53 @@
+"""Supervised fine-tuning: next-token cross-entropy on the response tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trilora.train import data as D
+from trilora.train.losses import sft_loss, token_losses
+from trilora.train.methods.base import Method, MicroBatch, RunContext
+from trilora.train.reporting import perplexity
+
+__all__ = ["METHOD", "Sft"]
+
+
+class Sft(Method):
+    """Rows of one example each, or several packed (``--packing``); the loss is the mean
+    over the step's loss tokens, through the model's own (fused) loss."""
+
+    name = "sft"
+    records = D.SFT_RECORDS
+
+    def rows(self, examples: list) -> list:
+        if self.cfg.packing:
+            return D.pack(examples, self.cfg.max_seq_len)
+        return [[e] for e in examples]
+
+    def row_length(self, row: list) -> int:
+        return sum(len(e) for e in row)
+
+    def collate(self, rows: list, pad_id: int) -> dict[str, Any]:
+        return D.collate(rows, pad_id)
+
+    def loss_items(self, mb: MicroBatch) -> list[int]:
+        return [int((mb.batch["labels"][:, 1:] != D.IGNORE).sum())]
+
+    def micro_loss(self, run: RunContext, mb: MicroBatch, num_items: list[int]):
+        return sft_loss(run.model, mb.batch, num_items[0], run.autocast_dtype), {}
+
+    def evaluate(self, run, model, val, chunks, all_reduce, as_base):
+        total, count = 0.0, 0
+        for rows, real in chunks:
+            batch = D.collate([[val[i]] for i in rows], run.pad_id)
+            loss = float(token_losses(model, batch, "sum", run.autocast_dtype))
+            if real:
+                total += loss
+                count += int((batch["labels"][:, 1:] != D.IGNORE).sum())
+        total, count = all_reduce([total, count])
+        count = int(count)
+        loss = total / max(count, 1)
+        return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": count}
+
+
+METHOD = Sft
