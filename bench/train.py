@@ -40,7 +40,8 @@ if provider == "trilora":
     from trilora.train.config import TrainConfig
     from trilora.train.model import load_model, base_model_mode
     from trilora.train import data as D
-    from trilora.train.dpo import sequence_logps, dpo_losses
+    from trilora.train.losses import sequence_logps
+    from trilora.train.methods.dpo import dpo_losses
     lm = load_model(TrainConfig(model=str(root / "m"), data="-", method="dpo"), log=lambda *_: None)
     ex = [D.encode_pair(r, lm.tokenizer, 4096, "x") for r in recs]
     batch = D.collate_pairs(ex, lm.tokenizer.pad_token_id)
