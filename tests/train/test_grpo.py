@@ -429,3 +429,23 @@ def test_grpo_settings_are_checked(tiny):
         cfg(method="dpo", reward="json")
     with pytest.raises(UsageError, match="--num-generations: a group needs at least 2"):
         cfg(method="grpo", reward="json", num_generations=1)
+
+
+def test_grpo_demo_task_is_fixed_and_its_rewards_score_one_word_answers(tmp_path):
+    from trilora.train import demo_grpo
+
+    train_path, held_out = demo_grpo.write_prompts(tmp_path / "a")
+    again = demo_grpo.write_prompts(tmp_path / "b")
+    assert train_path.read_bytes() == again[0].read_bytes()
+    held = [json.loads(x) for x in held_out.read_text().splitlines()]
+    assert len(held) == demo_grpo.HELD_OUT
+    words = {r["answer"] for r in held}
+    assert not words & {json.loads(x)["answer"] for x in train_path.read_text().splitlines()} - {
+        "old",
+        "light",
+    }
+    rewards = parse_rewards(demo_grpo.REWARD, None)
+    assert [r.name for r in rewards] == ["one_word", "contains_answer"]
+    completions = ["cold", "The opposite of hot is cold.", "", "warm"]
+    got = score_rewards(rewards, ["p"] * 4, completions, [[1]] * 4, {"answer": ["cold"] * 4})
+    assert got == [[1.0, 1.0], [pytest.approx(1 / 6), 1.0], [0.0, 0.0], [1.0, 0.0]]

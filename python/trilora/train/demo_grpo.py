@@ -1,13 +1,14 @@
 """``trilora train --demo grpo``: SmolLM2-135M-Instruct learns, by GRPO, to answer in one
-lowercase word.
+word.
 
 The task is verifiable: each prompt asks for the opposite of a word ("What is the opposite
-of hot? Answer with one lowercase word."), and two built-in rewards score a completion:
-``regex`` (the completion is one lowercase word) and ``contains:answer`` (it holds the
-expected opposite). The base model answers in sentences, so it scores low on the first;
-a few minutes of GRPO on 2 CPU cores raise the held-out mean reward. The prompts are a
-pure function of this module (no bundled file): they are written to the run's cache
-folder on first use.
+of hot? Answer with one word."), and two rewards score a completion: :func:`one_word`
+(1 / the number of words: a user function, named ``trilora.train.demo_grpo:one_word`` as
+``--reward`` takes any ``module:function``) and the built-in ``contains:answer`` (it holds
+the expected opposite). The base model answers in sentences ("The opposite of hot is
+cold."), so it scores low on the first; a few minutes of GRPO on 2 CPU cores raise the
+held-out mean reward. The prompts are a pure function of this module (no bundled file):
+they are written to the run's cache folder on first use.
 
 >>> python -m trilora.train.demo_grpo --write DIR     # doctest: +SKIP
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from trilora.io import atomic_write_text
 
-__all__ = ["OPPOSITES", "REWARD", "demo_grpo_settings", "write_prompts"]
+__all__ = ["OPPOSITES", "REWARD", "demo_grpo_settings", "one_word", "write_prompts"]
 
 # fmt: off
 OPPOSITES = [
@@ -37,10 +38,19 @@ OPPOSITES = [
     ("friend", "enemy"), ("sharp", "dull"), ("smooth", "rough"), ("safe", "dangerous"), ("always", "never"),
 ]
 # fmt: on
-QUESTION = "What is the opposite of {word}? Answer with one lowercase word."
-# one lowercase word, optionally followed by a full stop
-REWARD = r"regex:^\s*[a-z]+\.?\s*$; contains:answer"
+QUESTION = "What is the opposite of {word}? Answer with one word."
+REWARD = "trilora.train.demo_grpo:one_word; contains:answer"
 HELD_OUT = 12
+
+
+def one_word(completions: list, **_) -> list[float]:
+    """1 / the number of words of each completion (0 for an empty one); TRL's convention."""
+    out = []
+    for c in completions:
+        text = c[-1]["content"] if isinstance(c, list) else c
+        words = text.split()
+        out.append(1.0 / len(words) if words else 0.0)
+    return out
 
 
 def write_prompts(folder: Path) -> tuple[Path, Path]:
@@ -71,12 +81,12 @@ def demo_grpo_settings(model: str, cache: Path) -> dict:
         "max_seq_len": 128,
         "batch_size": 4,
         "num_generations": 4,
-        "max_completion_length": 16,
-        "temperature": 1.0,
-        "lr": 5e-4,
+        "max_completion_length": 12,
+        "temperature": 0.7,
+        "lr": 1e-3,
         "lora_dropout": 0.0,
         "warmup_steps": 0,
-        "max_steps": 20,
+        "max_steps": 16,
         "save_every": 0,
         "compare": 3,
         "max_new_tokens": 16,
