@@ -32,6 +32,8 @@ if _workers > 1:
 
 import pytest  # noqa: E402
 
+_COVERED = pytest.StashKey[bool]()  # slow only as a case beyond the covering set
+
 
 def _param_key(value) -> str:
     text = repr(value)
@@ -59,6 +61,7 @@ def pytest_collection_modifyitems(config, items):
                 seen |= values
             elif not item.get_closest_marker("slow"):
                 item.add_marker(pytest.mark.slow)
+                item.stash[_COVERED] = True
 
 
 class _LongFilesFirst:
@@ -78,7 +81,8 @@ def _long_files_first(items) -> None:
     long_files = {
         item.path
         for item in items
-        if item.get_closest_marker("slow") or item.get_closest_marker("distributed")
+        if (item.get_closest_marker("slow") and not item.stash.get(_COVERED, False))
+        or item.get_closest_marker("distributed")
     }
     items.sort(key=lambda item: item.path not in long_files)
 
