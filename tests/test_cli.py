@@ -201,6 +201,7 @@ def test_budget_units():
             parse_bytes(text)
 
 
+@pytest.mark.slow  # a real process (~10 s of CPU: merge imports torch first); our own error path, also checked in-process by the tests below
 def test_user_error_is_one_line_exit_1_and_debug_shows_the_traceback(tmp_path, monkeypatch):
     missing = tmp_path / "nothing-here"
     argv = ["merge", str(missing), "--base", str(tmp_path), "--out", str(tmp_path / "o")]
@@ -236,6 +237,7 @@ def test_internal_errors_say_so_and_ask_for_debug(monkeypatch, capsys):
         main(["demo", "--debug"])
 
 
+@pytest.mark.slow  # a real `trilora demo` process (~15 s of CPU); bitsandbytes + PEFT parity: tests/test_peft_training.py
 def test_demo_runs_with_a_finite_ratio_and_without_the_bitsandbytes_notice():
     """The demo's baseline imports bitsandbytes, which logs "Failed to load CPU
     gemm_4bit_forward from kernels-community" at import on AVX512-BF16 CPUs without the
