@@ -251,6 +251,7 @@ class Grpo(Method):
         advantages = group_advantages(total, g, cfg.scale_rewards == "group")
         batch = self._score_batch(prompt_ids, completions, run.pad_id)
         entry: dict[str, Any] = {
+            "idx": list(mb.idx),
             "batch": batch,
             "advantages": advantages,
             "rewards": torch.nan_to_num(total),
@@ -279,7 +280,14 @@ class Grpo(Method):
 
     def prepare_step(self, run: RunContext, step: int, micro: list[MicroBatch]) -> None:
         group = step // self.repeats
-        if self.generation is None or self.generation[0] != group:
+        cached = self.generation
+        # a checkpoint holds rank 0's batch: another rank (or another process count)
+        # samples its own rows again
+        if (
+            cached is None
+            or cached[0] != group
+            or [e["idx"] for e in cached[1]] != [list(mb.idx) for mb in micro]
+        ):
             self.generation = (group, [self._generate(run, mb) for mb in micro])
         for mb, entry in zip(micro, self.generation[1]):
             mb.batch = entry["batch"]
@@ -316,7 +324,7 @@ class Grpo(Method):
         g = cfg.num_generations
         stats.update(
             reward=float(rewards.sum()) / n,
-            reward_std=float(rewards.view(-1, g).std(dim=1, correction=0).sum()) * g / n,
+            reward_std=float(rewards.view(-1, g).std(dim=1, correction=int(g > 1)).sum()) * g / n,
             completion_length=float(e["lengths"].sum()) / n,
             truncated_fraction=float(e["truncated"].sum()) / n,
         )
