@@ -100,3 +100,33 @@ def test_patched_peft_model_trains_without_logits(seed):
     torch.testing.assert_close(train_out.loss, eval_out.loss, rtol=1e-5, atol=1e-6)
     off = trilora.get_peft_model(_tiny_llama(seed), cfg, fused_cross_entropy=False).train()
     assert off(input_ids=ids, labels=ids).logits is not None
+
+
+def test_one_fusability_rule_for_training_evaluation_and_logps(seed):
+    """A head whose forward is not ``h @ W.T`` (an nn.Linear subclass) is refused by the
+    training loss and scored through its logits by evaluation alike: both follow
+    fused_head_unsupported (training used to accept any nn.Linear subclass)."""
+    import torch.nn.functional as F
+
+    from trilora.train.losses import token_losses
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 3.0
+
+    model = _tiny_llama(seed, tie_word_embeddings=False)
+    plain = model.lm_head
+    model.lm_head = Scaled(plain.in_features, plain.out_features, bias=False)
+    model.lm_head.weight = plain.weight
+    with pytest.warns(RuntimeWarning, match="Scaled"):
+        assert not enable_fused_cross_entropy(model)
+    ids = torch.randint(0, 151, (2, 11))
+    labels = ids.clone()
+    ref = F.cross_entropy(
+        model(input_ids=ids).logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none"
+    )
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    got = token_losses(model, batch)[:, :-1]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    model.train()
+    assert model(input_ids=ids, labels=labels).logits is not None  # not fused in training
