@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import trilora
 from trilora.formats import QuantConfig, get_format
-from trilora.formats.int8 import Int8Weight, quantize
+from trilora.formats.int8 import quantize
 from trilora.nn import Linear8bit, QuantizedLinear
 from trilora.ops.int8_linear import int8_lora_linear
 from trilora.peft import TriloraLoraLayer
