@@ -62,7 +62,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "with the device's measured speed-of-light. See docs/bench.md.",
     )
     p.add_argument(
-        "--level", choices=LEVEL_CHOICES, default="all", help="which level to run (default: all)"
+        "--level",
+        choices=LEVEL_CHOICES,
+        nargs="+",
+        default=["all"],
+        metavar="LEVEL",
+        help=f"levels to run, among {', '.join(LEVEL_CHOICES)}; several run in that order "
+        "(default: all)",
     )
     p.add_argument("--quick", action="store_true", help="small smoke-test sizes (minutes on a CPU)")
     p.add_argument(
@@ -205,7 +211,7 @@ def _run(args: argparse.Namespace, out_dir: Path) -> int:
         if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         else "cpu"
     )
-    levels = LEVELS if args.level == "all" else (args.level,)
+    levels = LEVELS if "all" in args.level else tuple(x for x in LEVELS if x in args.level)
     disabled = tuple(args.skip_provider)
     run_id = new_run_id()
     env = environment(device)

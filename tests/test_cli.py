@@ -236,6 +236,7 @@ def test_internal_errors_say_so_and_ask_for_debug(monkeypatch, capsys):
         main(["demo", "--debug"])
 
 
+@pytest.mark.slow  # a real `trilora demo` process (~15 s of CPU); bitsandbytes + PEFT parity: tests/test_peft_training.py
 def test_demo_runs_with_a_finite_ratio_and_without_the_bitsandbytes_notice():
     """The demo's baseline imports bitsandbytes, which logs "Failed to load CPU
     gemm_4bit_forward from kernels-community" at import on AVX512-BF16 CPUs without the

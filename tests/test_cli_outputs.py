@@ -67,6 +67,7 @@ def test_mem_never_writes_over_its_input(tmp_path, tiny_config, capsys):
     assert tiny_config.read_bytes() == before
 
 
+@pytest.mark.slow  # our own output rule (~2.5 s, a full mem run); test_mem_json_refuses_an_existing_file checks the same rule
 def test_mem_plot_refuses_an_existing_file_and_follows_the_umask(tmp_path, tiny_config, capsys):
     png = tmp_path / "s.png"
     png.write_bytes(b"my picture")
@@ -115,6 +116,7 @@ def _kernels(*argv: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a real process re-executed without the interpreter (~3 s); our own output rule, as the other tests here
 def test_kernels_json_refuses_an_existing_file(tmp_path):
     from trilora.kernels.aot import all_aot_specs
 

@@ -304,6 +304,7 @@ def _peak(mode: str, path: Path) -> dict[str, int]:
 @pytest.mark.skipif(
     not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc RSS accounting"
 )
+@pytest.mark.slow  # a real process measuring RSS (~6 s of CPU); loading itself: the other tests here
 def test_streaming_peak_memory(tmp_path):
     # 12 small layers, ~7 MB of fp32 linear weights. Loading the checkpoint whole needs at
     # least its size; streaming needs the final model (4-bit linears, ~1 MB in all) plus one

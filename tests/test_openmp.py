@@ -63,6 +63,7 @@ def test_cli_sets_passive_before_torch_loads():
         ({"GOMP_SPINCOUNT": "12345"}, (None, "12345")),
     ],
 )
+@pytest.mark.slow  # real processes (~3 s of CPU each); the same libgomp settings as test_cli_sets_passive_before_torch_loads
 def test_cli_leaves_a_users_setting_alone(user, expected):
     settings = _libgomp_settings(_trilora_command(), user)
     policy, spin = expected
@@ -71,6 +72,7 @@ def test_cli_leaves_a_users_setting_alone(user, expected):
         assert settings["OMP_WAIT_POLICY"] == policy
 
 
+@pytest.mark.slow  # a real process; the same libgomp settings as test_cli_sets_passive_before_torch_loads
 def test_launcher_entry_point_sets_passive():
     # What torchrun and accelerate launch start: `python -m trilora.train ...`
     argv = [
@@ -87,11 +89,13 @@ def test_launcher_entry_point_sets_passive():
     assert _libgomp_settings(argv)["GOMP_SPINCOUNT"] == "0"
 
 
+@pytest.mark.slow  # a real process; the same libgomp settings as test_cli_sets_passive_before_torch_loads
 def test_import_trilora_before_torch_sets_passive():
     code = "import trilora, torch"
     assert _libgomp_settings([sys.executable, "-c", code], status=0)["GOMP_SPINCOUNT"] == "0"
 
 
+@pytest.mark.slow  # a real process; the same libgomp settings as test_cli_sets_passive_before_torch_loads
 def test_import_after_torch_changes_nothing():
     # Too late for this process; setting it would only surprise its children.
     code = (

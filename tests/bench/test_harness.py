@@ -254,6 +254,7 @@ def test_bad_rows_flags_failures_and_non_finite_values():
         make_row("e2e", "c", "m", "p", "s", colour="red")
 
 
+@pytest.mark.slow  # our own output files (~5 s of CPU); CI's bench smoke step runs the whole CLI
 def test_cli_writes_json_csv_report(tmp_path):
     rc = main(["bench", "--level", "mem", "--quick", "--out", str(tmp_path), "--check"])
     assert rc == 0

@@ -131,6 +131,7 @@ def test_sequence_parallel_buffers(model):
         per_rank_memory(model, world_size=2, sequence_parallel=2)
 
 
+@pytest.mark.slow  # a full mem run (~3 s); the per-rank model: the other tests here
 def test_cli_reports_one_rank(tmp_path, capsys):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(TINY))

@@ -48,6 +48,7 @@ def test_fake_trace_matches_real_cpu_step(tiny, opts):
     assert predicted.host_embedding == real.host_embedding
 
 
+@pytest.mark.slow  # a full-depth trace (~5 s); the same transformers code traced by test_fast.py's no-checkpointing lattice check
 def test_depth_extrapolation_matches_full_trace(tiny):
     # Layers 3 and 4 are past the boundary effects of offload (the last layer is never
     # offloaded, the one before it has no prefetch); 5 layers checks the extrapolation.
@@ -62,6 +63,7 @@ def test_depth_extrapolation_matches_full_trace(tiny):
     assert ext.host_pinned == full.host_pinned == lb * 1024 * TINY["hidden_size"] * 2
 
 
+@pytest.mark.slow  # our own options over the same traces (~4 s); tracing the models: test_fake_trace_matches_real_cpu_step
 def test_offload_chunks_and_fused_loss_reduce_memory(tiny):
     t, h, v = 512, TINY["hidden_size"], TINY["vocab_size"]
     best = profile_trilora(tiny, MemOptions(seq_len=t, r=8, mlp_chunks=4, offload_embeddings=True))
@@ -84,6 +86,7 @@ def test_offload_chunks_and_fused_loss_reduce_memory(tiny):
     assert base.categories["lora_params"] == best.categories["lora_params"]
 
 
+@pytest.mark.slow  # our own options over the same traces (~4 s); tracing the models: test_fake_trace_matches_real_cpu_step
 def test_fused_norm_grouped_attention_and_optimizer_offload(tiny):
     t = 1024
     base = MemOptions(seq_len=t, r=8, offload=False, mlp_chunks=4, fused_norm=False)

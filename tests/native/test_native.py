@@ -269,6 +269,7 @@ def test_same_sources_build_once_and_load_silently(tmp_path):
     assert len(list(ext.iterdir())) == 1
 
 
+@pytest.mark.slow  # two real processes and a compile (~5 s of CPU); torch's build machinery: test_same_sources_build_once_and_load_silently
 def test_concurrent_processes_wait_for_one_build(tmp_path):
     name = "trilora_probe_race"
     ext = tmp_path / "ext"

@@ -242,6 +242,7 @@ torch.save((w, a, b), {path!r})
 """
 
 
+@pytest.mark.slow  # a real process (~4 s of CPU); our own fallback; the native build: tests/native
 def test_no_compiler_falls_back_with_one_warning(tmp_path):
     """A process without the extension (TRILORA_NO_NATIVE=1, as without a compiler) warns once,
     says the fallback is slower, and computes the same values."""

@@ -44,6 +44,7 @@ def test_deadlines_are_cumulative_shares_of_the_budget():
     assert cpu["correctness"][1] == pytest.approx(100.0)
 
 
+@pytest.mark.slow  # our own runner (~3 s of CPU); a section's cases: test_selfcheck_sections.py
 def test_a_broken_case_is_named_and_the_next_section_still_runs(tmp_path, monkeypatch, seed):
     def broken(shapes):
         wrong = Unit(

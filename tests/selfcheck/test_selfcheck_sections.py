@@ -31,6 +31,7 @@ def _check_rows(rows: list[dict]) -> None:
         assert set(CSV_FIELDS) <= set(row), set(CSV_FIELDS) - set(row)
 
 
+@pytest.mark.slow  # times bnb + PEFT against trilora (~8 s of CPU); their parity: tests/test_peft_training.py
 def test_speed_section_on_its_cpu_plan(tmp_path, seed):
     record = _run("speed", tmp_path, seed)
     assert record["status"] == "pass", [u.get("message") for u in record["units"]]
@@ -62,6 +63,7 @@ def test_speed_section_on_its_cpu_plan(tmp_path, seed):
         assert part in record["verdict"], record["verdict"]
 
 
+@pytest.mark.slow  # our own report over the memory model (~3 s); the model's traces: tests/memory
 def test_memory_section_predicts_on_the_cpu(tmp_path, seed):
     record = _run("memory", tmp_path, seed)
     units = record["units"]

@@ -336,6 +336,7 @@ def test_resuming_the_checkpoint_of_another_model_is_refused(setup, nproc_fsdp, 
     assert "saved from another model" in err[-1] and "checksum differs" in err[-1], err[-1]
 
 
+@pytest.mark.slow  # two real ranks (~10 s of CPU); our own message; the launcher on each lane's torch: tests/distributed/test_training.py::test_ddp_matches_one_process
 def test_a_worker_error_is_one_line(setup):
     """The same mistake on both ranks is printed once, without tracebacks or launcher logs."""
     root, seed = setup

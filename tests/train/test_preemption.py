@@ -300,15 +300,6 @@ def _launch_two(root: Path, out: Path, hook: str = "", *extra: str) -> subproces
     return _spawn(root, out, hook, "--nproc", "2", *extra)
 
 
-@pytest.fixture(scope="module")
-def reference_two(setup):
-    out = setup / "reference-2"
-    proc = _launch_two(setup, out)
-    _, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr[-3000:]
-    return out
-
-
 def _paused_ranks(out: Path, proc: subprocess.Popen) -> dict[int, int]:
     markers = [out / f".test-paused-rank{r}" for r in (0, 1)]
     t0 = time.monotonic()
@@ -323,9 +314,11 @@ def _paused_ranks(out: Path, proc: subprocess.Popen) -> dict[int, int]:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_two_processes_stop_together_when_one_is_signalled(setup, reference_two):
+def test_two_processes_stop_together_when_one_is_signalled(setup):
     """Only rank 1 gets SIGTERM: rank 0 learns of it at the step boundary (an all-reduce),
-    both save the same step and exit; the printed command resumes on 2 processes bit for bit."""
+    both save the same step and exit, and the printed command names both processes. (That
+    the printed command resumes bit for bit: the one-process test above; that a checkpoint
+    saved by two processes resumes: test_distributed_train.py.)"""
     out = setup / "two-one-signalled"
     proc = _launch_two(setup, out, f"pause_in_step:{STOP_IN}")
     pids = _paused_ranks(out, proc)
@@ -335,22 +328,11 @@ def test_two_processes_stop_together_when_one_is_signalled(setup, reference_two)
     assert proc.returncode == 143, stderr[-3000:]
     line = _stop_line(stderr)
     assert f"stopped by SIGTERM after step {STOP_IN} of {STEPS}: checkpoint saved" in line
-    state = json.loads(
-        (out / "checkpoints" / f"step-{STOP_IN:08d}" / "trainer_state.json").read_text()
-    )
+    step = out / "checkpoints" / f"step-{STOP_IN:08d}"
+    state = json.loads((step / "trainer_state.json").read_text())
     assert (state["step"], state["world_size"]) == (STOP_IN, 2)
     words = _resume_words(line)
     assert words[words.index("--nproc") + 1] == "2"
-    resumed = subprocess.run(
-        [sys.executable, "-m", "trilora.cli", *words],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _trajectory(out) == _trajectory(reference_two)
-    assert _adapter_bytes(out) == _adapter_bytes(reference_two)
 
 
 @pytest.mark.distributed
