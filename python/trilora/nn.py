@@ -362,29 +362,15 @@ LAYER_CLASSES: dict[str, type[QuantizedLinear]] = {"4bit": Linear4bit, "int8": L
 """Format name -> its layer class (a new format adds its class here)."""
 
 
-class QLoraLinear(Linear4bit):
-    """A 4-bit frozen linear with a trainable LoRA adapter on top.
+class _LoraAdapter:
+    """The LoRA half of a quantized layer with an adapter (mixed into a format's layer class).
 
     ``y = x @ W.T + bias + s * lora_B(lora_A(dropout(x)))`` with ``lora_A`` ``[r, in]``,
     ``lora_B`` ``[out, r]`` (zero-initialized, so a new adapter starts as the identity
     change), and ``s = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA. All of it
-    runs in one fused op; only the LoRA factors (and the bias, if unfrozen) get gradients.
+    runs in one fused op of the layer's format; only the LoRA factors (and the bias, if
+    unfrozen) get gradients.
     """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        r: int = 8,
-        lora_alpha: float = 8.0,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-        lora_dtype: torch.dtype = torch.float32,
-        **kwargs,
-    ) -> None:
-        super().__init__(in_features, out_features, bias=bias, **kwargs)
-        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, lora_dtype, self.weight.device)
 
     def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, lora_dtype, device) -> None:
         if not isinstance(r, int) or r < 1:
@@ -407,6 +393,53 @@ class QLoraLinear(Linear4bit):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     @classmethod
+    def from_base(
+        cls,
+        base: QuantizedLinear,
+        r: int = 8,
+        lora_alpha: float = 8.0,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        lora_dtype: torch.dtype = torch.float32,
+    ):
+        """Attach a fresh LoRA adapter to an existing quantized layer of this class's
+        format (sharing its state)."""
+        layer = cls.from_quantized(base.quantized_weight(), None, base.compute_dtype)
+        if base.bias is not None:
+            layer.bias = base.bias
+        layer._init_lora(r, lora_alpha, lora_dropout, use_rslora, lora_dtype, base.weight.device)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_forward(x, self.lora_A, self.lora_B, self.scaling, self.lora_dropout)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, "
+            f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}"
+        )
+
+
+class QLoraLinear(_LoraAdapter, Linear4bit):
+    """A 4-bit frozen linear with a trainable LoRA adapter on top (see :class:`_LoraAdapter`
+    for the computation; :class:`Int8LoraLinear` is the same over int8 weights)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        r: int = 8,
+        lora_alpha: float = 8.0,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        lora_dtype: torch.dtype = torch.float32,
+        **kwargs,
+    ) -> None:
+        Linear4bit.__init__(self, in_features, out_features, bias=bias, **kwargs)
+        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, lora_dtype, self.weight.device)
+
+    @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
@@ -427,28 +460,47 @@ class QLoraLinear(Linear4bit):
         )
         return cls.from_base(base, r, lora_alpha, lora_dropout, use_rslora, lora_dtype)
 
-    @classmethod
-    def from_base(
-        cls,
-        base: Linear4bit,
+
+class Int8LoraLinear(_LoraAdapter, Linear8bit):
+    """An int8 (bitsandbytes LLM.int8 bytes) frozen linear with a trainable LoRA adapter."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
         r: int = 8,
         lora_alpha: float = 8.0,
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         lora_dtype: torch.dtype = torch.float32,
-    ) -> QLoraLinear:
-        """Attach a fresh LoRA adapter to an existing :class:`Linear4bit` (sharing its state)."""
-        layer = cls.from_quantized(base.quantized_weight(), None, base.compute_dtype)
-        if base.bias is not None:
-            layer.bias = base.bias
-        layer._init_lora(r, lora_alpha, lora_dropout, use_rslora, lora_dtype, base.weight.device)
-        return layer
+        **kwargs,
+    ) -> None:
+        Linear8bit.__init__(self, in_features, out_features, bias=bias, **kwargs)
+        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, lora_dtype, self.weight.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_forward(x, self.lora_A, self.lora_B, self.scaling, self.lora_dropout)
 
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, "
-            f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}"
-        )
+LORA_LAYER_CLASSES: dict[str, type[QuantizedLinear]] = {
+    "4bit": QLoraLinear,
+    "int8": Int8LoraLinear,
+}
+"""Format name -> its layer class with a LoRA adapter."""
+
+
+def lora_shell(
+    in_features: int,
+    out_features: int,
+    bias: bool,
+    config: QuantConfig,
+    r: int,
+    lora_alpha: float,
+    weight_dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str | None = None,
+    lora_dtype: torch.dtype = torch.float32,
+) -> QuantizedLinear:
+    """A zero-filled quantized layer of ``config``'s format with a fresh LoRA adapter
+    (``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]`` in ``lora_dtype``), e.g. on meta."""
+    base = QuantizedLinear.shell(in_features, out_features, bias, config, weight_dtype, device)
+    return LORA_LAYER_CLASSES[config.format_name].from_base(
+        base, r, lora_alpha, lora_dtype=lora_dtype
+    )

@@ -39,12 +39,12 @@ import torch
 from torch import nn
 
 from trilora import patches
-from trilora.formats import QuantConfig
+from trilora.formats import QuantConfig, get_format
 from trilora.formats.int8 import Int8Weight
 from trilora.io import UserError
 from trilora.loading import default_skip_modules
 from trilora.nn import Linear4bit, QLoraLinear, QuantizedLinear
-from trilora.quant import QuantizedWeight, quantize
+from trilora.quant import QuantizedWeight
 
 try:  # PEFT is a dependency, but keep `import trilora.peft` failing with a clear message.
     from peft import LoraConfig, PeftModel
@@ -362,12 +362,8 @@ class TriloraLoraLayer(nn.Module, LoraLayer):
         weight = base.weight.detach().float()
         low_rank = torch.zeros_like(weight)
         for _ in range(iters):
-            qw = quantize(
-                (weight - low_rank).to(base.weight.dtype),
-                options.quant_type,
-                options.blocksize,
-                options.double_quant,
-            )
+            config = options.config
+            qw = get_format(config).quantize((weight - low_rank).to(base.weight.dtype), config)
             u, sv, vh = torch.linalg.svd(weight - qw.dequantize(torch.float32), full_matrices=False)
             root = (sv[:r] / scale).sqrt()
             lora_b, lora_a = u[:, :r] * root, root[:, None] * vh[:r]
@@ -375,7 +371,7 @@ class TriloraLoraLayer(nn.Module, LoraLayer):
         a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         a.data = lora_a.to(a.dtype).contiguous()
         b.data = lora_b.to(b.dtype).contiguous()
-        self.base_layer = Linear4bit.from_quantized(qw, base.bias, options.compute_dtype)
+        self.base_layer = QuantizedLinear.from_quantized(qw, base.bias, options.compute_dtype)
 
     @classmethod
     def from_lora_layer(cls, old: LoraLayer, options: QuantOptions) -> TriloraLoraLayer:

@@ -50,6 +50,10 @@ class WeightFormat(Protocol):
     """One quantized weight format (see the module docstring)."""
 
     name: str
+    storage_dtypes: tuple[torch.dtype, ...]
+    """The dtypes the ``weight`` parameter (the codes) may be stored as, same bytes re-viewed
+    (:meth:`QuantizedTensor.with_storage`); FSDP keeps one of them (a float one when its
+    mixed precision would cast, an integer one only where FSDP2 holds integer parameters)."""
 
     def quantize(self, weight: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
         """``weight`` ``[out, in]`` float -> the format's weight, as bitsandbytes would."""

@@ -23,6 +23,7 @@ import warnings
 import torch
 from torch import nn
 
+from trilora.nn import QuantizedLinear
 from trilora.ops.linear_cross_entropy import linear_cross_entropy
 from trilora.patches.introspection import base_transformers_model
 
@@ -45,7 +46,7 @@ def _unsupported(lm: nn.Module, head: nn.Module | None) -> str | None:
     if head is None:
         return "the model has no output embeddings"
     weight = getattr(head, "weight", None)
-    if not isinstance(head, nn.Linear) or type(head).__name__ in ("Linear4bit", "QLoraLinear"):
+    if not isinstance(head, nn.Linear) or isinstance(head, QuantizedLinear):
         return f"the output head is a {type(head).__name__}, not a float nn.Linear"
     if (
         weight is None

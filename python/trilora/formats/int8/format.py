@@ -28,6 +28,9 @@ class FormatInt8:
 
     name = "int8"
     weight_type = Int8Weight
+    # The codes are sharded by FSDP as int8 rows as they are: a float view would need an
+    # even row length and would be cast by mixed precision.
+    storage_dtypes = (torch.int8,)
 
     def quantize(self, weight: torch.Tensor, config: QuantConfig) -> Int8Weight:
         return quantize(weight)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from trilora.formats.config import QuantConfig
+from trilora.formats.config import STORAGE_DTYPES, QuantConfig
 from trilora.formats.nf4.weight import QuantizedWeight, code_table, pack_storage, quantize
 from trilora.ops.qlora_linear import qlora_linear
 
@@ -33,6 +33,7 @@ class Format4bit:
 
     name = "4bit"
     weight_type = QuantizedWeight
+    storage_dtypes = STORAGE_DTYPES
 
     def quantize(self, weight: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
         return quantize(
