@@ -32,16 +32,57 @@ if _workers > 1:
 
 import pytest  # noqa: E402
 
+_COVERED = pytest.StashKey[bool]()  # slow only as a case beyond the covering set
 
-@pytest.hookimpl(trylast=True)  # after -m has deselected
+
+def _param_key(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200]
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(config, items):
+    """A parametrized test's cases beyond a covering set are marked ``slow``: the lanes that
+    deselect slow tests (newest releases, floors) still run every value of every parameter at
+    least once, which is what a new or old release of a library could break; the locked lane
+    runs every combination. The covering set is chosen greedily in collection order (the
+    first case, then each case that brings a value not yet run), so it is the same on every
+    run."""
+    by_function: dict[tuple, list] = {}
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params:
+            by_function.setdefault((item.path, item.originalname, item.cls), []).append(item)
+    for cases in by_function.values():
+        seen: set[tuple[str, str]] = set()
+        for item in cases:
+            values = {(name, _param_key(v)) for name, v in item.callspec.params.items()}
+            if values - seen:
+                seen |= values
+            elif not item.get_closest_marker("slow"):
+                item.add_marker(pytest.mark.slow)
+                item.stash[_COVERED] = True
+
+
+class _LongFilesFirst:
+    @pytest.hookimpl(trylast=True)  # after -m has deselected
+    def pytest_collection_modifyitems(self, config, items):
+        _long_files_first(items)
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_LongFilesFirst(), "trilora-long-files-first")
+
+
+def _long_files_first(items) -> None:
     """Files holding slow tests, or tests that start processes (``distributed``), first:
     xdist hands out whole files in this order, so the longest ones start at once instead of
     trailing at the end of the run."""
     long_files = {
         item.path
         for item in items
-        if item.get_closest_marker("slow") or item.get_closest_marker("distributed")
+        if (item.get_closest_marker("slow") and not item.stash.get(_COVERED, False))
+        or item.get_closest_marker("distributed")
     }
     items.sort(key=lambda item: item.path not in long_files)
 

@@ -201,6 +201,7 @@ def test_budget_units():
             parse_bytes(text)
 
 
+@pytest.mark.slow  # a real process (~10 s of CPU: merge imports torch first); our own error path, also checked in-process by the tests below
 def test_user_error_is_one_line_exit_1_and_debug_shows_the_traceback(tmp_path, monkeypatch):
     missing = tmp_path / "nothing-here"
     argv = ["merge", str(missing), "--base", str(tmp_path), "--out", str(tmp_path / "o")]

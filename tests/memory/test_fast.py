@@ -386,6 +386,7 @@ def test_units_follow_the_size(llama):
         assert value == 0 or "0.00" not in line
 
 
+@pytest.mark.slow  # our own progress bar over a trace (~4 s); the traces: test_preset_traces
 def test_progress_ticks_twice_per_layer_and_draws_a_bar(llama):
     class Counting(Progress):
         ticks = 0

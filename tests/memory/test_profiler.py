@@ -175,6 +175,7 @@ def test_bad_inputs(tmp_path, tiny):
         profile(tiny, MemOptions(optimizer="sgd"))
 
 
+@pytest.mark.slow  # a full `trilora mem` run (~5 s); the same code path: tests/test_cli_outputs.py::test_mem_json_refuses_an_existing_file
 def test_cli(tmp_path, capsys):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(TINY))
