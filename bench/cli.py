@@ -110,6 +110,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--seq-len", type=int, default=None, help="e2e sequence length (default: the preset's)"
     )
     p.add_argument(
+        "--quant",
+        choices=("nf4", "int8"),
+        default="nf4",
+        help="e2e base weights for both providers: nf4 (bitsandbytes 4-bit, double "
+        "quantization) or int8 (bitsandbytes LLM.int8 bytes, load_in_8bit=True) (default: nf4)",
+    )
+    p.add_argument(
         "--competitors",
         type=_positive_int,
         default=None,
@@ -249,6 +256,7 @@ def _run(args: argparse.Namespace, out_dir: Path) -> int:
                 for name in names:
                     if getattr(args, name) is not None:
                         setattr(plan, name, getattr(args, name))
+                plan.quant = args.quant
                 plan.__post_init__()
         except ValueError as exc:
             raise UsageError(str(exc)) from exc

@@ -12,7 +12,9 @@ Two kinds of case, each a :class:`E2EPlan`:
   examples (the model's chat template, right padding, an attention mask, padded labels
   ignored). Without the model file or ``gguf`` the case is skipped with a note.
 
-Both providers start from the same checkpoint, loaded by transformers with bitsandbytes 4-bit NF4 + double quantization, prepared
+Both providers start from the same checkpoint, loaded by transformers with bitsandbytes 4-bit
+NF4 + double quantization (``E2EPlan.quant="int8"``, ``trilora bench --quant int8``: 8-bit
+LLM.int8 weights, ``load_in_8bit=True``), prepared
 with ``peft.prepare_model_for_kbit_training`` and wrapped with the same PEFT ``LoraConfig``
 under the same seed, then trained on the same token batches with the same optimizer:
 
@@ -191,6 +193,9 @@ class E2EPlan:
     n_batches: int = 4
     seed: int = 0
     providers: tuple[str, ...] = PROVIDERS
+    # base weight format both providers load: "nf4" (bitsandbytes 4-bit, double
+    # quantization) or "int8" (bitsandbytes LLM.int8, load_in_8bit=True)
+    quant: str = "nf4"
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -204,6 +209,8 @@ class E2EPlan:
                 f"batch, seq_len and steps must be >= 1 and warmup_steps >= 0, got "
                 f"{self.batch}, {self.seq_len}, {self.steps}, {self.warmup_steps}"
             )
+        if self.quant not in ("nf4", "int8"):
+            raise ValueError(f"quant must be 'nf4' or 'int8', got {self.quant!r}")
         if self.optim not in ("adamw", "paged_adamw_8bit"):
             raise ValueError(f"optim must be 'adamw' or 'paged_adamw_8bit', got {self.optim!r}")
 
@@ -385,12 +392,15 @@ def random_batches(plan: E2EPlan, device: torch.device) -> list[dict[str, torch.
 
 def _load_peft_model(plan: E2EPlan, path: Path, device: torch.device) -> nn.Module:
 
-    qcfg = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=plan.dtype,
-    )
+    if plan.quant == "int8":
+        qcfg = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        qcfg = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=plan.dtype,
+        )
     device_map = {"": device.index or 0} if device.type == "cuda" else "cpu"
     model = AutoModelForCausalLM.from_pretrained(
         path, quantization_config=qcfg, device_map=device_map, dtype=plan.dtype
@@ -414,7 +424,8 @@ def _make_provider(
 ) -> tuple[nn.Module, str]:
     model = _load_peft_model(plan, path, device)
     if provider == "bnb_peft":
-        return model, "transformers + bitsandbytes 4-bit + PEFT"
+        bits = "8-bit" if plan.quant == "int8" else "4-bit"
+        return model, f"transformers + bitsandbytes {bits} + PEFT"
 
     # trilora's drop-in path: the same PEFT model, its LoRA layers swapped in place (same
     # 4-bit bytes, same adapter parameters), fused cross-entropy on.
@@ -474,6 +485,8 @@ def run(
         case = f"{plan.preset}/chat{len(real.examples)}/r{plan.rank}"
     else:
         case = f"{plan.preset}/b{plan.batch}xs{plan.seq_len}/r{plan.rank}"
+    if plan.quant != "nf4":
+        case += f"/{plan.quant}"
     params = dict(
         model=plan.preset,
         rank=plan.rank,

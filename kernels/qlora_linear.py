@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .aot import AotSpec
 from .common import dequant_gather
+from .int8 import WEIGHT_FORMAT_INT8, Weight8bit, check_weight8, int8_gather, weight8_args
 from .quantize import ACT_DTYPES, Weight4bit, check_weight, weight_args
 
 _NUM_SMS = 132  # H100 SXM; only used to size split-K / split-M grids (2 waves).
@@ -64,6 +65,7 @@ def _qlora_fwd_tiled_kernel(
     drop_scale,
     BLOCKSIZE: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
+    WEIGHT_FORMAT: tl.constexpr,
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -103,18 +105,28 @@ def _qlora_fwd_tiled_kernel(
         )
         # W.T tile [BK, BN]: flat index n*K + k of the row-major [N, K] weight.
         wm = k_in[:, None] & n_in[None, :]
-        w = dequant_gather(
-            packed_ptr,
-            absmax_ptr,
-            code_ptr,
-            nabs_ptr,
-            ncode_ptr,
-            offset_ptr,
-            offs_n[None, :] * K + offs_k[:, None],
-            wm,
-            BLOCKSIZE,
-            DOUBLE_QUANT,
-        )
+        if WEIGHT_FORMAT == 1:
+            w = int8_gather(
+                packed_ptr,
+                absmax_ptr,
+                offs_n[None, :] * K + offs_k[:, None],
+                wm,
+                offs_n[None, :],
+                n_in[None, :],
+            )
+        else:
+            w = dequant_gather(
+                packed_ptr,
+                absmax_ptr,
+                code_ptr,
+                nabs_ptr,
+                ncode_ptr,
+                offset_ptr,
+                offs_n[None, :] * K + offs_k[:, None],
+                wm,
+                BLOCKSIZE,
+                DOUBLE_QUANT,
+            )
         acc = tl.dot(x, w.to(x.dtype), acc)
         if HAS_LORA:
             # x is already in registers: the LoRA down-projection costs no extra x traffic.
@@ -182,6 +194,7 @@ def _qlora_fwd_splitk_kernel(
     drop_scale,
     BLOCKSIZE: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
+    WEIGHT_FORMAT: tl.constexpr,
     HAS_LORA: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BM: tl.constexpr,
@@ -213,18 +226,28 @@ def _qlora_fwd_splitk_kernel(
                 mask=m_in[:, None] & k_in[None, :],
                 other=0.0,
             )
-            w = dequant_gather(
-                packed_ptr,
-                absmax_ptr,
-                code_ptr,
-                nabs_ptr,
-                ncode_ptr,
-                offset_ptr,
-                offs_n[None, :] * K + offs_k[:, None],
-                k_in[:, None] & n_in[None, :],
-                BLOCKSIZE,
-                DOUBLE_QUANT,
-            )
+            if WEIGHT_FORMAT == 1:
+                w = int8_gather(
+                    packed_ptr,
+                    absmax_ptr,
+                    offs_n[None, :] * K + offs_k[:, None],
+                    k_in[:, None] & n_in[None, :],
+                    offs_n[None, :],
+                    n_in[None, :],
+                )
+            else:
+                w = dequant_gather(
+                    packed_ptr,
+                    absmax_ptr,
+                    code_ptr,
+                    nabs_ptr,
+                    ncode_ptr,
+                    offset_ptr,
+                    offs_n[None, :] * K + offs_k[:, None],
+                    k_in[:, None] & n_in[None, :],
+                    BLOCKSIZE,
+                    DOUBLE_QUANT,
+                )
             acc = tl.dot(x, w.to(x.dtype), acc)
         tl.atomic_add(
             ybuf_ptr + offs_m[:, None] * N + offs_n[None, :],
@@ -345,6 +368,7 @@ def _qlora_bwd_input_kernel(
     drop_scale,
     BLOCKSIZE: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
+    WEIGHT_FORMAT: tl.constexpr,
     HAS_LORA: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BM: tl.constexpr,
@@ -382,18 +406,28 @@ def _qlora_bwd_input_kernel(
             mask=m_in[:, None] & n_in[None, :],
             other=0.0,
         )
-        w = dequant_gather(
-            packed_ptr,
-            absmax_ptr,
-            code_ptr,
-            nabs_ptr,
-            ncode_ptr,
-            offset_ptr,
-            offs_n[:, None] * K + offs_k[None, :],
-            n_in[:, None] & k_in[None, :],
-            BLOCKSIZE,
-            DOUBLE_QUANT,
-        )
+        if WEIGHT_FORMAT == 1:
+            w = int8_gather(
+                packed_ptr,
+                absmax_ptr,
+                offs_n[:, None] * K + offs_k[None, :],
+                n_in[:, None] & k_in[None, :],
+                offs_n[:, None],
+                n_in[:, None],
+            )
+        else:
+            w = dequant_gather(
+                packed_ptr,
+                absmax_ptr,
+                code_ptr,
+                nabs_ptr,
+                ncode_ptr,
+                offset_ptr,
+                offs_n[:, None] * K + offs_k[None, :],
+                n_in[:, None] & k_in[None, :],
+                BLOCKSIZE,
+                DOUBLE_QUANT,
+            )
         acc = tl.dot(dy, w.to(dy.dtype), acc)
         if HAS_LORA:
             # dy is in registers already: dy @ B rides along at r/BK extra FLOPs.
@@ -604,9 +638,20 @@ def _check_device(device: torch.device, *tensors) -> None:
             raise ValueError(f"all tensors must be on {device}, got one on {t.device}")
 
 
+def _weight_launch_args(w, device: torch.device) -> tuple[tuple, int, bool, int]:
+    """``(pointer args, BLOCKSIZE, DOUBLE_QUANT, WEIGHT_FORMAT)`` of a weight tuple of any
+    format the kernels decode: ``Weight4bit`` (format 0) or ``Weight8bit`` (format 1)."""
+    if isinstance(w, Weight8bit):
+        check_weight8(w, device)
+        # BLOCKSIZE / DOUBLE_QUANT are dead constexprs for int8; fixed so they add no variants.
+        return weight8_args(w), 64, False, WEIGHT_FORMAT_INT8
+    double = check_weight(w, device)
+    return weight_args(w, double), w.blocksize, double, 0
+
+
 def qlora_forward(
     x: torch.Tensor,
-    w: Weight4bit,
+    w: Weight4bit | Weight8bit,
     lora_a: torch.Tensor | None,
     lora_b: torch.Tensor | None,
     scale: float,
@@ -619,7 +664,8 @@ def qlora_forward(
 
     Args:
         x: [M, K] fp16/bf16, any strides.
-        w: the 4-bit weight [N, K] (plain fp32 absmax or double-quantized uint8 absmax).
+        w: the weight [N, K]: 4-bit (plain fp32 absmax or double-quantized uint8 absmax) or
+            int8 (``Weight8bit``: int8 codes and fp32 row absmax).
         lora_a: [r, K] and lora_b: [N, r], fp32 or x.dtype, r in 1..256; both None for no LoRA.
         scale: LoRA scale s.
         bias: [N] in x.dtype, or None.
@@ -630,7 +676,7 @@ def qlora_forward(
         ``(y, xa)``: y [M, N] in x.dtype = x @ W.T + s * drop(x) @ A.T @ B.T + bias, and
         xa = drop(x) @ A.T as fp32 [M, r] (None without LoRA).
     """
-    double = check_weight(w, x.device)
+    wargs, blocksize, double, weight_format = _weight_launch_args(w, x.device)
     n, k = w.n_rows, w.n_cols
     _check_act("x", x)
     m = x.shape[0]
@@ -658,7 +704,6 @@ def qlora_forward(
     bias_arg = bias if bias is not None else x
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     xa = torch.zeros((m, r), dtype=torch.float32, device=x.device) if has_lora else None
-    wargs = weight_args(w, double)
 
     if variant == "tiled":
         bm, bn, bk, warps, stages = _pick(_FWD_TILED_TABLE, m, r_pad)
@@ -686,8 +731,9 @@ def qlora_forward(
             d.stride(1),
             float(scale),
             float(dropout_scale),
-            BLOCKSIZE=w.blocksize,
+            BLOCKSIZE=blocksize,
             DOUBLE_QUANT=double,
+            WEIGHT_FORMAT=weight_format,
             HAS_LORA=has_lora,
             HAS_BIAS=bias is not None,
             HAS_DROPOUT=mask is not None,
@@ -727,8 +773,9 @@ def qlora_forward(
         d.stride(1),
         k_per_split,
         float(dropout_scale),
-        BLOCKSIZE=w.blocksize,
+        BLOCKSIZE=blocksize,
         DOUBLE_QUANT=double,
+        WEIGHT_FORMAT=weight_format,
         HAS_LORA=has_lora,
         HAS_DROPOUT=mask is not None,
         BM=cfg["BM"],
@@ -763,7 +810,7 @@ def qlora_forward(
 
 def qlora_backward_input(
     dy: torch.Tensor,
-    w: Weight4bit,
+    w: Weight4bit | Weight8bit,
     lora_a: torch.Tensor | None,
     lora_b: torch.Tensor | None,
     scale: float,
@@ -780,7 +827,7 @@ def qlora_backward_input(
         ``(dx, dyb)``: dx [M, K] in dy.dtype = dy @ W + s * mask*ds * ((dy @ B) @ A), and
         dyb = dy @ B as fp32 [M, r] (None without LoRA).
     """
-    double = check_weight(w, dy.device)
+    wargs, blocksize, double, weight_format = _weight_launch_args(w, dy.device)
     n, k = w.n_rows, w.n_cols
     _check_act("dy", dy)
     m = dy.shape[0]
@@ -802,7 +849,7 @@ def qlora_backward_input(
     grid = (triton.cdiv(m, bm) * triton.cdiv(k, bk),)
     _qlora_bwd_input_kernel[grid](
         dy,
-        *weight_args(w, double),
+        *wargs,
         a,
         b,
         d,
@@ -822,8 +869,9 @@ def qlora_backward_input(
         d.stride(1),
         float(scale),
         float(dropout_scale),
-        BLOCKSIZE=w.blocksize,
+        BLOCKSIZE=blocksize,
         DOUBLE_QUANT=double,
+        WEIGHT_FORMAT=weight_format,
         HAS_LORA=has_lora,
         HAS_DROPOUT=mask is not None,
         BM=bm,
@@ -932,6 +980,11 @@ _WEIGHT_SIG = {
 # both factor dtypes, without the full cross product (the compile budget is ~3 min on 2 cores;
 # these flags change load/convert code, not tile shapes).
 _DTYPE_COMBOS = (("bf16", "bf16", True), ("fp16", "fp16", False), ("bf16", "fp32", True))
+# (activation, LoRA factor, double-quantized, WEIGHT_FORMAT): the 4-bit combos, then int8
+# (codes *i8, row scales *fp32; no absmax kinds) for the same activation/factor pairs.
+_COMBOS = tuple((act, lora, dq, 0) for act, lora, dq in _DTYPE_COMBOS) + tuple(
+    (act, lora, False, 1) for act, lora, _ in _DTYPE_COMBOS
+)
 
 
 def _sig(fn, types: dict[str, str], constexprs: dict) -> dict[str, str]:
@@ -952,85 +1005,94 @@ def _sig(fn, types: dict[str, str], constexprs: dict) -> dict[str, str]:
 
 def _aot_specs() -> list[AotSpec]:
     specs = []
-    for act, lora, double_ in _DTYPE_COMBOS:
-        for double in (double_,):
+    for act, lora, double, fmt in _COMBOS:
+        if fmt == 0:
             absmax = "*u8" if double else "*fp32"
             tag = f"{act},lora-{lora},{'dq' if double else 'fp32abs'}"
-            common = {
-                "absmax_ptr": absmax,
-                "a_ptr": f"*{lora}",
-                "b_ptr": f"*{lora}",
-                "mask_ptr": "*u8",
-            }
-            for _max_m, r_pad, bm, bn, bk, warps, stages in _FWD_TILED_TABLE:
-                ce = {
-                    "BLOCKSIZE": 64,
-                    "DOUBLE_QUANT": double,
-                    "HAS_LORA": True,
-                    "HAS_BIAS": True,
-                    "HAS_DROPOUT": True,
-                    "BM": bm,
-                    "BN": bn,
-                    "BK": bk,
-                    "R_PAD": r_pad,
-                    "GROUP_M": _GROUP_M,
-                }
-                types = {
-                    **common,
-                    "x_ptr": f"*{act}",
-                    "bias_ptr": f"*{act}",
-                    "y_ptr": f"*{act}",
-                    "xa_ptr": "*fp32",
-                }
-                specs.append(
-                    AotSpec(
-                        f"_qlora_fwd_tiled_kernel[{tag},BM{bm},BN{bn},BK{bk},R{r_pad}]",
-                        _qlora_fwd_tiled_kernel,
-                        _sig(_qlora_fwd_tiled_kernel, types, ce),
-                        ce,
-                        {"num_warps": warps, "num_stages": stages},
-                    )
-                )
-            for _max_m, r_pad, bm, bn, bk, warps, stages in _BWD_TABLE:
-                ce = {
-                    "BLOCKSIZE": 64,
-                    "DOUBLE_QUANT": double,
-                    "HAS_LORA": True,
-                    "HAS_DROPOUT": True,
-                    "BM": bm,
-                    "BN": bn,
-                    "BK": bk,
-                    "R_PAD": r_pad,
-                    "GROUP_M": _GROUP_M,
-                }
-                types = {**common, "dy_ptr": f"*{act}", "dx_ptr": f"*{act}", "dyb_ptr": "*fp32"}
-                specs.append(
-                    AotSpec(
-                        f"_qlora_bwd_input_kernel[{tag},BM{bm},BN{bn},BK{bk},R{r_pad}]",
-                        _qlora_bwd_input_kernel,
-                        _sig(_qlora_bwd_input_kernel, types, ce),
-                        ce,
-                        {"num_warps": warps, "num_stages": stages},
-                    )
-                )
-            cfg = _SPLITK_CFG
+        else:
+            absmax = "*fp32"
+            tag = f"int8,{act},lora-{lora}"
+        common = {
+            "packed_ptr": "*i8" if fmt else "*u8",
+            "absmax_ptr": absmax,
+            "a_ptr": f"*{lora}",
+            "b_ptr": f"*{lora}",
+            "mask_ptr": "*u8",
+        }
+        for _max_m, r_pad, bm, bn, bk, warps, stages in _FWD_TILED_TABLE:
             ce = {
                 "BLOCKSIZE": 64,
                 "DOUBLE_QUANT": double,
+                "WEIGHT_FORMAT": fmt,
                 "HAS_LORA": True,
+                "HAS_BIAS": True,
                 "HAS_DROPOUT": True,
-                **{key: cfg[key] for key in ("BM", "BN", "BK", "RB")},
+                "BM": bm,
+                "BN": bn,
+                "BK": bk,
+                "R_PAD": r_pad,
+                "GROUP_M": _GROUP_M,
             }
-            types = {**common, "x_ptr": f"*{act}", "ybuf_ptr": "*fp32", "xabuf_ptr": "*fp32"}
+            types = {
+                **common,
+                "x_ptr": f"*{act}",
+                "bias_ptr": f"*{act}",
+                "y_ptr": f"*{act}",
+                "xa_ptr": "*fp32",
+            }
             specs.append(
                 AotSpec(
-                    f"_qlora_fwd_splitk_kernel[{tag}]",
-                    _qlora_fwd_splitk_kernel,
-                    _sig(_qlora_fwd_splitk_kernel, types, ce),
+                    f"_qlora_fwd_tiled_kernel[{tag},BM{bm},BN{bn},BK{bk},R{r_pad}]",
+                    _qlora_fwd_tiled_kernel,
+                    _sig(_qlora_fwd_tiled_kernel, types, ce),
                     ce,
-                    {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+                    {"num_warps": warps, "num_stages": stages},
                 )
             )
+        for _max_m, r_pad, bm, bn, bk, warps, stages in _BWD_TABLE:
+            ce = {
+                "BLOCKSIZE": 64,
+                "DOUBLE_QUANT": double,
+                "WEIGHT_FORMAT": fmt,
+                "HAS_LORA": True,
+                "HAS_DROPOUT": True,
+                "BM": bm,
+                "BN": bn,
+                "BK": bk,
+                "R_PAD": r_pad,
+                "GROUP_M": _GROUP_M,
+            }
+            types = {**common, "dy_ptr": f"*{act}", "dx_ptr": f"*{act}", "dyb_ptr": "*fp32"}
+            specs.append(
+                AotSpec(
+                    f"_qlora_bwd_input_kernel[{tag},BM{bm},BN{bn},BK{bk},R{r_pad}]",
+                    _qlora_bwd_input_kernel,
+                    _sig(_qlora_bwd_input_kernel, types, ce),
+                    ce,
+                    {"num_warps": warps, "num_stages": stages},
+                )
+            )
+        cfg = _SPLITK_CFG
+        ce = {
+            "BLOCKSIZE": 64,
+            "DOUBLE_QUANT": double,
+            "WEIGHT_FORMAT": fmt,
+            "HAS_LORA": True,
+            "HAS_DROPOUT": True,
+            **{key: cfg[key] for key in ("BM", "BN", "BK", "RB")},
+        }
+        types = {**common, "x_ptr": f"*{act}", "ybuf_ptr": "*fp32", "xabuf_ptr": "*fp32"}
+        specs.append(
+            AotSpec(
+                f"_qlora_fwd_splitk_kernel[{tag}]",
+                _qlora_fwd_splitk_kernel,
+                _sig(_qlora_fwd_splitk_kernel, types, ce),
+                ce,
+                {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+            )
+        )
+        if fmt:
+            continue  # the epilogue reads no weight: its specs come from the 4-bit combos
         for r_pad in (64, 256):
             ce = {
                 "HAS_LORA": True,

@@ -195,12 +195,16 @@ def test_checkpoint_missing_a_tensor(tmp_path):
         trilora.from_pretrained(path)
 
 
-def test_eight_bit_config_rejected(tmp_path):
+def test_eight_bit_config_loads_int8_other_methods_rejected(tmp_path):
     from transformers import BitsAndBytesConfig
 
     path = save_tiny_model(tmp_path / "m", "llama")
-    with pytest.raises(ValueError, match="8-bit"):
-        trilora.from_pretrained(path, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    model = trilora.from_pretrained(
+        path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device="cpu"
+    )
+    assert {
+        m.format_name for m in model.modules() if isinstance(m, trilora.nn.QuantizedLinear)
+    } == {"int8"}
     cfg = json.loads((path / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (path / "config.json").write_text(json.dumps(cfg))

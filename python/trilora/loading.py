@@ -20,7 +20,7 @@ import contextlib
 import json
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,9 +28,9 @@ from huggingface_hub import snapshot_download
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from trilora.formats import QuantConfig, QuantConfigError, format_for_state_dict, get_format
 from trilora.io import UserError, atomic_directory, check_output
-from trilora.nn import Linear4bit
-from trilora.quant import BLOCKSIZES, QUANT_TYPES, STORAGE_DTYPES, QuantizedWeight, quantize
+from trilora.nn import QuantizedLinear
 
 __all__ = ["CheckpointError", "SafetensorsFile", "from_pretrained", "save_quantized"]
 
@@ -234,44 +234,19 @@ def default_skip_modules(model: nn.Module) -> list[str]:
     return sorted({k.removesuffix(".weight") for k in skip})
 
 
-def _quant_settings(quantization_config, quant_type, blocksize, double_quant, compute_dtype):
-    """Settings from a ``BitsAndBytesConfig``-like object or dict, validated."""
-    storage = torch.uint8
-    if quantization_config is not None:
-        qc = (
-            quantization_config
-            if isinstance(quantization_config, Mapping)
-            else quantization_config.to_dict()
-        )
-        method = qc.get("quant_method", "bitsandbytes")
-        method = getattr(method, "value", method)
-        if method != "bitsandbytes":
-            raise CheckpointError(
-                f"trilora loads bitsandbytes 4-bit quantization only; the quantization config says "
-                f"quant_method={method!r}"
-            )
-        if qc.get("load_in_8bit"):
-            raise CheckpointError(
-                "the quantization config asks for bitsandbytes 8-bit (load_in_8bit=True); trilora "
-                "supports 4-bit only (load_in_4bit=True, NF4 or FP4)"
-            )
-        if not qc.get("load_in_4bit", False):
-            raise CheckpointError(f"the quantization config does not set load_in_4bit=True: {qc}")
-        quant_type = qc.get("bnb_4bit_quant_type", quant_type)
-        double_quant = bool(qc.get("bnb_4bit_use_double_quant", double_quant))
-        cdt = qc.get("bnb_4bit_compute_dtype")
-        if cdt is not None:
-            compute_dtype = cdt if isinstance(cdt, torch.dtype) else getattr(torch, str(cdt))
-        st = qc.get("bnb_4bit_quant_storage")
-        if st is not None:
-            storage = st if isinstance(st, torch.dtype) else getattr(torch, str(st))
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
-    if storage not in STORAGE_DTYPES:
-        raise ValueError(f"bnb_4bit_quant_storage must be one of {STORAGE_DTYPES}, got {storage}")
-    return quant_type, blocksize, double_quant, compute_dtype, storage
+def quant_config(quantization_config, defaults: QuantConfig) -> QuantConfig:
+    """The :class:`QuantConfig` of a ``BitsAndBytesConfig``-like object or dict (options it
+    leaves unset from ``defaults``), or ``defaults`` when there is none.
+
+    Raises:
+        CheckpointError: a config trilora cannot honour (one line naming the setting).
+    """
+    if quantization_config is None:
+        return defaults
+    try:
+        return QuantConfig.from_bnb(quantization_config, defaults)
+    except QuantConfigError as exc:
+        raise CheckpointError(str(exc)) from exc
 
 
 def _resolve(name_or_path: str | Path, hf_kwargs: dict) -> Path:
@@ -355,16 +330,18 @@ def from_pretrained(
     skip_modules: list[str] | None = None,
     **hf_kwargs,
 ) -> nn.Module:
-    """Load a transformers causal LM with its linear layers as :class:`trilora.nn.Linear4bit`.
+    """Load a transformers causal LM with its linear layers quantized (:class:`trilora.nn.Linear4bit`
+    for NF4/FP4, :class:`trilora.nn.Linear8bit` for int8).
 
     Works for any architecture ``AutoModelForCausalLM.from_config`` builds whose checkpoint
     keys match its ``state_dict`` (no per-model code). Every ``nn.Linear`` except those in
     bitsandbytes' default skip list (output head, tied weights) and ``skip_modules`` is
-    quantized while the shards stream in; a bitsandbytes 4-bit checkpoint keeps its bytes.
+    quantized while the shards stream in; a bitsandbytes 4- or 8-bit checkpoint keeps its bytes.
 
     Args:
         name_or_path: a local directory, or a Hub id (downloaded with ``huggingface_hub``).
-        quant_type: ``"nf4"`` or ``"fp4"`` (ignored for pre-quantized checkpoints).
+        quant_type: ``"nf4"``, ``"fp4"`` or ``"int8"`` (bitsandbytes LLM.int8 weights;
+            ignored for pre-quantized checkpoints, whose config decides).
         blocksize: absmax block size, one of 32..4096 (powers of two).
         double_quant: 8-bit quantize the absmax values (bitsandbytes ``compress_statistics``).
         compute_dtype: dtype the 4-bit layers compute in (None: the input's dtype).
@@ -382,8 +359,8 @@ def from_pretrained(
     Raises:
         CheckpointError: missing/corrupt safetensors files, an index naming a missing shard,
             or checkpoint keys that do not match the model.
-        ValueError: a quantization config trilora cannot honour (8-bit, other methods,
-            unsupported blocksize or quant type).
+        ValueError: a quantization config trilora cannot honour (other methods, 8-bit
+            with fp16 weights, unsupported blocksize or quant type).
     """
 
     hf_kwargs = dict(hf_kwargs)
@@ -402,15 +379,12 @@ def from_pretrained(
     user_qc = hf_kwargs.pop("quantization_config", None)
     saved_qc = getattr(config, "quantization_config", None)
     pre_quantized = saved_qc is not None
-    quant_type, blocksize, double_quant, compute_dtype, storage = _quant_settings(
+    qconfig = quant_config(
         user_qc if user_qc is not None else saved_qc,
-        quant_type,
-        blocksize,
-        double_quant,
-        compute_dtype,
+        QuantConfig(quant_type, blocksize, double_quant, compute_dtype),
     )
     if dtype is None or dtype == "auto":
-        dtype = compute_dtype or torch.bfloat16
+        dtype = qconfig.compute_dtype or torch.bfloat16
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -431,17 +405,15 @@ def from_pretrained(
             pre_quantized,
             skip_modules,
             device,
-            (quant_type, blocksize, double_quant, compute_dtype, storage),
+            qconfig,
         )
     except CheckpointError as exc:
         raise _explain_mismatch(path, config, exc) from exc
 
 
 def _build_and_load(
-    path, config, files, dtype, trust, hf_kwargs, pre_quantized, skip_modules, device, qopts
+    path, config, files, dtype, trust, hf_kwargs, pre_quantized, skip_modules, device, qconfig
 ):
-
-    quant_type, blocksize, double_quant, compute_dtype, storage = qopts
     try:
         with params_on_meta():
             model = AutoModelForCausalLM.from_config(
@@ -464,12 +436,18 @@ def _build_and_load(
         return rename.get(k, k)
 
     if pre_quantized:
+        # A layer is pre-quantized when its format's keys are there: the 4-bit quant_state
+        # beside "weight", or the 8-bit "SCB".
+        owners = {model_key(k).split(_QUANT_STATE)[0].removesuffix(".weight") for k in files}
+        owners |= {model_key(k).removesuffix(".SCB") for k in files if k.endswith(".SCB")}
+        keys = [model_key(k) for k in files]
         quantized = sorted(
-            {
-                model_key(k).split(_QUANT_STATE)[0].removesuffix(".weight")
-                for k in files
-                if _QUANT_STATE in k
-            }
+            name
+            for name in owners
+            if format_for_state_dict(
+                [k for k in keys if k.startswith(name + ".")], name + ".weight"
+            )
+            is not None
         )
     else:
         skip = default_skip_modules(model) + list(skip_modules or [])
@@ -484,15 +462,11 @@ def _build_and_load(
             raise CheckpointError(
                 f"checkpoint has 4-bit weights for {name!r}, which is a {type(old).__name__}"
             )
-        shell = Linear4bit(
+        shell = QuantizedLinear.shell(
             old.in_features,
             old.out_features,
-            bias=old.bias is not None,
-            quant_type=quant_type,
-            blocksize=blocksize,
-            double_quant=double_quant,
-            quant_storage=storage,
-            compute_dtype=compute_dtype,
+            old.bias is not None,
+            qconfig,
             weight_dtype=dtype,
             device="meta",
         )
@@ -507,7 +481,7 @@ def _build_and_load(
         set(quantized),
         device,
         dtype,
-        (quant_type, blocksize, double_quant, storage),
+        qconfig,
     )
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -522,8 +496,8 @@ def _build_and_load(
     return model
 
 
-def _stream_into(model, files, model_key, quantized, device, dtype, qopts) -> None:
-    quant_type, blocksize, double_quant, storage = qopts
+def _stream_into(model, files, model_key, quantized, device, dtype, qconfig) -> None:
+    fmt = get_format(qconfig)
     # The checkpoint tensors of each quantized layer's weight: just "weight" (full
     # precision, quantized on arrival) or the bitsandbytes set (assembled, then installed).
     expected: dict[str, set[str]] = {}
@@ -560,14 +534,14 @@ def _stream_into(model, files, model_key, quantized, device, dtype, qopts) -> No
                             "weight or bitsandbytes 4-bit state was expected"
                         )
                     w = w.to(dtype)
-                    qw = quantize(w, quant_type, blocksize, double_quant, storage)
+                    qw = fmt.quantize(w, qconfig)
                     del w
                 else:
                     try:
-                        qw = QuantizedWeight.from_state_dict(parts, "weight")
+                        qw = fmt.from_state_dict(parts, "weight")
                     except (KeyError, ValueError) as exc:
                         raise CheckpointError(
-                            f"4-bit weight of {owner!r} in {f.path}: {exc}"
+                            f"{qconfig.bits}-bit weight of {owner!r} in {f.path}: {exc}"
                         ) from exc
                 _install(owner, layer, qw)
                 continue
@@ -598,6 +572,10 @@ def _stream_into(model, files, model_key, quantized, device, dtype, qopts) -> No
 
 
 def _owner_of_weight(name: str, quantized: set[str]) -> str | None:
+    # bitsandbytes 8-bit keeps its extras beside the weight: "<layer>.SCB", "<layer>.weight_format".
+    for extra in (".SCB", ".weight_format"):
+        if name.endswith(extra) and name.removesuffix(extra) in quantized:
+            return name.removesuffix(extra)
     head, sep, _ = name.partition(".weight")
     if (
         sep
@@ -608,7 +586,7 @@ def _owner_of_weight(name: str, quantized: set[str]) -> str | None:
     return None
 
 
-def _install(name: str, shell: Linear4bit, qw: QuantizedWeight) -> None:
+def _install(name: str, shell: QuantizedLinear, qw) -> None:
     if tuple(qw.shape) != (shell.out_features, shell.in_features):
         raise CheckpointError(
             f"weight of {name!r} has shape {tuple(qw.shape)}, the model expects "
@@ -698,34 +676,18 @@ def bnb_quantization_config(model: nn.Module) -> dict:
     Raises:
         ValueError: the layers disagree on quantization settings, or none is 4-bit.
     """
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     if not layers:
-        raise ValueError("model has no trilora Linear4bit layers; nothing to save as 4-bit")
-    settings = {
-        (m.quant_type, m.weight_nested_absmax is not None, m.compute_dtype, m.weight.dtype)
-        for m in layers.values()
-    }
+        raise ValueError("model has no trilora quantized layers; nothing to save as quantized")
+    settings = {(m.quant_config.replace(blocksize=64), m.weight.dtype) for m in layers.values()}
     if len(settings) > 1:
         raise ValueError(
             f"bitsandbytes configs hold one quant_type/double_quant/compute_dtype/storage for all layers; "
             f"this model mixes {sorted(map(str, settings))}"
         )
-    quant_type, nested, cdt, storage = settings.pop()
+    qconfig, _ = settings.pop()
     skip = sorted(n for n, m in model.named_modules() if type(m) is nn.Linear)
-    name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
-    return {
-        "quant_method": "bitsandbytes",
-        "load_in_4bit": True,
-        "load_in_8bit": False,
-        "bnb_4bit_quant_type": quant_type,
-        "bnb_4bit_use_double_quant": nested,
-        "bnb_4bit_compute_dtype": name(cdt or torch.float32),
-        "bnb_4bit_quant_storage": name(storage),
-        "llm_int8_skip_modules": skip,
-        "llm_int8_threshold": 6.0,
-        "llm_int8_has_fp16_weight": False,
-        "llm_int8_enable_fp32_cpu_offload": False,
-    }
+    return qconfig.to_bnb(skip_modules=skip)
 
 
 def save_quantized(

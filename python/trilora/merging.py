@@ -17,9 +17,8 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from trilora.io import UserError
-from trilora.nn import Linear4bit
+from trilora.nn import QuantizedLinear
 from trilora.peft import TriloraLoraLayer, patch
-from trilora.quant import quantize
 
 __all__ = ["merge", "save_tokenizer", "torch_dtype"]
 
@@ -51,7 +50,7 @@ def _dequantized_linear(layer: nn.Module, weight: torch.Tensor, dtype: torch.dty
 
 
 def _base_weight_fp32(layer: nn.Module) -> torch.Tensor:
-    if isinstance(layer, Linear4bit):
+    if isinstance(layer, QuantizedLinear):
         return layer.dequantized_weight(torch.float32)
     if type(layer) is nn.Linear:
         return layer.weight.detach().float()
@@ -100,15 +99,10 @@ def merge(
                 weight += module.get_delta_weight(adapter).to(weight.device)
         if not torch.isfinite(weight).all():
             raise ValueError(f"merged weight of {name} has NaN/Inf values")
-        if requantize and isinstance(base, Linear4bit):
-            qw = quantize(
-                weight.to(base.weight_dtype),
-                base.quant_type,
-                base.blocksize,
-                base.weight_nested_absmax is not None,
-                base.weight.dtype,
-            )
-            merged = Linear4bit.from_quantized(qw, None, base.compute_dtype)
+        if requantize and isinstance(base, QuantizedLinear):
+            # The same format and settings as the base (its QuantConfig), asked of the format.
+            qw = base.format.quantize(weight.to(base.weight_dtype), base.quant_config)
+            merged = QuantizedLinear.from_quantized(qw, None, base.compute_dtype)
             merged.bias = base.bias
         else:
             merged = _dequantized_linear(base, weight, dtype)
@@ -116,7 +110,7 @@ def merge(
     model = peft_model.unload()
     if not requantize:
         for name, module in list(model.named_modules()):
-            if isinstance(module, Linear4bit):
+            if isinstance(module, QuantizedLinear):
                 model.set_submodule(
                     name,
                     _dequantized_linear(module, module.dequantized_weight(torch.float32), dtype),

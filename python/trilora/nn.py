@@ -1,16 +1,16 @@
-"""nn modules over trilora's ops: a frozen 4-bit linear and the QLoRA linear.
+"""nn modules over trilora's ops: frozen quantized linears and the QLoRA linear.
 
-Both are ``nn.Linear`` subclasses, so code that looks for linear layers (PEFT's
-``target_modules="all-linear"``, transformers' tied-weight logic, optimizers' parameter
-groups) treats them as such. The packed 4-bit bytes are a frozen ``nn.Parameter`` named
-``weight`` whose storage dtype is selectable: with ``quant_storage=torch.bfloat16`` it
-matches an FSDP mixed-precision param dtype, so sharding along dim 0 and the all-gather
-move the bytes untouched. The quantization state lives in buffers, so it follows ``.to()``
-and ``state_dict()``; ``state_dict()`` uses the transformers/bitsandbytes key names
-(``weight.absmax``, ``weight.quant_map``, ...), so a trilora model saves checkpoints that
-transformers + bitsandbytes load as they are.
+:class:`QuantizedLinear` is format-generic (the format object of :mod:`trilora.formats`
+says what it stores); :class:`Linear4bit` (bitsandbytes NF4/FP4) and :class:`Linear8bit`
+(bitsandbytes LLM.int8 weights) are its two formats. All are ``nn.Linear`` subclasses, so
+code that looks for linear layers (PEFT's ``target_modules="all-linear"``, transformers'
+tied-weight logic, optimizers' parameter groups) treats them as such. The codes are a
+frozen ``nn.Parameter`` named ``weight`` (4-bit: storage dtype selectable, e.g. bf16 so
+FSDP shards the bytes untouched); the rest of the quantization state lives in buffers, so
+it follows ``.to()`` and ``state_dict()``; ``state_dict()`` uses bitsandbytes' key names,
+so a trilora model saves checkpoints that transformers + bitsandbytes load as they are.
 
-Modules never launch kernels; they call :mod:`trilora.ops`.
+Modules never launch kernels; they call :mod:`trilora.ops` through their format.
 """
 
 from __future__ import annotations
@@ -20,69 +20,37 @@ import math
 import torch
 from torch import nn
 
-from trilora.ops.qlora_linear import qlora_linear
-from trilora.quant import QuantizedWeight, code_table, quantize
+from trilora.formats import QuantConfig, QuantizedTensor, format_of, get_format
+from trilora.formats.int8 import Int8Weight
+from trilora.quant import QuantizedWeight, quantize
 from trilora.quant import pack_storage as pack_storage
 
-# buffer name -> QuantizedWeight field; bitsandbytes' checkpoint key is "weight." + suffix
-_STATE_BUFFERS = {
-    "weight_absmax": ("absmax", "absmax"),
-    "weight_quant_map": ("code", "quant_map"),
-    "weight_nested_absmax": ("nested_absmax", "nested_absmax"),
-    "weight_nested_quant_map": ("nested_code", "nested_quant_map"),
-    "weight_offset": ("offset", None),
-}
 
+class QuantizedLinear(nn.Linear):
+    """A frozen linear layer whose weight is stored in a quantized format.
 
-class Linear4bit(nn.Linear):
-    """A frozen linear layer whose weight is stored in bitsandbytes' 4-bit format.
+    Format-generic: the layer's format (:mod:`trilora.formats`) says what it holds: its
+    codes as the frozen ``nn.Parameter`` ``weight`` (FSDP shards it along dim 0), the rest
+    of its state as buffers (replicated), and the state-dict keys (bitsandbytes'). Computes
+    ``y = x @ dequantize(W).T + bias`` through the format's fused op, in ``compute_dtype``
+    (``x.dtype`` when None), and returns ``x.dtype``. Code above asks
+    ``isinstance(m, QuantizedLinear)`` and ``m.format``, never for a format's class.
 
-    Computes ``y = x @ dequantize(W).T + bias`` through :func:`trilora.ops.qlora_linear`,
-    in ``compute_dtype`` (or ``x.dtype`` when None), and returns ``x.dtype``.
-
-    Build one with :meth:`from_linear` (quantizes a float layer), :meth:`from_quantized`
-    (wraps an existing :class:`~trilora.quant.QuantizedWeight`) or the constructor, which
-    allocates zero-filled state of the right shapes (for loading a checkpoint into it, or for
-    the meta device / FakeTensorMode).
+    Build one with :meth:`from_quantized` / :meth:`from_linear_config` (both pick the layer
+    class of the weight's format), :meth:`shell`, or a subclass's constructor (zero-filled
+    state of the right shapes, for loading or the meta device).
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        quant_type: str = "nf4",
-        blocksize: int = 64,
-        double_quant: bool = True,
-        quant_storage: torch.dtype = torch.uint8,
-        compute_dtype: torch.dtype | None = torch.bfloat16,
-        weight_dtype: torch.dtype = torch.bfloat16,
-        device: torch.device | str | None = None,
-    ) -> None:
+    def _init_shell(self, in_features, out_features, bias, config, weight_dtype, device) -> None:
         # nn.Linear.__init__ would allocate a full-precision weight; skip straight to Module.
         nn.Module.__init__(self)
         self.in_features = in_features
         self.out_features = out_features
-        self.compute_dtype = compute_dtype
-        n = in_features * out_features
-        nblocks = -(-n // blocksize)
-        qw = QuantizedWeight(
-            packed=pack_storage(
-                torch.zeros((n + 1) // 2, dtype=torch.uint8, device=device), quant_storage
-            ),
-            absmax=torch.zeros(
-                nblocks, dtype=torch.uint8 if double_quant else torch.float32, device=device
-            ),
-            code=code_table(quant_type, device),
-            quant_type=quant_type,
-            blocksize=blocksize,
-            shape=torch.Size([out_features, in_features]),
-            dtype=weight_dtype,
-            nested_absmax=torch.zeros(-(-nblocks // 256), device=device) if double_quant else None,
-            nested_code=torch.zeros(256, device=device) if double_quant else None,
-            offset=torch.zeros((), device=device) if double_quant else None,
+        self.compute_dtype = config.compute_dtype
+        fmt = get_format(config)
+        self.set_quantized_weight(
+            fmt.empty((out_features, in_features), config, weight_dtype, device)
         )
-        self.set_quantized_weight(qw)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=weight_dtype, device=device))
         else:
@@ -90,31 +58,46 @@ class Linear4bit(nn.Linear):
 
     # --- construction -------------------------------------------------------------------
 
-    def set_quantized_weight(self, qw: QuantizedWeight) -> None:
-        """Replace the layer's 4-bit weight and its state with ``qw`` (shape ``[out, in]``),
-        without copying; the bias and any LoRA factors are kept."""
+    @property
+    def format(self):
+        """This layer's :class:`~trilora.formats.base.WeightFormat`."""
+        return get_format(self.format_name)
+
+    def set_quantized_weight(self, qw: QuantizedTensor) -> None:
+        """Replace the layer's weight and its state with ``qw`` (shape ``[out, in]``, this
+        layer's format), without copying; the bias and any LoRA factors are kept."""
         if tuple(qw.shape) != (self.out_features, self.in_features):
             raise ValueError(
                 f"quantized weight has shape {tuple(qw.shape)}, layer expects "
                 f"({self.out_features}, {self.in_features})"
             )
-        self.quant_type = qw.quant_type
-        self.blocksize = qw.blocksize
+        fmt = format_of(qw)
+        old = getattr(self, "format_name", None)
+        if old is not None and old != fmt.name:
+            raise ValueError(f"a {old} layer cannot hold a {fmt.name} weight")
+        storage, buffers, attributes = fmt.layer_tensors(qw)
+        self.format_name = fmt.name
         self.weight_dtype = qw.dtype
-        self.weight = nn.Parameter(qw.packed, requires_grad=False)
-        for name, (field, _) in _STATE_BUFFERS.items():
-            self.register_buffer(name, getattr(qw, field))
+        self._format_attributes = dict(attributes)
+        for key, value in attributes.items():
+            setattr(self, key, value)
+        self.weight = nn.Parameter(storage, requires_grad=False)
+        for name, t in buffers.items():
+            self.register_buffer(name, t)
 
     @classmethod
     def from_quantized(
         cls,
-        qweight: QuantizedWeight,
+        qweight: QuantizedTensor,
         bias: torch.Tensor | None = None,
         compute_dtype: torch.dtype | None = torch.bfloat16,
-    ) -> Linear4bit:
-        """Wrap ``qweight`` (shape ``[out, in]``) without copying it."""
+    ) -> QuantizedLinear:
+        """Wrap ``qweight`` (shape ``[out, in]``) without copying it. Called on
+        :class:`QuantizedLinear` itself, the layer class of ``qweight``'s format is used."""
         if len(qweight.shape) != 2:
             raise ValueError(f"a linear weight must be 2-D, got shape {tuple(qweight.shape)}")
+        if cls is QuantizedLinear:
+            cls = LAYER_CLASSES[format_of(qweight).name]
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.out_features, layer.in_features = qweight.shape
@@ -127,41 +110,51 @@ class Linear4bit(nn.Linear):
         return layer
 
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        quant_type: str = "nf4",
-        blocksize: int = 64,
-        double_quant: bool = True,
-        quant_storage: torch.dtype = torch.uint8,
-        compute_dtype: torch.dtype | None = torch.bfloat16,
-    ) -> Linear4bit:
-        """Quantize a float ``nn.Linear`` (on its device; CUDA uses the Triton quantizer)."""
+    def from_linear_config(cls, linear: nn.Linear, config: QuantConfig) -> QuantizedLinear:
+        """Quantize a float ``nn.Linear`` with ``config`` (any format)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        qw = quantize(linear.weight.detach(), quant_type, blocksize, double_quant, quant_storage)
-        return cls.from_quantized(qw, linear.bias, compute_dtype)
+        qw = get_format(config).quantize(linear.weight.detach(), config)
+        return QuantizedLinear.from_quantized(qw, linear.bias, config.compute_dtype)
+
+    @staticmethod
+    def shell(
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        config: QuantConfig,
+        weight_dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> QuantizedLinear:
+        """A zero-filled layer of ``config``'s format (for loading or the meta device)."""
+        layer_cls = LAYER_CLASSES[config.format_name]
+        layer = layer_cls.__new__(layer_cls)
+        layer._init_shell(in_features, out_features, bias, config, weight_dtype, device)
+        return layer
 
     # --- state --------------------------------------------------------------------------
 
-    def quantized_weight(self) -> QuantizedWeight:
-        """The layer's 4-bit weight as a :class:`~trilora.quant.QuantizedWeight` view."""
-        return QuantizedWeight(
-            packed=self.weight.data,
-            absmax=self.weight_absmax,
-            code=self.weight_quant_map,
-            quant_type=self.quant_type,
-            blocksize=self.blocksize,
-            shape=torch.Size([self.out_features, self.in_features]),
-            dtype=self.weight_dtype,
-            nested_absmax=self.weight_nested_absmax,
-            nested_code=self.weight_nested_quant_map,
-            offset=self.weight_offset,
+    @property
+    def quant_config(self) -> QuantConfig:
+        """The :class:`~trilora.formats.QuantConfig` this layer's weight has."""
+        return self.format.config_of(self.quantized_weight(), self.compute_dtype)
+
+    def quantized_weight(self) -> QuantizedTensor:
+        """The layer's weight as its format's weight object (a view, no copy)."""
+        return self.format.from_layer_tensors(
+            self.weight.data,
+            self._buffers,
+            self._format_attributes,
+            torch.Size([self.out_features, self.in_features]),
+            self.weight_dtype,
         )
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``[out, in]`` float weight (default: the dtype it was quantized from)."""
         return self.quantized_weight().dequantize(dtype)
+
+    def _state_buffer_names(self) -> list[str]:
+        return list(self.format.layer_tensors(self.quantized_weight())[1])
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) / .half() must move the quantized state between devices but never
@@ -181,7 +174,7 @@ class Linear4bit(nn.Linear):
 
     def _quantized_tensors(self):
         yield "weight", self.weight.data
-        for name in _STATE_BUFFERS:
+        for name in self._state_buffer_names():
             yield name, getattr(self, name)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -196,12 +189,20 @@ class Linear4bit(nn.Linear):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         wprefix = prefix + "weight"
-        own = {k: v for k, v in state_dict.items() if k == wprefix or k.startswith(wprefix + ".")}
+        # The weight's checkpoint keys: "weight", "weight.*" (4-bit) and the 8-bit extras
+        # bitsandbytes stores beside it ("SCB", "weight_format").
+        extras = {prefix + "SCB", prefix + "weight_format"}
+        own = {
+            k: v
+            for k, v in state_dict.items()
+            if k == wprefix or k.startswith(wprefix + ".") or k in extras
+        }
         # Everything but the quantized weight (bias, LoRA factors) loads the standard way;
-        # the packed weight and its state are hidden from nn.Module meanwhile, because their
+        # the weight and its state are hidden from nn.Module meanwhile, because their
         # checkpoint form (bitsandbytes keys, flat packed shape) differs from the buffers.
+        names = self._state_buffer_names()
         hidden_param = self._parameters.pop("weight")
-        hidden_buffers = {name: self._buffers.pop(name) for name in _STATE_BUFFERS}
+        hidden_buffers = {name: self._buffers.pop(name) for name in names}
         rest = {k: v for k, v in state_dict.items() if k not in own}
         try:
             super()._load_from_state_dict(
@@ -215,7 +216,7 @@ class Linear4bit(nn.Linear):
                 missing_keys.append(wprefix)
             return
         try:
-            qw = QuantizedWeight.from_state_dict(own, wprefix)
+            qw = self.format.from_state_dict(own, wprefix)
             if tuple(qw.shape) != (self.out_features, self.in_features):
                 raise ValueError(
                     f"checkpoint weight has shape {tuple(qw.shape)}, layer is "
@@ -246,15 +247,15 @@ class Linear4bit(nn.Linear):
         """
         cdt = x.dtype if self.compute_dtype is None else self.compute_dtype
         bias = None if self.bias is None else self.bias.to(cdt)
-        y = qlora_linear(
+        y = self.format.linear(
             x.to(cdt),
             self.quantized_weight(),
             lora_a,
             lora_b,
             scale,
             bias,
-            dropout_p=dropout_p,
-            training=self.training if training is None else training,
+            dropout_p,
+            self.training if training is None else training,
         )
         return y.to(x.dtype)
 
@@ -264,18 +265,21 @@ class Linear4bit(nn.Linear):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, quant_type={self.quant_type}, blocksize={self.blocksize}, "
-            f"double_quant={self.weight_nested_absmax is not None}, compute_dtype={self.compute_dtype}"
+            f"bias={self.bias is not None}, format={self.format_name}, "
+            f"compute_dtype={self.compute_dtype}"
         )
 
 
-class QLoraLinear(Linear4bit):
-    """A 4-bit frozen linear with a trainable LoRA adapter on top.
+class Linear4bit(QuantizedLinear):
+    """A frozen linear layer whose weight is stored in bitsandbytes' 4-bit format.
 
-    ``y = x @ W.T + bias + s * lora_B(lora_A(dropout(x)))`` with ``lora_A`` ``[r, in]``,
-    ``lora_B`` ``[out, r]`` (zero-initialized, so a new adapter starts as the identity
-    change), and ``s = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA. All of it
-    runs in one fused op; only the LoRA factors (and the bias, if unfrozen) get gradients.
+    Computes ``y = x @ dequantize(W).T + bias`` through :func:`trilora.ops.qlora_linear`,
+    in ``compute_dtype`` (or ``x.dtype`` when None), and returns ``x.dtype``.
+
+    Build one with :meth:`from_linear` (quantizes a float layer), :meth:`from_quantized`
+    (wraps an existing :class:`~trilora.quant.QuantizedWeight`) or the constructor, which
+    allocates zero-filled state of the right shapes (for loading a checkpoint into it, or for
+    the meta device / FakeTensorMode).
     """
 
     def __init__(
@@ -283,15 +287,90 @@ class QLoraLinear(Linear4bit):
         in_features: int,
         out_features: int,
         bias: bool = True,
-        r: int = 8,
-        lora_alpha: float = 8.0,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-        lora_dtype: torch.dtype = torch.float32,
-        **kwargs,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        quant_storage: torch.dtype = torch.uint8,
+        compute_dtype: torch.dtype | None = torch.bfloat16,
+        weight_dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(in_features, out_features, bias=bias, **kwargs)
-        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, lora_dtype, self.weight.device)
+        if quant_type == "int8":
+            raise ValueError("Linear4bit holds nf4/fp4 weights; use Linear8bit for int8")
+        config = QuantConfig(quant_type, blocksize, double_quant, compute_dtype, quant_storage)
+        self._init_shell(in_features, out_features, bias, config, weight_dtype, device)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        quant_storage: torch.dtype = torch.uint8,
+        compute_dtype: torch.dtype | None = torch.bfloat16,
+    ) -> Linear4bit:
+        """Quantize a float ``nn.Linear`` (on its device; CUDA uses the Triton quantizer)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        qw = quantize(linear.weight.detach(), quant_type, blocksize, double_quant, quant_storage)
+        return cls.from_quantized(qw, linear.bias, compute_dtype)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The layer's 4-bit weight as a :class:`~trilora.quant.QuantizedWeight` view."""
+        return super().quantized_weight()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, quant_type={self.quant_type}, blocksize={self.blocksize}, "
+            f"double_quant={self.weight_nested_absmax is not None}, compute_dtype={self.compute_dtype}"
+        )
+
+
+class Linear8bit(QuantizedLinear):
+    """A frozen linear layer in bitsandbytes' 8-bit (LLM.int8) format: int8 codes
+    ``[out, in]`` (the ``weight`` parameter) and fp32 row absmax (buffer ``weight_scb``,
+    checkpoint key ``SCB``); its state dict is what ``bitsandbytes.nn.Linear8bitLt``
+    writes. Compute is weight-only (activations are not quantized)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        compute_dtype: torch.dtype | None = torch.bfloat16,
+        weight_dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        config = QuantConfig("int8", compute_dtype=compute_dtype)
+        self._init_shell(in_features, out_features, bias, config, weight_dtype, device)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, compute_dtype: torch.dtype | None = torch.bfloat16
+    ) -> Linear8bit:
+        """Quantize a float ``nn.Linear`` to int8 (the codes and SCB bitsandbytes gives)."""
+        return cls.from_linear_config(linear, QuantConfig("int8", compute_dtype=compute_dtype))
+
+    def quantized_weight(self) -> Int8Weight:
+        """The layer's weight as an :class:`~trilora.formats.int8.Int8Weight` view."""
+        return super().quantized_weight()
+
+
+LAYER_CLASSES: dict[str, type[QuantizedLinear]] = {"4bit": Linear4bit, "int8": Linear8bit}
+"""Format name -> its layer class (a new format adds its class here)."""
+
+
+class _LoraAdapter:
+    """The LoRA half of a quantized layer with an adapter (mixed into a format's layer class).
+
+    ``y = x @ W.T + bias + s * lora_B(lora_A(dropout(x)))`` with ``lora_A`` ``[r, in]``,
+    ``lora_B`` ``[out, r]`` (zero-initialized, so a new adapter starts as the identity
+    change), and ``s = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA. All of it
+    runs in one fused op of the layer's format; only the LoRA factors (and the bias, if
+    unfrozen) get gradients.
+    """
 
     def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, lora_dtype, device) -> None:
         if not isinstance(r, int) or r < 1:
@@ -314,6 +393,53 @@ class QLoraLinear(Linear4bit):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     @classmethod
+    def from_base(
+        cls,
+        base: QuantizedLinear,
+        r: int = 8,
+        lora_alpha: float = 8.0,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        lora_dtype: torch.dtype = torch.float32,
+    ):
+        """Attach a fresh LoRA adapter to an existing quantized layer of this class's
+        format (sharing its state)."""
+        layer = cls.from_quantized(base.quantized_weight(), None, base.compute_dtype)
+        if base.bias is not None:
+            layer.bias = base.bias
+        layer._init_lora(r, lora_alpha, lora_dropout, use_rslora, lora_dtype, base.weight.device)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_forward(x, self.lora_A, self.lora_B, self.scaling, self.lora_dropout)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, "
+            f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}"
+        )
+
+
+class QLoraLinear(_LoraAdapter, Linear4bit):
+    """A 4-bit frozen linear with a trainable LoRA adapter on top (see :class:`_LoraAdapter`
+    for the computation; :class:`Int8LoraLinear` is the same over int8 weights)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        r: int = 8,
+        lora_alpha: float = 8.0,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        lora_dtype: torch.dtype = torch.float32,
+        **kwargs,
+    ) -> None:
+        Linear4bit.__init__(self, in_features, out_features, bias=bias, **kwargs)
+        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, lora_dtype, self.weight.device)
+
+    @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
@@ -334,28 +460,47 @@ class QLoraLinear(Linear4bit):
         )
         return cls.from_base(base, r, lora_alpha, lora_dropout, use_rslora, lora_dtype)
 
-    @classmethod
-    def from_base(
-        cls,
-        base: Linear4bit,
+
+class Int8LoraLinear(_LoraAdapter, Linear8bit):
+    """An int8 (bitsandbytes LLM.int8 bytes) frozen linear with a trainable LoRA adapter."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
         r: int = 8,
         lora_alpha: float = 8.0,
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         lora_dtype: torch.dtype = torch.float32,
-    ) -> QLoraLinear:
-        """Attach a fresh LoRA adapter to an existing :class:`Linear4bit` (sharing its state)."""
-        layer = cls.from_quantized(base.quantized_weight(), None, base.compute_dtype)
-        if base.bias is not None:
-            layer.bias = base.bias
-        layer._init_lora(r, lora_alpha, lora_dropout, use_rslora, lora_dtype, base.weight.device)
-        return layer
+        **kwargs,
+    ) -> None:
+        Linear8bit.__init__(self, in_features, out_features, bias=bias, **kwargs)
+        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, lora_dtype, self.weight.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_forward(x, self.lora_A, self.lora_B, self.scaling, self.lora_dropout)
 
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, "
-            f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}"
-        )
+LORA_LAYER_CLASSES: dict[str, type[QuantizedLinear]] = {
+    "4bit": QLoraLinear,
+    "int8": Int8LoraLinear,
+}
+"""Format name -> its layer class with a LoRA adapter."""
+
+
+def lora_shell(
+    in_features: int,
+    out_features: int,
+    bias: bool,
+    config: QuantConfig,
+    r: int,
+    lora_alpha: float,
+    weight_dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str | None = None,
+    lora_dtype: torch.dtype = torch.float32,
+) -> QuantizedLinear:
+    """A zero-filled quantized layer of ``config``'s format with a fresh LoRA adapter
+    (``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]`` in ``lora_dtype``), e.g. on meta."""
+    base = QuantizedLinear.shell(in_features, out_features, bias, config, weight_dtype, device)
+    return LORA_LAYER_CLASSES[config.format_name].from_base(
+        base, r, lora_alpha, lora_dtype=lora_dtype
+    )

@@ -39,10 +39,12 @@ import torch
 from torch import nn
 
 from trilora import patches
+from trilora.formats import QuantConfig, get_format
+from trilora.formats.int8 import Int8Weight
 from trilora.io import UserError
 from trilora.loading import default_skip_modules
-from trilora.nn import Linear4bit, QLoraLinear
-from trilora.quant import BLOCKSIZES, QUANT_TYPES, QuantizedWeight, quantize
+from trilora.nn import Linear4bit, QLoraLinear, QuantizedLinear
+from trilora.quant import QuantizedWeight
 
 try:  # PEFT is a dependency, but keep `import trilora.peft` failing with a clear message.
     from peft import LoraConfig, PeftModel
@@ -93,10 +95,12 @@ class QuantOptions:
     full_precision: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
-        if self.quant_type not in QUANT_TYPES:
-            raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
-        if self.blocksize not in BLOCKSIZES:
-            raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
+        self.config  # noqa: B018 - validates, through the one QuantConfig
+
+    @property
+    def config(self) -> QuantConfig:
+        """These options as the :class:`~trilora.formats.QuantConfig` they validate as."""
+        return QuantConfig(self.quant_type, self.blocksize, self.double_quant, self.compute_dtype)
 
 
 _SUPPORTED = "r, lora_alpha, lora_dropout, use_rslora, target_modules, modules_to_save, bias='none'"
@@ -216,6 +220,25 @@ def _bnb_to_trilora(layer: nn.Module) -> Linear4bit:
     return new
 
 
+def _bnb8_to_trilora(layer: nn.Module, options: QuantOptions) -> QuantizedLinear:
+    """A trilora int8 layer over the exact codes and SCB of a bitsandbytes ``Linear8bitLt``."""
+    if getattr(getattr(layer, "state", None), "has_fp16_weights", False):
+        raise UnsupportedLoraSetting(
+            "bitsandbytes Linear8bitLt with has_fp16_weights=True trains 16-bit weights; "
+            "trilora's int8 base is frozen int8 (build it with has_fp16_weights=False)"
+        )
+    weight = layer.weight
+    if getattr(weight, "SCB", None) is None and getattr(layer.state, "SCB", None) is not None:
+        weight.SCB = layer.state.SCB  # bitsandbytes moves SCB to its state after a forward
+    dtype = layer.bias.dtype if layer.bias is not None else options.compute_dtype
+    qw = Int8Weight.from_bnb(weight, dtype=dtype or torch.bfloat16)
+    new = QuantizedLinear.from_quantized(qw, None, options.compute_dtype)
+    if layer.bias is not None:
+        new.bias = layer.bias
+    new.train(layer.training)
+    return new
+
+
 def _full_precision_bases(model: nn.Module) -> frozenset[int]:
     """``id()`` of the plain ``nn.Linear`` layers of ``model`` that bitsandbytes never
     quantizes (its default skip list: output head, tied weights); LoRA on them keeps a
@@ -249,33 +272,31 @@ def _require_full_precision(layer: nn.Module, init: str) -> None:
     )
 
 
-def to_trilora_base(layer: nn.Module, options: QuantOptions) -> Linear4bit:
-    """The trilora 4-bit layer for a LoRA base layer.
+def to_trilora_base(layer: nn.Module, options: QuantOptions) -> QuantizedLinear:
+    """The trilora quantized layer for a LoRA base layer.
 
-    trilora ``Linear4bit``: itself. bitsandbytes ``Linear4bit``: its bytes, untouched.
-    Plain ``nn.Linear``: quantized with ``options``. Anything else raises ``TypeError``.
+    A trilora quantized layer (``Linear4bit``, ``Linear8bit``): itself. bitsandbytes
+    ``Linear4bit`` / ``Linear8bitLt``: its bytes, untouched. Plain ``nn.Linear``: quantized
+    with ``options``. Anything else raises ``TypeError``.
     """
     if isinstance(layer, QLoraLinear):
         raise TypeError(
             "a trilora QLoraLinear already carries its own LoRA adapter; use Linear4bit as the base"
         )
-    if isinstance(layer, Linear4bit):
+    if isinstance(layer, QuantizedLinear):
         return layer
     if _is_bnb(layer, "Linear4bit") or _is_bnb(layer, "LinearNF4") or _is_bnb(layer, "LinearFP4"):
         return _bnb_to_trilora(layer)
+    if _is_bnb(layer, "Linear8bitLt"):
+        return _bnb8_to_trilora(layer, options)
     if type(layer) is nn.Linear:
-        new = Linear4bit.from_linear(
-            layer,
-            options.quant_type,
-            options.blocksize,
-            options.double_quant,
-            compute_dtype=options.compute_dtype,
-        )
+        new = QuantizedLinear.from_linear_config(layer, options.config)
         if layer.bias is not None:
             new.bias = nn.Parameter(layer.bias.detach(), requires_grad=False)
         return new
     raise TypeError(
-        f"trilora puts LoRA on bitsandbytes Linear4bit, trilora Linear4bit or plain nn.Linear base "
+        f"trilora puts LoRA on bitsandbytes Linear4bit / Linear8bitLt, trilora quantized or plain "
+        "nn.Linear base "
         f"layers; got {type(layer).__module__}.{type(layer).__name__}"
     )
 
@@ -341,12 +362,8 @@ class TriloraLoraLayer(nn.Module, LoraLayer):
         weight = base.weight.detach().float()
         low_rank = torch.zeros_like(weight)
         for _ in range(iters):
-            qw = quantize(
-                (weight - low_rank).to(base.weight.dtype),
-                options.quant_type,
-                options.blocksize,
-                options.double_quant,
-            )
+            config = options.config
+            qw = get_format(config).quantize((weight - low_rank).to(base.weight.dtype), config)
             u, sv, vh = torch.linalg.svd(weight - qw.dequantize(torch.float32), full_matrices=False)
             root = (sv[:r] / scale).sqrt()
             lora_b, lora_a = u[:, :r] * root, root[:, None] * vh[:r]
@@ -354,7 +371,7 @@ class TriloraLoraLayer(nn.Module, LoraLayer):
         a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         a.data = lora_a.to(a.dtype).contiguous()
         b.data = lora_b.to(b.dtype).contiguous()
-        self.base_layer = Linear4bit.from_quantized(qw, base.bias, options.compute_dtype)
+        self.base_layer = QuantizedLinear.from_quantized(qw, base.bias, options.compute_dtype)
 
     @classmethod
     def from_lora_layer(cls, old: LoraLayer, options: QuantOptions) -> TriloraLoraLayer:
@@ -472,7 +489,7 @@ class TriloraLoraLayer(nn.Module, LoraLayer):
         active = [a for a in self.active_adapters if a in self.lora_A]
         if not active:
             return base(x, *args, **kwargs)
-        if not isinstance(base, Linear4bit):  # a 16-bit base (output head): PEFT's forward
+        if not isinstance(base, QuantizedLinear):  # a 16-bit base (output head): PEFT's forward
             y = base(x, *args, **kwargs)
             rest = active
         else:
@@ -584,8 +601,12 @@ def patch(
     wrapped = [n for n, m in root.named_modules() if isinstance(m, ModulesToSaveWrapper)]
     for name, module in list(root.named_modules()):
         inside = any(name.startswith(w + ".") for w in wrapped)
-        if _is_bnb(module, "Linear4bit") and not inside and not isinstance(module, LoraLayer):
+        if inside or isinstance(module, LoraLayer):
+            continue
+        if _is_bnb(module, "Linear4bit"):
             root.set_submodule(name, _bnb_to_trilora(module))
+        elif _is_bnb(module, "Linear8bitLt"):
+            root.set_submodule(name, _bnb8_to_trilora(module, options))
     for cfg in configs.values():
         _register(cfg, options)
     patches.apply(

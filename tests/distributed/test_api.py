@@ -95,7 +95,7 @@ def test_wrappers_are_the_identity_without_a_group(model_dir):
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     total += sum(b.numel() * b.element_size() for b in model.buffers())
     assert sum(sizes.values()) == total
-    assert sizes["base_4bit"] > 0 and sizes["trainable"] > 0
+    assert sizes["base_weights"] > 0 and sizes["trainable"] > 0
 
 
 def test_ddp_needs_trainable_parameters(model_dir):

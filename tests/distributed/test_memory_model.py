@@ -35,7 +35,7 @@ def model():
 
 
 def _static(report):
-    keys = ("base_weights_4bit", "lora_params", "other_frozen", "quant_state")
+    keys = ("base_weights", "lora_params", "other_frozen", "quant_state")
     return {k: report.device.get(k, 0) + report.host.get(k, 0) for k in keys}
 
 
@@ -55,7 +55,7 @@ def test_fsdp_shards_what_ddp_replicates(model, world):
     one = per_rank_memory(model, world_size=1, strategy="ddp")
     assert _static(ddp) == _static(one)  # DDP: a full copy per rank
     assert ddp.device["communication"] == COMM_OVERHEAD
-    for key in ("base_weights_4bit", "lora_params"):
+    for key in ("base_weights", "lora_params"):
         full = _static(one)[key]
         # rank 0 holds ceil(rows / N) of every tensor: at least 1/N, at most 1/N + a row each
         assert full / world <= fsdp.device[key] < full / world + full / 10
@@ -85,7 +85,7 @@ def test_mixed_precision_gathers_in_param_dtype(model):
 def test_cpu_offload_keeps_only_gathered_layers_on_the_device(model):
     on = per_rank_memory(model, world_size=4, cpu_offload=True)
     off = per_rank_memory(model, world_size=4)
-    for key in ("base_weights_4bit", "lora_params", "optimizer_state"):
+    for key in ("base_weights", "lora_params", "optimizer_state"):
         assert on.device.get(key, 0) == 0 and on.host[key] == off.device[key]
     assert on.device["gathered_params"] == off.device["gathered_params"]
     assert on.total < off.total

@@ -160,10 +160,10 @@ def test_fsdp_matches_one_process_and_halves_the_base(run):
         assert row["bytes_untouched"]  # the all-gather returned the loaded bytes exactly
         assert row["odd_row_layers"] > 0  # some packed weights had rows 2 does not divide
     single = rows[0]["resident_single"]
-    base = [row["resident"]["base_4bit"] for row in rows]
-    assert sum(base) == single["base_4bit"]  # shards partition the bytes, padding excluded
+    base = [row["resident"]["base_weights"] for row in rows]
+    assert sum(base) == single["base_weights"]  # shards partition the bytes, padding excluded
     for b in base:
-        assert 0.45 <= b / single["base_4bit"] <= 0.55, (base, single)
+        assert 0.45 <= b / single["base_weights"] <= 0.55, (base, single)
     # the quantization state is replicated (module buffers), as documented: not halved
     # (each rank keeps one copy of the small code tables per layer where one process
     # shares them, hence >=)
@@ -263,7 +263,7 @@ def test_memory_model_matches_the_real_shards(run):
     model = load_peft(run.model, run.seed)
     rep = per_rank_memory(model, world_size=WORLD)
     held = rows[0]["resident"]  # rank 0: the larger shard where rows do not divide
-    assert rep.device["base_weights_4bit"] == held["base_4bit"]
+    assert rep.device["base_weights"] == held["base_weights"]
     assert rep.device["lora_params"] == held["trainable"]
     assert rep.device["quant_state"] == held["quant_state"]
     assert rep.device["other_frozen"] == held["other_params"] + held["buffers"]

@@ -366,7 +366,7 @@ def test_preset_traces(name):
     step = trace(config, MemOptions(seq_len=64, r=8), "trilora", layers, name)
     rep = step.report()
     assert rep.layers == layers and rep.categories["activations"] > 0
-    assert rep.categories["lora_params"] > 0 and rep.categories["base_weights_4bit"] > 0
+    assert rep.categories["lora_params"] > 0 and rep.categories["base_weights"] > 0
 
 
 # --- report formatting and progress ----------------------------------------------------

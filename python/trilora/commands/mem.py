@@ -143,6 +143,14 @@ def add_parser(subparsers) -> None:
         help="activation and LoRA dtype",
     )
     p.add_argument(
+        "--quant",
+        choices=("nf4", "fp4", "int8"),
+        default="nf4",
+        help="base weight format: nf4 / fp4 (bitsandbytes 4-bit, blocksize 64, double "
+        "quantization) or int8 (bitsandbytes LLM.int8 bytes: int8 codes plus one fp32 "
+        "scale per row); default nf4. --baseline models 4-bit only",
+    )
+    p.add_argument(
         "--budget",
         type=parse_bytes,
         help="find the largest --search value that fits this much device memory; "
@@ -229,6 +237,7 @@ def options_from_args(args):
         offload_embeddings=args.offload_embeddings,
         pin_memory_budget=args.pin_memory_budget,
         dtype=args.dtype,
+        quant_type=args.quant,
     )
 
 
@@ -305,6 +314,11 @@ def run(args) -> int:
     _check_outputs(args)
     # Optional packages are checked before minutes of tracing, not after.
     if args.baseline:
+        if args.quant == "int8":
+            raise UsageError(
+                "--baseline traces bitsandbytes 4-bit + PEFT only; drop --baseline or use "
+                "--quant nf4"
+            )
         require("bitsandbytes", "trilora mem --baseline (the bitsandbytes + PEFT trace)")
     lens = _sweep_lengths(args.sweep) if args.sweep and args.budget is None else None
     if lens:

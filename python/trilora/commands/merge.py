@@ -51,7 +51,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument(
         "--quant-type",
-        choices=["nf4", "fp4"],
+        choices=["nf4", "fp4", "int8"],
         default="nf4",
         help="how the base was quantized during training (full-precision bases only)",
     )

@@ -1,9 +1,9 @@
-"""Loading a 4-bit model for a distributed run: rank 0 reads, every other rank builds a shell.
+"""Loading a quantized model for a distributed run: rank 0 reads, every other rank builds a shell.
 
 Only rank 0 opens the checkpoint (:func:`trilora.from_pretrained`, which streams the shards
 and quantizes each linear weight as it arrives, so even rank 0 never holds the 16-bit
 model). It then broadcasts the model's *description*: the transformers config, the dtype
-and the settings of every 4-bit layer. The other ranks build the very same module tree with
+and the settings of every quantized layer. The other ranks build the very same module tree with
 every parameter and quantization buffer on the meta device (no memory, no file access, so
 nodes without the checkpoint work too). :func:`trilora.distributed.wrap_fsdp` and
 :func:`~trilora.distributed.wrap_ddp` then materialize the other ranks and send them their
@@ -24,28 +24,25 @@ from transformers import AutoModelForCausalLM
 from trilora.distributed.env import DistEnv, bind_device, current_env
 from trilora.io import UserError
 from trilora.loading import CheckpointError, from_pretrained, params_on_meta
-from trilora.nn import Linear4bit
+from trilora.nn import QuantizedLinear
 
 __all__ = ["build_shell", "describe_model", "load_pretrained"]
 
 
 def describe_model(model: nn.Module) -> dict[str, Any]:
     """What another rank needs to rebuild ``model`` (a :func:`trilora.from_pretrained` result)
-    on the meta device: its config, dtype and the construction settings of each 4-bit layer.
+    on the meta device: its config, dtype and the construction settings (the
+    :class:`~trilora.formats.QuantConfig`, any format) of each quantized layer.
     """
 
     layers = {}
     for name, m in model.named_modules():
-        if isinstance(m, Linear4bit):
+        if isinstance(m, QuantizedLinear):
             layers[name] = dict(
                 in_features=m.in_features,
                 out_features=m.out_features,
                 bias=m.bias is not None,
-                quant_type=m.quant_type,
-                blocksize=m.blocksize,
-                double_quant=m.weight_nested_absmax is not None,
-                quant_storage=m.weight.dtype,
-                compute_dtype=m.compute_dtype,
+                config=m.quant_config,
                 weight_dtype=m.weight_dtype,
             )
     dtypes = {p.dtype for n, p in model.named_parameters() if p.is_floating_point()}
@@ -65,7 +62,7 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
 
 
 def build_shell(description: dict[str, Any]) -> nn.Module:
-    """The model of :func:`describe_model` with every parameter and 4-bit state on meta.
+    """The model of :func:`describe_model` with every parameter and quantized state on meta.
 
     Non-persistent buffers computed at construction (rotary tables) are real, as in
     :func:`trilora.from_pretrained`; :func:`~trilora.distributed.wrap_fsdp` overwrites them
@@ -82,7 +79,7 @@ def build_shell(description: dict[str, Any]) -> nn.Module:
         )
     for name, spec in description["layers"].items():
         old = model.get_submodule(name)
-        shell = Linear4bit(**spec, device="meta")
+        shell = QuantizedLinear.shell(**spec, device="meta")
         if spec["bias"] and getattr(old, "bias", None) is not None:
             shell.bias = nn.Parameter(old.bias.to("meta"), requires_grad=False)
         model.set_submodule(name, shell)
@@ -105,10 +102,10 @@ def load_pretrained(
     Args:
         name_or_path: the checkpoint folder (or Hub id), read by rank 0 only.
         env: the run's :class:`~trilora.distributed.DistEnv` (default: the current group).
-        device: where rank 0 puts the loaded 4-bit model. The default, ``"cpu"``, keeps
+        device: where rank 0 puts the loaded quantized model. The default, ``"cpu"``, keeps
             rank 0's GPU free until :func:`~trilora.distributed.wrap_fsdp` moves each
             rank's shard there; ``"cuda"`` quantizes on the GPU (faster for 16-bit
-            checkpoints) but needs the whole 4-bit model to fit rank 0's GPU.
+            checkpoints) but needs the whole quantized model to fit rank 0's GPU.
         **from_pretrained_kwargs: passed to :func:`trilora.from_pretrained` on rank 0
             (``compute_dtype``, ``dtype``, ``quantization_config``, ...).
 

@@ -4,14 +4,14 @@ Both wrappers take the model :func:`trilora.distributed.load_pretrained` returns
 rank 0, a meta-device shell elsewhere), usually after ``trilora.get_peft_model`` has put the
 LoRA adapters on it, and make every rank hold its part of rank 0's tensors:
 
-* :func:`wrap_ddp`: every rank gets a full copy (broadcast one tensor at a time); the 4-bit
+* :func:`wrap_ddp`: every rank gets a full copy (broadcast one tensor at a time); the quantized
   base is frozen, so DDP's buckets hold only the LoRA gradients, which it all-reduces.
 * :func:`wrap_fsdp`: ``torch.distributed.fsdp.fully_shard`` (FSDP2) on every decoder layer,
   on the input embeddings (when not tied to the output head) and on the root. Every
-  parameter is a ``DTensor`` sharded along dim 0, the packed 4-bit bytes included: they
-  are a frozen ``nn.Parameter`` of shape ``[rows, 1]`` (see :mod:`trilora.nn`), so each
-  rank holds ``1/N`` of the rows and the all-gather before a layer runs moves the bytes
-  untouched. Two facts make that exact:
+  parameter is a ``DTensor`` sharded along dim 0, the quantized codes included: they
+  are a frozen ``nn.Parameter`` (4-bit: packed bytes ``[rows, 1]``; int8: the ``[out, in]``
+  codes; see :mod:`trilora.nn`), so each rank holds ``1/N`` of the rows and the all-gather
+  before a layer runs moves the bytes untouched. Two facts make that exact:
 
   - FSDP2's mixed precision casts only *floating-point* parameters to ``param_dtype``.
     Packed bytes stored as ``uint8`` are never cast; stored as a float dtype they must be
@@ -21,12 +21,13 @@ LoRA adapters on it, and make every rank hold its part of rank 0's tensors:
     semantics: the last ranks hold fewer rows, or none); the padding never reaches the
     module, which sees the unpadded full tensor.
 
-  The quantization state (absmax, code tables, double-quant state) lives in module buffers,
-  which FSDP2 does not shard: every rank keeps a full copy (1/32 of the packed bytes with
-  double quantization; see :func:`resident_bytes` and ``trilora mem --world-size``).
+  The quantization state (absmax, code tables, double-quant state; int8's row scales
+  ``SCB``) lives in module buffers, which FSDP2 does not shard: every rank keeps a full
+  copy (1/32 of the packed bytes with 4-bit double quantization, 4/K of the codes for
+  int8; see :func:`resident_bytes` and ``trilora mem --world-size``).
 
 The wrappers first check that every rank built the same model (names, shapes, dtypes): a
-rank that loaded another model or stores the 4-bit bytes in another dtype gets a
+rank that loaded another model or stores the quantized bytes in another dtype gets a
 :class:`~trilora.io.UserError` on every rank instead of a hang or silent corruption.
 """
 
@@ -46,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trilora.distributed.env import DistEnv, bind_device, current_env
 from trilora.io import UserError
-from trilora.nn import Linear4bit
+from trilora.nn import QuantizedLinear
 from trilora.patches.activation_checkpointing import find_decoder_layers
 
 __all__ = [
@@ -86,12 +87,12 @@ def parallel_info(model: nn.Module) -> ParallelInfo | None:
 # ---------------------------------------------------------------------------------------
 
 
-def _linear4bit_weights(model: nn.Module) -> dict[str, nn.Module]:
-
+def _quantized_weights(model: nn.Module) -> dict[str, QuantizedLinear]:
+    """Every quantized layer (any format) by the name of its ``weight`` parameter."""
     return {
         f"{name}.weight" if name else "weight": m
         for name, m in model.named_modules()
-        if isinstance(m, Linear4bit)
+        if isinstance(m, QuantizedLinear)
     }
 
 
@@ -113,14 +114,14 @@ def check_same_model(model: nn.Module, env: DistEnv) -> None:
     """Raise :class:`UserError` on every rank unless all ranks hold the same module layout.
 
     Compares the names, shapes, dtypes and trainability of every parameter and buffer with
-    rank 0's; a 4-bit weight stored in different dtypes gets its own message.
+    rank 0's; a quantized weight stored in different dtypes gets its own message.
     """
     if not env.distributed:
         return
     layouts: list[Any] = [None] * env.world_size
     dist.all_gather_object(layouts, _layout(model))
     reference = layouts[0]
-    packed = set(_linear4bit_weights(model))
+    packed = set(_quantized_weights(model))
     for rank, layout in enumerate(layouts[1:], start=1):
         if layout == reference:
             continue
@@ -135,7 +136,7 @@ def check_same_model(model: nn.Module, env: DistEnv) -> None:
                 continue
             if mine[1] == ref[1] and mine[1] in packed and mine[3] != ref[3]:
                 raise UserError(
-                    f"mixed storage dtypes across ranks: rank {rank} stores the 4-bit bytes of "
+                    f"mixed storage dtypes across ranks: rank {rank} stores the quantized bytes of "
                     f"{mine[1]} as {mine[3]}, rank 0 as {ref[3]}; load every rank with the same "
                     "quant_storage (bnb_4bit_quant_storage)"
                 )
@@ -276,15 +277,20 @@ def fsdp_holds_integer_params() -> bool:
 def fsdp_storage_dtypes(
     model: nn.Module, param_dtype: torch.dtype | None
 ) -> dict[str, torch.dtype]:
-    """The storage dtype :func:`wrap_fsdp` gives each packed 4-bit weight (by the weight's
-    name, as ``model.named_parameters`` spells it; the same bytes, re-viewed).
+    """The storage dtype :func:`wrap_fsdp` gives each quantized weight's codes (by the
+    weight's name, as ``model.named_parameters`` spells it; the same bytes, re-viewed),
+    among those its format allows (``WeightFormat.storage_dtypes``).
 
     With a mixed-precision ``param_dtype``, float-stored bytes take it, so FSDP2 never casts
     them. ``uint8``/``int8`` storage stays where FSDP2 can hold it
     (:func:`fsdp_holds_integer_params`); on an older torch it takes ``param_dtype``, or
     without one the dtype of the model's first floating-point parameter (fp32 if none).
+
+    Raises:
+        UserError: a format stored only as integers (int8) on a torch whose FSDP2 cannot
+            hold integer parameters.
     """
-    weights = _linear4bit_weights(model)
+    weights = _quantized_weights(model)
     packed = {id(m.weight) for m in weights.values()}
     model_float = next(
         (p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in packed),
@@ -295,18 +301,25 @@ def fsdp_storage_dtypes(
     for name, m in weights.items():
         storage = m.weight.dtype
         if storage.is_floating_point:
-            out[name] = param_dtype or storage
+            target = param_dtype or storage
         else:
-            out[name] = storage if integer_ok else (param_dtype or model_float)
+            target = storage if integer_ok else (param_dtype or model_float)
+        if target not in m.format.storage_dtypes:
+            raise UserError(
+                f"FSDP cannot hold the {m.format_name} weight {name}: it is stored as "
+                f"{storage} only, and this torch ({torch.__version__}) shards integer "
+                "parameters from 2.13 on; upgrade torch or use DDP"
+            )
+        out[name] = target
     return out
 
 
 def match_storage(model: nn.Module, param_dtype: torch.dtype | None) -> int:
-    """Re-view the packed 4-bit bytes as :func:`fsdp_storage_dtypes` says (same bytes);
-    returns the number of layers changed."""
+    """Re-view the quantized weights' codes as :func:`fsdp_storage_dtypes` says (same
+    bytes); returns the number of layers changed."""
     changed = 0
     targets = fsdp_storage_dtypes(model, param_dtype)
-    for name, m in _linear4bit_weights(model).items():
+    for name, m in _quantized_weights(model).items():
         if m.weight.dtype != targets[name]:
             m.set_quantized_weight(m.quantized_weight().with_storage(targets[name]))
             changed += 1
@@ -358,7 +371,7 @@ def wrap_fsdp(
         single-process run) the model is returned unchanged.
 
     Raises:
-        UserError: the ranks built different models (or store the 4-bit bytes in
+        UserError: the ranks built different models (or store the quantized bytes in
             different dtypes), or rank 0 holds no loaded model.
     """
 
@@ -471,14 +484,14 @@ def _local_nbytes(t: torch.Tensor) -> int:
 
 
 def resident_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes this rank holds, by kind: ``base_4bit`` (packed 4-bit weights), ``quant_state``
+    """Bytes this rank holds, by kind: ``base_weights`` (quantized codes), ``quant_state``
     (their absmax and tables, replicated), ``trainable`` (LoRA), ``other_params`` (embeddings,
     norms, head) and ``buffers``; sharded parameters count their local shard only."""
     model = unwrap(model)
-    out = {"base_4bit": 0, "quant_state": 0, "trainable": 0, "other_params": 0, "buffers": 0}
+    out = {"base_weights": 0, "quant_state": 0, "trainable": 0, "other_params": 0, "buffers": 0}
     seen: set[int] = set()
-    for m in _linear4bit_weights(model).values():
-        out["base_4bit"] += _local_nbytes(m.weight)
+    for m in _quantized_weights(model).values():
+        out["base_weights"] += _local_nbytes(m.weight)
         seen.add(id(m.weight))
         for b in m.buffers(recurse=False):
             if id(b) not in seen:  # layers may share one table (the double-quant map)

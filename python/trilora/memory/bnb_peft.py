@@ -100,6 +100,11 @@ def trace_bnb_peft(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     opts.validate()
+    if opts.quant_type not in ("nf4", "fp4"):
+        raise ValueError(
+            f"the bitsandbytes + PEFT baseline trace models 4-bit (nf4/fp4) bases only, "
+            f"not quant_type={opts.quant_type!r}"
+        )
     opts = provider_options("bnb_peft", opts)
     t0 = time.perf_counter()
     dt = compute_dtype(opts)
@@ -173,12 +178,12 @@ def profile_bnb_peft(
 def _static(model: nn.Module) -> dict[str, int]:
     import bitsandbytes as bnb
 
-    out = {"base_weights_4bit": 0, "quant_state": 0, "lora_params": 0, "other_frozen": 0}
+    out = {"base_weights": 0, "quant_state": 0, "lora_params": 0, "other_frozen": 0}
     seen = set()
     for mod in model.modules():
         if isinstance(mod, bnb.nn.Linear4bit):
             w = mod.weight
-            out["base_weights_4bit"] += w.numel() * w.element_size()
+            out["base_weights"] += w.numel() * w.element_size()
             seen.add(id(w))
             qs = w.quant_state
             for t in (qs.absmax, qs.code, qs.offset, qs.state2.absmax, qs.state2.code):

@@ -11,8 +11,8 @@ rows when a dimension does not divide):
 ========================  ======================================  ====================
 tensor                    FSDP2 (``fully_shard``)                 DDP
 ========================  ======================================  ====================
-packed 4-bit weights      ``ceil(rows / N)`` rows per rank         full copy
-absmax, code tables       replicated (module buffers)             full copy
+quantized codes           ``ceil(rows / N)`` rows per rank         full copy
+absmax, tables, SCB       replicated (module buffers)             full copy
 LoRA parameters           1/N (same rule)                         full copy
 norms, embeddings, head   1/N                                     full copy
 other buffers (rotary)    replicated                              full copy
@@ -56,7 +56,7 @@ from trilora.memory.optimizer_model import optimizer_bytes
 from trilora.memory.report import OVERHEADS, compute_dtype
 from trilora.memory.search import largest_fitting, profile
 from trilora.memory.trace import build_meta_model
-from trilora.nn import Linear4bit
+from trilora.nn import QuantizedLinear
 from trilora.patches.activation_checkpointing import find_decoder_layers
 
 __all__ = [
@@ -92,8 +92,9 @@ def _shard_bytes(t: torch.Tensor, world: int, dtype: torch.dtype | None = None) 
 
 
 def _as_stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Packed 4-bit bytes ``t`` re-viewed as ``dtype`` (a meta tensor of the shape
-    :meth:`trilora.QuantizedWeight.with_storage` gives: one column, padded to whole items)."""
+    """Quantized codes ``t`` re-viewed as ``dtype`` (a meta tensor of the shape
+    ``with_storage`` of a 4-bit weight gives: one column, padded to whole items; int8 codes
+    keep their dtype, so they are returned as they are)."""
     if t.dtype == dtype:
         return t
     item = torch.empty((), dtype=dtype).element_size()
@@ -132,13 +133,13 @@ def sharding_groups(
     ``model`` may live on the meta device (shapes and dtypes are all that is read).
     """
 
-    packed_ids = {id(m.weight) for m in model.modules() if isinstance(m, Linear4bit)}
+    packed_ids = {id(m.weight) for m in model.modules() if isinstance(m, QuantizedLinear)}
     # the dtype wrap_fsdp stores each packed weight in (float on a torch whose FSDP2 cannot
     # hold integer parameters)
     stored = fsdp_storage_dtypes(model, param_dtype)
     stored_dtype = {id(p): stored[name] for name, p in model.named_parameters() if name in stored}
     quant_ids = {
-        id(b) for m in model.modules() if isinstance(m, Linear4bit) for b in m.buffers(False)
+        id(b) for m in model.modules() if isinstance(m, QuantizedLinear) for b in m.buffers(False)
     }
     layers = list(find_decoder_layers(model))
     modules: list[tuple[str, str, nn.Module]] = [
@@ -160,7 +161,7 @@ def sharding_groups(
                 continue
             seen.add(id(p))
             if id(p) in packed_ids:
-                cat = "base_weights_4bit"
+                cat = "base_weights"
                 p = _as_stored(p, stored_dtype.get(id(p), p.dtype))
             elif p.requires_grad:
                 cat = "lora_params"
@@ -184,7 +185,7 @@ def sharding_groups(
     # Per layer, not deduplicated: one process may share a code table between layers, but
     # a sharded or materialized rank holds one per layer.
     for m in model.modules():
-        if isinstance(m, Linear4bit):
+        if isinstance(m, QuantizedLinear):
             for b in m.buffers(recurse=False):
                 _add(replicated, "quant_state", _nbytes(b))
     counted: set[int] = set(quant_ids)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from trilora.formats.config import QUANT_TYPES
 from trilora.memory.optimizer_model import OPTIMIZER_NAMES
 
 GiB = 1024**3
@@ -65,6 +66,8 @@ class MemOptions:
     offload_embeddings: bool = False
     pin_memory_budget: int | None = None
     dtype: str = "bfloat16"
+    # base weight format: "nf4" / "fp4" (4-bit, blocksize and double_quant apply) or "int8"
+    quant_type: str = "nf4"
     blocksize: int = 64
     double_quant: bool = True
 
@@ -93,6 +96,8 @@ class MemOptions:
             raise ValueError(f"LoRA rank must be >= 1, got {self.r}")
         if self.dtype not in ("bfloat16", "float16"):
             raise ValueError(f"dtype must be bfloat16 or float16, got {self.dtype}")
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
 
 
 @dataclass

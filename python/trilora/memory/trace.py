@@ -1,8 +1,9 @@
 """Peak device memory of one QLoRA training step, traced on fake tensors.
 
 :func:`trace_trilora` builds the model from its transformers config on the meta device,
-swaps every targeted ``nn.Linear`` for trilora's :class:`~trilora.nn.QLoraLinear` (others
-for :class:`~trilora.nn.Linear4bit`), materializes it as *fake* CPU tensors
+swaps every targeted ``nn.Linear`` for a trilora quantized layer with a LoRA adapter
+(:func:`~trilora.nn.lora_shell`; the others for a plain :class:`~trilora.nn.QuantizedLinear`)
+in the format ``MemOptions.quant_type`` names, materializes it as *fake* CPU tensors
 (``FakeTensorMode``: shapes, dtypes and allocations, no data), installs
 :func:`~trilora.patches.activation_checkpointing.enable_checkpointing` and
 :func:`~trilora.patches.fused_loss.enable_fused_cross_entropy`, and runs one real training step
@@ -46,6 +47,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from trilora import patches, presets
 from trilora.config import config as runtime
+from trilora.formats import QuantConfig
 from trilora.memory import optimizer_model, timeline
 from trilora.memory.attention import register
 from trilora.memory.optimizer_model import OPTIMIZER_NAMES
@@ -55,7 +57,7 @@ from trilora.memory.report import (
     compute_dtype,
     overheads_of,
 )
-from trilora.nn import Linear4bit, QLoraLinear
+from trilora.nn import QuantizedLinear, lora_shell
 from trilora.patches.activation_checkpointing import find_decoder_layers
 
 REQUIRED_FIELDS = (
@@ -154,31 +156,37 @@ def meta_causal_lm(config, opts: MemOptions, num_layers: int | None, make_linear
 
 
 def build_meta_model(config, opts: MemOptions, num_layers: int | None = None) -> nn.Module:
-    """The causal LM on the meta device, with trilora 4-bit/LoRA layers in the decoder."""
+    """The causal LM on the meta device, with trilora quantized layers (``opts.quant_type``'s
+    format) in the decoder, a LoRA adapter on each targeted one."""
+    quant = quant_config(opts)
 
     def make(name: str, child: nn.Linear, dt: torch.dtype) -> nn.Module:
-        common = dict(
-            bias=child.bias is not None,
-            blocksize=opts.blocksize,
-            double_quant=opts.double_quant,
-            compute_dtype=dt,
-            weight_dtype=dt,
-            device="meta",
-        )
+        layer_quant = quant.replace(compute_dtype=dt)
+        bias = child.bias is not None
         if opts.targets is None or name in opts.targets:
-            return QLoraLinear(
+            return lora_shell(
                 child.in_features,
                 child.out_features,
+                bias,
+                layer_quant,
                 r=opts.r,
                 lora_alpha=opts.lora_alpha,
-                **common,
+                weight_dtype=dt,
+                device="meta",
             )
-        return Linear4bit(child.in_features, child.out_features, **common)
+        return QuantizedLinear.shell(
+            child.in_features, child.out_features, bias, layer_quant, dt, "meta"
+        )
 
     model = meta_causal_lm(config, opts, num_layers, make)
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
     return model
+
+
+def quant_config(opts: MemOptions) -> QuantConfig:
+    """The :class:`~trilora.formats.QuantConfig` of the base weights ``opts`` describes."""
+    return QuantConfig(opts.quant_type, opts.blocksize, opts.double_quant)
 
 
 def _with_layers(config, num_layers):
@@ -194,12 +202,13 @@ def _with_layers(config, num_layers):
 
 
 def static_breakdown(model: nn.Module) -> dict[str, int]:
-    """Bytes of the model's own tensors: 4-bit weights, quantization state, LoRA, the rest."""
-    out = {"base_weights_4bit": 0, "quant_state": 0, "lora_params": 0, "other_frozen": 0}
+    """Bytes of the model's own tensors: quantized base weights (the codes), their
+    quantization state (absmax, scales, tables), LoRA, the rest."""
+    out = {"base_weights": 0, "quant_state": 0, "lora_params": 0, "other_frozen": 0}
     seen = set()
     for mod in model.modules():
-        if isinstance(mod, Linear4bit):
-            out["base_weights_4bit"] += _nbytes(mod.weight)
+        if isinstance(mod, QuantizedLinear):
+            out["base_weights"] += _nbytes(mod.weight)
             seen.add(id(mod.weight))
             for b in mod.buffers(recurse=False):
                 out["quant_state"] += _nbytes(b)
@@ -346,11 +355,11 @@ def _init_optimizer_state(optimizer, params) -> None:
 
 
 def _linear_shapes(model: nn.Module) -> tuple[tuple[bool, int, int], ...]:
-    """``(in the MLP, in_features, out_features)`` of every 4-bit linear layer."""
+    """``(in the MLP, in_features, out_features)`` of every quantized linear layer."""
     return tuple(
         (".mlp." in f".{name}.", mod.in_features, mod.out_features)
         for name, mod in model.named_modules()
-        if isinstance(mod, Linear4bit)
+        if isinstance(mod, QuantizedLinear)
     )
 
 

@@ -27,6 +27,10 @@ Dispatch, per call:
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 import trilora.ops.cpu_matmul as cpu_matmul
@@ -103,28 +107,59 @@ def _forward(
         )
         if out is not None:
             return out
+    return lora_linear_forward(
+        x,
+        lambda: kernel_weight(
+            packed, absmax, code, nested_absmax, nested_code, offset, blocksize, [n_out, k]
+        ),
+        lambda dtype: dequantize_4bit_impl(
+            packed,
+            absmax,
+            code,
+            nested_absmax,
+            nested_code,
+            offset,
+            blocksize,
+            [n_out, k],
+            dtype,
+            scratch=True,
+        ),
+        lora_a,
+        lora_b,
+        scale,
+        bias,
+        dropout_mask,
+        dropout_scale,
+    )
+
+
+def lora_linear_forward(
+    x: torch.Tensor,
+    kernel_args: Callable[[], Any],
+    dequantize: Callable[[torch.dtype], torch.Tensor],
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scale: float,
+    bias: torch.Tensor | None,
+    dropout_mask: torch.Tensor | None,
+    dropout_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The format-independent forward on 2-D ``x`` ``[M, K]``: ``(y [M, N], xa [M, r])``.
+
+    ``kernel_args()`` gives the weight tuple the fused Triton launchers take (any format
+    they know: ``Weight4bit``, ``Weight8bit``); ``dequantize(dtype)`` gives the ``[N, K]``
+    weight in ``dtype``, possibly in a per-thread scratch buffer (used and dropped at once).
+    """
     if _use_fused(x):
         from trilora.kernels.qlora_linear import qlora_forward
 
-        w = kernel_weight(
-            packed, absmax, code, nested_absmax, nested_code, offset, blocksize, [n_out, k]
+        y, xa = qlora_forward(
+            x, kernel_args(), lora_a, lora_b, scale, bias, dropout_mask, dropout_scale
         )
-        y, xa = qlora_forward(x, w, lora_a, lora_b, scale, bias, dropout_mask, dropout_scale)
         return y, (xa if xa is not None else _empty_lora(x))
     # The dequantized weight lives in a reused per-thread buffer (no page faults), consumed
     # by the GEMM before anything else dequantizes.
-    weight = dequantize_4bit_impl(
-        packed,
-        absmax,
-        code,
-        nested_absmax,
-        nested_code,
-        offset,
-        blocksize,
-        [n_out, k],
-        x.dtype,
-        scratch=True,
-    )
+    weight = dequantize(x.dtype)
     y = cpu_matmul.linear(x, weight)
     del weight
     if bias is not None:
@@ -197,23 +232,64 @@ def _backward_compute(
     not needed comes back as an empty tensor.
     """
     n_out, k = dy.shape[1], x.shape[1]
+    return lora_linear_backward(
+        dy,
+        x,
+        lambda: kernel_weight(
+            packed, absmax, code, nested_absmax, nested_code, offset, blocksize, [n_out, k]
+        ),
+        lambda dtype: dequantize_4bit_impl(
+            packed,
+            absmax,
+            code,
+            nested_absmax,
+            nested_code,
+            offset,
+            blocksize,
+            [n_out, k],
+            dtype,
+            scratch=True,
+        ),
+        lora_a,
+        lora_b,
+        xa,
+        scale,
+        dropout_mask,
+        dropout_scale,
+        needs_input_grad,
+        needs_lora_grad,
+    )
+
+
+def lora_linear_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    kernel_args: Callable[[], Any],
+    dequantize: Callable[[torch.dtype], torch.Tensor],
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    xa: torch.Tensor,
+    scale: float,
+    dropout_mask: torch.Tensor | None,
+    dropout_scale: float,
+    needs_input_grad: bool,
+    needs_lora_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The format-independent backward (see :func:`lora_linear_forward` for the weight
+    callables): ``(dx [M, K] in x.dtype, dA [r, K] fp32, dB [N, r] fp32)``, an unneeded
+    gradient as an empty tensor."""
     has_lora = lora_a is not None
     if use_triton(dy):
         from trilora.kernels.qlora_linear import lora_weight_grads, qlora_backward_input
 
-        w = kernel_weight(
-            packed, absmax, code, nested_absmax, nested_code, offset, blocksize, [n_out, k]
-        )
         dyb = None
         dx = _no_grad(x)
         if needs_input_grad and dy.shape[0] <= config.fused_max_tokens:
             dx, dyb = qlora_backward_input(
-                dy, w, lora_a, lora_b, scale, dropout_mask, dropout_scale
+                dy, kernel_args(), lora_a, lora_b, scale, dropout_mask, dropout_scale
             )
         elif needs_input_grad:
-            from trilora.kernels.quantize import dequantize_4bit as dequantize_launch
-
-            weight = dequantize_launch(w, dy.dtype)
+            weight = dequantize(dy.dtype)
             dx = dy @ weight
             del weight
             if has_lora:
@@ -233,18 +309,7 @@ def _backward_compute(
     # [M, N] and [M, K] tensors here).
     dx = _no_grad(x)
     if needs_input_grad:
-        weight = dequantize_4bit_impl(
-            packed,
-            absmax,
-            code,
-            nested_absmax,
-            nested_code,
-            offset,
-            blocksize,
-            [n_out, k],
-            dy.dtype,
-            scratch=True,
-        )
+        weight = dequantize(dy.dtype)
         dx = cpu_matmul.matmul(dy, weight)
         del weight
     if not has_lora:
@@ -332,11 +397,25 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, xa, dropout_mask)
 
 
+# The forward op's inputs by name, in schema order: the backward reads which gradients
+# autograd needs by name, and returns them by name.
+FORWARD_INPUTS = tuple(inspect.signature(_forward).parameters)
+
+
+def named_grads(grads: dict[str, torch.Tensor | None], names: tuple[str, ...]) -> tuple:
+    """``grads`` (input name -> gradient) as the positional tuple autograd expects for an op
+    whose inputs are ``names``; unnamed inputs get None."""
+    unknown = set(grads) - set(names)
+    if unknown:
+        raise AssertionError(f"gradients for inputs the op does not have: {sorted(unknown)}")
+    return tuple(grads.get(name) for name in names)
+
+
 def _backward(ctx, dy, _dxa, compute=qlora_linear_bwd):
     x, xa, dropout_mask = ctx.saved_tensors
     packed, absmax, code, nested_absmax, nested_code, offset, lora_a, lora_b = ctx.weight_state
-    needs = ctx.needs_input_grad
-    needs_lora = ctx.has_lora and (needs[9] or needs[10])
+    needs = dict(zip(FORWARD_INPUTS, ctx.needs_input_grad))
+    needs_lora = ctx.has_lora and (needs["lora_a"] or needs["lora_b"])
     dx, da, db = compute(
         dy.contiguous(),
         x,
@@ -353,29 +432,16 @@ def _backward(ctx, dy, _dxa, compute=qlora_linear_bwd):
         ctx.scale,
         dropout_mask,
         ctx.dropout_scale,
-        needs[0],
+        needs["x"],
         needs_lora,
     )
-    grad_a = da.to(lora_a.dtype) if needs_lora and needs[9] else None
-    grad_b = db.to(lora_b.dtype) if needs_lora and needs[10] else None
-    grad_bias = dy.sum(0) if ctx.has_bias and needs[12] else None
-    return (
-        dx if needs[0] else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        grad_a,
-        grad_b,
-        None,
-        grad_bias,
-        None,
-        None,
-    )
+    grads = {
+        "x": dx if needs["x"] else None,
+        "lora_a": da.to(lora_a.dtype) if needs_lora and needs["lora_a"] else None,
+        "lora_b": db.to(lora_b.dtype) if needs_lora and needs["lora_b"] else None,
+        "bias": dy.sum(0) if ctx.has_bias and needs["bias"] else None,
+    }
+    return named_grads(grads, FORWARD_INPUTS)
 
 
 qlora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -456,19 +522,12 @@ def qlora_linear(
     Returns:
         ``[..., N]`` in ``x.dtype``.
     """
-    _check_inputs(x, weight, lora_a, lora_b, bias, dropout_p, dropout_mask)
+    check_qlora_inputs(x, weight, lora_a, lora_b, bias, dropout_p, dropout_mask)
     lead = x.shape[:-1]
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     n_out = weight.shape[0]
-    mask = None
-    dropout_scale = 1.0
-    if lora_a is not None and (dropout_mask is not None or (training and dropout_p > 0)):
-        dropout_scale = 1.0 / (1.0 - dropout_p)
-        if dropout_mask is None:
-            mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
-        else:
-            mask = dropout_mask.reshape(-1, k).to(torch.bool)
+    mask, dropout_scale = dropout_keep_mask(x2, lora_a, dropout_p, training, dropout_mask)
     op = _EagerCPU.apply if _eager_cpu(x2) else qlora_linear_fwd
     y, _ = op(
         x2,
@@ -490,7 +549,35 @@ def qlora_linear(
     return y.reshape(*lead, n_out)
 
 
-def _check_inputs(x, weight, lora_a, lora_b, bias, dropout_p, dropout_mask) -> None:
+def eager_cpu(x: torch.Tensor) -> bool:
+    """Whether a call on ``x`` may skip the custom-op dispatch (plain eager CPU tensors, no
+    tracing or dispatch mode active); the other formats' ops share the rule."""
+    return _eager_cpu(x)
+
+
+def dropout_keep_mask(
+    x2: torch.Tensor,
+    lora_a: torch.Tensor | None,
+    dropout_p: float,
+    training: bool,
+    dropout_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, float]:
+    """The bool keep-mask ``[M, K]`` for the LoRA branch of 2-D ``x2`` (drawn, or
+    ``dropout_mask`` reshaped) and its scale ``1 / (1 - p)``; ``(None, 1.0)`` without dropout."""
+    if lora_a is None or not (dropout_mask is not None or (training and dropout_p > 0)):
+        return None, 1.0
+    k = x2.shape[1]
+    if dropout_mask is None:
+        return torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - dropout_p), 1.0 / (
+            1.0 - dropout_p
+        )
+    return dropout_mask.reshape(-1, k).to(torch.bool), 1.0 / (1.0 - dropout_p)
+
+
+def check_qlora_inputs(
+    x, weight, lora_a, lora_b, bias, dropout_p, dropout_mask, kind: str = "4-bit"
+) -> None:
+    """Validate the arguments of a quantized LoRA linear (``kind`` names the format in errors)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _ACT_DTYPES:
@@ -505,7 +592,7 @@ def _check_inputs(x, weight, lora_a, lora_b, bias, dropout_p, dropout_mask) -> N
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features in its last dimension, weight expects {k}")
     if x.device != weight.device:
-        raise ValueError(f"x is on {x.device} but the 4-bit weight is on {weight.device}")
+        raise ValueError(f"x is on {x.device} but the {kind} weight is on {weight.device}")
     if (lora_a is None) != (lora_b is None):
         raise ValueError("lora_a and lora_b must be given together")
     if lora_a is not None:

@@ -52,7 +52,7 @@ def fused_head_unsupported(lm: nn.Module) -> str | None:
 
     The one rule for every fused path (the training loss, evaluation, log-probabilities):
     the head must be exactly ``h @ W.T`` with a float ``[vocab, hidden]`` weight: a plain
-    ``nn.Linear`` (a subclass may change its forward; trilora's 4-bit layers are one), no
+    ``nn.Linear`` (a subclass may change its forward; trilora's quantized layers are), no
     bias, and no config setting that transforms the logits after it.
     """
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None

@@ -18,7 +18,8 @@ Families and the kernels they launch:
   ``_qlora_bwd_input_kernel``, ``_lora_tn_grad_kernel``), ``qlora_linear.tiled``
   (``_qlora_fwd_tiled_kernel`` instead) and ``qlora_linear.scratch`` (above
   ``fused_max_tokens``: ``_dequantize_4bit_kernel`` + cuBLAS, and ``_lora_tn_grad_kernel``),
-  forward and backward through autograd, with dropout, bias and rsLoRA.
+  forward and backward through autograd, with dropout, bias and rsLoRA; three odd-shape
+  cases run the int8 format (the same kernels with ``WEIGHT_FORMAT=1``).
 * ``cross_entropy`` (``_cross_entropy_kernel``) and ``linear_cross_entropy`` (its chunk
   loop and autograd), ``rms_norm`` (``_rms_norm_fwd_kernel``, ``_rms_norm_bwd_kernel``),
   ``grouped_attention`` (PyTorch's flash kernels, one key/value group at a time),
@@ -51,7 +52,9 @@ from typing import Any
 import torch
 
 from trilora.config import config, override
+from trilora.formats import QuantConfig, get_format
 from trilora.ops.attention import grouped_causal_attention
+from trilora.ops.int8_linear import int8_lora_linear
 from trilora.ops.linear_cross_entropy import cross_entropy_inplace_, linear_cross_entropy
 from trilora.ops.qlora_linear import qlora_linear
 from trilora.ops.quantize import dequantize_4bit_reference, quantize_4bit, quantize_4bit_reference
@@ -350,7 +353,10 @@ class QLoraConfig:
         parts = [f"r{self.r}" if self.r else "no-lora"]
         if self.r:
             parts.append(f"lora-{self.lora_dtype}")
-        parts.append(f"{self.quant_type}{'-dq' if self.double else ''}-bs{self.blocksize}")
+        if self.quant_type == "int8":
+            parts.append("int8")
+        else:
+            parts.append(f"{self.quant_type}{'-dq' if self.double else ''}-bs{self.blocksize}")
         if self.dropout:
             parts.append(f"dropout{self.dropout:g}")
         if self.bias:
@@ -366,7 +372,11 @@ def _qlora_checks(ctx, g, cfg: QLoraConfig, m: int, n: int, k: int, dtype) -> li
 
     dev = ctx.device
     w = (torch.randn(n, k, generator=g, device=dev) / math.sqrt(k)).to(dtype)
-    qw = quantize(w, cfg.quant_type, cfg.blocksize, cfg.double)
+    int8 = cfg.quant_type == "int8"
+    if int8:
+        qw = get_format("int8").quantize(w, QuantConfig("int8"))
+    else:
+        qw = quantize(w, cfg.quant_type, cfg.blocksize, cfg.double)
     if cfg.transposed_x:
         x_leaf = torch.randn(k, m, generator=g, device=dev).to(dtype).requires_grad_()
         x = x_leaf.t()
@@ -397,13 +407,22 @@ def _qlora_checks(ctx, g, cfg: QLoraConfig, m: int, n: int, k: int, dtype) -> li
         "tiled": max(m, config.fused_max_tokens),
     }
     with override(fused_max_tokens=limit[cfg.path]):
-        y = qlora_linear(x, qw, a, b, scale, bias, dropout_p=p, training=bool(p), dropout_mask=mask)
+        if int8:
+            y = int8_lora_linear(
+                x, qw.codes, qw.scb, a, b, scale, bias, p, training=bool(p), dropout_mask=mask
+            )
+        else:
+            y = qlora_linear(
+                x, qw, a, b, scale, bias, dropout_p=p, training=bool(p), dropout_mask=mask
+            )
         y.backward(dy)
 
     # float64 reference on the weight the kernels see: the definition's fp32 value rounded
     # to the activation dtype (the fused kernels cast each tile, the scratch path the buffer).
-    w_ref = (
-        dequantize_4bit_reference(
+    if int8:  # bitsandbytes' int8_vectorwise_dequant: codes * SCB[row] / 127, in fp32
+        w32 = qw.codes.float() * qw.scb[:, None] * (1.0 / 127.0)
+    else:
+        w32 = dequantize_4bit_reference(
             qw.packed,
             qw.absmax,
             qw.code,
@@ -414,9 +433,7 @@ def _qlora_checks(ctx, g, cfg: QLoraConfig, m: int, n: int, k: int, dtype) -> li
             [n, k],
             torch.float32,
         )
-        .to(dtype)
-        .double()
-    )
+    w_ref = w32.to(dtype).double()
     x64, dy64 = x.detach().double(), dy.double()
     keep = mask.double() / (1.0 - p) if mask is not None else 1.0
     y_ref = x64 @ w_ref.t()
@@ -504,6 +521,10 @@ def qlora_cases(s: Shapes) -> list[Unit]:
         (QLoraConfig("splitk", r=0, bias=True, dropout=0.0), 5, 48, 64),
         (QLoraConfig("tiled", r=0, bias=True, dropout=0.0), 40, 24, 72),
         (QLoraConfig("splitk", r=4, lora_dtype="act", dropout=0.0, transposed_x=True), 6, 20, 96),
+        # int8 (bitsandbytes LLM.int8 bytes): the same kernels with WEIGHT_FORMAT=1
+        (QLoraConfig("splitk", r=16, bias=True, dropout=0.1, quant_type="int8"), 3, 70, 136),
+        (QLoraConfig("tiled", r=8, bias=True, dropout=0.1, quant_type="int8"), 37, 130, 200),
+        (QLoraConfig("scratch", r=16, lora_dtype="act", quant_type="int8"), 50, 70, 136),
     ]
     for i, (cfg, m, n, k) in enumerate(odd):
         for dt in ("bf16", "fp16"):

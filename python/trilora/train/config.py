@@ -70,8 +70,9 @@ class TrainConfig:
     )
     quant: str = _f(
         "nf4",
-        "base weights: nf4 / fp4 (4-bit, trilora) or none (16-bit base)",
-        choices=("nf4", "fp4", "none"),
+        "base weights: nf4 / fp4 (4-bit), int8 (bitsandbytes 8-bit, weight-only compute) "
+        "or none (16-bit base)",
+        choices=("nf4", "fp4", "int8", "none"),
         group="model",
     )
     finetune: str = _f(

@@ -27,7 +27,7 @@ import trilora.distributed as td
 from trilora import patches
 from trilora.distributed import unwrap
 from trilora.io import UsageError, UserError, atomic_directory, atomic_write_json, require
-from trilora.nn import Linear4bit
+from trilora.nn import QuantizedLinear
 from trilora.peft import get_peft_model
 from trilora.train.config import TrainConfig, cache_dir
 
@@ -68,7 +68,7 @@ def _logical_numel(module: nn.Module) -> int | None:
     (trilora's ``Linear4bit``, or bitsandbytes' whose ``Params4bit`` keeps the shape in its
     ``quant_state``); None for an ordinary weight."""
 
-    if isinstance(module, Linear4bit):
+    if isinstance(module, QuantizedLinear):
         return module.out_features * module.in_features
     shape = getattr(getattr(getattr(module, "weight", None), "quant_state", None), "shape", None)
     if shape is not None:
