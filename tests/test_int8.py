@@ -220,3 +220,30 @@ def test_adapter_round_trip_with_vanilla_peft_over_bnb_8bit(bnb_8bit_checkpoint,
         assert torch.equal(got[key], want[key]), key
         changed += "lora_A" in key
     assert changed
+
+
+def test_patch_over_bnb_8bit_computes_in_the_input_dtype_as_bitsandbytes(bnb_8bit_checkpoint):
+    # Linear8bitLt has no compute dtype; patch's default compute_dtype (bf16, for layers it
+    # quantizes itself) must not turn an fp32 model's int8 layers into bf16 ones.
+    _, bnb_path, _ = bnb_8bit_checkpoint
+    cfg = LoraConfig(r=3, lora_alpha=5, target_modules=["q_proj", "up_proj"])
+
+    def peft_model():
+        base = AutoModelForCausalLM.from_pretrained(bnb_path, device_map="cpu", dtype=torch.float32)
+        return peft_get_peft_model(base, cfg)
+
+    theirs = peft_model()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    ours = trilora.patch(peft_model())
+    ours.load_state_dict(theirs.state_dict())
+    bases = [m.get_base_layer() for m in ours.modules() if isinstance(m, TriloraLoraLayer)]
+    assert bases and all(b.format_name == "int8" and b.compute_dtype is None for b in bases)
+    ids = torch.randint(0, ours.config.vocab_size, (3, 13))
+    # training mode: bitsandbytes' CPU training matmul (MatMul8bitFp) dequantizes the weight
+    # to the input's dtype, the definition trilora computes (in eval mode it runs LLM.int8)
+    ours.train(), theirs.train()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)

@@ -232,7 +232,11 @@ def _bnb8_to_trilora(layer: nn.Module, options: QuantOptions) -> QuantizedLinear
         weight.SCB = layer.state.SCB  # bitsandbytes moves SCB to its state after a forward
     dtype = layer.bias.dtype if layer.bias is not None else options.compute_dtype
     qw = Int8Weight.from_bnb(weight, dtype=dtype or torch.bfloat16)
-    new = QuantizedLinear.from_quantized(qw, None, options.compute_dtype)
+    # Linear8bitLt has no compute dtype: it computes in its input's dtype, and so does its
+    # trilora layer (``options.compute_dtype`` is for layers trilora quantizes itself; bf16
+    # there would make an fp32 model compute in bf16, which CPUs without AVX512-BF16
+    # multiply an order of magnitude slower).
+    new = QuantizedLinear.from_quantized(qw, None, None)
     if layer.bias is not None:
         new.bias = layer.bias
     new.train(layer.training)
@@ -552,8 +556,9 @@ def patch(
 
     Every LoRA layer becomes a :class:`TriloraLoraLayer` with the same adapter modules, so
     ``named_parameters()``, ``state_dict()`` keys and saved adapters are unchanged.
-    bitsandbytes ``Linear4bit`` layers (targeted or not) are rewrapped without touching
-    their bytes; targeted plain ``nn.Linear`` base layers are quantized with the given
+    bitsandbytes ``Linear4bit`` and ``Linear8bitLt`` layers (targeted or not) are rewrapped
+    without touching their bytes and compute as they did (in the ``Linear4bit``'s
+    ``compute_dtype``; ``Linear8bitLt`` in its input's dtype); targeted plain ``nn.Linear`` base layers are quantized with the given
     options (``compute_dtype`` also applies to them only), except the output head and
     weights tied to the embeddings, which stay 16-bit as with bitsandbytes. Idempotent: call it again after
     ``load_adapter`` adds LoRA layers on modules that had none.
