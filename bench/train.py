@@ -152,11 +152,13 @@ print(json.dumps({"cuda_peak": torch.cuda.max_memory_allocated() if cuda else No
 """
 
 
-GRPO_REPEATS = 3  # timed steps after one warm-up step
+GRPO_REPEATS = 3  # timed steps after one warm-up step (--quick: one, a smoke test)
 
 
-def _measure_grpo(root: Path, provider: str, prompts: int, gens: int, length: int) -> dict:
-    args = [str(v) for v in (prompts, gens, length, GRPO_REPEATS)]
+def _measure_grpo(
+    root: Path, provider: str, prompts: int, gens: int, length: int, repeats: int
+) -> dict:
+    args = [str(v) for v in (prompts, gens, length, repeats)]
     proc = subprocess.Popen(
         [sys.executable, "-c", _GRPO_STEP, str(root), provider, *args],
         stdout=subprocess.PIPE,
@@ -181,7 +183,14 @@ def _measure_grpo(root: Path, provider: str, prompts: int, gens: int, length: in
     }
 
 
-def measure_grpo(hidden: int, layers: int, prompts: int, gens: int, length: int) -> list[dict]:
+def measure_grpo(
+    hidden: int,
+    layers: int,
+    prompts: int,
+    gens: int,
+    length: int,
+    repeats: int = GRPO_REPEATS,
+) -> list[dict]:
     """One GRPO step (sampling ``gens`` completions of ``length`` tokens for each of
     ``prompts`` prompts, rewards, loss, backward) per provider: ``{"provider",
     "peak_bytes", "kind", "step_s"}`` or ``{"provider", "error"}``."""
@@ -200,7 +209,7 @@ def measure_grpo(hidden: int, layers: int, prompts: int, gens: int, length: int)
             for i in range(prompts):
                 text = " ".join(words[(i + j) % 8] for j in range(12))
                 f.write(json.dumps({"prompt": f"continue: {text}"}) + "\n")
-        return [_measure_grpo(root, name, prompts, gens, length) for name in PROVIDERS]
+        return [_measure_grpo(root, name, prompts, gens, length, repeats) for name in PROVIDERS]
 
 
 def _measure(root: Path, provider: str, pairs: int) -> dict:
@@ -228,7 +237,7 @@ def _measure(root: Path, provider: str, pairs: int) -> dict:
 LEVEL = "train"
 QUICK = {"hidden": 128, "layers": 2, "seq": 64, "pairs": 2}
 FULL = {"hidden": 512, "layers": 4, "seq": 256, "pairs": 2}
-GRPO_QUICK = {"hidden": 128, "layers": 2, "prompts": 2, "gens": 4, "length": 32}
+GRPO_QUICK = {"hidden": 128, "layers": 2, "prompts": 2, "gens": 4, "length": 16}
 GRPO_FULL = {"hidden": 512, "layers": 4, "prompts": 2, "gens": 4, "length": 64}
 PROVIDERS = ("trilora", "trl_bnb_peft")
 
@@ -308,7 +317,7 @@ def run(quick: bool, log=print) -> tuple[list[dict], list[str]]:
             f"of TRL + bitsandbytes + PEFT with a reference model ({results[0]['kind']})"
         )
     g = GRPO_QUICK if quick else GRPO_FULL
-    grpo = measure_grpo(**g)
+    grpo = measure_grpo(**g, repeats=1 if quick else GRPO_REPEATS)
     case = f"grpo_step_h{g['hidden']}_l{g['layers']}_p{g['prompts']}_g{g['gens']}_c{g['length']}"
     for r in grpo:
         for metric, unit, key in (
