@@ -1,6 +1,8 @@
 // Python bindings of trilora's CUDA extension (built by trilora.native.cuda_ext.load()).
 
-#include <torch/extension.h>
+// pybind11 and torch's tensor casters, not torch/extension.h (the whole C++ frontend): see
+// csrc/cpu/ext.cpp.
+#include <torch/csrc/utils/pybind.h>
 
 #include <string>
 

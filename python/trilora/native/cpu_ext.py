@@ -32,7 +32,7 @@ NAME = "trilora_cpu"
 SOURCES = ("cpu/ext.cpp", "cpu/dequantize_4bit.cpp", "cpu/rms_norm.cpp")
 CUDA = False
 LABEL = "trilora's CPU extension"
-USUAL = "usually 30-90 s on 2 cores"
+USUAL = "usually 20-60 s on 2 cores"
 
 
 def _cflags() -> tuple[str, ...]:
