@@ -46,8 +46,9 @@ def _trilora_command() -> list[str]:
     script = Path(sys.executable).with_name("trilora")
     if not script.is_file():
         pytest.skip(f"the trilora console script is not installed beside {sys.executable}")
-    # Any command that gets as far as importing torch; this one then fails on the model.
-    return [str(script), "mem", "/nonexistent-model-folder"]
+    # Any command that gets as far as importing torch; this one (~2 s of CPU) then finds no
+    # kernel config to compile.
+    return [str(script), "kernels", "--filter", "no-such-kernel"]
 
 
 def test_cli_sets_passive_before_torch_loads():
@@ -85,6 +86,12 @@ def test_launcher_entry_point_sets_passive():
         "/nonexistent.jsonl",
         "--out",
         "/nonexistent-out",
+        # The launch check imports torch, then finds no GPU (the paths are checked later,
+        # by each worker, without torch).
+        "--nproc",
+        "2",
+        "--device",
+        "cuda",
     ]
     assert _libgomp_settings(argv)["GOMP_SPINCOUNT"] == "0"
 

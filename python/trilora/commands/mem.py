@@ -324,6 +324,15 @@ def run(args) -> int:
     if lens:
         require("matplotlib", "trilora mem --sweep (it plots to --plot)")
 
+    # A mistyped model is rejected before the profiler's imports (transformers, PEFT: ~10 s
+    # of CPU).
+    from trilora.presets import read_model_config
+
+    try:
+        read_model_config(args.model)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
     from trilora.memory.progress import BarProgress
     from trilora.memory.report import byte_unit, format_bytes
     from trilora.memory.search import find_max, profile, sweep

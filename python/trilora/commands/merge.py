@@ -150,10 +150,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``trilora merge``; returns the exit status."""
     import warnings
 
-    from transformers.utils import logging as hf_logging
-
     from trilora.io import check_output
-    from trilora.merging import torch_dtype
 
     adapter = Path(args.adapter_dir)
     # Refuse a bad --out before minutes of loading: never the cwd, a parent, or a folder
@@ -161,7 +158,10 @@ def run(args: argparse.Namespace) -> int:
     out = check_output(
         args.out, overwrite=args.overwrite, inputs=[adapter, _local_path(args.base)], kind="dir"
     )
-    config = _read_adapter_config(adapter)
+    config = _read_adapter_config(adapter)  # a missing folder fails before the imports below
+    from transformers.utils import logging as hf_logging
+
+    from trilora.merging import torch_dtype
     from trilora.peft import UnsupportedLoraSetting, rewrites_base_weights
 
     init = getattr(config, "init_lora_weights", True)

@@ -149,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             resume_command=command,
         )
+    cfg.validate()
+    cfg.check_inputs()  # before the loop's imports (transformers, PEFT)
     from trilora.train.loop import train
 
     train(

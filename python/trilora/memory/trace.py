@@ -33,13 +33,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -79,39 +77,13 @@ def preset_names() -> list[str]:
     return presets.names()
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-
-
 def load_config(source: str | os.PathLike | dict):
     """A transformers config from a preset name, a config.json, a model folder or a dict.
 
     Raises ValueError naming the missing field for a malformed config, and listing the
     presets for an unknown name.
     """
-    if isinstance(source, dict):
-        raw = dict(source)
-    else:
-        path = Path(source)
-        if path.is_dir():
-            path = path / "config.json"
-            if not path.is_file():
-                raise ValueError(f"{source} has no config.json")
-            raw = _read_json(path)
-        elif path.is_file():
-            raw = _read_json(path)
-        elif str(source) in preset_names():
-            from trilora import presets
-
-            raw = presets.load(str(source))
-        else:
-            raise ValueError(
-                f"unknown model {str(source)!r}: not a file, a folder with config.json, or a "
-                f"preset; known presets: {', '.join(preset_names())}"
-            )
+    raw = dict(source) if isinstance(source, dict) else presets.read_model_config(source)
     # text config of multimodal wrappers
     if "text_config" in raw and "hidden_size" not in raw:
         raw = {
@@ -286,10 +258,15 @@ def _tracker_class():
         def _update_peak_stats(self, peak_state) -> None:
             curr_snap = self._curr_mem_snap
             if self.module_peaks:
+                # The fqn index is rebuilt only when a module is added: several modules can
+                # share an fqn, so the index's own length cannot tell, and each rebuild walks
+                # a weak dictionary of every module (a quarter of a trace's time when it was
+                # rebuilt on every op).
                 index = self.__dict__.get("_stats_by_fqn")
-                if index is None or len(index) != len(self.memory_tracking):
+                tracked = len(self.memory_tracking)
+                if index is None or self.__dict__.get("_stats_indexed") != tracked:
                     index = {s.mod_fqn: s for s in self.memory_tracking.values()}
-                    self._stats_by_fqn = index
+                    self._stats_by_fqn, self._stats_indexed = index, tracked
                 for fqn in self._mod_tracker.parents:
                     stats = index.get(fqn)
                     if stats is None or peak_state not in stats.snapshots:

@@ -29,7 +29,7 @@ from trilora.distributed import unwrap
 from trilora.io import UsageError, UserError, atomic_directory, atomic_write_json, require
 from trilora.nn import QuantizedLinear
 from trilora.peft import get_peft_model
-from trilora.train.config import TrainConfig, cache_dir
+from trilora.train.config import TrainConfig, cache_dir, model_source_problem
 
 __all__ = [
     "LoadedModel",
@@ -222,12 +222,9 @@ def resolve_source(source: str, log) -> Path:
     p = Path(source).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         return gguf_to_folder(p, log)
-    if p.is_file():
-        raise UserError(
-            f"--model {source}: a file, but not .gguf; give a Hugging Face folder or a .gguf file"
-        )
-    if not p.is_dir():
-        raise UserError(f"--model {source}: no such folder or .gguf file")
+    problem = model_source_problem(source)
+    if problem is not None:
+        raise UserError(problem)
     if not (p / "config.json").is_file():
         raise UserError(f"--model {source}: no config.json; expected a Hugging Face model folder")
     return p
