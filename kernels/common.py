@@ -1,6 +1,7 @@
 """``@triton.jit`` helpers shared by the kernel files: decoding the bitsandbytes 4-bit format
-(:func:`dequant_gather`, :func:`block_scale`) and the fp32 -> 16-bit cast that rounds to
-nearest even also under the interpreter (:func:`cast_rne`).
+(:func:`dequant_gather`, :func:`block_scale`), the fp32 -> 16-bit cast that rounds to
+nearest even also under the interpreter (:func:`cast_rne`), and 64-bit row offsets for
+tensors past 2^31 elements (:func:`tile_rows`, :func:`needs_int64`).
 
 Public names, so that kernel files never import each other's private helpers.
 """
@@ -10,7 +11,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["block_scale", "cast_rne", "dequant_gather"]
+__all__ = [
+    "INT32_OFFSET_LIMIT",
+    "block_scale",
+    "cast_rne",
+    "dequant_gather",
+    "needs_int64",
+    "tile_rows",
+]
 
 
 @triton.jit
@@ -72,3 +80,39 @@ def cast_rne(v, dtype: tl.constexpr):
     else:
         out = v.to(dtype)
     return out
+
+
+# 64-bit indexing. Triton passes an integer argument as i32 when it fits, and program ids and
+# aranges are i32, so ``offs_m * stride`` wraps once a token-major tensor holds 2^31 elements:
+# at 150K tokens for an [M, 14336] MLP activation, at 524K for [M, 4096] hidden states. The
+# kernels that index activations by row (the QLoRA linear's forward, input backward and LoRA
+# grads) take ``INDEX64``; the launcher sets it from the tensors it passes (needs_int64), so
+# the usual lengths keep 32-bit index math. The cost when it is on, by the analytical model:
+# one i64 multiply per tile row, hoisted out of the K loop in the forward and the input
+# backward (inside the M loop of the LoRA grads, against a [BMR, BQ] tile load); the
+# pointers themselves are 64-bit either way. Registers: `trilora kernels` lists both
+# variants. Speed awaits a GPU.
+INT32_OFFSET_LIMIT = 2**31
+
+
+@triton.jit
+def tile_rows(start, BLOCK: tl.constexpr, INDEX64: tl.constexpr):
+    """Row indices ``start .. start + BLOCK - 1`` of a tile: int64 when ``INDEX64``, so that
+    ``rows * stride`` cannot wrap; int32 otherwise."""
+    rows = start + tl.arange(0, BLOCK)
+    if INDEX64:
+        rows = rows.to(tl.int64)
+    return rows
+
+
+def needs_int64(*tensors) -> bool:
+    """Whether an element of any of ``tensors`` (``None`` skipped) lies 2^31 or more elements
+    past its first, so that 32-bit offsets would wrap. Reads shapes and strides only: works on
+    meta tensors."""
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        last = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        if last >= INT32_OFFSET_LIMIT:
+            return True
+    return False

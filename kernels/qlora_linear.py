@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .aot import AotSpec
-from .common import dequant_gather
+from .common import dequant_gather, needs_int64, tile_rows
 from .int8 import WEIGHT_FORMAT_INT8, Weight8bit, check_weight8, int8_gather, weight8_args
 from .quantize import ACT_DTYPES, Weight4bit, check_weight, weight_args
 
@@ -74,6 +74,7 @@ def _qlora_fwd_tiled_kernel(
     BK: tl.constexpr,
     R_PAD: tl.constexpr,
     GROUP_M: tl.constexpr,
+    INDEX64: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M consecutive programs share one W column tile, so each
     # dequantized-from-L2 W tile serves GROUP_M x-tiles before it is evicted.
@@ -86,7 +87,7 @@ def _qlora_fwd_tiled_kernel(
     pid_m = first_m + (pid % width) % group_m
     pid_n = (pid % width) // group_m
 
-    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_m = tile_rows(pid_m * BM, BM, INDEX64)  # int64 past 2^31 elements: kernels/common.py
     offs_n = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     rr = tl.arange(0, R_PAD)
@@ -376,6 +377,7 @@ def _qlora_bwd_input_kernel(
     BK: tl.constexpr,
     R_PAD: tl.constexpr,
     GROUP_M: tl.constexpr,
+    INDEX64: tl.constexpr,
 ):
     # Output tile dx[BM, BK]; the reduction runs over N. W is read in its natural [N, K]
     # orientation here (flat n*K + k along the tile's fast axis), the same packed bytes.
@@ -388,7 +390,7 @@ def _qlora_bwd_input_kernel(
     pid_m = first_m + (pid % width) % group_m
     pid_k = (pid % width) // group_m
 
-    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_m = tile_rows(pid_m * BM, BM, INDEX64)
     offs_k = pid_k * BK + tl.arange(0, BK)
     rn = tl.arange(0, BN)
     rr = tl.arange(0, R_PAD)
@@ -487,6 +489,7 @@ def _lora_tn_grad_kernel(
     BP: tl.constexpr,
     BQ: tl.constexpr,
     BMR: tl.constexpr,
+    INDEX64: tl.constexpr,
 ):
     # out[P, Q] += s * L[m0:m1].T @ drop(R[m0:m1]) for this program's M slice (fp32 atomics).
     # One kernel serves both dA (L = dyb, R = x with dropout) and dB (L = dy, R = xa).
@@ -499,14 +502,13 @@ def _lora_tn_grad_kernel(
     pid_q = pid % num_q
     offs_p = pid_p * BP + tl.arange(0, BP)
     offs_q = pid_q * BQ + tl.arange(0, BQ)
-    rm = tl.arange(0, BMR)
     p_in = offs_p < P
     q_in = offs_q < Q
     m_start = pid_m * m_per_split
     m_end = min(m_start + m_per_split, M)
     acc = tl.zeros((BP, BQ), dtype=tl.float32)
     for m0 in range(m_start, m_end, BMR):
-        offs_m = m0 + rm
+        offs_m = tile_rows(m0, BMR, INDEX64)
         m_in = offs_m < m_end
         lt = tl.load(
             l_ptr + offs_p[:, None] * stride_lp + offs_m[None, :] * stride_lm,
@@ -742,6 +744,7 @@ def qlora_forward(
             BK=bk,
             R_PAD=r_pad,
             GROUP_M=_GROUP_M,
+            INDEX64=needs_int64(x, mask, y),
             num_warps=warps,
             num_stages=stages,
         )
@@ -879,6 +882,7 @@ def qlora_backward_input(
         BK=bk,
         R_PAD=r_pad,
         GROUP_M=_GROUP_M,
+        INDEX64=needs_int64(dy, mask, dx),
         num_warps=warps,
         num_stages=stages,
     )
@@ -917,6 +921,7 @@ def _tn_grad(lhs, rhs, mask, scale: float, drop_scale: float) -> torch.Tensor:
         BP=cfg["BP"],
         BQ=cfg["BQ"],
         BMR=cfg["BMR"],
+        INDEX64=needs_int64(lhs, rhs, mask),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -1003,6 +1008,16 @@ def _sig(fn, types: dict[str, str], constexprs: dict) -> dict[str, str]:
     return sig
 
 
+def _with_index64(table):
+    """Each table row with INDEX64 off, then on: the launcher picks either for any row (the
+    flag depends on the tensors' sizes, not on M's class)."""
+    return [(row, index64) for row in table for index64 in (False, True)]
+
+
+def _i64(index64: bool) -> str:
+    return ",i64" if index64 else ""
+
+
 def _aot_specs() -> list[AotSpec]:
     specs = []
     for act, lora, double, fmt in _COMBOS:
@@ -1019,7 +1034,7 @@ def _aot_specs() -> list[AotSpec]:
             "b_ptr": f"*{lora}",
             "mask_ptr": "*u8",
         }
-        for _max_m, r_pad, bm, bn, bk, warps, stages in _FWD_TILED_TABLE:
+        for (_max_m, r_pad, bm, bn, bk, warps, stages), index64 in _with_index64(_FWD_TILED_TABLE):
             ce = {
                 "BLOCKSIZE": 64,
                 "DOUBLE_QUANT": double,
@@ -1032,6 +1047,7 @@ def _aot_specs() -> list[AotSpec]:
                 "BK": bk,
                 "R_PAD": r_pad,
                 "GROUP_M": _GROUP_M,
+                "INDEX64": index64,
             }
             types = {
                 **common,
@@ -1042,14 +1058,14 @@ def _aot_specs() -> list[AotSpec]:
             }
             specs.append(
                 AotSpec(
-                    f"_qlora_fwd_tiled_kernel[{tag},BM{bm},BN{bn},BK{bk},R{r_pad}]",
+                    f"_qlora_fwd_tiled_kernel[{tag},BM{bm},BN{bn},BK{bk},R{r_pad}{_i64(index64)}]",
                     _qlora_fwd_tiled_kernel,
                     _sig(_qlora_fwd_tiled_kernel, types, ce),
                     ce,
                     {"num_warps": warps, "num_stages": stages},
                 )
             )
-        for _max_m, r_pad, bm, bn, bk, warps, stages in _BWD_TABLE:
+        for (_max_m, r_pad, bm, bn, bk, warps, stages), index64 in _with_index64(_BWD_TABLE):
             ce = {
                 "BLOCKSIZE": 64,
                 "DOUBLE_QUANT": double,
@@ -1061,11 +1077,12 @@ def _aot_specs() -> list[AotSpec]:
                 "BK": bk,
                 "R_PAD": r_pad,
                 "GROUP_M": _GROUP_M,
+                "INDEX64": index64,
             }
             types = {**common, "dy_ptr": f"*{act}", "dx_ptr": f"*{act}", "dyb_ptr": "*fp32"}
             specs.append(
                 AotSpec(
-                    f"_qlora_bwd_input_kernel[{tag},BM{bm},BN{bn},BK{bk},R{r_pad}]",
+                    f"_qlora_bwd_input_kernel[{tag},BM{bm},BN{bn},BK{bk},R{r_pad}{_i64(index64)}]",
                     _qlora_bwd_input_kernel,
                     _sig(_qlora_bwd_input_kernel, types, ce),
                     ce,
@@ -1117,14 +1134,18 @@ def _aot_specs() -> list[AotSpec]:
                 )
             )
     # dA: L = dyb (fp32), R = x (act, with dropout); dB: L = dy (act), R = xa (fp32).
-    ce = {"HAS_DROPOUT": True, **{k: v for k, v in _TN_CFG.items() if k.startswith("B")}}
     opts = {"num_warps": _TN_CFG["num_warps"], "num_stages": _TN_CFG["num_stages"]}
-    for act in ("bf16", "fp16"):
+    for act, index64 in ((act, i) for act in ("bf16", "fp16") for i in (False, True)):
+        ce = {
+            "HAS_DROPOUT": True,
+            "INDEX64": index64,
+            **{k: v for k, v in _TN_CFG.items() if k.startswith("B")},
+        }
         for grad, lt, rt in (("dA", "fp32", act), ("dB", act, "fp32")):
             types = {"l_ptr": f"*{lt}", "r_ptr": f"*{rt}", "mask_ptr": "*u8", "out_ptr": "*fp32"}
             specs.append(
                 AotSpec(
-                    f"_lora_tn_grad_kernel[{grad},{act}]",
+                    f"_lora_tn_grad_kernel[{grad},{act}{_i64(index64)}]",
                     _lora_tn_grad_kernel,
                     _sig(_lora_tn_grad_kernel, types, ce),
                     ce,
