@@ -120,3 +120,42 @@ def test_the_demo_prints_the_held_out_losses_once(tiny, tmp_path, capsys):
     base, tuned = summary["base"]["eval_loss"], summary["tuned"]["eval_loss"]
     assert loss_rows[0].split()[-2:] == [f"{base:.3f}", f"{tuned:.3f}"]
     assert "style score" in out
+
+
+def test_phase_peaks_attribute_memory_to_the_phase_that_used_it():
+    import time
+
+    from trilora.train.reporting import PhasePeaks, current_memory_bytes, peak_memory_bytes
+
+    n = (48 + torch.randint(0, 32, ()).item()) << 20  # 48-80 MiB, touched page by page
+    before = peak_memory_bytes("cpu")
+    idle = current_memory_bytes("cpu")
+    mem = PhasePeaks("cpu", interval=0.002)
+    with mem.phase("a"):
+        big = bytearray(n)
+        big[::4096] = b"\x01" * len(range(0, n, 4096))
+        time.sleep(0.05)
+        del big
+    with mem.phase("b"):
+        time.sleep(0.02)
+    with mem.phase("a"), mem.phase("c"):
+        pass
+    out = mem.close()
+    assert list(out) == ["a", "b", "c"]
+    assert out["a"]["peak"] >= idle + 0.9 * n
+    assert out["b"]["peak"] < out["a"]["peak"] - n // 2
+    # What the process's peak rose by is the phases' (within what the lines between the
+    # phases allocate).
+    rise = peak_memory_bytes("cpu") - before
+    assert abs(sum(v["raised"] for v in out.values()) - rise) <= 1 << 20
+    assert all(0 <= v["raised"] <= v["peak"] for v in out.values())
+
+
+def test_a_run_reports_the_peak_of_each_phase(tiny, tmp_path, capfd):
+    s = train(_cfg(tiny, tmp_path / "run", save_every=2, eval_every=2, compare=1, max_new_tokens=2))
+    phases = json.loads((tmp_path / "run" / "summary.json").read_text())["peak_memory_by_phase"]
+    assert phases == s["peak_memory_by_phase"]
+    assert {"load", "evaluation", "generation", "steps", "save"} <= set(phases)
+    assert max(v["peak"] for v in phases.values()) <= s["peak_memory"]
+    assert all(v["peak"] > 0 for v in phases.values())
+    assert "peak memory by phase: load " in capfd.readouterr().out

@@ -82,6 +82,7 @@ from trilora.train.model import (
 from trilora.train.optim import build_optimizer, build_scheduler, clip_gradients
 from trilora.train.reporting import (
     MetricsLog,
+    PhasePeaks,
     Progress,
     human_bytes,
     peak_memory_bytes,
@@ -623,18 +624,25 @@ def _run(
     """The phases of a run: data, model, resume, base figures, steps, final results."""
 
     session = _Session(cfg, env, run_dir, stopping, stopper, quiet)
-    session.load_data()
-    if not resume:
-        created = on_main(env, lambda: _create_run_dir(cfg, run_dir, overwrite))
-        stopping.folder = created if session.main else None
-    session.hook("in_setup", 0, run_dir, env.rank, stopper)
-    session.build_model(device)
-    if resume:
-        session.resume()
-    session.base_figures()
-    session.method.prepare(session.run)
-    session.train_steps()
-    return session.finish(loss_table)
+    session.mem = PhasePeaks(device.type)
+    try:
+        with session.mem.phase("load"):
+            session.load_data()
+            if not resume:
+                created = on_main(env, lambda: _create_run_dir(cfg, run_dir, overwrite))
+                stopping.folder = created if session.main else None
+            session.hook("in_setup", 0, run_dir, env.rank, stopper)
+            session.build_model(device)
+            if resume:
+                session.resume()
+        session.base_figures()
+        with session.mem.phase("load"):
+            session.method.prepare(session.run)
+        with session.mem.phase("steps"):
+            session.train_steps()
+        return session.finish(loss_table)
+    finally:
+        session.mem.close()
 
 
 class _Session:
@@ -661,6 +669,7 @@ class _Session:
         self.saved_step: int | None = None  # the newest checkpoint's step
         self.metrics: MetricsLog | None = None
         self.base: dict[str, Any] = {}
+        self.mem: PhasePeaks  # set by _run, which knows the device
 
     # --- phases -------------------------------------------------------------------------
 
@@ -783,18 +792,24 @@ class _Session:
             base = {}
             with run.base_mode():
                 if data.val:
-                    base.update(evaluate(self.method, run, data, as_base=True))
+                    with self.mem.phase("evaluation"):
+                        base.update(evaluate(self.method, run, data, as_base=True))
                 _, prompts = _compare_prompts(self.tokenizer, data, self.cfg)
                 if prompts:
-                    base["answers"] = generate_answers(
-                        self.model, self.tokenizer, prompts, self.cfg.max_new_tokens, env=env
-                    )
+                    with self.mem.phase("generation"):
+                        base["answers"] = generate_answers(
+                            self.model, self.tokenizer, prompts, self.cfg.max_new_tokens, env=env
+                        )
             on_main(env, lambda: atomic_write_json(base_path, base))
         self.base = base
 
     def save(self, step: int) -> Path:
         elapsed = self.elapsed_before + time.perf_counter() - self.t_loop
         self.stopper.checkpoint_starting()
+        with self.mem.phase("save"):
+            return self._save(step, elapsed)
+
+    def _save(self, step: int, elapsed: float) -> Path:
         return S.save_checkpoint(
             self.run_dir,
             step,
@@ -932,7 +947,8 @@ class _Session:
             and self.data.val
             and done < self.total_steps
         ):
-            figures = evaluate(self.method, self.run, self.data)
+            with self.mem.phase("evaluation"):
+                figures = evaluate(self.method, self.run, self.data)
             if self.main:
                 self.metrics.write({"kind": "eval", "step": done, **figures})
                 self.progress.write(f"step {done}: {self.method.eval_line(figures)}")
@@ -946,30 +962,34 @@ class _Session:
         self.stopping.finishing = True
         tuned: dict[str, Any] = {}
         if data.val:
-            tuned = evaluate(self.method, self.run, data)
+            with self.mem.phase("evaluation"):
+                tuned = evaluate(self.method, self.run, data)
         self.stop_if_asked()
-        samples = _compare_answers(
-            model,
-            self.tokenizer,
-            data,
-            cfg,
-            self.run.base_mode,
-            self.base,
-            self.run_dir,
-            lm.has_adapter,
-            env,
-        )
+        with self.mem.phase("generation"):
+            samples = _compare_answers(
+                model,
+                self.tokenizer,
+                data,
+                cfg,
+                self.run.base_mode,
+                self.base,
+                self.run_dir,
+                lm.has_adapter,
+                env,
+            )
         # The final evaluation is logged only now: a run stopped before this point resumes
         # at its last step and logs it then, once.
         self.stop_if_asked()
         metrics = self.metrics
         if self.main and tuned:
             metrics.write({"kind": "eval", "step": self.total_steps, **tuned})
-        saved_to = _save_result(model, self.tokenizer, lm, cfg, self.run_dir, env)
+        with self.mem.phase("save"):
+            saved_to = _save_result(model, self.tokenizer, lm, cfg, self.run_dir, env)
         peak = int(all_reduce(env, [peak_memory_bytes(lm.device.type)], "max")[0])
         if not self.main:
             if cfg.merge:
-                _merge(model, lm, cfg, self.run_dir, env)
+                with self.mem.phase("merge"):
+                    _merge(model, lm, cfg, self.run_dir, env)
             return None
         curve = plot_loss_curve(metrics.records, self.run_dir / "loss_curve.png", self.base)
         metrics.close()
@@ -1002,7 +1022,10 @@ class _Session:
             "loss_curve": str(run_dir / "loss_curve.png") if curve else None,
         }
         if cfg.merge:
-            summary["merged"] = str(_merge(model, lm, cfg, run_dir, env))
+            with self.mem.phase("merge"):
+                summary["merged"] = str(_merge(model, lm, cfg, run_dir, env))
+        # This process's phases (rank 0's under several processes).
+        summary["peak_memory_by_phase"] = self.mem.close()
         atomic_write_json(run_dir / "summary.json", summary)
         if not self.quiet:
             _print_summary(summary, cfg, loss_table)
@@ -1164,6 +1187,16 @@ def _print_summary(s: dict[str, Any], cfg: TrainConfig, loss_table: bool = True)
         f"done: {s['steps']} steps in {s['train_time_s']:.1f} s ({s['tokens_per_s']:.0f} tokens/s), "
         f"peak memory {human_bytes(s['peak_memory'])} ({'CUDA' if s['device'] == 'cuda' else 'RSS'})"
     )
+    phases = s.get("peak_memory_by_phase") or {}
+    if phases:
+        p(
+            "peak memory by phase: "
+            + ", ".join(
+                f"{name} {human_bytes(v['peak'])}"
+                + (f" (+{human_bytes(v['raised'])})" if v["raised"] else "")
+                for name, v in phases.items()
+            )
+        )
     if s["tuned"] and loss_table:
         b, t = s["base"], s["tuned"]
         p(f"{'held-out':<22}{'base':>12}{'tuned':>12}")

@@ -9,6 +9,8 @@ import resource
 import shutil
 import sys
 import textwrap
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from trilora.io import atomic_write_text, require
 
 __all__ = [
     "MetricsLog",
+    "PhasePeaks",
     "Progress",
     "loss_curve_points",
     "peak_memory_bytes",
@@ -31,6 +34,85 @@ def peak_memory_bytes(device_type: str) -> int:
     if device_type == "cuda":
         return int(torch.cuda.max_memory_allocated())
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def current_memory_bytes(device_type: str) -> int:
+    """Memory in use now: CUDA allocator bytes, or the process's resident set (Linux:
+    ``/proc/self/statm``; elsewhere the peak so far, the best a portable call can say)."""
+    if device_type == "cuda":
+        return int(torch.cuda.memory_allocated())
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return peak_memory_bytes(device_type)
+
+
+class PhasePeaks:
+    """The peak memory of each phase of a run (load, steps, save, evaluation, generation,
+    merge), and how much each phase raised the process's peak.
+
+    A phase that raised the peak has it exactly (``peak_memory_bytes`` at its end); the peak
+    of one that did not comes from sampling the memory in use every ``interval`` seconds, so
+    a spike shorter than that can be missed, but never one that set a new peak. Nothing is
+    reset: ``peak_memory_bytes`` keeps meaning the whole process, for callers that measure a
+    run from outside (``trilora bench``, ``--sweep``). Phases nest: a save inside the steps
+    counts as the save's.
+    """
+
+    def __init__(self, device_type: str, interval: float = 0.01) -> None:
+        self.device_type = device_type
+        self.phases: dict[str, dict[str, int]] = {}
+        self._label: str | None = None
+        self._mark = peak_memory_bytes(device_type)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread: threading.Thread | None = None
+
+    def _switch(self, label: str | None) -> None:
+        with self._lock:
+            now = peak_memory_bytes(self.device_type)
+            if self._label is not None:
+                rec = self.phases[self._label]
+                rec["raised"] += max(0, now - self._mark)
+                if now > self._mark:
+                    rec["peak"] = max(rec["peak"], now)
+                rec["peak"] = max(rec["peak"], current_memory_bytes(self.device_type))
+            self._mark = now
+            self._label = label
+            if label is not None:
+                self.phases.setdefault(label, {"peak": 0, "raised": 0})
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval):
+            used = current_memory_bytes(self.device_type)
+            with self._lock:
+                if self._label is not None:
+                    rec = self.phases[self._label]
+                    rec["peak"] = max(rec["peak"], used)
+
+    @contextmanager
+    def phase(self, name: str):
+        """Attribute the memory used inside the ``with`` block to phase ``name``."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._sample, name="trilora-mem", daemon=True)
+            self._thread.start()
+        outer = self._label
+        self._switch(name)
+        try:
+            yield
+        finally:
+            self._switch(outer)
+
+    def close(self) -> dict[str, dict[str, int]]:
+        """Stop sampling; ``{phase: {"peak": bytes, "raised": bytes}}`` in the order the
+        phases first ran."""
+        self._switch(None)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return {k: dict(v) for k, v in self.phases.items()}
 
 
 def human_bytes(n: float) -> str:
