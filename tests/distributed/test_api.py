@@ -243,3 +243,47 @@ def test_save_adapter_loads_in_peft(model_dir, tmp_path):
         save_adapter(model, tmp_path / "adapter")
     with pytest.raises(UserError, match="needs a PEFT model"):
         save_adapter(base, tmp_path / "adapter2")
+
+
+_SAVE_PEAK = """
+import json, resource, sys
+from pathlib import Path
+import torch
+import torch.distributed.checkpoint  # its import is not the save's memory
+from trilora.distributed import save_state
+
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+out, rows = Path(sys.argv[1]), int(sys.argv[2])
+torch.manual_seed(0)
+# A frozen base much larger than what is saved (the trainable head and its AdamW state).
+model = torch.nn.Sequential(torch.nn.Embedding(rows, 512), torch.nn.Linear(512, 256))
+model[0].weight.requires_grad_(False)
+opt = torch.optim.AdamW(model[1].parameters())
+model(torch.tensor([1, 2])).sum().backward()
+opt.step()
+before = peak()
+save_state(out, model, opt)
+written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+print(json.dumps({"rise": peak() - before, "written": written}))
+"""
+
+
+def test_saving_raises_the_peak_by_at_most_what_it_writes(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    rows = int(torch.randint(96_000, 160_000, ()))  # a 190-310 MiB fp32 frozen table
+    done = subprocess.run(
+        [sys.executable, "-c", _SAVE_PEAK, str(tmp_path / "state"), str(rows)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    # The fingerprint reads every frozen byte; it once widened 64 MiB chunks to int32 and
+    # squared them (a 1 GiB spike per save).
+    assert got["rise"] <= got["written"] + (8 << 20), got
