@@ -226,6 +226,7 @@ def _run(args: argparse.Namespace, out_dir: Path) -> int:
     print(
         f"trilora bench {run_id}: levels {', '.join(levels)} on {env['device']}{' (quick)' if args.quick else ''}"
     )
+    print(f"host CPU: {env['host_cpu']}, ISA {env['cpu_isa']}")
 
     rows: list[dict] = []
     notes: list[str] = []

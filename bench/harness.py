@@ -50,6 +50,7 @@ ENV_FIELDS = (
     "trilora",
     "git_commit",
     "host_cpu",
+    "cpu_isa",
 )
 """Environment columns recorded with every row (see :func:`environment`)."""
 
@@ -422,6 +423,27 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# The CPU features the CPU paths' speed depends on (bf16 and int8 matrix units, vector width):
+# the same case can differ by 2x between an AVX2 machine and one with AMX.
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+
+
+def cpu_isa() -> str:
+    """The CPU's relevant ISA flags (Linux ``/proc/cpuinfo``) and the vector level torch's
+    CPU kernels use, e.g. ``"avx2 fma (torch: AVX2)"``."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    have = [f for f in _ISA_FLAGS if f in flags] or ["unknown"]
+    torch_level = torch.backends.cpu.get_cpu_capability()
+    return f"{' '.join(have)} (torch: {torch_level})"
+
+
 def environment(device: torch.device) -> dict[str, str]:
     """The :data:`ENV_FIELDS` for ``device``: device name, driver, CUDA, library versions."""
     cpu = f"{_cpu_name()} ({os.cpu_count()} cores)"
@@ -456,6 +478,7 @@ def environment(device: torch.device) -> dict[str, str]:
         "trilora": _version("trilora"),
         "git_commit": _git_commit(),
         "host_cpu": cpu,
+        "cpu_isa": cpu_isa(),
     }
 
 

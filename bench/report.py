@@ -243,6 +243,8 @@ def render_markdown(meta: dict, rows: list[dict], notes: Iterable[str], plots: l
         f"- device: **{env['device']}** ({env['device_type']})"
         + (f", driver {env['driver']}, CUDA {env['cuda']}" if on_gpu else "")
     )
+    # Older results files have no cpu_isa.
+    out.append(f"- host CPU: {env['host_cpu']}, ISA {env.get('cpu_isa') or 'not recorded'}")
     out.append(
         f"- torch {env['torch']}, triton {env['triton']}, bitsandbytes {env['bitsandbytes']}, peft {env['peft']}, "
         f"transformers {env['transformers']}, trilora {env['trilora']} (git {env['git_commit'] or 'unknown'})"
