@@ -451,6 +451,8 @@ def test_launched_by_mpi_without_torchrun_variables(tmp_path, capsys, monkeypatc
     would train the whole run alone; refused."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    (tmp_path / "m").mkdir()  # inputs that exist: the launch check comes next
+    (tmp_path / "d.jsonl").write_text("")
     argv = [
         "train",
         "--model",
