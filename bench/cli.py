@@ -140,8 +140,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def is_results_folder(path: Path) -> bool:
     """Whether ``path`` is a trilora bench results folder that a run may append to: its
-    ``results.csv`` has the bench columns, or it holds nothing but bench outputs."""
-    from trilora.bench.harness import CSV_FIELDS
+    ``results.csv`` has the bench columns (or those of an older release: appending adds the
+    newer columns, empty in the older rows), or it holds nothing but bench outputs."""
+    from trilora.bench.harness import is_bench_header
 
     table = path / "results.csv"
     if table.is_file():
@@ -150,7 +151,7 @@ def is_results_folder(path: Path) -> bool:
                 header = next(csv.reader(f), [])
         except (OSError, UnicodeDecodeError, csv.Error):
             return False
-        return tuple(header) == tuple(CSV_FIELDS)
+        return is_bench_header(header)
     return all(entry.name in OUTPUT_NAMES for entry in path.iterdir())
 
 

@@ -589,18 +589,29 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+_CORE_FIELDS = frozenset({"run_id", "level", "case", "metric", "provider", "median"})
+
+
+def is_bench_header(header: Iterable[str]) -> bool:
+    """Whether a CSV header is the bench schema's, today's or an older release's: the core
+    columns, and no column the bench never wrote (older files lack the newer columns)."""
+    names = set(header)
+    return _CORE_FIELDS <= names <= set(CSV_FIELDS)
+
+
 def read_csv(path: Path | str) -> list[dict[str, str]]:
-    """Rows of a results CSV; raises ValueError when its header is not :data:`CSV_FIELDS`."""
+    """Rows of a results CSV, each with every :data:`CSV_FIELDS` key (columns an older
+    release did not write are empty); raises ValueError when the header is not a bench one."""
     path = Path(path)
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         header = tuple(reader.fieldnames or ())
-        if header != CSV_FIELDS:
+        if not is_bench_header(header):
             raise ValueError(
                 f"{path} has columns {list(header)}, expected the trilora bench schema "
                 f"{list(CSV_FIELDS)}; move it aside or pass another --out"
             )
-        return list(reader)
+        return [{k: row.get(k) or "" for k in CSV_FIELDS} for row in reader]
 
 
 def append_csv(path: Path | str, rows: Iterable[dict[str, Any]]) -> None:

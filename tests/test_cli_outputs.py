@@ -235,6 +235,34 @@ def test_repo_results_folder_is_a_results_folder():
     assert is_results_folder(results)
 
 
+def test_an_older_results_csv_is_appended_to_with_the_new_columns(tmp_path):
+    import csv
+    import random
+
+    from trilora.bench.cli import is_results_folder
+    from trilora.bench.harness import CSV_FIELDS, append_csv, read_csv
+
+    # An older release's columns: some of today's left out (never the core ones).
+    core = {"run_id", "level", "case", "metric", "provider", "median"}
+    dropped = set(random.sample([f for f in CSV_FIELDS if f not in core], 3))
+    older = [f for f in CSV_FIELDS if f not in dropped]
+    table = tmp_path / "results.csv"
+    with table.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=older, lineterminator="\n")
+        writer.writeheader()
+        writer.writerow({k: f"old-{k}" for k in older})
+    assert is_results_folder(tmp_path)
+    append_csv(table, [{k: f"new-{k}" for k in CSV_FIELDS}])
+    rows = read_csv(table)
+    assert table.read_text().splitlines()[0].split(",") == list(CSV_FIELDS)
+    assert [rows[0][k] for k in sorted(dropped)] == ["", "", ""]
+    assert rows[0]["case"] == "old-case" and rows[1]["case"] == "new-case"
+    # a table with a column the bench never wrote is not ours
+    with table.open("w") as f:
+        f.write(",".join([*CSV_FIELDS, "mystery"]) + "\n")
+    assert not is_results_folder(tmp_path)
+
+
 def test_bench_files_follow_the_umask(tmp_path):
     from trilora.bench.harness import append_csv, write_json
 
