@@ -36,11 +36,12 @@ def peak_memory_bytes(device_type: str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def current_memory_bytes(device_type: str) -> int:
-    """Memory in use now: CUDA allocator bytes, or the process's resident set (Linux:
-    ``/proc/self/statm``; elsewhere the peak so far, the best a portable call can say)."""
+def current_memory_bytes(device_type: str, cuda_device: int | None = None) -> int:
+    """Memory in use now: CUDA allocator bytes (on ``cuda_device``, default the current one),
+    or the process's resident set (Linux: ``/proc/self/statm``; elsewhere the peak so far,
+    the best a portable call can say)."""
     if device_type == "cuda":
-        return int(torch.cuda.memory_allocated())
+        return int(torch.cuda.memory_allocated(cuda_device))
     try:
         with open("/proc/self/statm", "rb") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -69,6 +70,8 @@ class PhasePeaks:
         self._stop = threading.Event()
         self._interval = interval
         self._thread: threading.Thread | None = None
+        # The sampling thread's current CUDA device is device 0, not this rank's.
+        self._cuda_device = torch.cuda.current_device() if device_type == "cuda" else None
 
     def _switch(self, label: str | None) -> None:
         with self._lock:
@@ -86,7 +89,7 @@ class PhasePeaks:
 
     def _sample(self) -> None:
         while not self._stop.wait(self._interval):
-            used = current_memory_bytes(self.device_type)
+            used = current_memory_bytes(self.device_type, self._cuda_device)
             with self._lock:
                 if self._label is not None:
                     rec = self.phases[self._label]
