@@ -90,8 +90,9 @@ def cast_rne(v, dtype: tl.constexpr):
 # the usual lengths keep 32-bit index math. The cost when it is on, by the analytical model:
 # one i64 multiply per tile row, hoisted out of the K loop in the forward and the input
 # backward (inside the M loop of the LoRA grads, against a [BMR, BQ] tile load); the
-# pointers themselves are 64-bit either way. Registers: `trilora kernels` lists both
-# variants. Speed awaits a GPU.
+# pointers themselves are 64-bit either way. Registers: the input backward's INDEX64 variants
+# spilled at r >= 128 and get smaller tiles (_BWD_TABLE_INDEX64); `trilora kernels` lists
+# both variants of every config, without spills. Speed awaits a GPU.
 INT32_OFFSET_LIMIT = 2**31
 
 

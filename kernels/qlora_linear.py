@@ -575,6 +575,15 @@ _BWD_TABLE = (
     (None, 128, 64, 32, 64, 8, 3),
     (None, 256, 64, 16, 32, 8, 2),
 )
+# The same with 64-bit row offsets (INDEX64): the [BM] int64 row vector and the 64-bit
+# address math held across the N loop cost registers, and the r = 128 (BK 64, fp32 factors)
+# and r = 256 rows spilled 16-56 B on sm_80/sm_90. Half the output tile keeps them in
+# registers: BK 32 at r <= 128, BM 32 at r = 256. Only tensors past 2^31 elements use it.
+_BWD_TABLE_INDEX64 = (
+    (None, 64, 128, 32, 32, 8, 3),
+    (None, 128, 64, 32, 32, 8, 3),
+    (None, 256, 32, 16, 32, 8, 2),
+)
 
 # LoRA weight grads: tf32 GEMMs of 2*M*r*(N+K) FLOPs, ~r/N of the base; BP = BQ = 64 keeps
 # enough (P, Q) tiles that SPLIT_M (fp32 atomics) only needs to add a few M slices.
@@ -848,7 +857,8 @@ def qlora_backward_input(
     d = mask if mask is not None else dy
     dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
     dyb = torch.empty((m, r), dtype=torch.float32, device=dy.device) if has_lora else None
-    bm, bn, bk, warps, stages = _pick(_BWD_TABLE, m, r_pad)
+    index64 = needs_int64(dy, mask, dx)
+    bm, bn, bk, warps, stages = _pick(_BWD_TABLE_INDEX64 if index64 else _BWD_TABLE, m, r_pad)
     grid = (triton.cdiv(m, bm) * triton.cdiv(k, bk),)
     _qlora_bwd_input_kernel[grid](
         dy,
@@ -882,7 +892,7 @@ def qlora_backward_input(
         BK=bk,
         R_PAD=r_pad,
         GROUP_M=_GROUP_M,
-        INDEX64=needs_int64(dy, mask, dx),
+        INDEX64=index64,
         num_warps=warps,
         num_stages=stages,
     )
@@ -1065,7 +1075,10 @@ def _aot_specs() -> list[AotSpec]:
                     {"num_warps": warps, "num_stages": stages},
                 )
             )
-        for (_max_m, r_pad, bm, bn, bk, warps, stages), index64 in _with_index64(_BWD_TABLE):
+        bwd_rows = [(row, False) for row in _BWD_TABLE] + [
+            (row, True) for row in _BWD_TABLE_INDEX64
+        ]
+        for (_max_m, r_pad, bm, bn, bk, warps, stages), index64 in bwd_rows:
             ce = {
                 "BLOCKSIZE": 64,
                 "DOUBLE_QUANT": double,
