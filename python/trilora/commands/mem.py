@@ -329,7 +329,7 @@ def run(args) -> int:
     from trilora.presets import read_model_config
 
     try:
-        read_model_config(args.model)
+        raw_config = read_model_config(args.model)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 
@@ -339,7 +339,7 @@ def run(args) -> int:
     from trilora.memory.trace import check_supported, load_config
 
     try:
-        config = load_config(args.model)
+        config = load_config(raw_config)
         opts = options_from_args(args)
         opts.validate()
         check_supported(config, opts)
