@@ -263,3 +263,76 @@ def test_no_fmt_skip(folder):
         if marker in line
     ]
     assert not bad, f"{marker} lines: {bad[:20]} ({len(bad)} in all)"
+
+
+def _requirement_name(req: str) -> str:
+    return re.split(r"[<>=!~ \[;]", req, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _declared() -> tuple[set[str], dict[str, set[str]]]:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = {_requirement_name(r) for r in project["dependencies"]}
+    extras = {
+        extra: {_requirement_name(r) for r in reqs}
+        for extra, reqs in project["optional-dependencies"].items()
+    }
+    return base, extras
+
+
+def _module_level_imports(tree: ast.Module) -> set[int]:
+    """Line numbers of the imports that run when the module is imported, unguarded: in the
+    module body or under a module-level ``if`` (not ``TYPE_CHECKING``); one inside a ``try``
+    that catches ImportError, a function or a class body runs only on demand or is guarded."""
+    lines: set[int] = set()
+
+    def visit(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                lines.add(node.lineno)
+            elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
+                visit(node.body)
+                visit(node.orelse)
+
+    visit(tree.body)
+    return lines
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    """What a clean ``pip install trilora`` brings is enough: every package the installed
+    modules import when they are imported belongs to a dependency ``pyproject.toml``
+    declares, and every package imported on demand (in a function, behind ``try``) belongs
+    to a dependency or to one of its extras. The distribution is looked up in this
+    environment (``importlib.metadata.packages_distributions``), so a package reached only
+    through another package's dependencies (say ``huggingface_hub`` through transformers)
+    is caught: a release of that package may drop it."""
+    import sys
+    from importlib.metadata import packages_distributions
+
+    base, extras = _declared()
+    optional = set().union(*extras.values())
+    providers = {
+        k: {d.lower().replace("_", "-") for d in v} for k, v in packages_distributions().items()
+    }
+    bad = []
+    for module, path in MODULES.items():
+        tree = ast.parse(path.read_text(), str(path))
+        eager = _module_level_imports(tree)
+        # the bench ships in the wheel but runs only with the bench extra (trilora bench checks)
+        allowed_eager = base | extras["bench"] if module.startswith("trilora.bench") else base
+        for line, target, text, _ in imports_of(module):
+            top = target.split(".")[0]
+            if not top or top == "trilora" or top in sys.stdlib_module_names:
+                continue
+            dists = providers.get(top)
+            if not dists:
+                continue  # not installed here: test_missing_extras covers the message
+            allowed = allowed_eager if line in eager else base | optional
+            if not dists & allowed:
+                kind = "at import" if line in eager else "on demand"
+                bad.append(
+                    f"{_where(module, line, text)}: imports {top} {kind}, from "
+                    f"{sorted(dists)}, which pyproject.toml does not declare there"
+                )
+    assert not bad, "imports of undeclared packages:\n" + "\n".join(bad)

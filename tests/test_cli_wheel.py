@@ -4,9 +4,8 @@ The wheel is the one named by ``TRILORA_TEST_WHEEL`` when it is set (`.ci/run` b
 wheel once, from its fresh clone, and exports it), else one built here from a copy of the
 tracked files (what a fresh clone has). It is installed with ``pip install --no-deps
 --target`` into a folder (dependencies come from this environment), and the commands run
-from that copy in a folder outside the source tree. `.ci/run` adds what only a clean venv
-shows: the dependencies pip resolves from the wheel's metadata (`trilora --help` and
-`trilora mem` there).
+from that copy in a folder outside the source tree. That the wheel's metadata declares every
+package the modules import is checked statically (tests/test_architecture.py).
 """
 
 from __future__ import annotations

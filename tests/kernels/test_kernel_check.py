@@ -29,7 +29,10 @@ def _first_bf16_quantize_config() -> str:
 # first bf16 quantize config (under triton 3.6 the 16-bit quantize configs once kept a
 # 64-byte stack frame at every blocksize where fp32 inputs did not). The full set (`trilora
 # kernels`, ~320 compiles) is a CI step of its own, with the locked triton; this subset is
-# what the newest-releases and floors lanes compile with their own.
+# what the newest-releases and floors lanes compile with their own. `.ci/run` sets
+# TRILORA_TEST_AOT_CHECKED for the lane whose environment that step compiles with: there the
+# subset would compile again what the step already checks.
+_CHECKED_BY_CI = os.environ.get("TRILORA_TEST_AOT_CHECKED") == "1"
 FILTERS = (*_first_fp16_config_of_each_kernel(), _first_bf16_quantize_config())
 
 
@@ -68,8 +71,9 @@ _ALL_CHECKS = (
 @pytest.fixture(scope="module")
 def checked() -> dict[str, tuple[int, str]]:
     """{filter or "oversized": (exit status, output)} from one process."""
+    filters = () if _CHECKED_BY_CI else FILTERS
     proc = subprocess.run(
-        [sys.executable, "-c", _ALL_CHECKS, *FILTERS],
+        [sys.executable, "-c", _ALL_CHECKS, *filters],
         env=_env(),
         capture_output=True,
         text=True,
@@ -78,7 +82,7 @@ def checked() -> dict[str, tuple[int, str]]:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     parts = proc.stdout.split("=== ")[1:]
     out = {}
-    for i, filt in enumerate(FILTERS):
+    for i, filt in enumerate(filters):
         head, *body = parts[2 * i].split("\n", 1)
         status = parts[2 * i + 1].split("\n", 1)[0]
         assert head == filt and status.startswith("exit status "), proc.stdout
@@ -91,6 +95,8 @@ def checked() -> dict[str, tuple[int, str]]:
 
 @pytest.mark.parametrize("filt", FILTERS)
 def test_aot_subset_compiles_without_spills(filt, checked):
+    if _CHECKED_BY_CI:
+        pytest.skip("TRILORA_TEST_AOT_CHECKED=1: this run's `trilora kernels` step compiles all")
     expected = [s.name for s in all_aot_specs() if filt in s.name]
     assert expected, filt
     status, stdout = checked[filt]
