@@ -9,6 +9,7 @@ import json
 import random
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -449,3 +450,78 @@ def test_grpo_demo_task_is_fixed_and_its_rewards_score_one_word_answers(tmp_path
     completions = ["cold", "The opposite of hot is cold.", "", "warm"]
     got = score_rewards(rewards, ["p"] * 4, completions, [[1]] * 4, {"answer": ["cold"] * 4})
     assert got == [[1.0, 1.0], [pytest.approx(1 / 6), 1.0], [0.0, 0.0], [1.0, 0.0]]
+
+
+@pytest.mark.slow  # two 2-process launches (~60 s of CPU); the one-process resume is above
+@pytest.mark.distributed
+def test_two_processes_resume_bitwise_inside_a_group(tiny, tmp_path):
+    """Each rank samples its own rows: a checkpoint inside a --num-iterations group holds
+    every rank's generation batch, so a resume there continues bit for bit on every rank
+    (rank 1 used to sample its rows again, from the restored RNG)."""
+    import os
+    import subprocess
+    import sys
+
+    def launch(out: Path, *extra: str) -> None:
+        args = [
+            *("--model", str(tiny / "m"), "--data", str(tiny / "p.jsonl"), "--out", str(out)),
+            *("--reward", f"{tiny / 'my_rewards.py'}:lowercase; length:0-12"),
+            *[
+                "--method",
+                "grpo",
+                "--num-generations",
+                "3",
+                "--max-completion-length",
+                "6",
+                "--max-seq-len",
+                "64",
+                "--batch-size",
+                "2",
+                "--lora-r",
+                "4",
+                "--lora-dropout",
+                "0.1",
+                "--lr",
+                "2e-2",
+                "--max-steps",
+                "4",
+                "--num-iterations",
+                "2",
+                "--beta",
+                "0.04",
+                "--val-fraction",
+                "0",
+                "--compare",
+                "0",
+                "--save-every",
+                "1",
+                "--keep-last",
+                "4",
+                "--no-progress",
+                "--nproc",
+                "2",
+            ],
+            *extra,
+        ]
+        done = subprocess.run(
+            [sys.executable, "-m", "trilora.cli", "train", *args],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+
+    ref = tmp_path / "ref"
+    launch(ref)
+    out = tmp_path / "resumed"
+    shutil.copytree(ref, out)
+    shutil.rmtree(out / "checkpoints" / "step-00000004", ignore_errors=True)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == "step-00000003"
+    state = json.loads((out / "checkpoints" / "step-00000003" / "trainer_state.json").read_text())
+    assert [s["group"] for s in state["method_by_rank"]] == [1, 1]
+    shutil.rmtree(out / "adapter")
+    (out / "summary.json").unlink()
+    launch(out, "--resume")
+    a = (ref / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == a

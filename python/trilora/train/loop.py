@@ -55,6 +55,7 @@ from trilora.train import data as D
 from trilora.train.checkpoints import latest_checkpoint
 from trilora.train.collectives import (
     all_reduce,
+    gather_objects,
     gradient_sync,
     inference_model,
     on_main,
@@ -769,8 +770,12 @@ class _Session:
         self.tokens_seen, self.elapsed_before = st["tokens_seen"], st["elapsed"]
         if st["rng"] is not None:
             S.set_rng_state(st["rng"])
-        self.method.load_state(st.get("method"))
         saved_on = st.get("world_size", 1)
+        # the method's state of this rank (a GRPO generation batch holds each rank's own
+        # rows; the method checks they are the rows it is given); before method_by_rank a
+        # checkpoint held rank 0's only
+        by_rank = st.get("method_by_rank") or [st.get("method")]
+        self.method.load_state(by_rank[env.rank] if env.rank < len(by_rank) else None)
         self.say(
             f"resumed from {ckpt} (step {self.start_step} of {self.total_steps}"
             + (f"; saved on {saved_on} processes" if saved_on != env.world_size else "")
@@ -810,6 +815,7 @@ class _Session:
             return self._save(step, elapsed)
 
     def _save(self, step: int, elapsed: float) -> Path:
+        method_states = gather_objects(self.env, self.method.state())
         return S.save_checkpoint(
             self.run_dir,
             step,
@@ -824,7 +830,9 @@ class _Session:
                 "elapsed": elapsed,
                 "world_size": self.env.world_size,
                 "strategy": self.kind or "single",
-                "method": self.method.state(),
+                "method_by_rank": (
+                    method_states if any(m is not None for m in method_states) else None
+                ),
             },
             self.cfg.keep_last,
             self.env,

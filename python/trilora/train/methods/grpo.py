@@ -281,8 +281,8 @@ class Grpo(Method):
     def prepare_step(self, run: RunContext, step: int, micro: list[MicroBatch]) -> None:
         group = step // self.repeats
         cached = self.generation
-        # a checkpoint holds rank 0's batch: another rank (or another process count)
-        # samples its own rows again
+        # a checkpoint holds each rank's batch; resumed on another process count, a rank
+        # whose rows differ from the saved batch's samples them again
         if (
             cached is None
             or cached[0] != group
