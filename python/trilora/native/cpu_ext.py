@@ -29,7 +29,7 @@ import torch
 from trilora.native import NativeExtensionWarning, load_extension, unavailable_reason
 
 NAME = "trilora_cpu"
-SOURCES = ("cpu/ext.cpp", "cpu/dequantize_4bit.cpp", "cpu/rms_norm.cpp")
+SOURCES = ("cpu/ext.cpp", "cpu/dequantize_4bit.cpp", "cpu/rms_norm.cpp", "cpu/adamw_8bit.cpp")
 CUDA = False
 LABEL = "trilora's CPU extension"
 USUAL = "usually 20-60 s on 2 cores"
