@@ -652,9 +652,7 @@ class AdamW(torch.optim.Optimizer):
                 write_back.append((target, work))
             grad = grad.float() if grad.dtype != torch.float32 else grad
             if slot.bits == 8:
-                adamw_8bit_(
-                    work.view(-1), grad.reshape(-1), *state, quant_maps(work.device), sc
-                )
+                adamw_8bit_(work.view(-1), grad.reshape(-1), *state, quant_maps(work.device), sc)
             elif work.device.type == "cpu":
                 batch.append((group, work, grad, slot))
             else:  # a CUDA tensor under config.backend == "torch": the reference ops
