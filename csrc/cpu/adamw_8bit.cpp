@@ -5,7 +5,7 @@
 // into the signed map qmap1 (first moment) / unsigned map qmap2 (second moment), one fp32
 // absmax per 256 elements. This kernel computes, value for value, what the torch path
 // trilora.optim.blockwise.adamw_8bit_ computes with one torch op at a time (its torch ops are
-// the reference; tests/optim/test_adamw8bit_native.py compares bit for bit):
+// the reference; tests/optim/test_adamw_8bit_native.py compares bit for bit):
 //
 //     m = qmap1[c1] * absmax1            v = qmap2[c2] * absmax2            (fp32 products)
 //     p = p * decay                                      (only when weight_decay != 0)
@@ -21,7 +21,10 @@
 // The two multiply-adds are fused because torch's CPU kernels fuse them (lerp's vector path
 // calls fmadd, and the compiler contracts addcmul's self + value * t1 * t2); every other
 // operation is rounded on its own (this file is built with -ffp-contract=off). All scalars
-// are rounded to fp32 first, as torch does for an fp32 tensor and a Python number.
+// are rounded to fp32 first, as torch does for an fp32 tensor and a Python number. The square
+// root is IEEE's; torch's on an MKL build is MKL's (VML_HA), one ulp off for some values, so
+// the torch path's parameter can differ by one rounding of its update (the moments, codes
+// and absmax do not involve the square root).
 //
 // Requantizing: a 1-D table indexed by the sign, exponent and top 8 mantissa bits of x
 // (|x| <= 1) gives a code c such that the answer is c or c + 1 for every float with those
