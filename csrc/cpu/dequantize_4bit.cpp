@@ -16,6 +16,7 @@
 // so the build needs no -march flag and the cached library runs on any x86-64 CPU; other
 // architectures get the portable loop.
 
+#include "avx2_convert.h"
 #include "isa.h"
 #include "ops.h"
 
@@ -74,23 +75,11 @@ void block_scalar(const uint8_t* src, int64_t count, const float* table, T* dst)
 
 // --- AVX2 ---------------------------------------------------------------------------------
 
-#define TRILORA_AVX2 __attribute__((target("avx2,fma,f16c")))
-
 TRILORA_AVX2 inline __m256 lookup_avx2(__m256i idx, __m256 lo8, __m256 hi8) {
   // bit 3 of the index picks the upper half of the table; blendv reads the sign bit.
   const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
   return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo8, idx), _mm256_permutevar8x32_ps(hi8, idx),
                           upper);
-}
-
-TRILORA_AVX2 inline __m256i bf16_bits_avx2(__m256 v) {
-  // round to nearest even on the bit pattern; NaN becomes the canonical quiet NaN (as c10).
-  const __m256i x = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
-  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-  return _mm256_castps_si256(
-      _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0)), nan));
 }
 
 template <typename T>

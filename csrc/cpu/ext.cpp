@@ -9,7 +9,7 @@
 #include "ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "trilora CPU extension: 4-bit dequantization and the RMSNorm backward";
+  m.doc() = "trilora CPU extension: 4-bit dequantization, the RMSNorm backward, 8-bit AdamW";
   m.def("dequantize_4bit_out", &trilora_cpu::dequantize_4bit_out, py::arg("packed"), py::arg("absmax"),
         py::arg("code"), py::arg("nested_absmax"), py::arg("nested_code"), py::arg("offset"),
         py::arg("nested_blocksize"), py::arg("blocksize"), py::arg("out"), py::arg("isa") = "auto",
@@ -17,6 +17,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_backward", &trilora_cpu::rms_norm_backward, py::arg("dy"), py::arg("x"), py::arg("weight"),
         py::arg("rstd"), py::arg("need_weight_grad"), py::arg("isa") = "auto",
         "RMSNorm backward: (dx in x's dtype, dweight fp32 or empty).");
+  m.def("adamw_8bit_step", &trilora_cpu::adamw_8bit_step, py::arg("p"), py::arg("g"), py::arg("state1"),
+        py::arg("state2"), py::arg("absmax1"), py::arg("absmax2"), py::arg("qmap1"), py::arg("qmap2"),
+        py::arg("bounds1"), py::arg("bounds2"), py::arg("lut1"), py::arg("lut2"), py::arg("decay"), py::arg("w1"),
+        py::arg("beta2"), py::arg("w2"), py::arg("step_size"), py::arg("bc2_sqrt"), py::arg("eps"),
+        py::arg("apply_decay"), py::arg("isa") = "auto",
+        "One AdamW step with blockwise 8-bit state, in place (trilora.optim.blockwise.adamw_8bit_).");
+  m.def("adamw_8bit_lut_bytes", &trilora_cpu::adamw_8bit_lut_bytes,
+        "Bytes of the nearest-code table adamw_8bit_step takes per map.");
   m.def(
       "best_isa", [] { return trilora_cpu::isa_name(trilora_cpu::best_isa()); },
       "The instruction set the kernels use on this CPU: avx512, avx2 or scalar.");

@@ -22,4 +22,16 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy, const
                                                      const at::Tensor& weight, const at::Tensor& rstd,
                                                      bool need_weight_grad, const std::string& isa_choice);
 
+// adamw_8bit.cpp: one AdamW step with bitsandbytes' blockwise 8-bit state, in place: p
+// (contiguous fp32/fp16/bf16, n elements), state1/state2 (uint8 [n]), absmax1/absmax2 (fp32
+// [ceil(n / 256)]); g contiguous fp32/fp16/bf16 [n]; the maps' values, midpoints and code tables.
+void adamw_8bit_step(at::Tensor& p, const at::Tensor& g, at::Tensor& state1, at::Tensor& state2, at::Tensor& absmax1,
+                     at::Tensor& absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2, const at::Tensor& bounds1,
+                     const at::Tensor& bounds2, const at::Tensor& lut1, const at::Tensor& lut2, double decay,
+                     double w1, double beta2, double w2, double step_size, double bc2_sqrt, double eps,
+                     bool apply_decay, const std::string& isa_choice);
+
+// The number of bytes adamw_8bit_step expects in each code table.
+int64_t adamw_8bit_lut_bytes();
+
 }  // namespace trilora_cpu

@@ -280,3 +280,17 @@ def test_concurrent_processes_wait_for_one_build(tmp_path):
     builds = sum(err.count("trilora: building the probe (") for _, err in results)
     assert builds == 1, [err for _, err in results]  # the other waited, or came after it
     assert len(list(ext.iterdir())) == 1
+
+
+def test_cpu_extension_and_python_agree_on_the_8bit_code_table():
+    """The 8-bit AdamW kernel's requantizing tables are built in Python
+    (``nearest_code_lut``) with the key layout the C++ assumes: the sizes must agree."""
+    from trilora.native import cpu_ext
+    from trilora.optim.blockwise import quant_maps
+
+    assert "cpu/adamw_8bit.cpp" in cpu_ext.SOURCES
+    ext = cpu_ext.load()
+    if ext is None:
+        pytest.skip(f"the CPU extension cannot be built here: {cpu_ext.reason()}")
+    maps = quant_maps("cpu")
+    assert maps.lut1.numel() == maps.lut2.numel() == ext.adamw_8bit_lut_bytes()

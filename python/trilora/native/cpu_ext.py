@@ -1,4 +1,5 @@
-"""trilora's CPU extension (``csrc/cpu/``): 4-bit dequantization in one native pass.
+"""trilora's CPU extension (``csrc/cpu/``): 4-bit dequantization, the RMSNorm backward
+and the 8-bit AdamW update, each in one native pass.
 
 :func:`load` returns the compiled module (built with ninja the first time this version of
 the sources is needed on the machine, which it says on stderr, and loaded silently from
@@ -9,6 +10,11 @@ keep their torch path, which gives the same values, only slower. Its functions:
 
 * ``dequantize_4bit_out(packed, absmax, code, nested_absmax, nested_code, offset,
   nested_blocksize, blocksize, out, isa="auto")``: see :func:`dequantize_4bit_into`;
+* ``rms_norm_backward(dy, x, weight, rstd, need_weight_grad, isa="auto")``: see
+  :mod:`trilora.ops.rms_norm`;
+* ``adamw_8bit_step(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, bounds1, bounds2,
+  lut1, lut2, decay, w1, beta2, w2, step_size, bc2_sqrt, eps, apply_decay, isa="auto")``
+  and ``adamw_8bit_lut_bytes()``: see :func:`trilora.optim.blockwise.adamw_8bit_native_`;
 * ``best_isa() -> str``: ``"avx512"``, ``"avx2"`` or ``"scalar"``, the loop this CPU runs.
 
 The build takes no ``-march`` flag (the ISA is picked at run time, so a cached build runs on
@@ -29,7 +35,7 @@ import torch
 from trilora.native import NativeExtensionWarning, load_extension, unavailable_reason
 
 NAME = "trilora_cpu"
-SOURCES = ("cpu/ext.cpp", "cpu/dequantize_4bit.cpp", "cpu/rms_norm.cpp")
+SOURCES = ("cpu/ext.cpp", "cpu/dequantize_4bit.cpp", "cpu/rms_norm.cpp", "cpu/adamw_8bit.cpp")
 CUDA = False
 LABEL = "trilora's CPU extension"
 USUAL = "usually 20-60 s on 2 cores"
@@ -47,7 +53,8 @@ def _cflags() -> tuple[str, ...]:
 
 CFLAGS = _cflags()
 FALLBACK_NOTE = (
-    "On CPU that is trilora's torch dequantization: the same values, several times slower."
+    "On CPU that is trilora's torch path for 4-bit dequantization, the RMSNorm backward and "
+    "the 8-bit AdamW update: the same results, several times slower."
 )
 
 _UNSET = object()

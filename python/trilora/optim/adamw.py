@@ -17,7 +17,9 @@ Where the update runs: on CUDA parameters (and on CPU tensors when
 ``trilora.config.backend == "triton"``, the interpreter tests), one fused Triton kernel
 (:mod:`trilora.kernels.optim`) per parameter, or per page of host-paged state. On the CPU,
 the 32-bit update is torch's own AdamW kernel (the fused one when torch has it), the 8-bit
-one :func:`trilora.optim.blockwise.adamw_8bit_`, both with the kernels' semantics.
+one the native extension's fused pass (:func:`trilora.optim.blockwise.adamw_8bit_native_`),
+or :func:`trilora.optim.blockwise.adamw_8bit_` (torch ops) where the extension cannot be
+built, all with the kernels' semantics.
 
 The state dict has torch's layout for 32-bit state (``step``, ``exp_avg``, ``exp_avg_sq``),
 so ``torch.optim.AdamW`` checkpoints load, and bitsandbytes' for 8-bit state (``state1``,
@@ -46,6 +48,7 @@ from trilora.optim.blockwise import (
     MIN_8BIT_SIZE,
     StepScalars,
     adamw_8bit_,
+    adamw_8bit_native_,
     adamw_32bit_,
     quant_maps,
 )
@@ -626,29 +629,30 @@ class AdamW(torch.optim.Optimizer):
             local.copy_(work)
 
     def _cpu_update(self, items: list[tuple[dict, Slot, torch.Tensor, torch.Tensor]]) -> None:
-        """The update with torch ops (CPU tensors; any tensor when ``trilora.config.backend``
-        is ``"torch"``): ``(group, slot, work, grad)``, ``work`` the tensor stepped in place
-        (computed in fp32) and its gradient."""
+        """The update on the CPU (any tensor when ``trilora.config.backend`` is ``"torch"``):
+        ``(group, slot, work, grad)``, ``work`` the tensor stepped in place (computed in fp32)
+        and its gradient. 8-bit state on CPU tensors takes the native kernel, everything else
+        torch ops."""
         batch: list[tuple[dict, torch.Tensor, torch.Tensor, Slot]] = []
         write_back = []
         for group, slot, work, grad in items:
+            t = slot.state.tensors
+            if slot.bits == 8:
+                sc = self._scalars(group, slot)
+                state = (t["state1"], t["state2"], t["absmax1"], t["absmax2"])
+                # The native kernel steps fp32/bf16/fp16 parameters in place, with the
+                # gradient as it is; it returns False (nothing done) where it does not apply.
+                if work.is_contiguous() and adamw_8bit_native_(
+                    work.view(-1), grad.reshape(-1), *state, quant_maps(work.device), sc
+                ):
+                    continue
             target = work
             if work.dtype != torch.float32 or not work.is_contiguous():
                 work = work.float().contiguous()
                 write_back.append((target, work))
             grad = grad.float() if grad.dtype != torch.float32 else grad
-            t = slot.state.tensors
             if slot.bits == 8:
-                adamw_8bit_(
-                    work.view(-1),
-                    grad.reshape(-1),
-                    t["state1"],
-                    t["state2"],
-                    t["absmax1"],
-                    t["absmax2"],
-                    quant_maps(work.device),
-                    self._scalars(group, slot),
-                )
+                adamw_8bit_(work.view(-1), grad.reshape(-1), *state, quant_maps(work.device), sc)
             elif work.device.type == "cpu":
                 batch.append((group, work, grad, slot))
             else:  # a CUDA tensor under config.backend == "torch": the reference ops

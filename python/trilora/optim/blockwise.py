@@ -91,12 +91,16 @@ class QuantMaps:
 
     ``qmap1`` (signed) and ``qmap2`` (unsigned): fp32 ``[256]``, sorted. ``bounds1`` /
     ``bounds2``: fp32 ``[256]``, ``(qmap[i] + qmap[i + 1]) / 2`` and a final ``+inf``.
+    ``lut1`` / ``lut2`` (CPU maps only, else ``None``): :func:`nearest_code_lut` of the
+    bounds, the native CPU update's requantizing tables.
     """
 
     qmap1: torch.Tensor
     qmap2: torch.Tensor
     bounds1: torch.Tensor
     bounds2: torch.Tensor
+    lut1: torch.Tensor | None = None
+    lut2: torch.Tensor | None = None
 
 
 def _bounds(qmap: torch.Tensor) -> torch.Tensor:
@@ -104,11 +108,56 @@ def _bounds(qmap: torch.Tensor) -> torch.Tensor:
     return torch.cat([mid, torch.full((1,), math.inf, dtype=torch.float32)])
 
 
+# The native update's requantizing table (csrc/cpu/adamw_8bit.cpp, the same constants): one
+# entry per value of (bits of |x|) >> 15 (sign, exponent, top 8 mantissa bits) from 2^-23
+# (every smaller |x| shares the first) to 1.0, per sign.
+_LUT_SHIFT = 15
+_LUT_HIGH = 0x3F800000 >> _LUT_SHIFT  # the key of 1.0
+_LUT_LOW = 104 << 8  # the key of 2^-23
+_LUT_KEYS = _LUT_HIGH - _LUT_LOW + 1
+
+
+def nearest_code_lut(bounds: torch.Tensor) -> torch.Tensor:
+    """The native CPU update's table of candidate codes under a map given by its ``bounds``.
+
+    uint8 ``[2 * 5889 + 4]``: for the floats ``x`` with ``|x| <= 1`` that share a key
+    (:data:`_LUT_SHIFT`), first the positive ones, then the negative ones, the code ``c`` of
+    the smallest such ``x``; ``torch.bucketize(x, bounds[:-1])`` is then ``c`` or ``c + 1``
+    for every one of them (one midpoint at most lies among them: checked here), and
+    ``bounds[c] >= x`` tells which. Four zero bytes at the end let the kernel read each entry
+    as 32 bits.
+
+    Raises:
+        ValueError: two midpoints fall between floats that share a key (a map finer than
+            the dynamic maps).
+    """
+    keys = torch.arange(_LUT_LOW, _LUT_HIGH + 1, dtype=torch.int64)
+    lo_bits = keys << _LUT_SHIFT
+    lo_bits[0] = 0  # the first key holds every |x| below 2^-23, 0 included
+    hi_bits = ((keys + 1) << _LUT_SHIFT) - 1
+    hi_bits[-1] = 0x3F800000  # 1.0 itself
+    lo = lo_bits.to(torch.int32).view(torch.float32)
+    hi = hi_bits.to(torch.int32).view(torch.float32)
+    mids = bounds.detach().to("cpu", torch.float32)[:-1].contiguous()
+    parts = []
+    for smallest, largest in ((lo, hi), (-hi, -lo)):
+        first = torch.bucketize(smallest, mids)
+        last = torch.bucketize(largest, mids)
+        if (last - first).max() > 1:
+            raise ValueError("a map with two midpoints between floats of one table key")
+        parts.append(first)
+    parts.append(torch.zeros(4, dtype=torch.int64))
+    return torch.cat(parts).to(torch.uint8)
+
+
 @functools.lru_cache(maxsize=8)
 def _maps(device: str) -> QuantMaps:
     q1, q2 = dynamic_map(True).clone(), dynamic_map(False).clone()
+    b1, b2 = _bounds(q1), _bounds(q2)
+    luts = (nearest_code_lut(b1), nearest_code_lut(b2)) if device == "cpu" else (None, None)
     return QuantMaps(
-        *(t.to(device) for t in (q1, q2, _bounds(q1), _bounds(q2)))  # type: ignore[arg-type]
+        *(t.to(device) for t in (q1, q2, b1, b2)),  # type: ignore[arg-type]
+        *luts,
     )
 
 
@@ -232,16 +281,90 @@ def adamw_8bit_(
             absmax[b0:b1].copy_(a)
 
 
+_NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def adamw_8bit_native_(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    state1: torch.Tensor,
+    state2: torch.Tensor,
+    absmax1: torch.Tensor,
+    absmax2: torch.Tensor,
+    maps: QuantMaps,
+    sc: StepScalars,
+    isa: str = "auto",
+) -> bool:
+    """:func:`adamw_8bit_` in one native pass over each 256-element block (the CPU
+    extension, ``csrc/cpu/adamw_8bit.cpp``): the same parameters, codes and absmax, bit for
+    bit, several times faster.
+
+    Args:
+        p: ``[n]`` contiguous fp32/bf16/fp16 CPU tensor, updated in place (computed in fp32,
+            rounded once to its dtype, as :func:`adamw_8bit_` with ``p.float()`` does).
+        g: ``[n]`` gradient, any float dtype (other than fp32/bf16/fp16 it is rounded to fp32
+            first, as :func:`adamw_8bit_` does).
+        state1, state2, absmax1, absmax2, maps, sc: as :func:`adamw_8bit_`; ``maps`` the CPU
+            maps (:func:`quant_maps`).
+        isa: ``"auto"``, or ``"scalar"`` / ``"avx2"`` to force a loop (tests).
+
+    Returns:
+        ``False``, with nothing changed, when the native path does not apply: the extension
+        is unavailable (:func:`trilora.native.cpu_ext.load`), a tensor is not on the CPU or
+        not contiguous, or ``p`` is of another dtype; the caller then runs :func:`adamw_8bit_`.
+    """
+    from trilora.native import cpu_ext
+
+    tensors = (p, g, state1, state2, absmax1, absmax2)
+    if maps.lut1 is None or maps.lut2 is None or any(t.device.type != "cpu" for t in tensors):
+        return False
+    if p.dtype not in _NATIVE_DTYPES or not p.is_contiguous():
+        return False
+    if not all(t.is_contiguous() for t in (state1, state2, absmax1, absmax2)):
+        return False
+    ext = cpu_ext.load()
+    if ext is None:
+        return False
+    if g.dtype not in _NATIVE_DTYPES:
+        g = g.float()
+    ext.adamw_8bit_step(
+        p,
+        g.contiguous(),
+        state1,
+        state2,
+        absmax1,
+        absmax2,
+        maps.qmap1,
+        maps.qmap2,
+        maps.bounds1,
+        maps.bounds2,
+        maps.lut1,
+        maps.lut2,
+        sc.decay,
+        sc.w1,
+        sc.beta2,
+        sc.w2,
+        sc.step_size,
+        sc.bc2_sqrt,
+        sc.eps,
+        sc.weight_decay != 0,
+        isa,
+    )
+    return True
+
+
 __all__ = [
     "MIN_8BIT_SIZE",
     "QBLOCK",
     "QuantMaps",
     "StepScalars",
     "adamw_8bit_",
+    "adamw_8bit_native_",
     "adamw_32bit_",
     "block_absmax",
     "dequantize_blockwise",
     "nblocks",
+    "nearest_code_lut",
     "quant_maps",
     "quantize_blockwise",
 ]
