@@ -447,9 +447,21 @@ def test_grpo_demo_task_is_fixed_and_its_rewards_score_one_word_answers(tmp_path
     }
     rewards = parse_rewards(demo_grpo.REWARD, None)
     assert [r.name for r in rewards] == ["one_word", "contains_answer"]
-    completions = ["cold", "The opposite of hot is cold.", "", "warm"]
-    got = score_rewards(rewards, ["p"] * 4, completions, [[1]] * 4, {"answer": ["cold"] * 4})
-    assert got == [[1.0, 1.0], [pytest.approx(1 / 6), 1.0], [0.0, 0.0], [1.0, 0.0]]
+    long_word = "x" * (demo_grpo.MAX_WORD_LETTERS + 1)
+    completions = [
+        "cold",
+        "The opposite of hot is cold.",
+        "",
+        "Warm!",
+        '"ice-cold"',
+        "HETATM" * 8,  # a policy that dropped its spaces: not a word
+        f"cold {long_word}",
+        "cold 42",
+    ]
+    n = len(completions)
+    got = score_rewards(rewards, ["p"] * n, completions, [[1]] * n, {"answer": ["cold"] * n})
+    assert [g[0] for g in got] == [1.0, pytest.approx(1 / 6), 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert [g[1] for g in got] == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0]
 
 
 @pytest.mark.slow  # two 2-process launches (~60 s of CPU); the one-process resume is above

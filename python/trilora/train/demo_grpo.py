@@ -43,13 +43,23 @@ REWARD = "trilora.train.demo_grpo:one_word; contains:answer"
 HELD_OUT = 12
 
 
+_PUNCTUATION = ".,;:!?'\"()"
+MAX_WORD_LETTERS = 15
+
+
 def one_word(completions: list, **_) -> list[float]:
-    """1 / the number of words of each completion (0 for an empty one); TRL's convention."""
+    """1 / the number of words of each completion; 0 for an empty one, and 0 when any
+    "word" is not one (letters and hyphens, at most 15 of them, once surrounding punctuation
+    is stripped): a policy that drops its spaces ("HETATMHETATM...") would otherwise score 1
+    with one long non-word, which GRPO found at lr 5e-3 in 8 steps. TRL's convention."""
     out = []
     for c in completions:
         text = c[-1]["content"] if isinstance(c, list) else c
-        words = text.split()
-        out.append(1.0 / len(words) if words else 0.0)
+        words = [w.strip(_PUNCTUATION) for w in text.split()]
+        real = all(
+            0 < len(w) <= MAX_WORD_LETTERS and w.replace("-", "").isalpha() for w in words
+        )
+        out.append(1.0 / len(words) if words and real else 0.0)
     return out
 
 
@@ -82,11 +92,11 @@ def demo_grpo_settings(model: str, cache: Path) -> dict:
         "batch_size": 4,
         "num_generations": 4,
         "max_completion_length": 12,
-        "temperature": 0.7,
-        "lr": 1e-3,
+        "temperature": 1.0,
+        "lr": 2.5e-3,
         "lora_dropout": 0.0,
         "warmup_steps": 0,
-        "max_steps": 16,
+        "max_steps": 12,
         "save_every": 0,
         "compare": 3,
         "max_new_tokens": 16,
