@@ -56,9 +56,7 @@ def one_word(completions: list, **_) -> list[float]:
     for c in completions:
         text = c[-1]["content"] if isinstance(c, list) else c
         words = [w.strip(_PUNCTUATION) for w in text.split()]
-        real = all(
-            0 < len(w) <= MAX_WORD_LETTERS and w.replace("-", "").isalpha() for w in words
-        )
+        real = all(0 < len(w) <= MAX_WORD_LETTERS and w.replace("-", "").isalpha() for w in words)
         out.append(1.0 / len(words) if words and real else 0.0)
     return out
 
