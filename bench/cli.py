@@ -29,12 +29,43 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import os
 import shlex
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def e2e_plans(args: argparse.Namespace, device) -> list:
+    """The e2e level's plans: :func:`trilora.bench.e2e.default_plans` with ``--steps``,
+    ``--batch``, ``--seq-len`` and ``--quant`` applied, once per ``--compute-dtype``.
+
+    Raises:
+        ValueError: a setting the plan refuses.
+    """
+    from trilora.bench import e2e
+
+    plans = e2e.default_plans(device, args.quick, args.preset)
+    for plan in plans:
+        # --batch and --seq-len size the random-token presets; a real model's batch is its
+        # examples.
+        names = ("steps",) if plan.real_model else ("steps", "batch", "seq_len")
+        for name in names:
+            if getattr(args, name) is not None:
+                setattr(plan, name, getattr(args, name))
+        plan.quant = args.quant
+        plan.__post_init__()
+    if args.compute_dtype is None:
+        return plans
+    names = ("fp32", "bf16") if args.compute_dtype == "both" else (args.compute_dtype,)
+    return [
+        dataclasses.replace(plan, dtype=e2e.COMPUTE_DTYPES[name], notes=list(plan.notes))
+        for plan in plans
+        for name in names
+    ]
+
 
 LEVEL_CHOICES = ("kernels", "e2e", "busy", "mem", "optim", "train", "all")
 # == trilora.bench.e2e.MODEL_CHOICES: the random-weight presets, then the real models
@@ -115,6 +146,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default="nf4",
         help="e2e base weights for both providers: nf4 (bitsandbytes 4-bit, double "
         "quantization) or int8 (bitsandbytes LLM.int8 bytes, load_in_8bit=True) (default: nf4)",
+    )
+    p.add_argument(
+        "--compute-dtype",
+        choices=("fp32", "bf16", "both"),
+        default=None,
+        help="e2e compute dtype of both providers (model weights, LoRA matmuls, bitsandbytes' "
+        "bnb_4bit_compute_dtype): on a CPU the answer depends on bf16 matrix units "
+        "(AVX512-BF16, AMX), which the report's CPU flags name; both runs every case twice "
+        "(default: fp32 on CPU, bf16 on CUDA)",
     )
     p.add_argument(
         "--competitors",
@@ -250,16 +290,7 @@ def _run(args: argparse.Namespace, out_dir: Path) -> int:
         t = time.perf_counter()
         print("level e2e")
         try:
-            plans = e2e.default_plans(device, args.quick, args.preset)
-            for plan in plans:
-                # --batch and --seq-len size the random-token presets; a real model's
-                # batch is its examples.
-                names = ("steps",) if plan.real_model else ("steps", "batch", "seq_len")
-                for name in names:
-                    if getattr(args, name) is not None:
-                        setattr(plan, name, getattr(args, name))
-                plan.quant = args.quant
-                plan.__post_init__()
+            plans = e2e_plans(args, device)
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
         for i, plan in enumerate(plans):
@@ -267,10 +298,11 @@ def _run(args: argparse.Namespace, out_dir: Path) -> int:
             rows += level_rows
             notes += level_notes
             # The first case's curves keep the provider names; later ones say their model.
+            label = plan.preset
+            if plan.dtype != e2e.default_dtype(device):
+                label += f", {e2e.dtype_name(plan.dtype)}"
             curves.update(
-                plan_curves
-                if i == 0
-                else {f"{p} ({plan.preset})": c for p, c in plan_curves.items()}
+                plan_curves if i == 0 else {f"{p} ({label})": c for p, c in plan_curves.items()}
             )
         notes.append(f"e2e level: {time.perf_counter() - t:.0f} s")
     if "busy" in levels:

@@ -220,6 +220,20 @@ class E2EPlan:
         return REAL_MODELS.get(self.preset)
 
 
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The e2e compute dtype when ``--compute-dtype`` is not given: fp32 on a CPU (where
+    bf16 matmuls are fast only with AVX512-BF16 or AMX), bf16 on CUDA."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bf16"``, as ``--compute-dtype`` spells it."""
+    return next(k for k, v in COMPUTE_DTYPES.items() if v == dtype)
+
+
 def real_model_plan(name: str, device: torch.device, quick: bool = False) -> E2EPlan:
     """The plan of a :data:`REAL_MODELS` case: all its examples as one batch, LoRA of the
     model's rank on every linear layer, fp32 on a CPU (bf16 on CUDA), interleaved on a CPU."""
@@ -487,6 +501,8 @@ def run(
         case = f"{plan.preset}/b{plan.batch}xs{plan.seq_len}/r{plan.rank}"
     if plan.quant != "nf4":
         case += f"/{plan.quant}"
+    if plan.dtype != default_dtype(device):
+        case += f"/{dtype_name(plan.dtype)}"
     params = dict(
         model=plan.preset,
         rank=plan.rank,

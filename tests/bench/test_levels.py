@@ -110,3 +110,31 @@ def test_train_level_runs_without_the_tests_folder(tmp_path, monkeypatch):
     rows = __import__("json").loads((tmp_path / "b" / "latest.json").read_text())["rows"]
     ours = [r for r in rows if r["provider"] == "trilora"]
     assert ours and ours[0]["status"] == "ok" and float(ours[0]["median"]) > 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "want"),
+    [(None, ["float32"]), ("bf16", ["bfloat16"]), ("both", ["float32", "bfloat16"])],
+)
+def test_compute_dtype_gives_one_case_per_dtype(flag, want):
+    """``--compute-dtype`` runs every e2e case in each dtype asked for, under its own case
+    name (a CPU's default, fp32, keeps the name earlier results have)."""
+    import argparse
+
+    import torch
+
+    from trilora.bench import cli as bench_cli
+    from trilora.bench.e2e import default_dtype, dtype_name
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    parser = bench_cli.add_parser(sub)
+    argv = ["--level", "e2e", "--quick", "--batch", "3"]
+    args = parser.parse_args(argv + (["--compute-dtype", flag] if flag else []))
+    cpu = torch.device("cpu")
+    plans = bench_cli.e2e_plans(args, cpu)
+    assert [str(p.dtype).removeprefix("torch.") for p in plans] == want
+    assert all(p.batch == 3 for p in plans)
+    assert len({(p.preset, p.dtype) for p in plans}) == len(plans)
+    assert default_dtype(cpu) == torch.float32 and dtype_name(torch.bfloat16) == "bf16"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv, "--compute-dtype", "fp16"])
