@@ -106,6 +106,7 @@ FLAGS = {
         "--batch",
         "--check",
         "--competitors",
+        "--compute-dtype",
         "--debug",
         "--device",
         "--help",
