@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from trilora.ops import cpu_matmul
+
 # --- schema -----------------------------------------------------------------------------
 
 ENV_FIELDS = (
@@ -429,19 +431,15 @@ _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile"
 
 
 def cpu_isa() -> str:
-    """The CPU's relevant ISA flags (Linux ``/proc/cpuinfo``) and the vector level torch's
-    CPU kernels use, e.g. ``"avx2 fma (torch: AVX2)"``."""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    """The CPU's relevant ISA flags (Linux ``/proc/cpuinfo``), the vector level torch's CPU
+    kernels use and the dtype trilora multiplies bf16 in there, e.g.
+    ``"avx2 fma (torch: AVX2; bf16 products in fp32)"``."""
+    flags = cpu_matmul.cpu_flags()
     have = [f for f in _ISA_FLAGS if f in flags] or ["unknown"]
     torch_level = torch.backends.cpu.get_cpu_capability()
-    return f"{' '.join(have)} (torch: {torch_level})"
+    bf16 = str(cpu_matmul.product_dtype(torch.bfloat16)).removeprefix("torch.")
+    bf16 = bf16.replace("float32", "fp32").replace("bfloat16", "bf16")
+    return f"{' '.join(have)} (torch: {torch_level}; bf16 products in {bf16})"
 
 
 def environment(device: torch.device) -> dict[str, str]:

@@ -34,18 +34,24 @@ def _reference(h, w, labels, reduction, z_loss, grad_out):
     return loss.detach(), hr.grad, wr.grad
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# bf16 twice: multiplied in bf16 and widened to fp32 (trilora.config.cpu_half_matmul)
+DTYPES = [(torch.float32, "auto"), (torch.bfloat16, "native"), (torch.bfloat16, "fp32")]
+
+
+@pytest.mark.parametrize("dtype,half_matmul", DTYPES, ids=["fp32", "bf16", "bf16-in-fp32"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_parity(seed, dtype, reduction):
+def test_parity(seed, dtype, half_matmul, reduction):
     b, t, hdim, v = 2, 13, 24, 101  # vocab not a multiple of any block
     h = torch.randn(b, t, hdim).to(dtype).requires_grad_()
     w = (torch.randn(v, hdim) / hdim**0.5).to(dtype).requires_grad_()
     labels = torch.randint(0, v, (b, t))
     labels[0, :4] = -100
     z = 1e-3 if reduction == "mean" else 0.0
-    loss = linear_cross_entropy(h, w, labels, reduction=reduction, chunk_size=7, z_loss=z)
-    grad_out = torch.randn(loss.shape) if reduction == "none" else torch.tensor(1.3)
-    loss.backward(grad_out)
+    with override(cpu_half_matmul=half_matmul):
+        loss = linear_cross_entropy(h, w, labels, reduction=reduction, chunk_size=7, z_loss=z)
+        grad_out = torch.randn(loss.shape) if reduction == "none" else torch.tensor(1.3)
+        loss.backward(grad_out)
+    assert h.grad.dtype == w.grad.dtype == dtype
     ref, dh, dw = _reference(h, w, labels, reduction, z, grad_out)
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(loss.double(), ref, atol=atol * 10, rtol=rtol)

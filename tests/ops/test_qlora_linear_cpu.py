@@ -4,6 +4,7 @@ oneDNN) against a float64 reference."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
 import math
@@ -13,8 +14,10 @@ import torch
 from helpers_dispatch import OpRecorder
 
 import trilora
+from trilora.config import override
 from trilora.native import cpu_ext
 from trilora.ops import cpu_matmul, qlora_linear
+from trilora.ops.int8_linear import int8_lora_linear, quantize_int8
 
 Q = importlib.import_module("trilora.ops.qlora_linear")
 
@@ -115,7 +118,10 @@ def test_lora_less_backward_returns_distinct_outputs(seed):
 
 
 def _reference(qw, x, a, b, bias, scale=1.7):
-    w = qw.dequantize(torch.float64)
+    return _reference_dense(qw.dequantize(torch.float64), x, a, b, bias, scale)
+
+
+def _reference_dense(w, x, a, b, bias, scale=1.7):
     xd = x.double().requires_grad_()
     ad = a.double().requires_grad_()
     bd = b.double().requires_grad_()
@@ -171,3 +177,46 @@ def test_stacked_layers_share_the_scratch_buffer_safely(seed, dtype):
     for got, ref in [(h, hd), (x.grad, xd.grad)] + [(p.grad, q.grad) for p, q in zip(params, pd)]:
         err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
         assert err <= 4 * TOL[dtype], err
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+@pytest.mark.parametrize("mode", ["native", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_activations_multiply_in_the_product_dtype(seed, monkeypatch, quant, mode, dtype):
+    """trilora.config.cpu_half_matmul: "native" multiplies the base weight in the activations'
+    dtype, "fp32" dequantizes it to fp32 and rounds once at the end; both match float64, and
+    the outputs and input gradient come back in the activations' dtype."""
+    m, k, n = 19, 72, 44
+    weight = (torch.randn(n, k) / math.sqrt(k)).to(dtype)
+    x = torch.randn(m, k).to(dtype)
+    a, b = torch.randn(4, k) / math.sqrt(k), torch.randn(n, 4) / 2
+    bias = torch.randn(n).to(dtype)
+    if quant == "nf4":
+        qw = trilora.quantize(weight, "nf4", 64, True)
+        w64 = qw.dequantize(torch.float64)
+        run = functools.partial(qlora_linear, weight=qw)
+    else:
+        codes, scb = quantize_int8(weight)
+        w64 = codes.double() * scb.double()[:, None] / 127
+        run = functools.partial(int8_lora_linear, codes=codes, scb=scb)
+    seen = []
+    real_linear = cpu_matmul.linear
+
+    def spy(lhs, rhs):
+        seen.append((lhs.dtype, rhs.dtype))
+        return real_linear(lhs, rhs)
+
+    monkeypatch.setattr(cpu_matmul, "linear", spy)
+    xi, ai, bi = (t.clone().requires_grad_() for t in (x, a, b))
+    with override(cpu_half_matmul=mode):
+        y = run(xi, lora_a=ai, lora_b=bi, scale=1.7, bias=bias)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y).to(dtype))
+    grads = [xi.grad, ai.grad, bi.grad]
+    # the two base-weight products (forward, input gradient), the weight dequantized into
+    # the activations' dtype or into fp32
+    assert seen == [(dtype, dtype if mode == "native" else torch.float32)] * 2
+    y_ref, grads_ref = _reference_dense(w64, x, a, b, bias)
+    assert y.dtype == dtype and grads[0].dtype == dtype
+    for got, ref, what in zip([y, *grads], [y_ref, *grads_ref], ["y", "dx", "dA", "dB"]):
+        err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+        assert err <= TOL[dtype], f"{what}: {err:.2e}"

@@ -19,22 +19,80 @@ values (and is what ran before). ``TRILORA_CPU_MATMUL=blas`` forces the fallback
 Only real, 2-D, fp32 CPU tensors take the oneDNN path, and only products of at least
 2**20 multiply-adds (below that its fixed cost per call wins over its faster loop). Other dtypes already reach oneDNN
 through ``torch.mm`` (bf16) or are not supported by it on most CPUs (fp16).
+
+bf16 and fp16 operands are multiplied in :func:`product_dtype`: their own dtype on a CPU
+with matrix units for it, fp32 elsewhere (``trilora.config.cpu_half_matmul`` explains the
+choice and its measurement). The products here widen such operands themselves and return
+the result in the operands' promoted dtype, so a caller that passes bf16 gets bf16 back
+either way; a caller that multiplies one operand many times (a dequantized weight, the
+head's weight across chunks) widens it once with :func:`widen` and gets fp32 back.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 import torch
 
-__all__ = ["linear", "matmul", "matmul_into", "onednn_available"]
+from trilora.config import config
+
+__all__ = [
+    "cpu_flags",
+    "linear",
+    "matmul",
+    "matmul_into",
+    "onednn_available",
+    "product_dtype",
+    "widen",
+]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # Below about 2**20 multiply-adds oneDNN's per-call cost (~10 us) outweighs its faster loop
 # (measured crossover on the machine above: 16 x 256 x 256); M = 1 is never above it for
 # the projection sizes where it would matter.
 _MIN_MACS = 1 << 20
+# /proc/cpuinfo flags of hardware that multiplies the dtype (x86 "flags", Arm "Features").
+# PyTorch's Arm fp16 GEMMs use the half-precision vector unit (asimdhp).
+_NATIVE_HALF_FLAGS = {
+    torch.bfloat16: frozenset({"avx512_bf16", "amx_bf16", "bf16"}),
+    torch.float16: frozenset({"avx512_fp16", "amx_fp16", "asimdhp"}),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them in ``/proc/cpuinfo`` (x86 ``flags``, Arm
+    ``Features``, e.g. ``"avx2"``, ``"amx_bf16"``); empty where they cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def product_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the CPU paths multiply operands of ``dtype`` in: ``dtype`` itself, except
+    bf16/fp16 on a CPU without matrix units for it, which run in fp32
+    (``trilora.config.cpu_half_matmul``)."""
+    if dtype not in _NATIVE_HALF_FLAGS or config.cpu_half_matmul == "native":
+        return dtype
+    if config.cpu_half_matmul == "fp32":
+        return torch.float32
+    flags = cpu_flags()
+    # Unreadable flags (not Linux): keep the dtype, as before this switch existed.
+    return dtype if not flags or flags & _NATIVE_HALF_FLAGS[dtype] else torch.float32
+
+
+def widen(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in :func:`product_dtype` of its dtype (``t`` itself when that is its dtype, or
+    when it is not a plain CPU tensor: fake and CUDA tensors keep their dtype)."""
+    if type(t) not in _PLAIN or t.device.type != "cpu":
+        return t
+    return t.to(product_dtype(t.dtype))
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,21 +136,28 @@ def _use_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` for ``x`` ``[M, K]`` and ``weight`` ``[N, K]`` (any strides) -> ``[M, N]``."""
+    """``x @ weight.T`` for ``x`` ``[M, K]`` and ``weight`` ``[N, K]`` (any strides) -> ``[M, N]``
+    in the promoted dtype of the two (bf16 operands multiplied in :func:`product_dtype`)."""
+    result_dtype = (
+        x.dtype if x.dtype == weight.dtype else torch.promote_types(x.dtype, weight.dtype)
+    )
+    x, weight = widen(x), widen(weight)
     if _use_onednn(x, weight):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-    return x @ weight.t()
+        out = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    else:
+        out = x @ weight.t()
+    return out.to(result_dtype)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` for ``a`` ``[M, N]`` and ``b`` ``[N, K]`` (any strides) -> ``[M, K]``."""
-    if _use_onednn(a, b):
-        return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
-    return a @ b
+    """``a @ b`` for ``a`` ``[M, N]`` and ``b`` ``[N, K]`` (any strides) -> ``[M, K]`` in the
+    promoted dtype of the two (bf16 operands multiplied in :func:`product_dtype`)."""
+    return linear(a, b.t())
 
 
 def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``out = a @ b`` (``torch.mm(a, b, out=out)``), ``out`` ``[M, K]`` contiguous."""
-    if _use_onednn(a, b):
-        return out.copy_(torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], ""))
-    return torch.mm(a, b, out=out)
+    """``out = a @ b`` for ``out`` ``[M, K]`` contiguous of any float dtype (the product is
+    rounded to it once)."""
+    if out.dtype == a.dtype == b.dtype == widen(a).dtype and not _use_onednn(a, b):
+        return torch.mm(a, b, out=out)
+    return out.copy_(matmul(a, b))

@@ -10,7 +10,9 @@ The tokens are processed in chunks of ``chunk_size`` rows; for each chunk the fo
    trainable, ``grad_W += dlogits.T @ hidden[chunk]`` (fp32 accumulator),
 
 and then drops the chunk (Liger-Kernel's scheme). On the CPU the fp32 chunk GEMMs run
-through oneDNN where it is faster than the BLAS (:mod:`trilora.ops.cpu_matmul`). Backward only multiplies the stored
+through oneDNN where it is faster than the BLAS (:mod:`trilora.ops.cpu_matmul`); bf16 ones
+on a CPU without bf16 matrix units run in fp32 (``trilora.config.cpu_half_matmul``), with
+the weight widened once per pass and the chunk's logits in fp32. Backward only multiplies the stored
 gradients by the incoming scalar. Peak extra memory is one chunk of logits plus
 ``grad_hidden`` (the size of ``hidden``), instead of two or three ``[tokens, vocab]``
 tensors (logits, their fp32 upcast, their gradient) for ``lm_head`` + ``F.cross_entropy``.
@@ -127,10 +129,7 @@ def _chunks(n: int, chunk: int):
 def _accumulate_weight_grad(grad_w: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> None:
     # Accumulated in fp32 across chunks: summing hundreds of bf16 partial products in bf16
     # would lose the small contributions.
-    if dlogits.dtype == torch.float32:
-        grad_w.addmm_(dlogits.t(), h)
-    else:
-        grad_w.addmm_(dlogits.t().float(), h.float())
+    grad_w.addmm_(dlogits.t().float(), h.float())
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -158,16 +157,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             else None
         )
         losses = hidden.new_empty((n,), dtype=torch.float32)
+        weight_product = cpu_matmul.widen(weight)
         for s, e in _chunks(n, chunk):
             h = hidden[s:e]
-            logits = cpu_matmul.linear(h, weight)
+            logits = cpu_matmul.linear(h, weight_product)
             loss_c, _ = cross_entropy_inplace_(logits, labels[s:e], scale, ignore_index, z_loss)
             losses[s:e] = loss_c
             if grad_h is not None:
-                cpu_matmul.matmul_into(grad_h[s:e], logits, weight)
+                cpu_matmul.matmul_into(grad_h[s:e], logits, weight_product)
             if grad_w is not None:
                 _accumulate_weight_grad(grad_w, logits, h)
             del logits
+        del weight_product
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, labels)
             return losses
@@ -196,14 +197,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         )
         row_scale = grad_out.to(torch.float32)
+        weight_product = cpu_matmul.widen(weight)
         for s, e in _chunks(hidden.shape[0], ctx.chunk):
             h = hidden[s:e]
-            logits = cpu_matmul.linear(h, weight)
+            logits = cpu_matmul.linear(h, weight_product)
             cross_entropy_inplace_(
                 logits, labels[s:e], row_scale[s:e].contiguous(), ctx.ignore_index, ctx.z_loss
             )
             if grad_h is not None:
-                cpu_matmul.matmul_into(grad_h[s:e], logits, weight)
+                cpu_matmul.matmul_into(grad_h[s:e], logits, weight_product)
             if grad_w is not None:
                 _accumulate_weight_grad(grad_w, logits, h)
             del logits

@@ -158,23 +158,25 @@ def lora_linear_forward(
         )
         return y, (xa if xa is not None else _empty_lora(x))
     # The dequantized weight lives in a reused per-thread buffer (no page faults), consumed
-    # by the GEMM before anything else dequantizes.
-    weight = dequantize(x.dtype)
+    # by the GEMM before anything else dequantizes. It is dequantized straight into the
+    # product dtype (fp32 for bf16 activations on a CPU without bf16 matrix units), and y
+    # then stays in that dtype until the bias and the LoRA term are in: one rounding.
+    weight = dequantize(cpu_matmul.product_dtype(x.dtype))
     y = cpu_matmul.linear(x, weight)
     del weight
     if bias is not None:
         y += bias.to(y.dtype)
     if lora_a is None:
-        return y, _empty_lora(x)
+        return y.to(x.dtype), _empty_lora(x)
     # PEFT runs the LoRA branch in the factors' dtype (fp32 after
     # prepare_model_for_kbit_training) and adds it in the activation dtype; so do we.
     xa = _dropped(x, dropout_mask, dropout_scale).to(lora_a.dtype) @ lora_a.t()
-    if lora_b.dtype == y.dtype:
+    if xa.dtype == lora_b.dtype == y.dtype:
         # y += scale * xa @ B.T inside the GEMM: no [M, N] LoRA product, scaled copy or sum.
         y.addmm_(xa, lora_b.t(), alpha=scale)
     else:
         y = y + (scale * (xa @ lora_b.t())).to(y.dtype)
-    return y, xa.float()
+    return y.to(x.dtype), xa.float()
 
 
 qlora_linear_fwd = torch.library.custom_op("trilora::qlora_linear_fwd", _forward, mutates_args=())
@@ -307,21 +309,23 @@ def lora_linear_backward(
     # The torch path (CPU): one dequantization, the LoRA terms folded into GEMMs with their
     # scale, and [M, r]-sized temporaries only (bitsandbytes + PEFT also scale and sum
     # [M, N] and [M, K] tensors here).
+    # dx stays in the product dtype (see the forward) until the LoRA term is in.
     dx = _no_grad(x)
     if needs_input_grad:
-        weight = dequantize(dy.dtype)
+        weight = dequantize(cpu_matmul.product_dtype(dy.dtype))
         dx = cpu_matmul.matmul(dy, weight)
         del weight
     if not has_lora:
-        return dx, _no_grad(x), _no_grad(x)
+        return dx.to(x.dtype), _no_grad(x), _no_grad(x)
     dy_lora = dy.to(lora_b.dtype)
     dyb = dy_lora @ lora_b
     if needs_input_grad:
-        if dropout_mask is None and dx.dtype == dyb.dtype:
+        if dropout_mask is None and dx.dtype == dyb.dtype == lora_a.dtype:
             dx.addmm_(dyb, lora_a, alpha=scale)
         else:
             dx_lora = _dropped(dyb @ lora_a, dropout_mask, dropout_scale)
             dx = dx + (scale * dx_lora).to(dx.dtype)
+        dx = dx.to(x.dtype)
     if not needs_lora_grad:
         return dx, _no_grad(x), _no_grad(x)
     x_dropped = _dropped(x, dropout_mask, dropout_scale).to(lora_a.dtype)
