@@ -45,6 +45,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from trilora import patches, presets
 from trilora.config import config as runtime
+from trilora.config import override
 from trilora.formats import QuantConfig
 from trilora.memory import optimizer_model, timeline
 from trilora.memory.attention import register
@@ -554,8 +555,13 @@ def trace_trilora(
     layers = model.config.num_hidden_layers
     static = static_breakdown(model)
     linears = _linear_shapes(model)
-    # allow_non_fake_inputs: to_empty() converts the meta parameters inside the mode.
-    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    # allow_non_fake_inputs: to_empty() converts the meta parameters inside the mode. A real
+    # step multiplies in the model's dtype, as a GPU does: a CPU without bf16 matrix units
+    # would otherwise widen bf16 products to fp32 (config.cpu_half_matmul), temporaries the
+    # traced device never holds.
+    mode = (
+        FakeTensorMode(allow_non_fake_inputs=True) if fake else override(cpu_half_matmul="native")
+    )
     with mode, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.to_empty(device="cpu")
