@@ -9,7 +9,7 @@
 #include "ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "trilora CPU extension: 4-bit dequantization, the RMSNorm backward, 8-bit AdamW";
+  m.doc() = "trilora CPU extension: 4-bit and int8 weights, the RMSNorm backward, 8-bit AdamW";
   m.def("dequantize_4bit_out", &trilora_cpu::dequantize_4bit_out, py::arg("packed"), py::arg("absmax"),
         py::arg("code"), py::arg("nested_absmax"), py::arg("nested_code"), py::arg("offset"),
         py::arg("nested_blocksize"), py::arg("blocksize"), py::arg("out"), py::arg("isa") = "auto",
@@ -25,6 +25,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "One AdamW step with blockwise 8-bit state, in place (trilora.optim.blockwise.adamw_8bit_).");
   m.def("adamw_8bit_lut_bytes", &trilora_cpu::adamw_8bit_lut_bytes,
         "Bytes of the nearest-code table adamw_8bit_step takes per map.");
+  m.def("dequantize_int8_out", &trilora_cpu::dequantize_int8_out, py::arg("codes"), py::arg("scb"), py::arg("out"),
+        py::arg("isa") = "auto",
+        "Dequantize int8 codes [N, K] with row scales SCB [N] into out (contiguous fp32/fp16/bf16).");
+  m.def("int8_small_m_linear", &trilora_cpu::int8_small_m_linear, py::arg("x"), py::arg("codes"), py::arg("scb"),
+        py::arg("isa") = "auto", "y [M, N] fp32 = x [M, K] fp32 @ W.T straight from the int8 codes (small M).");
+  m.def("int8_small_m_max_rows", &trilora_cpu::int8_small_m_max_rows,
+        "The most rows int8_small_m_linear takes.");
   m.def(
       "best_isa", [] { return trilora_cpu::isa_name(trilora_cpu::best_isa()); },
       "The instruction set the kernels use on this CPU: avx512, avx2 or scalar.");

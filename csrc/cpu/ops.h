@@ -34,4 +34,13 @@ void adamw_8bit_step(at::Tensor& p, const at::Tensor& g, at::Tensor& state1, at:
 // The number of bytes adamw_8bit_step expects in each code table.
 int64_t adamw_8bit_lut_bytes();
 
+// int8_linear.cpp: bitsandbytes int8 weights, codes int8 [N, K] and SCB fp32 [N].
+// W = (codes * SCB) * (1/127) into out (contiguous fp32/fp16/bf16, N * K elements).
+void dequantize_int8_out(const at::Tensor& codes, const at::Tensor& scb, at::Tensor& out,
+                         const std::string& isa_choice);
+// y [M, N] fp32 = x [M, K] fp32 @ W.T, read from the codes, for M <= int8_small_m_max_rows().
+at::Tensor int8_small_m_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scb,
+                               const std::string& isa_choice);
+int64_t int8_small_m_max_rows();
+
 }  // namespace trilora_cpu

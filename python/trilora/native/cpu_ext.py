@@ -1,5 +1,5 @@
-"""trilora's CPU extension (``csrc/cpu/``): 4-bit dequantization, the RMSNorm backward
-and the 8-bit AdamW update, each in one native pass.
+"""trilora's CPU extension (``csrc/cpu/``): 4-bit and int8 dequantization, the int8 small-M
+product, the RMSNorm backward and the 8-bit AdamW update, each in one native pass.
 
 :func:`load` returns the compiled module (built with ninja the first time this version of
 the sources is needed on the machine, which it says on stderr, and loaded silently from
@@ -10,6 +10,9 @@ keep their torch path, which gives the same values, only slower. Its functions:
 
 * ``dequantize_4bit_out(packed, absmax, code, nested_absmax, nested_code, offset,
   nested_blocksize, blocksize, out, isa="auto")``: see :func:`dequantize_4bit_into`;
+* ``dequantize_int8_out(codes, scb, out, isa="auto")``, ``int8_small_m_linear(x, codes, scb,
+  isa="auto")`` and ``int8_small_m_max_rows()``: see :func:`dequantize_int8_into` and
+  :func:`int8_small_m_linear`;
 * ``rms_norm_backward(dy, x, weight, rstd, need_weight_grad, isa="auto")``: see
   :mod:`trilora.ops.rms_norm`;
 * ``adamw_8bit_step(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, bounds1, bounds2,
@@ -35,7 +38,13 @@ import torch
 from trilora.native import NativeExtensionWarning, load_extension, unavailable_reason
 
 NAME = "trilora_cpu"
-SOURCES = ("cpu/ext.cpp", "cpu/dequantize_4bit.cpp", "cpu/rms_norm.cpp", "cpu/adamw_8bit.cpp")
+SOURCES = (
+    "cpu/ext.cpp",
+    "cpu/dequantize_4bit.cpp",
+    "cpu/int8_linear.cpp",
+    "cpu/rms_norm.cpp",
+    "cpu/adamw_8bit.cpp",
+)
 CUDA = False
 LABEL = "trilora's CPU extension"
 USUAL = "usually 20-60 s on 2 cores"
@@ -53,8 +62,8 @@ def _cflags() -> tuple[str, ...]:
 
 CFLAGS = _cflags()
 FALLBACK_NOTE = (
-    "On CPU that is trilora's torch path for 4-bit dequantization, the RMSNorm backward and "
-    "the 8-bit AdamW update: the same results, several times slower."
+    "On CPU that is trilora's torch path for 4-bit and int8 dequantization, the RMSNorm "
+    "backward and the 8-bit AdamW update: the same results, several times slower."
 )
 
 _UNSET = object()
@@ -137,4 +146,59 @@ def dequantize_4bit_into(
     return True
 
 
-__all__ = ["NAME", "SOURCES", "available", "dequantize_4bit_into", "load", "reason"]
+def dequantize_int8_into(
+    out: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor, isa: str = "auto"
+) -> bool:
+    """``out = (codes * scb[:, None]) * (1/127)`` with the extension, the bits of
+    :func:`trilora.ops.int8_linear.dequantize_int8_impl`'s torch path; ``False`` (nothing
+    written) when it is unavailable.
+
+    Args:
+        out: contiguous CPU tensor of ``N * K`` elements, fp32/fp16/bf16 (any shape).
+        codes: contiguous int8 ``[N, K]``.
+        scb: contiguous fp32 ``[N]``.
+        isa: ``"auto"``, or ``"scalar"``/``"avx2"`` to force a loop (tests).
+    """
+    ext = load()
+    if ext is None:
+        return False
+    ext.dequantize_int8_out(codes, scb, out, isa)
+    return True
+
+
+def int8_small_m_max_rows() -> int:
+    """The most rows :func:`int8_small_m_linear` takes (0 without the extension)."""
+    ext = load()
+    return 0 if ext is None else int(ext.int8_small_m_max_rows())
+
+
+def int8_small_m_linear(
+    x: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor, isa: str = "auto"
+) -> torch.Tensor | None:
+    """``x @ W.T`` for a few rows, read straight from the int8 codes (``W = codes * scb / 127``);
+    ``None`` when the extension is unavailable.
+
+    Args:
+        x: contiguous fp32 ``[M, K]``, ``M <= int8_small_m_max_rows()``.
+        codes: contiguous int8 ``[N, K]``; scb: contiguous fp32 ``[N]``.
+
+    Returns:
+        fp32 ``[M, N]``.
+    """
+    ext = load()
+    if ext is None:
+        return None
+    return ext.int8_small_m_linear(x, codes, scb, isa)
+
+
+__all__ = [
+    "NAME",
+    "SOURCES",
+    "available",
+    "dequantize_4bit_into",
+    "dequantize_int8_into",
+    "int8_small_m_linear",
+    "int8_small_m_max_rows",
+    "load",
+    "reason",
+]

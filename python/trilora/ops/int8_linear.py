@@ -15,17 +15,18 @@ bodies they call):
 
 CUDA (or the Triton interpreter) with ``M <= config.fused_max_tokens`` runs the shared
 fused kernels with the int8 gather (split-K for ``M <= 16``, the decode path); larger ``M``
-dequantizes into a transient buffer for cuBLAS; CPU dequantizes with torch into a per-thread
-scratch buffer and calls oneDNN (:mod:`trilora.ops.cpu_matmul`).
+dequantizes into a transient buffer for cuBLAS; the CPU dequantizes in one native pass
+(``csrc/cpu/int8_linear.cpp``, torch without the extension) into a per-thread scratch buffer
+and calls oneDNN (:mod:`trilora.ops.cpu_matmul`), and a forward of at most 8 rows (decode,
+sampling) multiplies straight from the int8 codes (:func:`small_m_product`).
 """
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from trilora.config import use_triton
+from trilora.native import cpu_ext
 from trilora.ops.qlora_linear import (
     check_qlora_inputs,
     dropout_keep_mask,
@@ -34,9 +35,11 @@ from trilora.ops.qlora_linear import (
     lora_linear_forward,
     named_grads,
 )
+from trilora.ops.quantize import scratch_buffer
 
 _INV_127 = 7.874015718698502e-3  # bitsandbytes' 1/127 (int8_vectorwise_dequant)
-_SCRATCH = threading.local()
+_NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,33 +53,47 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scb
 
 
-def _scratch(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    buffers = getattr(_SCRATCH, "buffers", None)
-    if buffers is None:
-        buffers = _SCRATCH.buffers = {}
-    numel = shape[0] * shape[1]
-    buf = buffers.get(dtype)
-    if buf is None or buf.numel() < numel:
-        buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
-    return buf[:numel].view(shape)
-
-
 def dequantize_int8_impl(
     codes: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype, scratch: bool = False
 ) -> torch.Tensor:
     """``[N, K]`` in ``dtype``: ``(codes * scb) * (1/127)`` in fp32, then one cast; float64
-    is the exact ``codes * scb / 127``. ``scratch=True`` (CPU): the result may be a view of a
+    is the exact ``codes * scb / 127``. On the CPU the native extension writes it in one pass
+    (the same bits as the torch path). ``scratch=True`` (CPU): the result may be a view of a
     per-thread buffer that the next such call overwrites."""
     if dtype == torch.float64:
         return codes.double() * scb.double().unsqueeze(1) / 127
-    if scratch and codes.device.type == "cpu" and codes.dim() == 2:
-        out32 = _scratch(tuple(codes.shape), torch.float32)
+    cpu = codes.device.type == "cpu" and codes.dim() == 2
+    if cpu and dtype in _NATIVE_DTYPES and codes.is_contiguous() and scb.is_contiguous():
+        shape = tuple(codes.shape)
+        out = scratch_buffer(codes.numel(), dtype).view(shape) if scratch else None
+        out = out if out is not None else torch.empty(shape, dtype=dtype)
+        if cpu_ext.dequantize_int8_into(out, codes, scb):
+            return out
+    if scratch and cpu:
+        out32 = scratch_buffer(codes.numel(), torch.float32).view(tuple(codes.shape))
         torch.mul(codes, scb.unsqueeze(1), out=out32).mul_(_INV_127)
         if dtype == torch.float32:
             return out32
-        out = _scratch(tuple(codes.shape), dtype)
+        out = scratch_buffer(codes.numel(), dtype).view(tuple(codes.shape))
         return out.copy_(out32)
     return (codes * scb.unsqueeze(1) * _INV_127).to(dtype)
+
+
+def small_m_product(x: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor) -> torch.Tensor | None:
+    """``x @ W.T`` in fp32 ``[M, N]`` for a CPU ``x`` ``[M, K]`` of a few rows (decode,
+    sampling), read straight from the codes by the native extension; ``None`` where it does
+    not serve the call (more rows, no extension, not a plain CPU tensor).
+
+    At M <= 8 the product is bound by reading the weight: 1 byte per weight here against 9
+    for dequantize (1 read, 4 written) + GEMM (4 read back)."""
+    if (
+        x.device.type != "cpu"
+        or type(x) not in _PLAIN
+        or x.shape[0] > cpu_ext.int8_small_m_max_rows()
+        or not (codes.is_contiguous() and scb.is_contiguous())
+    ):
+        return None
+    return cpu_ext.int8_small_m_linear(x.float().contiguous(), codes, scb)
 
 
 @torch.library.custom_op("trilora::dequantize_int8", mutates_args=())
@@ -125,6 +142,7 @@ def _forward(
         bias,
         dropout_mask,
         dropout_scale,
+        small_m=lambda rows: small_m_product(rows, codes, scb),
     )
 
 

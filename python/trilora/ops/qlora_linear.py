@@ -143,12 +143,15 @@ def lora_linear_forward(
     bias: torch.Tensor | None,
     dropout_mask: torch.Tensor | None,
     dropout_scale: float,
+    small_m: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The format-independent forward on 2-D ``x`` ``[M, K]``: ``(y [M, N], xa [M, r])``.
 
     ``kernel_args()`` gives the weight tuple the fused Triton launchers take (any format
     they know: ``Weight4bit``, ``Weight8bit``); ``dequantize(dtype)`` gives the ``[N, K]``
-    weight in ``dtype``, possibly in a per-thread scratch buffer (used and dropped at once).
+    weight in ``dtype``, possibly in a per-thread scratch buffer (used and dropped at once);
+    ``small_m(x)``, where the format has one, gives ``x @ W.T`` in fp32 for a CPU call it
+    serves without a dequantized weight (few rows), else ``None``.
     """
     if _use_fused(x):
         from trilora.kernels.qlora_linear import qlora_forward
@@ -161,9 +164,11 @@ def lora_linear_forward(
     # by the GEMM before anything else dequantizes. It is dequantized straight into the
     # product dtype (fp32 for bf16 activations on a CPU without bf16 matrix units), and y
     # then stays in that dtype until the bias and the LoRA term are in: one rounding.
-    weight = dequantize(cpu_matmul.product_dtype(x.dtype))
-    y = cpu_matmul.linear(x, weight)
-    del weight
+    y = small_m(x) if small_m is not None else None
+    if y is None:
+        weight = dequantize(cpu_matmul.product_dtype(x.dtype))
+        y = cpu_matmul.linear(x, weight)
+        del weight
     if bias is not None:
         y += bias.to(y.dtype)
     if lora_a is None:

@@ -292,7 +292,7 @@ def dequantize_4bit_cpu_native(
     one it serves (a non-CPU tensor, an output dtype other than fp32/fp16/bf16).
 
     ``scratch=True`` writes into this thread's reusable buffer instead of a new tensor (see
-    :func:`_scratch_buffer`): for callers that drop the weight before they dequantize again.
+    :func:`scratch_buffer`): for callers that drop the weight before they dequantize again.
     """
     if packed.device.type != "cpu" or dtype not in _NATIVE_DTYPES:
         return None
@@ -301,7 +301,7 @@ def dequantize_4bit_cpu_native(
     if cpu_ext.load() is None:
         return None
     if scratch:
-        out = _scratch_buffer(math.prod(shape), dtype).view(shape)
+        out = scratch_buffer(math.prod(shape), dtype).view(shape)
     else:
         out = torch.empty(shape, dtype=dtype, device=packed.device)
     cpu_ext.dequantize_4bit_into(
@@ -322,7 +322,7 @@ def dequantize_4bit_cpu_native(
 _SCRATCH = threading.local()
 
 
-def _scratch_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+def scratch_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """This thread's reusable CPU buffer of at least ``numel`` elements of ``dtype``.
 
     A fresh tensor for every dequantized weight costs more than the dequantization: the
