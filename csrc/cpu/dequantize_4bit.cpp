@@ -189,22 +189,19 @@ void dequantize_into(const uint8_t* packed, const Scales& scales, const float* c
 
 }  // namespace
 
-// packed: uint8 [(n + 1) / 2]; absmax: fp32 [nblocks], or uint8 [nblocks] with the nested
-// state; code: fp32 [16]; out: a contiguous fp32/fp16/bf16 tensor of n elements, written.
-void dequantize_4bit_out(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
-                         const c10::optional<at::Tensor>& nested_absmax,
-                         const c10::optional<at::Tensor>& nested_code, double offset,
-                         int64_t nested_blocksize, int64_t blocksize, at::Tensor& out,
-                         const std::string& isa_choice) {
-  const int64_t n = out.numel();
+namespace {
+
+// The checks and the scale decoder shared by the entry points: n elements of 4-bit codes.
+Scales checked_scales(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                      const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
+                      double offset, int64_t nested_blocksize, int64_t blocksize, int64_t n) {
   TORCH_CHECK(blocksize > 0 && blocksize % 2 == 0, "blocksize must be a positive even number, got ", blocksize);
-  TORCH_CHECK(packed.device().is_cpu() && absmax.device().is_cpu() && code.device().is_cpu() && out.device().is_cpu(),
-              "dequantize_4bit (CPU extension) takes CPU tensors");
+  TORCH_CHECK(packed.device().is_cpu() && absmax.device().is_cpu() && code.device().is_cpu(),
+              "4-bit weights (CPU extension) take CPU tensors");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8");
   TORCH_CHECK(packed.numel() >= (n + 1) / 2, "packed holds ", packed.numel(), " bytes, need ", (n + 1) / 2);
   TORCH_CHECK(code.scalar_type() == at::kFloat && code.is_contiguous() && code.numel() == 16,
               "code must be a contiguous fp32 [16] table");
-  TORCH_CHECK(out.is_contiguous(), "out must be contiguous");
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
   TORCH_CHECK(absmax.is_contiguous() && absmax.numel() >= nblocks, "absmax must be contiguous with ", nblocks,
               " blocks");
@@ -229,6 +226,139 @@ void dequantize_4bit_out(const at::Tensor& packed, const at::Tensor& absmax, con
     TORCH_CHECK(absmax.scalar_type() == at::kFloat, "absmax must be fp32 (or uint8 with the nested state)");
     scales.absmax = absmax.data_ptr<float>();
   }
+  return scales;
+}
+
+// --- small-M product: y [M, N] = x [M, K] @ W.T straight from the packed codes -------------
+//
+// For decode and sampling (a few rows of x), the product is bound by reading the weight:
+// this reads half a byte per weight, where dequantize + GEMM moves 4.5 (0.5 read, 4 written,
+// 4 read back). Each weight is the same fp32 value dequantization gives (code * scale, one
+// product), multiplied into fp32 accumulators; rows of W may start and end inside a block.
+
+// One element's weight (scalar loop; the first element of a byte is its high nibble).
+inline float weight_at(const uint8_t* packed, const float* table, int64_t e) {
+  const uint8_t byte = packed[e >> 1];
+  return table[(e & 1) ? (byte & 0xF) : (byte >> 4)];
+}
+
+void small_m_scalar(const float* x, const uint8_t* packed, const Scales& scales, const float* code,
+                    int64_t blocksize, int64_t m, int64_t k, int64_t n0, int64_t n1, int64_t n, float* y) {
+  float table[16];
+  int64_t table_block = -1;
+  for (int64_t row = n0; row < n1; ++row) {
+    float sum[kMaxSmallM] = {};
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t e = row * k + j;
+      if (e / blocksize != table_block) {
+        table_block = e / blocksize;
+        const float s = scales(table_block);
+        for (int t = 0; t < 16; ++t) table[t] = code[t] * s;
+      }
+      const float w = weight_at(packed, table, e);
+      for (int64_t i = 0; i < m; ++i) sum[i] += x[i * k + j] * w;
+    }
+    for (int64_t i = 0; i < m; ++i) y[i * n + row] = sum[i];
+  }
+}
+
+#ifdef TRILORA_X86
+TRILORA_AVX2 inline float hsum_avx2(__m256 v) {
+  const __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+}
+
+// 16 weights from 8 bytes (elements e .. e + 15, e even), table split in lo8/hi8.
+TRILORA_AVX2 inline void weights16_avx2(const uint8_t* bytes, __m256 lo8, __m256 hi8, __m256& v0, __m256& v1) {
+  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
+  const __m256i hi = _mm256_srli_epi32(w, 4);
+  const __m256i lo = _mm256_and_si256(w, _mm256_set1_epi32(0xF));
+  const __m256i ul = _mm256_unpacklo_epi32(hi, lo);
+  const __m256i uh = _mm256_unpackhi_epi32(hi, lo);
+  v0 = lookup_avx2(_mm256_permute2x128_si256(ul, uh, 0x20), lo8, hi8);
+  v1 = lookup_avx2(_mm256_permute2x128_si256(ul, uh, 0x31), lo8, hi8);
+}
+
+template <int M>
+TRILORA_AVX2 void small_m_rows_avx2(const float* x, const uint8_t* packed, const Scales& scales, const float* code,
+                                    int64_t blocksize, int64_t k, int64_t n0, int64_t n1, int64_t n, float* y) {
+  // two accumulators per row of x: M * 2 >= 2 chains of fused multiply-adds in flight
+  const __m256 code_lo = _mm256_loadu_ps(code);
+  const __m256 code_hi = _mm256_loadu_ps(code + 8);
+  float table[16];
+  for (int64_t row = n0; row < n1; ++row) {
+    __m256 acc[M][2];
+    for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    float tail[M] = {};
+    const int64_t start = row * k, end = start + k;
+    int64_t e = start;
+    int64_t block = -1;
+    auto scalar_upto = [&](int64_t stop) {
+      for (; e < stop; ++e) {
+        if (e / blocksize != block) {
+          block = e / blocksize;
+          const float s = scales(block);
+          for (int t = 0; t < 16; ++t) table[t] = code[t] * s;
+        }
+        const float w = weight_at(packed, table, e);
+        for (int i = 0; i < M; ++i) tail[i] += x[i * k + (e - start)] * w;
+      }
+    };
+    // up to the first 16-aligned element (blocks are multiples of 16: a group never straddles)
+    scalar_upto(std::min(end, (start + 15) / 16 * 16));
+    __m256 lo8 = _mm256_setzero_ps(), hi8 = _mm256_setzero_ps();
+    int64_t vec_block = -1;
+    for (; e + 16 <= end; e += 16) {
+      const int64_t b = e / blocksize;
+      if (b != vec_block) {
+        vec_block = b;
+        const __m256 s = _mm256_set1_ps(scales(b));
+        lo8 = _mm256_mul_ps(code_lo, s);
+        hi8 = _mm256_mul_ps(code_hi, s);
+      }
+      __m256 v0, v1;
+      weights16_avx2(packed + (e >> 1), lo8, hi8, v0, v1);
+      const float* xe = x + (e - start);
+      for (int i = 0; i < M; ++i) {
+        acc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xe + i * k), v0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xe + i * k + 8), v1, acc[i][1]);
+      }
+    }
+    block = -1;
+    scalar_upto(end);
+    for (int i = 0; i < M; ++i) y[i * n + row] = hsum_avx2(_mm256_add_ps(acc[i][0], acc[i][1])) + tail[i];
+  }
+}
+
+void small_m_avx2(const float* x, const uint8_t* packed, const Scales& scales, const float* code, int64_t blocksize,
+                  int64_t m, int64_t k, int64_t n0, int64_t n1, int64_t n, float* y) {
+  switch (m) {
+    case 1: return small_m_rows_avx2<1>(x, packed, scales, code, blocksize, k, n0, n1, n, y);
+    case 2: return small_m_rows_avx2<2>(x, packed, scales, code, blocksize, k, n0, n1, n, y);
+    case 3: return small_m_rows_avx2<3>(x, packed, scales, code, blocksize, k, n0, n1, n, y);
+    case 4: return small_m_rows_avx2<4>(x, packed, scales, code, blocksize, k, n0, n1, n, y);
+    case 5: return small_m_rows_avx2<5>(x, packed, scales, code, blocksize, k, n0, n1, n, y);
+    case 6: return small_m_rows_avx2<6>(x, packed, scales, code, blocksize, k, n0, n1, n, y);
+    case 7: return small_m_rows_avx2<7>(x, packed, scales, code, blocksize, k, n0, n1, n, y);
+    default: return small_m_rows_avx2<8>(x, packed, scales, code, blocksize, k, n0, n1, n, y);
+  }
+}
+#endif  // TRILORA_X86
+
+}  // namespace
+
+// packed: uint8 [(n + 1) / 2]; absmax: fp32 [nblocks], or uint8 [nblocks] with the nested
+// state; code: fp32 [16]; out: a contiguous fp32/fp16/bf16 tensor of n elements, written.
+void dequantize_4bit_out(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                         const c10::optional<at::Tensor>& nested_absmax,
+                         const c10::optional<at::Tensor>& nested_code, double offset,
+                         int64_t nested_blocksize, int64_t blocksize, at::Tensor& out,
+                         const std::string& isa_choice) {
+  const int64_t n = out.numel();
+  TORCH_CHECK(out.device().is_cpu() && out.is_contiguous(), "out must be a contiguous CPU tensor");
+  const Scales scales =
+      checked_scales(packed, absmax, code, nested_absmax, nested_code, offset, nested_blocksize, blocksize, n);
   if (n == 0) return;
   const Isa isa = parse_isa(isa_choice);
   const uint8_t* src = packed.data_ptr<uint8_t>();
@@ -246,6 +376,40 @@ void dequantize_4bit_out(const at::Tensor& packed, const at::Tensor& absmax, con
     default:
       TORCH_CHECK(false, "dequantize_4bit writes fp32, fp16 or bf16, got ", out.scalar_type());
   }
+}
+
+at::Tensor small_m_linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                               const at::Tensor& code, const c10::optional<at::Tensor>& nested_absmax,
+                               const c10::optional<at::Tensor>& nested_code, double offset,
+                               int64_t nested_blocksize, int64_t blocksize, int64_t n_out,
+                               const std::string& isa_choice) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "x must be contiguous fp32 [M, K]");
+  TORCH_CHECK(x.size(0) <= kMaxSmallM, "small_m_linear_4bit takes at most ", kMaxSmallM, " rows, got ", x.size(0));
+  TORCH_CHECK(n_out >= 0, "n_out must be >= 0");
+  TORCH_CHECK(blocksize % 16 == 0, "small_m_linear_4bit needs a blocksize that is a multiple of 16, got ", blocksize);
+  const int64_t m = x.size(0), k = x.size(1);
+  const Scales scales = checked_scales(packed, absmax, code, nested_absmax, nested_code, offset, nested_blocksize,
+                                       blocksize, n_out * k);
+  const Isa isa = parse_isa(isa_choice);
+  at::Tensor y = at::empty({m, n_out}, x.options());
+  if (m == 0 || n_out == 0) return y;
+  if (k == 0) return y.zero_();
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  const float* table = code.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / k);
+  at::parallel_for(0, n_out, grain, [&](int64_t r0, int64_t r1) {
+#ifdef TRILORA_X86
+    if (isa != Isa::kScalar) {
+      small_m_avx2(xp, src, scales, table, blocksize, m, k, r0, r1, n_out, yp);
+      return;
+    }
+#endif
+    small_m_scalar(xp, src, scales, table, blocksize, m, k, r0, r1, n_out, yp);
+  });
+  return y;
 }
 
 }  // namespace trilora_cpu

@@ -30,8 +30,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Dequantize int8 codes [N, K] with row scales SCB [N] into out (contiguous fp32/fp16/bf16).");
   m.def("int8_small_m_linear", &trilora_cpu::int8_small_m_linear, py::arg("x"), py::arg("codes"), py::arg("scb"),
         py::arg("isa") = "auto", "y [M, N] fp32 = x [M, K] fp32 @ W.T straight from the int8 codes (small M).");
-  m.def("int8_small_m_max_rows", &trilora_cpu::int8_small_m_max_rows,
-        "The most rows int8_small_m_linear takes.");
+  m.def("small_m_linear_4bit", &trilora_cpu::small_m_linear_4bit, py::arg("x"), py::arg("packed"),
+        py::arg("absmax"), py::arg("code"), py::arg("nested_absmax"), py::arg("nested_code"), py::arg("offset"),
+        py::arg("nested_blocksize"), py::arg("blocksize"), py::arg("n_out"), py::arg("isa") = "auto",
+        "y [M, N] fp32 = x [M, K] fp32 @ W.T straight from the packed 4-bit codes (small M).");
+  m.def(
+      "small_m_max_rows", [] { return trilora_cpu::kMaxSmallM; },
+      "The most rows of x int8_small_m_linear and small_m_linear_4bit take.");
   m.def(
       "best_isa", [] { return trilora_cpu::isa_name(trilora_cpu::best_isa()); },
       "The instruction set the kernels use on this CPU: avx512, avx2 or scalar.");

@@ -36,9 +36,6 @@
 
 namespace trilora_cpu {
 
-// The most rows int8_small_m_linear takes (one accumulator register per row).
-constexpr int64_t kMaxSmallM = 8;
-
 namespace {
 
 // bitsandbytes' 1/127 as the fp32 the torch path multiplies by.
@@ -227,6 +224,5 @@ at::Tensor int8_small_m_linear(const at::Tensor& x, const at::Tensor& codes, con
   return y;
 }
 
-int64_t int8_small_m_max_rows() { return kMaxSmallM; }
 
 }  // namespace trilora_cpu

@@ -10,12 +10,24 @@
 
 namespace trilora_cpu {
 
+// The most rows of x the small-M products take (decode, sampling): one accumulator register
+// (or two) per row.
+constexpr int64_t kMaxSmallM = 8;
+
 // dequantize_4bit.cpp: packed 4-bit codes -> out (contiguous fp32/fp16/bf16, n elements).
 void dequantize_4bit_out(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
                          const c10::optional<at::Tensor>& nested_absmax,
                          const c10::optional<at::Tensor>& nested_code, double offset,
                          int64_t nested_blocksize, int64_t blocksize, at::Tensor& out,
                          const std::string& isa_choice);
+
+// dequantize_4bit.cpp: y [M, N] fp32 = x [M, K] fp32 @ W.T straight from the packed codes of
+// the [n_out, K] weight (arguments as dequantize_4bit_out), for M <= kMaxSmallM.
+at::Tensor small_m_linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                               const at::Tensor& code, const c10::optional<at::Tensor>& nested_absmax,
+                               const c10::optional<at::Tensor>& nested_code, double offset,
+                               int64_t nested_blocksize, int64_t blocksize, int64_t n_out,
+                               const std::string& isa_choice);
 
 // rms_norm.cpp: backward of y = w * (x * rstd) -> (dx [M, H] in x's dtype, dw [H] fp32 or [0]).
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy, const at::Tensor& x,
@@ -38,9 +50,8 @@ int64_t adamw_8bit_lut_bytes();
 // W = (codes * SCB) * (1/127) into out (contiguous fp32/fp16/bf16, N * K elements).
 void dequantize_int8_out(const at::Tensor& codes, const at::Tensor& scb, at::Tensor& out,
                          const std::string& isa_choice);
-// y [M, N] fp32 = x [M, K] fp32 @ W.T, read from the codes, for M <= int8_small_m_max_rows().
+// y [M, N] fp32 = x [M, K] fp32 @ W.T, read from the codes, for M <= kMaxSmallM.
 at::Tensor int8_small_m_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scb,
                                const std::string& isa_choice);
-int64_t int8_small_m_max_rows();
 
 }  // namespace trilora_cpu

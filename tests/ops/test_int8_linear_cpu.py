@@ -86,7 +86,7 @@ def test_small_m_product_matches_float64_every_isa(seed, m, n, k):
 def test_small_m_refuses_what_it_does_not_serve():
     _ext()
     codes, scb = _codes(6, 10)
-    rows = cpu_ext.int8_small_m_max_rows()
+    rows = cpu_ext.small_m_max_rows()
     with pytest.raises(RuntimeError, match="at most"):
         cpu_ext.int8_small_m_linear(torch.randn(rows + 1, 10), codes, scb)
     with pytest.raises(RuntimeError, match="columns"):

@@ -220,3 +220,68 @@ def test_half_activations_multiply_in_the_product_dtype(seed, monkeypatch, quant
     for got, ref, what in zip([y, *grads], [y_ref, *grads_ref], ["y", "dx", "dA", "dB"]):
         err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
         assert err <= TOL[dtype], f"{what}: {err:.2e}"
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 8])
+@pytest.mark.parametrize(
+    "n,k,blocksize,double_quant",
+    # rows that start and end inside a block (k odd, k < blocksize), one row, k = 1
+    [
+        (37, 129, 64, True),
+        (5, 7, 32, False),
+        (33, 40, 128, True),
+        (130, 67, 256, False),
+        (1, 1, 64, True),
+    ],
+)
+def test_small_m_product_4bit_matches_float64_every_isa(seed, m, n, k, blocksize, double_quant):
+    ext = cpu_ext.load()
+    if ext is None:
+        pytest.skip(f"the CPU extension cannot be built here: {cpu_ext.reason()}")
+    qw = trilora.quantize(torch.randn(n, k), "nf4", blocksize, double_quant)
+    x = torch.randn(m, k)
+    ref = x.double() @ qw.dequantize(torch.float64).t()
+    scale = ref.abs().max().item() + 1e-30
+    best = ext.best_isa()
+    isas = ["scalar"] + (["avx2"] if best in ("avx2", "avx512") else [])
+    packed = qw.packed.reshape(-1).view(torch.uint8)
+    for isa in isas:
+        y = cpu_ext.small_m_linear_4bit(
+            x, packed, qw.absmax, qw.code, qw.nested_absmax, qw.nested_code, qw.offset,
+            blocksize, 256, n, isa,
+        )  # fmt: skip
+        assert y.dtype == torch.float32 and y.shape == (m, n)
+        err = (y.double() - ref).abs().max().item() / scale
+        assert err <= 4e-7 * math.sqrt(k) + 1e-7, f"isa={isa}: {err:.2e}"
+    with pytest.raises(RuntimeError, match="at most"):
+        cpu_ext.small_m_linear_4bit(
+            torch.randn(ext.small_m_max_rows() + 1, k), packed, qw.absmax, qw.code,
+            qw.nested_absmax, qw.nested_code, qw.offset, blocksize, 256, n,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 8, 9])
+def test_forward_of_few_rows_reads_the_packed_codes(seed, monkeypatch, dtype, m):
+    """Up to 8 rows the 4-bit LoRA linear's forward multiplies straight from the packed codes
+    (bias and LoRA term as before); from 9 rows it dequantizes. Both match float64, and the
+    backward (which always dequantizes) is unchanged."""
+    if cpu_ext.load() is None:
+        pytest.skip(f"the CPU extension cannot be built here: {cpu_ext.reason()}")
+    calls = []
+    real = cpu_ext.small_m_linear_4bit
+
+    def spy(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(cpu_ext, "small_m_linear_4bit", spy)
+    qw, x, a, b, bias = _case(dtype, m=m)
+    x = x[0]
+    y, grads = _run(qw, x, a, b, bias)
+    assert calls == ([m] if m <= 8 else [])
+    y_ref, grads_ref = _reference(qw, x, a, b, bias)
+    assert y.dtype == dtype
+    for got, ref, what in zip([y, *grads], [y_ref, *grads_ref], ["y", "dx", "dA", "dB"]):
+        err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+        assert err <= TOL[dtype], f"{what}: {err:.2e}"

@@ -10,9 +10,11 @@ keep their torch path, which gives the same values, only slower. Its functions:
 
 * ``dequantize_4bit_out(packed, absmax, code, nested_absmax, nested_code, offset,
   nested_blocksize, blocksize, out, isa="auto")``: see :func:`dequantize_4bit_into`;
-* ``dequantize_int8_out(codes, scb, out, isa="auto")``, ``int8_small_m_linear(x, codes, scb,
-  isa="auto")`` and ``int8_small_m_max_rows()``: see :func:`dequantize_int8_into` and
-  :func:`int8_small_m_linear`;
+* ``dequantize_int8_out(codes, scb, out, isa="auto")`` and ``int8_small_m_linear(x, codes,
+  scb, isa="auto")``: see :func:`dequantize_int8_into` and :func:`int8_small_m_linear`;
+* ``small_m_linear_4bit(x, packed, absmax, code, nested_absmax, nested_code, offset,
+  nested_blocksize, blocksize, n_out, isa="auto")`` and ``small_m_max_rows()``: see
+  :func:`small_m_linear_4bit`;
 * ``rms_norm_backward(dy, x, weight, rstd, need_weight_grad, isa="auto")``: see
   :mod:`trilora.ops.rms_norm`;
 * ``adamw_8bit_step(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, bounds1, bounds2,
@@ -166,10 +168,11 @@ def dequantize_int8_into(
     return True
 
 
-def int8_small_m_max_rows() -> int:
-    """The most rows :func:`int8_small_m_linear` takes (0 without the extension)."""
+def small_m_max_rows() -> int:
+    """The most rows :func:`int8_small_m_linear` and :func:`small_m_linear_4bit` take (0
+    without the extension)."""
     ext = load()
-    return 0 if ext is None else int(ext.int8_small_m_max_rows())
+    return 0 if ext is None else int(ext.small_m_max_rows())
 
 
 def int8_small_m_linear(
@@ -179,7 +182,7 @@ def int8_small_m_linear(
     ``None`` when the extension is unavailable.
 
     Args:
-        x: contiguous fp32 ``[M, K]``, ``M <= int8_small_m_max_rows()``.
+        x: contiguous fp32 ``[M, K]``, ``M <= small_m_max_rows()``.
         codes: contiguous int8 ``[N, K]``; scb: contiguous fp32 ``[N]``.
 
     Returns:
@@ -191,6 +194,48 @@ def int8_small_m_linear(
     return ext.int8_small_m_linear(x, codes, scb, isa)
 
 
+def small_m_linear_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    nested_blocksize: int,
+    n_out: int,
+    isa: str = "auto",
+) -> torch.Tensor | None:
+    """``x @ W.T`` for a few rows, read straight from the packed 4-bit codes of the
+    ``[n_out, K]`` weight (state as in :func:`dequantize_4bit_into`; ``blocksize`` a multiple
+    of 16); ``None`` when the extension is unavailable.
+
+    Args:
+        x: contiguous fp32 ``[M, K]``, ``M <= small_m_max_rows()``.
+
+    Returns:
+        fp32 ``[M, n_out]``.
+    """
+    ext = load()
+    if ext is None:
+        return None
+    off = 0.0 if offset is None else float(offset.reshape(()).item())
+    return ext.small_m_linear_4bit(
+        x,
+        packed,
+        absmax,
+        code,
+        nested_absmax,
+        nested_code,
+        off,
+        nested_blocksize,
+        blocksize,
+        n_out,
+        isa,
+    )
+
+
 __all__ = [
     "NAME",
     "SOURCES",
@@ -198,7 +243,8 @@ __all__ = [
     "dequantize_4bit_into",
     "dequantize_int8_into",
     "int8_small_m_linear",
-    "int8_small_m_max_rows",
     "load",
     "reason",
+    "small_m_linear_4bit",
+    "small_m_max_rows",
 ]

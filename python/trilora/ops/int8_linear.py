@@ -89,7 +89,7 @@ def small_m_product(x: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor) -> 
     if (
         x.device.type != "cpu"
         or type(x) not in _PLAIN
-        or x.shape[0] > cpu_ext.int8_small_m_max_rows()
+        or x.shape[0] > cpu_ext.small_m_max_rows()
         or not (codes.is_contiguous() and scb.is_contiguous())
     ):
         return None

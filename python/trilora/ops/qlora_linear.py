@@ -22,7 +22,9 @@ Dispatch, per call:
   CUDA extension's 4-bit GEMV (:mod:`trilora.native.gemv`) when it builds, else as above.
 * CUDA with larger ``M``: dequantize into a transient buffer and call cuBLAS, which wins
   when the GEMM is compute-bound (see :mod:`trilora.config` for the crossover model).
-* Anything else (CPU): the torch reference below, which is also what tests compare with.
+* Anything else (CPU): the torch reference below, which is also what tests compare with;
+  a forward of at most 8 rows (decode, sampling) multiplies straight from the packed codes
+  through the native extension (:func:`trilora.ops.quantize.small_m_product_4bit`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 
 import trilora.ops.cpu_matmul as cpu_matmul
 from trilora.config import config, use_triton
-from trilora.ops.quantize import dequantize_4bit_impl, kernel_weight
+from trilora.ops.quantize import dequantize_4bit_impl, kernel_weight, small_m_product_4bit
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -130,6 +132,9 @@ def _forward(
         bias,
         dropout_mask,
         dropout_scale,
+        small_m=lambda rows: small_m_product_4bit(
+            rows, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n_out
+        ),
     )
 
 
