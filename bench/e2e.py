@@ -464,6 +464,7 @@ class _Trainer:
         self.opt = _optimizer(plan, self.params)
         self.losses: list[float] = []
         self.times: list[float] = []
+        self.decode_times: list[float] = []
         model.train()
 
     def step(self, i: int, device: torch.device) -> float:
@@ -479,6 +480,46 @@ class _Trainer:
         self.losses.append(value)
         self.times.append(dt)
         return dt
+
+    def decode(self, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> float:
+        """Seconds per generated token of greedy generation with the KV cache: ``new_tokens``
+        after ``prompt`` (int64 ``[1, T]``), the prompt's prefill included."""
+        self.model.eval()
+        synchronize(device)
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=0,
+            )
+        synchronize(device)
+        dt = (time.perf_counter() - t) / new_tokens
+        self.model.train()
+        if out.shape[1] != prompt.shape[1] + new_tokens:
+            raise RuntimeError(f"generated {out.shape[1] - prompt.shape[1]} of {new_tokens} tokens")
+        self.decode_times.append(dt)
+        return dt
+
+
+# Decoding after training (batch 1, greedy, KV cache): the forwards of one token that
+# sampling (GRPO) and evaluation's generation run, where the weight is read once per token.
+DECODE_PROMPT = 16
+DECODE_TOKENS = 16
+DECODE_REPEATS = 3
+
+
+def decode_prompt(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The first :data:`DECODE_PROMPT` real tokens of the batch's first row, ``[1, T]``."""
+    ids = batch["input_ids"][0]
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        ids = ids[mask[0].bool()]
+    return ids[:DECODE_PROMPT].unsqueeze(0)
 
 
 Log = Callable[[str], None]
@@ -518,6 +559,7 @@ def run(
         ("tokens_per_s", "tok/s"),
         ("peak_mem", "bytes"),
         ("loss_final", "loss"),
+        ("decode_time", "s"),
     )
 
     def fail(provider: str, status: str, note: str) -> None:
@@ -572,7 +614,14 @@ def run(
         how: dict[str, str] = {}
         peaks: dict[str, float | None] = {}
         errors: dict[str, tuple[str, str]] = {}
+        decode_errors: dict[str, tuple[str, str]] = {}
         total = plan.warmup_steps + plan.steps
+        prompt = decode_prompt(batches[0])
+        new_tokens, repeats = DECODE_TOKENS, DECODE_REPEATS
+        decode_note = (
+            f"seconds per generated token: greedy, KV cache, batch 1, {new_tokens} tokens after "
+            f"a {prompt.shape[1]}-token prompt (its prefill included), {repeats} runs after training"
+        )
 
         def load(provider: str) -> None:
             model, desc = _make_provider(provider, plan, built.value, device)
@@ -603,6 +652,16 @@ def run(
                 )
             for p in live:
                 peaks[p] = None
+            for r in range(repeats):
+                order = live[r % len(live) :] + live[: r % len(live)] if live else []
+                for provider in order:
+                    if provider in errors or provider in decode_errors:
+                        continue
+                    out = guarded(
+                        lambda p=provider: trainers[p].decode(prompt, new_tokens, device), device
+                    )
+                    if out.status != "ok":
+                        decode_errors[provider] = (out.status, f"decoding failed: {out.note}")
         else:
             for provider in available:
                 log(f"  loading and training {provider}")
@@ -612,6 +671,13 @@ def run(
                     load(p)
                     for i in range(total):
                         trainers[p].step(i, device)
+                    for _ in range(repeats):
+                        out = guarded(
+                            lambda: trainers[p].decode(prompt, new_tokens, device), device
+                        )
+                        if out.status != "ok":
+                            decode_errors[p] = (out.status, f"decoding failed: {out.note}")
+                            break
 
                 out = guarded(train, device)
                 if out.status != "ok":
@@ -639,6 +705,13 @@ def run(
                 f"{paired.median:.3f} (p20 {paired.p20:.3f}, p80 {paired.p80:.3f}), "
                 f"{torch.get_num_threads()} threads"
             )
+            decodes = [trainers[p].decode_times for p in PROVIDERS]
+            if not decode_errors and all(decodes):
+                paired = Stats.of([a / b for a, b in zip(*decodes)])
+                notes.append(
+                    f"e2e {case}: trilora / bnb_peft decode time per token, median of paired "
+                    f"ratios {paired.median:.3f} (p20 {paired.p20:.3f}, p80 {paired.p80:.3f})"
+                )
         for provider in available:
             if provider in errors:
                 fail(provider, *errors[provider])
@@ -701,6 +774,26 @@ def run(
                     **params,
                 )
             )
+            if provider in decode_errors:
+                status, why = decode_errors[provider]
+                rows.append(
+                    make_row(
+                        LEVEL, case, "decode_time", provider, "s", status=status, note=why, **params
+                    )
+                )
+            else:
+                rows.append(
+                    make_row(
+                        LEVEL,
+                        case,
+                        "decode_time",
+                        provider,
+                        "s",
+                        Stats.of(tr.decode_times),
+                        note=f"{how[provider]}; {decode_note}",
+                        **params,
+                    )
+                )
             curves[provider] = list(tr.losses)
             if not all(math.isfinite(v) for v in tr.losses):
                 notes.append(f"{provider}: non-finite loss in the curve {tr.losses}")

@@ -138,3 +138,23 @@ def test_compute_dtype_gives_one_case_per_dtype(flag, want):
     assert default_dtype(cpu) == torch.float32 and dtype_name(torch.bfloat16) == "bf16"
     with pytest.raises(SystemExit):
         parser.parse_args([*argv, "--compute-dtype", "fp16"])
+
+
+def test_decode_prompt_takes_the_first_real_tokens(seed):
+    """The e2e level's decode case starts from the first row's real tokens: a padded row
+    (either side) gives its unpadded start, at most DECODE_PROMPT tokens."""
+    import torch
+
+    from trilora.bench.e2e import DECODE_PROMPT, decode_prompt
+
+    n_real = int(torch.randint(3, 2 * DECODE_PROMPT, ()))
+    real = torch.randint(5, 100, (n_real,))
+    pad = torch.zeros(7, dtype=torch.long)
+    for ids, mask in (
+        (torch.cat([pad, real]), torch.cat([torch.zeros(7), torch.ones(n_real)])),
+        (torch.cat([real, pad]), torch.cat([torch.ones(n_real), torch.zeros(7)])),
+    ):
+        got = decode_prompt({"input_ids": ids[None], "attention_mask": mask[None].long()})
+        assert torch.equal(got, real[:DECODE_PROMPT][None])
+    plain = decode_prompt({"input_ids": real[None]})
+    assert torch.equal(plain, real[:DECODE_PROMPT][None])
