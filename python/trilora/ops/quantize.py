@@ -304,8 +304,15 @@ def dequantize_4bit_cpu_native(
         out = scratch_buffer(math.prod(shape), dtype).view(shape)
     else:
         out = torch.empty(shape, dtype=dtype, device=packed.device)
-    cpu_ext.dequantize_4bit_into(
-        out,
+    state = _native_state(packed, absmax, code, nested_absmax, nested_code, offset, blocksize)
+    cpu_ext.dequantize_4bit_into(out, *state, isa)
+    return out
+
+
+def _native_state(packed, absmax, code, nested_absmax, nested_code, offset, blocksize) -> tuple:
+    # The 4-bit state as the extension's entry points take it, after their first argument:
+    # flat uint8 bytes, contiguous scales and table, and the nested state's block size.
+    return (
         packed.reshape(-1).view(torch.uint8).contiguous(),
         absmax.contiguous(),
         code.contiguous(),
@@ -314,9 +321,7 @@ def dequantize_4bit_cpu_native(
         offset,
         blocksize,
         NESTED_BLOCKSIZE,
-        isa,
     )
-    return out
 
 
 def small_m_product_4bit(
@@ -346,18 +351,8 @@ def small_m_product_4bit(
         or x.shape[0] > cpu_ext.small_m_max_rows()
     ):
         return None
-    return cpu_ext.small_m_linear_4bit(
-        x.float().contiguous(),
-        packed.reshape(-1).view(torch.uint8).contiguous(),
-        absmax.contiguous(),
-        code.contiguous(),
-        nested_absmax,
-        nested_code,
-        offset,
-        blocksize,
-        NESTED_BLOCKSIZE,
-        n_out,
-    )
+    state = _native_state(packed, absmax, code, nested_absmax, nested_code, offset, blocksize)
+    return cpu_ext.small_m_linear_4bit(x.float().contiguous(), *state, n_out)
 
 
 _SCRATCH = threading.local()
