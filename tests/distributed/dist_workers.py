@@ -203,6 +203,56 @@ def _scenario_fsdp(env, path, out, seed):
     }
 
 
+def _scenario_fsdp_int8(env, path, out, seed):
+    """The int8 format under FSDP2: its codes sharded by rows as they are (int8 storage),
+    SCB replicated; on a torch whose FSDP2 cannot hold integer parameters, the one-line
+    refusal."""
+    import trilora
+    from trilora.distributed import (
+        DistEnv,
+        build_optimizer,
+        fsdp_holds_integer_params,
+        resident_bytes,
+        save_adapter,
+        wrap_fsdp,
+    )
+    from trilora.io import UserError
+    from trilora.nn import Linear8bit
+
+    reference = {
+        name: m.weight.detach().clone()
+        for name, m in trilora.from_pretrained(
+            path, quant_type="int8", compute_dtype=torch.float32, dtype=torch.float32
+        ).named_modules()
+        if isinstance(m, Linear8bit)
+    }
+    full = resident_bytes(load_peft(path, seed, DistEnv(), quant_type="int8"))
+    try:
+        model = wrap_fsdp(load_peft(path, seed, env, quant_type="int8"), env=env)
+    except UserError as e:
+        return {"refused": str(e), "integer_params": fsdp_holds_integer_params()}
+    mine = resident_bytes(model)
+    opt = build_optimizer(model, torch.optim.AdamW, lr=LR)
+    losses = train(model, opt, batches(seed), env)
+    save_adapter(model, out / "fsdp_int8_adapter")
+    gathered = {}
+    for name, m in model.named_modules():
+        if isinstance(m, Linear8bit):
+            w = m.weight
+            w = w.full_tensor() if hasattr(w, "full_tensor") else w.detach()
+            gathered[name.removeprefix("base_model.model.").removesuffix(".base_layer")] = w
+    untouched = sorted(gathered) == sorted(reference) and all(
+        w.dtype == torch.int8 and torch.equal(w, reference[k]) for k, w in gathered.items()
+    )
+    return {
+        "losses": losses,
+        "resident": mine,
+        "resident_single": full,
+        "codes_untouched": untouched,
+        "integer_params": fsdp_holds_integer_params(),
+    }
+
+
 def _scenario_fsdp_checkpointing(env, path, out, seed):
     import trilora
     from trilora.distributed import (
@@ -609,6 +659,7 @@ def _named4bit(model):
 SCENARIOS = {
     "ddp": _scenario_ddp,
     "fsdp": _scenario_fsdp,
+    "fsdp_int8": _scenario_fsdp_int8,
     "fsdp_checkpointing": _scenario_fsdp_checkpointing,
     "trilora_optim": _scenario_trilora_optim,
     "fsdp_bf16": _scenario_fsdp_bf16,

@@ -86,6 +86,7 @@ def run(tmp_path_factory) -> Run:
     names = [
         "ddp",
         "fsdp",
+        "fsdp_int8",
         "fsdp_checkpointing",
         "fsdp_bf16",
         "cpu_offload",
@@ -109,16 +110,18 @@ def run(tmp_path_factory) -> Run:
     return Run(root, model, out, seed, reports)
 
 
-def _reference(run: Run, optimizer: str, steps: int = STEPS) -> tuple[list[float], Path]:
+def _reference(
+    run: Run, optimizer: str, steps: int = STEPS, quant_type: str = "nf4"
+) -> tuple[list[float], Path]:
     """One process, the whole batch: losses and the saved adapter."""
-    folder = run.root / f"reference_{optimizer}_{steps}"
+    folder = run.root / f"reference_{optimizer}_{steps}_{quant_type}"
     cache = folder / "losses.pt"
     if cache.exists():
         return torch.load(cache), folder / "adapter"
     from trilora.distributed import build_optimizer
     from trilora.optim import CPUOffloadAdamW
 
-    model = load_peft(run.model, run.seed)
+    model = load_peft(run.model, run.seed, quant_type=quant_type)
     cls = CPUOffloadAdamW if optimizer == "offload" else torch.optim.AdamW
     opt = build_optimizer(model, cls, lr=1e-2)
     losses = train(model, opt, batches(run.seed, steps), DistEnv())
@@ -171,6 +174,27 @@ def test_fsdp_matches_one_process_and_halves_the_base(run):
     assert quant[0] == quant[1] >= single["quant_state"]
     trainable = [row["resident"]["trainable"] for row in rows]
     assert sum(trainable) == single["trainable"]
+
+
+def test_fsdp_on_int8_matches_one_process_and_halves_the_codes(run):
+    rows = run.scenario("fsdp_int8")
+    if not rows[0]["integer_params"]:
+        # torch < 2.13: FSDP2 cannot hold int8 parameters; one clear line on every rank
+        for row in rows:
+            assert "int8" in row["refused"] and "2.13" in row["refused"]
+        return
+    want, adapter = _reference(run, "adamw", quant_type="int8")
+    _close_losses(rows[0]["losses"], want, LOSS_RTOL)
+    _close_adapters(run.out / "fsdp_int8_adapter", adapter)
+    single = rows[0]["resident_single"]
+    base = [row["resident"]["base_weights"] for row in rows]
+    assert sum(base) == single["base_weights"]  # the codes, sharded by rows
+    for b in base:
+        assert 0.45 <= b / single["base_weights"] <= 0.55, (base, single)
+    for row in rows:
+        assert row["codes_untouched"]  # gathered: the loaded int8 codes, bit for bit
+        # SCB (fp32 per row) is replicated, as the 4-bit state is
+        assert row["resident"]["quant_state"] == single["quant_state"]
 
 
 def test_fsdp_with_activation_checkpointing_and_cpu_offload_adamw(run):
