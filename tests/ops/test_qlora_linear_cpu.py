@@ -247,17 +247,34 @@ def test_small_m_product_4bit_matches_float64_every_isa(seed, m, n, k, blocksize
     packed = qw.packed.reshape(-1).view(torch.uint8)
     for isa in isas:
         y = cpu_ext.small_m_linear_4bit(
-            x, packed, qw.absmax, qw.code, qw.nested_absmax, qw.nested_code, qw.offset,
-            blocksize, 256, n, isa,
-        )  # fmt: skip
+            x,
+            packed,
+            qw.absmax,
+            qw.code,
+            qw.nested_absmax,
+            qw.nested_code,
+            qw.offset,
+            blocksize,
+            256,
+            n,
+            isa,
+        )
         assert y.dtype == torch.float32 and y.shape == (m, n)
         err = (y.double() - ref).abs().max().item() / scale
         assert err <= 4e-7 * math.sqrt(k) + 1e-7, f"isa={isa}: {err:.2e}"
     with pytest.raises(RuntimeError, match="at most"):
         cpu_ext.small_m_linear_4bit(
-            torch.randn(ext.small_m_max_rows() + 1, k), packed, qw.absmax, qw.code,
-            qw.nested_absmax, qw.nested_code, qw.offset, blocksize, 256, n,
-        )  # fmt: skip
+            torch.randn(ext.small_m_max_rows() + 1, k),
+            packed,
+            qw.absmax,
+            qw.code,
+            qw.nested_absmax,
+            qw.nested_code,
+            qw.offset,
+            blocksize,
+            256,
+            n,
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
