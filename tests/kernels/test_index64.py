@@ -38,7 +38,9 @@ def test_row_offsets_past_the_limit_are_exact_with_index64_and_wrap_without():
     stride = rng.choice([4096, 5120, 14336, 128256])
     block = 16
     # A tile that straddles the limit: its first rows fit in int32, its last ones do not.
-    start = INT32_OFFSET_LIMIT // stride - rng.randrange(1, block)
+    # (Start 1 to block - 2 rows below the last row that fits: block - 1 rows below, the
+    # tile would end on that row and fit whole, for a stride that does not divide 2^31.)
+    start = INT32_OFFSET_LIMIT // stride - rng.randrange(1, block - 1)
     rows = start + block
     assert needs_int64(torch.empty((rows, stride), device="meta", dtype=torch.bfloat16))
     exact = [(start + i) * stride for i in range(block)]
