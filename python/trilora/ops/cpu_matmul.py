@@ -87,12 +87,17 @@ def product_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if not flags or flags & _NATIVE_HALF_FLAGS[dtype] else torch.float32
 
 
+def _widened_dtype(t: torch.Tensor) -> torch.dtype:
+    # Plain CPU tensors only: fake and CUDA tensors keep their dtype.
+    if type(t) not in _PLAIN or t.device.type != "cpu":
+        return t.dtype
+    return product_dtype(t.dtype)
+
+
 def widen(t: torch.Tensor) -> torch.Tensor:
     """``t`` in :func:`product_dtype` of its dtype (``t`` itself when that is its dtype, or
     when it is not a plain CPU tensor: fake and CUDA tensors keep their dtype)."""
-    if type(t) not in _PLAIN or t.device.type != "cpu":
-        return t
-    return t.to(product_dtype(t.dtype))
+    return t.to(_widened_dtype(t))
 
 
 @functools.lru_cache(maxsize=1)
@@ -158,6 +163,6 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``out = a @ b`` for ``out`` ``[M, K]`` contiguous of any float dtype (the product is
     rounded to it once)."""
-    if out.dtype == a.dtype == b.dtype == widen(a).dtype and not _use_onednn(a, b):
+    if out.dtype == a.dtype == b.dtype == _widened_dtype(a) and not _use_onednn(a, b):
         return torch.mm(a, b, out=out)
     return out.copy_(matmul(a, b))

@@ -35,11 +35,10 @@ from trilora.ops.qlora_linear import (
     lora_linear_forward,
     named_grads,
 )
-from trilora.ops.quantize import scratch_buffer
+from trilora.ops.quantize import scratch_buffer, small_m_serves
 
 _INV_127 = 7.874015718698502e-3  # bitsandbytes' 1/127 (int8_vectorwise_dequant)
 _NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,12 +62,15 @@ def dequantize_int8_impl(
     if dtype == torch.float64:
         return codes.double() * scb.double().unsqueeze(1) / 127
     cpu = codes.device.type == "cpu" and codes.dim() == 2
-    if cpu and dtype in _NATIVE_DTYPES and codes.is_contiguous() and scb.is_contiguous():
+    native = cpu and dtype in _NATIVE_DTYPES and codes.is_contiguous() and scb.is_contiguous()
+    if native and cpu_ext.load() is not None:
         shape = tuple(codes.shape)
-        out = scratch_buffer(codes.numel(), dtype).view(shape) if scratch else None
-        out = out if out is not None else torch.empty(shape, dtype=dtype)
-        if cpu_ext.dequantize_int8_into(out, codes, scb):
-            return out
+        if scratch:
+            out = scratch_buffer(codes.numel(), dtype).view(shape)
+        else:
+            out = torch.empty(shape, dtype=dtype)
+        cpu_ext.dequantize_int8_into(out, codes, scb)
+        return out
     if scratch and cpu:
         out32 = scratch_buffer(codes.numel(), torch.float32).view(tuple(codes.shape))
         torch.mul(codes, scb.unsqueeze(1), out=out32).mul_(_INV_127)
@@ -86,12 +88,7 @@ def small_m_product(x: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor) -> 
 
     At M <= 8 the product is bound by reading the weight: 1 byte per weight here against 9
     for dequantize (1 read, 4 written) + GEMM (4 read back)."""
-    if (
-        x.device.type != "cpu"
-        or type(x) not in _PLAIN
-        or x.shape[0] > cpu_ext.small_m_max_rows()
-        or not (codes.is_contiguous() and scb.is_contiguous())
-    ):
+    if not (small_m_serves(x) and codes.is_contiguous() and scb.is_contiguous()):
         return None
     return cpu_ext.int8_small_m_linear(x.float().contiguous(), codes, scb)
 

@@ -324,6 +324,18 @@ def _native_state(packed, absmax, code, nested_absmax, nested_code, offset, bloc
     )
 
 
+def small_m_serves(x: torch.Tensor) -> bool:
+    """Whether the native small-M products (both formats) serve ``x`` ``[M, K]``: a plain
+    CPU tensor of at most ``cpu_ext.small_m_max_rows()`` rows, with the extension built."""
+    from trilora.native import cpu_ext
+
+    return (
+        x.device.type == "cpu"
+        and type(x) in (torch.Tensor, torch.nn.Parameter)
+        and x.shape[0] <= cpu_ext.small_m_max_rows()
+    )
+
+
 def small_m_product_4bit(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -344,12 +356,7 @@ def small_m_product_4bit(
     against 8.5 for dequantize (0.5 read, 4 written) + GEMM (4 read back)."""
     from trilora.native import cpu_ext
 
-    if (
-        x.device.type != "cpu"
-        or type(x) not in (torch.Tensor, torch.nn.Parameter)
-        or blocksize % 16
-        or x.shape[0] > cpu_ext.small_m_max_rows()
-    ):
+    if blocksize % 16 or not small_m_serves(x):
         return None
     state = _native_state(packed, absmax, code, nested_absmax, nested_code, offset, blocksize)
     return cpu_ext.small_m_linear_4bit(x.float().contiguous(), *state, n_out)
