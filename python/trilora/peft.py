@@ -43,20 +43,30 @@ from trilora.formats import QuantConfig, get_format
 from trilora.formats.int8 import Int8Weight
 from trilora.io import UserError
 from trilora.loading import default_skip_modules
+from trilora.moe import (
+    QuantizedExperts,
+    expert_lora,
+    experts_tensors,
+    is_experts_module,
+    quantize_experts,
+    use_trilora_experts,
+)
 from trilora.nn import Linear4bit, QLoraLinear, QuantizedLinear
+from trilora.ops.grouped_qlora import peft_expert_factors
 from trilora.quant import QuantizedWeight
 
 try:  # PEFT is a dependency, but keep `import trilora.peft` failing with a clear message.
     from peft import LoraConfig, PeftModel
     from peft import get_peft_model as _peft_get_peft_model
     from peft.tuners.lora import LoraLayer
-    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS, ParamWrapper
     from peft.utils import PeftType
 except ImportError as exc:  # pragma: no cover
     raise ImportError("trilora.peft needs the `peft` package (pip install peft)") from exc
 
 __all__ = [
     "QuantOptions",
+    "TriloraExpertsLora",
     "TriloraLoraLayer",
     "UnsupportedLoraSetting",
     "check_lora_config",
@@ -103,7 +113,10 @@ class QuantOptions:
         return QuantConfig(self.quant_type, self.blocksize, self.double_quant, self.compute_dtype)
 
 
-_SUPPORTED = "r, lora_alpha, lora_dropout, use_rslora, target_modules, modules_to_save, bias='none'"
+_SUPPORTED = (
+    "r, lora_alpha, lora_dropout, use_rslora, target_modules, target_parameters (MoE experts), "
+    "modules_to_save, bias='none'"
+)
 # LoraConfig field -> (is it set?, what it is)
 _UNSUPPORTED = {
     "use_dora": (lambda v: bool(v), "DoRA"),
@@ -116,7 +129,6 @@ _UNSUPPORTED = {
     "use_bdlora": (lambda v: bool(v), "block-diagonal LoRA"),
     "arrow_config": (lambda v: v is not None, "Arrow routing"),
     "kasa_config": (lambda v: v is not None, "KaSA"),
-    "target_parameters": (lambda v: bool(v), "LoRA on nn.Parameters (ParamWrapper)"),
     "layer_replication": (lambda v: bool(v), "layer replication"),
     "megatron_config": (lambda v: v is not None, "Megatron parallel layers"),
 }
@@ -519,6 +531,58 @@ class TriloraLoraLayer(nn.Module, LoraLayer):
         return "trilora." + super().__repr__()
 
 
+class TriloraExpertsLora(ParamWrapper):
+    """PEFT's ``ParamWrapper`` (LoRA on an MoE experts parameter, ``target_parameters``)
+    computed by trilora: same modules, parameters and adapter files as vanilla PEFT.
+
+    Vanilla PEFT parametrizes the experts tensor as ``W + scale * B @ A`` for the whole call,
+    materializing a full ``[E, out, in]`` delta and the sum in 16 bits. Here the forward lends
+    the factors to the experts module (:func:`trilora.moe.expert_lora`) and trilora's experts
+    forward applies them group by group (:func:`trilora.ops.grouped_qlora.grouped_lora_linear`),
+    over 4-bit (:class:`trilora.moe.QuantizedExperts`) or 16-bit experts. One active adapter
+    per call; PEFT itself refuses dropout on experts.
+    """
+
+    @classmethod
+    def adopt(cls, wrapper: ParamWrapper) -> TriloraExpertsLora:
+        """Make a PEFT ``ParamWrapper`` on an experts tensor compute through trilora, in place
+        (its class changes; every module and parameter stays)."""
+        if not isinstance(wrapper, ParamWrapper):
+            raise TypeError(f"expected a peft ParamWrapper, got {type(wrapper).__name__}")
+        wrapper.__class__ = cls
+        return wrapper
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.pop("adapter_names", None) is not None:
+            raise UnsupportedLoraSetting(f"LoRA on MoE experts does not support {_MIXED_BATCH}")
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if self.disable_adapters or self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+        if len(active) > 1:
+            raise UnsupportedLoraSetting(
+                f"LoRA on MoE experts runs one active adapter at a time, got {active}"
+            )
+        adapter = active[0]
+        lora_a, lora_b = peft_expert_factors(
+            self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.num_experts
+        )
+        scale = self.scaling[adapter]
+        with expert_lora(self.get_base_layer(), self.parameter_name, lora_a, lora_b, scale):
+            return self.base_layer(x, *args, **kwargs)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        if isinstance(self.get_param(), QuantizedExperts):
+            raise UnsupportedLoraSetting(
+                f"merging a LoRA into 4-bit experts ({self.parameter_name}) would re-quantize "
+                "them; save the adapter and merge it into the 16-bit model instead"
+            )
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+
+def _is_experts_wrapper(module: nn.Module) -> bool:
+    return isinstance(module, ParamWrapper) and is_experts_module(module.get_base_layer())
+
+
 def _dropout_p(module: nn.Module) -> float:
     if isinstance(module, nn.Dropout):
         return float(module.p)
@@ -589,6 +653,10 @@ def patch(
     )
     lora_layers = []
     for name, module in root.named_modules():
+        if isinstance(module, ParamWrapper):
+            # LoRA on a parameter: MoE experts compute through trilora below; any other
+            # parameter (a router's weight) keeps PEFT's own computation.
+            continue
         if isinstance(module, LoraLayer) and not isinstance(module, TriloraLoraLayer):
             if not isinstance(module.get_base_layer(), nn.Linear):
                 raise TypeError(
@@ -612,6 +680,7 @@ def patch(
             root.set_submodule(name, _bnb_to_trilora(module))
         elif _is_bnb(module, "Linear8bitLt"):
             root.set_submodule(name, _bnb8_to_trilora(module, options))
+    _patch_experts(root, options)
     for cfg in configs.values():
         _register(cfg, options)
     patches.apply(
@@ -621,6 +690,22 @@ def patch(
         ),
     )
     return peft_model
+
+
+def _patch_experts(root: nn.Module, options: QuantOptions) -> None:
+    """MoE experts under LoRA compute through trilora: their PEFT wrappers become
+    :class:`TriloraExpertsLora`, targeted 16-bit experts are quantized with ``options`` (as
+    targeted linears are), and the model runs trilora's experts forward."""
+    experts = {}
+    for module in list(root.modules()):
+        if _is_experts_wrapper(module):
+            TriloraExpertsLora.adopt(module)
+            experts[id(module.get_base_layer())] = module.get_base_layer()
+    for module in experts.values():
+        if any(not isinstance(t, QuantizedExperts) for _, t in experts_tensors(module)):
+            quantize_experts(module, options.config)
+    if experts or any(is_experts_module(m) for m in root.modules()):
+        use_trilora_experts(root)
 
 
 def get_peft_model(
