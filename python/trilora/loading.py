@@ -30,6 +30,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from trilora.formats import QuantConfig, QuantConfigError, format_for_state_dict, get_format
 from trilora.io import UserError, atomic_directory, check_output
+from trilora.moe import QuantizedExperts, experts_modules, experts_tensors, use_trilora_experts
+from trilora.moe.checkpoint import checkpoint_conversions
 from trilora.nn import QuantizedLinear
 
 __all__ = ["CheckpointError", "SafetensorsFile", "from_pretrained", "save_quantized"]
@@ -432,14 +434,34 @@ def _build_and_load(
         if key not in expected and prefix and not key.startswith(prefix + "."):
             rename[key] = f"{prefix}.{key}"
 
+    # Keys transformers renames or converts on load (MoE experts saved per expert).
+    renamed, groups = checkpoint_conversions(model, [k for k in files if k not in rename], expected)
+    rename.update(renamed)
+
     def model_key(k: str) -> str:
         return rename.get(k, k)
+
+    # MoE experts (3-D parameters of transformers' experts modules) are quantized expert by
+    # expert, or read back per expert where the checkpoint holds them quantized.
+    skip = default_skip_modules(model) + list(skip_modules or [])
+    experts: dict[str, QuantizedExperts] = {}
+    for mname, module in experts_modules(model):
+        for pname, p in list(experts_tensors(module)):
+            full = f"{mname}.{pname}"
+            if _matches(full, skip) or _matches(mname, list(skip_modules or [])):
+                continue
+            shell = QuantizedExperts.shell(*p.shape, qconfig, weight_dtype=dtype, device="meta")
+            delattr(module, pname)
+            setattr(module, pname, shell)
+            experts[full] = shell
 
     if pre_quantized:
         # A layer is pre-quantized when its format's keys are there: the 4-bit quant_state
         # beside "weight", or the 8-bit "SCB".
         owners = {model_key(k).split(_QUANT_STATE)[0].removesuffix(".weight") for k in files}
         owners |= {model_key(k).removesuffix(".SCB") for k in files if k.endswith(".SCB")}
+        # Quantized experts sit under "<experts param>.<e>"; they are not linear layers.
+        owners = {o for o in owners if o.rpartition(".")[0] not in experts}
         keys = [model_key(k) for k in files]
         quantized = sorted(
             name
@@ -450,7 +472,6 @@ def _build_and_load(
             is not None
         )
     else:
-        skip = default_skip_modules(model) + list(skip_modules or [])
         quantized = [
             name
             for name, m in model.named_modules()
@@ -482,6 +503,8 @@ def _build_and_load(
         device,
         dtype,
         qconfig,
+        experts,
+        groups,
     )
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -492,12 +515,80 @@ def _build_and_load(
         raise CheckpointError(f"checkpoint {path} lacks tensors the model needs: {missing[:20]}")
     model.to(device)
     model.eval()
+    if experts_modules(model):
+        use_trilora_experts(model)
     model.trilora_quantized_modules = list(quantized)
+    model.trilora_quantized_experts = list(experts)
     return model
 
 
-def _stream_into(model, files, model_key, quantized, device, dtype, qconfig) -> None:
+def _experts_owner(name: str, experts) -> str | None:
+    if name in experts:
+        return name
+    head, _, _ = name.partition(".weight")
+    owner = head.rpartition(".")[0]
+    return owner if owner in experts and head[len(owner) + 1 :].isdigit() else None
+
+
+def _install_experts(name, shell, parts, fmt, qconfig, dtype, where) -> None:
+    """Quantize a float ``[E, rows, cols]`` tensor, or read per-expert quantized state, into
+    the experts shell ``name``."""
+    if "" in parts:
+        w = parts.pop("")
+        if not w.is_floating_point() or tuple(w.shape) != tuple(shell.shape):
+            raise CheckpointError(
+                f"{name} in {where} is {w.dtype} {tuple(w.shape)}; float experts "
+                f"{tuple(shell.shape)} were expected"
+            )
+        loaded = QuantizedExperts.quantize(w.to(dtype), qconfig)
+    else:
+        try:
+            per_expert = []
+            for e in range(shell.num_experts):
+                head = f"{e}.weight"
+                own = {k: v for k, v in parts.items() if k.startswith(f"{e}.")}
+                expert_fmt = format_for_state_dict(own, head) or fmt
+                per_expert.append(expert_fmt.from_state_dict(own, head))
+            loaded = QuantizedExperts(per_expert)
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"quantized experts {name!r} in {where}: {exc}") from exc
+    if loaded.shape != shell.shape:
+        raise CheckpointError(
+            f"{name} in {where} holds experts {tuple(loaded.shape)}, the model expects "
+            f"{tuple(shell.shape)}"
+        )
+    shell._set_experts(list(loaded.experts()))
+
+
+def _stream_into(
+    model, files, model_key, quantized, device, dtype, qconfig, experts=None, groups=None
+) -> None:
     fmt = get_format(qconfig)
+    experts = experts or {}
+    groups = groups or {}
+    group_of = {k: g for g in groups.values() for k in g.keys}
+    group_tensors: dict[str, dict[str, torch.Tensor]] = {}
+    # The checkpoint tensors of each experts tensor: the fused float tensor ("") or the
+    # quantized state of every expert ("<e>.weight...").
+    experts_expected: dict[str, set[str]] = {}
+    for key in files:
+        name = group_of[key].target if key in group_of else model_key(key)
+        owner = _experts_owner(name, experts)
+        if owner is not None:
+            experts_expected.setdefault(owner, set()).add(name[len(owner) + 1 :])
+    experts_pending: dict[str, dict[str, torch.Tensor]] = {}
+
+    def take_experts(name: str, tensor: torch.Tensor, where) -> bool:
+        owner = _experts_owner(name, experts)
+        if owner is None:
+            return False
+        parts = experts_pending.setdefault(owner, {})
+        parts[name[len(owner) + 1 :]] = tensor
+        if set(parts) == experts_expected[owner]:
+            del experts_pending[owner]
+            _install_experts(owner, experts[owner], parts, fmt, qconfig, dtype, where)
+        return True
+
     # The checkpoint tensors of each quantized layer's weight: just "weight" (full
     # precision, quantized on arrival) or the bitsandbytes set (assembled, then installed).
     expected: dict[str, set[str]] = {}
@@ -517,7 +608,25 @@ def _stream_into(model, files, model_key, quantized, device, dtype, qconfig) -> 
     for keys in by_file.values():
         f = files[keys[0]]
         for key in sorted(keys, key=lambda k: f._entries[k][2]):
+            if key in group_of:
+                group = group_of[key]
+                got = group_tensors.setdefault(group.target, {})
+                got[key] = f.get(key).to(device)
+                if len(got) < len(group.keys):
+                    continue
+                del group_tensors[group.target]
+                try:
+                    tensor = group.convert(model, got)
+                except (ValueError, RuntimeError) as exc:
+                    raise CheckpointError(
+                        f"converting the checkpoint tensors of {group.target} failed: {exc}"
+                    ) from exc
+                if not take_experts(group.target, tensor, f.path):
+                    _assign(model, group.target, tensor, device, f.path, unexpected)
+                continue
             name = model_key(key)
+            if take_experts(name, f.get(key).to(device), f.path):
+                continue
             owner = _owner_of_weight(name, quantized)
             if owner is not None:
                 parts = pending.setdefault(owner, {})
@@ -545,30 +654,39 @@ def _stream_into(model, files, model_key, quantized, device, dtype, qconfig) -> 
                         ) from exc
                 _install(owner, layer, qw)
                 continue
-            module_name, _, leaf = name.rpartition(".")
-            try:
-                module = model.get_submodule(module_name)
-            except AttributeError:
-                unexpected.append(key)
-                continue
-            params = dict(module.named_parameters(prefix="", recurse=False))
-            buffers = dict(module.named_buffers(prefix="", recurse=False))
-            if params.get(leaf) is not None:
-                old = params[leaf]
-                t = f.get(key)
-                if tuple(t.shape) != tuple(old.shape):
-                    raise CheckpointError(
-                        f"{key} in {f.path} has shape {tuple(t.shape)}, the model expects {tuple(old.shape)}"
-                    )
-                t = t.to(device=device, dtype=old.dtype if old.is_floating_point() else t.dtype)
-                module.register_parameter(leaf, nn.Parameter(t, requires_grad=old.requires_grad))
-            elif buffers.get(leaf) is not None:
-                # setattr on a registered buffer replaces it and keeps its persistence
-                setattr(module, leaf, f.get(key).to(device=device, dtype=buffers[leaf].dtype))
-            else:
-                unexpected.append(key)
+            _assign(model, name, f.get(key), device, f.path, unexpected, key)
+    if experts_pending:
+        raise CheckpointError(
+            f"checkpoint has incomplete experts state for {sorted(experts_pending)[:5]}"
+        )
     if unexpected:
         warnings.warn(f"checkpoint tensors not used by the model: {unexpected[:20]}", stacklevel=3)
+
+
+def _assign(model, name, t, device, where, unexpected, key=None) -> None:
+    """Load a plain checkpoint tensor into the parameter or buffer ``name`` of ``model``."""
+    key = key or name
+    module_name, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        unexpected.append(key)
+        return
+    params = dict(module.named_parameters(prefix="", recurse=False))
+    buffers = dict(module.named_buffers(prefix="", recurse=False))
+    if params.get(leaf) is not None:
+        old = params[leaf]
+        if tuple(t.shape) != tuple(old.shape):
+            raise CheckpointError(
+                f"{key} in {where} has shape {tuple(t.shape)}, the model expects {tuple(old.shape)}"
+            )
+        t = t.to(device=device, dtype=old.dtype if old.is_floating_point() else t.dtype)
+        module.register_parameter(leaf, nn.Parameter(t, requires_grad=old.requires_grad))
+    elif buffers.get(leaf) is not None:
+        # setattr on a registered buffer replaces it and keeps its persistence
+        setattr(module, leaf, t.to(device=device, dtype=buffers[leaf].dtype))
+    else:
+        unexpected.append(key)
 
 
 def _owner_of_weight(name: str, quantized: set[str]) -> str | None:
