@@ -29,6 +29,7 @@ Module names stay PEFT's: ``base_model.model.model.layers.0.self_attn.q_proj.lor
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ __all__ = [
     "TriloraLoraLayer",
     "UnsupportedLoraSetting",
     "check_lora_config",
+    "experts_as_parameters",
     "get_peft_model",
     "patch",
     "rewrites_base_weights",
@@ -579,6 +581,34 @@ class TriloraExpertsLora(ParamWrapper):
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
 
+@contextlib.contextmanager
+def experts_as_parameters(model: nn.Module):
+    """Within the block, every :class:`trilora.moe.QuantizedExperts` of ``model`` stands as a
+    3-D parameter of its shape and dtype (a zero-stride view, no memory), so PEFT's
+    ``target_parameters`` injection (``peft.get_peft_model``, ``PeftModel.from_pretrained``,
+    ``load_adapter``) finds the experts as it does on a 16-bit model. The quantized experts
+    are put back at the end, under any LoRA wrapper PEFT added meanwhile; then call
+    :func:`patch`."""
+    swapped = []
+    for module in list(model.modules()):
+        if isinstance(module, ParamWrapper):
+            continue
+        for name, child in list(module.named_children()):
+            if isinstance(child, QuantizedExperts):
+                stand_in = torch.empty((), dtype=child.dtype, device=child.device)
+                delattr(module, name)
+                module.register_parameter(
+                    name, nn.Parameter(stand_in.expand(child.shape), requires_grad=False)
+                )
+                swapped.append((module, name, child))
+    try:
+        yield
+    finally:
+        for module, name, child in swapped:
+            delattr(module, name)
+            setattr(module, name, child)
+
+
 def _is_experts_wrapper(module: nn.Module) -> bool:
     return isinstance(module, ParamWrapper) and is_experts_module(module.get_base_layer())
 
@@ -708,6 +738,21 @@ def _patch_experts(root: nn.Module, options: QuantOptions) -> None:
         use_trilora_experts(root)
 
 
+def _target_experts(model: nn.Module, lora_config: LoraConfig) -> None:
+    """``target_modules="all-linear"`` also targets every MoE experts tensor (through
+    ``target_parameters``), for the models PEFT's own MoE mapping does not cover (gpt-oss)."""
+    target = lora_config.target_modules
+    if not (isinstance(target, str) and target.lower() == "all-linear"):
+        return
+    names = set(lora_config.target_parameters or [])
+    for mname, module in model.named_modules():
+        if is_experts_module(module):
+            leaf = mname.rpartition(".")[2]
+            names |= {f"{leaf}.{pname}" for pname, _ in experts_tensors(module)}
+    if names:
+        lora_config.target_parameters = sorted(names)
+
+
 def get_peft_model(
     model: nn.Module,
     lora_config: LoraConfig,
@@ -733,13 +778,15 @@ def get_peft_model(
         UnsupportedLoraSetting: ``lora_config`` uses a setting trilora does not implement.
     """
     check_lora_config(lora_config)
+    _target_experts(model, lora_config)
     _register(
         lora_config,
         QuantOptions(
             quant_type, blocksize, double_quant, compute_dtype, _full_precision_bases(model)
         ),
     )
-    peft_model = _peft_get_peft_model(model, lora_config, adapter_name=adapter_name, **kwargs)
+    with experts_as_parameters(model):
+        peft_model = _peft_get_peft_model(model, lora_config, adapter_name=adapter_name, **kwargs)
     return patch(
         peft_model, quant_type, blocksize, double_quant, compute_dtype, fused_cross_entropy
     )

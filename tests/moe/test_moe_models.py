@@ -1,0 +1,225 @@
+"""MoE models end to end on tiny random models of each family: loading (per-expert
+checkpoints through transformers' conversions), experts bytes against bitsandbytes, the
+forward and every LoRA gradient against a float64 reference built from the dequantized
+experts, the adapter files with vanilla PEFT, and save/reload byte for byte."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+import trilora
+import trilora.peft as tp
+from trilora.moe import QuantizedExperts
+
+T = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+bnbf = pytest.importorskip("bitsandbytes.functional")
+pytest.importorskip("transformers.integrations.moe")
+
+
+def _config(family: str, rng: random.Random):
+    # Awkward expert counts and top-k, drawn fresh; hidden sizes not multiples of 64 so
+    # quantization blocks straddle rows.
+    experts = rng.choice([3, 5, 6, 7])
+    top_k = rng.randint(1, min(3, experts - 1))
+    common = dict(
+        vocab_size=61, hidden_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    inter = rng.choice([20, 24, 36])
+    if family == "qwen3_moe":
+        return T.Qwen3MoeConfig(
+            **common, intermediate_size=48, moe_intermediate_size=inter, head_dim=10,
+            num_experts=experts, num_experts_per_tok=top_k, mlp_only_layers=[],
+        )  # fmt: skip
+    if family == "qwen2_moe":
+        return T.Qwen2MoeConfig(
+            **common, intermediate_size=48, moe_intermediate_size=inter,
+            shared_expert_intermediate_size=28, num_experts=experts, num_experts_per_tok=top_k,
+        )  # fmt: skip
+    if family == "mixtral":
+        return T.MixtralConfig(
+            **common, intermediate_size=inter, num_local_experts=experts,
+            num_experts_per_tok=top_k,
+        )  # fmt: skip
+    if family == "olmoe":
+        return T.OlmoeConfig(
+            **common, intermediate_size=inter, num_experts=experts, num_experts_per_tok=top_k
+        )
+    return T.GptOssConfig(
+        **common, intermediate_size=inter, num_local_experts=experts,
+        num_experts_per_tok=top_k, head_dim=10, layer_types=["full_attention"] * 2,
+    )  # fmt: skip
+
+
+FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss"]
+
+
+def _saved(tmp_path, family, seed, dtype=torch.float32):
+    cfg = _config(family, random.Random(seed))
+    model = T.AutoModelForCausalLM.from_config(cfg).to(dtype)
+    # Random non-zero biases (gpt-oss), so they are checked too.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_bias"):
+                p.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "src")
+    return model, tmp_path / "src"
+
+
+def _float64_reference(model: torch.nn.Module, trilora_model: torch.nn.Module):
+    """``model`` in float64 with every weight trilora quantized replaced by the exact
+    dequantization of trilora's bytes."""
+    ref = copy.deepcopy(model).double()
+    # transformers' default grouped_mm has no float64 kernel; its eager loop is the definition.
+    ref.set_experts_implementation("eager")
+    for name, mod in trilora_model.named_modules():
+        name = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
+        if isinstance(mod, QuantizedExperts):
+            parent, leaf = name.rsplit(".", 1)
+            ref.get_submodule(parent).register_parameter(
+                leaf, torch.nn.Parameter(mod.dequantize(torch.float64))
+            )
+        elif isinstance(mod, trilora.nn.QuantizedLinear):
+            ref.get_submodule(name).weight = torch.nn.Parameter(
+                mod.dequantized_weight(torch.float64)
+            )
+    return ref
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_load_bytes_forward_and_reload(tmp_path, family, seed):
+    model, src = _saved(tmp_path, family, seed)
+    q = trilora.from_pretrained(
+        src, quant_type="nf4", compute_dtype=None, device="cpu", dtype=torch.float32
+    )
+    experts = {n: m for n, m in q.named_modules() if isinstance(m, QuantizedExperts)}
+    assert experts and set(experts) == set(q.trilora_quantized_experts)
+    # Routers stay 16-bit; every 3-D experts parameter is quantized.
+    assert not [
+        n for n, p in q.named_parameters() if p.dim() == 3 and n.rpartition(".")[0] not in experts
+    ]
+    params = dict(model.named_parameters())
+    name = random.Random(seed).choice(sorted(experts))
+    e = random.Random(seed + 1).randrange(experts[name].num_experts)
+    packed, state = bnbf.quantize_4bit(
+        params[name][e].detach(), blocksize=64, compress_statistics=True, quant_type="nf4"
+    )
+    ours = experts[name].expert(e)
+    assert torch.equal(ours.packed.view(torch.uint8).reshape(-1), packed.reshape(-1))
+    assert torch.equal(ours.absmax, state.absmax)
+    assert torch.equal(ours.nested_absmax, state.state2.absmax)
+
+    ids = torch.randint(0, model.config.vocab_size, (2, 11))
+    ref = _float64_reference(model, q)
+    with torch.no_grad():
+        got = q(ids).logits.double()
+        want = ref(ids).logits
+    assert torch.allclose(got, want, atol=2e-5 * want.abs().max().item(), rtol=1e-4)
+
+    out = trilora.save_quantized(q, tmp_path / "q")
+    again = trilora.from_pretrained(out, device="cpu")
+    a, b = q.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _lora_config(**kw):
+    return peft.LoraConfig(r=3, lora_alpha=7, target_modules="all-linear", **kw)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "mixtral"])
+def test_lora_on_experts_matches_float64(tmp_path, family, seed):
+    model, src = _saved(tmp_path, family, seed)
+    q = trilora.from_pretrained(
+        src, quant_type="nf4", compute_dtype=None, device="cpu", dtype=torch.float32
+    )
+    pm = tp.get_peft_model(q, _lora_config(init_lora_weights=False), compute_dtype=None)
+    wrappers = [m for m in pm.modules() if isinstance(m, tp.TriloraExpertsLora)]
+    assert wrappers, "all-linear must put LoRA on the experts"
+    # The same targets (trilora adds gpt-oss's experts, which PEFT's all-linear leaves out).
+    targets = sorted(pm.peft_config["default"].target_parameters)
+    ref = peft.get_peft_model(
+        _float64_reference(model, pm), _lora_config(target_parameters=targets)
+    )
+    peft.set_peft_model_state_dict(
+        ref, {k: v.double() for k, v in peft.get_peft_model_state_dict(pm).items()}
+    )
+    ids = torch.randint(0, model.config.vocab_size, (3, 9))
+    pm.train()
+    ref.train()
+    ours = pm(ids, labels=ids)
+    theirs = ref(ids, labels=ids)
+    assert abs(ours.loss.item() - theirs.loss.item()) < 1e-4 * abs(theirs.loss.item())
+    ours.loss.backward()
+    theirs.loss.backward()
+    grads = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    want = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    assert grads.keys() == want.keys()
+    for n in grads:
+        scale = want[n].abs().max().item() + 1e-12
+        assert (grads[n].double() - want[n]).abs().max().item() <= 2e-4 * scale + 1e-9, n
+
+
+def test_adapter_files_move_both_ways(tmp_path, seed):
+    model, src = _saved(tmp_path, "qwen3_moe", seed)
+    q = trilora.from_pretrained(
+        src, quant_type="nf4", compute_dtype=None, device="cpu", dtype=torch.float32
+    )
+    pm = tp.get_peft_model(q, _lora_config(init_lora_weights=False), compute_dtype=None)
+    pm.save_pretrained(tmp_path / "adapter")
+    # Vanilla PEFT on the 16-bit model reads trilora's adapter as its own ...
+    vanilla = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "adapter")
+    ours = peft.get_peft_model_state_dict(pm)
+    theirs = peft.get_peft_model_state_dict(vanilla)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # ... and trilora reads vanilla PEFT's.
+    vanilla2 = peft.get_peft_model(copy.deepcopy(model), _lora_config(init_lora_weights=False))
+    vanilla2.save_pretrained(tmp_path / "vanilla")
+    q2 = trilora.from_pretrained(
+        src, quant_type="nf4", compute_dtype=None, device="cpu", dtype=torch.float32
+    )
+    with tp.experts_as_parameters(q2):
+        back = peft.PeftModel.from_pretrained(q2, tmp_path / "vanilla")
+    back = tp.patch(back, compute_dtype=None)
+    assert any(isinstance(m, tp.TriloraExpertsLora) for m in back.modules())
+    got = peft.get_peft_model_state_dict(back)
+    exp = peft.get_peft_model_state_dict(vanilla2)
+    assert got.keys() == exp.keys()
+    assert all(torch.equal(got[k], exp[k]) for k in got)
+
+
+def test_loss_against_bitsandbytes_peft(tmp_path, seed):
+    """bitsandbytes + PEFT (target_parameters, experts 16-bit) against trilora (experts
+    4-bit): the gap is what quantizing the experts explains."""
+    from helpers_models import load_bnb_4bit
+
+    model, src = _saved(tmp_path, "qwen3_moe", seed)
+    cfg = _lora_config()
+    base = load_bnb_4bit(src)
+    baseline = peft.get_peft_model(base, copy.deepcopy(cfg))
+    q = trilora.from_pretrained(src, quant_type="nf4", compute_dtype=torch.float32, device="cpu")
+    pm = tp.get_peft_model(q, copy.deepcopy(cfg), compute_dtype=torch.float32)
+    peft.set_peft_model_state_dict(pm, peft.get_peft_model_state_dict(baseline))
+    # The same model with 16-bit experts (and trilora's exact linears) isolates the experts'
+    # quantization error.
+    ref16 = _float64_reference(model, q)
+    for name, p in model.named_parameters():
+        if p.dim() == 3:
+            parent, leaf = name.rsplit(".", 1)
+            ref16.get_submodule(parent).register_parameter(
+                leaf, torch.nn.Parameter(p.detach().double())
+            )
+    ids = torch.randint(0, model.config.vocab_size, (2, 13))
+    with torch.no_grad():
+        ours = pm(ids, labels=ids).loss.item()
+        theirs = baseline(ids, labels=ids).loss.item()
+        exact4 = _float64_reference(model, q)(ids, labels=ids).loss.item()
+        exact16 = ref16(ids, labels=ids).loss.item()
+    assert abs(ours - exact4) < 1e-4 * abs(exact4)
+    assert abs(ours - theirs) <= 3 * abs(exact4 - exact16) + 2e-3 * abs(theirs)
