@@ -27,33 +27,51 @@ def _config(family: str, rng: random.Random):
     experts = rng.choice([3, 5, 6, 7])
     top_k = rng.randint(1, min(3, experts - 1))
     common = dict(
-        vocab_size=61, hidden_size=40, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=61,
+        hidden_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
         num_key_value_heads=2,
-    )  # fmt: skip
+    )
     inter = rng.choice([20, 24, 36])
     if family == "qwen3_moe":
         return T.Qwen3MoeConfig(
-            **common, intermediate_size=48, moe_intermediate_size=inter, head_dim=10,
-            num_experts=experts, num_experts_per_tok=top_k, mlp_only_layers=[],
-        )  # fmt: skip
+            **common,
+            intermediate_size=48,
+            moe_intermediate_size=inter,
+            head_dim=10,
+            num_experts=experts,
+            num_experts_per_tok=top_k,
+            mlp_only_layers=[],
+        )
     if family == "qwen2_moe":
         return T.Qwen2MoeConfig(
-            **common, intermediate_size=48, moe_intermediate_size=inter,
-            shared_expert_intermediate_size=28, num_experts=experts, num_experts_per_tok=top_k,
-        )  # fmt: skip
+            **common,
+            intermediate_size=48,
+            moe_intermediate_size=inter,
+            shared_expert_intermediate_size=28,
+            num_experts=experts,
+            num_experts_per_tok=top_k,
+        )
     if family == "mixtral":
         return T.MixtralConfig(
-            **common, intermediate_size=inter, num_local_experts=experts,
+            **common,
+            intermediate_size=inter,
+            num_local_experts=experts,
             num_experts_per_tok=top_k,
-        )  # fmt: skip
+        )
     if family == "olmoe":
         return T.OlmoeConfig(
             **common, intermediate_size=inter, num_experts=experts, num_experts_per_tok=top_k
         )
     return T.GptOssConfig(
-        **common, intermediate_size=inter, num_local_experts=experts,
-        num_experts_per_tok=top_k, head_dim=10, layer_types=["full_attention"] * 2,
-    )  # fmt: skip
+        **common,
+        intermediate_size=inter,
+        num_local_experts=experts,
+        num_experts_per_tok=top_k,
+        head_dim=10,
+        layer_types=["full_attention"] * 2,
+    )
 
 
 FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss"]

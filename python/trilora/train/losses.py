@@ -88,8 +88,11 @@ def sft_loss(
     batch: dict[str, Any],
     num_items: int,
     autocast_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Summed next-token cross-entropy of ``batch`` divided by ``num_items``.
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(loss, aux_loss)``: the summed next-token cross-entropy of ``batch`` divided by
+    ``num_items``, plus, for a mixture of experts that returns router logits, the router's
+    load-balancing loss as the model adds it (``router_aux_loss_coef * aux_loss``);
+    ``aux_loss`` is that unscaled auxiliary loss (None for other models).
 
     ``num_items`` is the number of loss tokens in the whole optimizer step (every
     micro-batch), so accumulating the gradients of the micro-batches gives exactly the
@@ -105,7 +108,7 @@ def sft_loss(
     )
     with ctx:
         out = model(**inputs, num_items_in_batch=num_items, use_cache=False)
-    return out.loss
+    return out.loss, getattr(out, "aux_loss", None)
 
 
 def sequence_logps(

@@ -27,6 +27,7 @@ import trilora.distributed as td
 from trilora import patches
 from trilora.distributed import unwrap
 from trilora.io import UsageError, UserError, atomic_directory, atomic_write_json, require
+from trilora.moe import QuantizedExperts, experts_modules
 from trilora.nn import QuantizedLinear
 from trilora.peft import get_peft_model
 from trilora.train.config import TrainConfig, cache_dir, model_source_problem
@@ -70,6 +71,8 @@ def _logical_numel(module: nn.Module) -> int | None:
 
     if isinstance(module, QuantizedLinear):
         return module.out_features * module.in_features
+    if isinstance(module, QuantizedExperts):
+        return module.num_experts * module.rows * module.cols
     shape = getattr(getattr(getattr(module, "weight", None), "quant_state", None), "shape", None)
     if shape is not None:
         return int(torch.Size(shape).numel())
@@ -329,6 +332,10 @@ def load_model(
                 attn_implementation=attn,
             )
     model.config.use_cache = False
+    if experts_modules(model) and hasattr(model.config, "output_router_logits"):
+        # The router's load-balancing loss joins the training loss, as transformers adds it
+        # (router_aux_loss_coef * aux_loss) when the model returns router logits.
+        model.config.output_router_logits = True
     has_adapter = True
     if cfg.finetune == "full":
         model.requires_grad_(True)
@@ -337,7 +344,7 @@ def load_model(
             model, patches.PatchOptions(fused_cross_entropy=cfg.fused_loss, fused_rms_norm=True)
         )
     else:
-        model = _attach_adapter(model, cfg, compute_dtype)
+        model = _attach_adapter(model, cfg, compute_dtype, log)
     everything, trainable = count_parameters(model)
     base = everything - trainable if has_adapter else everything
     return LoadedModel(
@@ -357,16 +364,27 @@ def apply_memory_options(model: nn.Module, cfg: TrainConfig) -> None:
     patches.apply(td.unwrap(model), options)
 
 
-def _attach_adapter(model: nn.Module, cfg: TrainConfig, compute_dtype: torch.dtype) -> nn.Module:
+def _attach_adapter(
+    model: nn.Module, cfg: TrainConfig, compute_dtype: torch.dtype, log=print
+) -> nn.Module:
     quantized = cfg.quant != "none"
     if cfg.finetune == "lora":
+        dropout = cfg.lora_dropout
+        if dropout and experts_modules(model):
+            # PEFT's LoRA on experts tensors (target_parameters) has no dropout and refuses a
+            # config that sets one; an adapter that vanilla PEFT can load keeps it at 0.
+            log(
+                f"lora_dropout {dropout} -> 0: LoRA on mixture-of-experts models has no "
+                "dropout (PEFT's target_parameters)"
+            )
+            dropout = 0.0
         targets: Any = cfg.lora_targets
         if targets != "all-linear":
             targets = [t.strip() for t in targets.split(",") if t.strip()]
         pcfg = peft.LoraConfig(
             r=cfg.lora_r,
             lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
+            lora_dropout=dropout,
             target_modules=targets,
             use_rslora=cfg.rslora,
             bias="none",

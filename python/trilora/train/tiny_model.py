@@ -21,11 +21,15 @@ from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3MoeConfig,
 )
 
 ARCHS = ("llama", "qwen2", "mistral")
+MOE_ARCHS = ("qwen3_moe", "mixtral")
+"""Mixture-of-experts families :func:`tiny_config` also builds (4 experts, top-2)."""
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -44,15 +48,17 @@ def tiny_config(
     tie: bool = False,
     **overrides,
 ):
-    """A tiny ``LlamaConfig`` / ``Qwen2Config`` / ``MistralConfig`` (4 heads, 2 KV heads).
+    """A tiny ``LlamaConfig`` / ``Qwen2Config`` / ``MistralConfig`` (4 heads, 2 KV heads),
+    or a mixture of experts (:data:`MOE_ARCHS`: 4 experts of ``intermediate`` each, top-2).
 
     Qwen2 has biases on q/k/v, so it exercises base-layer biases. ``overrides`` are further
     config fields (``max_position_embeddings`` defaults to 128).
     """
 
     classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
-    if arch not in classes:
-        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    moe = {"qwen3_moe": Qwen3MoeConfig, "mixtral": MixtralConfig}
+    if arch not in classes and arch not in moe:
+        raise ValueError(f"arch must be one of {ARCHS + MOE_ARCHS}, got {arch!r}")
     kwargs = dict(
         hidden_size=hidden,
         intermediate_size=intermediate or 2 * hidden,
@@ -63,8 +69,18 @@ def tiny_config(
         max_position_embeddings=128,
         tie_word_embeddings=tie,
     )
+    if arch == "qwen3_moe":
+        kwargs.update(
+            moe_intermediate_size=intermediate or hidden,
+            num_experts=4,
+            num_experts_per_tok=2,
+            head_dim=hidden // 4,
+            mlp_only_layers=[],
+        )
+    elif arch == "mixtral":
+        kwargs.update(num_local_experts=4, num_experts_per_tok=2)
     kwargs.update(overrides)
-    return classes[arch](**kwargs)
+    return {**classes, **moe}[arch](**kwargs)
 
 
 def save_tiny_model(
@@ -138,6 +154,7 @@ def save_tiny_lm(path: str | Path, chat: bool = True, seed: int = 0, **config) -
 __all__ = [
     "ARCHS",
     "CHAT_TEMPLATE",
+    "MOE_ARCHS",
     "SPECIALS",
     "save_tiny_lm",
     "save_tiny_model",

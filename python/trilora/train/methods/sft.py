@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from trilora.distributed import unwrap
 from trilora.train import data as D
 from trilora.train.losses import sft_loss, token_losses
 from trilora.train.methods.base import Method, MicroBatch, RunContext
@@ -33,8 +34,20 @@ class Sft(Method):
     def loss_items(self, mb: MicroBatch) -> list[int]:
         return [int((mb.batch["labels"][:, 1:] != D.IGNORE).sum())]
 
+    def prepare_step(self, run: RunContext, step: int, micro: list[MicroBatch]) -> None:
+        # A mixture of experts logs its router's auxiliary loss with every step.
+        config = getattr(unwrap(run.model), "config", None)
+        moe = bool(getattr(config, "output_router_logits", False))
+        self.stat_keys = ("aux_loss",) if moe else ()
+        self.micro_count = max(1, sum(1 for mb in micro if mb.real))
+
     def micro_loss(self, run: RunContext, mb: MicroBatch, num_items: list[int]):
-        return sft_loss(run.model, mb.batch, num_items[0], run.autocast_dtype), {}
+        loss, aux = sft_loss(run.model, mb.batch, num_items[0], run.autocast_dtype)
+        if "aux_loss" not in self.stat_keys:
+            return loss, {}
+        # The step logs the mean over its micro-batches (the loop sums the stats).
+        value = 0.0 if aux is None else float(aux.detach()) / self.micro_count
+        return loss, {"aux_loss": value}
 
     def evaluate(self, run, model, val, chunks, all_reduce, as_base):
         total, count = 0.0, 0
