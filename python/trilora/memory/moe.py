@@ -40,7 +40,7 @@ and the sort permutation.
 
 from __future__ import annotations
 
-import math
+import itertools
 import warnings
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -142,7 +142,7 @@ def _top_k(config) -> int:
 
 def _layer_index(name: str) -> int | None:
     parts = name.split(".")
-    for a, b in zip(parts, parts[1:]):
+    for a, b in itertools.pairwise(parts):
         if a == "layers" and b.isdigit():
             return int(b)
     return None
@@ -215,7 +215,7 @@ def quantized_bytes(out_features: int, in_features: int, quant: QuantConfig) -> 
     sum is ``get_format(quant).nbytes((out, in), quant)``)."""
     fmt = get_format(quant)
     qw = fmt.empty((out_features, in_features), quant, torch.bfloat16, "meta")
-    storage, buffers, _ = fmt.layer_tensors(qw)
+    storage, _, _ = fmt.layer_tensors(qw)
     total = fmt.nbytes((out_features, in_features), quant)
     codes = storage.numel() * storage.element_size()
     return codes, total - codes
