@@ -154,7 +154,7 @@ def test_every_moe_preset_answers_and_beats_the_baseline(name):
     ours, rep = find_max_moe(config, opts, budget, name=name)
     theirs, base = find_max_moe(config, opts, budget, provider="bnb_peft", name=name)
     assert rep is not None and rep.total <= budget < rep.options["search"]["next_total"]
-    assert ours > theirs
+    assert ours > theirs and (base is None or base.total <= budget)
     # at one length, trilora's step is smaller, and its experts are the 4-bit bytes
     at = replace(opts, seq_len=max(1024, theirs))
     a, b = moe_report(config, at), moe_report(config, at, "bnb_peft")
