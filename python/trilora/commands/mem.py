@@ -302,6 +302,7 @@ def _sweep_lengths(text: str) -> list[int]:
 
 
 _HOW = {
+    "analytical": "analytical MoE model",
     "full": "full-depth trace",
     "extrapolated": "depth-extrapolated trace",
     "lattice": "fast model (exact on its lattice of lengths)",
@@ -345,6 +346,14 @@ def run(args) -> int:
         check_supported(config, opts)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    from trilora.memory.moe import check_traceable, experts_line, is_moe
+
+    moe = is_moe(config)
+    if moe and (args.confirm or args.world_size > 1 or args.fsdp or args.measure):
+        try:
+            check_traceable(config)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
     name = str(args.model)
     depth = "full" if args.confirm else "fast"
     progress = BarProgress()  # a bar on a terminal; the result lines always, on stderr
@@ -384,6 +393,10 @@ def run(args) -> int:
                     )
                 )
                 print(format_reports([rep]))
+                if moe:
+                    print(experts_line(rep))
+                    _print_moe_baseline(args, config, opts, name, value, out)
+                    print(f"{_MOE_NOTE}; see docs/memory.md")
                 out["search"] = {
                     "budget": args.budget,
                     "dimension": args.search,
@@ -431,6 +444,13 @@ def run(args) -> int:
                 f"{opts.optimizer} ({_HOW[reps[0].method]})"
             )
             print(format_reports(reps))
+            if moe:
+                for r in reps:
+                    print(
+                        f"{r.provider}{'' if r.options['checkpointing'] else ' (no ckpt)'} "
+                        + experts_line(r)
+                    )
+                print(f"{_MOE_NOTE}; see docs/memory.md")
             out["reports"] = [r.to_dict() for r in reps]
             if args.measure:
                 from trilora.memory.measure import measure_cuda
@@ -446,6 +466,52 @@ def run(args) -> int:
     if args.json:  # checked before tracing (_check_outputs: --overwrite)
         atomic_write_json(args.json, out)
     return 0
+
+
+_MOE_NOTE = (
+    "mixture of experts: answered by the analytical MoE model (not traced), balanced "
+    "routing assumed (each expert gets T*k/E of the T*k token copies)"
+)
+
+
+def _print_moe_baseline(args, config, opts, name: str, value: int, out: dict) -> None:
+    """With --baseline, bitsandbytes + PEFT's largest value within the same budget (its
+    experts stay 16-bit), printed beside trilora's ``value``."""
+    if not args.baseline:
+        return
+    from trilora.memory.moe import experts_line, find_max_moe
+    from trilora.memory.report import format_bytes
+
+    base = replace(
+        opts,
+        offload=False,
+        mlp_chunks=None,
+        fused_ce=False,
+        fused_norm=False,
+        offload_embeddings=False,
+    )
+    from trilora.memory.moe import minimum_moe_bytes
+
+    floor = minimum_moe_bytes(config, base, "bnb_peft")
+    if floor >= args.budget:
+        print(
+            f"bitsandbytes + PEFT: nothing fits within {format_bytes(args.budget)} (its fixed "
+            f"footprint, 16-bit experts included, is {format_bytes(floor)}); trilora: {value:,}"
+        )
+        out["baseline_search"] = {"value": 0, "minimum_bytes": floor}
+        return
+    b_value, b_rep = find_max_moe(config, base, args.budget, args.search, "bnb_peft", name)
+    shown = format_bytes(b_rep.total) if b_rep is not None else "-"
+    print(
+        f"bitsandbytes + PEFT: largest {args.search} within {format_bytes(args.budget)}: "
+        f"{b_value:,} ({shown}); trilora: {value:,}"
+    )
+    if b_rep is not None:
+        print("bitsandbytes + PEFT " + experts_line(b_rep))
+    out["baseline_search"] = {
+        "value": b_value,
+        "report": b_rep.to_dict() if b_rep is not None else None,
+    }
 
 
 def _plot(lens, reports, path, name) -> None:

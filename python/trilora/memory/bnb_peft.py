@@ -25,6 +25,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from trilora.memory.moe import check_traceable
 from trilora.memory.report import MemOptions, MemReport, compute_dtype
 from trilora.memory.trace import (
     StepTrace,
@@ -100,6 +101,7 @@ def trace_bnb_peft(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     opts.validate()
+    check_traceable(config)
     if opts.quant_type not in ("nf4", "fp4"):
         raise ValueError(
             f"the bitsandbytes + PEFT baseline trace models 4-bit (nf4/fp4) bases only, "

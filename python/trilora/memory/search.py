@@ -20,6 +20,7 @@ from dataclasses import replace
 from trilora.memory import optimizer_model
 from trilora.memory.depth import depth_samples, profile_depth
 from trilora.memory.fast import FastProfiler
+from trilora.memory.moe import check_traceable, find_max_moe, is_moe, moe_report
 from trilora.memory.progress import as_progress
 from trilora.memory.report import DEPTHS, OVERHEADS, PROVIDERS, MemOptions, MemReport, format_bytes
 from trilora.memory.trace import build_meta_model, static_breakdown, trainable_itemsize
@@ -41,12 +42,20 @@ def profile(
     ``depth="fast"`` also extrapolates along the length from short traces
     (:class:`~trilora.memory.fast.FastProfiler`; exact on its lattice of lengths, and it traces
     other lengths itself, depth-extrapolated).
+
+    A mixture-of-experts model is not traced: ``depth="fast"`` answers it from the
+    analytical model (:func:`~trilora.memory.moe.moe_report`), the other depths raise
+    ValueError (:func:`~trilora.memory.moe.check_traceable`).
     """
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
     if depth not in DEPTHS:
         raise ValueError(f"depth must be one of {DEPTHS}, got {depth!r}")
     opts.validate()
+    if is_moe(config):
+        if depth != "fast":
+            check_traceable(config)
+        return moe_report(config, opts, provider, name)
     if depth == "fast":
         fast = FastProfiler(config, opts, provider, "seq_len", name, progress)
         lattice = fast.lattice(opts.seq_len)
@@ -190,6 +199,10 @@ def find_max(
     if multiple < 1:
         raise ValueError(f"multiple must be >= 1, got {multiple}")
     opts.validate()
+    if is_moe(config):
+        if confirm:
+            check_traceable(config)
+        return find_max_moe(config, opts, budget, search, provider, name, multiple)
     floor = minimum_bytes(config, opts)
     if budget <= floor:
         raise ValueError(
@@ -276,7 +289,12 @@ def find_max(
     return value, rep
 
 
-_METHOD_NAMES = {"full": "full depth", "extrapolated": "traced", "lattice": "lattice"}
+_METHOD_NAMES = {
+    "analytical": "analytical",
+    "full": "full depth",
+    "extrapolated": "traced",
+    "lattice": "lattice",
+}
 
 
 def sweep(
@@ -290,8 +308,9 @@ def sweep(
 ) -> list[MemReport]:
     """Reports for each sequence length: ``depth="fast"`` shares one
     :class:`~trilora.memory.fast.FastProfiler` (three short traces for every lattice length);
-    ``"extrapolate"`` or ``"full"`` traces each length."""
-    if depth != "fast":
+    ``"extrapolate"`` or ``"full"`` traces each length. A mixture-of-experts model is
+    answered by :func:`~trilora.memory.moe.moe_report` (``depth="fast"`` only)."""
+    if depth != "fast" or is_moe(config):
         return [
             profile(config, replace(opts, seq_len=t), provider, depth, name, progress)
             for t in seq_lens

@@ -49,6 +49,7 @@ from trilora.config import override
 from trilora.formats import QuantConfig
 from trilora.memory import optimizer_model, timeline
 from trilora.memory.attention import register
+from trilora.memory.moe import check_traceable
 from trilora.memory.optimizer_model import OPTIMIZER_NAMES
 from trilora.memory.report import (
     MemOptions,
@@ -550,6 +551,7 @@ def trace_trilora(
 
     opts.validate()
     check_supported(config, opts)
+    check_traceable(config)
     t0 = time.perf_counter()
     model = build_meta_model(config, opts, num_layers)
     layers = model.config.num_hidden_layers
