@@ -14,6 +14,7 @@ import torch
 import trilora
 import trilora.peft as tp
 from trilora.moe import QuantizedExperts
+from trilora.patches.fused_loss import disable_fused_cross_entropy
 
 T = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -241,3 +242,20 @@ def test_loss_against_bitsandbytes_peft(tmp_path, seed):
         exact16 = ref16(ids, labels=ids).loss.item()
     assert abs(ours - exact4) < 1e-4 * abs(exact4)
     assert abs(ours - theirs) <= 3 * abs(exact4 - exact16) + 2e-3 * abs(theirs)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_fused_loss_keeps_the_router_aux_loss(tmp_path, family, seed):
+    model, src = _saved(tmp_path, family, seed)
+    q = trilora.from_pretrained(src, compute_dtype=None, device="cpu", dtype=torch.float32)
+    q.config.output_router_logits = True
+    pm = tp.get_peft_model(q, _lora_config(), compute_dtype=None)
+    pm.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 10))
+    fused = pm(ids, labels=ids)
+    disable_fused_cross_entropy(pm)
+    plain = pm(ids, labels=ids)
+    assert fused.aux_loss is not None and fused.aux_loss.item() > 0
+    assert abs(fused.loss.item() - plain.loss.item()) < 1e-5 * abs(plain.loss.item())
+    no_aux = pm(ids, labels=ids, output_router_logits=False).loss.item()
+    assert abs(plain.loss.item() - no_aux) > 0.5 * model.config.router_aux_loss_coef

@@ -187,6 +187,14 @@ def _fused_forward(orig, lm: nn.Module, z_loss: float, chunk_size: int | None, *
         if isinstance(num_items, torch.Tensor):
             num_items = num_items.to(loss.device)
         loss = loss / num_items
+    aux = None if isinstance(out, tuple) else out.get("aux_loss")
+    if aux is not None:
+        # A mixture of experts returning router logits adds its load-balancing loss to the
+        # labelled loss; the labels went to the fused loss, so add it as the model would.
+        coef = getattr(lm, "router_aux_loss_coef", None)
+        if coef is None:
+            coef = getattr(getattr(lm, "config", None), "router_aux_loss_coef", 0.0)
+        loss = loss + coef * aux.to(loss.device)
     if isinstance(out, tuple):
         return (loss, *out[1:])
     out["loss"] = loss
