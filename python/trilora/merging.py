@@ -13,12 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
 from transformers import AutoTokenizer
 
 from trilora.io import UserError
+from trilora.moe import QuantizedExperts, experts_tensors
 from trilora.nn import QuantizedLinear
-from trilora.peft import TriloraLoraLayer, patch
+from trilora.ops.grouped_qlora import peft_expert_factors
+from trilora.peft import TriloraExpertsLora, TriloraLoraLayer, patch
 
 __all__ = ["merge", "save_tokenizer", "torch_dtype"]
 
@@ -57,6 +60,71 @@ def _base_weight_fp32(layer: nn.Module) -> torch.Tensor:
     raise TypeError(
         f"cannot merge into a {type(layer).__name__}; patch the model with trilora.patch first"
     )
+
+
+def _experts_delta(wrapper: TriloraExpertsLora, adapter: str) -> torch.Tensor:
+    """fp32 ``scale * B_e @ A_e`` of every expert, in the layout the experts tensor is
+    stored in (``[E, out, in]``, or ``[E, in, out]`` when the module stores it transposed)."""
+    a, b = peft_expert_factors(
+        wrapper.lora_A[adapter].weight.float(),
+        wrapper.lora_B[adapter].weight.float(),
+        wrapper.num_experts,
+    )
+    delta = wrapper.scaling[adapter] * torch.bmm(b, a)
+    return delta.transpose(1, 2) if wrapper.get_base_layer().is_transposed else delta
+
+
+def _merge_experts(root: nn.Module, dtype, requantize: bool, adapter_names) -> None:
+    """Fold the LoRA of every experts tensor into it (dequantized to fp32, the deltas added
+    in fp32, one cast), in place on the experts modules."""
+    by_tensor: dict[tuple[int, str], list[TriloraExpertsLora]] = {}
+    for module in root.modules():
+        if isinstance(module, TriloraExpertsLora):
+            key = (id(module.get_base_layer()), module.parameter_name)
+            by_tensor.setdefault(key, []).append(module)
+    for wrappers in by_tensor.values():
+        experts = wrappers[0].get_base_layer()
+        name = wrappers[0].parameter_name
+        base = getattr(experts, name)
+        if isinstance(base, QuantizedExperts):
+            weight = base.dequantize(torch.float32)
+        else:
+            weight = base.detach().float()
+        for wrapper in wrappers:
+            names = wrapper.active_adapters if adapter_names is None else adapter_names
+            for adapter in names:
+                if adapter in wrapper.lora_A:
+                    weight += _experts_delta(wrapper, adapter).to(weight.device)
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"merged experts {name} have NaN/Inf values")
+        delattr(experts, name)
+        if requantize and isinstance(base, QuantizedExperts):
+            setattr(
+                experts,
+                name,
+                QuantizedExperts.quantize(weight.to(base.dtype), base.quant_config()),
+            )
+        else:
+            experts.register_parameter(name, nn.Parameter(weight.to(dtype), requires_grad=False))
+
+
+def _merge_parameter_loras(root: nn.Module, adapter_names) -> None:
+    """PEFT's own merge for LoRA on other parameters (an MoE router's weight), in fp32."""
+    for module in list(root.modules()):
+        if isinstance(module, ParamWrapper) and not isinstance(module, TriloraExpertsLora):
+            param = module.get_param()
+            param.data = param.data.float()
+            module.merge(adapter_names=adapter_names)
+
+
+def _dequantize_experts(model: nn.Module, dtype) -> None:
+    for module in list(model.modules()):
+        for name, t in list(experts_tensors(module)):
+            if isinstance(t, QuantizedExperts):
+                delattr(module, name)
+                module.register_parameter(
+                    name, nn.Parameter(t.dequantize(torch.float32).to(dtype), requires_grad=False)
+                )
 
 
 def merge(
@@ -107,8 +175,11 @@ def merge(
         else:
             merged = _dequantized_linear(base, weight, dtype)
         module.base_layer = merged
+    _merge_experts(root, dtype, requantize, adapter_names)
+    _merge_parameter_loras(root, adapter_names)
     model = peft_model.unload()
     if not requantize:
+        _dequantize_experts(model, dtype)
         for name, module in list(model.named_modules()):
             if isinstance(module, QuantizedLinear):
                 model.set_submodule(
@@ -120,7 +191,12 @@ def merge(
         for p in model.parameters():
             if p.is_floating_point():
                 p.data = p.data.to(dtype)
-        for attr in ("is_loaded_in_4bit", "trilora_quantized_modules", "quantization_method"):
+        for attr in (
+            "is_loaded_in_4bit",
+            "trilora_quantized_modules",
+            "trilora_quantized_experts",
+            "quantization_method",
+        ):
             if attr in model.__dict__:
                 delattr(model, attr)
         if getattr(model, "hf_quantizer", None) is not None:

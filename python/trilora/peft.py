@@ -33,6 +33,7 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import peft
@@ -73,6 +74,7 @@ __all__ = [
     "check_lora_config",
     "experts_as_parameters",
     "get_peft_model",
+    "load_adapter",
     "patch",
     "rewrites_base_weights",
 ]
@@ -607,6 +609,14 @@ def experts_as_parameters(model: nn.Module):
         for module, name, child in swapped:
             delattr(module, name)
             setattr(module, name, child)
+
+
+def load_adapter(model: nn.Module, adapter: str | Path, **kwargs: Any) -> PeftModel:
+    """``peft.PeftModel.from_pretrained(model, adapter, **kwargs)`` on a trilora model, with
+    the LoRA on quantized MoE experts found as on the 16-bit model
+    (:func:`experts_as_parameters`). Returns the PEFT model, not yet patched."""
+    with experts_as_parameters(model):
+        return PeftModel.from_pretrained(model, str(adapter), **kwargs)
 
 
 def _is_experts_wrapper(module: nn.Module) -> bool:

@@ -203,9 +203,7 @@ def test_adapter_files_move_both_ways(tmp_path, seed):
     q2 = trilora.from_pretrained(
         src, quant_type="nf4", compute_dtype=None, device="cpu", dtype=torch.float32
     )
-    with tp.experts_as_parameters(q2):
-        back = peft.PeftModel.from_pretrained(q2, tmp_path / "vanilla")
-    back = tp.patch(back, compute_dtype=None)
+    back = tp.patch(tp.load_adapter(q2, tmp_path / "vanilla"), compute_dtype=None)
     assert any(isinstance(m, tp.TriloraExpertsLora) for m in back.modules())
     got = peft.get_peft_model_state_dict(back)
     exp = peft.get_peft_model_state_dict(vanilla2)
@@ -259,3 +257,32 @@ def test_fused_loss_keeps_the_router_aux_loss(tmp_path, family, seed):
     assert abs(fused.loss.item() - plain.loss.item()) < 1e-5 * abs(plain.loss.item())
     no_aux = pm(ids, labels=ids, output_router_logits=False).loss.item()
     assert abs(plain.loss.item() - no_aux) > 0.5 * model.config.router_aux_loss_coef
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_merge_folds_expert_lora_in_fp32(tmp_path, family, seed):
+    model, src = _saved(tmp_path, family, seed)
+    q = trilora.from_pretrained(src, compute_dtype=None, device="cpu", dtype=torch.float32)
+    pm = tp.get_peft_model(q, _lora_config(init_lora_weights=False), compute_dtype=None)
+    targets = sorted(pm.peft_config["default"].target_parameters)
+    ref = peft.get_peft_model(
+        _float64_reference(model, pm), _lora_config(target_parameters=targets)
+    )
+    peft.set_peft_model_state_dict(
+        ref, {k: v.double() for k, v in peft.get_peft_model_state_dict(pm).items()}
+    )
+    merged = trilora.merge(pm, dtype="fp64")
+    assert not [m for m in merged.modules() if isinstance(m, QuantizedExperts)]
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    ref.eval()
+    merged.set_experts_implementation("eager")
+    with torch.no_grad():
+        want = ref(ids).logits
+        got = merged(ids).logits
+    # The merge adds the deltas in fp32 (as for linears): fp32-level agreement.
+    assert torch.allclose(got, want, atol=1e-5 * want.abs().max().item(), rtol=0)
+    merged.save_pretrained(tmp_path / "merged")
+    again = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float64)
+    again.set_experts_implementation("eager")
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, got)

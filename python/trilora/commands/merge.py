@@ -197,11 +197,11 @@ def _merge_and_write(args, adapter: Path, out: Path, config, dtype) -> str | Non
     """Merge and write ``out`` (model, generation config and tokenizer, in one atomic
     folder); return where the tokenizer came from (None: nowhere)."""
     import torch
-    from peft import PeftModel
 
     from trilora.io import UserError, atomic_directory
     from trilora.loading import from_pretrained, save_quantized
     from trilora.merging import merge, save_tokenizer
+    from trilora.peft import load_adapter
 
     base = from_pretrained(
         args.base,
@@ -215,7 +215,7 @@ def _merge_and_write(args, adapter: Path, out: Path, config, dtype) -> str | Non
     made_for = getattr(config, "base_model_name_or_path", None)
     _check_adapter_fits(base, args.base, adapter, made_for)
     try:
-        peft_model = PeftModel.from_pretrained(base, str(adapter))
+        peft_model = load_adapter(base, adapter)
     except (RuntimeError, ValueError, KeyError) as exc:
         if isinstance(exc, UserError):
             raise

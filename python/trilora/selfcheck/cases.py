@@ -25,6 +25,8 @@ Families and the kernels they launch:
   ``grouped_attention`` (PyTorch's flash kernels, one key/value group at a time),
   ``adamw_fused`` (``_adamw32_kernel``, ``_adamw8bit_kernel`` through
   ``trilora.optim.AdamW`` with 32- and 8-bit state) and ``CPUOffloadAdamW``.
+* ``grouped_qlora`` (MoE experts: ``kernels/grouped_qlora.py``'s forward, input-backward and
+  LoRA-gradient kernels through :func:`trilora.ops.grouped_qlora.grouped_lora_linear`).
 
 Tolerances reflect what the hardware does, not only what the interpreter does: the kernels
 round the dequantized weight to the activation dtype before ``tl.dot`` (the reference
@@ -948,6 +950,97 @@ def optimizer_cases(s: Shapes) -> list[Unit]:
 
 
 # ---------------------------------------------------------------------------------------
+# MoE experts: the grouped QLoRA linear
+# ---------------------------------------------------------------------------------------
+
+
+def _grouped_checks(ctx, g, experts, rows, n, k, r, dtype, transposed, quant_type) -> list[dict]:
+    from trilora.moe import QuantizedExperts
+    from trilora.ops.grouped_qlora import grouped_lora_linear
+
+    dev = ctx.device
+    stored = (experts, k, n) if transposed else (experts, n, k)
+    w = (torch.randn(stored, generator=g, device=dev) / math.sqrt(k)).to(dtype)
+    weight = QuantizedExperts.quantize(w, QuantConfig(quant_type, 64, True, None))
+    # Skewed routing with empty experts: what real routers produce.
+    owner = torch.randint(0, max(1, experts // 2), (rows,), generator=g, device=dev) * 2
+    owner, _ = torch.sort(owner.clamp(max=experts - 1))
+    ends = torch.bincount(owner, minlength=experts).cumsum(0)
+    x = torch.randn(rows, k, generator=g, device=dev).to(dtype).requires_grad_()
+    a = (torch.randn(experts, r, k, generator=g, device=dev) / math.sqrt(k)).requires_grad_()
+    b = (torch.randn(experts, n, r, generator=g, device=dev) / math.sqrt(r)).requires_grad_()
+    dy = torch.randn(rows, n, generator=g, device=dev).to(dtype)
+    scale = 2.0
+    y = grouped_lora_linear(x, ends, weight, a, b, scale, transposed)
+    y.backward(dy)
+    # float64 reference, expert by expert, on the weight the kernels see (rounded to dtype)
+    x64, dy64 = x.detach().double(), dy.double()
+    y_ref = torch.zeros(rows, n, dtype=torch.float64, device=dev)
+    dx_ref = torch.zeros(rows, k, dtype=torch.float64, device=dev)
+    da_ref = torch.zeros(a.shape, dtype=torch.float64, device=dev)
+    db_ref = torch.zeros(b.shape, dtype=torch.float64, device=dev)
+    start = 0
+    for e, end in enumerate(ends.tolist()):
+        if end > start:
+            we = weight.expert(e).dequantize(torch.float32).to(dtype).double()
+            we = we.t() if transposed else we
+            a64, b64 = a[e].detach().double(), b[e].detach().double()
+            xe, dye = x64[start:end], dy64[start:end]
+            xa = xe @ a64.t()
+            dyb = dye @ b64
+            y_ref[start:end] = xe @ we.t() + scale * xa @ b64.t()
+            dx_ref[start:end] = dye @ we + scale * dyb @ a64
+            da_ref[e] = scale * dyb.t() @ xe
+            db_ref[e] = scale * dye.t() @ xa
+        start = end
+    tol = TOL[dtype]
+    return [
+        check("y", rel_err(y, y_ref), tol),
+        check("dx", rel_err(x.grad, dx_ref), tol),
+        check("dA", rel_err(a.grad, da_ref), tol),
+        check("dB", rel_err(b.grad, db_ref), tol),
+    ]
+
+
+def moe_cases(s: Shapes) -> list[Unit]:
+    """Forward + backward of the grouped QLoRA linear of MoE experts (every expert's rows
+    through its own 4-bit weight and LoRA): Qwen3-30B-A3B's expert projections (512 tokens,
+    top-8 of 128 experts) and gpt-oss-20b's transposed layout on the GPU; scaled down, with
+    empty experts and sizes off every block, under the interpreter."""
+    if s.gpu:
+        shapes = [
+            ("qwen3-30b-a3b gate_up", 128, 4096, 1536, 2048, False, 0),
+            ("qwen3-30b-a3b down", 128, 4096, 2048, 768, False, 0),
+            ("gpt-oss-20b gate_up (transposed)", 32, 2048, 5760, 2880, True, 1),
+        ]
+    else:
+        shapes = [
+            ("gate_up", 6, 24, 40, 72, False, 0),
+            ("down (transposed)", 5, 17, 72, 36, True, 1),
+        ]
+    units = []
+    for label, experts, rows, n, k, transposed, tier in shapes:
+        for dt in ("bf16", "fp16"):
+            for quant_type in ("nf4",) if tier == 0 else ("fp4",):
+
+                def fn(ctx, g, e=experts, m=rows, n=n, k=k, dt=dt, t=transposed, q=quant_type):
+                    return _grouped_checks(ctx, g, e, m, n, k, 16, _DTYPES[dt], t, q)
+
+                units.append(
+                    _case(
+                        "grouped_qlora",
+                        f"r16,{quant_type}-dq-bs64,E={experts}",
+                        f"{label} rows={rows} N={n} K={k}",
+                        dt,
+                        fn,
+                        uses_dot=True,
+                        tier=tier,
+                    )
+                )
+    return units
+
+
+# ---------------------------------------------------------------------------------------
 # the registry
 # ---------------------------------------------------------------------------------------
 
@@ -958,6 +1051,7 @@ FAMILIES: tuple[Callable[[Shapes], list[Unit]], ...] = (
     rms_norm_cases,
     attention_cases,
     optimizer_cases,
+    moe_cases,
 )
 
 

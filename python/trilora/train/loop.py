@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import trilora.distributed as td
@@ -50,6 +49,7 @@ from trilora.io import (
 )
 from trilora.loading import from_pretrained
 from trilora.merging import merge, save_tokenizer
+from trilora.peft import load_adapter
 from trilora.train import checkpoints as S
 from trilora.train import data as D
 from trilora.train.checkpoints import latest_checkpoint
@@ -1178,7 +1178,7 @@ def _reload_adapter(cfg, lm, adapter: Path):
                 dtype=lm.compute_dtype,
                 device="cpu",
             )
-    return PeftModel.from_pretrained(base, str(adapter))
+    return load_adapter(base, adapter)
 
 
 def _fmt(x: Any, spec: str = ".4f") -> str:
