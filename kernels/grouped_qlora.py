@@ -477,7 +477,9 @@ _BWD_TABLE_FP32 = (
 _GROUP_M = 8
 
 # dy @ B (for dA): [BM, R_PAD] fp32 accumulator over P = N in BP steps; no W decode.
-_DOWN_CFG = {"BM": 64, "BP": 64, "num_warps": 4, "num_stages": 3}
+# Row = (max R_PAD, BM): the accumulator is BM*R_PAD/128 fp32 registers per thread.
+_DOWN_CFG = {"BP": 64, "num_warps": 4, "num_stages": 3}
+_DOWN_TABLE = ((64, 64), (256, 32))
 # LoRA grads: the dense TN tiles; each table slot reduces GRAD_ROWS rows of one expert and
 # adds its [BP, BQ] tile atomically, so the atomics per output tile are ~rows/GRAD_ROWS + 1.
 _TN_CFG = {"BP": 64, "BQ": 64, "BMR": 32, "num_warps": 4, "num_stages": 3}
@@ -871,8 +873,10 @@ def grouped_lora_grads(
     if s == 0:
         return torch.zeros_like(lora_a), torch.zeros_like(lora_b)
     cfg = _DOWN_CFG
+    r_pad = _r_pad(r)
+    (bm,) = _pick(_DOWN_TABLE, r_pad)
     dyb = torch.empty((s, r), dtype=torch.float32, device=x.device)
-    tiles = expert_tile_table(expert_ends, s, cfg["BM"])
+    tiles = expert_tile_table(expert_ends, s, bm)
     _grouped_lora_down_kernel[(tiles.shape[0],)](
         dy,
         tiles,
@@ -883,9 +887,9 @@ def grouped_lora_grads(
         dy.stride(0),
         dy.stride(1),
         *lora_b.stride(),
-        BM=cfg["BM"],
+        BM=bm,
         BP=cfg["BP"],
-        R_PAD=_r_pad(r),
+        R_PAD=r_pad,
         INDEX64=needs_int64(dy),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
@@ -893,3 +897,142 @@ def grouped_lora_grads(
     grad_a = _grouped_tn_grad(dyb, x, expert_ends, e, scale)
     grad_b = _grouped_tn_grad(dy, xa, expert_ends, e, scale)
     return grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time specs
+# --------------------------------------------------------------------------------------------
+# Compiled with LoRA on (the superset of the code), each table row at its largest R_PAD.
+# (activation, LoRA factor, double-quantized, TRANSPOSED): every value of every flag, not the
+# full product (~1.7 s of CPU per compile and arch); the flags change load, convert and index
+# code, not tile shapes. bf16 activations with fp32 factors is the register-heaviest pair.
+_COMBOS = (
+    ("bf16", "bf16", True, False),
+    ("fp16", "fp16", False, True),
+    ("bf16", "fp32", True, True),
+)
+_COMBOS_FP32 = (("fp32", "fp32", True, False), ("fp32", "fp32", False, True))
+
+_PTR_TYPES = {
+    "tiles_ptr": "*i32",
+    "packed_ptr": "*u8",
+    "code_ptr": "*fp32",
+    "nabs_ptr": "*fp32",
+    "ncode_ptr": "*fp32",
+    "offset_ptr": "*fp32",
+}
+
+
+def _sig(fn, types: dict[str, str], constexprs: dict) -> dict[str, str]:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in types:
+            sig[name] = types[name]
+        elif name in _PTR_TYPES:
+            sig[name] = _PTR_TYPES[name]
+        elif name == "scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _matmul_specs(fn, table, combos, index64: bool, io: tuple[str, str]) -> list[AotSpec]:
+    """Specs of the forward (io = x, y) or input backward (io = dy, dx) for each row and combo."""
+    specs = []
+    for act, lora, double, transposed in combos:
+        tag = f"{act},lora-{lora},{'dq' if double else 'fp32abs'}{',T' if transposed else ''}"
+        types = {
+            "absmax_ptr": "*u8" if double else "*fp32",
+            "a_ptr": f"*{lora}",
+            "b_ptr": f"*{lora}",
+            io[0]: f"*{act}",
+            io[1]: f"*{act}",
+            "xa_ptr": "*fp32",
+        }
+        for r_pad, bm, bn, bk, warps, stages in table:
+            ce = {
+                "BLOCKSIZE": 64,
+                "DOUBLE_QUANT": double,
+                "TRANSPOSED": transposed,
+                "HAS_LORA": True,
+                "BM": bm,
+                "BN": bn,
+                "BK": bk,
+                "R_PAD": r_pad,
+                "GROUP_M": _GROUP_M,
+                "INDEX64": index64,
+            }
+            i64 = ",i64" if index64 else ""
+            specs.append(
+                AotSpec(
+                    f"{fn.__name__}[{tag},BM{bm},BN{bn},BK{bk},R{r_pad}{i64}]",
+                    fn,
+                    _sig(fn, types, ce),
+                    ce,
+                    {"num_warps": warps, "num_stages": stages},
+                )
+            )
+    return specs
+
+
+def _aot_specs() -> list[AotSpec]:
+    fwd, bwd = _grouped_qlora_fwd_kernel, _grouped_qlora_bwd_input_kernel
+    specs = []
+    for index64 in (False, True):
+        specs += _matmul_specs(fwd, _FWD_TABLE, _COMBOS, index64, ("x_ptr", "y_ptr"))
+        specs += _matmul_specs(fwd, _FWD_TABLE_FP32, _COMBOS_FP32, index64, ("x_ptr", "y_ptr"))
+        bwd_table = _BWD_TABLE_INDEX64 if index64 else _BWD_TABLE
+        specs += _matmul_specs(bwd, bwd_table, _COMBOS, index64, ("dy_ptr", "dx_ptr"))
+        specs += _matmul_specs(bwd, _BWD_TABLE_FP32, _COMBOS_FP32, index64, ("dy_ptr", "dx_ptr"))
+    for act, lora, index64 in (
+        ("bf16", "fp32", True),
+        ("fp16", "fp16", False),
+        ("fp32", "fp32", False),
+    ):
+        for r_pad, bm in _DOWN_TABLE:
+            ce = {"BM": bm, "BP": _DOWN_CFG["BP"], "R_PAD": r_pad, "INDEX64": index64}
+            types = {"in_ptr": f"*{act}", "f_ptr": f"*{lora}", "out_ptr": "*fp32"}
+            fn = _grouped_lora_down_kernel
+            specs.append(
+                AotSpec(
+                    f"{fn.__name__}[{act},lora-{lora},BM{bm},R{r_pad}{',i64' if index64 else ''}]",
+                    fn,
+                    _sig(fn, types, ce),
+                    ce,
+                    {"num_warps": _DOWN_CFG["num_warps"], "num_stages": _DOWN_CFG["num_stages"]},
+                )
+            )
+    # dA: L = dyb (fp32), R = x (act); dB: L = dy (act), R = xa (fp32).
+    opts = {"num_warps": _TN_CFG["num_warps"], "num_stages": _TN_CFG["num_stages"]}
+    for act, index64 in (("bf16", True), ("fp16", False), ("fp32", False)):
+        ce = {"INDEX64": index64, **{k: v for k, v in _TN_CFG.items() if k.startswith("B")}}
+        for grad, lt, rt in (("dA", "fp32", act), ("dB", act, "fp32")):
+            fn = _grouped_lora_tn_grad_kernel
+            types = {"l_ptr": f"*{lt}", "r_ptr": f"*{rt}", "out_ptr": "*fp32"}
+            specs.append(
+                AotSpec(
+                    f"{fn.__name__}[{grad},{act}{',i64' if index64 else ''}]",
+                    fn,
+                    _sig(fn, types, ce),
+                    ce,
+                    opts,
+                )
+            )
+    return specs
+
+
+AOT_SPECS: list[AotSpec] = _aot_specs()
+
+__all__ = [
+    "AOT_SPECS",
+    "GROUPED_ACT_DTYPES",
+    "Experts4bit",
+    "check_experts",
+    "expert_tile_table",
+    "grouped_lora_grads",
+    "grouped_qlora_backward_input",
+    "grouped_qlora_forward",
+]
