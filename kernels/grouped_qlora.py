@@ -455,9 +455,10 @@ _FWD_TABLE = (
     (128, 64, 64, 32, 8, 3),
     (256, 32, 32, 32, 8, 2),
 )
+# fp32, r = 256: BK = 32 spilled 8-24 B on sm_90 (the fp32 [BK, R_PAD] A tile).
 _FWD_TABLE_FP32 = (
     (128, 64, 64, 32, 8, 2),
-    (256, 32, 32, 32, 8, 2),
+    (256, 32, 32, 16, 8, 2),
 )
 _BWD_TABLE = (
     (64, 128, 32, 32, 8, 3),
@@ -477,9 +478,10 @@ _BWD_TABLE_FP32 = (
 _GROUP_M = 8
 
 # dy @ B (for dA): [BM, R_PAD] fp32 accumulator over P = N in BP steps; no W decode.
-# Row = (max R_PAD, BM): the accumulator is BM*R_PAD/128 fp32 registers per thread.
-_DOWN_CFG = {"BP": 64, "num_warps": 4, "num_stages": 3}
-_DOWN_TABLE = ((64, 64), (256, 32))
+# Row = (max R_PAD, BM, BP, warps): the [BP, R_PAD] factor tile and the [BM, R_PAD]
+# accumulator set the registers (BP 64 at r = 256 spilled 144 B on sm_80).
+_DOWN_STAGES = 3
+_DOWN_TABLE = ((64, 64, 64, 4), (256, 32, 32, 8))
 # LoRA grads: the dense TN tiles; each table slot reduces GRAD_ROWS rows of one expert and
 # adds its [BP, BQ] tile atomically, so the atomics per output tile are ~rows/GRAD_ROWS + 1.
 _TN_CFG = {"BP": 64, "BQ": 64, "BMR": 32, "num_warps": 4, "num_stages": 3}
@@ -872,9 +874,8 @@ def grouped_lora_grads(
         raise ValueError(f"xa must be fp32 [S={s}, r={r}], got {xa.dtype} {list(xa.shape)}")
     if s == 0:
         return torch.zeros_like(lora_a), torch.zeros_like(lora_b)
-    cfg = _DOWN_CFG
     r_pad = _r_pad(r)
-    (bm,) = _pick(_DOWN_TABLE, r_pad)
+    bm, bp, warps = _pick(_DOWN_TABLE, r_pad)
     dyb = torch.empty((s, r), dtype=torch.float32, device=x.device)
     tiles = expert_tile_table(expert_ends, s, bm)
     _grouped_lora_down_kernel[(tiles.shape[0],)](
@@ -888,11 +889,11 @@ def grouped_lora_grads(
         dy.stride(1),
         *lora_b.stride(),
         BM=bm,
-        BP=cfg["BP"],
+        BP=bp,
         R_PAD=r_pad,
         INDEX64=needs_int64(dy),
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        num_warps=warps,
+        num_stages=_DOWN_STAGES,
     )
     grad_a = _grouped_tn_grad(dyb, x, expert_ends, e, scale)
     grad_b = _grouped_tn_grad(dy, xa, expert_ends, e, scale)
@@ -905,13 +906,16 @@ def grouped_lora_grads(
 # Compiled with LoRA on (the superset of the code), each table row at its largest R_PAD.
 # (activation, LoRA factor, double-quantized, TRANSPOSED): every value of every flag, not the
 # full product (~1.7 s of CPU per compile and arch); the flags change load, convert and index
-# code, not tile shapes. bf16 activations with fp32 factors is the register-heaviest pair.
+# code, not tile shapes. The 64-bit (INDEX64) variants are compiled for the register-heaviest
+# combo of each activation width: fp32 factors, double quantization, transposed.
 _COMBOS = (
     ("bf16", "bf16", True, False),
     ("fp16", "fp16", False, True),
     ("bf16", "fp32", True, True),
 )
-_COMBOS_FP32 = (("fp32", "fp32", True, False), ("fp32", "fp32", False, True))
+_COMBOS_I64 = (("bf16", "fp32", True, True),)
+_COMBOS_FP32 = (("fp32", "fp32", True, True), ("fp32", "fp32", False, False))
+_COMBOS_FP32_I64 = (("fp32", "fp32", True, True),)
 
 _PTR_TYPES = {
     "tiles_ptr": "*i32",
@@ -981,19 +985,22 @@ def _matmul_specs(fn, table, combos, index64: bool, io: tuple[str, str]) -> list
 def _aot_specs() -> list[AotSpec]:
     fwd, bwd = _grouped_qlora_fwd_kernel, _grouped_qlora_bwd_input_kernel
     specs = []
-    for index64 in (False, True):
-        specs += _matmul_specs(fwd, _FWD_TABLE, _COMBOS, index64, ("x_ptr", "y_ptr"))
-        specs += _matmul_specs(fwd, _FWD_TABLE_FP32, _COMBOS_FP32, index64, ("x_ptr", "y_ptr"))
+    for index64, combos, combos_fp32 in (
+        (False, _COMBOS, _COMBOS_FP32),
+        (True, _COMBOS_I64, _COMBOS_FP32_I64),
+    ):
+        specs += _matmul_specs(fwd, _FWD_TABLE, combos, index64, ("x_ptr", "y_ptr"))
+        specs += _matmul_specs(fwd, _FWD_TABLE_FP32, combos_fp32, index64, ("x_ptr", "y_ptr"))
         bwd_table = _BWD_TABLE_INDEX64 if index64 else _BWD_TABLE
-        specs += _matmul_specs(bwd, bwd_table, _COMBOS, index64, ("dy_ptr", "dx_ptr"))
-        specs += _matmul_specs(bwd, _BWD_TABLE_FP32, _COMBOS_FP32, index64, ("dy_ptr", "dx_ptr"))
+        specs += _matmul_specs(bwd, bwd_table, combos, index64, ("dy_ptr", "dx_ptr"))
+        specs += _matmul_specs(bwd, _BWD_TABLE_FP32, combos_fp32, index64, ("dy_ptr", "dx_ptr"))
     for act, lora, index64 in (
         ("bf16", "fp32", True),
         ("fp16", "fp16", False),
         ("fp32", "fp32", False),
     ):
-        for r_pad, bm in _DOWN_TABLE:
-            ce = {"BM": bm, "BP": _DOWN_CFG["BP"], "R_PAD": r_pad, "INDEX64": index64}
+        for r_pad, bm, bp, warps in _DOWN_TABLE:
+            ce = {"BM": bm, "BP": bp, "R_PAD": r_pad, "INDEX64": index64}
             types = {"in_ptr": f"*{act}", "f_ptr": f"*{lora}", "out_ptr": "*fp32"}
             fn = _grouped_lora_down_kernel
             specs.append(
@@ -1002,7 +1009,7 @@ def _aot_specs() -> list[AotSpec]:
                     fn,
                     _sig(fn, types, ce),
                     ce,
-                    {"num_warps": _DOWN_CFG["num_warps"], "num_stages": _DOWN_CFG["num_stages"]},
+                    {"num_warps": warps, "num_stages": _DOWN_STAGES},
                 )
             )
     # dA: L = dyb (fp32), R = x (act); dB: L = dy (act), R = xa (fp32).
