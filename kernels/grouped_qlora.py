@@ -479,9 +479,10 @@ _GROUP_M = 8
 
 # dy @ B (for dA): [BM, R_PAD] fp32 accumulator over P = N in BP steps; no W decode.
 # Row = (max R_PAD, BM, BP, warps): the [BP, R_PAD] factor tile and the [BM, R_PAD]
-# accumulator set the registers (BP 64 at r = 256 spilled 144 B on sm_80).
+# accumulator set the registers (at r = 256, BP 64 spilled 144 B on sm_80 with fp16 and BP 32
+# spilled 112 B with fp32 operands; BP 16 keeps every dtype under 128 registers).
 _DOWN_STAGES = 3
-_DOWN_TABLE = ((64, 64, 64, 4), (256, 32, 32, 8))
+_DOWN_TABLE = ((64, 64, 64, 4), (256, 32, 16, 8))
 # LoRA grads: the dense TN tiles; each table slot reduces GRAD_ROWS rows of one expert and
 # adds its [BP, BQ] tile atomically, so the atomics per output tile are ~rows/GRAD_ROWS + 1.
 _TN_CFG = {"BP": 64, "BQ": 64, "BMR": 32, "num_warps": 4, "num_stages": 3}
