@@ -35,7 +35,14 @@ class AotSpec(NamedTuple):
 
 
 # Modules (relative to this package) whose AOT_SPECS make up the shipped kernel set.
-KERNEL_MODULES: tuple[str, ...] = ("quantize", "qlora_linear", "cross_entropy", "rms_norm", "optim")
+KERNEL_MODULES: tuple[str, ...] = (
+    "quantize",
+    "qlora_linear",
+    "grouped_qlora",
+    "cross_entropy",
+    "rms_norm",
+    "optim",
+)
 
 
 def all_aot_specs() -> list[AotSpec]:
