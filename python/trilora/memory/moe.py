@@ -50,6 +50,7 @@ from torch import nn
 
 from trilora.formats import QuantConfig, get_format
 from trilora.memory import optimizer_model
+from trilora.memory.fitting import largest_fitting
 from trilora.memory.report import (
     OVERHEADS,
     MemOptions,
@@ -57,6 +58,7 @@ from trilora.memory.report import (
     compute_dtype,
     format_bytes,
     overheads_of,
+    provider_options,
 )
 
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
@@ -374,7 +376,6 @@ def moe_report(
     assumption.
     """
     from trilora.memory.report import PROVIDERS
-    from trilora.memory.trace import provider_options
 
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
@@ -455,7 +456,6 @@ def minimum_moe_bytes(config, opts: MemOptions, provider: str = "trilora", layou
     """Device bytes before any activation (weights, LoRA, gradients, optimizer state,
     overheads): the floor of a budget search."""
     layout = layout or moe_layout(config)
-    from trilora.memory.trace import provider_options
 
     opts = provider_options(provider, opts)
     static = static_bytes(layout, opts, provider)
@@ -479,9 +479,6 @@ def find_max_moe(
     :func:`trilora.memory.search.find_max`). Raises ValueError when even the weights do not
     fit, naming the minimum."""
     from dataclasses import replace
-
-    from trilora.memory.search import largest_fitting
-    from trilora.memory.trace import provider_options
 
     layout = moe_layout(config)
     floor = minimum_moe_bytes(config, opts, provider, layout)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from trilora.formats.config import QUANT_TYPES
+from trilora.memory import optimizer_model
 from trilora.memory.optimizer_model import OPTIMIZER_NAMES
 
 GiB = 1024**3
@@ -187,3 +188,14 @@ def byte_unit(largest: float) -> tuple[str, int]:
         if abs(largest) >= size:
             return unit, size
     return "B", 1
+
+
+def provider_options(provider: str, opts: MemOptions) -> MemOptions:
+    """What ``provider`` actually runs for ``opts``: bitsandbytes + PEFT has transformers'
+    attention (one flash call over all heads) and a device-resident AdamW at the same state
+    precision (:func:`~trilora.memory.optimizer_model.baseline_equivalent`: trilora's host,
+    managed-memory and CPU-offloaded optimizers are not theirs)."""
+    if provider == "bnb_peft":
+        mode = optimizer_model.baseline_equivalent(opts.optimizer)
+        return replace(opts, grouped_attention=False, optimizer=mode)
+    return opts

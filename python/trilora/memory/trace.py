@@ -37,7 +37,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -56,6 +56,7 @@ from trilora.memory.report import (
     MemReport,
     compute_dtype,
     overheads_of,
+    provider_options,
 )
 from trilora.nn import QuantizedLinear, lora_shell
 from trilora.patches.activation_checkpointing import find_decoder_layers
@@ -502,17 +503,6 @@ class StepTrace:
             host_optimizer=host_optimizer,
             method=method,
         )
-
-
-def provider_options(provider: str, opts: MemOptions) -> MemOptions:
-    """What ``provider`` actually runs for ``opts``: bitsandbytes + PEFT has transformers'
-    attention (one flash call over all heads) and a device-resident AdamW at the same state
-    precision (:func:`~trilora.memory.optimizer_model.baseline_equivalent`: trilora's host,
-    managed-memory and CPU-offloaded optimizers are not theirs)."""
-    if provider == "bnb_peft":
-        mode = optimizer_model.baseline_equivalent(opts.optimizer)
-        return replace(opts, grouped_attention=False, optimizer=mode)
-    return opts
 
 
 def _report_options(provider: str, opts: MemOptions) -> dict:
