@@ -286,3 +286,20 @@ def test_merge_folds_expert_lora_in_fp32(tmp_path, family, seed):
     again.set_experts_implementation("eager")
     with torch.no_grad():
         assert torch.allclose(again(ids).logits, got)
+
+
+def test_experts_summary_names_the_experts_memory(tmp_path, seed):
+    from trilora.moe import experts_summary
+
+    model, src = _saved(tmp_path, "mixtral", seed)
+    assert experts_summary(model).endswith("(torch.float32)".replace("torch.", ""))
+    q = trilora.from_pretrained(src, quant_type="fp4", device="cpu")
+    experts = [m for m in q.modules() if isinstance(m, QuantizedExperts)]
+    line = experts_summary(q)
+    mib = sum(m.nbytes for m in experts) / 2**20
+    assert line == (
+        f"experts: {len(experts)} tensors of {experts[0].num_experts} experts, {mib:.1f} MiB (fp4)"
+    )
+    assert sum(m.nbytes for m in experts) < sum(
+        p.numel() * 2 for n, p in model.named_parameters() if p.dim() == 3
+    )

@@ -29,6 +29,7 @@ __all__ = [
     "expert_lora",
     "experts_forward",
     "experts_modules",
+    "experts_summary",
     "experts_tensors",
     "is_experts_module",
     "quantize_experts",
@@ -83,6 +84,30 @@ def quantize_experts(model: nn.Module, config: QuantConfig, skip=lambda name: Fa
             setattr(module, pname, q)
             done.append(full)
     return done
+
+
+def experts_summary(model: nn.Module) -> str | None:
+    """One line naming what the MoE experts of ``model`` hold (None without experts), e.g.
+    ``"experts: 96 tensors of 128 experts, 13.94 GiB (4bit)"``."""
+    tensors = [t for _, m in experts_modules(model) for _, t in experts_tensors(m)]
+    if not tensors:
+        return None
+    nbytes = sum(
+        t.nbytes if isinstance(t, QuantizedExperts) else t.numel() * t.element_size()
+        for t in tensors
+    )
+    kinds = sorted(
+        {
+            t.quant_config().quant_type if isinstance(t, QuantizedExperts) else str(t.dtype)
+            for t in tensors
+        }
+    )
+    counts = sorted({t.shape[0] for t in tensors})
+    size = f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+    return (
+        f"experts: {len(tensors)} tensors of {'/'.join(map(str, counts))} experts, {size} "
+        f"({', '.join(kinds).replace('torch.', '')})"
+    )
 
 
 def use_trilora_experts(model: nn.Module) -> None:

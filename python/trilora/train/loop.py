@@ -49,6 +49,7 @@ from trilora.io import (
 )
 from trilora.loading import from_pretrained
 from trilora.merging import merge, save_tokenizer
+from trilora.moe import experts_summary
 from trilora.peft import load_adapter
 from trilora.train import checkpoints as S
 from trilora.train import data as D
@@ -758,6 +759,9 @@ class _Session:
             + (f", packed into {len(data.rows)} rows" if cfg.packing else "")
             + f"; {self.total_steps} steps"
         )
+        experts = experts_summary(unwrap(lm.model))
+        if experts is not None:
+            self.say(experts)
 
     def resume(self) -> None:
         """Load the latest complete checkpoint, if there is one."""
