@@ -77,6 +77,7 @@ __all__ = [
     "load_adapter",
     "patch",
     "rewrites_base_weights",
+    "target_experts",
 ]
 
 
@@ -748,7 +749,7 @@ def _patch_experts(root: nn.Module, options: QuantOptions) -> None:
         use_trilora_experts(root)
 
 
-def _target_experts(model: nn.Module, lora_config: LoraConfig) -> None:
+def target_experts(model: nn.Module, lora_config: LoraConfig) -> None:
     """``target_modules="all-linear"`` also targets every MoE experts tensor (through
     ``target_parameters``), for the models PEFT's own MoE mapping does not cover (gpt-oss)."""
     target = lora_config.target_modules
@@ -788,7 +789,7 @@ def get_peft_model(
         UnsupportedLoraSetting: ``lora_config`` uses a setting trilora does not implement.
     """
     check_lora_config(lora_config)
-    _target_experts(model, lora_config)
+    target_experts(model, lora_config)
     _register(
         lora_config,
         QuantOptions(

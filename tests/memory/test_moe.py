@@ -139,9 +139,26 @@ def test_doubling_the_experts_adds_their_bytes(rng):
     added = layers * e * (fmt.nbytes((2 * i, h), q) + fmt.nbytes((h, i), q))
     assert weights(two) - weights(one) == added
     assert two.categories["other_frozen"] - one.categories["other_frozen"] == layers * e * h * 2
-    # r per expert: A [r*E, in], B [out, r*E] for gate_up and down, fp32
+    # rank per expert: A [rank*E, in], B [out, rank*E] for gate_up and down, fp32, with the
+    # ranks PEFT gives a real model of this config (all-linear: 2r on the fused gate_up_proj)
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        real = AutoModelForCausalLM.from_config(load_config(raw))
+    wrapped = peft.get_peft_model(
+        real, peft.LoraConfig(r=opts.r, target_modules="all-linear"), low_cpu_mem_usage=True
+    )
+    rank = {
+        m.parameter_name: m.lora_A["default"].out_features // e
+        for m in wrapped.modules()
+        if type(m).__name__ == "ParamWrapper" and m.parameter_name.endswith("_proj")
+    }
+    assert rank["gate_up_proj"] == 2 * opts.r and rank["down_proj"] == opts.r
     lora = two.categories["lora_params"] - one.categories["lora_params"]
-    assert lora == layers * e * opts.r * ((h + 2 * i) + (i + h)) * 4
+    assert (
+        lora == layers * e * (rank["gate_up_proj"] * (h + 2 * i) + rank["down_proj"] * (i + h)) * 4
+    )
     assert two.categories["activations"] >= one.categories["activations"]  # router logits
 
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -95,6 +95,9 @@ class ExpertParam:
     experts: int
     out_features: int
     in_features: int
+    # LoRA rank of each expert in units of r: PEFT gives a fused gate_up_proj rank 2r (the
+    # two rank-r adapters of transformers 4's gate_proj and up_proj), see _peft_ranks
+    rank_factor: int = 1
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,40 @@ def _layer_index(name: str) -> int | None:
     return None
 
 
+_RANKS: dict[str, dict] = {}
+
+
+def _peft_ranks_cached(key: str, model: nn.Module) -> dict[tuple[int | None, str], int]:
+    # A search evaluates dozens of reports of one config; PEFT's injection runs once.
+    if key not in _RANKS:
+        _RANKS[key] = _peft_ranks(model)
+    return _RANKS[key]
+
+
+def _peft_ranks(model: nn.Module) -> dict[tuple[int | None, str], int]:
+    """``{(layer, experts parameter): rank / r}`` as ``trilora.get_peft_model`` with
+    ``target_modules="all-linear"`` sets them up on ``model`` (meta device): PEFT's own
+    mapping of all-linear onto MoE experts decides, e.g. rank 2r for a fused gate_up_proj."""
+    import peft
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from trilora.peft import target_experts
+
+    cfg = peft.LoraConfig(r=1, lora_alpha=1, target_modules="all-linear")
+    target_experts(model, cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = peft.get_peft_model(model, cfg, low_cpu_mem_usage=True)
+    ranks = {}
+    for name, mod in wrapped.named_modules():
+        if isinstance(mod, ParamWrapper) and getattr(mod, "num_experts", 1) > 1:
+            layer = _layer_index(name)
+            ranks[(layer, mod.parameter_name)] = (
+                mod.lora_A["default"].out_features // mod.num_experts
+            )
+    return ranks
+
+
 def moe_layout(config) -> MoELayout:
     """The :class:`MoELayout` of ``config``, read off its causal LM on the meta device.
 
@@ -189,6 +226,10 @@ def moe_layout(config) -> MoELayout:
             frozen += p.numel()
     if not experts:
         raise ValueError("not a mixture-of-experts model: no 3-D expert parameters")
+    ranks = _peft_ranks_cached(model.config.to_json_string(), model)
+    experts = [
+        (layer, replace(p, rank_factor=ranks.get((layer, p.name), 1))) for layer, p in experts
+    ]
     c = model.config
     heads = c.num_attention_heads
     return MoELayout(
@@ -229,7 +270,8 @@ def _targeted(name: str, opts: MemOptions) -> bool:
 
 def lora_numels(layout: MoELayout, opts: MemOptions) -> list[int]:
     """Elements of every trainable tensor: ``A``, ``B`` of each targeted linear and expert
-    parameter (``r`` per expert: ``A [r*E, in]``, ``B [out, r*E]``)."""
+    parameter (rank ``r`` per expert, ``2r`` where PEFT fuses two, :func:`_peft_ranks`:
+    ``A [rank*E, in]``, ``B [out, rank*E]``)."""
     r = opts.r
     out = []
     for lin in layout.linears:
@@ -237,7 +279,8 @@ def lora_numels(layout: MoELayout, opts: MemOptions) -> list[int]:
             out += [r * lin.in_features, lin.out_features * r]
     for _, p in layout.experts:
         if _targeted(p.name, opts):
-            out += [r * p.experts * p.in_features, p.out_features * r * p.experts]
+            rank = r * p.rank_factor
+            out += [rank * p.experts * p.in_features, p.out_features * rank * p.experts]
     return out
 
 
@@ -478,7 +521,6 @@ def find_max_moe(
     fits ``budget`` bytes, and its report (``options["search"]`` as in
     :func:`trilora.memory.search.find_max`). Raises ValueError when even the weights do not
     fit, naming the minimum."""
-    from dataclasses import replace
 
     layout = moe_layout(config)
     floor = minimum_moe_bytes(config, opts, provider, layout)
@@ -496,6 +538,7 @@ def find_max_moe(
             f"{expert_lora / max(1, sum(lora)):.0%} of that on the experts (r={opts.r} for "
             "each expert): a lower -r, an 8-bit or offloaded --optimizer, or --targets "
             "without gate_up_proj/down_proj lowers it"
+            + _lower_rank_hint(config, opts, budget, search, provider, name, multiple)
         )
     step = multiple if search == "seq_len" else 1
 
@@ -521,9 +564,23 @@ def find_max_moe(
     return value, rep
 
 
+def _lower_rank_hint(config, opts: MemOptions, budget, search, provider, name, multiple) -> str:
+    """``"; at -r 8 (the rest as given): <value>"``: the largest power-of-two rank below
+    ``opts.r`` whose step fits ``budget``, and what fits with it ("" when none does)."""
+    r = 1 << max(0, (opts.r - 1).bit_length() - 1)
+    while r >= 1 and r < opts.r:
+        lower = replace(opts, r=r)
+        if minimum_moe_bytes(config, lower, provider) < budget:
+            value, _ = find_max_moe(config, lower, budget, search, provider, name, multiple)
+            if value:
+                unit = " tokens" if search == "seq_len" else ""
+                return f"; at -r {r} (the rest as given) the longest {search} is {value:,}{unit}"
+        r //= 2
+    return ""
+
+
 def _linears_only(layout: MoELayout, opts: MemOptions) -> MemOptions:
     """``opts`` with the expert parameters taken out of the LoRA targets."""
-    from dataclasses import replace
 
     names = {lin.name for lin in layout.linears if _targeted(lin.name, opts)}
     return replace(opts, targets=tuple(sorted(names)))
