@@ -303,3 +303,27 @@ def test_experts_summary_names_the_experts_memory(tmp_path, seed):
     assert sum(m.nbytes for m in experts) < sum(
         p.numel() * 2 for n, p in model.named_parameters() if p.dim() == 3
     )
+
+
+def test_patch_a_bitsandbytes_peft_moe(tmp_path, seed):
+    """trilora.patch on bitsandbytes + PEFT (16-bit experts under PEFT's ParamWrapper): the
+    experts are quantized as trilora.from_pretrained quantizes them, the adapter modules
+    and names stay, and the model computes what trilora's own computes."""
+    from helpers_models import load_bnb_4bit
+
+    model, src = _saved(tmp_path, "qwen3_moe", seed)
+    cfg = _lora_config(init_lora_weights=False)
+    baseline = peft.get_peft_model(load_bnb_4bit(src), copy.deepcopy(cfg))
+    names = [n for n, _ in baseline.named_parameters() if "lora_" in n]
+    patched = tp.patch(baseline, compute_dtype=torch.float32)
+    assert [n for n, _ in patched.named_parameters() if "lora_" in n] == names
+    assert any(isinstance(m, QuantizedExperts) for m in patched.modules())
+    q = trilora.from_pretrained(src, compute_dtype=torch.float32, device="cpu", dtype=torch.float32)
+    ours = tp.get_peft_model(q, copy.deepcopy(cfg), compute_dtype=torch.float32)
+    peft.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(patched))
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    patched.eval()
+    ours.eval()
+    with torch.no_grad():
+        a, b = patched(ids).logits, ours(ids).logits
+    assert torch.allclose(a, b, atol=1e-5 * b.abs().max().item())
