@@ -97,7 +97,7 @@ def _forward_torch(x, bounds, weight, lora_a, lora_b, scale, transposed, n_out):
         if lora_a is not None:
             xa_e = cpu_matmul.linear(xe, a[e]).float()
             xa[lo:hi] = xa_e
-            out = out + scale * cpu_matmul.linear(xa_e.to(pdt), b[e])
+            out.add_(cpu_matmul.linear(xa_e.to(pdt), b[e]), alpha=scale)
         y[lo:hi] = out
     # Rows past the last group (expert-parallel sentinels) are zeros, as in transformers.
     y[bounds[-1][2] if bounds else 0 :] = 0
@@ -119,7 +119,7 @@ def _backward_torch(dy, x, xa, bounds, weight, lora_a, lora_b, scale, transposed
             w = _expert_matrix(weight, e, pdt, transposed)
             dxe = cpu_matmul.matmul(dye, w)
             if lora_a is not None:
-                dxe = dxe + scale * cpu_matmul.matmul(dyb.to(pdt), a[e])
+                dxe.add_(cpu_matmul.matmul(dyb.to(pdt), a[e]), alpha=scale)
             dx[lo:hi] = dxe
         if da is not None:
             da[e] = scale * cpu_matmul.matmul(dyb.t(), x[lo:hi].float())
