@@ -67,7 +67,30 @@ def e2e_plans(args: argparse.Namespace, device) -> list:
     ]
 
 
-LEVEL_CHOICES = ("kernels", "e2e", "busy", "mem", "optim", "train", "all")
+def moe_plans(args: argparse.Namespace, device) -> list:
+    """The MoE level's plans: :func:`trilora.bench.moe.default_plan` with ``--steps``,
+    ``--batch`` and ``--seq-len`` applied, once per ``--compute-dtype``.
+
+    Raises:
+        ValueError: a setting the plan refuses.
+    """
+    from trilora.bench import e2e, moe
+
+    plan = moe.default_plan(device, args.quick)
+    for name in ("steps", "batch", "seq_len"):
+        if getattr(args, name) is not None:
+            setattr(plan, name, getattr(args, name))
+    plan.__post_init__()
+    if args.compute_dtype is None:
+        return [plan]
+    names = ("fp32", "bf16") if args.compute_dtype == "both" else (args.compute_dtype,)
+    return [
+        dataclasses.replace(plan, dtype=e2e.COMPUTE_DTYPES[name], notes=list(plan.notes))
+        for name in names
+    ]
+
+
+LEVEL_CHOICES = ("kernels", "e2e", "moe", "busy", "mem", "optim", "train", "all")
 # == trilora.bench.e2e.MODEL_CHOICES: the random-weight presets, then the real models
 PRESET_CHOICES = ("tiny", "small", "medium", "1b", "3b", "8b", "smollm2-135m")
 SKIPPABLE = ("trilora", "bnb_peft", "bf16_peft")
@@ -134,11 +157,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "(default: 1b on GPU; on CPU small, then smollm2-135m unless --quick)",
     )
     p.add_argument(
-        "--steps", type=int, default=None, help="e2e timed training steps (default: the preset's)"
+        "--steps",
+        type=int,
+        default=None,
+        help="e2e and moe timed training steps (default: the preset's)",
     )
-    p.add_argument("--batch", type=int, default=None, help="e2e batch size (default: the preset's)")
     p.add_argument(
-        "--seq-len", type=int, default=None, help="e2e sequence length (default: the preset's)"
+        "--batch", type=int, default=None, help="e2e and moe batch size (default: the preset's)"
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="e2e and moe sequence length (default: the preset's)",
     )
     p.add_argument(
         "--quant",
@@ -151,7 +182,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--compute-dtype",
         choices=("fp32", "bf16", "both"),
         default=None,
-        help="e2e compute dtype of both providers (model weights, LoRA matmuls, bitsandbytes' "
+        help="e2e and moe compute dtype of both providers (model weights, LoRA matmuls, bitsandbytes' "
         "bnb_4bit_compute_dtype): on a CPU the answer depends on bf16 matrix units "
         "(AVX512-BF16, AMX), which the report's CPU flags name; both runs every case twice "
         "(default: fp32 on CPU, bf16 on CUDA)",
@@ -305,6 +336,20 @@ def _run(args: argparse.Namespace, out_dir: Path) -> int:
                 plan_curves if i == 0 else {f"{p} ({label})": c for p, c in plan_curves.items()}
             )
         notes.append(f"e2e level: {time.perf_counter() - t:.0f} s")
+    if "moe" in levels:
+        from trilora.bench import moe
+
+        t = time.perf_counter()
+        print("level moe")
+        try:
+            plans = moe_plans(args, device)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        for plan in plans:
+            level_rows, level_notes = moe.run(plan, device, disabled)
+            rows += level_rows
+            notes += level_notes
+        notes.append(f"moe level: {time.perf_counter() - t:.0f} s")
     if "busy" in levels:
         from trilora.bench import busy
 

@@ -289,6 +289,12 @@ def render_markdown(meta: dict, rows: list[dict], notes: Iterable[str], plots: l
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     out += _kernel_tables(rows, on_gpu)
     out += _e2e_table(rows, on_gpu)
+    out += _e2e_table(
+        rows,
+        on_gpu,
+        "moe",
+        "Mixture of experts (Qwen3-MoE training steps; experts layer forward + backward)",
+    )
     out += _busy_table(rows)
     out += _mem_table(rows)
     out += optim.report_lines(rows)
@@ -370,13 +376,15 @@ def _cell(row: dict, on_gpu: bool) -> str:
     return _fmt(row["median"])
 
 
-def _e2e_table(rows: list[dict], on_gpu: bool) -> list[str]:
-    table = _by(rows, "e2e")
+def _e2e_table(
+    rows: list[dict], on_gpu: bool, level: str = "e2e", title: str = "End to end (training steps)"
+) -> list[str]:
+    table = _by(rows, level)
     if not table:
         return []
     out = [
         "",
-        "## End to end (training steps)",
+        f"## {title}",
         "",
         "| case | metric | provider | median | p20 | p80 | speedup vs bnb+PEFT | note |",
         "|---|---|---|---|---|---|---|---|",

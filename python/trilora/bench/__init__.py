@@ -8,6 +8,9 @@ Installed as ``trilora.bench``. Its levels, one harness:
   with its analytical floor (bytes / measured bandwidth, FLOPs / measured matmul rate).
 * ``e2e`` (:mod:`trilora.bench.e2e`): training steps of a Llama-architecture model, trilora
   against transformers + bitsandbytes 4-bit + PEFT.
+* ``moe`` (:mod:`trilora.bench.moe`): LoRA training steps of a mixture-of-experts model
+  (Qwen3-MoE) and one experts layer, trilora (4-bit experts, grouped LoRA) against
+  transformers + bitsandbytes + PEFT (16-bit experts, ``target_parameters``).
 * ``busy`` (:mod:`trilora.bench.busy`): the e2e level's CPU training step on an idle machine
   and beside competing CPU-bound processes: each provider's slowdown against its fair share.
 * ``mem`` (:mod:`trilora.bench.mem`): rows from ``trilora.memory.bench_cases``.
@@ -29,7 +32,7 @@ from trilora._source_tree import extend_path
 
 __path__ = extend_path(__path__, __file__, "bench", marker="cli.py")
 
-LEVELS = ("kernels", "e2e", "busy", "mem", "optim", "train")
+LEVELS = ("kernels", "e2e", "moe", "busy", "mem", "optim", "train")
 """Benchmark levels in the order ``--level all`` runs them."""
 
 __all__ = ["LEVELS"]

@@ -77,17 +77,27 @@ def _expert_matrix(weight, e: int, dtype: torch.dtype, transposed: bool) -> torc
     return w.t() if transposed else w
 
 
+def _dense_factors(lora_a, lora_b, pdt):
+    # PEFT's lora_B view [E, N, r] strides r by E (expert e owns columns e::E): a oneDNN
+    # product with such a weight takes its reference path, 100x slower than a dense one.
+    # One contiguous copy per call (E * N * r values, the size of the factor) avoids that.
+    if lora_a is None:
+        return None, None
+    return lora_a.to(pdt).contiguous(), lora_b.to(pdt).contiguous()
+
+
 def _forward_torch(x, bounds, weight, lora_a, lora_b, scale, transposed, n_out):
     pdt = cpu_matmul.product_dtype(x.dtype) if x.device.type == "cpu" else x.dtype
     y = x.new_empty(x.shape[0], n_out)
     xa = None if lora_a is None else x.new_zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32)
+    a, b = _dense_factors(lora_a, lora_b, pdt)
     for e, lo, hi in bounds:
         xe = x[lo:hi].to(pdt)
         out = cpu_matmul.linear(xe, _expert_matrix(weight, e, pdt, transposed))
         if lora_a is not None:
-            xa_e = cpu_matmul.linear(xe, lora_a[e].to(pdt)).float()
+            xa_e = cpu_matmul.linear(xe, a[e]).float()
             xa[lo:hi] = xa_e
-            out = out + scale * cpu_matmul.linear(xa_e.to(pdt), lora_b[e].to(pdt))
+            out.add_(cpu_matmul.linear(xa_e.to(pdt), b[e]), alpha=scale)
         y[lo:hi] = out
     # Rows past the last group (expert-parallel sentinels) are zeros, as in transformers.
     y[bounds[-1][2] if bounds else 0 :] = 0
@@ -99,16 +109,17 @@ def _backward_torch(dy, x, xa, bounds, weight, lora_a, lora_b, scale, transposed
     dx = torch.zeros_like(x) if needs[0] else None
     da = torch.zeros_like(lora_a, dtype=torch.float32) if needs[1] else None
     db = torch.zeros_like(lora_b, dtype=torch.float32) if needs[2] else None
+    a, b = _dense_factors(lora_a, lora_b, pdt)
     for e, lo, hi in bounds:
         dye = dy[lo:hi].to(pdt)
         if lora_a is not None:
             # dy_e @ B_e: [m, r], shared by dx and dA
-            dyb = cpu_matmul.matmul(dye, lora_b[e].to(pdt)).float()
+            dyb = cpu_matmul.matmul(dye, b[e]).float()
         if dx is not None:
             w = _expert_matrix(weight, e, pdt, transposed)
             dxe = cpu_matmul.matmul(dye, w)
             if lora_a is not None:
-                dxe = dxe + scale * cpu_matmul.matmul(dyb.to(pdt), lora_a[e].to(pdt))
+                dxe.add_(cpu_matmul.matmul(dyb.to(pdt), a[e]), alpha=scale)
             dx[lo:hi] = dxe
         if da is not None:
             da[e] = scale * cpu_matmul.matmul(dyb.t(), x[lo:hi].float())
