@@ -47,7 +47,11 @@ MOE_MODEL = dict(
 MOE_STEPS = 2
 # The codes are stored as bf16 and FSDP2's parameters are fp32, so wrap_fsdp re-views each
 # expert's bytes as fp32 (QuantizedExperts.set_storage) and all-gathers them untouched.
-MOE_QUANT = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_storage": "bfloat16"}
+MOE_QUANT = {
+    "quant_method": "bitsandbytes",
+    "load_in_4bit": True,
+    "bnb_4bit_quant_storage": "bfloat16",
+}
 
 
 def lora_config():
