@@ -338,6 +338,18 @@ def _scenario_fsdp_moe(env, path, out, seed):
     }
 
 
+def _scenario_ddp_moe(env, path, out, seed):
+    """A mixture of experts under DDP: the shell's quantized experts filled from rank 0."""
+    from trilora.distributed import build_optimizer, save_adapter, wrap_ddp
+
+    model = load_peft(path.parent / MOE_FOLDER, seed, env, quantization_config=MOE_QUANT)
+    model = wrap_ddp(model, env=env)
+    opt = build_optimizer(model, torch.optim.AdamW, lr=LR)
+    losses = train(model, opt, batches(seed, MOE_STEPS), env)
+    save_adapter(model, out / "ddp_moe_adapter")
+    return {"losses": losses}
+
+
 def _named_experts(model):
     """``(name, QuantizedExperts)`` under the plain model's names (PEFT's wrappers dropped)."""
     from trilora.moe import QuantizedExperts
@@ -764,6 +776,7 @@ SCENARIOS = {
     "fsdp": _scenario_fsdp,
     "fsdp_int8": _scenario_fsdp_int8,
     "fsdp_moe": _scenario_fsdp_moe,
+    "ddp_moe": _scenario_ddp_moe,
     "fsdp_checkpointing": _scenario_fsdp_checkpointing,
     "trilora_optim": _scenario_trilora_optim,
     "fsdp_bf16": _scenario_fsdp_bf16,

@@ -94,6 +94,7 @@ def run(tmp_path_factory) -> Run:
         "fsdp",
         "fsdp_int8",
         "fsdp_moe",
+        "ddp_moe",
         "fsdp_checkpointing",
         "fsdp_bf16",
         "cpu_offload",
@@ -204,21 +205,43 @@ def test_fsdp_on_int8_matches_one_process_and_halves_the_codes(run):
         assert row["resident"]["quant_state"] == single["quant_state"]
 
 
-def test_fsdp_on_moe_shards_the_experts_and_matches_one_process(run):
-    rows = run.scenario("fsdp_moe")
+def _moe_reference(run: Run) -> tuple[list[float], Path]:
+    """The MoE scenarios' loop in one process: losses and the saved adapter."""
+    folder = run.root / "moe_reference"
+    if (folder / "losses.pt").exists():
+        return torch.load(folder / "losses.pt"), folder / "adapter"
     from trilora.distributed import build_optimizer
 
     model = load_peft(run.root / MOE_FOLDER, run.seed, quantization_config=MOE_QUANT)
-    experts_lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    experts_lora = {n: p for n, p in experts_lora.items() if ".experts." in n}
+    experts_lora = {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad and ".experts." in n
+    }
     opt = build_optimizer(model, torch.optim.AdamW, lr=LR)
-    want = train(model, opt, batches(run.seed, MOE_STEPS), DistEnv())
-    save_adapter(model, run.root / "moe_reference")
+    losses = train(model, opt, batches(run.seed, MOE_STEPS), DistEnv())
+    # the experts' LoRA factors trained (their gradients flow through the experts forward)
     trained = dict(model.named_parameters())
     assert experts_lora and all(not torch.equal(trained[n], p) for n, p in experts_lora.items())
+    save_adapter(model, folder / "adapter")
+    torch.save(losses, folder / "losses.pt")
+    return losses, folder / "adapter"
+
+
+def test_ddp_on_moe_matches_one_process(run):
+    rows = run.scenario("ddp_moe")
+    want, adapter = _moe_reference(run)
     assert rows[0]["losses"] == rows[1]["losses"]
     _close_losses(rows[0]["losses"], want, LOSS_RTOL)
-    _close_adapters(run.out / "fsdp_moe_adapter", run.root / "moe_reference")
+    _close_adapters(run.out / "ddp_moe_adapter", adapter)
+
+
+def test_fsdp_on_moe_shards_the_experts_and_matches_one_process(run):
+    rows = run.scenario("fsdp_moe")
+    want, adapter = _moe_reference(run)
+    assert rows[0]["losses"] == rows[1]["losses"]
+    _close_losses(rows[0]["losses"], want, LOSS_RTOL)
+    _close_adapters(run.out / "fsdp_moe_adapter", adapter)
     # 3 experts over 2 ranks: whole experts per rank (torch.chunk: 2 and 1)
     assert [row["local_experts"] for row in rows] == [[2], [1]]
     for row in rows:
