@@ -79,6 +79,23 @@ def test_shell_is_the_loaded_model_on_meta(moe_dir, quant):
         assert torch.equal(shell(ids).logits, model(ids).logits)
 
 
+def test_shell_builds_in_a_fresh_process(moe_dir, monkeypatch):
+    """A rank that never loaded an MoE has not registered trilora's experts forward, which
+    rank 0's config names."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    from trilora.moe import IMPLEMENTATION
+
+    description = describe_model(_load(moe_dir))
+    # this process as a fresh rank sees it (transformers' class-wide registry, restored after)
+    fresh = {k: v for k, v in ExpertsInterface._global_mapping.items() if k != IMPLEMENTATION}
+    monkeypatch.setattr(ExpertsInterface, "_global_mapping", fresh)
+    assert IMPLEMENTATION not in ExpertsInterface()
+    shell = build_shell(description)
+    assert IMPLEMENTATION in ExpertsInterface()
+    assert sum(isinstance(m, QuantizedExperts) for m in shell.modules()) == 2 * MOE_MODEL["layers"]
+
+
 def test_set_storage_re_views_each_expert(seed):
     gen = torch.Generator().manual_seed(seed)
     # 27 * 31 = 837 codes per expert: 419 bytes, which no wider storage divides
