@@ -13,6 +13,7 @@ import trilora
 from trilora.distributed import match_storage, resident_bytes
 from trilora.distributed.loading import build_shell, describe_model
 from trilora.formats import QuantConfig
+from trilora.memory.distributed import sharding_groups
 from trilora.moe import QuantizedExperts
 from trilora.nn import QuantizedLinear
 
@@ -135,3 +136,9 @@ def test_fsdp_storage_and_resident_bytes_count_the_experts(moe_dir):
     assert held["quant_state"] == sum(nbytes(b) for b in state.values())
     lora = sum(nbytes(p) for p in model.parameters() if p.requires_grad)
     assert held["trainable"] == lora
+    # trilora mem's per-rank model groups the same bytes: codes sharded, state replicated
+    # (one copy per module, as a sharded rank holds it)
+    groups, replicated = sharding_groups(model, 2, torch.float32)
+    assert sum(g.full.get("base_weights", 0) for g in groups) == held["base_weights"]
+    per_module = sum(nbytes(b) for m in experts + linears for b in m.buffers(recurse=False))
+    assert replicated["quant_state"] == per_module
