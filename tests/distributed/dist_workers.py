@@ -36,6 +36,23 @@ MODEL = dict(
     head_dim=10,
 )
 
+# The tiny Qwen3-MoE of the MoE scenario (saved by the test beside the dense model, in
+# MOE_FOLDER): 3 experts, so 2 ranks do not divide the experts and FSDP2 pads; the expert
+# matrices hold 30 * 54 / 2 = 810 and 30 * 27 / 2 = 405 packed bytes, so a 4-byte storage
+# pads each expert too.
+MOE_FOLDER = "moe"
+MOE_MODEL = dict(
+    arch="qwen3_moe", hidden=30, layers=2, vocab=VOCAB, intermediate=27, num_experts=3, head_dim=8
+)
+MOE_STEPS = 2
+# The codes are stored as bf16 and FSDP2's parameters are fp32, so wrap_fsdp re-views each
+# expert's bytes as fp32 (QuantizedExperts.set_storage) and all-gathers them untouched.
+MOE_QUANT = {
+    "quant_method": "bitsandbytes",
+    "load_in_4bit": True,
+    "bnb_4bit_quant_storage": "bfloat16",
+}
+
 
 def lora_config():
     from peft import LoraConfig
@@ -251,6 +268,104 @@ def _scenario_fsdp_int8(env, path, out, seed):
         "codes_untouched": untouched,
         "integer_params": fsdp_holds_integer_params(),
     }
+
+
+def _scenario_fsdp_moe(env, path, out, seed):
+    """A mixture of experts under FSDP2: the 4-bit experts' codes sharded by experts (3 over
+    2 ranks), re-viewed to fp32 storage, gathered for the experts forward and backward."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.distributed.tensor import DTensor
+
+    from trilora.distributed import (
+        DistEnv,
+        build_optimizer,
+        match_storage,
+        resident_bytes,
+        save_adapter,
+        wrap_fsdp,
+    )
+    from trilora.moe import QuantizedExperts
+
+    moe = path.parent / MOE_FOLDER
+    policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    # what one process holds, its codes stored as wrap_fsdp stores them (fp32)
+    single = load_peft(moe, seed, DistEnv(), quantization_config=MOE_QUANT)
+    experts_bytes = {  # the real bytes of each expert, as loaded (bf16 storage)
+        key: _expert_bytes(m, m.weight.detach()) for key, m in _named_experts(single)
+    }
+    match_storage(single, policy.param_dtype)
+    resident_single = resident_bytes(single)
+    del single
+    model = wrap_fsdp(
+        load_peft(moe, seed, env, quantization_config=MOE_QUANT), env=env, mixed_precision=policy
+    )
+    experts = dict(_named_experts(model))
+    seen_in_forward = []
+
+    def gathered(module, args):
+        # what the experts forward is about to read: full, plain tensors
+        for child in module.children():
+            if isinstance(child, QuantizedExperts):
+                w = child.weight
+                seen_in_forward.append(not isinstance(w, DTensor) and w.shape[0] == 3)
+
+    hooks = [
+        parent.register_forward_pre_hook(gathered)
+        for parent in model.modules()
+        if any(isinstance(c, QuantizedExperts) for c in parent.children())
+    ]
+    local_experts = sorted({m.weight.to_local().shape[0] for m in experts.values()})
+    storages = sorted({str(m.weight.dtype) for m in experts.values()})
+    untouched = sorted(experts) == sorted(experts_bytes) and all(
+        torch.equal(_expert_bytes(m, m.weight.full_tensor()), experts_bytes[k])
+        for k, m in experts.items()
+    )
+    mine = resident_bytes(model)
+    opt = build_optimizer(model, torch.optim.AdamW, lr=LR)
+    losses = train(model, opt, batches(seed, MOE_STEPS), env)
+    for hook in hooks:
+        hook.remove()
+    save_adapter(model, out / "fsdp_moe_adapter")
+    return {
+        "losses": losses,
+        "experts_modules": len(experts),
+        "local_experts": local_experts,
+        "storages": storages,
+        "bytes_untouched": untouched,
+        "gathered_in_forward": seen_in_forward,
+        "resident": mine,
+        "resident_single": resident_single,
+    }
+
+
+def _scenario_ddp_moe(env, path, out, seed):
+    """A mixture of experts under DDP: the shell's quantized experts filled from rank 0."""
+    from trilora.distributed import build_optimizer, save_adapter, wrap_ddp
+
+    model = load_peft(path.parent / MOE_FOLDER, seed, env, quantization_config=MOE_QUANT)
+    model = wrap_ddp(model, env=env)
+    opt = build_optimizer(model, torch.optim.AdamW, lr=LR)
+    losses = train(model, opt, batches(seed, MOE_STEPS), env)
+    save_adapter(model, out / "ddp_moe_adapter")
+    return {"losses": losses}
+
+
+def _named_experts(model):
+    """``(name, QuantizedExperts)`` under the plain model's names (PEFT's wrappers dropped)."""
+    from trilora.moe import QuantizedExperts
+
+    return [
+        (name.removeprefix("base_model.model.").replace(".base_layer", ""), m)
+        for name, m in model.named_modules()
+        if isinstance(m, QuantizedExperts)
+    ]
+
+
+def _expert_bytes(experts, codes: torch.Tensor) -> torch.Tensor:
+    """``[E, packed bytes]`` uint8: each expert's real 4-bit bytes out of ``codes`` (the
+    experts' ``weight``, any storage dtype; the padding of a wider storage dropped)."""
+    real = (experts.rows * experts.cols + 1) // 2
+    return codes.reshape(experts.num_experts, -1).view(torch.uint8)[:, :real].clone()
 
 
 def _scenario_fsdp_checkpointing(env, path, out, seed):
@@ -660,6 +775,8 @@ SCENARIOS = {
     "ddp": _scenario_ddp,
     "fsdp": _scenario_fsdp,
     "fsdp_int8": _scenario_fsdp_int8,
+    "fsdp_moe": _scenario_fsdp_moe,
+    "ddp_moe": _scenario_ddp_moe,
     "fsdp_checkpointing": _scenario_fsdp_checkpointing,
     "trilora_optim": _scenario_trilora_optim,
     "fsdp_bf16": _scenario_fsdp_bf16,

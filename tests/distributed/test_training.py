@@ -25,7 +25,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from dist_workers import (
+    LR,
     MODEL,
+    MOE_FOLDER,
+    MOE_MODEL,
+    MOE_QUANT,
+    MOE_STEPS,
     SAVE_AT,
     STEPS,
     BlockwiseSGD,
@@ -73,6 +78,7 @@ def run(tmp_path_factory) -> Run:
     print(f"seed={seed}")
     root = tmp_path_factory.mktemp("distributed")
     model = save_tiny_model(root / "model", seed=seed, **MODEL)
+    save_tiny_model(root / MOE_FOLDER, seed=seed, **MOE_MODEL)
     out = root / "out"
     out.mkdir()
     # Forked, not spawned: the ranks inherit this process's imports of torch, transformers
@@ -87,6 +93,8 @@ def run(tmp_path_factory) -> Run:
         "ddp",
         "fsdp",
         "fsdp_int8",
+        "fsdp_moe",
+        "ddp_moe",
         "fsdp_checkpointing",
         "fsdp_bf16",
         "cpu_offload",
@@ -195,6 +203,58 @@ def test_fsdp_on_int8_matches_one_process_and_halves_the_codes(run):
         assert row["codes_untouched"]  # gathered: the loaded int8 codes, bit for bit
         # SCB (fp32 per row) is replicated, as the 4-bit state is
         assert row["resident"]["quant_state"] == single["quant_state"]
+
+
+def _moe_reference(run: Run) -> tuple[list[float], Path]:
+    """The MoE scenarios' loop in one process: losses and the saved adapter."""
+    folder = run.root / "moe_reference"
+    if (folder / "losses.pt").exists():
+        return torch.load(folder / "losses.pt"), folder / "adapter"
+    from trilora.distributed import build_optimizer
+
+    model = load_peft(run.root / MOE_FOLDER, run.seed, quantization_config=MOE_QUANT)
+    experts_lora = {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad and ".experts." in n
+    }
+    opt = build_optimizer(model, torch.optim.AdamW, lr=LR)
+    losses = train(model, opt, batches(run.seed, MOE_STEPS), DistEnv())
+    # the experts' LoRA factors trained (their gradients flow through the experts forward)
+    trained = dict(model.named_parameters())
+    assert experts_lora and all(not torch.equal(trained[n], p) for n, p in experts_lora.items())
+    save_adapter(model, folder / "adapter")
+    torch.save(losses, folder / "losses.pt")
+    return losses, folder / "adapter"
+
+
+def test_ddp_on_moe_matches_one_process(run):
+    rows = run.scenario("ddp_moe")
+    want, adapter = _moe_reference(run)
+    assert rows[0]["losses"] == rows[1]["losses"]
+    _close_losses(rows[0]["losses"], want, LOSS_RTOL)
+    _close_adapters(run.out / "ddp_moe_adapter", adapter)
+
+
+def test_fsdp_on_moe_shards_the_experts_and_matches_one_process(run):
+    rows = run.scenario("fsdp_moe")
+    want, adapter = _moe_reference(run)
+    assert rows[0]["losses"] == rows[1]["losses"]
+    _close_losses(rows[0]["losses"], want, LOSS_RTOL)
+    _close_adapters(run.out / "fsdp_moe_adapter", adapter)
+    # 3 experts over 2 ranks: whole experts per rank (torch.chunk: 2 and 1)
+    assert [row["local_experts"] for row in rows] == [[2], [1]]
+    for row in rows:
+        assert row["experts_modules"] == 2 * MOE_MODEL["layers"]  # gate_up_proj, down_proj
+        assert row["storages"] == ["torch.float32"]  # bf16-stored codes re-viewed, not cast
+        assert row["bytes_untouched"]  # gathered: each expert's loaded bytes exactly
+        # the experts forward read full, gathered codes every time it ran
+        assert row["gathered_in_forward"] and all(row["gathered_in_forward"])
+    single = rows[0]["resident_single"]
+    base = [row["resident"]["base_weights"] for row in rows]
+    assert sum(base) == single["base_weights"]  # codes of linears and experts, partitioned
+    quant = [row["resident"]["quant_state"] for row in rows]
+    assert quant[0] == quant[1] >= single["quant_state"]  # replicated, experts' state too
 
 
 def test_fsdp_with_activation_checkpointing_and_cpu_offload_adamw(run):

@@ -5,7 +5,9 @@ and quantizes each linear weight as it arrives, so even rank 0 never holds the 1
 model). It then broadcasts the model's *description*: the transformers config, the dtype
 and the settings of every quantized layer. The other ranks build the very same module tree with
 every parameter and quantization buffer on the meta device (no memory, no file access, so
-nodes without the checkpoint work too). :func:`trilora.distributed.wrap_fsdp` and
+nodes without the checkpoint work too); a mixture of experts gets its
+:class:`~trilora.moe.QuantizedExperts` shells and trilora's experts forward, as
+:func:`trilora.from_pretrained` gives rank 0. :func:`trilora.distributed.wrap_fsdp` and
 :func:`~trilora.distributed.wrap_ddp` then materialize the other ranks and send them their
 data from rank 0: a shard of every tensor under FSDP, a full copy under DDP.
 """
@@ -24,6 +26,13 @@ from transformers import AutoModelForCausalLM
 from trilora.distributed.env import DistEnv, bind_device, current_env
 from trilora.io import UserError
 from trilora.loading import CheckpointError, from_pretrained, params_on_meta
+from trilora.moe import (
+    IMPLEMENTATION,
+    QuantizedExperts,
+    experts_forward,
+    experts_modules,
+    use_trilora_experts,
+)
 from trilora.nn import QuantizedLinear
 
 __all__ = ["build_shell", "describe_model", "load_pretrained"]
@@ -32,7 +41,9 @@ __all__ = ["build_shell", "describe_model", "load_pretrained"]
 def describe_model(model: nn.Module) -> dict[str, Any]:
     """What another rank needs to rebuild ``model`` (a :func:`trilora.from_pretrained` result)
     on the meta device: its config, dtype and the construction settings (the
-    :class:`~trilora.formats.QuantConfig`, any format) of each quantized layer.
+    :class:`~trilora.formats.QuantConfig`, any format) of each quantized layer and of each
+    quantized experts tensor (:class:`~trilora.moe.QuantizedExperts`: ``num_experts``,
+    ``rows``, ``cols``, config, weight dtype).
     """
 
     layers = {}
@@ -45,11 +56,24 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
                 config=m.quant_config,
                 weight_dtype=m.weight_dtype,
             )
+    experts = {
+        name: dict(
+            num_experts=m.num_experts,
+            rows=m.rows,
+            cols=m.cols,
+            config=m.quant_config(),
+            weight_dtype=m.weight_dtype,
+        )
+        for name, m in model.named_modules()
+        if isinstance(m, QuantizedExperts)
+    }
     dtypes = {p.dtype for n, p in model.named_parameters() if p.is_floating_point()}
     non_quantized = [
         p.dtype
         for name, p in model.named_parameters()
-        if p.is_floating_point() and name.rpartition(".")[0] not in layers
+        if p.is_floating_point()
+        and name.rpartition(".")[0] not in layers
+        and name.rpartition(".")[0] not in experts
     ]
     dtype = non_quantized[0] if non_quantized else (dtypes.pop() if dtypes else torch.float32)
     return {
@@ -57,8 +81,20 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
         "dtype": dtype,
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "layers": layers,
+        "experts": experts,
         "quantized_modules": list(getattr(model, "trilora_quantized_modules", layers)),
+        "quantized_experts": list(getattr(model, "trilora_quantized_experts", experts)),
     }
+
+
+def _register_trilora_experts() -> None:
+    # Rank 0's config of a mixture of experts names trilora's experts implementation, which
+    # transformers checks while building the model: a fresh rank must register it first.
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+    except ImportError:  # pragma: no cover - a transformers without MoE experts modules
+        return
+    ExpertsInterface.register(IMPLEMENTATION, experts_forward)
 
 
 def build_shell(description: dict[str, Any]) -> nn.Module:
@@ -66,9 +102,11 @@ def build_shell(description: dict[str, Any]) -> nn.Module:
 
     Non-persistent buffers computed at construction (rotary tables) are real, as in
     :func:`trilora.from_pretrained`; :func:`~trilora.distributed.wrap_fsdp` overwrites them
-    with rank 0's anyway.
+    with rank 0's anyway. Quantized experts tensors replace the 3-D experts parameters, and
+    the model runs trilora's experts forward (:func:`trilora.moe.use_trilora_experts`).
     """
 
+    _register_trilora_experts()
     kwargs = {}
     if description.get("attn_implementation"):
         kwargs["attn_implementation"] = description["attn_implementation"]
@@ -83,10 +121,19 @@ def build_shell(description: dict[str, Any]) -> nn.Module:
         if spec["bias"] and getattr(old, "bias", None) is not None:
             shell.bias = nn.Parameter(old.bias.to("meta"), requires_grad=False)
         model.set_submodule(name, shell)
+    experts = description.get("experts", {})
+    for name, spec in experts.items():
+        owner_name, _, attribute = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        delattr(owner, attribute)  # the 3-D parameter the experts replace
+        setattr(owner, attribute, QuantizedExperts.shell(**spec, device="meta"))
+    if experts_modules(model):  # as trilora.from_pretrained decides
+        use_trilora_experts(model)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model.eval()
     model.trilora_quantized_modules = list(description["quantized_modules"])
+    model.trilora_quantized_experts = list(description.get("quantized_experts", experts))
     return model
 
 

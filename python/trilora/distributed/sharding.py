@@ -26,6 +26,13 @@ LoRA adapters on it, and make every rank hold its part of rank 0's tensors:
   copy (1/32 of the packed bytes with 4-bit double quantization, 4/K of the codes for
   int8; see :func:`resident_bytes` and ``trilora mem --world-size``).
 
+  A mixture of experts' quantized experts (:class:`~trilora.moe.QuantizedExperts`) are
+  sharded the same way: their codes are one frozen parameter ``[E, *one expert's
+  storage]``, so dim 0 is the experts and each rank holds ``ceil(E / N)`` whole experts
+  (padded like rows); their per-expert state ``[E, *state]`` is buffers, replicated. The
+  decoder layer's FSDP group gathers them before the layer (and so the experts forward)
+  runs, and again before its backward.
+
 The wrappers first check that every rank built the same model (names, shapes, dtypes): a
 rank that loaded another model or stores the quantized bytes in another dtype gets a
 :class:`~trilora.io.UserError` on every rank instead of a hang or silent corruption.
@@ -47,12 +54,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trilora.distributed.env import DistEnv, bind_device, current_env
 from trilora.io import UserError
+from trilora.moe import QuantizedExperts
 from trilora.nn import QuantizedLinear
 from trilora.patches.activation_checkpointing import find_decoder_layers
 
 __all__ = [
     "ParallelInfo",
     "parallel_info",
+    "quantized_weight_owners",
     "resident_bytes",
     "unwrap",
     "wrap_ddp",
@@ -87,13 +96,26 @@ def parallel_info(model: nn.Module) -> ParallelInfo | None:
 # ---------------------------------------------------------------------------------------
 
 
-def _quantized_weights(model: nn.Module) -> dict[str, QuantizedLinear]:
-    """Every quantized layer (any format) by the name of its ``weight`` parameter."""
+def quantized_weight_owners(
+    model: nn.Module,
+) -> dict[str, QuantizedLinear | QuantizedExperts]:
+    """Every module whose frozen ``weight`` parameter holds quantized codes (any format), by
+    that parameter's name: quantized linear layers (codes ``[rows, ...]``) and quantized MoE
+    experts tensors (codes ``[E, ...]``). Both keep the rest of their quantization state in
+    their own buffers and have ``format``/``format_name``."""
     return {
         f"{name}.weight" if name else "weight": m
         for name, m in model.named_modules()
-        if isinstance(m, QuantizedLinear)
+        if isinstance(m, QuantizedLinear | QuantizedExperts)
     }
+
+
+def _restore_storage(module: QuantizedLinear | QuantizedExperts, storage: torch.dtype) -> None:
+    """Re-view ``module``'s codes as ``storage`` (the same bytes), in place."""
+    if isinstance(module, QuantizedExperts):
+        module.set_storage(storage)
+    else:
+        module.set_quantized_weight(module.quantized_weight().with_storage(storage))
 
 
 def _layout(model: nn.Module) -> list[tuple]:
@@ -121,7 +143,7 @@ def check_same_model(model: nn.Module, env: DistEnv) -> None:
     layouts: list[Any] = [None] * env.world_size
     dist.all_gather_object(layouts, _layout(model))
     reference = layouts[0]
-    packed = set(_quantized_weights(model))
+    packed = set(quantized_weight_owners(model))
     for rank, layout in enumerate(layouts[1:], start=1):
         if layout == reference:
             continue
@@ -290,7 +312,7 @@ def fsdp_storage_dtypes(
         UserError: a format stored only as integers (int8) on a torch whose FSDP2 cannot
             hold integer parameters.
     """
-    weights = _quantized_weights(model)
+    weights = quantized_weight_owners(model)
     packed = {id(m.weight) for m in weights.values()}
     model_float = next(
         (p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in packed),
@@ -315,13 +337,13 @@ def fsdp_storage_dtypes(
 
 
 def match_storage(model: nn.Module, param_dtype: torch.dtype | None) -> int:
-    """Re-view the quantized weights' codes as :func:`fsdp_storage_dtypes` says (same
-    bytes); returns the number of layers changed."""
+    """Re-view the quantized weights' codes (linear layers and MoE experts) as
+    :func:`fsdp_storage_dtypes` says (same bytes); returns the number of modules changed."""
     changed = 0
     targets = fsdp_storage_dtypes(model, param_dtype)
-    for name, m in _quantized_weights(model).items():
+    for name, m in quantized_weight_owners(model).items():
         if m.weight.dtype != targets[name]:
-            m.set_quantized_weight(m.quantized_weight().with_storage(targets[name]))
+            _restore_storage(m, targets[name])
             changed += 1
     return changed
 
@@ -484,13 +506,14 @@ def _local_nbytes(t: torch.Tensor) -> int:
 
 
 def resident_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes this rank holds, by kind: ``base_weights`` (quantized codes), ``quant_state``
-    (their absmax and tables, replicated), ``trainable`` (LoRA), ``other_params`` (embeddings,
-    norms, head) and ``buffers``; sharded parameters count their local shard only."""
+    """Bytes this rank holds, by kind: ``base_weights`` (quantized codes, MoE experts
+    included), ``quant_state`` (their absmax and tables, replicated), ``trainable`` (LoRA),
+    ``other_params`` (embeddings, norms, router, head, 16-bit experts) and ``buffers``;
+    sharded parameters count their local shard only."""
     model = unwrap(model)
     out = {"base_weights": 0, "quant_state": 0, "trainable": 0, "other_params": 0, "buffers": 0}
     seen: set[int] = set()
-    for m in _quantized_weights(model).values():
+    for m in quantized_weight_owners(model).values():
         out["base_weights"] += _local_nbytes(m.weight)
         seen.add(id(m.weight))
         for b in m.buffers(recurse=False):

@@ -49,14 +49,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from trilora.distributed.sharding import fsdp_storage_dtypes
+from trilora.distributed.sharding import fsdp_storage_dtypes, quantized_weight_owners
 from trilora.io import UsageError, atomic_write_json
 from trilora.memory.fast import FastProfiler
 from trilora.memory.optimizer_model import optimizer_bytes
 from trilora.memory.report import OVERHEADS, compute_dtype
 from trilora.memory.search import largest_fitting, profile
 from trilora.memory.trace import build_meta_model
-from trilora.nn import QuantizedLinear
 from trilora.patches.activation_checkpointing import find_decoder_layers
 
 __all__ = [
@@ -133,14 +132,14 @@ def sharding_groups(
     ``model`` may live on the meta device (shapes and dtypes are all that is read).
     """
 
-    packed_ids = {id(m.weight) for m in model.modules() if isinstance(m, QuantizedLinear)}
+    # quantized linears and MoE experts: codes sharded, state replicated
+    owners = list(quantized_weight_owners(model).values())
+    packed_ids = {id(m.weight) for m in owners}
     # the dtype wrap_fsdp stores each packed weight in (float on a torch whose FSDP2 cannot
     # hold integer parameters)
     stored = fsdp_storage_dtypes(model, param_dtype)
     stored_dtype = {id(p): stored[name] for name, p in model.named_parameters() if name in stored}
-    quant_ids = {
-        id(b) for m in model.modules() if isinstance(m, QuantizedLinear) for b in m.buffers(False)
-    }
+    quant_ids = {id(b) for m in owners for b in m.buffers(False)}
     layers = list(find_decoder_layers(model))
     modules: list[tuple[str, str, nn.Module]] = [
         (f"layer {i}", "layer", layer) for i, layer in enumerate(layers)
@@ -184,10 +183,9 @@ def sharding_groups(
     replicated: dict[str, int] = {}
     # Per layer, not deduplicated: one process may share a code table between layers, but
     # a sharded or materialized rank holds one per layer.
-    for m in model.modules():
-        if isinstance(m, QuantizedLinear):
-            for b in m.buffers(recurse=False):
-                _add(replicated, "quant_state", _nbytes(b))
+    for m in owners:
+        for b in m.buffers(recurse=False):
+            _add(replicated, "quant_state", _nbytes(b))
     counted: set[int] = set(quant_ids)
     for b in model.buffers():
         if id(b) not in counted:

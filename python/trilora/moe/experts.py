@@ -156,6 +156,26 @@ class QuantizedExperts(nn.Module):
         """The :class:`~trilora.formats.QuantConfig` of the experts."""
         return self.format.config_of(self.expert(0), compute_dtype)
 
+    def set_storage(self, storage: torch.dtype) -> None:
+        """Re-view every expert's codes as ``storage`` (one of the format's
+        ``storage_dtypes``), in place: the same bytes, no arithmetic, as
+        :meth:`QuantizedTensor.with_storage <trilora.formats.base.QuantizedTensor.with_storage>`
+        does for one expert. ``weight`` becomes ``[E, *one expert's storage in storage]``
+        (4-bit: ``[ceil(bytes / itemsize), 1]``, padded per expert); the state buffers are
+        unchanged. FSDP2 uses it to store the codes in its mixed-precision dtype, which it
+        then never casts (:func:`trilora.distributed.match_storage`).
+
+        Raises:
+            ValueError: the format cannot store its codes as ``storage``.
+        """
+        if storage not in self.format.storage_dtypes:
+            raise ValueError(
+                f"{self.format_name} experts are stored as one of {self.format.storage_dtypes}, "
+                f"not {storage}"
+            )
+        if self.weight.dtype != storage:
+            self._set_experts([qw.with_storage(storage) for qw in self.experts()])
+
     def _quantized_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         yield "weight", self.weight.data
         for name, t in self._buffers.items():
