@@ -179,9 +179,13 @@ def test_lora_on_experts_matches_float64(tmp_path, family, seed):
     grads = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
     want = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
     assert grads.keys() == want.keys()
+    # Routers' LoRA gradients can be ~0 (top-k routing of a tiny random model): fp32
+    # rounding there is judged against the largest gradient of the model.
+    overall = max(w.abs().max().item() for w in want.values())
     for n in grads:
-        scale = want[n].abs().max().item() + 1e-12
-        assert (grads[n].double() - want[n]).abs().max().item() <= 2e-4 * scale + 1e-9, n
+        scale = want[n].abs().max().item()
+        err = (grads[n].double() - want[n]).abs().max().item()
+        assert err <= 2e-4 * scale + 1e-6 * overall, n
 
 
 def test_adapter_files_move_both_ways(tmp_path, seed):

@@ -144,6 +144,19 @@ class QuantizedExperts(nn.Module):
             self.weight_dtype,
         )
 
+    def grouped_operands(self) -> tuple[str, list[torch.Tensor | None], int]:
+        """What :func:`trilora.ops.grouped_qlora.grouped_lora_linear` takes (views, no copy):
+        ``("4bit", [codes, absmax, quant_map, nested_absmax, nested_quant_map, offset],
+        blocksize)`` or ``("int8", [codes, SCB], 0)``, each tensor ``[E, ...]``."""
+        b = self._buffers
+        if self.format_name == "4bit":
+            names = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset")
+            state = [b.get(f"weight_{n}") for n in names]
+            return "4bit", [self.weight.data, *state], int(self._format_attributes["blocksize"])
+        if self.format_name == "int8":
+            return "int8", [self.weight.data, b["weight_scb"]], 0
+        raise ValueError(f"no grouped product for {self.format_name} experts")
+
     def experts(self) -> Iterator[QuantizedTensor]:
         """Every expert's weight object, in order."""
         return (self.expert(e) for e in range(self.num_experts))

@@ -18,16 +18,25 @@ exist. On the Triton path (CUDA 4-bit experts, or ``trilora.config.backend == "t
 each expert's weight is dequantized tile by tile inside the K loop
 (``kernels/grouped_qlora.py``); on the torch path (CPU) one expert's matrix is dequantized
 at a time, in forward and again in backward, and only ``x`` and ``x @ A.T`` are saved.
+
+Two custom ops carry it, ``trilora::grouped_lora_fwd`` (``y`` and ``xa = x @ A.T``) and
+``trilora::grouped_lora_bwd`` (``dx``, ``dA``, ``dB``), with fake implementations
+(FakeTensorMode, meta). The experts tensor reaches them as its stacked tensors
+(:meth:`ExpertsWeight.grouped_operands`). On the CPU the per-expert products stay on BLAS
+(``cpu_matmul.linear(..., onednn=False)``): the row count of every group changes each call.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 import trilora.ops.cpu_matmul as cpu_matmul
 from trilora.config import use_triton
+from trilora.ops.int8_linear import dequantize_int8
+from trilora.ops.quantize import dequantize_4bit
 
 __all__ = ["ExpertsWeight", "grouped_lora_linear", "peft_expert_factors"]
 
@@ -38,9 +47,12 @@ class ExpertsWeight(Protocol):
     num_experts: int
     rows: int
     cols: int
-    format_name: str
 
-    def expert(self, e: int): ...
+    def grouped_operands(self) -> tuple[str, list[torch.Tensor | None], int]:
+        """``(kind, tensors, blocksize)``: ``"4bit"`` with ``[codes, absmax, quant_map,
+        nested_absmax, nested_quant_map, offset]`` (each ``[E, ...]``, the nested ones None
+        without double quantization), or ``"int8"`` with ``[codes, SCB]``."""
+        ...
 
 
 def peft_expert_factors(
@@ -57,6 +69,27 @@ def peft_expert_factors(
     return a, b
 
 
+@dataclass(frozen=True)
+class _Operands:
+    """An experts tensor as the custom ops take it: ``kind`` ("dense", "4bit", "int8"),
+    its stacked tensors, the 4-bit blocksize and each expert's stored ``[rows, cols]``."""
+
+    kind: str
+    tensors: list
+    blocksize: int
+    rows: int
+    cols: int
+
+
+def _operands(weight) -> _Operands:
+    if isinstance(weight, torch.Tensor):
+        return _Operands("dense", [weight], 0, weight.shape[1], weight.shape[2])
+    kind, tensors, blocksize = weight.grouped_operands()
+    if kind not in ("4bit", "int8"):
+        raise ValueError(f"grouped_lora_linear has no path for {kind!r} experts")
+    return _Operands(kind, list(tensors), blocksize, weight.rows, weight.cols)
+
+
 def _bounds(expert_ends: torch.Tensor) -> list[tuple[int, int, int]]:
     # One host read of E integers: the groups' row ranges (empty experts skipped).
     ends = expert_ends.tolist()
@@ -68,13 +101,17 @@ def _bounds(expert_ends: torch.Tensor) -> list[tuple[int, int, int]]:
     return out
 
 
-def _expert_matrix(weight, e: int, dtype: torch.dtype, transposed: bool) -> torch.Tensor:
+def _expert_matrix(w: _Operands, e: int, dtype: torch.dtype, transposed: bool) -> torch.Tensor:
     """Expert ``e``'s weight as ``[N, K]`` (a transposed view when stored ``[K, N]``)."""
-    if isinstance(weight, torch.Tensor):
-        w = weight[e].to(dtype)
+    t = w.tensors
+    if w.kind == "dense":
+        m = t[0][e].to(dtype)
+    elif w.kind == "4bit":
+        pick = [None if v is None else v[e] for v in t]
+        m = dequantize_4bit(*pick, w.blocksize, [w.rows, w.cols], dtype)
     else:
-        w = weight.expert(e).dequantize(dtype)
-    return w.t() if transposed else w
+        m = dequantize_int8(t[0][e], t[1][e], dtype)
+    return m.t() if transposed else m
 
 
 def _dense_factors(lora_a, lora_b, pdt):
@@ -93,11 +130,11 @@ def _forward_torch(x, bounds, weight, lora_a, lora_b, scale, transposed, n_out):
     a, b = _dense_factors(lora_a, lora_b, pdt)
     for e, lo, hi in bounds:
         xe = x[lo:hi].to(pdt)
-        out = cpu_matmul.linear(xe, _expert_matrix(weight, e, pdt, transposed))
+        out = cpu_matmul.linear(xe, _expert_matrix(weight, e, pdt, transposed), onednn=False)
         if lora_a is not None:
-            xa_e = cpu_matmul.linear(xe, a[e]).float()
+            xa_e = cpu_matmul.linear(xe, a[e], onednn=False).float()
             xa[lo:hi] = xa_e
-            out.add_(cpu_matmul.linear(xa_e.to(pdt), b[e]), alpha=scale)
+            out.add_(cpu_matmul.linear(xa_e.to(pdt), b[e], onednn=False), alpha=scale)
         y[lo:hi] = out
     # Rows past the last group (expert-parallel sentinels) are zeros, as in transformers.
     y[bounds[-1][2] if bounds else 0 :] = 0
@@ -114,17 +151,17 @@ def _backward_torch(dy, x, xa, bounds, weight, lora_a, lora_b, scale, transposed
         dye = dy[lo:hi].to(pdt)
         if lora_a is not None:
             # dy_e @ B_e: [m, r], shared by dx and dA
-            dyb = cpu_matmul.matmul(dye, b[e]).float()
+            dyb = cpu_matmul.matmul(dye, b[e], onednn=False).float()
         if dx is not None:
             w = _expert_matrix(weight, e, pdt, transposed)
-            dxe = cpu_matmul.matmul(dye, w)
+            dxe = cpu_matmul.matmul(dye, w, onednn=False)
             if lora_a is not None:
-                dxe.add_(cpu_matmul.matmul(dyb.to(pdt), a[e]), alpha=scale)
+                dxe.add_(cpu_matmul.matmul(dyb.to(pdt), a[e], onednn=False), alpha=scale)
             dx[lo:hi] = dxe
         if da is not None:
-            da[e] = scale * cpu_matmul.matmul(dyb.t(), x[lo:hi].float())
+            da[e] = scale * cpu_matmul.matmul(dyb.t(), x[lo:hi].float(), onednn=False)
         if db is not None:
-            db[e] = scale * cpu_matmul.matmul(dye.float().t(), xa[lo:hi])
+            db[e] = scale * cpu_matmul.matmul(dye.float().t(), xa[lo:hi], onednn=False)
     return (
         dx,
         None if da is None else da.to(lora_a.dtype),
@@ -132,26 +169,25 @@ def _backward_torch(dy, x, xa, bounds, weight, lora_a, lora_b, scale, transposed
     )
 
 
-def _triton_ok(x: torch.Tensor, weight) -> bool:
-    return use_triton(x) and not isinstance(weight, torch.Tensor) and weight.format_name == "4bit"
+def _triton_ok(x: torch.Tensor, w: _Operands) -> bool:
+    return use_triton(x) and w.kind == "4bit"
 
 
-def _kernel_weight(weight):
+def _kernel_weight(w: _Operands):
     from trilora.kernels.grouped_qlora import Experts4bit
 
-    buffers = dict(weight.named_buffers(recurse=False))
+    packed, absmax, code, nested_absmax, nested_code, offset = w.tensors
+    experts = packed.shape[0]
     return Experts4bit(
-        packed=weight.weight.data.reshape(weight.num_experts, -1).view(torch.uint8),
-        absmax=buffers["weight_absmax"],
-        code=buffers["weight_quant_map"][0],
-        nested_absmax=buffers.get("weight_nested_absmax"),
-        nested_code=None
-        if buffers.get("weight_nested_quant_map") is None
-        else buffers["weight_nested_quant_map"][0],
-        offset=buffers.get("weight_offset"),
-        blocksize=int(weight.expert(0).blocksize),
-        rows=weight.rows,
-        cols=weight.cols,
+        packed=packed.reshape(experts, -1).view(torch.uint8),
+        absmax=absmax,
+        code=code[0],
+        nested_absmax=nested_absmax,
+        nested_code=None if nested_code is None else nested_code[0],
+        offset=offset,
+        blocksize=w.blocksize,
+        rows=w.rows,
+        cols=w.cols,
     )
 
 
@@ -172,46 +208,169 @@ def _trainable_dense(x, expert_ends, weight, lora_a, lora_b, scale, transposed, 
     return torch.cat(pieces)
 
 
-class _GroupedLoraLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, expert_ends, lora_a, lora_b, weight, scale, transposed, n_out):
-        ctx.weight, ctx.scale, ctx.transposed = weight, scale, transposed
-        if _triton_ok(x, weight):
-            from trilora.kernels import grouped_qlora as kernels
+def _forward(
+    x: torch.Tensor,
+    expert_ends: torch.Tensor,
+    weight: list[torch.Tensor | None],
+    kind: str,
+    blocksize: int,
+    rows: int,
+    cols: int,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scale: float,
+    transposed: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    w = _Operands(kind, weight, blocksize, rows, cols)
+    n_out = cols if transposed else rows
+    if _triton_ok(x, w):
+        from trilora.kernels import grouped_qlora as kernels
 
-            y, xa = kernels.grouped_qlora_forward(
-                x, expert_ends, _kernel_weight(weight), lora_a, lora_b, scale, transposed
+        y, xa = kernels.grouped_qlora_forward(
+            x, expert_ends, _kernel_weight(w), lora_a, lora_b, scale, transposed
+        )
+    else:
+        y, xa = _forward_torch(x, _bounds(expert_ends), w, lora_a, lora_b, scale, transposed, n_out)
+    # custom ops return tensors: no LoRA gives an empty [S, 0] xa
+    return y, x.new_empty(x.shape[0], 0, dtype=torch.float32) if xa is None else xa
+
+
+grouped_lora_fwd = torch.library.custom_op("trilora::grouped_lora_fwd", _forward, mutates_args=())
+
+
+@grouped_lora_fwd.register_fake
+def _(x, expert_ends, weight, kind, blocksize, rows, cols, lora_a, lora_b, scale, transposed):
+    r = 0 if lora_a is None else lora_a.shape[1]
+    y = x.new_empty(x.shape[0], cols if transposed else rows)
+    return y, x.new_empty(x.shape[0], r, dtype=torch.float32)
+
+
+def _backward_compute(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    xa: torch.Tensor,
+    expert_ends: torch.Tensor,
+    weight: list[torch.Tensor | None],
+    kind: str,
+    blocksize: int,
+    rows: int,
+    cols: int,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scale: float,
+    transposed: bool,
+    needs_dx: bool,
+    needs_lora: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    w = _Operands(kind, weight, blocksize, rows, cols)
+    dy = dy.contiguous()
+    has_lora = lora_a is not None
+    if _triton_ok(dy, w):
+        from trilora.kernels import grouped_qlora as kernels
+
+        kw = _kernel_weight(w)
+        dx = da = db = None
+        if needs_dx:
+            dx = kernels.grouped_qlora_backward_input(
+                dy, expert_ends, kw, lora_a, lora_b, scale, transposed
             )
-            ctx.bounds = None
-        else:
-            ctx.bounds = _bounds(expert_ends)
-            y, xa = _forward_torch(x, ctx.bounds, weight, lora_a, lora_b, scale, transposed, n_out)
-        ctx.save_for_backward(x, expert_ends, xa, lora_a, lora_b)
-        return y
+        if has_lora and needs_lora:
+            da, db = kernels.grouped_lora_grads(x, dy, xa, expert_ends, lora_a, lora_b, scale)
+    else:
+        needs = (needs_dx, has_lora and needs_lora, has_lora and needs_lora)
+        dx, da, db = _backward_torch(
+            dy, x, xa, _bounds(expert_ends), w, lora_a, lora_b, scale, transposed, needs
+        )
+    empty = x.new_empty(0)
+    return (
+        empty if dx is None else dx,
+        empty if da is None else da,
+        empty if db is None else db,
+    )
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, expert_ends, xa, lora_a, lora_b = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
-        dy = dy.contiguous()
-        if ctx.bounds is None:
-            from trilora.kernels import grouped_qlora as kernels
 
-            kw = _kernel_weight(ctx.weight)
-            dx = da = db = None
-            if needs[0]:
-                dx = kernels.grouped_qlora_backward_input(
-                    dy, expert_ends, kw, lora_a, lora_b, ctx.scale, ctx.transposed
-                )
-            if lora_a is not None and (needs[1] or needs[2]):
-                da, db = kernels.grouped_lora_grads(
-                    x, dy, xa, expert_ends, lora_a, lora_b, ctx.scale
-                )
-        else:
-            dx, da, db = _backward_torch(
-                dy, x, xa, ctx.bounds, ctx.weight, lora_a, lora_b, ctx.scale, ctx.transposed, needs
-            )
-        return dx, None, da, db, None, None, None, None
+grouped_lora_bwd = torch.library.custom_op(
+    "trilora::grouped_lora_bwd", _backward_compute, mutates_args=()
+)
+
+
+@grouped_lora_bwd.register_fake
+def _(
+    dy,
+    x,
+    xa,
+    expert_ends,
+    weight,
+    kind,
+    blocksize,
+    rows,
+    cols,
+    lora_a,
+    lora_b,
+    scale,
+    transposed,
+    needs_dx,
+    needs_lora,
+):
+    empty = x.new_empty(0)
+    lora = lora_a is not None and needs_lora
+    return (
+        torch.empty_like(x) if needs_dx else empty,
+        torch.empty_like(lora_a) if lora else empty,
+        torch.empty_like(lora_b) if lora else empty,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, expert_ends, weight, kind, blocksize, rows, cols, lora_a, lora_b, scale, transposed = inputs
+    ctx.meta = (kind, blocksize, rows, cols, scale, transposed)
+    ctx.present = [t is not None for t in weight]
+    ctx.has_lora = lora_a is not None
+    ctx.save_for_backward(
+        x, expert_ends, output[1], lora_a, lora_b, *(t for t in weight if t is not None)
+    )
+
+
+def _autograd_backward(ctx, dy, _dxa):
+    x, expert_ends, xa, lora_a, lora_b, *present = ctx.saved_tensors
+    it = iter(present)
+    weight = [next(it) if p else None for p in ctx.present]
+    kind, blocksize, rows, cols, scale, transposed = ctx.meta
+    needs_dx = ctx.needs_input_grad[0]
+    needs_lora = ctx.has_lora and (ctx.needs_input_grad[7] or ctx.needs_input_grad[8])
+    dx, da, db = grouped_lora_bwd(
+        dy,
+        x,
+        xa,
+        expert_ends,
+        weight,
+        kind,
+        blocksize,
+        rows,
+        cols,
+        lora_a,
+        lora_b,
+        scale,
+        transposed,
+        needs_dx,
+        needs_lora,
+    )
+    return (
+        dx if needs_dx else None,
+        None,
+        [None] * len(ctx.present),
+        None,
+        None,
+        None,
+        None,
+        da.to(lora_a.dtype) if needs_lora else None,
+        db.to(lora_b.dtype) if needs_lora else None,
+        None,
+        None,
+    )
+
+
+grouped_lora_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def grouped_lora_linear(
@@ -265,6 +424,18 @@ def grouped_lora_linear(
         )
     if isinstance(weight, torch.Tensor) and weight.requires_grad and torch.is_grad_enabled():
         return _trainable_dense(x, expert_ends, weight, lora_a, lora_b, scale, transposed, n_out)
-    return _GroupedLoraLinear.apply(
-        x, expert_ends, lora_a, lora_b, weight, scale, transposed, n_out
+    w = _operands(weight)
+    y, _ = grouped_lora_fwd(
+        x,
+        expert_ends,
+        w.tensors,
+        w.kind,
+        w.blocksize,
+        w.rows,
+        w.cols,
+        lora_a,
+        lora_b,
+        float(scale),
+        bool(transposed),
     )
+    return y

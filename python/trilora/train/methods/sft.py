@@ -45,9 +45,18 @@ class Sft(Method):
         loss, aux = sft_loss(run.model, mb.batch, num_items[0], run.autocast_dtype)
         if "aux_loss" not in self.stat_keys:
             return loss, {}
-        # The step logs the mean over its micro-batches (the loop sums the stats).
-        value = 0.0 if aux is None else float(aux.detach()) / self.micro_count
-        return loss, {"aux_loss": value}
+        if aux is None:
+            return loss, {"aux_loss": 0.0}
+        world = max(1, run.env.world_size)
+        if world > 1:
+            # The loop scales each rank's loss by the rank count (right for the token-mean
+            # cross-entropy) and the ranks' gradients are averaged; the model added
+            # coef * aux of this rank's rows alone, so that term counts 1/world here: the
+            # step then gets the ranks' mean auxiliary loss, as one process gets its own.
+            coef = float(getattr(unwrap(run.model).config, "router_aux_loss_coef", 0.0))
+            loss = loss - coef * aux.to(loss.dtype) * (1.0 - 1.0 / world)
+        # Logged: the mean over the step's micro-batches and ranks (the loop sums the stats).
+        return loss, {"aux_loss": float(aux.detach()) / (self.micro_count * world)}
 
     def evaluate(self, run, model, val, chunks, all_reduce, as_base):
         total, count = 0.0, 0
