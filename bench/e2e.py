@@ -63,6 +63,7 @@ from trilora.bench.harness import (
     reset_peak_memory,
     seeded,
     synchronize,
+    train_interleaved,
 )
 from trilora.io import UserError
 from trilora.peft import patch
@@ -629,27 +630,7 @@ def run(
             how[provider] = desc
 
         if plan.interleave:
-            for provider in available:
-                log(f"  loading {provider}")
-                out = guarded(lambda p=provider: load(p), device)
-                if out.status != "ok":
-                    errors[provider] = (out.status, f"loading failed: {out.note}")
-            live = [p for p in available if p in trainers]
-            for i in range(total):
-                # Rotate the order each step so neither provider always runs first.
-                order = live[i % len(live) :] + live[: i % len(live)] if live else []
-                for provider in order:
-                    if provider in errors:
-                        continue
-                    out = guarded(lambda p=provider, i=i: trainers[p].step(i, device), device)
-                    if out.status != "ok":
-                        errors[provider] = (out.status, f"training step {i} failed: {out.note}")
-                log(
-                    f"  step {i + 1}/{total}: "
-                    + ", ".join(
-                        f"{p} {trainers[p].times[-1]:.3f}s" for p in live if p not in errors
-                    )
-                )
+            live = train_interleaved(available, load, trainers, total, device, errors, log)
             for p in live:
                 peaks[p] = None
             for r in range(repeats):

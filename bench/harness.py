@@ -644,3 +644,29 @@ def seeded(seed: int) -> Iterator[None]:
         yield
     finally:
         torch.random.set_rng_state(state)
+
+
+def train_interleaved(available, load, trainers, total, device, errors, log) -> list[str]:
+    """Load each provider (``load(p)`` fills ``trainers[p]``), then run ``total`` training
+    steps of every loaded one interleaved step by step, rotating the order each step so
+    neither always runs first. Failures go to ``errors[p] = (status, note)``; a provider
+    that failed stops. Returns the providers that loaded."""
+    for provider in available:
+        log(f"  loading {provider}")
+        out = guarded(lambda p=provider: load(p), device)
+        if out.status != "ok":
+            errors[provider] = (out.status, f"loading failed: {out.note}")
+    live = [p for p in available if p in trainers]
+    for i in range(total):
+        order = live[i % len(live) :] + live[: i % len(live)] if live else []
+        for provider in order:
+            if provider in errors:
+                continue
+            out = guarded(lambda p=provider, i=i: trainers[p].step(i, device), device)
+            if out.status != "ok":
+                errors[provider] = (out.status, f"training step {i} failed: {out.note}")
+        log(
+            f"  step {i + 1}/{total}: "
+            + ", ".join(f"{p} {trainers[p].times[-1]:.3f}s" for p in live if p not in errors)
+        )
+    return live

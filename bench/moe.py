@@ -63,6 +63,7 @@ from trilora.bench.harness import (
     reset_peak_memory,
     seeded,
     synchronize,
+    train_interleaved,
 )
 
 LEVEL = "moe"
@@ -241,10 +242,10 @@ def load_provider(
             "(target_parameters on the experts)"
         )
     elif provider == "trilora":
-        import trilora
         import trilora.peft as tp
+        from trilora.loading import from_pretrained
 
-        base = trilora.from_pretrained(
+        base = from_pretrained(
             path, quant_type="nf4", compute_dtype=plan.dtype, device=device, dtype=plan.dtype
         )
         _checkpointing(base, plan)
@@ -361,7 +362,7 @@ def memory_child(argv: list[str]) -> dict:
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
-    import trilora
+    import trilora.loading
     import trilora.peft  # noqa: F401
 
     cpu = torch.device("cpu")
@@ -515,26 +516,7 @@ def run(
             how[provider] = desc_p
 
         if plan.interleave:
-            for provider in available:
-                log(f"  loading {provider}")
-                out = guarded(lambda p=provider: load(p), device)
-                if out.status != "ok":
-                    errors[provider] = (out.status, f"loading failed: {out.note}")
-            live = [p for p in available if p in trainers]
-            for i in range(total):
-                order = live[i % len(live) :] + live[: i % len(live)] if live else []
-                for provider in order:
-                    if provider in errors:
-                        continue
-                    out = guarded(lambda p=provider, i=i: trainers[p].step(i, device), device)
-                    if out.status != "ok":
-                        errors[provider] = (out.status, f"training step {i} failed: {out.note}")
-                log(
-                    f"  step {i + 1}/{total}: "
-                    + ", ".join(
-                        f"{p} {trainers[p].times[-1]:.3f}s" for p in live if p not in errors
-                    )
-                )
+            live = train_interleaved(available, load, trainers, total, device, errors, log)
             ok_live = [p for p in live if p not in errors]
             inputs = layer_inputs(plan, device)
             fns = {p: _layer_fn(experts_module(trainers[p].model), inputs) for p in ok_live}

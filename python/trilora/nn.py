@@ -26,6 +26,22 @@ from trilora.quant import QuantizedWeight, quantize
 from trilora.quant import pack_storage as pack_storage
 
 
+def restore_quantized_dtypes(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """After ``nn.Module._apply`` (``.to()``, ``.half()``): give back to each quantized tensor
+    of ``module`` named in ``before`` (name -> tensor before the call) its own dtype, on the
+    device the call moved it to. A dtype cast would reinterpret packed bytes and round the
+    scales; the frozen codes stay the ``weight`` parameter."""
+    for name, old in before.items():
+        after = getattr(module, name)
+        after = after.data if isinstance(after, nn.Parameter) else after
+        if after.dtype != old.dtype:
+            restored = old.to(device=after.device)
+            if name == "weight":
+                module.weight = nn.Parameter(restored, requires_grad=False)
+            else:
+                setattr(module, name, restored)
+
+
 class QuantizedLinear(nn.Linear):
     """A frozen linear layer whose weight is stored in a quantized format.
 
@@ -161,15 +177,7 @@ class QuantizedLinear(nn.Linear):
         # cast it: a dtype cast would reinterpret packed bytes and round the scales.
         frozen = {name: t for name, t in self._quantized_tensors() if t is not None}
         super()._apply(fn, recurse)
-        for name, before in frozen.items():
-            after = getattr(self, name)
-            after = after.data if isinstance(after, nn.Parameter) else after
-            if after.dtype != before.dtype:
-                restored = before.to(device=after.device)
-                if name == "weight":
-                    self.weight = nn.Parameter(restored, requires_grad=False)
-                else:
-                    setattr(self, name, restored)
+        restore_quantized_dtypes(self, frozen)
         return self
 
     def _quantized_tensors(self):

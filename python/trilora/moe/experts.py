@@ -32,6 +32,7 @@ from trilora.formats import (
     format_of,
     get_format,
 )
+from trilora.nn import restore_quantized_dtypes
 
 __all__ = ["QuantizedExperts"]
 
@@ -202,15 +203,7 @@ class QuantizedExperts(nn.Module):
         # reinterpret packed bytes and round the scales (as QuantizedLinear does).
         frozen = dict(self._quantized_tensors())
         super()._apply(fn, recurse)
-        for name, before in frozen.items():
-            after = getattr(self, name)
-            after = after.data if isinstance(after, nn.Parameter) else after
-            if after.dtype != before.dtype:
-                restored = before.to(device=after.device)
-                if name == "weight":
-                    self.weight = nn.Parameter(restored, requires_grad=False)
-                else:
-                    setattr(self, name, restored)
+        restore_quantized_dtypes(self, frozen)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
