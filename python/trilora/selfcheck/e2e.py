@@ -187,6 +187,33 @@ def _run(ctx: Context) -> dict[str, Any]:
     return _bench_unit(ctx) if _bnb_available()[0] else _native_unit(ctx)
 
 
+def _moe_unit(ctx: Context) -> dict[str, Any]:
+    """The bench's MoE level: Qwen3-30B-A3B's layer shapes on the GPU (4 of its layers),
+    trilora against bitsandbytes + PEFT (target_parameters) when bitsandbytes imports."""
+    from trilora.bench import moe
+
+    if not ctx.gpu:
+        return {
+            "status": "skipped",
+            "message": "GPU only; on the CPU tests/bench/test_moe_level.py runs the level",
+        }
+    device = torch.device(ctx.device)
+    plan = moe.default_plan(device, quick=False)
+    plan.steps, plan.warmup_steps = 4, 1
+    plan.__post_init__()
+    disabled = () if _bnb_available()[0] else ("bnb_peft",)
+    rows, notes = moe.run(plan, device, disabled, lambda line: None)
+    add_ratios(rows)
+    bad = [r for r in rows if r["status"] in ("error", "oom")]
+    res: dict[str, Any] = {"status": "pass", "rows": rows, "info": {"notes": notes}}
+    if bad:
+        res["status"] = "error"
+        res["message"] = (
+            f"{bad[0]['provider']} {bad[0]['metric']}: {bad[0]['status']} {bad[0]['note']}"
+        )
+    return res
+
+
 def units(ctx: Context) -> list[Unit]:
     return [
         Unit(
@@ -198,7 +225,17 @@ def units(ctx: Context) -> list[Unit]:
             shape="1b, batch 1 x 2048 tokens" if ctx.gpu else "tiny (CPU plan)",
             dtype="bf16" if ctx.gpu else "fp32",
             min_s=30.0 if ctx.gpu else 0.0,
-        )
+        ),
+        Unit(
+            "moe",
+            _moe_unit,
+            kernel="MoE training step",
+            config="r16 on all linears and the experts; trilora vs bitsandbytes + PEFT "
+            "(target_parameters, 16-bit experts)",
+            shape="qwen3-30b-a3b layer shapes, 4 layers" if ctx.gpu else "GPU only",
+            dtype="bf16",
+            min_s=30.0 if ctx.gpu else 0.0,
+        ),
     ]
 
 
