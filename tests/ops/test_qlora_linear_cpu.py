@@ -202,9 +202,9 @@ def test_half_activations_multiply_in_the_product_dtype(seed, monkeypatch, quant
     seen = []
     real_linear = cpu_matmul.linear
 
-    def spy(lhs, rhs):
+    def spy(lhs, rhs, *args, **kwargs):
         seen.append((lhs.dtype, rhs.dtype))
-        return real_linear(lhs, rhs)
+        return real_linear(lhs, rhs, *args, **kwargs)
 
     monkeypatch.setattr(cpu_matmul, "linear", spy)
     xi, ai, bi = (t.clone().requires_grad_() for t in (x, a, b))

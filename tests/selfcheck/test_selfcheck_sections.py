@@ -81,7 +81,8 @@ def test_memory_section_predicts_on_the_cpu(tmp_path, seed):
 
 def test_e2e_section_on_its_cpu_plan(tmp_path, seed):
     record = _run("e2e", tmp_path, seed)
-    (unit,) = record["units"]
+    unit, moe = record["units"]
+    assert moe["status"] == "skipped" and "GPU only" in moe["message"]
     assert unit["status"] == "pass", unit.get("message")
     _check_rows(unit["rows"])
     tps = {
@@ -97,7 +98,7 @@ def test_e2e_without_bitsandbytes_trains_trilora_alone(tmp_path, seed, monkeypat
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     record = _run("e2e", tmp_path, seed)
-    (unit,) = record["units"]
+    unit, _ = record["units"]
     assert unit["status"] == "pass", unit.get("message")
     providers = {r["provider"] for r in unit["rows"]}
     assert providers == {"trilora"}

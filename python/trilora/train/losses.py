@@ -21,7 +21,7 @@ from trilora.distributed import parallel_info, unwrap
 from trilora.patches.fused_loss import HeadScorer, fused_head_unsupported
 from trilora.train.data import IGNORE
 
-__all__ = ["compute_device", "sequence_logps", "sft_loss", "token_losses"]
+__all__ = ["compute_device", "sequence_logps", "sft_loss", "sft_loss_and_aux", "token_losses"]
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
@@ -84,6 +84,17 @@ def token_losses(
 
 
 def sft_loss(
+    model: nn.Module,
+    batch: dict[str, Any],
+    num_items: int,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Summed next-token cross-entropy of ``batch`` divided by ``num_items`` (plus a mixture
+    of experts' router loss, see :func:`sft_loss_and_aux`)."""
+    return sft_loss_and_aux(model, batch, num_items, autocast_dtype)[0]
+
+
+def sft_loss_and_aux(
     model: nn.Module,
     batch: dict[str, Any],
     num_items: int,

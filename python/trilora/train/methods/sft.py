@@ -6,7 +6,7 @@ from typing import Any
 
 from trilora.distributed import unwrap
 from trilora.train import data as D
-from trilora.train.losses import sft_loss, token_losses
+from trilora.train.losses import sft_loss_and_aux, token_losses
 from trilora.train.methods.base import Method, MicroBatch, RunContext
 from trilora.train.reporting import perplexity
 
@@ -42,7 +42,7 @@ class Sft(Method):
         self.micro_count = max(1, sum(1 for mb in micro if mb.real))
 
     def micro_loss(self, run: RunContext, mb: MicroBatch, num_items: list[int]):
-        loss, aux = sft_loss(run.model, mb.batch, num_items[0], run.autocast_dtype)
+        loss, aux = sft_loss_and_aux(run.model, mb.batch, num_items[0], run.autocast_dtype)
         if "aux_loss" not in self.stat_keys:
             return loss, {}
         if aux is None:
