@@ -27,10 +27,9 @@ from trilora.distributed.env import DistEnv, bind_device, current_env
 from trilora.io import UserError
 from trilora.loading import CheckpointError, from_pretrained, params_on_meta
 from trilora.moe import (
-    IMPLEMENTATION,
     QuantizedExperts,
-    experts_forward,
     experts_modules,
+    register_trilora_experts,
     use_trilora_experts,
 )
 from trilora.nn import QuantizedLinear
@@ -87,16 +86,6 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _register_trilora_experts() -> None:
-    # Rank 0's config of a mixture of experts names trilora's experts implementation, which
-    # transformers checks while building the model: a fresh rank must register it first.
-    try:
-        from transformers.integrations.moe import ExpertsInterface
-    except ImportError:  # pragma: no cover - a transformers without MoE experts modules
-        return
-    ExpertsInterface.register(IMPLEMENTATION, experts_forward)
-
-
 def build_shell(description: dict[str, Any]) -> nn.Module:
     """The model of :func:`describe_model` with every parameter and quantized state on meta.
 
@@ -106,7 +95,9 @@ def build_shell(description: dict[str, Any]) -> nn.Module:
     the model runs trilora's experts forward (:func:`trilora.moe.use_trilora_experts`).
     """
 
-    _register_trilora_experts()
+    # Rank 0's config of a mixture of experts names trilora's experts implementation, which
+    # transformers checks while building the model: a fresh rank registers it first.
+    register_trilora_experts()
     kwargs = {}
     if description.get("attn_implementation"):
         kwargs["attn_implementation"] = description["attn_implementation"]

@@ -11,6 +11,7 @@ from trilora.moe.forward import (
     experts_tensors,
     is_experts_module,
     quantize_experts,
+    register_trilora_experts,
     use_trilora_experts,
 )
 
@@ -24,5 +25,6 @@ __all__ = [
     "experts_tensors",
     "is_experts_module",
     "quantize_experts",
+    "register_trilora_experts",
     "use_trilora_experts",
 ]

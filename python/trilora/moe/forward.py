@@ -33,6 +33,7 @@ __all__ = [
     "experts_tensors",
     "is_experts_module",
     "quantize_experts",
+    "register_trilora_experts",
     "use_trilora_experts",
 ]
 
@@ -110,6 +111,20 @@ def experts_summary(model: nn.Module) -> str | None:
     )
 
 
+def register_trilora_experts() -> bool:
+    """Register trilora's experts forward with transformers' experts registry under
+    :data:`IMPLEMENTATION` (idempotent); False where transformers has no such registry.
+
+    A model whose config names ``"trilora"`` (a distributed rank rebuilding rank 0's model)
+    can only be built once it is registered."""
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+    except ImportError:  # pragma: no cover - transformers 5 has it
+        return False
+    ExpertsInterface.register(IMPLEMENTATION, experts_forward)
+    return True
+
+
 def use_trilora_experts(model: nn.Module) -> None:
     """Register trilora's experts forward with transformers and select it for ``model``.
 
@@ -117,13 +132,10 @@ def use_trilora_experts(model: nn.Module) -> None:
         RuntimeError: the installed transformers has no experts interface (it predates
             transformers 5's MoE layout), so quantized experts cannot run.
     """
-    try:
-        from transformers.integrations.moe import ExpertsInterface
-    except ImportError as exc:  # pragma: no cover - transformers 5 has it
+    if not register_trilora_experts():
         raise RuntimeError(
             "this transformers has no ExpertsInterface; quantized MoE experts need transformers 5"
-        ) from exc
-    ExpertsInterface.register(IMPLEMENTATION, experts_forward)
+        )
     if not hasattr(model, "set_experts_implementation"):
         raise RuntimeError(f"{type(model).__name__} cannot select an experts implementation")
     model.set_experts_implementation(IMPLEMENTATION)
