@@ -57,6 +57,7 @@ from transformers import (
 from trilora.bench.harness import (
     Stats,
     guarded,
+    loss_final_row,
     make_row,
     peak_memory_bytes,
     provider_status,
@@ -742,19 +743,7 @@ def run(
                         **params,
                     )
                 )
-            final = tr.losses[-1]
-            rows.append(
-                make_row(
-                    LEVEL,
-                    case,
-                    "loss_final",
-                    provider,
-                    "loss",
-                    Stats(final, final, final, 1),
-                    note=f"loss after {len(tr.losses)} steps (first {tr.losses[0]:.4f})",
-                    **params,
-                )
-            )
+            rows.append(loss_final_row(LEVEL, case, provider, tr.losses, **params))
             if provider in decode_errors:
                 status, why = decode_errors[provider]
                 rows.append(

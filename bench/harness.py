@@ -670,3 +670,18 @@ def train_interleaved(available, load, trainers, total, device, errors, log) -> 
             + ", ".join(f"{p} {trainers[p].times[-1]:.3f}s" for p in live if p not in errors)
         )
     return live
+
+
+def loss_final_row(level: str, case: str, provider: str, losses: list[float], **params) -> dict:
+    """The ``loss_final`` row of a training run: its last loss, noting the first."""
+    final = losses[-1]
+    return make_row(
+        level,
+        case,
+        "loss_final",
+        provider,
+        "loss",
+        Stats(final, final, final, 1),
+        note=f"loss after {len(losses)} steps (first {losses[0]:.4f})",
+        **params,
+    )

@@ -56,6 +56,7 @@ from torch import nn
 from trilora.bench.harness import (
     Stats,
     guarded,
+    loss_final_row,
     make_row,
     measure_interleaved,
     peak_memory_bytes,
@@ -599,19 +600,7 @@ def run(
             rows.append(
                 make_row(LEVEL, case, "tokens_per_s", provider, "tok/s", tps, note=note, **params)
             )
-            final = tr.losses[-1]
-            rows.append(
-                make_row(
-                    LEVEL,
-                    case,
-                    "loss_final",
-                    provider,
-                    "loss",
-                    Stats(final, final, final, 1),
-                    note=f"loss after {len(tr.losses)} steps (first {tr.losses[0]:.4f})",
-                    **params,
-                )
-            )
+            rows.append(loss_final_row(LEVEL, case, provider, tr.losses, **params))
             if provider in layer_stats:
                 rows.append(
                     make_row(
