@@ -59,6 +59,7 @@ from trilora.bench.harness import (
     guarded,
     loss_final_row,
     make_row,
+    paired_ratio_note,
     peak_memory_bytes,
     provider_status,
     reset_peak_memory,
@@ -674,18 +675,13 @@ def run(
 
         curves: dict[str, list[float]] = {}
         if plan.interleave and all(p in trainers and p not in errors for p in PROVIDERS):
-            # Adjacent steps of the two providers see about the same machine load, so the
-            # median of their per-step ratios resists load swings on a shared machine better
-            # than the ratio of the two medians (which the rows give).
-            pairs = zip(
-                trainers["trilora"].times[plan.warmup_steps :],
-                trainers["bnb_peft"].times[plan.warmup_steps :],
-            )
-            paired = Stats.of([a / b for a, b in pairs])
             notes.append(
-                f"e2e {case}: trilora / bnb_peft step time, median of per-step ratios "
-                f"{paired.median:.3f} (p20 {paired.p20:.3f}, p80 {paired.p80:.3f}), "
-                f"{torch.get_num_threads()} threads"
+                paired_ratio_note(
+                    f"e2e {case}",
+                    trainers["trilora"].times,
+                    trainers["bnb_peft"].times,
+                    plan.warmup_steps,
+                )
             )
             decodes = [trainers[p].decode_times for p in PROVIDERS]
             if not decode_errors and all(decodes):

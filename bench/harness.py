@@ -685,3 +685,16 @@ def loss_final_row(level: str, case: str, provider: str, losses: list[float], **
         note=f"loss after {len(losses)} steps (first {losses[0]:.4f})",
         **params,
     )
+
+
+def paired_ratio_note(label: str, ours: list[float], theirs: list[float], warmup: int) -> str:
+    """The note giving the median of per-step trilora / bnb_peft time ratios (p20, p80).
+
+    Adjacent steps of the two providers see about the same machine load, so this resists
+    load swings on a shared machine better than the ratio of the two medians."""
+    paired = Stats.of([a / b for a, b in zip(ours[warmup:], theirs[warmup:])])
+    return (
+        f"{label}: trilora / bnb_peft step time, median of per-step ratios "
+        f"{paired.median:.3f} (p20 {paired.p20:.3f}, p80 {paired.p80:.3f}), "
+        f"{torch.get_num_threads()} threads"
+    )

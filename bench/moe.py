@@ -59,6 +59,7 @@ from trilora.bench.harness import (
     loss_final_row,
     make_row,
     measure_interleaved,
+    paired_ratio_note,
     peak_memory_bytes,
     provider_status,
     reset_peak_memory,
@@ -564,15 +565,13 @@ def run(
                     torch.cuda.empty_cache()
 
         if plan.interleave and all(p in trainers and p not in errors for p in PROVIDERS):
-            pairs = zip(
-                trainers["trilora"].times[plan.warmup_steps :],
-                trainers["bnb_peft"].times[plan.warmup_steps :],
-            )
-            paired = Stats.of([a / b for a, b in pairs])
             notes.append(
-                f"moe {case}: trilora / bnb_peft step time, median of per-step ratios "
-                f"{paired.median:.3f} (p20 {paired.p20:.3f}, p80 {paired.p80:.3f}), "
-                f"{torch.get_num_threads()} threads"
+                paired_ratio_note(
+                    f"moe {case}",
+                    trainers["trilora"].times,
+                    trainers["bnb_peft"].times,
+                    plan.warmup_steps,
+                )
             )
         if all(p in layer_stats for p in PROVIDERS):
             ratio = layer_stats["trilora"].median / layer_stats["bnb_peft"].median
