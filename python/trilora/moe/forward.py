@@ -169,8 +169,8 @@ def _default_gate(module: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
 def _project(module, name, x, expert_ends, sorted_ids):
     weight = getattr(module, name)
     lora_a, lora_b, scale = module.__dict__.get(_LORA, {}).get(name, (None, None, 1.0))
-    if isinstance(weight, torch.Tensor):
-        weight = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+    # 16-bit experts in another dtype than x are cast expert by expert inside the op, never
+    # as a whole [E, out, in] copy.
     y = grouped_lora_linear(
         x, expert_ends, weight, lora_a, lora_b, scale, transposed=bool(module.is_transposed)
     )
